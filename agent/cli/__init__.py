@@ -1,0 +1,64 @@
+"""The `edge-agent` command: one module per verb, each adding its parser and its handler.
+
+Exit codes: 0 ok, 1 runtime failure, 2 bad usage or bad input. Errors are one line on stderr; a
+traceback only with --debug.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from typing import Sequence
+
+from agent import __version__
+from agent.cli.errors import CliError
+from agent.logs import setup_logging
+
+VERBS = ("run", "check", "probe", "models", "bench", "registry", "fleet", "demo")
+
+log = logging.getLogger("agent.cli")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="edge-agent",
+        description="Edge inference agent: keeps ONNX models up to date from a signed registry, runs them on "
+        "the best execution provider here, and publishes results and health over MQTT.",
+    )
+    parser.add_argument("--version", action="version", version=f"edge-agent {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    parser.add_argument("--log-level", default=None, choices=("debug", "info", "warning", "error"),
+                        help="log level (default: warning; info for run)")
+    parser.add_argument("--log-format", default="text", choices=("text", "json"), help="log line format on stderr")
+    sub = parser.add_subparsers(dest="verb", metavar="VERB")
+    sub.required = True
+    for verb in VERBS:
+        importlib.import_module(f"agent.cli.{verb}").add_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = "debug" if args.debug else (args.log_level or getattr(args, "default_log_level", "warning"))
+    setup_logging(level, args.log_format)
+    try:
+        return int(args.handler(args) or 0)
+    except CliError as exc:
+        if args.debug:
+            log.exception("failed")
+        print(f"edge-agent {args.verb}: {exc}", file=sys.stderr)
+        return exc.code
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # noqa: BLE001 (the last line of defence: one line, not a traceback)
+        if args.debug:
+            raise
+        print(f"edge-agent {args.verb}: error: {exc.__class__.__name__}: {exc} (run with --debug for details)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""What happens to a frame or window before and after inference."""
