@@ -8,15 +8,15 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Callable, Literal, Union
 from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, WithJsonSchema, field_validator, model_validator
-from pydantic_core import PydanticCustomError
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from agent.configbase import ProfilePath, Strict
 from agent.processing.post import POSTPROCESSORS
-from agent.profile_errors import Issue, ProfileError, did_you_mean, format_path, issues_from_validation
+from agent.profile_errors import PATTERN_WORDS, Issue, ProfileError, did_you_mean, format_path, issues_from_validation
 from agent.processing.pre import PreprocessConfig
 from agent.sources import SOURCES
 from agent.units import Duration, Size
@@ -24,6 +24,8 @@ from agent.yamldoc import YamlDoc, YamlSyntaxError, expand_env, read_yaml
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 TOPIC_PREFIX_PATTERN = r"^[^#+\s]+$"
+PATTERN_WORDS[NAME_PATTERN] = "a name of letters, digits, '_', '.' and '-' (up to 64, starting with a letter or digit)"
+PATTERN_WORDS[TOPIC_PREFIX_PATTERN] = "a topic level without spaces, '+' or '#'"
 
 # Short names people type, mapped to ONNX Runtime's provider names.
 PROVIDER_ALIASES = {
@@ -292,31 +294,59 @@ class Profile(Strict):
     def _none_is_empty(cls, value: Any) -> Any:
         return () if value is None else value
 
-    @model_validator(mode="after")
-    def _cross_checks(self) -> "Profile":
-        # Each problem names the object it is about, so that the error points at the right YAML line.
-        problems: list[tuple[tuple[str | int, ...], str]] = []
-        seen: set[str] = set()
-        for i, pipeline in enumerate(self.pipelines):
-            if pipeline.name in seen:
-                problems.append((("pipelines", i, "name"), f"two pipelines are named {pipeline.name!r}; names must be unique"))
-            seen.add(pipeline.name)
-            if not pipeline.model_is_file and self.registry is None:
-                problems.append((
-                    ("pipelines", i, "model"),
-                    f"pipeline {pipeline.name!r}: model {pipeline.model!r} is a registry name, but the profile "
-                    "has no registry section (give a path to an .onnx file, or add registry)",
-                ))
-            if pipeline.source.type == "mqtt" and self.mqtt is None:
-                problems.append((("pipelines", i, "source"), f"pipeline {pipeline.name!r}: an mqtt source needs the mqtt section"))
+    @model_validator(mode="wrap")
+    @classmethod
+    def _cross_checks(cls, data: Any, handler: Callable[[Any], "Profile"]) -> "Profile":
+        # Checks across sections run on the raw document, so that they are reported together with
+        # field errors elsewhere instead of only once every field is valid.
+        problems = _cross_field_problems(data) if isinstance(data, dict) else []
+        try:
+            profile = handler(data)
+        except ValidationError as exc:
+            if not problems:
+                raise
+            details = [InitErrorDetails(type=PydanticCustomError(e["type"], e["msg"], e.get("ctx")), loc=e["loc"], input=e["input"])
+                       for e in exc.errors(include_url=False)]
+            raise ValidationError.from_exception_data(cls.__name__, details + [_problems_error(problems, data)]) from None
         raise_problems(problems)
-        return self
+        return profile
+
+
+def _cross_field_problems(data: dict[str, Any]) -> list[tuple[tuple[str | int, ...], str]]:
+    problems: list[tuple[tuple[str | int, ...], str]] = []
+    pipelines = data.get("pipelines")
+    seen: set[str] = set()
+    for i, pipeline in enumerate(pipelines if isinstance(pipelines, list) else []):
+        if not isinstance(pipeline, dict):
+            continue
+        name, model, source = pipeline.get("name"), pipeline.get("model"), pipeline.get("source")
+        if isinstance(name, str):
+            if name in seen:
+                problems.append((("pipelines", i, "name"), f"two pipelines are named {name!r}; names must be unique"))
+            seen.add(name)
+        if isinstance(model, str) and model and not _looks_like_path(model) and not data.get("registry"):
+            problems.append((
+                ("pipelines", i, "model"),
+                f"pipeline {name!r}: model {model!r} is a registry name, but the profile has no registry section "
+                "(give a path to an .onnx file, or add registry)",
+            ))
+        if isinstance(source, dict) and source.get("type") == "mqtt" and not data.get("mqtt"):
+            problems.append((("pipelines", i, "source"), f"pipeline {name!r}: an mqtt source needs the mqtt section"))
+    return problems
+
+
+def _problems_error(problems: list[tuple[tuple[str | int, ...], str]], data: Any) -> InitErrorDetails:
+    return InitErrorDetails(type=_problems(problems), loc=(), input=data)
+
+
+def _problems(problems: list[tuple[tuple[str | int, ...], str]]) -> PydanticCustomError:
+    return PydanticCustomError("cross_field", "{count} problem(s) across fields", {"count": len(problems), "problems": problems})
 
 
 def raise_problems(problems: list[tuple[tuple[str | int, ...], str]]) -> None:
     """One validation error carrying several located problems (paths relative to the object checked)."""
     if problems:
-        raise PydanticCustomError("cross_field", "{count} problem(s) across fields", {"count": len(problems), "problems": problems})
+        raise _problems(problems)
 
 
 def load_profile(path: str | Path, environ: dict[str, str] | None = None) -> Profile:

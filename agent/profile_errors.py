@@ -41,6 +41,10 @@ class ProfileError(Exception):
         self.issues = issues
 
 
+# Human words for the regular expressions the profile uses; filled in by the modules that own them.
+PATTERN_WORDS: dict[str, str] = {}
+
+
 def did_you_mean(word: str, candidates: Iterable[str]) -> str:
     matches = difflib.get_close_matches(str(word), list(candidates), n=1, cutoff=0.6)
     return f" (did you mean {matches[0]!r}?)" if matches else ""
@@ -203,6 +207,8 @@ def issues_from_validation(
             message = f"required key missing: {what}"
         elif kind in ("union_tag_invalid", "union_tag_not_found"):
             tags = [t.strip(" '") for t in str(ctx.get("expected_tags", "")).split(",") if t.strip()]
+            if not tags and resolved.field is not None:
+                tags = [t for t in map(_tag_of, _union_members(_unwrap(resolved.field.annotation))) if t]
             got = ctx.get("tag")
             if kind == "union_tag_not_found":
                 path = path + ("type",)
@@ -212,6 +218,11 @@ def issues_from_validation(
                 message = f"expected one of {', '.join(tags)}, got {got!r}{did_you_mean(str(got), tags)}"
         elif kind == "value_error":
             message = str(ctx.get("error", error["msg"]))
+            if message.startswith("expected") and ", got" not in message:
+                message += f", got {_show(error.get('input'), secret)}"
+        elif kind == "string_pattern_mismatch":
+            words = PATTERN_WORDS.get(ctx.get("pattern", ""), f"a string matching {ctx.get('pattern')}")
+            message = f"expected {words}, got {_show(error.get('input'), secret)}"
         else:
             message = f"expected {expectation(resolved.field)}, got {_show(error.get('input'), secret)}"
         issues.append(Issue(file, doc.line_of(path), format_path(path), message))

@@ -32,27 +32,27 @@ def parse_duration(value: Any) -> float:
         match = _NUMBER_UNIT.match(str(value))
         unit = match.group(2).lower() if match else None
         if not match or (unit and unit not in _DURATION_UNITS):
-            raise ValueError(f"expected a duration like 30s or 5min, got {value!r}")
+            raise ValueError("expected a duration like 30s or 5min")
         seconds = float(match.group(1)) * _DURATION_UNITS.get(unit or "s", 1.0)
     if seconds < 0:
-        raise ValueError(f"expected a duration >= 0, got {value!r}")
+        raise ValueError("expected a duration >= 0")
     return seconds
 
 
 def parse_size(value: Any) -> int:
     """Bytes from an integer or a string such as `64MiB`, `1GB`, `512kib`."""
     if isinstance(value, bool):
-        raise ValueError("expected a size like 64MiB")
+        raise ValueError("expected a size like 64MiB or 1GB")
     if isinstance(value, (int, float)):
         size = int(value)
     else:
         match = _NUMBER_UNIT.match(str(value))
         unit = match.group(2).lower() if match else None
         if not match or (unit and unit not in _SIZE_UNITS):
-            raise ValueError(f"expected a size like 64MiB or 1GB, got {value!r}")
+            raise ValueError("expected a size like 64MiB or 1GB")
         size = int(float(match.group(1)) * _SIZE_UNITS.get(unit or "b", 1))
     if size < 0:
-        raise ValueError(f"expected a size >= 0, got {value!r}")
+        raise ValueError("expected a size >= 0")
     return size
 
 
