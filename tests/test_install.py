@@ -1,0 +1,254 @@
+"""scripts/install.sh and scripts/uninstall.sh into a temporary root: every file they write, what they
+would run on a real system, idempotency, and an installed unit that systemd-analyze accepts."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import stat
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.test_systemd_unit import parse_unit, verify
+
+REPO = Path(__file__).resolve().parent.parent
+VENV_PREFIX = "opt/edge-agent/venv/"
+
+pytestmark = pytest.mark.skipif(shutil.which("bash") is None, reason="the scripts need bash")
+
+
+def script(name: str, *args: str | Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
+    env.pop("VIRTUAL_ENV", None)
+    out = subprocess.run(["bash", str(REPO / "scripts" / name), *map(str, args)],
+                         capture_output=True, text=True, env=env, timeout=600)
+    return out
+
+
+def would_run(out: subprocess.CompletedProcess[str]) -> list[str]:
+    return [line.removeprefix("would run: ") for line in out.stdout.splitlines()]
+
+
+def snapshot(root: Path) -> dict[str, tuple[object, ...]]:
+    """Every entry under root: kind, mode, mtime and content digest (link target for links)."""
+    found: dict[str, tuple[object, ...]] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            path = Path(dirpath) / name
+            st = path.lstat()
+            rel = str(path.relative_to(root))
+            if stat.S_ISLNK(st.st_mode):
+                found[rel] = ("link", os.readlink(path))
+            elif stat.S_ISDIR(st.st_mode):
+                found[rel] = ("dir", stat.S_IMODE(st.st_mode))
+            else:
+                found[rel] = ("file", stat.S_IMODE(st.st_mode), st.st_mtime_ns, hashlib.sha256(path.read_bytes()).hexdigest())
+    return found
+
+
+def files_outside_venv(root: Path) -> dict[str, int]:
+    return {rel: entry[1] for rel, entry in snapshot(root).items()
+            if entry[0] == "file" and not rel.startswith(VENV_PREFIX)}  # type: ignore[misc]
+
+
+@dataclass
+class Installed:
+    root: Path
+    source: Path
+    first: subprocess.CompletedProcess[str]
+
+
+def copy_source(target: Path) -> Path:
+    """A still copy of the checkout: others edit agent/ while tests run, and the script must see one source."""
+    for name in ("agent", "pyproject.toml", "README.md"):
+        src = REPO / name
+        if src.is_dir():
+            shutil.copytree(src, target / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        else:
+            shutil.copy2(src, target / name)
+    return target
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory: pytest.TempPathFactory) -> Installed:
+    """One real install (a new virtualenv, a wheel built from the checkout, installed without its
+    dependencies to stay quick) that the tests below read or copy."""
+    base = tmp_path_factory.mktemp("install")
+    source = copy_source(base / "src")
+    root = base / "root"
+    first = script("install.sh", "--root", root, "--from", source, "--no-deps")
+    assert first.returncode == 0, first.stderr
+    return Installed(root, source, first)
+
+
+def copy_root(installed: Installed, tmp_path: Path) -> Path:
+    root = tmp_path / "root"
+    shutil.copytree(installed.root, root, symlinks=True)
+    return root
+
+
+def test_the_tree(installed: Installed) -> None:
+    root = installed.root
+    assert files_outside_venv(root) == {
+        "etc/systemd/system/edge-agent.service": 0o644,
+        "etc/edge-agent/profile.yaml": 0o640,
+        "etc/edge-agent/profile.schema.json": 0o644,
+        "opt/edge-agent/.installed": 0o644,
+        "opt/edge-agent/share/doc/systemd.md": 0o644,
+    }
+    assert (root / "etc/systemd/system/edge-agent.service").read_text() == (REPO / "systemd/edge-agent.service").read_text()
+    assert (root / "opt/edge-agent/share/doc/systemd.md").read_text() == (REPO / "docs/systemd.md").read_text()
+    assert (root / "etc/edge-agent/profile.schema.json").read_bytes() == (REPO / "configs/profile.schema.json").read_bytes()
+    assert (root / "opt/edge-agent/.installed").read_text().startswith("edge-agent source-sha256=")
+
+    # The program the unit starts, pointing at the virtualenv where it will be on the device.
+    program = root / "opt/edge-agent/venv/bin/edge-agent"
+    assert os.access(program, os.X_OK)
+    assert program.read_text().splitlines()[0] == "#!/opt/edge-agent/venv/bin/python"
+    for path in root.rglob("*"):
+        if path.is_file() and not path.is_symlink() and path.suffix != ".pyc":
+            assert str(root) not in path.read_text(errors="replace"), f"{path} names the temporary root"
+    python = root / "opt/edge-agent/venv/bin/python"
+    where = subprocess.run([python, "-I", "-c", "import agent; print(agent.__file__)"], capture_output=True, text=True, check=True)
+    assert where.stdout.startswith(str(root / "opt/edge-agent/venv/lib/"))
+
+
+def test_the_starter_profile_is_valid(installed: Installed) -> None:
+    profile = installed.root / "etc/edge-agent/profile.yaml"
+    assert "@DEVICE_ID@" not in profile.read_text()
+    out = subprocess.run([sys.executable, "-m", "agent", "check", str(profile)], capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 0 and "0 pipeline(s)" in out.stdout, out.stdout + out.stderr
+
+
+def test_what_it_would_run_on_a_real_system(installed: Installed) -> None:
+    assert would_run(installed.first) == [
+        "groupadd --system video  # if the group is missing",
+        "groupadd --system render  # if the group is missing",
+        "groupadd --system dialout  # if the group is missing",
+        "useradd --system --user-group --home-dir /var/lib/edge-agent --no-create-home --shell /usr/sbin/nologin "
+        "--comment edge-agent\\ daemon edge-agent  # if the user is missing",
+        "chown root:edge-agent /etc/edge-agent/profile.yaml",
+        "systemctl daemon-reload",
+        "systemctl enable edge-agent.service",
+        "systemctl restart edge-agent.service",
+    ]
+
+
+def test_the_installed_unit_verifies(installed: Installed, tmp_path: Path) -> None:
+    unit = (installed.root / "etc/systemd/system/edge-agent.service").read_text()
+    program = "/opt/edge-agent/venv/bin/edge-agent"
+    out = verify(unit, tmp_path, executables={program: installed.root / program.lstrip("/")})
+    assert out.returncode == 0 and out.stdout + out.stderr == "", out.stdout + out.stderr
+
+
+def test_a_second_run_changes_nothing(installed: Installed, tmp_path: Path) -> None:
+    root = copy_root(installed, tmp_path)
+    before = snapshot(root)
+    again = script("install.sh", "--root", root, "--from", installed.source, "--no-deps")
+    assert again.returncode == 0, again.stderr
+    assert snapshot(root) == before
+    assert "nothing changed" in again.stderr
+    assert would_run(again)[-1] == "systemctl start edge-agent.service"  # running: left alone, not restarted
+
+
+def test_an_existing_profile_is_kept(installed: Installed, tmp_path: Path) -> None:
+    root = copy_root(installed, tmp_path)
+    profile = root / "etc/edge-agent/profile.yaml"
+    mine = "device: {id: porch-cam}\n"
+    profile.write_text(mine)
+    other = tmp_path / "other.yaml"
+    other.write_text("device: {id: someone-else}\n")
+    again = script("install.sh", "--root", root, "--from", installed.source, "--no-deps", "--profile", other, "--no-start")
+    assert again.returncode == 0, again.stderr
+    assert profile.read_text() == mine
+    assert f"keeping the existing /etc/edge-agent/profile.yaml; {other} was not installed" in again.stderr
+    assert not any(line.startswith("systemctl start") or line.startswith("systemctl restart") for line in would_run(again))
+
+
+def test_uninstall_keeps_the_profile_and_purge_removes_everything(installed: Installed, tmp_path: Path) -> None:
+    root = copy_root(installed, tmp_path)
+    (root / "var/lib/edge-agent/models").mkdir(parents=True)  # as the running service would leave it
+    out = script("uninstall.sh", "--root", root)
+    assert out.returncode == 0, out.stderr
+    assert would_run(out) == ["systemctl disable --now edge-agent.service", "systemctl daemon-reload"]
+    assert files_outside_venv(root) == {"etc/edge-agent/profile.yaml": 0o640, "etc/edge-agent/profile.schema.json": 0o644}
+    assert (root / "var/lib/edge-agent/models").is_dir() and not (root / "opt/edge-agent").exists()
+    assert "kept /etc/edge-agent /var/lib/edge-agent" in out.stderr
+
+    again = script("uninstall.sh", "--root", root)
+    assert again.returncode == 0, again.stderr
+
+    purged = script("uninstall.sh", "--root", root, "--purge")
+    assert purged.returncode == 0, purged.stderr
+    assert would_run(purged)[-1] == "userdel edge-agent  # if the user exists"
+    assert [rel for rel, entry in snapshot(root).items() if entry[0] != "dir"] == []
+    assert not (root / "etc/edge-agent").exists() and not (root / "var/lib/edge-agent").exists()
+
+
+def test_uninstall_leaves_a_folder_it_did_not_make(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    (root / "opt/edge-agent").mkdir(parents=True)
+    (root / "opt/edge-agent/notes.txt").write_text("mine")
+    out = script("uninstall.sh", "--root", root)
+    assert out.returncode == 0 and (root / "opt/edge-agent/notes.txt").exists()
+    assert "left /opt/edge-agent alone" in out.stderr
+
+
+def test_bad_usage(tmp_path: Path) -> None:
+    for name in ("install.sh", "uninstall.sh"):
+        out = script(name, "--frobnicate")
+        assert out.returncode == 2 and "unknown option: --frobnicate" in out.stderr
+        out = script(name, "--root", tmp_path, "--prefix", "relative/dir")
+        assert out.returncode == 2 and "--prefix must be an absolute path" in out.stderr
+    out = script("install.sh", "--root", tmp_path, "--from", tmp_path / "nothing-here")
+    assert out.returncode == 2 and "does not exist" in out.stderr
+    assert script("install.sh", "--help").stdout.startswith("usage: scripts/install.sh")
+
+
+@pytest.mark.slow
+def test_a_wheel_with_its_dependencies_under_another_prefix(installed: Installed, tmp_path: Path) -> None:
+    """The whole path a device takes: a wheel, a virtualenv with every dependency from the package
+    index (pip's cache makes repeats quick), the profile checked by the installed agent itself; then
+    an upgrade to a new build."""
+    wheels = tmp_path / "wheels"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(wheels), str(installed.source)],
+                   check=True, capture_output=True)
+    (wheel,) = wheels.glob("edge_agent-*.whl")
+    profile = tmp_path / "gate.yaml"
+    profile.write_text("device: {id: gate-cam-01, group: north-gate}\nhealth: {interval: 10s}\n")
+    root = tmp_path / "root"
+    out = script("install.sh", "--root", root, "--from", wheel, "--prefix", "/srv/edge-agent", "--profile", profile)
+    assert out.returncode == 0, out.stderr
+    assert "and its dependencies" in out.stderr and "gate-cam-01, 0 pipeline(s)" in out.stderr
+    assert (root / "etc/edge-agent/profile.yaml").read_text() == profile.read_text()
+    unit = (root / "etc/systemd/system/edge-agent.service").read_text()
+    service = parse_unit(unit)["Service"]
+    assert dict(service)["ExecStart"] == "/srv/edge-agent/venv/bin/edge-agent run --profile /etc/edge-agent/profile.yaml"
+    assert "/opt/edge-agent" not in unit
+    program = "/srv/edge-agent/venv/bin/edge-agent"
+    checked = verify(unit, tmp_path, executables={program: root / program.lstrip("/")})
+    assert checked.returncode == 0 and checked.stdout + checked.stderr == "", checked.stderr
+    python = root / "srv/edge-agent/venv/bin/python"
+    version = subprocess.run([python, "-I", "-m", "agent", "--version"], capture_output=True, text=True)
+    assert version.returncode == 0 and version.stdout.startswith("edge-agent "), version.stderr
+    assert not (root / "opt").exists()
+
+    # An upgrade: a new build of the same version is installed over the old one, and the service restarted.
+    source = tmp_path / "src"
+    shutil.copytree(installed.source, source)
+    with open(source / "agent" / "__init__.py", "a") as f:
+        f.write("\nRELEASE_NOTE = 'a new build'\n")
+    shutil.rmtree(wheels)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(wheels), str(source)],
+                   check=True, capture_output=True)
+    (wheel,) = wheels.glob("edge_agent-*.whl")
+    again = script("install.sh", "--root", root, "--from", wheel, "--prefix", "/srv/edge-agent")
+    assert again.returncode == 0, again.stderr
+    assert "installing edge_agent-" in again.stderr and would_run(again)[-1] == "systemctl restart edge-agent.service"
+    note = subprocess.run([python, "-I", "-c", "import agent; print(agent.RELEASE_NOTE)"], capture_output=True, text=True)
+    assert note.stdout == "a new build\n", note.stderr
