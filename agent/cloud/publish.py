@@ -1,0 +1,324 @@
+"""Publishing to a registry folder: blobs by sha256, a signed manifest per version, signed channels.
+
+The model is read with the same protobuf reader the device uses (agent.compat), so the manifest states
+exactly what the device will check; when the onnx package is installed (the `cloud` extra) the model
+is also run through onnx's checker first. Expected outputs of the test vectors come from onnxruntime's
+CPU provider. Publishing a second file under the same version adds a variant (fp16, int8, or a
+lower-opset export for old runtimes); variants are kept best first, which is the order devices try.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import re
+import tempfile
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from agent import compat
+from agent.manifest import (
+    NAME_PATTERN, VERSION_PATTERN, Blob, ChannelPointer, Manifest, ManifestError, TensorSpec, TestVector, Variant,
+    parse_manifest,
+)
+from agent.signing import load_private_key, sign
+
+# Default tolerances per precision: wide enough for another provider's kernels (fused ops, TF32 on
+# GPUs, OpenVINO's own rounding), narrow enough that a wrong or damaged model fails.
+TOLERANCES = {"fp32": (1e-3, 1e-3), "fp16": (1e-2, 1e-2), "int8": (5e-2, 5e-2)}
+PRECISION_RANK = {"fp32": 0, "fp16": 1, "int8": 2}
+INT8_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "ConvInteger",
+            "QLinearConv", "QLinearMatMul", "com.microsoft:DynamicQuantizeMatMul", "com.microsoft:QLinearAdd"}
+NP_TYPES = {"float32": np.float32, "float16": np.float16, "float64": np.float64, "int64": np.int64, "int32": np.int32,
+            "int16": np.int16, "int8": np.int8, "uint8": np.uint8, "uint16": np.uint16, "uint32": np.uint32,
+            "uint64": np.uint64, "bool": np.bool_}
+
+
+class PublishError(Exception):
+    """Publishing cannot go on; the message says what to fix."""
+
+
+@dataclass(frozen=True)
+class Published:
+    manifest: Manifest
+    variant: Variant
+    derived: tuple[Variant, ...] = ()
+    notes: tuple[str, ...] = ()
+
+
+def put_blob(root: Path, data: bytes | Path) -> Blob:
+    """Store content under blobs/sha256/<hex> (idempotent, written by rename)."""
+    if isinstance(data, Path):
+        data = data.read_bytes()
+    hexdigest = hashlib.sha256(data).hexdigest()
+    target = root / "blobs" / "sha256" / hexdigest
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{hexdigest}.{uuid.uuid4().hex[:8]}.tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, target)
+    return Blob(digest=f"sha256:{hexdigest}", size=len(data))
+
+
+def write_signed(path: Path, data: bytes, key: Any) -> None:
+    """Document and signature; the signature lands first so that a reader never sees new bytes with an old one
+    for long (a device that catches the instant between the renames refuses, and retries at its next poll)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sig = sign(key, data)
+    for target, content in ((path.with_name(path.name + ".sig"), sig), (path, data)):
+        tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp")
+        tmp.write_bytes(content)
+        os.replace(tmp, target)
+
+
+def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+def detect_precision(summary: compat.ModelSummary) -> str:
+    if any(op in INT8_OPS or op.startswith("QLinear") for op in summary.ops):
+        return "int8"
+    if summary.initializer_types.get("float16", 0) > summary.initializer_types.get("float32", 0):
+        return "fp16"
+    return "fp32"
+
+
+def synthesize_inputs(inputs: tuple[compat.TensorInfo, ...], seed: int = 0) -> dict[str, np.ndarray]:
+    """Inputs from the signature: random floats in [0, 1), zeros for integers; dynamic dims become 1,
+    except the spatial dims of a 4-D input, which become 64 (image models rarely accept 1x1)."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for info in inputs:
+        dtype = NP_TYPES.get(info.type)
+        if dtype is None or info.shape is None:
+            raise PublishError(f"cannot synthesise a test input for {info.name!r} ({info.type}); give --test-inputs FILE.npz")
+        shape = [d if isinstance(d, int) and d > 0 else (64 if len(info.shape) == 4 and i >= 2 else 1)
+                 for i, d in enumerate(info.shape)]
+        if np.issubdtype(dtype, np.floating):
+            out[info.name] = rng.random(shape).astype(dtype)
+        else:
+            out[info.name] = np.zeros(shape, dtype=dtype)
+    return out
+
+
+def run_cpu(model: Path, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(model), sess_options=options, providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, (np.asarray(v) for v in session.run(names, feeds))))
+
+
+def onnx_check(path: Path) -> None:
+    """onnx's own checker, when the cloud extra is installed; the protobuf reader covers the rest."""
+    try:
+        import onnx
+    except ImportError:
+        return
+    try:
+        onnx.checker.check_model(str(path))
+    except Exception as exc:  # noqa: BLE001 (onnx raises ValidationError and others)
+        raise PublishError(f"{path}: onnx's checker refuses it: {str(exc).splitlines()[0]}") from None
+
+
+def derive_int8(source: Path, out_dir: Path) -> Path:
+    """A dynamically quantised copy (int8 weights) made with onnxruntime's quantisation tools."""
+    import logging
+
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    target = out_dir / f"{source.stem}.int8.onnx"
+    prepared = out_dir / f"{source.stem}.pre.onnx"
+    quiet = logging.getLogger().level
+    logging.getLogger().setLevel(logging.ERROR)  # the tools log advice on the root logger
+    try:
+        # Pre-processing folds Constant nodes into initializers: exporters such as paddle2onnx keep
+        # weights in Constants, which quantize_dynamic cannot see ("Expected ... to be an initializer").
+        quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
+        quantize_dynamic(str(prepared), str(target), weight_type=QuantType.QInt8)
+    except Exception as exc:  # noqa: BLE001
+        raise PublishError(f"--derive int8 failed: {exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
+    finally:
+        logging.getLogger().setLevel(quiet)
+    _drop_unused_domains(target)
+    return target
+
+
+def _drop_unused_domains(path: Path) -> None:
+    """Remove opset imports no node uses: the tools add a dozen (training, aten, ...), and a device refuses
+    a domain it does not know even when nothing uses it."""
+    import onnx
+
+    model = onnx.load(str(path))
+    used = {n.domain for n in model.graph.node} | {"", "ai.onnx"}
+    for f in model.functions:
+        used |= {f.domain} | {n.domain for n in f.node}
+    keep = [o for o in model.opset_import if o.domain in used]
+    if len(keep) != len(model.opset_import):
+        del model.opset_import[:]
+        model.opset_import.extend(keep)
+        onnx.save(model, str(path))
+
+
+def _existing(root: Path, model: str, version: str) -> Manifest | None:
+    path = root / "models" / model / version / "manifest.json"
+    if not path.exists():
+        return None
+    try:
+        return parse_manifest(path.read_bytes(), str(path))
+    except ManifestError as exc:
+        raise PublishError(f"the manifest already there is unreadable: {exc}") from None
+
+
+def _variant(root: Path, file: Path, variant_id: str | None, taken: set[str], providers: tuple[str, ...],
+             architectures: tuple[str, ...], precision: str | None) -> tuple[Variant, compat.ModelSummary]:
+    try:
+        summary = compat.summarize(file)
+    except compat.ModelFormatError as exc:
+        raise PublishError(f"{file}: {exc}") from None
+    onnx_check(file)
+    precision = precision or detect_precision(summary)
+    header = summary.header
+    if variant_id is None:
+        variant_id = precision if precision not in taken else f"{precision}-op{header.opsets.get(compat.AI_ONNX, 0)}"
+    if not re.match(NAME_PATTERN, variant_id):
+        raise PublishError(f"variant id {variant_id!r} is not a name (letters, digits, _ . -)")
+    blob = put_blob(root, file)
+    variant = Variant(
+        id=variant_id, blob=blob, format="onnx", ir_version=header.ir_version, opsets=dict(sorted(header.opsets.items())),
+        inputs=tuple(TensorSpec(name=i.name, type=i.type, shape=i.shape) for i in summary.inputs),
+        outputs=tuple(TensorSpec(name=o.name, type=o.type, shape=o.shape) for o in summary.outputs),
+        precision=precision, providers=providers, architectures=architectures,
+        min_runtime=compat.min_runtime(header.ir_version, header.opsets),
+    )
+    return variant, summary
+
+
+def _rank(v: Variant) -> tuple[int, int, int]:
+    return PRECISION_RANK[v.precision], -v.opsets.get(compat.AI_ONNX, 0), -v.ir_version
+
+
+def publish(
+    root: Path,
+    model: str,
+    version: str,
+    file: Path,
+    key: Path,
+    *,
+    variant_id: str | None = None,
+    channel: str | None = None,
+    test_inputs: Path | None = None,
+    labels: Path | None = None,
+    derive: tuple[str, ...] = (),
+    providers: tuple[str, ...] = (),
+    architectures: tuple[str, ...] = (),
+    precision: str | None = None,
+    expires_days: float = 365.0,
+    rtol: float | None = None,
+    atol: float | None = None,
+    no_tests: bool = False,
+    now: datetime | None = None,
+) -> Published:
+    """Add `file` as a variant of model/version (creating the version if new), sign, move the channel."""
+    root, file = Path(root), Path(file)
+    if not re.match(NAME_PATTERN, model):
+        raise PublishError(f"model {model!r} is not a name (letters, digits, _ . -; up to 64)")
+    if not re.match(VERSION_PATTERN, version):
+        raise PublishError(f"version {version!r} is not a version name (letters, digits, _ . - +; not starting with a dot)")
+    if channel is not None and not re.match(NAME_PATTERN, channel):
+        raise PublishError(f"channel {channel!r} is not a name")
+    if not file.is_file():
+        raise PublishError(f"{file}: no such file")
+    if file.suffix == ".ort":
+        raise PublishError(f"{file}: publishing .ort files is not supported yet; publish the .onnx file")
+    private = load_private_key(key)
+    now = now or datetime.now(timezone.utc).replace(microsecond=0)
+    old = _existing(root, model, version)
+    variants = {v.id: v for v in old.variants} if old else {}
+    tests = {t.name: t for t in old.tests} if old else {}
+
+    if test_inputs is not None:
+        with np.load(test_inputs, allow_pickle=False) as z:
+            feeds = {k: z[k] for k in z.files}
+    elif tests:
+        first = next(iter(tests.values()))
+        with np.load(io.BytesIO((root / "blobs" / "sha256" / first.inputs.hex).read_bytes()), allow_pickle=False) as z:
+            feeds = {k: z[k] for k in z.files}
+    else:
+        feeds = None
+
+    notes: list[str] = []
+    made: list[Variant] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        files = [(file, variant_id, precision)]
+        for kind in derive:
+            if kind != "int8":
+                raise PublishError(f"--derive {kind}: only int8 can be derived")
+            files.append((derive_int8(file, Path(tmp)), None, "int8"))
+        reference: dict[str, np.ndarray] | None = None
+        for path, vid, prec in files:
+            taken = set(variants) - ({vid} if vid else set())
+            variant, summary = _variant(root, path, vid, taken, providers, architectures, prec)
+            for name in [n for n, t in tests.items() if t.variant == variant.id]:
+                del tests[name]
+            variants[variant.id] = variant
+            made.append(variant)
+            if no_tests:
+                # A model the cloud's onnxruntime cannot run (custom ops): devices activate it untested.
+                notes.append(f"variant {variant.id}: published without test vectors")
+                continue
+            if feeds is None:
+                feeds = synthesize_inputs(summary.inputs)
+            try:
+                expected = run_cpu(path, feeds)
+            except Exception as exc:  # noqa: BLE001 (onnxruntime's errors derive from Exception only)
+                raise PublishError(f"{path.name}: cannot compute test vectors with onnxruntime "
+                                   f"({str(exc).splitlines()[0][:200]}); give --test-inputs FILE.npz, or --no-tests for custom ops") from None
+            if reference is None:
+                reference = expected
+            else:
+                common = [k for k in expected if k in reference and expected[k].shape == reference[k].shape]
+                if common:
+                    diff = max(float(np.max(np.abs(expected[k].astype(np.float64) - reference[k]))) for k in common)
+                    notes.append(f"variant {variant.id}: outputs differ from {files[0][0].name} by up to {diff:.3g}")
+            default_rtol, default_atol = TOLERANCES[variant.precision]
+            tests[f"{variant.id}-0"] = TestVector(
+                name=f"{variant.id}-0", variant=variant.id, inputs=put_blob(root, npz_bytes(feeds)),
+                expected=put_blob(root, npz_bytes(expected)),
+                rtol=rtol if rtol is not None else default_rtol, atol=atol if atol is not None else default_atol,
+            )
+
+    ordered = tuple(sorted(variants.values(), key=_rank))
+    labels_blob = put_blob(root, labels) if labels is not None else (old.labels if old else None)
+    metadata = dict(old.metadata) if old else {}
+    metadata.update({k: v[:1024] for k, v in list(compat.read_header(file).metadata.items())[:32]})
+    manifest = Manifest(
+        schema=1, model=model, version=version, created=old.created if old else now,
+        expires=now + timedelta(days=expires_days), variants=ordered,
+        tests=tuple(sorted(tests.values(), key=lambda t: t.name)), labels=labels_blob, metadata=metadata,
+    )
+    write_signed(root / "models" / model / version / "manifest.json", manifest.to_bytes(), private)
+    if channel:
+        move_channel(root, model, channel, version, private, expires_days=expires_days, now=now)
+    return Published(manifest, made[0], tuple(made[1:]), tuple(notes))
+
+
+def move_channel(root: Path, model: str, channel: str, version: str, private: Any,
+                 expires_days: float = 365.0, now: datetime | None = None) -> ChannelPointer:
+    if not (root / "models" / model / version / "manifest.json").exists():
+        raise PublishError(f"{model} {version} is not published in {root}")
+    now = now or datetime.now(timezone.utc).replace(microsecond=0)
+    pointer = ChannelPointer(model=model, channel=channel, version=version, updated=now, expires=now + timedelta(days=expires_days))
+    write_signed(root / "channels" / model / f"{channel}.json", pointer.to_bytes(), private)
+    return pointer

@@ -1,0 +1,153 @@
+"""A real registry on loopback for tests: a folder, a signing key, and the HTTP server in a thread.
+
+Nothing here needs the onnx package: tiny models are written by `agent.compat.probe_model`, so the
+registry tests also run under aarch64 emulation. Faults a test needs (a connection cut half way, a
+stream that never ends) are injected by `FaultyHandler`; damaged files are made by editing the
+registry folder, exactly as a broken mirror would serve them.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pytest
+
+from agent import compat
+from agent.cloud.publish import publish, put_blob, write_signed
+from agent.cloud.server import RegistryHandler, RegistryHTTPServer
+from agent.events import Event
+from agent.manifest import dumps, parse_manifest
+from agent.registry import RegistryClient
+from agent.signing import generate_keypair, load_private_key
+from agent.store import Store
+
+
+class FaultyHandler(RegistryHandler):
+    """Serves like the real server, except for faults queued on the server by file name."""
+
+    def send_body(self, path: Path, start: int, end: int) -> None:
+        fault = self.server.faults.pop(path.name, None)  # type: ignore[attr-defined]
+        if fault is None:
+            return super().send_body(path, start, end)
+        kind, arg = fault
+        if kind == "cut":  # send `arg` bytes of the body, then drop the connection
+            with open(path, "rb") as f:
+                f.seek(start)
+                self.wfile.write(f.read(arg))
+            self.wfile.flush()
+            self.close_connection = True
+
+    def _serve(self, body: bool) -> None:
+        path = self.resolve()
+        fault = self.server.faults.get(path.name) if path is not None else None  # type: ignore[attr-defined]
+        if fault is not None and fault[0] == "status":  # answer this status once, e.g. a 503 from a busy CDN
+            del self.server.faults[path.name]  # type: ignore[attr-defined,union-attr]
+            self.server.record(self)
+            self._status_only(fault[1])
+            return
+        if body and path is not None and self.server.endless.get(path.name if path else ""):  # type: ignore[attr-defined]
+            self.server.record(self)
+            # No Content-Length: the body ends when the connection does, which it never does here.
+            self.send_response(200)
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self.close_connection = True
+            data = path.read_bytes()
+            try:
+                for _ in range(64):
+                    self.wfile.write(data)
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+            return
+        super()._serve(body)
+
+
+@dataclass
+class Registry:
+    root: Path
+    key: Path
+    public_key: Path
+    server: RegistryHTTPServer
+    tmp: Path
+    published: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    def tiny(self, name: str, opset: int = 13, ir: int = 8, extra: dict[str, int] | None = None, doc: bytes = b"") -> Path:
+        path = self.tmp / "models" / f"{name}.onnx"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(compat.probe_model(ir, {compat.AI_ONNX: opset, **(extra or {})}, doc=doc))
+        return path
+
+    def publish(self, model: str, version: str, file: Path, channel: str | None = "stable", **kwargs: Any) -> Any:
+        result = publish(self.root, model, version, file, self.key, channel=channel, **kwargs)
+        self.published.append((model, version))
+        return result
+
+    def manifest_path(self, model: str, version: str) -> Path:
+        return self.root / "models" / model / version / "manifest.json"
+
+    def resign(self, model: str, version: str, mutate: Callable[[dict[str, Any]], None], key: Path | None = None) -> None:
+        """Edit a manifest as a dict and sign it again (a validly signed but bad manifest)."""
+        path = self.manifest_path(model, version)
+        doc = json.loads(path.read_bytes())
+        mutate(doc)
+        write_signed(path, dumps(doc), load_private_key(key or self.key))
+
+    def put(self, data: bytes) -> dict[str, Any]:
+        blob = put_blob(self.root, data)
+        return {"digest": blob.digest, "size": blob.size}
+
+    def blob_path(self, model: str, version: str, variant: int = 0) -> Path:
+        manifest = parse_manifest(self.manifest_path(model, version).read_bytes())
+        return self.root / "blobs" / "sha256" / manifest.variants[variant].blob.hex
+
+    def blob_requests(self) -> list[dict[str, Any]]:
+        return [r for r in self.server.requests if str(r["path"]).startswith("/blobs/")]
+
+    def client(self, state_dir: Path, events: list[Event] | None = None, **kwargs: Any) -> RegistryClient:
+        kwargs.setdefault("retries", 1)
+        kwargs.setdefault("backoff", 0.01)
+        kwargs.setdefault("providers", ("CPUExecutionProvider",))
+        return RegistryClient(self.url, self.public_key, Store(state_dir, keep_versions=kwargs.pop("keep", 3)),
+                              emit=(events.append if events is not None else (lambda e: None)), **kwargs)
+
+
+def make_registry(tmp: Path, throttle_bps: float | None = None) -> Registry:
+    keys = tmp / "keys"
+    private, public = generate_keypair(keys)
+    server = RegistryHTTPServer(tmp / "registry", throttle_bps=throttle_bps, handler=FaultyHandler)
+    server.faults = {}  # type: ignore[attr-defined]
+    server.endless = {}  # type: ignore[attr-defined]
+    (tmp / "registry").mkdir(exist_ok=True)
+    server.start()
+    return Registry(tmp / "registry", private, public, server, tmp)
+
+
+@pytest.fixture
+def registry(tmp_path: Path) -> Iterator[Registry]:
+    """An empty registry served on a free loopback port, with its own key pair."""
+    reg = make_registry(tmp_path)
+    yield reg
+    reg.server.stop()
+
+
+def start_cli_server(root: Path, *extra: str, cwd: Path | None = None) -> tuple[subprocess.Popen[str], str]:
+    """`edge-agent registry serve --port 0` in a subprocess; returns it and the URL it printed."""
+    proc = subprocess.Popen([sys.executable, "-m", "agent", "--log-level", "warning", "registry", "serve", "--root", str(root),
+                             "--port", "0", *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd)
+    assert proc.stdout is not None
+    deadline = time.monotonic() + 30
+    line = proc.stdout.readline()
+    if not line.startswith("serving ") or time.monotonic() > deadline:
+        proc.kill()
+        raise RuntimeError(f"registry serve did not start: {line!r} {proc.stderr.read() if proc.stderr else ''}")
+    return proc, line.split()[-1]
