@@ -1,0 +1,192 @@
+"""`edge-agent probe` and `edge-agent bench` as a user runs them: output, the documented JSON schema, errors."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import jsonschema
+import onnxruntime as ort
+import pytest
+
+from tests.helpers.models import save, unary_model
+
+REPO = Path(__file__).resolve().parent.parent
+FIXTURES = REPO / "tests" / "fixtures" / "hardware"
+EDGE_AGENT = Path(sys.executable).parent / "edge-agent"
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    """The installed console script in a subprocess: the end-to-end path."""
+    command = [str(EDGE_AGENT)] if EDGE_AGENT.exists() else [sys.executable, "-m", "agent"]
+    return subprocess.run([*command, *args], capture_output=True, text=True, cwd=REPO, timeout=120)
+
+
+def in_process(capsys: pytest.CaptureFixture[str], *args: str) -> subprocess.CompletedProcess[str]:
+    """The same entry point in this process: fast enough to run once per case."""
+    from agent.cli import main
+
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        code = main(list(args))
+    finally:
+        # main() installs its own stderr handler; later tests must not log into this test's capture.
+        root.handlers[:], root.level = handlers, level
+    captured = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, captured.out, captured.err)
+
+
+def documented_schema() -> dict:
+    text = (REPO / "docs" / "probe.md").read_text()
+    block = re.search(r"### Schema\n\n```json\n(.*?)\n```", text, re.S)
+    assert block, "docs/probe.md lost its schema block"
+    return json.loads(block.group(1))
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save(unary_model(shape=("N", 16)), tmp_path_factory.mktemp("m") / "relu.onnx")
+
+
+def test_probe_json_of_this_machine_matches_the_documented_schema(tmp_path: Path) -> None:
+    out = cli("probe", "--json", "--verify", "--state-dir", str(tmp_path))
+    assert out.returncode == 0, out.stderr
+    doc = json.loads(out.stdout)
+    jsonschema.validate(doc, documented_schema())
+    assert doc["runtime"]["version"] == ort.__version__ and doc["disk"]["path"] == str(tmp_path)
+    kept = [c for c in doc["ranking"] if c["kept"]]
+    assert kept and doc["verified"]["provider"] == kept[0]["provider"] == doc["verified"]["providers"][0]
+
+
+@pytest.mark.parametrize("device", sorted(p.name for p in FIXTURES.iterdir() if p.is_dir()))
+def test_probe_json_of_every_captured_device_matches_the_schema(device: str, capsys: pytest.CaptureFixture[str]) -> None:
+    out = in_process(capsys, "probe", "--json", "--root", str(FIXTURES / device))
+    assert out.returncode == 0, out.stderr
+    doc = json.loads(out.stdout)
+    jsonschema.validate(doc, documented_schema())
+    assert doc["root"] == str(FIXTURES / device) and doc["verified"] is None
+
+
+def test_the_schema_rejects_undocumented_fields(capsys: pytest.CaptureFixture[str]) -> None:
+    out = in_process(capsys, "probe", "--json", "--root", str(FIXTURES / "intel-nuc14"))
+    doc = json.loads(out.stdout)
+    doc["accelerators"][0]["surprise"] = 1
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(doc, documented_schema())
+
+
+def test_probe_text_shows_hardware_ranking_and_reasons() -> None:
+    out = cli("probe", "--root", str(FIXTURES / "x86-rtx3060"))
+    assert out.returncode == 0, out.stderr
+    assert "  gpu:          NVIDIA GeForce RTX 3060 (driver nvidia; 550.54.14; 12.0 GiB; /dev/nvidia0)" in out.stdout
+    assert re.search(r"^  1\.  CPUExecutionProvider +kept: always present: 12 cores", out.stdout, re.M)
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        assert re.search(r"^  -   CUDAExecutionProvider +dropped: NVIDIA GeForce RTX 3060 found, but CUDA is not in this", out.stdout, re.M)
+
+
+def test_probe_verify_with_a_profile_that_forbids_cpu_fallback_fails_loudly(tmp_path: Path) -> None:
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("CUDA is built in here")
+    profile = tmp_path / "p.yaml"
+    profile.write_text(f"device: {{id: d1, state_dir: {tmp_path / 'state'}}}\n"
+                       "runtime: {providers: [cuda], require_accelerator: true}\n")
+    out = cli("probe", "--profile", str(profile), "--verify")
+    assert out.returncode == 1, out.stderr
+    assert "Verified: FAILED: runtime.require_accelerator is true, but no accelerator runs this model here" in out.stdout
+    assert "fell back from CUDAExecutionProvider: asked for (#1 in the list), but not in this onnxruntime" in out.stdout
+
+
+def test_probe_with_a_bad_profile_is_one_line_and_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    profile = tmp_path / "p.yaml"
+    profile.write_text("device: {id: d1}\nruntime: {providers: [cudx]}\n")
+    out = in_process(capsys, "probe", "--profile", str(profile))
+    assert out.returncode == 2
+    assert out.stderr == f"edge-agent probe: {profile}:2: runtime.providers[0]: unknown execution provider 'cudx' (did you mean 'cuda'?)\n"
+
+
+def test_bench_prints_a_verified_table_with_progress_and_writes_json(model: Path, tmp_path: Path) -> None:
+    out = cli("bench", "--model", str(model), "--providers", "cpu", "--threads", "1", "2", "--runs", "5",
+              "--shape", "x=4x16", "--json", str(tmp_path / "r.json"))
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0].split() == ["provider", "threads", "verified", "on", "p50", "ms", "p95", "ms", "inf/s"]
+    rows = [line.split() for line in lines[1:3]]
+    assert [(r[0], r[1], r[2]) for r in rows] == [("CPUExecutionProvider", "1", "CPUExecutionProvider"),
+                                                  ("CPUExecutionProvider", "2", "CPUExecutionProvider")]
+    assert all(float(r[3]) <= float(r[4]) and float(r[5]) > 0 for r in rows)
+    assert lines[3].startswith("fastest: CPUExecutionProvider with ")
+    assert "bench: " in out.stderr and "100% done" in out.stderr
+    saved = json.loads((tmp_path / "r.json").read_text())
+    assert saved["inputs"] == {"x": [4, 16]} and [t["runs"] for t in saved["trials"]] == [5, 5]
+
+
+def test_bench_an_unusable_provider_is_a_row_of_why_not(model: Path) -> None:
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("CUDA is built in here")
+    out = cli("bench", "--model", str(model), "--providers", "cuda", "cpu", "--threads", "1", "--runs", "2")
+    assert out.returncode == 0, out.stderr
+    assert "bench: CUDAExecutionProvider: not usable: asked for (#1 in the list), but not in this onnxruntime" in out.stderr
+    assert [line.split()[0] for line in out.stdout.splitlines()[1:2]] == ["CPUExecutionProvider"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "/no/such/model.onnx"], "edge-agent bench: --model /no/such/model.onnx: no such file\n"),
+    (["--providers", "cudx"], "edge-agent bench: unknown execution provider 'cudx' (did you mean 'cuda'?)\n"),
+    (["--shape", "y=1x2"], "edge-agent bench: --shape: the model has no input 'y' (inputs: x)\n"),
+    (["--shape", "x=big"], "edge-agent bench: --shape 'x=big': expected INPUT=DIMS like x=1x3x480x640\n"),
+], ids=["missing-model", "unknown-provider", "unknown-input", "bad-shape"])
+def test_bench_bad_input_is_one_line_and_exit_2(model: Path, args: list[str], message: str,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    if args[0] != "--model":
+        args = ["--model", str(model), *args]
+    out = in_process(capsys, "bench", *args)
+    assert (out.returncode, out.stderr) == (2, message)
+
+
+def test_bench_missing_model_end_to_end_is_one_line_and_exit_2() -> None:
+    out = cli("bench", "--model", "/no/such/model.onnx")
+    assert (out.returncode, out.stdout, out.stderr) == (2, "", "edge-agent bench: --model /no/such/model.onnx: no such file\n")
+
+
+def test_bench_a_file_that_is_not_a_model_is_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "bad.onnx"
+    bad.write_text("hello")
+    out = in_process(capsys, "bench", "--model", str(bad))
+    assert out.returncode == 2 and out.stderr.startswith(f"edge-agent bench: {bad}: not a model this onnxruntime can load (")
+    assert out.stderr.count("\n") == 1
+
+
+# ---- the same commands with onnxruntime-openvino, in its own virtualenv ----------------------------
+
+from tests.test_providers import openvino_python  # noqa: E402,F401 (a fixture, shared with the provider tests)
+
+
+@pytest.mark.slow
+def test_probe_and_bench_with_openvino_report_the_verified_provider(openvino_python: str, sample_model, tmp_path: Path) -> None:  # noqa: F811
+    env = {"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "HOME": str(Path.home())}
+    probe_out = subprocess.run([openvino_python, "-m", "agent", "probe", "--json", "--verify"], capture_output=True, text=True,
+                               cwd=REPO, env=env, timeout=120)
+    assert probe_out.returncode == 0, probe_out.stderr
+    doc = json.loads(probe_out.stdout)
+    jsonschema.validate(doc, documented_schema())
+    first = doc["ranking"][0]
+    assert (first["provider"], first["options"], first["kept"]) == ("OpenVINOExecutionProvider", {"device_type": "CPU"}, True)
+    assert doc["verified"]["provider"] == "OpenVINOExecutionProvider" == doc["verified"]["providers"][0]
+    assert doc["verified"]["fallbacks"] == [] and doc["verified"]["options"]["cache_dir"].endswith("/cache/openvino")
+
+    model = sample_model("ppocr-det")
+    bench = subprocess.run([openvino_python, "-m", "agent", "bench", "--model", str(model), "--providers", "openvino", "cpu",
+                            "--threads", "2", "--runs", "3", "--shape", "x=1x3x480x640", "--json", str(tmp_path / "b.json")],
+                           capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+    assert bench.returncode == 0, bench.stderr
+    rows = [line.split()[:3] for line in bench.stdout.splitlines()[1:3]]
+    assert rows == [["OpenVINOExecutionProvider[CPU]", "2", "OpenVINOExecutionProvider"], ["CPUExecutionProvider", "2", "CPUExecutionProvider"]]
+    assert re.match(r"fastest: \S+ with 2 threads, p50 [\d.]+ ms", bench.stdout.splitlines()[3])
+    trials = json.loads((tmp_path / "b.json").read_text())["trials"]
+    assert [(t["provider"], t["verified"], t["runs"]) for t in trials] == [
+        ("OpenVINOExecutionProvider", "OpenVINOExecutionProvider", 3), ("CPUExecutionProvider", "CPUExecutionProvider", 3)]
