@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Annotated, Any, Callable, Literal, Union
 from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, ValidationError, WithJsonSchema, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, ValidationInfo, WithJsonSchema, field_validator, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from agent.configbase import ProfilePath, Strict
@@ -26,6 +26,8 @@ NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 TOPIC_PREFIX_PATTERN = r"^[^#+\s]+$"
 PATTERN_WORDS[NAME_PATTERN] = "a name of letters, digits, '_', '.' and '-' (up to 64, starting with a letter or digit)"
 PATTERN_WORDS[TOPIC_PREFIX_PATTERN] = "a topic level without spaces, '+' or '#'"
+HTTP_ADDRESS_PATTERN = r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9][A-Za-z0-9.-]*):[0-9]{1,5}$"
+PATTERN_WORDS[HTTP_ADDRESS_PATTERN] = "host:port such as 127.0.0.1:8790 (an IPv6 host in brackets: [::1]:8790)"
 
 # Short names people type, mapped to ONNX Runtime's provider names.
 PROVIDER_ALIASES = {
@@ -58,12 +60,20 @@ class DeviceConfig(Strict):
     state_dir: ProfilePath = Field(Path("/var/lib/edge-agent"), description="models, outbox and caches live here")
 
 
+class ProbationConfig(Strict):
+    duration: Duration = Field(120.0, ge=0, description="how long a new version is watched after activation; 0 turns probation off")
+    max_latency_ratio: float = Field(1.5, gt=1, description="roll back when inference p95 exceeds the previous version's by this factor")
+    max_error_rate: float = Field(0.05, ge=0, le=1, description="roll back when this share of inferences fails")
+    min_inferences: int = Field(20, ge=1, description="inferences needed before latency is judged")
+
+
 class RegistryConfig(Strict):
     url: str = Field(description="base URL of the model registry (http:// or https://)")
     public_key: ProfilePath = Field(description="the registry's ed25519 public key (PEM) that signs manifests")
     poll_interval: Duration = Field(300.0, gt=0, description="how often channels are checked for new versions")
     timeout: Duration = Field(30.0, gt=0, description="network timeout per request")
     keep_versions: int = Field(3, ge=2, description="versions of each model kept on disk (the active one and rollbacks)")
+    probation: ProbationConfig = Field(default_factory=ProbationConfig, description="health-gated rollback after an update")
 
     @field_validator("url")
     @classmethod
@@ -195,6 +205,10 @@ class RuntimeConfig(Strict):
     threads: Literal["auto"] | int = Field("auto", description="intra-op threads: auto (physical cores) or a number > 0")
     autotune: bool = Field(False, description="time each usable provider and thread count on the model and keep the fastest")
     require_accelerator: bool = Field(False, description="fail instead of falling back to the CPU provider")
+    http: str | None = Field(
+        None, pattern=HTTP_ADDRESS_PATTERN,
+        description="host:port to serve /healthz, /metrics and a status page on, e.g. 127.0.0.1:8790; off when unset",
+    )
 
     @field_validator("providers", mode="before")
     @classmethod
@@ -225,6 +239,13 @@ class RuntimeConfig(Strict):
     def _threads(cls, value: Any) -> Any:
         if value != "auto" and value < 1:
             raise ValueError(f"expected auto or a number > 0, got {value!r}")
+        return value
+
+    @field_validator("http")
+    @classmethod
+    def _http(cls, value: str | None) -> str | None:
+        if value is not None and not 1 <= int(value.rsplit(":", 1)[1]) <= 65535:
+            raise ValueError(f"the port in {value!r} is not a number from 1 to 65535")
         return value
 
 
@@ -266,6 +287,15 @@ class PipelineConfig(Strict):
     @property
     def model_is_file(self) -> bool:
         return _looks_like_path(self.model)
+
+    @field_validator("model")
+    @classmethod
+    def _model_path(cls, value: str, info: ValidationInfo) -> str:
+        # A model file is relative to the profile's folder, like every other path in a profile.
+        base = (info.context or {}).get("base_dir")
+        if base is not None and _looks_like_path(value) and not os.path.isabs(os.path.expanduser(value)):
+            return str(Path(base) / value)
+        return os.path.expanduser(value) if _looks_like_path(value) else value
 
     @model_validator(mode="after")
     def _check(self) -> "PipelineConfig":
