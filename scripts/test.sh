@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The whole test suite, from a fresh machine: virtualenv, Mosquitto, sample models, pytest.
+# The whole test suite, from a fresh machine: virtualenv, Mosquitto, sample models, pytest, then the
+# device-side tests again on emulated aarch64.
 # Extra arguments go to pytest (e.g. scripts/test.sh -k profile).
 set -euo pipefail
 source "$(dirname "$0")/lib/setup.sh"
@@ -13,3 +14,10 @@ command -v chromium >/dev/null && command -v chromedriver >/dev/null \
 
 say "running the test suite"
 "$VENV/bin/python" -m pytest "$@"
+
+# Most devices are 64-bit ARM: the device-side tests (marked arm64) run again on an emulated aarch64
+# Python. EDGE_AGENT_ARM64=0 skips this part.
+if [ "${EDGE_AGENT_ARM64:-1}" != 0 ]; then
+  say "running the device-side tests on emulated aarch64"
+  "$REPO/scripts/test-arm64.sh" "$@"
+fi
