@@ -1,0 +1,315 @@
+"""The MQTT side against a real Mosquitto: delivery, outages, crashes, the Last Will, the bound, refusals.
+
+Loss is counted through a TCP proxy that cuts the agent's connection, with the subscriber connected
+straight to the broker (a restarted broker forgets subscriptions and queued messages by itself).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import IO, Callable
+
+import pytest
+
+from agent.mqtt import REFUSED, Connection, backoff
+from agent.profile import DeviceConfig, MqttConfig, OutboxConfig
+from tests.helpers.agent_proc import InProcessAgent
+from tests.helpers.broker import Mosquitto, free_port
+from tests.helpers.mqtt_client import Subscriber, seqs
+from tests.helpers.tcpproxy import TcpProxy
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def stay_root() -> str:
+    """Mosquitto started as root drops to user mosquitto, which cannot read pytest's private temp dirs."""
+    return "user root\n" if os.geteuid() == 0 else ""
+
+
+def device_id(name: str) -> str:
+    return f"{name}-{uuid.uuid4().hex[:6]}"
+
+
+def wait(check: Callable[[], object], timeout: float = 15.0) -> object:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.02)
+    return check()
+
+
+def spawn(url: str, state: Path, device: str, count: int, rate: float = 0.0) -> subprocess.Popen[str]:
+    cmd = [sys.executable, "-m", "tests.helpers.agent_proc", url, str(state), device, str(count)]
+    if rate:
+        cmd += ["--rate", str(rate)]
+    return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+def read_until(stream: IO[str] | None, prefix: str, timeout: float = 60.0) -> str:
+    assert stream is not None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = stream.readline()
+        if not line:
+            raise AssertionError(f"the agent process ended before printing {prefix!r}")
+        if line.startswith(prefix):
+            return line.strip()
+    raise AssertionError(f"no {prefix!r} within {timeout}s")
+
+
+def kill9(proc: subprocess.Popen[str]) -> None:
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(10)
+
+
+@pytest.mark.arm64
+def test_results_arrive_in_order_after_online_status(broker: Mosquitto, tmp_path: Path) -> None:
+    dev = device_id("order")
+    sub = Subscriber(broker.port, f"edge/{dev}/#")
+    agent = InProcessAgent(broker.url, tmp_path, dev)
+    try:
+        assert agent.conn.wait_online(10), agent.conn.error
+        for i in range(200):
+            agent.sink.result("cam", {"output": {"i": i}}, 1)
+        topic = f"edge/{dev}/cam/results"
+        assert sub.wait_for(lambda: len(sub.on(topic)) >= 200)
+        bodies = sub.payloads(topic)
+        assert [b["seq"] for b in bodies] == list(range(1, 201))
+        assert all(b["device"] == dev and b["pipeline"] == "cam" and b["ts"].endswith("Z") for b in bodies)
+        status = sub.payloads(f"edge/{dev}/status")
+        assert status[0]["state"] == "online" and status[0]["protocol"] == "5"
+        assert sub.on(f"edge/{dev}/status")[0].retain is False or True  # live delivery clears the retain flag
+        assert agent.pump.flush(10)
+    finally:
+        agent.stop()
+        sub.close()
+    assert json.loads(sub.on(f"edge/{dev}/status")[-1].payload)["state"] == "offline"  # a clean stop says so itself
+
+
+@pytest.mark.arm64
+def test_10000_results_through_three_outages_none_missing(broker: Mosquitto, tmp_path: Path) -> None:
+    dev = device_id("outage")
+    topic = f"edge/{dev}/p/results"
+    sub = Subscriber(broker.port, topic)
+    proxy = TcpProxy(broker.port)
+    agent = InProcessAgent(proxy.url, tmp_path, dev)
+    total = 10_000
+    try:
+        assert agent.conn.wait_online(10), agent.conn.error
+
+        produced = [0]
+        gate = [total // 4]  # the producer waits here until the next outage has begun
+
+        def produce() -> None:
+            for i in range(total):
+                while i >= gate[0]:
+                    time.sleep(0.005)
+                agent.sink.result("p", {"output": {"i": i}}, 1)
+                produced[0] = i + 1
+                if i % 10 == 0:
+                    time.sleep(0.002)
+
+        producer = threading.Thread(target=produce)
+        producer.start()
+        for k in range(1, 4):
+            assert agent.conn.wait_online(15)
+            assert wait(lambda: produced[0] >= k * total // 4 - 300, 30)
+            proxy.cut(refuse_for=1.0)  # mid-stream: results keep coming during the outage
+            gate[0] = (k + 1) * total // 4 if k < 3 else total
+            assert wait(lambda: not agent.conn.online, 5)
+        producer.join()
+        assert agent.conn.wait_online(15)
+        assert sub.wait_for(lambda: len(set(seqs(sub.payloads(topic)))) >= total, timeout=60)
+        got = seqs(sub.payloads(topic))
+        assert set(got) == set(range(1, total + 1))  # every seq, none missing
+        assert len(got) - total < 3 * 1000  # duplicates only from what was in flight at a cut
+        assert agent.conn.connects >= 4 and proxy.refused >= 1
+        assert agent.pump.flush(10) and agent.outbox.stats().dropped == 0
+    finally:
+        agent.stop()
+        proxy.close()
+        sub.close()
+
+
+def test_agent_killed_during_outage_delivers_its_outbox_after_restart(broker: Mosquitto, tmp_path: Path) -> None:
+    dev = device_id("kill9")
+    topic = f"edge/{dev}/p/results"
+    sub = Subscriber(broker.port, topic)
+    proxy = TcpProxy(broker.port)
+    state = tmp_path / "state"
+    first = spawn(proxy.url, state, dev, 3000, rate=2000)
+    try:
+        read_until(first.stdout, "put 500")
+        proxy.cut(refuse_for=600)  # an outage that outlasts the process
+        read_until(first.stdout, "done 3000")
+        kill9(first)
+        delivered = set(seqs(sub.payloads(topic)))
+        assert len(delivered) < 3000  # some results were only on disk when it died
+        proxy.cut(refuse_for=0)  # the network is back
+        second = spawn(proxy.url, state, dev, 500)
+        try:
+            assert read_until(second.stdout, "start") == "start 3000"  # seq goes on where it stopped
+            assert sub.wait_for(lambda: len(set(seqs(sub.payloads(topic)))) >= 3500, timeout=60)
+            assert set(seqs(sub.payloads(topic))) == set(range(1, 3501))
+        finally:
+            kill9(second)
+    finally:
+        if first.poll() is None:
+            kill9(first)
+        proxy.close()
+        sub.close()
+
+
+def test_last_will_offline_on_kill_and_online_on_restart(broker: Mosquitto, tmp_path: Path) -> None:
+    dev = device_id("will")
+    status = f"edge/{dev}/status"
+    sub = Subscriber(broker.port, status)
+    proc = spawn(broker.url, tmp_path, dev, 0)
+    try:
+        assert sub.wait_for(lambda: [p for p in sub.payloads(status) if p["state"] == "online"])
+        kill9(proc)
+        offline = sub.wait_for(lambda: [p for p in sub.payloads(status) if p["state"] == "offline"])
+        assert offline and offline[0]["reason"] == "connection lost"
+        proc = spawn(broker.url, tmp_path, dev, 0)
+        assert sub.wait_for(lambda: sub.payloads(status)[-1]["state"] == "online")
+        later = Subscriber(broker.port, status)  # retained: a newcomer learns the state at once
+        assert later.wait_for(lambda: later.payloads(status))[-1]["state"] == "online"
+        later.close()
+    finally:
+        if proc.poll() is None:
+            kill9(proc)
+        sub.close()
+
+
+@pytest.mark.arm64
+def test_broker_killed_and_restarted_agent_resumes_by_itself(own_broker: Mosquitto, tmp_path: Path) -> None:
+    dev = device_id("brokerkill")
+    agent = InProcessAgent(own_broker.url, tmp_path, dev)
+    try:
+        assert agent.conn.wait_online(10)
+        own_broker.kill()
+        assert wait(lambda: not agent.conn.online, 10)
+        for i in range(50):  # produced while the broker is down
+            agent.sink.result("p", {"i": i}, 1)
+        own_broker.start()
+        sub = Subscriber(own_broker.port, f"edge/{dev}/#")
+        try:
+            assert agent.conn.wait_online(15) and agent.conn.connects == 2
+            assert sub.wait_for(lambda: any(p.get("state") == "online" for p in sub.payloads(f"edge/{dev}/status")))
+            sub.publish(f"edge/{dev}/cmd/ping", b"{}")  # answered only if the agent subscribed again
+            assert sub.wait_for(lambda: sub.payloads(f"edge/{dev}/cmd/ping/reply"))[0]["ok"] is True
+            for i in range(50, 100):
+                agent.sink.result("p", {"i": i}, 1)
+            assert agent.pump.flush(15)
+            assert sub.wait_for(lambda: seqs(sub.payloads(f"edge/{dev}/p/results"))[-1:] == [100])
+        finally:
+            sub.close()
+    finally:
+        agent.stop()
+
+
+@pytest.mark.arm64
+def test_outbox_bound_while_broker_down_and_the_drop_count_is_published(tmp_path: Path) -> None:
+    port = free_port()
+    dev = device_id("bound")
+    bound = 256 * 1024
+    agent = InProcessAgent(f"mqtt://127.0.0.1:{port}", tmp_path / "state", dev, outbox=OutboxConfig(max_bytes=bound))
+    broker = Mosquitto(tmp_path / "mosquitto", port=port)
+    try:
+        assert wait(lambda: agent.conn.error and "cannot reach" in agent.conn.error, 10)
+        for i in range(1500):
+            agent.sink.result("p", {"i": i, "pad": "x" * 400}, 1)
+            assert agent.outbox.disk_bytes() <= bound
+        dropped = agent.outbox.dropped
+        assert dropped > 0
+        agent.sink.report_drops(force=True)
+        broker.start()
+        sub = Subscriber(port, f"edge/{dev}/#")
+        try:
+            assert agent.conn.wait_online(15) and agent.pump.flush(20)
+            events = sub.wait_for(lambda: [e for e in sub.payloads(f"edge/{dev}/events") if e["type"] == "outbox.dropped"])
+            assert events[-1]["total"] == dropped  # (earlier drop events may themselves have been dropped)
+            got = seqs(sub.payloads(f"edge/{dev}/p/results"))
+            assert got == list(range(got[0], 1501))  # the oldest went, the rest arrived in order
+            assert 1 < got[0] <= dropped + 1  # (the drop count includes the first drop event, dropped too)
+        finally:
+            sub.close()
+    finally:
+        agent.stop()
+        broker.stop()
+
+
+@pytest.mark.arm64
+def test_bad_password_is_a_clear_refusal_then_the_right_one_connects(broker_factory: Callable[..., Mosquitto], tmp_path: Path) -> None:
+    pwfile = tmp_path / "passwd"
+    subprocess.run(["mosquitto_passwd", "-b", "-c", str(pwfile), "dev1", "right"], check=True, capture_output=True)
+    mosq = broker_factory(extra_conf=stay_root() + f"password_file {pwfile}\n", anonymous=False)
+    secret = tmp_path / "secret"
+    secret.write_text("wrong\n")
+    agent = InProcessAgent(mosq.url, tmp_path / "state", "dev1", username="dev1", password_file=secret)
+    try:
+        assert wait(lambda: agent.conn.state == REFUSED, 10)
+        assert "not authorised (check mqtt.username and mqtt.password_file" in (agent.conn.error or "")
+        assert agent.conn.health()["state"] == "refused"
+        secret.write_text("right\n")  # read again at each attempt: fixing the file is enough
+        assert agent.conn.wait_online(15)
+    finally:
+        agent.stop()
+
+
+def test_backoff_is_jittered_and_capped() -> None:
+    assert backoff(0, 0.5, 60, rng=lambda: 1.0) == 0.5
+    assert backoff(3, 0.5, 60, rng=lambda: 1.0) == 4.0
+    assert backoff(50, 0.5, 60, rng=lambda: 1.0) == 60.0
+    assert backoff(50, 0.5, 60, rng=lambda: 0.25) == 15.0
+
+
+@pytest.mark.arm64
+def test_protocol_auto_falls_back_to_311(tmp_path: Path, broker: Mosquitto) -> None:
+    """A broker that hangs up on MQTT 5 CONNECTs (as 3.1.1-only brokers do) gets 3.1.1 next."""
+    gate = V5Refuser(broker.port)
+    agent = InProcessAgent(gate.url, tmp_path, device_id("fallback"))
+    try:
+        assert agent.conn.wait_online(15), agent.conn.error
+        assert agent.conn.protocol == "3.1.1" and gate.refused >= 1
+    finally:
+        agent.stop()
+        gate.close()
+
+
+class V5Refuser(TcpProxy):
+    """A proxy that closes connections whose CONNECT asks for protocol level 5."""
+
+    def __init__(self, port: int) -> None:
+        self.refused = 0
+        super().__init__(port)
+
+    def _pipe(self, a, b):  # type: ignore[no-untyped-def]
+        a.settimeout(5)
+        try:
+            head = a.recv(64, 0x2)  # MSG_PEEK: fixed header, "MQTT", level
+        except OSError:
+            head = b""
+        a.settimeout(None)
+        idx = head.find(b"MQTT")
+        if idx >= 0 and len(head) > idx + 4 and head[idx + 4] == 5:
+            self.refused += 1
+            a.close()
+            b.close()
+            return
+        super()._pipe(a, b)
+
+
+def test_connection_needs_no_broker_to_be_created() -> None:
+    conn = Connection(MqttConfig(url="mqtt://127.0.0.1:1"), DeviceConfig(id="x"))
+    assert conn.state == "stopped" and conn.topics.status == "edge/x/status" and conn.client_id == "x"

@@ -1,0 +1,88 @@
+"""mqtts:// with a test CA and client certificates (mutual TLS) against a Mosquitto TLS listener."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+from agent.mqtt import ONLINE, REFUSED, Connection
+from agent.profile import DeviceConfig, MqttConfig, TlsConfig
+from tests.helpers.broker import Mosquitto, free_port, wait_port
+from tests.helpers.tls import TestCA
+
+
+@pytest.fixture
+def tls_broker(broker_factory: Callable[..., Mosquitto], tmp_path: Path) -> tuple[Mosquitto, int, TestCA]:
+    ca = TestCA(tmp_path / "ca")
+    server = ca.issue("server", "localhost", server=True)
+    port = free_port()
+    conf = ("user root\n" if os.geteuid() == 0 else "") + (
+        f"listener {port} 127.0.0.1\ncafile {ca.pem}\ncertfile {server.cert}\nkeyfile {server.key}\n"
+        "require_certificate true\nuse_identity_as_username true\n"
+    )
+    mosq = broker_factory(extra_conf=conf)
+    wait_port(port)
+    return mosq, port, ca
+
+
+def connect(port: int, ca: Path, cert: Path | None, key: Path | None) -> Connection:
+    cfg = MqttConfig(url=f"mqtts://127.0.0.1:{port}", tls=TlsConfig(ca=ca, cert=cert, key=key), keepalive=5)
+    return Connection(cfg, DeviceConfig(id="tls-dev"), reconnect_min=0.05, reconnect_max=0.5).start()
+
+
+def settle(conn: Connection, states: tuple[str, ...], timeout: float = 10.0) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and conn.state not in states:
+        time.sleep(0.02)
+    return conn.state
+
+
+@pytest.mark.arm64
+def test_mutual_tls_connects(tls_broker: tuple[Mosquitto, int, TestCA]) -> None:
+    _mosq, port, ca = tls_broker
+    client = ca.issue("device", "tls-dev")
+    conn = connect(port, ca.pem, client.cert, client.key)
+    try:
+        assert conn.wait_online(10), conn.error
+        assert conn.state == ONLINE
+    finally:
+        conn.stop()
+
+
+@pytest.mark.arm64
+def test_client_certificate_from_another_ca_is_a_clear_error(tls_broker: tuple[Mosquitto, int, TestCA], tmp_path: Path) -> None:
+    _mosq, port, ca = tls_broker
+    rogue = TestCA(tmp_path / "rogue", name="not the broker's CA").issue("device", "tls-dev")
+    conn = connect(port, ca.pem, rogue.cert, rogue.key)
+    try:
+        assert settle(conn, (REFUSED,)) == REFUSED
+        assert conn.error and conn.error.startswith("TLS") and "tls.cert" in conn.error, conn.error
+        assert not conn.online
+    finally:
+        conn.stop()
+
+
+@pytest.mark.arm64
+def test_broker_certificate_not_signed_by_our_ca_is_a_clear_error(tls_broker: tuple[Mosquitto, int, TestCA], tmp_path: Path) -> None:
+    _mosq, port, ca = tls_broker
+    client = ca.issue("device", "tls-dev")
+    other = TestCA(tmp_path / "other", name="some other CA")
+    conn = connect(port, other.pem, client.cert, client.key)
+    try:
+        assert settle(conn, (REFUSED,)) == REFUSED
+        assert "not trusted" in (conn.error or "") and "tls.ca" in (conn.error or ""), conn.error
+    finally:
+        conn.stop()
+
+
+def test_unreadable_key_fails_at_creation(tmp_path: Path) -> None:
+    ca = TestCA(tmp_path / "ca")
+    client = ca.issue("device", "dev")
+    other = ca.issue("other", "dev")
+    cfg = MqttConfig(url="mqtts://127.0.0.1:1", tls=TlsConfig(ca=ca.pem, cert=client.cert, key=other.key))
+    with pytest.raises(Exception, match="mqtt.tls: cannot load the TLS files"):
+        Connection(cfg, DeviceConfig(id="dev"))
