@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -27,3 +27,53 @@ class Config(Strict):
                 f"off_threshold {self.off_threshold} is above threshold {self.threshold}; it must be at or below it"
             )
         return self
+
+
+from agent.processing.lazy import np  # noqa: E402
+from agent.processing.post.base import BasePostprocessor, PostContext  # noqa: E402
+
+
+class Postprocessor(BasePostprocessor):
+    """Hysteresis over a score: `open` when it reaches `threshold`, `close` once it has stayed under
+    `off_threshold` for `min_off`. Only changes are published. Times are the stream offset `t` for
+    file sources and capture time otherwise; a close reports when the score fell, not when the
+    `min_off` wait ended, so that the event's span is the activity's span.
+    """
+
+    def __init__(self, config: Config, output_names: Any, output_types: Any = None) -> None:
+        super().__init__(config, output_names, output_types)
+        self.off = config.off_threshold if config.off_threshold is not None else config.threshold - 0.15
+        self.reset()
+
+    def reset(self) -> None:
+        self.active = False  # an event is open (possibly not yet reported, waiting for min_on)
+        self.reported = False
+        self.start = 0.0
+        self.low_since: float | None = None
+        self.peak = 0.0
+
+    def __call__(self, outputs: Any, ctx: PostContext) -> dict[str, Any] | None:
+        cfg = self.config
+        score = float(np.asarray(outputs[self.output]).reshape(-1)[0])
+        now = ctx.t if ctx.t is not None else ctx.ts
+        if not self.active:
+            if score < cfg.threshold:
+                return None
+            self.active, self.reported, self.start, self.low_since, self.peak = True, False, now, None, score
+        self.peak = max(self.peak, score)
+        out: dict[str, Any] | None = None
+        if score < self.off:
+            if self.low_since is None:
+                self.low_since = now
+            if now - self.low_since >= cfg.min_off:
+                if self.reported:
+                    out = {"event": "close", "t": round(self.low_since, 3), "duration": round(self.low_since - self.start, 3),
+                           "score": round(score, 4), "peak": round(self.peak, 4)}
+                self.active = False
+                return out
+        else:
+            self.low_since = None
+        if not self.reported and now - self.start >= cfg.min_on:
+            self.reported = True
+            out = {"event": "open", "t": round(self.start, 3), "score": round(score, 4)}
+        return out
