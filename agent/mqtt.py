@@ -158,6 +158,11 @@ class Connection:
     def online(self) -> bool:
         return self._online.is_set()
 
+    @property
+    def alive(self) -> bool:
+        """The network loop thread is running (what the systemd watchdog asks)."""
+        return self._thread is not None and self._thread.is_alive()
+
     def start(self) -> "Connection":
         if self._thread is None:
             self._stop.clear()
@@ -297,7 +302,8 @@ class Connection:
         return client
 
     def _status_payload(self, state: str, reason: str | None = None) -> bytes:
-        body: dict[str, Any] = {"device": self.device_id, "state": state}
+        # The group is in every status, the Will included, so that `fleet` finds a group's devices.
+        body: dict[str, Any] = {"device": self.device_id, "group": self.topics.group, "state": state}
         if state == ONLINE:
             body.update(ts=utc_iso(self._clock()), protocol=self.protocol, client_id=self.client_id)
             if self.agent_version:
