@@ -21,7 +21,6 @@ from agent.profile import PipelineConfig, Profile, ProfileError, load_profile
 log = logging.getLogger("agent.daemon")
 
 FLUSH_TIMEOUT = 10.0  # on SIGTERM, how long queued results may take to reach the broker
-STUCK_AFTER = 60.0  # an inference running longer than this stops the systemd watchdog pings
 
 
 @dataclass
@@ -126,7 +125,7 @@ class Daemon:
                 self._check_crash_guard()
                 if self._stdout_run_over():
                     break
-                notify.status(self.status_line())
+                notify.status(self.watchdog_problem() or self.status_line())
         finally:
             failed = [n for n, p in (self.parts.pipelines.items() if self.parts else ()) if p.stats()["state"] == "failed"]
             self.stop()
@@ -356,7 +355,7 @@ class Daemon:
             return None
         for name, pipeline in list(parts.pipelines.items()):
             busy = pipeline.busy_for()
-            if busy is not None and busy > STUCK_AFTER:
+            if busy is not None and busy > self.profile.health.stuck_after:
                 return f"pipeline {name}: one inference has run for {busy:.0f} s"
         return None
 

@@ -251,6 +251,7 @@ class RuntimeConfig(Strict):
 
 class HealthConfig(Strict):
     interval: Duration = Field(30.0, gt=0, description="how often health is published (and on every change)")
+    stuck_after: Duration = Field(60.0, gt=0, description="one inference running longer than this counts as stuck: the systemd watchdog stops being fed")
 
 
 class BatchConfig(Strict):
