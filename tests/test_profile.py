@@ -140,7 +140,7 @@ BAD_CASES = [
     pytest.param("device: {id: d}\nruntime: {provders: auto}\n",
                  ["profile.yaml:2: runtime.provders: unknown key (did you mean 'providers'?)"], id="unknown-nested-key"),
     pytest.param("device: {id: d}\nhealth: {every: 5s}\n",
-                 ["profile.yaml:2: health.every: unknown key; expected one of: interval"], id="unknown-key-no-close-match"),
+                 ["profile.yaml:2: health.every: unknown key; expected one of: interval, stuck_after"], id="unknown-key-no-close-match"),
     pytest.param("device: {group: g}\n",
                  ["profile.yaml:1: device.id: required key missing: this device's name in topics and the fleet (letters, digits, _ . -)"],
                  id="missing-device-id"),
