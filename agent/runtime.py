@@ -7,6 +7,7 @@ second `Model` while the first keeps serving, then the pipeline replaces both be
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import time
@@ -221,6 +222,7 @@ def load_model(
         raise ModelError(f"model file {path} does not exist")
     name = name or (path.stem if path is not None else "model")
     version = version or (file_version(path) if path is not None else "sha256:" + hashlib.sha256(source).hexdigest()[:12])  # type: ignore[arg-type]
+    _check_loadable(source, name, version)
     try:
         opened = open_session(source if isinstance(source, bytes) else path, runtime, state_dir, emit)  # type: ignore[arg-type]
     except Exception as exc:  # noqa: BLE001 (ORT's Fail/InvalidGraph derive from Exception)
@@ -230,6 +232,26 @@ def load_model(
         ms = model.warmup(example, warmup_runs)
         log.info("model warmed name=%s version=%s provider=%s warm_ms=%.1f", name, version, model.provider, ms)
     return model
+
+
+def _check_loadable(source: Path | bytes, name: str, version: str) -> None:
+    """Refuse with the opset/IR reason before ONNX Runtime fails with its own cut-off message."""
+    from agent import compat
+
+    try:
+        header = compat.read_header(source)
+    except Exception:  # noqa: BLE001 (not an ONNX protobuf, e.g. an .ort file: let the runtime judge)
+        return
+    reason = compat.refusal(_runtime_caps(), name, header.ir_version, header.opsets)
+    if reason:
+        raise ModelError(f"cannot load model {name} {version}: {reason}")
+
+
+@functools.lru_cache(maxsize=1)
+def _runtime_caps() -> Any:
+    from agent import compat
+
+    return compat.installed_caps()
 
 
 def to_json(value: Any, digits: int | None = 6) -> Any:

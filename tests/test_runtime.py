@@ -126,3 +126,15 @@ def test_the_stdout_sink_writes_numpy_values_left_by_a_plugin_and_keeps_seq_per_
     again = StdoutSink(tmp_path, stream=io.StringIO())
     again.result("a", {"device": "d", "pipeline": "a", "output": {}}, 1)
     assert json.loads(again.stream.getvalue())["seq"] == 3
+
+
+@pytest.mark.arm64
+def test_a_file_model_too_new_for_this_runtime_is_refused_with_the_reason(tmp_path: Path) -> None:
+    from agent import compat
+    from tests.helpers.models import unary_model
+
+    limit = compat.installed_caps().opsets[compat.AI_ONNX]
+    path = save(unary_model(opset=limit + 1, ir_version=compat.installed_caps().ir_version), tmp_path / "new.onnx")
+    with pytest.raises(ModelError) as info:
+        load_model(path, RuntimeConfig(), tmp_path, version="1")
+    assert str(info.value) == f"cannot load model new 1: variant new needs ai.onnx opset {limit + 1}; this runtime loads up to {limit}"
