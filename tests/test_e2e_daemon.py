@@ -232,3 +232,72 @@ def test_watchdog_pings_only_while_inference_is_alive(tmp_path: Path, own_broker
     finally:
         agent.stop()
         sock.close()
+
+
+def command(sub: Subscriber, device: str, name: str, args: dict[str, Any] | None = None, timeout: float = 30) -> dict[str, Any]:
+    topic = f"edge/{device}/cmd/{name}/reply"
+    before = len(sub.on(topic))
+    sub.publish(f"edge/{device}/cmd/{name}", json.dumps(args or {}))
+    sub.wait_for(lambda: len(sub.on(topic)) > before, timeout)
+    return json.loads(sub.on(topic)[before].payload)
+
+
+def test_commands_and_reload_on_a_running_agent(tmp_path: Path, own_broker: Mosquitto, fleet_registry: Registry) -> None:
+    from tests.helpers.models import unary_model
+
+    model = save(unary_model("Relu", shape=(1, 3, 48, 64)), tmp_path / "relu.onnx")
+    secret = tmp_path / "password"
+    secret.write_text("hunter2\n")
+    sub = Subscriber(own_broker.port, "edge/dev-c/#")
+    agent = AgentProcess(tmp_path, "dev-c", "g5", own_broker.url, fleet_registry.url, fleet_registry.public_key,
+                         csv=sensor_csv(tmp_path / "sensor.csv", rows=1000), rate=20)
+    profile = json.loads(agent.profile.read_text())
+    profile["mqtt"]["password_file"] = str(secret)
+    profile["mqtt"]["username"] = "dev-c"
+    profile["pipelines"] = [{"name": "cam", "model": str(model), "source": {"type": "synthetic", "fps": 10, "width": 320, "height": 240},
+                             "preprocess": {"resize": [64, 48]}, "postprocess": {"type": "raw", "outputs": ["y"], "round": 2}}]
+    agent.profile.write_text(json.dumps(profile))
+    agent.start()
+    try:
+        wait_until(lambda: sub.on("edge/dev-c/cam/results"), 60, "camera results", [agent])
+        assert command(sub, "dev-c", "ping")["ok"] is True
+
+        config = command(sub, "dev-c", "config")
+        assert config["ok"] and config["result"]["device"]["id"] == "dev-c"
+        assert "hunter2" not in json.dumps(config)
+
+        shot = command(sub, "dev-c", "snapshot", {"pipeline": "cam", "max_width": 160})
+        assert shot["ok"] and (shot["result"]["width"], shot["result"]["height"]) == (160, 120), shot
+        import base64
+
+        import cv2
+
+        image = cv2.imdecode(np.frombuffer(base64.b64decode(shot["result"]["jpeg_base64"]), np.uint8), cv2.IMREAD_COLOR)
+        assert image.shape == (120, 160, 3)
+
+        bad = command(sub, "dev-c", "pipeline", {"name": "nope", "action": "stop"})
+        assert bad["ok"] is False and bad["error"] == {"code": "bad_argument", "message": "no pipeline named 'nope' (known: cam)"}
+        assert command(sub, "dev-c", "pipeline", {"name": "cam", "action": "stop"})["result"] == {"pipeline": "cam", "state": "stopped"}
+        assert command(sub, "dev-c", "pipeline", {"name": "cam", "action": "start"})["result"]["state"] == "running"
+
+        # An invalid profile on disk: the reload is refused, the event names the line, the old profile serves.
+        good = agent.profile.read_text()
+        agent.profile.write_text(good.replace('"health": {"interval": "1s"}', '"health": {"interval": "soon"}'))
+        reply = command(sub, "dev-c", "reload")
+        assert reply["ok"] is False and "invalid" in reply["error"]["message"], reply
+        invalid = events(sub, "dev-c", "profile.invalid")
+        assert invalid and "health.interval: expected a duration like 30s or 5min, got 'soon'" in invalid[-1]["reason"]
+
+        # SIGHUP with a valid change: the pipeline is rebuilt with the new settings, nothing else restarts.
+        profile["pipelines"][0]["postprocess"]["round"] = 1
+        agent.profile.write_text(json.dumps(profile))
+        online_before = len(sub.on("edge/dev-c/status"))
+        agent.proc.send_signal(__import__("signal").SIGHUP)
+        wait_until(lambda: events(sub, "dev-c", "profile.reloaded"), 30, "the reload", [agent])
+        assert len(sub.on("edge/dev-c/status")) == online_before  # the MQTT connection was kept
+        seen = len(sub.on("edge/dev-c/cam/results"))
+        wait_until(lambda: len(sub.on("edge/dev-c/cam/results")) > seen + 3, 30, "results after the reload", [agent])
+        assert agent.proc.poll() is None
+    finally:
+        agent.stop()
+        sub.close()
