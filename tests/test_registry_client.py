@@ -352,3 +352,14 @@ def test_a_busy_server_is_retried_with_backoff(registry: Registry, tmp_path: Pat
     result = registry.client(tmp_path / "state", caps=CAPS, retries=2, backoff=0.5, sleep=sleeps.append).check_and_pull("m")
     assert result.status == "activated"
     assert len(sleeps) == 2 and all(0.25 <= s <= 0.75 for s in sleeps)  # first retry: backoff x jitter(0.5..1.5)
+
+
+def test_publishing_the_same_file_again_re_signs_instead_of_adding_a_variant(registry: Registry) -> None:
+    model = registry.tiny("m")
+    registry.publish("m", "1.0.0", model)
+    first = json.loads(registry.manifest_path("m", "1.0.0").read_bytes())
+    registry.publish("m", "1.0.0", model)
+    again = json.loads(registry.manifest_path("m", "1.0.0").read_bytes())
+    assert [v["id"] for v in again["variants"]] == [v["id"] for v in first["variants"]] == ["fp32"]
+    registry.publish("m", "1.0.0", registry.tiny("m-op12", opset=12))
+    assert [v["id"] for v in json.loads(registry.manifest_path("m", "1.0.0").read_bytes())["variants"]] == ["fp32", "fp32-op12"]

@@ -28,6 +28,7 @@ from agent.manifest import (
     parse_manifest,
 )
 from agent.signing import load_private_key, sign
+from agent.store import sha256_file
 
 # Default tolerances per precision: wide enough for another provider's kernels (fused ops, TF32 on
 # GPUs, OpenVINO's own rounding), narrow enough that a wrong or damaged model fails.
@@ -268,6 +269,9 @@ def publish(
             files.append((derive_int8(file, Path(tmp)), None, "int8"))
         reference: dict[str, np.ndarray] | None = None
         for path, vid, prec in files:
+            if vid is None:  # the same file published again re-signs its variant instead of adding a copy
+                digest = sha256_file(path)
+                vid = next((v.id for v in variants.values() if v.blob.digest == digest), None)
             taken = set(variants) - ({vid} if vid else set())
             variant, summary = _variant(root, path, vid, taken, providers, architectures, prec)
             for name in [n for n, t in tests.items() if t.variant == variant.id]:
