@@ -195,7 +195,8 @@ def pull_model(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({k: v for k, v in result.__dict__.items()}, indent=2))
     if result.status in ("refused", "failed"):
-        raise CliError(f"{result.status}: {args.model} {result.version or ''}: {result.reason}".replace("  ", " "), FAILURE)
+        what = f"{args.model} {result.version}" if result.version else args.model
+        raise CliError(f"{result.status}: {what}: {result.reason}", FAILURE)
     if not args.json:
         if result.status == "current":
             print(f"{args.model} {result.version} is already active (variant {result.variant})")
