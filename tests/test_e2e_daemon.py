@@ -208,7 +208,7 @@ def datagrams(sock: socket.socket, seconds: float) -> list[tuple[float, str]]:
 @pytest.mark.parametrize("stuck", [False, True], ids=["healthy", "stuck-inference"])
 def test_watchdog_pings_only_while_inference_is_alive(tmp_path: Path, own_broker: Mosquitto, fleet_registry: Registry, stuck: bool) -> None:
     # The stuck model is instant on its warm-up input and takes seconds on real rows.
-    model = slow_on_data(tmp_path / "stuck.onnx", iterations_per_unit=3000) if stuck else linear(tmp_path, "fast", 1.0)
+    model = slow_on_data(tmp_path / "stuck.onnx", iterations_per_unit=10000) if stuck else linear(tmp_path, "fast", 1.0)
     csv = sensor_csv(tmp_path / "sensor.csv", rows=10_000)
     sock = notify_socket(tmp_path)
     agent = AgentProcess(tmp_path, "dev-w", "g4", own_broker.url, fleet_registry.url, fleet_registry.public_key, csv=csv,

@@ -219,34 +219,35 @@ def test_broker_killed_and_restarted_agent_resumes_by_itself(own_broker: Mosquit
 
 
 @pytest.mark.arm64
-def test_outbox_bound_while_broker_down_and_the_drop_count_is_published(tmp_path: Path) -> None:
-    port = free_port()
+def test_outbox_bound_while_broker_down_and_the_drop_count_is_published(broker: Mosquitto, tmp_path: Path) -> None:
+    # The outage is a proxy refusing the agent, so that the subscriber is on the broker before the agent
+    # can publish anything: it sees every message the agent delivers.
     dev = device_id("bound")
     bound = 256 * 1024
-    agent = InProcessAgent(f"mqtt://127.0.0.1:{port}", tmp_path / "state", dev, outbox=OutboxConfig(max_bytes=bound))
-    broker = Mosquitto(tmp_path / "mosquitto", port=port)
+    proxy = TcpProxy(broker.port)
+    proxy.cut(refuse_for=3600)
+    sub = Subscriber(broker.port, f"edge/{dev}/#")
+    agent = InProcessAgent(proxy.url, tmp_path / "state", dev, outbox=OutboxConfig(max_bytes=bound))
     try:
-        assert wait(lambda: agent.conn.error and "cannot reach" in agent.conn.error, 10)
+        assert wait(lambda: agent.conn.error is not None and not agent.conn.online, 10)
         for i in range(1500):
             agent.sink.result("p", {"i": i, "pad": "x" * 400}, 1)
             assert agent.outbox.disk_bytes() <= bound
         dropped = agent.outbox.dropped
         assert dropped > 0
         agent.sink.report_drops(force=True)
-        broker.start()
-        sub = Subscriber(port, f"edge/{dev}/#")
-        try:
-            assert agent.conn.wait_online(15) and agent.pump.flush(20)
-            events = sub.wait_for(lambda: [e for e in sub.payloads(f"edge/{dev}/events") if e["type"] == "outbox.dropped"])
-            assert events[-1]["total"] == dropped  # (earlier drop events may themselves have been dropped)
-            got = seqs(sub.payloads(f"edge/{dev}/p/results"))
-            assert got == list(range(got[0], 1501))  # the oldest went, the rest arrived in order
-            assert 1 < got[0] <= dropped + 1  # (the drop count includes the first drop event, dropped too)
-        finally:
-            sub.close()
+        proxy.cut(refuse_for=0)  # the outage ends
+        assert agent.conn.wait_online(15) and agent.pump.flush(20)
+        events = sub.wait_for(lambda: [e for e in sub.payloads(f"edge/{dev}/events") if e["type"] == "outbox.dropped"])
+        assert events[-1]["total"] == dropped  # (earlier drop events may themselves have been dropped)
+        sub.wait_for(lambda: 1500 in seqs(sub.payloads(f"edge/{dev}/p/results")))
+        got = seqs(sub.payloads(f"edge/{dev}/p/results"))
+        assert got == list(range(got[0], 1501))  # the oldest went, the rest arrived in order
+        assert 1 < got[0] <= dropped + 1  # (the drop count includes the first drop event, dropped too)
     finally:
         agent.stop()
-        broker.stop()
+        sub.close()
+        proxy.close()
 
 
 @pytest.mark.arm64
