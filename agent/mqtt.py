@@ -53,7 +53,7 @@ LOOP_TIMEOUT = 0.1
 # A message in flight this long on a live connection is published again (paho normally resends on
 # reconnect by itself; this is the safety net should its in-memory state ever be lost).
 RESEND_AFTER = 60.0
-# TCP connect and TLS handshake timeout.
+# TCP connect and TLS handshake timeout, and the longest wait for CONNACK after CONNECT.
 CONNECT_TIMEOUT = 10.0
 
 ONLINE, OFFLINE, CONNECTING, REFUSED, STOPPED = "online", "offline", "connecting", "refused", "stopped"
@@ -508,7 +508,13 @@ class Connection:
                 self._set_state(OFFLINE, f"cannot reach {self.config.host}:{self.config.port}: {exc.strerror or exc}")
                 return "failed"
             rc = MQTTErrorCode.MQTT_ERR_SUCCESS
+            # paho's timeout covers the TCP connect only; a broker that accepts and then never answers
+            # (amqtt does this to an MQTT 5 CONNECT with a Will) would leave us "connecting" for ever.
+            connack_deadline = time.monotonic() + CONNECT_TIMEOUT
             while not self._stop.is_set() and rc == MQTTErrorCode.MQTT_ERR_SUCCESS:
+                if not self._got_connack and time.monotonic() > connack_deadline:
+                    self._attempt_log = f"no answer to CONNECT within {CONNECT_TIMEOUT:g} s"
+                    break
                 rc = client.loop(timeout=0.0 if client.read_ahead else LOOP_TIMEOUT)
                 if rc == MQTTErrorCode.MQTT_ERR_SUCCESS and client.read_ahead:
                     # paho stops reading after as many packets as it has messages pending; what it left in

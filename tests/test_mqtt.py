@@ -314,3 +314,26 @@ class V5Refuser(TcpProxy):
 def test_connection_needs_no_broker_to_be_created() -> None:
     conn = Connection(MqttConfig(url="mqtt://127.0.0.1:1"), DeviceConfig(id="x"))
     assert conn.state == "stopped" and conn.topics.status == "edge/x/status" and conn.client_id == "x"
+
+
+@pytest.mark.arm64
+def test_a_broker_that_never_answers_connect_is_given_up_and_auto_tries_3_1_1(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import socket
+
+    import agent.mqtt as mqtt_module
+
+    monkeypatch.setattr(mqtt_module, "CONNECT_TIMEOUT", 1.0)
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)  # accepts TCP (the kernel does), never reads or answers
+    port = silent.getsockname()[1]
+    conn = Connection(MqttConfig(url=f"mqtt://127.0.0.1:{port}"), DeviceConfig(id="silent", state_dir=tmp_path),
+                      reconnect_min=0.05, reconnect_max=0.2)
+    conn.start()
+    try:
+        assert wait(lambda: conn.error and "no CONNACK" in conn.error, 10), conn.error
+        assert "no answer to CONNECT within 1 s" in conn.error
+        assert wait(lambda: conn.protocol == "3.1.1", 5)  # auto: MQTT 5 got no answer, so 3.1.1 is tried next
+    finally:
+        conn.stop()
+        silent.close()
