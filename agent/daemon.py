@@ -45,7 +45,6 @@ class Daemon:
         self.profile_path = profile_path
         self.parts: Parts | None = None
         self.started_at = time.time()
-        self._lock = threading.RLock()
         self.watchdog = notify.Watchdog()
 
     # -- events --------------------------------------------------------------------------------
@@ -89,13 +88,12 @@ class Daemon:
         self.emit(Event("agent.started", {"version": __version__, "pipelines": sorted(parts.pipelines)}))
 
     def stop(self) -> None:
-        parts, self.parts = self.parts, None
+        parts = self.parts
         if parts is None:
             return
         notify.stopping("stopping: finishing the frames in hand")
         self.watchdog.stop()
-        self.parts = parts  # events while stopping still reach the outbox
-        for name, close in reversed(parts.closers):
+        for name, close in reversed(parts.closers):  # events while stopping still reach the outbox
             try:
                 close()
             except Exception:  # noqa: BLE001 (stop everything else even when one part fails)
