@@ -170,7 +170,7 @@ class Updater:
         probation = self.profile.registry.probation
         if pipelines and previous is not None and probation.duration > 0:
             self._probation[model] = Probation(model, active.version, previous, time.monotonic() + probation.duration,
-                                               baseline, {p.name: (p.stats()["inferences"], p.stats()["inference_errors"]) for p in pipelines})
+                                               baseline, counts)
 
     def _roll_back(self, model: str, bad: str, reason: str) -> None:
         self._probation.pop(model, None)

@@ -22,6 +22,7 @@ from tests.helpers.daemon_proc import REPO, AgentProcess, heavy_linear, sensor_c
 from tests.helpers.models import linear_model, save
 from tests.helpers.mqtt_client import Subscriber
 from tests.helpers.registry import Registry, make_registry
+from tests.helpers.waiting import wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -59,12 +60,9 @@ def assert_no_gap(rows: list[dict[str, Any]], device: str) -> None:
 
 
 def wait_until(check: Any, timeout: float, what: str, agents: list[AgentProcess] = ()) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.1)
+    value = wait_for(check, timeout, interval=0.1)
+    if value:
+        return value
     logs = "\n".join(f"--- {a.device}\n{a.stderr()[-3000:]}" for a in agents)
     raise AssertionError(f"timed out waiting for {what}\n{logs}")
 

@@ -22,9 +22,10 @@ import pytest
 from agent.mqtt import REFUSED, Connection, backoff
 from agent.profile import DeviceConfig, MqttConfig, OutboxConfig
 from tests.helpers.agent_proc import InProcessAgent
-from tests.helpers.broker import Mosquitto, free_port
+from tests.helpers.broker import Mosquitto
 from tests.helpers.mqtt_client import Subscriber, seqs
 from tests.helpers.tcpproxy import TcpProxy
+from tests.helpers.waiting import wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -39,13 +40,7 @@ def device_id(name: str) -> str:
 
 
 def wait(check: Callable[[], object], timeout: float = 15.0) -> object:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.02)
-    return check()
+    return wait_for(check, timeout)
 
 
 def spawn(url: str, state: Path, device: str, count: int, rate: float = 0.0) -> subprocess.Popen[str]:

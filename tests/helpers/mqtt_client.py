@@ -13,6 +13,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from tests.helpers.waiting import wait_for
+
 
 class Subscriber:
     def __init__(self, port: int, *topics: str, username: str | None = None, password: str | None = None) -> None:
@@ -48,13 +50,7 @@ class Subscriber:
         return [json.loads(m.payload) for m in self.on(topic)]
 
     def wait_for(self, check: Callable[[], Any], timeout: float = 10.0) -> Any:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            value = check()
-            if value:
-                return value
-            time.sleep(0.02)
-        return check()
+        return wait_for(check, timeout)
 
     def publish(self, topic: str, payload: bytes | str, response_topic: str | None = None, correlation: bytes | None = None) -> None:
         props = None
