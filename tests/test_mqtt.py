@@ -24,6 +24,7 @@ from agent.profile import DeviceConfig, MqttConfig, OutboxConfig
 from tests.helpers.agent_proc import InProcessAgent
 from tests.helpers.broker import Mosquitto
 from tests.helpers.mqtt_client import Subscriber, seqs
+from tests.helpers.platform import EMULATED
 from tests.helpers.tcpproxy import TcpProxy
 from tests.helpers.waiting import wait_for
 
@@ -124,7 +125,9 @@ def test_10000_results_through_three_outages_none_missing(broker: Mosquitto, tmp
             assert wait(lambda: not agent.conn.online, 5)
         producer.join()
         assert agent.conn.wait_online(15)
-        assert sub.wait_for(lambda: len(set(seqs(sub.payloads(topic)))) >= total, timeout=60)
+        # Emulated aarch64 Python runs this path about 7x slower: give delivery the time, not the loss, slack.
+        delivered = sub.wait_for(lambda: len(set(seqs(sub.payloads(topic)))) >= total, timeout=240 if EMULATED else 60)
+        assert delivered, f"{len(set(seqs(sub.payloads(topic))))} of {total} arrived; outbox depth {agent.outbox.depth}"
         got = seqs(sub.payloads(topic))
         assert set(got) == set(range(1, total + 1))  # every seq, none missing
         assert len(got) - total < 3 * 1000  # duplicates only from what was in flight at a cut
