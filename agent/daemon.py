@@ -56,7 +56,7 @@ class Daemon:
                 self.parts.sink.event(event)
             except Exception:  # noqa: BLE001 (an event must never take down its producer)
                 log.exception("event not queued type=%s", event.type)
-        if self.parts is not None and self.parts.health is not None and not event.type.startswith("result"):
+        if self.parts is not None and self.parts.health is not None:
             self.parts.health.poke()
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -133,7 +133,7 @@ class Daemon:
         parts = self.parts
         if parts is None or parts.connection is not None:
             return False
-        if getattr(parts.sink, "broken", None) is not None and parts.sink.broken.is_set():
+        if parts.sink.broken.is_set():  # the StdoutSink: its reader went away
             log.info("stdout was closed by its reader: stopping")
             return True
         return bool(parts.pipelines) and all(p.finished for p in parts.pipelines.values())
@@ -213,7 +213,7 @@ class Daemon:
         assert parts is not None
         if parts.registry is None:
             return
-        for config in self._registry_pipelines(self.profile.pipelines):
+        for config in self.profile.registry_pipelines:
             if parts.store.active(config.model) is None:
                 notify.status(f"starting: pulling {config.model}")
                 parts.registry.check_and_pull(config.model, config.channel, config.version)
@@ -342,10 +342,6 @@ class Daemon:
         return "; ".join(problems) if problems else None
 
     # -- helpers ---------------------------------------------------------------------------------
-
-    @staticmethod
-    def _registry_pipelines(configs: tuple[PipelineConfig, ...]) -> list[PipelineConfig]:
-        return [c for c in configs if c.enabled and not c.model_is_file]
 
     def _pipelines_alive(self) -> str | None:
         parts = self.parts

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from datetime import datetime, timezone
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -138,20 +138,23 @@ def _one_line(exc: ValidationError, what: str) -> str:
     return f"{what}: {where + ': ' if where else ''}{msg}{more}"
 
 
+_D = TypeVar("_D", bound=_Doc)
+
+
 def parse_manifest(data: bytes, what: str = "manifest") -> Manifest:
-    if len(data) > MAX_DOC_BYTES:
-        raise ManifestError(f"{what} is {len(data)} bytes; larger than {MAX_DOC_BYTES}")
-    try:
-        return Manifest.model_validate_json(data)
-    except ValidationError as exc:
-        raise ManifestError(_one_line(exc, what)) from None
+    return _parse(Manifest, data, what)
 
 
 def parse_channel(data: bytes, what: str = "channel") -> ChannelPointer:
+    return _parse(ChannelPointer, data, what)
+
+
+def _parse(kind: type[_D], data: bytes, what: str) -> _D:
+    """Strict parsing of a signed document, bounded in size, with a one-line error."""
     if len(data) > MAX_DOC_BYTES:
         raise ManifestError(f"{what} is {len(data)} bytes; larger than {MAX_DOC_BYTES}")
     try:
-        return ChannelPointer.model_validate_json(data)
+        return kind.model_validate_json(data)
     except ValidationError as exc:
         raise ManifestError(_one_line(exc, what)) from None
 

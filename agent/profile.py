@@ -321,6 +321,11 @@ class Profile(Strict):
     health: HealthConfig = Field(default_factory=HealthConfig, description="health reporting")
     pipelines: tuple[PipelineConfig, ...] = Field((), description="inference loops")
 
+    @property
+    def registry_pipelines(self) -> tuple[PipelineConfig, ...]:
+        """Enabled pipelines whose model comes from the registry (the ones updates and deployments touch)."""
+        return tuple(p for p in self.pipelines if p.enabled and not p.model_is_file)
+
     @field_validator("pipelines", mode="before")
     @classmethod
     def _none_is_empty(cls, value: Any) -> Any:

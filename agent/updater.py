@@ -38,7 +38,7 @@ def skip_crashing_versions(store: Any, profile: Any, emit: Any) -> None:
     """At start, before any model loads: a version that killed the last starts is rolled back; a version
     whose load was never confirmed counts this start as one more attempt."""
     guard = CrashGuard(profile.device.state_dir)
-    for model in sorted({c.model for c in profile.pipelines if c.enabled and not c.model_is_file}):
+    for model in sorted({c.model for c in profile.registry_pipelines}):
         active = store.active(model)
         if active is None:
             continue
@@ -108,7 +108,7 @@ class Updater:
     def targets(self) -> dict[str, tuple[str | None, str | None]]:
         """model -> (channel, pinned version): a deployment order's version beats the profile's channel."""
         out: dict[str, tuple[str | None, str | None]] = {}
-        for config in self.daemon._registry_pipelines(self.profile.pipelines):
+        for config in self.profile.registry_pipelines:
             out[config.model] = (config.channel, config.version)
         for model, order in self._orders.items():
             if model in out:
@@ -203,7 +203,7 @@ class Updater:
 
     def confirm_running(self) -> None:
         """A new version that produced results has survived its load: clear the crash guard."""
-        for model in {c.model for c in self.daemon._registry_pipelines(self.profile.pipelines)}:
+        for model in {c.model for c in self.profile.registry_pipelines}:
             attempt = self.guard.pending(model)
             if attempt is None:
                 continue
@@ -270,7 +270,7 @@ class Updater:
         device = self.profile.device
         if order is None or not applies_to(order, device.id, device.group):
             return  # withdrawn, or for another device: keep serving what is active
-        served = {c.model for c in self.daemon._registry_pipelines(self.profile.pipelines)}
+        served = {c.model for c in self.profile.registry_pipelines}
         if order.model not in served:
             self.daemon.emit(Event("model.refused", {**order.event_fields(),
                                                      "reason": f"no pipeline on this device serves model {order.model!r}"}))
