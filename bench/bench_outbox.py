@@ -33,10 +33,10 @@ sys.path.insert(0, str(REPO))
 import paho.mqtt.client as paho  # noqa: E402
 from paho.mqtt.enums import CallbackAPIVersion  # noqa: E402
 
-from agent.mqtt import Connection, OutboxPump  # noqa: E402
-from agent.mqtt_sink import OutboxSink  # noqa: E402
-from agent.outbox import Outbox  # noqa: E402
-from agent.profile import DeviceConfig, MqttConfig  # noqa: E402
+from agent.transport.mqtt import Connection, OutboxPump  # noqa: E402
+from agent.transport.sinks.outbox import OutboxSink  # noqa: E402
+from agent.transport.outbox import Outbox  # noqa: E402
+from agent.config.profile import DeviceConfig, MqttConfig  # noqa: E402
 from tests.helpers.broker import Mosquitto  # noqa: E402
 
 RESULT = {"ts": "2026-11-25T10:31:02.417Z", "source_seq": 18240, "model": "text-detector", "model_version": "1.4.0",

@@ -34,14 +34,14 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from agent.cloud.samples import sample_model  # noqa: E402
-from agent.events import Event  # noqa: E402
-from agent.pipeline import Pipeline  # noqa: E402
-from agent.processing.pre import Preprocessor  # noqa: E402
-from agent.profile import PipelineConfig, RuntimeConfig  # noqa: E402
-from agent.providers import thread_count  # noqa: E402
-from agent.runtime import load_model  # noqa: E402
-from agent.sources.base import BaseSource, Frame, Pacer  # noqa: E402
-from agent.stdout_sink import StdoutSink  # noqa: E402
+from agent.transport.events import Event  # noqa: E402
+from agent.inference.pipeline import Pipeline  # noqa: E402
+from agent.inference.processing.pre import Preprocessor  # noqa: E402
+from agent.config.profile import PipelineConfig, RuntimeConfig  # noqa: E402
+from agent.device.providers import thread_count  # noqa: E402
+from agent.inference.runtime import load_model  # noqa: E402
+from agent.inference.sources.base import BaseSource, Frame, Pacer  # noqa: E402
+from agent.transport.sinks.stdout import StdoutSink  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ROUNDS = 3
@@ -61,7 +61,7 @@ class Replay(BaseSource):
         self.handed: dict[int, float] = {}
 
     def frames(self, stop: threading.Event) -> Iterator[Frame]:
-        from agent.sources.base import Window
+        from agent.inference.sources.base import Window
 
         pacer = Pacer(self.rate)
         kind = Window if self.window else Frame
@@ -101,7 +101,7 @@ class LatencySink(StdoutSink):
 
 def synthetic_frames(count: int) -> list[Any]:
     """640x480 BGR frames of the synthetic test pattern (text on a moving background)."""
-    from agent.sources.synthetic import Config, Source
+    from agent.inference.sources.synthetic import Config, Source
 
     source = Source(Config(type="synthetic", width=640, height=480, fps=10000, frames=count))
     return [f.data for f in source.frames(threading.Event())]
@@ -129,7 +129,7 @@ def camera_path(frames: int, runtime: RuntimeConfig, tmp: Path) -> dict[str, Any
     model = load_model(path, runtime, tmp, example=np.zeros((1, 3, 480, 640), np.float32))
     session = model.session
     pre = Preprocessor(cfg.preprocess, model.stream_spec.shape, model.stream_spec.type)
-    from agent.processing.post.base import PostContext, make_postprocessor
+    from agent.inference.processing.post.base import PostContext, make_postprocessor
 
     post = make_postprocessor(cfg.postprocess, model.output_names)
     tensors = [pre(img)[0] for img in images]

@@ -47,7 +47,7 @@ def cold_start_ms(path: Path) -> float:
 
 
 def main() -> None:
-    from agent.profile import load_profile
+    from agent.config.profile import load_profile
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -44,11 +44,11 @@ def main() -> int:
             raise SystemExit("bench: the OpenVINO venv has no OpenVINOExecutionProvider")
         return reexec_in_openvino_venv()
 
-    from agent import hardware
-    from agent.autotune import measure
+    from agent.device import hardware
+    from agent.device.autotune import measure
     from agent.cli.bench import ProgressBar
     from agent.cloud.samples import sample_model
-    from agent.providers import CPU, OPENVINO, Candidate
+    from agent.device.providers import CPU, OPENVINO, Candidate
 
     model = sample_model("ppocr-det", quiet=True)
     found = hardware.probe("/")

@@ -16,9 +16,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from agent import compat  # noqa: E402
+from agent.device import compat  # noqa: E402
 from agent.cloud.samples import sample_model  # noqa: E402
-from agent.store import Store  # noqa: E402
+from agent.models.store import Store  # noqa: E402
 from tests.helpers.registry import make_registry  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"

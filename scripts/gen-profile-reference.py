@@ -262,7 +262,7 @@ def anchor(title: str) -> str:
 
 def render(schema: Schema | None = None) -> str:
     if schema is None:
-        from agent.profile import profile_schema
+        from agent.config.profile import profile_schema
 
         schema = profile_schema()
     w = Writer(schema)

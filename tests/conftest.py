@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -10,6 +11,38 @@ import pytest
 from tests.helpers.broker import Mosquitto
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+class _SwallowedExceptions(logging.Handler):
+    """Keeps every record under `agent` that carries a traceback at WARNING or above."""
+
+    def __init__(self) -> None:
+        super().__init__(level=logging.WARNING)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.exc_info:
+            self.records.append(record)
+
+
+@pytest.fixture(autouse=True)
+def fail_on_swallowed_exceptions(request: pytest.FixtureRequest) -> Iterator[None]:
+    """An exception that code under `agent` caught and logged fails the test that caused it.
+
+    Callbacks and worker threads must not die, so they catch and log; without this a bug there would
+    pass every test. A test that provokes such a log on purpose says so with
+    `@pytest.mark.logs_exception("why")`.
+    """
+    handler = _SwallowedExceptions()
+    logger = logging.getLogger("agent")
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+    if handler.records and request.node.get_closest_marker("logs_exception") is None:
+        lines = [f"{r.name}: {r.getMessage()} ({r.exc_info[1]!r})" for r in handler.records if r.exc_info]
+        pytest.fail("code under agent logged an exception it swallowed:\n" + "\n".join(lines), pytrace=False)
 
 
 @pytest.fixture(scope="session")

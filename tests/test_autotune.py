@@ -10,12 +10,12 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from agent import autotune
-from agent.autotune import Trial, measure, synth_inputs, thread_options, tune
-from agent.events import Event
-from agent.hardware import RuntimeInfo, probe
-from agent.profile import RuntimeConfig
-from agent.providers import CPU, CUDA, Candidate, model_digest, open_session
+from agent.device import autotune
+from agent.device.autotune import Trial, measure, synth_inputs, thread_options, tune
+from agent.transport.events import Event
+from agent.device.hardware import RuntimeInfo, probe
+from agent.config.profile import RuntimeConfig
+from agent.device.providers import CPU, CUDA, Candidate, model_digest, open_session
 from tests.helpers.models import linear_model, unary_model
 
 FIXTURES = Path(__file__).parent / "fixtures" / "hardware"

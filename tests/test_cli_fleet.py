@@ -19,9 +19,9 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.cli import main
-from agent.deploy import DeployOrder, OrderError, applies_to, parse_order
-from agent.signing import generate_keypair, load_public_keys
-from agent.topics import Topics
+from agent.models.deploy import DeployOrder, OrderError, applies_to, parse_order
+from agent.models.signing import generate_keypair, load_public_keys
+from agent.transport.topics import Topics
 from tests.helpers.broker import Mosquitto
 from tests.helpers.mqtt_client import Subscriber
 

@@ -11,7 +11,7 @@ from typing import Callable, Iterator
 import pytest
 import requests
 
-from agent.compat import AI_ONNX, probe_model
+from agent.device.compat import AI_ONNX, probe_model
 from tests.helpers.registry import start_cli_server
 
 REPO = Path(__file__).resolve().parent.parent

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.commands import SPECS, CommandDispatcher, CommandError
-from agent.events import Event
+from agent.service.commands.dispatch import SPECS, CommandDispatcher, CommandError
+from agent.transport.events import Event
 from tests.helpers.agent_proc import InProcessAgent
 from tests.helpers.broker import Mosquitto
 from tests.helpers.mqtt_client import Subscriber

@@ -8,8 +8,8 @@ from typing import Callable
 
 import pytest
 
-from agent import compat
-from agent.compat import AI_ONNX, AI_ONNX_ML, ModelFormatError, caps_for, probe_model, read_header, refusal, summarize
+from agent.device import compat
+from agent.device.compat import AI_ONNX, AI_ONNX_ML, ModelFormatError, caps_for, probe_model, read_header, refusal, summarize
 
 try:
     HAVE_ONNX = importlib.util.find_spec("onnx") is not None

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.crashguard import FILE_NAME, CrashGuard
+from agent.models.crashguard import FILE_NAME, CrashGuard
 
 pytestmark = pytest.mark.arm64
 
@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parent.parent
 START = textwrap.dedent(
     """
     import ctypes, os, signal, sys, time
-    from agent.crashguard import CrashGuard
+    from agent.models.crashguard import CrashGuard
 
     state_dir, new, old, how = sys.argv[1:5]
     guard = CrashGuard(state_dir)

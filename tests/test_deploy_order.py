@@ -9,10 +9,10 @@ from typing import Any
 
 import pytest
 
-from agent.deploy import (
+from agent.models.deploy import (
     Canary, DeployOrder, OrderError, applies_to, effective_order, new_order, parse_order, parse_target, sign_order,
 )
-from agent.signing import generate_keypair, load_private_key, load_public_keys, sign
+from agent.models.signing import generate_keypair, load_private_key, load_public_keys, sign
 
 pytestmark = pytest.mark.arm64
 
@@ -176,7 +176,7 @@ def test_rotated_keys_are_all_trusted(tmp_path: Path, keys: Any) -> None:
 
 
 def _pub_of(private: Any, tmp_path: Path) -> Path:
-    from agent.signing import public_pem
+    from agent.models.signing import public_pem
 
     path = tmp_path / "k.pub"
     path.write_bytes(public_pem(private.public_key()))

@@ -350,7 +350,7 @@ def test_profile_reference_is_generated_from_the_current_schema() -> None:
 
 
 def test_profile_reference_names_every_key_of_the_schema() -> None:
-    from agent.profile import profile_schema
+    from agent.config.profile import profile_schema
 
     schema = profile_schema()
     text = (DOCS / "profile-reference.md").read_text()

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from agent.cloud.publish import npz_bytes
-from agent.outbox import open_outbox
-from agent.store import Store
+from agent.transport.outbox import open_outbox
+from agent.models.store import Store
 from tests.helpers.broker import Mosquitto
 from tests.helpers.daemon_proc import REPO, AgentProcess, heavy_linear, sensor_csv, slow_on_data
 from tests.helpers.models import linear_model, save

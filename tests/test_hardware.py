@@ -8,7 +8,7 @@ from pathlib import Path
 import onnxruntime as ort
 import pytest
 
-from agent.hardware import Probe, RuntimeInfo, probe
+from agent.device.hardware import Probe, RuntimeInfo, probe
 
 FIXTURES = Path(__file__).parent / "fixtures" / "hardware"
 CPU_WHEEL = RuntimeInfo("1.32.0", ("AzureExecutionProvider", "CPUExecutionProvider"))

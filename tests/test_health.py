@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.health import HealthReporter, system_health
+from agent.service.health import HealthReporter, system_health
 from tests.helpers.agent_proc import InProcessAgent
 from tests.helpers.broker import Mosquitto
 from tests.helpers.mqtt_client import Subscriber

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from agent.cli import build_parser
-from agent.profile import load_profile
+from agent.config.profile import load_profile
 
 REPO = Path(__file__).resolve().parent.parent
 IMAGES = REPO / "images"

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from agent.manifest import ManifestError, parse_channel, parse_manifest, version_key
+from agent.models.manifest import ManifestError, parse_channel, parse_manifest, version_key
 
 pytestmark = pytest.mark.arm64
 

@@ -19,8 +19,8 @@ from typing import IO, Callable
 
 import pytest
 
-from agent.mqtt import REFUSED, Connection, backoff
-from agent.profile import DeviceConfig, MqttConfig, OutboxConfig
+from agent.transport.mqtt import REFUSED, Connection, backoff
+from agent.config.profile import DeviceConfig, MqttConfig, OutboxConfig
 from tests.helpers.agent_proc import InProcessAgent
 from tests.helpers.broker import Mosquitto
 from tests.helpers.mqtt_client import Subscriber, seqs
@@ -318,7 +318,7 @@ def test_connection_needs_no_broker_to_be_created() -> None:
 def test_a_broker_that_never_answers_connect_is_given_up_and_auto_tries_3_1_1(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     import socket
 
-    import agent.mqtt as mqtt_module
+    import agent.transport.mqtt as mqtt_module
 
     monkeypatch.setattr(mqtt_module, "CONNECT_TIMEOUT", 1.0)
     silent = socket.socket()

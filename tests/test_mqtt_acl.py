@@ -13,8 +13,8 @@ from typing import Callable
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
-from agent.mqtt import Connection
-from agent.profile import DeviceConfig, MqttConfig
+from agent.transport.mqtt import Connection
+from agent.config.profile import DeviceConfig, MqttConfig
 from tests.helpers.broker import Mosquitto
 from tests.helpers.mqtt_client import Subscriber
 

@@ -9,8 +9,8 @@ from typing import Callable
 
 import pytest
 
-from agent.mqtt import ONLINE, REFUSED, Connection
-from agent.profile import DeviceConfig, MqttConfig, TlsConfig
+from agent.transport.mqtt import ONLINE, REFUSED, Connection
+from agent.config.profile import DeviceConfig, MqttConfig, TlsConfig
 from tests.helpers.broker import Mosquitto, free_port, wait_port
 from tests.helpers.tls import TestCA
 

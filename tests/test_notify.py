@@ -15,8 +15,8 @@ from typing import Iterator
 
 import pytest
 
-from agent import notify
-from agent.notify import Heartbeat, Watchdog
+from agent.service import notify
+from agent.service.notify import Heartbeat, Watchdog
 
 pytestmark = pytest.mark.arm64
 
@@ -231,7 +231,7 @@ def test_pings_seen_then_stop_when_inference_is_stuck(manager: Manager, monkeypa
 CHILD = textwrap.dedent(
     """
     import select, sys, time
-    from agent import notify
+    from agent.service import notify
     dog = notify.Watchdog()
     beat = dog.heartbeat("pipeline gate", limit=1.5)
     dog.start()

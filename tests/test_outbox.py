@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from agent.events import Event
-from agent.mqtt_sink import OutboxSink
-from agent.outbox import Outbox, open_outbox
-from agent.profile import OutboxConfig
-from agent.topics import Topics
+from agent.transport.events import Event
+from agent.transport.sinks.outbox import OutboxSink
+from agent.transport.outbox import Outbox, open_outbox
+from agent.config.profile import OutboxConfig
+from agent.transport.topics import Topics
 
 pytestmark = pytest.mark.arm64
 

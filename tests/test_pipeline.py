@@ -13,11 +13,11 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from agent.events import Event
-from agent.pipeline import Pipeline, iso_ms, open_pipeline
-from agent.profile import PipelineConfig, RuntimeConfig
-from agent.runtime import ModelError, load_model
-from agent.sources.base import BaseSource, Frame
+from agent.transport.events import Event
+from agent.inference.pipeline import Pipeline, iso_ms, open_pipeline
+from agent.config.profile import PipelineConfig, RuntimeConfig
+from agent.inference.runtime import ModelError, load_model
+from agent.inference.sources.base import BaseSource, Frame
 from tests.helpers import media
 from tests.helpers.models import linear_model, save
 
@@ -233,9 +233,9 @@ def test_frames_of_the_wrong_size_are_rejected_with_an_event_and_the_rest_served
 
 
 def test_a_corrupt_video_is_reported_and_retried_while_another_pipeline_keeps_serving(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import agent.pipeline
+    import agent.inference.pipeline as pipeline_module
 
-    monkeypatch.setattr(agent.pipeline, "SOURCE_BACKOFF_CAP", 0.2)
+    monkeypatch.setattr(pipeline_module, "SOURCE_BACKOFF_CAP", 0.2)
     bad = tmp_path / "bad.mp4"
     bad.write_bytes(b"\x00" * 500)
     model = save(pool_model(), tmp_path / "m.onnx")

@@ -12,8 +12,8 @@ import cv2
 import numpy as np
 import pytest
 
-from agent.pipeline import open_pipeline
-from agent.profile import PipelineConfig, RuntimeConfig
+from agent.inference.pipeline import open_pipeline
+from agent.config.profile import PipelineConfig, RuntimeConfig
 from tests.helpers import media
 from tests.test_pipeline import Recorder
 

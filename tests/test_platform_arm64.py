@@ -68,7 +68,7 @@ def test_a_tiny_model_runs_on_the_cpu_provider(tmp_path: Path) -> None:
 
 @on_aarch64
 def test_probe_reports_the_arm_cpu_and_its_features() -> None:
-    from agent import hardware
+    from agent.device import hardware
 
     hwcaps = set(hwcap_features())
     assert {"fp", "asimd"} <= hwcaps, f"an aarch64 CPU without NEON? hwcaps: {sorted(hwcaps)}"
@@ -92,8 +92,9 @@ def test_probe_reports_the_arm_cpu_and_its_features() -> None:
 @on_aarch64
 def test_providers_are_ranked_as_on_a_raspberry_pi() -> None:
     """Here and on a captured Raspberry Pi 4, with this onnxruntime build: the same providers, in order."""
-    from agent import hardware, providers
-    from agent.profile import RuntimeConfig
+    from agent.device import hardware
+    from agent.device import providers
+    from agent.config.profile import RuntimeConfig
 
     here = hardware.probe()
     pi = hardware.probe(FIXTURES / "rpi4", runtime=here.runtime)

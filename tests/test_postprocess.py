@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent.processing.post import POSTPROCESSORS
-from agent.processing.post.base import PostContext, make_postprocessor
-from agent.processing.pre import Geometry
+from agent.inference.processing.post import POSTPROCESSORS
+from agent.inference.processing.post.base import PostContext, make_postprocessor
+from agent.inference.processing.pre import Geometry
 
 pytestmark = pytest.mark.arm64
 

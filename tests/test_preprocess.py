@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from agent.processing.pre import FrameRejected, Geometry, PreprocessConfig, Preprocessor
+from agent.inference.processing.pre import FrameRejected, Geometry, PreprocessConfig, Preprocessor
 
 pytestmark = pytest.mark.arm64
 

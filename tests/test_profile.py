@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.profile import Profile, ProfileError, load_profile
-from agent.units import format_duration, format_size, parse_duration, parse_size
+from agent.config.profile import Profile, ProfileError, load_profile
+from agent.config.units import format_duration, format_size, parse_duration, parse_size
 
 pytestmark = pytest.mark.arm64
 

@@ -9,7 +9,7 @@ import jsonschema
 import pytest
 import yaml
 
-from agent.profile import profile_schema
+from agent.config.profile import profile_schema
 
 REPO = Path(__file__).resolve().parent.parent
 SCHEMA_FILE = REPO / "configs" / "profile.schema.json"
@@ -55,7 +55,7 @@ SCHEMA_REJECTS = [
 
 @pytest.mark.parametrize("doc", SCHEMA_REJECTS)
 def test_schema_rejects_what_the_validator_rejects(doc: dict) -> None:
-    from agent.profile import Profile
+    from agent.config.profile import Profile
 
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.Draft202012Validator(profile_schema()).validate(doc)

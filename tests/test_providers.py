@@ -15,10 +15,10 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from agent.events import Event
-from agent.hardware import RuntimeInfo, probe
-from agent.profile import RuntimeConfig
-from agent.providers import (
+from agent.transport.events import Event
+from agent.device.hardware import RuntimeInfo, probe
+from agent.config.profile import RuntimeConfig
+from agent.device.providers import (
     CPU, CUDA, OPENVINO, TENSORRT, AcceleratorUnavailable, Candidate, Verification, why_not, canonical_provider,
     open_session, probe_model, provider_options, rank,
 )
@@ -274,10 +274,10 @@ OPENVINO_SCRIPT = r"""
 import json, sys
 from pathlib import Path
 import numpy as np
-from agent import hardware
-from agent.events import Event
-from agent.profile import RuntimeConfig
-from agent.providers import open_session, rank
+from agent.device import hardware
+from agent.transport.events import Event
+from agent.config.profile import RuntimeConfig
+from agent.device.providers import open_session, rank
 from agent.cloud.samples import sample_model
 
 state = Path(sys.argv[1])

@@ -15,12 +15,12 @@ from typing import Any
 import numpy as np
 import pytest
 
-from agent.compat import caps_for
-from agent.events import Event
-from agent.manifest import dumps
+from agent.device.compat import caps_for
+from agent.transport.events import Event
+from agent.models.manifest import dumps
 from agent.cloud.publish import npz_bytes, write_signed
-from agent.signing import generate_keypair, load_private_key
-from agent.store import Store
+from agent.models.signing import generate_keypair, load_private_key
+from agent.models.store import Store
 from tests.helpers.registry import Registry, registry  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.arm64
@@ -293,7 +293,7 @@ def test_not_enough_disk_fails_before_downloading(registry: Registry, tmp_path: 
 
 
 def test_registry_down_is_a_failure_not_a_refusal(tmp_path: Path) -> None:
-    from agent.registry import RegistryClient
+    from agent.models.registry import RegistryClient
     from tests.helpers.broker import free_port
 
     _, public = generate_keypair(tmp_path / "k")

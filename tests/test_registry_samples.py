@@ -8,11 +8,11 @@ from typing import Callable
 import numpy as np
 import pytest
 
-from agent.compat import caps_for
-from agent.events import Event
-from agent.providers import open_session
-from agent.profile import RuntimeConfig
-from agent.store import Store
+from agent.device.compat import caps_for
+from agent.transport.events import Event
+from agent.device.providers import open_session
+from agent.config.profile import RuntimeConfig
+from agent.models.store import Store
 from tests.helpers.registry import Registry, registry  # noqa: F401 (fixture)
 
 CAPS = caps_for("1.32.0")

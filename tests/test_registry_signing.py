@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.signing import SignatureError, generate_keypair, load_private_key, load_public_keys, sign, verify
+from agent.models.signing import SignatureError, generate_keypair, load_private_key, load_public_keys, sign, verify
 
 pytestmark = pytest.mark.arm64
 

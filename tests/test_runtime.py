@@ -10,8 +10,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from agent.profile import RuntimeConfig
-from agent.runtime import ModelError, load_model, to_json
+from agent.config.profile import RuntimeConfig
+from agent.inference.runtime import ModelError, load_model, to_json
 from tests.helpers.models import linear_model, save
 
 RUNTIME = RuntimeConfig(threads=1)
@@ -112,7 +112,7 @@ def test_to_json_turns_numpy_values_and_non_finite_floats_into_plain_json() -> N
 def test_the_stdout_sink_writes_numpy_values_left_by_a_plugin_and_keeps_seq_per_pipeline(tmp_path: Path) -> None:
     import io
 
-    from agent.stdout_sink import StdoutSink
+    from agent.transport.sinks.stdout import StdoutSink
 
     stream = io.StringIO()
     sink = StdoutSink(tmp_path, stream=stream)
@@ -130,7 +130,7 @@ def test_the_stdout_sink_writes_numpy_values_left_by_a_plugin_and_keeps_seq_per_
 
 @pytest.mark.arm64
 def test_a_file_model_too_new_for_this_runtime_is_refused_with_the_reason(tmp_path: Path) -> None:
-    from agent import compat
+    from agent.device import compat
     from tests.helpers.models import unary_model
 
     limit = compat.installed_caps().opsets[compat.AI_ONNX]

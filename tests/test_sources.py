@@ -12,9 +12,9 @@ import cv2
 import numpy as np
 import pytest
 
-from agent.events import Event
-from agent.sources import SOURCES
-from agent.sources.base import SourceContext, SourceFailed, make_source
+from agent.transport.events import Event
+from agent.inference.sources import SOURCES
+from agent.inference.sources.base import SourceContext, SourceFailed, make_source
 from tests.helpers import media
 
 
@@ -241,7 +241,7 @@ def test_mqtt_source_reads_fields_from_json_payloads_and_rejects_bad_ones(broker
     import paho.mqtt.client as mqtt
     from paho.mqtt.enums import CallbackAPIVersion
 
-    from agent.profile import MqttConfig
+    from agent.config.profile import MqttConfig
 
     events: list[Event] = []
     topic = f"test/sensors/{time.monotonic_ns()}"
@@ -277,7 +277,7 @@ def test_camera_stream_that_ends_is_lost_then_reconnected_and_numbering_goes_on(
 
 @pytest.mark.arm64
 def test_mqtt_source_on_the_daemons_shared_connection_never_blocks_its_network_thread() -> None:
-    class Connection:  # the surface of agent.mqtt.Connection the source uses
+    class Connection:  # the surface of agent.transport.mqtt.Connection the source uses
         def __init__(self) -> None:
             self.handlers: dict[str, Any] = {}
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import requests
 
-from agent.statuspage import StatusPageError, StatusServer, draw_boxes, parse_address, render_metrics
+from agent.service.statuspage import StatusPageError, StatusServer, draw_boxes, parse_address, render_metrics
 
 
 def make_jpeg(width: int = 320, height: int = 240, shade: int = 40) -> bytes:
@@ -254,7 +254,7 @@ def test_index_is_one_self_contained_page(server: StatusServer) -> None:
 
 
 def test_idle_clients_beyond_the_limit_are_turned_away(server: StatusServer) -> None:
-    from agent.statuspage import MAX_CLIENTS
+    from agent.service.statuspage import MAX_CLIENTS
 
     idle = [socket.create_connection((server.host, server.port), timeout=5) for _ in range(MAX_CLIENTS)]
     try:
@@ -318,8 +318,8 @@ def test_ipv6_loopback(agent: FakeAgent) -> None:
     ("127.0.0.1:99999", "the port in '127.0.0.1:99999' is not a number from 1 to 65535"),
 ])
 def test_profile_http_key_is_checked(tmp_path: Any, http: str, message: str) -> None:
-    from agent.profile import load_profile
-    from agent.profile_errors import ProfileError
+    from agent.config.profile import load_profile
+    from agent.config.errors import ProfileError
 
     path = tmp_path / "profile.yaml"
     path.write_text(f"device: {{id: d}}\nruntime: {{http: {json.dumps(http)}}}\n")
@@ -329,7 +329,7 @@ def test_profile_http_key_is_checked(tmp_path: Any, http: str, message: str) -> 
 
 
 def test_profile_http_key_is_off_by_default(tmp_path: Any) -> None:
-    from agent.profile import load_profile
+    from agent.config.profile import load_profile
 
     path = tmp_path / "profile.yaml"
     path.write_text("device: {id: d}\n")

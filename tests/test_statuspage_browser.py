@@ -13,7 +13,7 @@ from typing import Any, Callable, Iterator
 import pytest
 import requests
 
-from agent.statuspage import StatusServer
+from agent.service.statuspage import StatusServer
 from tests.helpers.broker import free_port
 from tests.test_statuspage import FakeAgent
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.manifest import dumps
-from agent.store import Store, StoreError, write_atomic
+from agent.models.manifest import dumps
+from agent.models.store import Store, StoreError, write_atomic
 
 pytestmark = pytest.mark.arm64
 

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.manifest import parse_manifest
-from agent.store import Store, sha256_file
+from agent.models.manifest import parse_manifest
+from agent.models.store import Store, sha256_file
 from tests.helpers.registry import make_registry
 
 REPO = Path(__file__).resolve().parent.parent

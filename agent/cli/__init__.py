@@ -14,11 +14,11 @@ from typing import Sequence
 
 from agent import __version__
 from agent.cli.errors import CliError
-from agent.logs import setup_logging
+from agent.service.logs import setup_logging
 
 VERBS = ("run", "check", "probe", "models", "bench", "registry", "fleet", "demo")
 
-log = logging.getLogger("agent.cli")
+log = logging.getLogger(__name__)
 
 
 def build_parser() -> argparse.ArgumentParser:

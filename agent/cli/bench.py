@@ -21,9 +21,9 @@ from agent.cli.errors import FAILURE, USAGE, CliError
 if TYPE_CHECKING:  # the CLI imports every verb at start: onnxruntime and numpy load only when bench runs
     import numpy as np
 
-    from agent import hardware
-    from agent.autotune import Trial
-    from agent.profile import RuntimeConfig
+    from agent.device import hardware
+    from agent.device.autotune import Trial
+    from agent.config.profile import RuntimeConfig
 
 CPU = "CPUExecutionProvider"
 
@@ -58,8 +58,8 @@ def parse_shapes(items: list[str]) -> dict[str, tuple[int, ...]]:
 
 
 def parse_providers(names: list[str]) -> RuntimeConfig:
-    from agent.profile import ProviderChoice, RuntimeConfig
-    from agent.providers import canonical_provider
+    from agent.config.profile import ProviderChoice, RuntimeConfig
+    from agent.device.providers import canonical_provider
 
     choices = []
     for raw in names:
@@ -100,8 +100,8 @@ def _inputs(model: Path, shapes: dict[str, tuple[int, ...]]) -> dict[str, np.nda
     import numpy as np
     import onnxruntime as ort
 
-    from agent.autotune import synth_inputs
-    from agent.providers import one_line
+    from agent.device.autotune import synth_inputs
+    from agent.device.providers import one_line
 
     try:
         session = ort.InferenceSession(str(model), providers=[CPU])
@@ -120,10 +120,10 @@ def _inputs(model: Path, shapes: dict[str, tuple[int, ...]]) -> dict[str, np.nda
 
 
 def run(args: argparse.Namespace) -> int:
-    from agent import hardware
-    from agent.autotune import cpu_bound, measure, thread_options
-    from agent.profile import RuntimeConfig
-    from agent.providers import rank
+    from agent.device import hardware
+    from agent.device.autotune import cpu_bound, measure, thread_options
+    from agent.config.profile import RuntimeConfig
+    from agent.device.providers import rank
 
     model = Path(args.model)
     if not model.is_file():

@@ -7,7 +7,7 @@ import json
 import sys
 
 from agent.cli.errors import USAGE
-from agent.profile import ProfileError, load_profile, profile_schema
+from agent.config.profile import ProfileError, load_profile, profile_schema
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

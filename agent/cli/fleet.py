@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 
 from agent.cli.errors import USAGE, CliError
-from agent.units import parse_duration
+from agent.config.units import parse_duration
 
 
 def _broker_options(p: argparse.ArgumentParser) -> None:
@@ -79,7 +79,7 @@ def deploy(args: argparse.Namespace) -> int:
     from datetime import timedelta
 
     from agent.cloud.fleet import FleetError, deploy as do_deploy
-    from agent.signing import load_private_key
+    from agent.models.signing import load_private_key
 
     wait, probation = _duration(args.wait, "--wait"), _duration(args.probation, "--probation")
     expires, settle = _duration(args.expires, "--expires"), _duration(args.settle, "--settle")
@@ -107,7 +107,7 @@ def status(args: argparse.Namespace) -> int:
 
     settle = _duration(args.settle, "--settle")
     if args.group is not None:
-        from agent.deploy import parse_target
+        from agent.models.deploy import parse_target
 
         try:
             parse_target(f"group:{args.group}")

@@ -65,7 +65,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def _profile(args: argparse.Namespace) -> Any:
     if not getattr(args, "profile", None):
         return None
-    from agent.profile import ProfileError, load_profile
+    from agent.config.profile import ProfileError, load_profile
 
     try:
         return load_profile(args.profile)
@@ -82,14 +82,14 @@ def _state_dir(args: argparse.Namespace, profile: Any) -> Path:
 
 
 def _store(args: argparse.Namespace, profile: Any = None, keep: int | None = None) -> Any:
-    from agent.store import Store
+    from agent.models.store import Store
 
     keep = keep or (profile.registry.keep_versions if profile is not None and profile.registry else 3)
     return Store(_state_dir(args, profile), keep_versions=keep)
 
 
 def list_models(args: argparse.Namespace) -> int:
-    from agent.store import StoreError
+    from agent.models.store import StoreError
 
     store = _store(args, _profile(args))
     rows, damaged = [], False
@@ -158,9 +158,9 @@ class ProgressBar:
 
 
 def pull_model(args: argparse.Namespace) -> int:
-    from agent import compat
-    from agent.events import Event
-    from agent.registry import RegistryClient
+    from agent.device import compat
+    from agent.transport.events import Event
+    from agent.models.registry import RegistryClient
 
     profile = _profile(args)
     url = args.registry or (profile.registry.url if profile is not None and profile.registry else None)
@@ -209,7 +209,7 @@ def pull_model(args: argparse.Namespace) -> int:
 
 
 def rollback(args: argparse.Namespace) -> int:
-    from agent.store import StoreError
+    from agent.models.store import StoreError
 
     store = _store(args, _profile(args))
     try:
@@ -229,8 +229,8 @@ def _shape(shape: Any) -> str:
 
 
 def inspect(args: argparse.Namespace) -> int:
-    from agent import compat
-    from agent.store import StoreError, sha256_file
+    from agent.device import compat
+    from agent.models.store import StoreError, sha256_file
 
     path, entry = Path(args.target), None
     if not path.is_file():

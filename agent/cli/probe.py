@@ -16,9 +16,9 @@ from agent import __version__
 from agent.cli.errors import USAGE, CliError
 
 if TYPE_CHECKING:  # the CLI imports every verb at start: onnxruntime loads only when probe runs
-    from agent import hardware
-    from agent.profile import RuntimeConfig
-    from agent.providers import Ranking
+    from agent.device import hardware
+    from agent.config.profile import RuntimeConfig
+    from agent.device.providers import Ranking
 
 SCHEMA_VERSION = 1
 
@@ -37,7 +37,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def load_runtime(profile_path: str | None) -> tuple[RuntimeConfig, Path | None]:
     """The profile's runtime section and state dir; defaults without a profile. Bad profile: exit 2."""
-    from agent.profile import ProfileError, RuntimeConfig, load_profile
+    from agent.config.profile import ProfileError, RuntimeConfig, load_profile
 
     if not profile_path:
         return RuntimeConfig(), None
@@ -52,7 +52,7 @@ def load_runtime(profile_path: str | None) -> tuple[RuntimeConfig, Path | None]:
 def report(probe: hardware.Probe, runtime: RuntimeConfig, ranking: Ranking, state_dir: Path | None,
            verified: dict[str, Any] | None) -> dict[str, Any]:
     """The `probe --json` document (schema in docs/probe.md)."""
-    from agent.providers import thread_count
+    from agent.device.providers import thread_count
 
     doc = {"schema_version": SCHEMA_VERSION, "edge_agent": __version__}
     doc.update(probe.to_dict())
@@ -70,8 +70,8 @@ def report(probe: hardware.Probe, runtime: RuntimeConfig, ranking: Ranking, stat
 
 
 def verify_chain(runtime: RuntimeConfig, state_dir: Path, probe: hardware.Probe) -> dict[str, Any]:
-    from agent.events import Event
-    from agent.providers import ProviderError, open_session, probe_model
+    from agent.transport.events import Event
+    from agent.device.providers import ProviderError, open_session, probe_model
 
     events: list[Event] = []
     # Autotune is for real models; the probe model would only time noise.
@@ -88,8 +88,8 @@ def verify_chain(runtime: RuntimeConfig, state_dir: Path, probe: hardware.Probe)
 
 
 def run(args: argparse.Namespace) -> int:
-    from agent import hardware
-    from agent.providers import rank
+    from agent.device import hardware
+    from agent.device.providers import rank
 
     runtime, profile_state = load_runtime(args.profile)
     if not Path(args.root).is_dir():

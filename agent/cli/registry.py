@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from agent.cli.errors import USAGE, CliError
-from agent.units import parse_duration
+from agent.config.units import parse_duration
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -65,7 +65,7 @@ def _default_key(root: Path) -> Path:
 
 
 def keygen(args: argparse.Namespace) -> int:
-    from agent.signing import generate_keypair, load_public_keys
+    from agent.models.signing import generate_keypair, load_public_keys
 
     try:
         private, public = generate_keypair(args.out, args.name)

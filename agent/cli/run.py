@@ -17,9 +17,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from agent.daemon import Daemon
-    from agent.profile import load_profile
-    from agent.profile_errors import ProfileError
+    from agent.service.daemon import Daemon
+    from agent.config.profile import load_profile
+    from agent.config.errors import ProfileError
 
     try:
         profile = load_profile(args.profile)

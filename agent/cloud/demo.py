@@ -574,7 +574,7 @@ class Demo:
     def _run(self) -> None:
         from agent.cloud.publish import publish
         from agent.cloud.server import RegistryHTTPServer
-        from agent.signing import generate_keypair
+        from agent.models.signing import generate_keypair
 
         self.tmp = Path(tempfile.mkdtemp(prefix="edge-agent-demo-"))
         self.p.note(f"working in {self.tmp} (removed at the end)")

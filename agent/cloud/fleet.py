@@ -28,8 +28,8 @@ from urllib.parse import urlsplit
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
-from agent.deploy import Canary, DeployOrder, new_order, sign_order
-from agent.topics import Topics, check_level
+from agent.models.deploy import Canary, DeployOrder, new_order, sign_order
+from agent.transport.topics import Topics, check_level
 
 CONNECT_TIMEOUT = 10.0
 SETTLE = 1.0  # how long retained messages are read before acting on them
@@ -518,7 +518,7 @@ def _say(out: TextIO, watch: Any, line: str) -> None:
 
 
 def _parse_target(to: str) -> tuple[str, str]:
-    from agent.deploy import parse_target
+    from agent.models.deploy import parse_target
 
     try:
         return parse_target(to)

@@ -22,13 +22,13 @@ from typing import Any
 
 import numpy as np
 
-from agent import compat
-from agent.manifest import (
+from agent.device import compat
+from agent.models.manifest import (
     NAME_PATTERN, VERSION_PATTERN, Blob, ChannelPointer, Manifest, ManifestError, TensorSpec, TestVector, Variant,
     parse_manifest,
 )
-from agent.signing import load_private_key, sign
-from agent.store import sha256_file
+from agent.models.signing import load_private_key, sign
+from agent.models.store import sha256_file
 
 # Default tolerances per precision: wide enough for another provider's kernels (fused ops, TF32 on
 # GPUs, OpenVINO's own rounding), narrow enough that a wrong or damaged model fails.

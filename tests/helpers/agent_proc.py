@@ -15,11 +15,11 @@ import sys
 import time
 from pathlib import Path
 
-from agent.commands import CommandDispatcher
-from agent.mqtt import Connection, OutboxPump
-from agent.mqtt_sink import OutboxSink
-from agent.outbox import open_outbox
-from agent.profile import DeviceConfig, MqttConfig
+from agent.service.commands.dispatch import CommandDispatcher
+from agent.transport.mqtt import Connection, OutboxPump
+from agent.transport.sinks.outbox import OutboxSink
+from agent.transport.outbox import open_outbox
+from agent.config.profile import DeviceConfig, MqttConfig
 
 
 def main() -> int:

@@ -18,14 +18,14 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
-from agent import compat
+from agent.device import compat
 from agent.cloud.publish import publish, put_blob, write_signed
 from agent.cloud.server import RegistryHandler, RegistryHTTPServer
-from agent.events import Event
-from agent.manifest import dumps, parse_manifest
-from agent.registry import RegistryClient
-from agent.signing import generate_keypair, load_private_key
-from agent.store import Store
+from agent.transport.events import Event
+from agent.models.manifest import dumps, parse_manifest
+from agent.models.registry import RegistryClient
+from agent.models.signing import generate_keypair, load_private_key
+from agent.models.store import Store
 
 
 class FaultyHandler(RegistryHandler):

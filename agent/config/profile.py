@@ -1,0 +1,436 @@
+"""The device profile: YAML validated once into immutable, typed objects the rest of the code trusts.
+
+Loading, line numbers and error wording live in `agent.profile_errors`; this module holds the shape.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Annotated, Any, Callable, Literal, Union
+from urllib.parse import urlsplit
+
+from pydantic import Field, SecretStr, ValidationError, ValidationInfo, WithJsonSchema, field_validator, model_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
+
+from agent.config.base import ProfilePath, Strict
+from agent.inference.processing.post import POSTPROCESSORS
+from agent.config.errors import PATTERN_WORDS, Issue, ProfileError, did_you_mean, format_path, issues_from_validation
+from agent.inference.processing.pre import PreprocessConfig
+from agent.inference.sources import SOURCES
+from agent.config.units import Duration, Size
+from agent.config.yamldoc import YamlDoc, YamlSyntaxError, expand_env, read_yaml
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+TOPIC_PREFIX_PATTERN = r"^[^#+\s]+$"
+PATTERN_WORDS[NAME_PATTERN] = "a name of letters, digits, '_', '.' and '-' (up to 64, starting with a letter or digit)"
+PATTERN_WORDS[TOPIC_PREFIX_PATTERN] = "a topic level without spaces, '+' or '#'"
+HTTP_ADDRESS_PATTERN = r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9][A-Za-z0-9.-]*):[0-9]{1,5}$"
+PATTERN_WORDS[HTTP_ADDRESS_PATTERN] = "host:port such as 127.0.0.1:8790 (an IPv6 host in brackets: [::1]:8790)"
+
+# Short names people type, mapped to ONNX Runtime's provider names.
+PROVIDER_ALIASES = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+    "trt": "TensorrtExecutionProvider",
+    "openvino": "OpenVINOExecutionProvider",
+    "rocm": "ROCMExecutionProvider",
+    "migraphx": "MIGraphXExecutionProvider",
+    "coreml": "CoreMLExecutionProvider",
+    "directml": "DmlExecutionProvider",
+    "dml": "DmlExecutionProvider",
+    "qnn": "QNNExecutionProvider",
+    "xnnpack": "XnnpackExecutionProvider",
+    "acl": "ACLExecutionProvider",
+    "armnn": "ArmNNExecutionProvider",
+    "rknpu": "RknpuExecutionProvider",
+    "vitisai": "VitisAIExecutionProvider",
+    "nnapi": "NnapiExecutionProvider",
+    "webgpu": "WebGpuExecutionProvider",
+    "nv_tensorrt_rtx": "NvTensorRTRTXExecutionProvider",
+}
+KNOWN_PROVIDERS = tuple(sorted(set(PROVIDER_ALIASES.values())))
+
+
+class DeviceConfig(Strict):
+    id: str = Field(pattern=NAME_PATTERN, description="this device's name in topics and the fleet (letters, digits, _ . -)")
+    group: str = Field("default", pattern=NAME_PATTERN, description="the fleet group deployments target")
+    state_dir: ProfilePath = Field(Path("/var/lib/edge-agent"), description="models, outbox and caches live here")
+
+
+class ProbationConfig(Strict):
+    duration: Duration = Field(120.0, ge=0, description="how long a new version is watched after activation; 0 turns probation off")
+    # 2x, not less: p95s taken minutes apart on a shared CPU differ by 1.6x with the same weights (measured).
+    max_latency_ratio: float = Field(2.0, gt=1, description="roll back when inference p95 exceeds the previous version's by this factor")
+    max_error_rate: float = Field(0.05, ge=0, le=1, description="roll back when this share of inferences fails")
+    min_inferences: int = Field(20, ge=1, description="inferences needed before latency is judged")
+
+
+class RegistryConfig(Strict):
+    url: str = Field(description="base URL of the model registry (http:// or https://)")
+    public_key: ProfilePath = Field(description="the registry's ed25519 public key (PEM) that signs manifests")
+    poll_interval: Duration = Field(300.0, gt=0, description="how often channels are checked for new versions")
+    timeout: Duration = Field(30.0, gt=0, description="network timeout per request")
+    keep_versions: int = Field(3, ge=2, description="versions of each model kept on disk (the active one and rollbacks)")
+    probation: ProbationConfig = Field(default_factory=ProbationConfig, description="health-gated rollback after an update")
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ValueError(f"expected an http:// or https:// URL, got {value!r}")
+        return value if value.endswith("/") else value + "/"
+
+
+class TlsConfig(Strict):
+    ca: ProfilePath | None = Field(None, description="CA certificate (PEM) that signed the broker's certificate")
+    cert: ProfilePath | None = Field(None, description="this device's client certificate (PEM), for mutual TLS")
+    key: ProfilePath | None = Field(None, description="the client certificate's private key (PEM)")
+
+    @model_validator(mode="after")
+    def _pair(self) -> "TlsConfig":
+        if (self.cert is None) != (self.key is None):
+            raise ValueError("cert and key go together: set both for mutual TLS, or neither")
+        return self
+
+
+class OutboxConfig(Strict):
+    max_bytes: Size = Field(256 * 1024**2, gt=0, description="disk the outbox may use; the oldest messages go first")
+    max_age: Duration = Field(7 * 86400.0, gt=0, description="messages older than this are dropped and counted")
+
+
+class MqttConfig(Strict):
+    url: str = Field(description="the broker: mqtt://host[:port] or mqtts://host[:port]")
+    client_id: str | None = Field(None, min_length=1, max_length=128, description="MQTT client id; the device id when unset")
+    username: str | None = Field(None, min_length=1, description="user name for the broker")
+    password: SecretStr | None = Field(None, description="password; write ${ENV_VAR} rather than the secret itself")
+    password_file: ProfilePath | None = Field(None, description="a file holding the password")
+    tls: TlsConfig | None = Field(None, description="TLS files for mqtts://")
+    topic_prefix: str = Field("edge", pattern=TOPIC_PREFIX_PATTERN, description="first level of every topic")
+    protocol: Literal["auto", "5", "3.1.1"] = Field("auto", description="MQTT version; auto tries 5 then 3.1.1")
+    keepalive: Duration = Field(60.0, ge=5, description="keepalive interval")
+    qos: Literal[0, 1] = Field(1, description="default QoS for results")
+    outbox: OutboxConfig = Field(default_factory=OutboxConfig, description="the durable queue between producers and the broker")
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
+            raise ValueError(f"expected mqtt://host[:port] or mqtts://host[:port], got {value!r}")
+        try:
+            parts.port
+        except ValueError:
+            raise ValueError(f"the port in {value!r} is not a number from 1 to 65535") from None
+        return value
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "MqttConfig":
+        problems: list[tuple[tuple[str | int, ...], str]] = []
+        if self.secure and (self.tls is None or self.tls.ca is None):
+            problems.append((("url",), "url is mqtts:// but tls.ca is not set; give the CA that signed the broker's certificate"))
+        if not self.secure and self.tls is not None:
+            problems.append((("tls",), "tls is set but url is mqtt://; use mqtts:// to connect with TLS"))
+        if self.password is not None and self.password_file is not None:
+            problems.append((("password",), "password and password_file are both set; keep one"))
+        raise_problems(problems)
+        return self
+
+    @property
+    def host(self) -> str:
+        return urlsplit(self.url).hostname or ""
+
+    @property
+    def port(self) -> int:
+        return urlsplit(self.url).port or (8883 if self.secure else 1883)
+
+    @property
+    def secure(self) -> bool:
+        return self.url.startswith("mqtts://")
+
+    def secret(self) -> str | None:
+        """The password, read from its file at the moment it is needed, never stored in logs."""
+        if self.password is not None:
+            return self.password.get_secret_value()
+        if self.password_file is not None:
+            return self.password_file.read_text().strip()
+        return None
+
+
+class ProviderChoice(Strict):
+    name: str = Field(description="an ONNX Runtime execution provider")
+    options: dict[str, str | int | float | bool] = Field(default_factory=dict, description="provider options")
+
+
+def _provider_choice(value: Any) -> Any:
+    # `cuda`, `CUDAExecutionProvider` and `{cuda: {device_id: 0}}` all mean the same provider.
+    if isinstance(value, str):
+        return {"name": value}
+    if isinstance(value, dict) and len(value) == 1 and "name" not in value:
+        ((name, options),) = value.items()
+        return {"name": name, "options": options if options is not None else {}}
+    return value
+
+
+_PROVIDER_NAME = {"type": "string", "enum": sorted(PROVIDER_ALIASES) + list(KNOWN_PROVIDERS)}
+_PROVIDER_OPTIONS = {"type": "object", "additionalProperties": {"type": ["string", "number", "boolean"]}}
+_PROVIDERS_SCHEMA = {
+    "anyOf": [
+        {"const": "auto"},
+        {
+            "type": "array",
+            "minItems": 1,
+            "items": {
+                "anyOf": [
+                    _PROVIDER_NAME,
+                    {"type": "object", "minProperties": 1, "maxProperties": 1,
+                     "propertyNames": _PROVIDER_NAME, "additionalProperties": {"anyOf": [_PROVIDER_OPTIONS, {"type": "null"}]}},
+                    {"type": "object", "required": ["name"], "additionalProperties": False,
+                     "properties": {"name": _PROVIDER_NAME, "options": _PROVIDER_OPTIONS}},
+                ]
+            },
+        },
+    ],
+    "default": "auto",
+    "description": "auto (ranked from the hardware) or an ordered list of providers: a name, {name: options}, or {name, options}",
+}
+
+
+class RuntimeConfig(Strict):
+    providers: Annotated[Literal["auto"] | tuple[ProviderChoice, ...], WithJsonSchema(_PROVIDERS_SCHEMA)] = Field(
+        "auto", description="auto (ranked from the hardware) or an ordered list of providers, each optionally with options"
+    )
+    threads: Literal["auto"] | int = Field("auto", description="intra-op threads: auto (physical cores) or a number > 0")
+    autotune: bool = Field(False, description="time each usable provider and thread count on the model and keep the fastest")
+    require_accelerator: bool = Field(False, description="fail instead of falling back to the CPU provider")
+    http: str | None = Field(
+        None, pattern=HTTP_ADDRESS_PATTERN,
+        description="host:port to serve /healthz, /metrics and a status page on, e.g. 127.0.0.1:8790; off when unset",
+    )
+
+    @field_validator("providers", mode="before")
+    @classmethod
+    def _providers(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            if not value:
+                raise ValueError("expected auto or a list of at least one provider, got an empty list")
+            return tuple(_provider_choice(v) for v in value)
+        return value
+
+    @field_validator("providers")
+    @classmethod
+    def _known(cls, value: Any) -> Any:
+        if value == "auto":
+            return value
+        out, problems = [], []
+        for i, choice in enumerate(value):
+            name = PROVIDER_ALIASES.get(choice.name.lower(), choice.name)
+            if name not in KNOWN_PROVIDERS:
+                hint = did_you_mean(choice.name, list(PROVIDER_ALIASES) + list(KNOWN_PROVIDERS))
+                problems.append(((i,), f"unknown execution provider {choice.name!r}{hint}"))
+            out.append(ProviderChoice(name=name, options=choice.options))
+        raise_problems(problems)
+        return tuple(out)
+
+    @field_validator("threads")
+    @classmethod
+    def _threads(cls, value: Any) -> Any:
+        if value != "auto" and value < 1:
+            raise ValueError(f"expected auto or a number > 0, got {value!r}")
+        return value
+
+    @field_validator("http")
+    @classmethod
+    def _http(cls, value: str | None) -> str | None:
+        if value is not None and not 1 <= int(value.rsplit(":", 1)[1]) <= 65535:
+            raise ValueError(f"the port in {value!r} is not a number from 1 to 65535")
+        return value
+
+
+class HealthConfig(Strict):
+    interval: Duration = Field(30.0, gt=0, description="how often health is published (and on every change)")
+    stuck_after: Duration = Field(60.0, gt=0, description="one inference running longer than this counts as stuck: the systemd watchdog stops being fed")
+
+
+class BatchConfig(Strict):
+    size: int = Field(1, ge=1, description="results sent together in one message")
+    max_delay: Duration = Field(0.1, gt=0, description="longest a result waits for its batch to fill")
+
+
+def _plugin_union(plugins: dict[str, Any], what: str) -> Any:
+    configs = tuple(module.Config for module in plugins.values())
+    union = Union[configs] if len(configs) > 1 else configs[0]  # noqa: UP007 (built at run time)
+    return Annotated[union, Field(discriminator="type", description=what)]
+
+
+SourceConfig = _plugin_union(SOURCES, "where frames or samples come from")
+PostprocessConfig = _plugin_union(POSTPROCESSORS, "what becomes of the model's outputs")
+Scalar = Union[int, float, str, bool]
+
+
+class PipelineConfig(Strict):
+    name: str = Field(pattern=NAME_PATTERN, description="the pipeline's name in topics")
+    model: str = Field(min_length=1, description="a registry model name, or a path to an .onnx or .ort file")
+    channel: str = Field("stable", pattern=NAME_PATTERN, description="registry channel followed")
+    version: str | None = Field(None, min_length=1, description="pin this version instead of following the channel")
+    source: SourceConfig
+    preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig, description="steps before inference")
+    postprocess: PostprocessConfig = Field(default_factory=lambda: POSTPROCESSORS["raw"].Config(), description="steps after inference")
+    rate: float | None = Field(None, gt=0, description="most inferences per second; every frame or window when unset")
+    inputs: dict[str, Scalar | tuple[Scalar, ...]] = Field(default_factory=dict, description="constant inputs beside the stream")
+    state: dict[str, str] = Field(default_factory=dict, description="recurrent state: input name <- previous step's output name")
+    qos: Literal[0, 1] | None = Field(None, description="QoS for this pipeline's results; mqtt.qos when unset")
+    batch: BatchConfig = Field(default_factory=BatchConfig, description="send several results in one message")
+    enabled: bool = Field(True, description="start this pipeline with the daemon")
+
+    @property
+    def model_is_file(self) -> bool:
+        return _looks_like_path(self.model)
+
+    @field_validator("model")
+    @classmethod
+    def _model_path(cls, value: str, info: ValidationInfo) -> str:
+        # A model file is relative to the profile's folder, like every other path in a profile.
+        base = (info.context or {}).get("base_dir")
+        if base is not None and _looks_like_path(value) and not os.path.isabs(os.path.expanduser(value)):
+            return str(Path(base) / value)
+        return os.path.expanduser(value) if _looks_like_path(value) else value
+
+    @model_validator(mode="after")
+    def _check(self) -> "PipelineConfig":
+        if self.model_is_file and self.version is not None:
+            raise ValueError(f"pipeline {self.name!r}: version pins a registry model, but model is a file path")
+        clash = set(self.inputs) & set(self.state)
+        if clash:
+            raise ValueError(f"pipeline {self.name!r}: input {sorted(clash)[0]!r} is both a constant and a state")
+        return self
+
+
+def _looks_like_path(model: str) -> bool:
+    return model.endswith((".onnx", ".ort")) or os.sep in model or model.startswith(".")
+
+
+class Profile(Strict):
+    device: DeviceConfig = Field(description="who this device is")
+    registry: RegistryConfig | None = Field(None, description="where models come from; file models only when unset")
+    mqtt: MqttConfig | None = Field(None, description="the broker; results go to stdout as JSON lines when unset")
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig, description="ONNX Runtime settings")
+    health: HealthConfig = Field(default_factory=HealthConfig, description="health reporting")
+    pipelines: tuple[PipelineConfig, ...] = Field((), description="inference loops")
+
+    @property
+    def registry_pipelines(self) -> tuple[PipelineConfig, ...]:
+        """Enabled pipelines whose model comes from the registry (the ones updates and deployments touch)."""
+        return tuple(p for p in self.pipelines if p.enabled and not p.model_is_file)
+
+    @field_validator("pipelines", mode="before")
+    @classmethod
+    def _none_is_empty(cls, value: Any) -> Any:
+        return () if value is None else value
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _cross_checks(cls, data: Any, handler: Callable[[Any], "Profile"]) -> "Profile":
+        # Checks across sections run on the raw document, so that they are reported together with
+        # field errors elsewhere instead of only once every field is valid.
+        problems = _cross_field_problems(data) if isinstance(data, dict) else []
+        try:
+            profile = handler(data)
+        except ValidationError as exc:
+            if not problems:
+                raise
+            details = [InitErrorDetails(type=PydanticCustomError(e["type"], e["msg"], e.get("ctx")), loc=e["loc"], input=e["input"])
+                       for e in exc.errors(include_url=False)]
+            raise ValidationError.from_exception_data(cls.__name__, details + [_problems_error(problems, data)]) from None
+        raise_problems(problems)
+        return profile
+
+
+def _cross_field_problems(data: dict[str, Any]) -> list[tuple[tuple[str | int, ...], str]]:
+    problems: list[tuple[tuple[str | int, ...], str]] = []
+    pipelines = data.get("pipelines")
+    seen: set[str] = set()
+    for i, pipeline in enumerate(pipelines if isinstance(pipelines, list) else []):
+        if not isinstance(pipeline, dict):
+            continue
+        name, model, source = pipeline.get("name"), pipeline.get("model"), pipeline.get("source")
+        if isinstance(name, str):
+            if name in seen:
+                problems.append((("pipelines", i, "name"), f"two pipelines are named {name!r}; names must be unique"))
+            seen.add(name)
+        if isinstance(model, str) and model and not _looks_like_path(model) and not data.get("registry"):
+            problems.append((
+                ("pipelines", i, "model"),
+                f"pipeline {name!r}: model {model!r} is a registry name, but the profile has no registry section "
+                "(give a path to an .onnx file, or add registry)",
+            ))
+        if isinstance(source, dict) and source.get("type") == "mqtt" and not data.get("mqtt"):
+            problems.append((("pipelines", i, "source"), f"pipeline {name!r}: an mqtt source needs the mqtt section"))
+    return problems
+
+
+def _problems_error(problems: list[tuple[tuple[str | int, ...], str]], data: Any) -> InitErrorDetails:
+    return InitErrorDetails(type=_problems(problems), loc=(), input=data)
+
+
+def _problems(problems: list[tuple[tuple[str | int, ...], str]]) -> PydanticCustomError:
+    return PydanticCustomError("cross_field", "{count} problem(s) across fields", {"count": len(problems), "problems": problems})
+
+
+def raise_problems(problems: list[tuple[tuple[str | int, ...], str]]) -> None:
+    """One validation error carrying several located problems (paths relative to the object checked)."""
+    if problems:
+        raise _problems(problems)
+
+
+def load_profile(path: str | Path, environ: dict[str, str] | None = None) -> Profile:
+    """Read, expand and validate a profile; raise ProfileError with every located problem."""
+    path = Path(path)
+    name = str(path)
+    try:
+        doc = read_yaml(path)
+    except OSError as exc:
+        raise ProfileError([Issue(name, 0, "", f"cannot read: {exc.strerror or exc}")]) from None
+    except UnicodeDecodeError:
+        raise ProfileError([Issue(name, 1, "", "not a text file (expected UTF-8 YAML)")]) from None
+    except YamlSyntaxError as exc:
+        raise ProfileError([Issue(name, exc.line, "", f"YAML syntax: {exc.message}")]) from None
+    return validate_document(doc, name, base_dir=path.resolve().parent, environ=environ)
+
+
+def validate_document(doc: YamlDoc, name: str, base_dir: Path, environ: dict[str, str] | None = None) -> Profile:
+    issues = [Issue(name, line, format_path(p), "duplicate key; each key may appear once") for p, line in doc.duplicates]
+    if not isinstance(doc.data, dict):
+        got = "an empty file" if doc.data is None else f"a {type(doc.data).__name__}"
+        raise ProfileError(issues + [Issue(name, 1, "", f"expected a mapping of profile sections (device, mqtt, pipelines, ...), got {got}")])
+    expanded = expand_env(doc.data, environ)
+    for key_path, var in expanded.missing:
+        issues.append(Issue(name, doc.line_of(key_path), format_path(key_path), f"environment variable {var} is not set"))
+    try:
+        profile = Profile.model_validate(expanded.data, context={"base_dir": base_dir})
+    except ValidationError as exc:
+        issues.extend(issues_from_validation(exc, Profile, doc, name, expanded.secret_paths))
+        profile = None
+    if issues:
+        raise ProfileError(sorted(issues, key=lambda i: i.line))
+    assert profile is not None
+    return profile
+
+
+def profile_schema() -> dict[str, Any]:
+    """The JSON Schema editors use to complete and check profiles."""
+    text = json.dumps(Profile.model_json_schema())
+    # Plug-in configs are all called Config; give their definitions readable names.
+    for plugins, suffix in ((SOURCES, "Source"), (POSTPROCESSORS, "Postprocess")):
+        for module in plugins.values():
+            short = module.__name__.rsplit(".", 1)[-1]
+            pretty = "".join(w.capitalize() for w in short.split("_")) + suffix
+            text = text.replace(module.__name__.replace(".", "__") + "__Config", pretty)
+    schema = json.loads(text)
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["$id"] = "https://edge-agent.dev/profile.schema.json"
+    schema["title"] = "edge-agent device profile"
+    return schema

@@ -1,0 +1,34 @@
+"""Model outputs published as they are (tensors as nested lists, maps as JSON)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field
+
+from agent.config.base import Strict
+
+KEY = "raw"
+
+
+class Config(Strict):
+    type: Literal["raw"] = "raw"
+    outputs: tuple[str, ...] | None = Field(None, min_length=1, description="outputs to publish; all when unset")
+    round: int | None = Field(6, ge=0, le=12, description="decimal places kept in floats")
+
+
+from agent.inference.processing.post.base import BasePostprocessor, PostContext  # noqa: E402
+
+
+class Postprocessor(BasePostprocessor):
+    def __init__(self, config: Config, output_names: Any, output_types: Any = None) -> None:
+        super().__init__(config, output_names, output_types)
+        missing = [n for n in (config.outputs or ()) if n not in self.output_names]
+        if missing:
+            raise ValueError(f"the model has no output {missing[0]!r} (outputs: {', '.join(self.output_names)})")
+        self.names = list(config.outputs or self.output_names)
+
+    def __call__(self, outputs: Any, ctx: PostContext) -> dict[str, Any]:
+        from agent.inference.runtime import to_json
+
+        return {name: to_json(outputs[name], self.config.round) for name in self.names}

@@ -1,0 +1,129 @@
+"""V4L2 cameras and network streams (RTSP, HTTP/MJPEG) through OpenCV."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from agent.config.base import Strict
+from agent.config.units import Duration
+
+KEY = "camera"
+
+
+class Config(Strict):
+    type: Literal["camera"]
+    device: str | int = Field(
+        description="a V4L2 device path (/dev/video0), a device index (0), or a stream URL (rtsp://, http://)"
+    )
+    fps: float | None = Field(None, gt=0, description="frames per second to request; the camera's own rate when unset")
+    width: int | None = Field(None, gt=0, description="capture width in pixels")
+    height: int | None = Field(None, gt=0, description="capture height in pixels")
+    reconnect_max: Duration = Field(30.0, gt=0, description="longest wait between reconnect attempts")
+    frozen_after: Duration = Field(10.0, gt=0, description="identical frames for this long raise a source.frozen event")
+
+
+import os  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+import zlib  # noqa: E402
+from typing import Any, Iterator  # noqa: E402
+
+from agent.inference.processing.lazy import cv2  # noqa: E402
+from agent.inference.sources.base import Backoff, BaseSource, Frame  # noqa: E402
+
+OPEN_TIMEOUT_MS = 10000  # network streams: give up an attempt after this long, then back off
+READ_TIMEOUT_MS = 10000
+
+
+def _target(device: str | int) -> Any:
+    if isinstance(device, int):
+        return device
+    text = str(device)
+    return int(text) if text.isdigit() else text
+
+
+def _fingerprint(img: Any) -> int:
+    """A cheap digest of a subsampled frame: equal digests over time mean a frozen feed."""
+    return zlib.crc32(img[::8, ::8].tobytes())
+
+
+class Source(BaseSource):
+    """A V4L2 device or a network stream. The newest frame wins (`live`). A device that cannot be
+    opened or stops delivering is `source.lost`, retried with random capped backoff, and
+    `source.recovered` when frames flow again; the same picture for `frozen_after` seconds is
+    `source.frozen` (a stuck encoder or a covered lens is not "healthy at 5 fps")."""
+
+    @staticmethod
+    def example(cfg: Config) -> Any:
+        if cfg.width is None or cfg.height is None:
+            return None
+        import numpy as np
+
+        return np.zeros((cfg.height, cfg.width, 3), dtype=np.uint8)
+
+    live = True
+
+    def frames(self, stop: threading.Event) -> Iterator[Frame]:
+        cfg = self.config
+        backoff = Backoff(cfg.reconnect_max)
+        lost = False
+        while not stop.is_set():
+            cap, reason = self._open()
+            if cap is None:
+                if not lost:
+                    self.emit("source.lost", reason=reason, device=str(cfg.device))
+                    lost = True
+                stop.wait(backoff.next_delay())
+                continue
+            if lost:
+                self.emit("source.recovered", device=str(cfg.device))
+                lost = False
+            backoff.reset()
+            try:
+                reason = yield from self._read(cap, stop)
+            finally:
+                cap.release()
+            if reason and not stop.is_set():
+                self.emit("source.lost", reason=reason, device=str(cfg.device))
+                lost = True
+                stop.wait(backoff.next_delay())
+
+    def _open(self) -> tuple[Any, str]:
+        cfg = self.config
+        target = _target(cfg.device)
+        if isinstance(target, str) and target.startswith("/dev/") and not os.path.exists(target):
+            return None, f"{target} does not exist (unplugged?)"
+        params = [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, OPEN_TIMEOUT_MS, cv2.CAP_PROP_READ_TIMEOUT_MSEC, READ_TIMEOUT_MS]
+        cap = cv2.VideoCapture(target, cv2.CAP_ANY, params)
+        if not cap.isOpened():
+            cap.release()
+            return None, f"cannot open {target}"
+        for prop, value in ((cv2.CAP_PROP_FPS, cfg.fps), (cv2.CAP_PROP_FRAME_WIDTH, cfg.width), (cv2.CAP_PROP_FRAME_HEIGHT, cfg.height)):
+            if value is not None:
+                cap.set(prop, float(value))
+        return cap, ""
+
+    def _read(self, cap: Any, stop: threading.Event) -> Iterator[Frame]:
+        cfg = self.config
+        last_print: int | None = None
+        same_since = time.monotonic()
+        frozen = False
+        while not stop.is_set():
+            ok, img = cap.read()
+            if not ok or img is None:
+                return "the device stopped delivering frames"
+            ts = time.time()
+            fp = _fingerprint(img)
+            mono = time.monotonic()
+            if fp != last_print:
+                last_print, same_since = fp, mono
+                if frozen:
+                    frozen = False
+                    self.emit("source.unfrozen", device=str(cfg.device))
+            elif not frozen and mono - same_since >= cfg.frozen_after:
+                frozen = True
+                self.emit("source.frozen", reason=f"the same picture for {mono - same_since:.0f} s", device=str(cfg.device))
+            yield Frame(img, ts, self.next_seq(), None, {"frozen": True} if frozen else {})
+        return ""

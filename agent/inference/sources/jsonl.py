@@ -1,0 +1,79 @@
+"""JSON lines as sensor samples, replayed or followed as the file grows."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from agent.config.base import ProfilePath, Strict
+
+KEY = "jsonl"
+
+
+class Config(Strict):
+    type: Literal["jsonl"]
+    path: ProfilePath = Field(description="a file with one JSON object per line")
+    fields: tuple[str, ...] = Field(min_length=1, description="the numeric fields to read, in model input order")
+    timestamp: str | None = Field(None, description="the field holding each line's capture time")
+    follow: bool = Field(False, description="keep reading lines appended to the file, like tail -f")
+    rate: float | None = Field(None, gt=0, description="replay at this many lines per second")
+
+
+import json  # noqa: E402
+import threading  # noqa: E402
+from typing import Any, Iterator  # noqa: E402
+
+from agent.inference.processing.lazy import np  # noqa: E402
+from agent.inference.sources.base import BaseSource, Pacer, Window  # noqa: E402
+from agent.inference.sources.lines import now, parse_time, read_lines  # noqa: E402
+
+
+def values_from_object(obj: Any, fields: tuple[str, ...]) -> Any:
+    """The named numeric fields of a JSON object, in order; ValueError with the reason otherwise."""
+    if not isinstance(obj, dict):
+        raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
+    out = np.empty(len(fields), dtype=np.float64)
+    for k, name in enumerate(fields):
+        if name not in obj:
+            raise ValueError(f"field {name!r} is missing")
+        value = obj[name]
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"field {name!r} is {value!r}, not a number")
+        out[k] = value
+    return out
+
+
+class Source(BaseSource):
+
+    sensor = True
+
+    @staticmethod
+    def example(cfg: Config) -> Any:
+        return np.zeros(len(cfg.fields))
+    def frames(self, stop: threading.Event) -> Iterator[Window]:
+        cfg = self.config
+        pacer = Pacer(cfg.rate)
+        first_ts: float | None = None
+        while not stop.is_set():
+            if not cfg.path.is_file():
+                raise FileNotFoundError(f"{cfg.path} does not exist")
+            for number, line in read_lines(cfg.path, cfg.follow, stop):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                    values = values_from_object(obj, cfg.fields)
+                    ts = parse_time(obj[cfg.timestamp]) if cfg.timestamp is not None else now()
+                except (ValueError, KeyError) as exc:
+                    reason = f"not JSON ({exc.msg})" if isinstance(exc, json.JSONDecodeError) else (
+                        f"timestamp field {cfg.timestamp!r} is missing" if isinstance(exc, KeyError) else str(exc))
+                    self.emit("frame.rejected", reason=f"{cfg.path.name} line {number}: {reason}")
+                    continue
+                if not pacer.wait(stop):
+                    return
+                if cfg.timestamp is not None and first_ts is None:
+                    first_ts = ts
+                yield Window(values, ts, self.next_seq(), ts - first_ts if first_ts is not None else None)
+            if not cfg.follow:
+                return

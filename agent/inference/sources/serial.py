@@ -1,0 +1,141 @@
+"""A line protocol from a serial port (CSV values or JSON objects per line)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from agent.config.base import Strict
+
+KEY = "serial"
+
+
+class Config(Strict):
+    type: Literal["serial"]
+    device: str = Field(min_length=1, description="the tty, e.g. /dev/ttyUSB0")
+    baud: int = Field(115200, gt=0, description="line speed")
+    format: Literal["csv", "jsonl"] = Field("csv", description="how each line is written")
+    fields: tuple[str, ...] | None = Field(None, min_length=1, description="field names (jsonl) or column names (csv)")
+
+
+import json  # noqa: E402
+import os  # noqa: E402
+import select  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+from typing import Any, Iterator  # noqa: E402
+
+from agent.inference.processing.lazy import np  # noqa: E402
+from agent.inference.sources.base import Backoff, BaseSource, SourceFailed, Window  # noqa: E402
+from agent.inference.sources.jsonl import values_from_object  # noqa: E402
+
+POLL_S = 0.25
+MAX_LINE = 4096  # a line longer than this is noise on the wire, not a sample
+
+
+def _configure(fd: int, baud: int) -> None:
+    """Raw 8N1 at `baud`, no echo, no line editing: the bytes as the sensor sends them."""
+    import termios
+    import tty
+
+    speed = getattr(termios, f"B{baud}", None)
+    if speed is None:
+        raise SourceFailed(f"baud rate {baud} is not one this system supports")
+    tty.setraw(fd)
+    attrs = termios.tcgetattr(fd)
+    attrs[2] |= termios.CLOCAL | termios.CREAD
+    attrs[4] = attrs[5] = speed
+    termios.tcsetattr(fd, termios.TCSANOW, attrs)
+
+
+class Source(BaseSource):
+    """Lines from a tty: comma-separated numbers (csv) or JSON objects (jsonl). A line that does not
+    parse is `frame.rejected`; a port that disappears (USB unplugged) is `source.lost`, reopened with
+    backoff, then `source.recovered`."""
+
+    sensor = True
+
+    @staticmethod
+    def example(cfg: Config) -> Any:
+        return np.zeros(len(cfg.fields)) if cfg.fields else None
+
+    def frames(self, stop: threading.Event) -> Iterator[Window]:
+        cfg = self.config
+        if cfg.format == "jsonl" and not cfg.fields:
+            raise SourceFailed("a jsonl serial source needs fields (the numeric fields to read, in order)")
+        backoff = Backoff(30.0)
+        lost = False
+        while not stop.is_set():
+            try:
+                fd = os.open(cfg.device, os.O_RDONLY | os.O_NOCTTY | os.O_NONBLOCK)
+            except OSError as exc:
+                if not lost:
+                    self.emit("source.lost", reason=f"cannot open {cfg.device}: {exc.strerror}", device=cfg.device)
+                    lost = True
+                stop.wait(backoff.next_delay())
+                continue
+            try:
+                if os.isatty(fd):
+                    _configure(fd, cfg.baud)
+                if lost:
+                    self.emit("source.recovered", device=cfg.device)
+                    lost = False
+                backoff.reset()
+                reason = yield from self._lines(fd, stop)
+            finally:
+                os.close(fd)
+            if reason and not stop.is_set():
+                self.emit("source.lost", reason=reason, device=cfg.device)
+                lost = True
+                stop.wait(backoff.next_delay())
+
+    def _lines(self, fd: int, stop: threading.Event) -> Iterator[Window]:
+        pending = b""
+        first = True  # the first line may be the tail of one sent before we opened the port
+        while not stop.is_set():
+            ready, _, _ = select.select([fd], [], [], POLL_S)
+            if not ready:
+                continue
+            try:
+                data = os.read(fd, 4096)
+            except BlockingIOError:
+                continue
+            except OSError as exc:
+                return f"{self.config.device}: {exc.strerror}"
+            if not data:
+                return f"{self.config.device} closed"
+            pending += data
+            *lines, pending = pending.split(b"\n")
+            if len(pending) > MAX_LINE:
+                pending = b""
+            for raw in lines:
+                text = raw.decode("utf-8", "replace").strip()
+                if not text:
+                    continue
+                try:
+                    values = self._parse(text)
+                except ValueError as exc:
+                    if not first:
+                        self.emit("frame.rejected", reason=f"{self.config.device}: {exc}: {text[:80]!r}")
+                    first = False
+                    continue
+                first = False
+                yield Window(values, time.time(), self.next_seq())
+        return ""
+
+    def _parse(self, text: str) -> Any:
+        cfg = self.config
+        if cfg.format == "jsonl":
+            try:
+                obj = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"not JSON ({exc.msg})") from None
+            return values_from_object(obj, cfg.fields)
+        cells = [c.strip() for c in text.split(",")]
+        if cfg.fields is not None and len(cells) != len(cfg.fields):
+            raise ValueError(f"{len(cells)} values, expected {len(cfg.fields)} ({', '.join(cfg.fields)})")
+        try:
+            return np.array([float(c) for c in cells], dtype=np.float64)
+        except ValueError:
+            raise ValueError("not comma-separated numbers") from None

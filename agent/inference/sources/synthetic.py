@@ -1,0 +1,75 @@
+"""A moving test pattern with text drawn at known places, for demos and tests."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from agent.config.base import Strict
+
+KEY = "synthetic"
+
+
+class Config(Strict):
+    type: Literal["synthetic"]
+    width: int = Field(640, gt=0, le=8192, description="frame width in pixels")
+    height: int = Field(480, gt=0, le=8192, description="frame height in pixels")
+    fps: float = Field(10.0, gt=0, description="frames per second")
+    text: tuple[str, ...] = Field(("EDGE AGENT", "HELLO 42"), description="lines of text drawn on the frames")
+    frames: int | None = Field(None, gt=0, description="stop after this many frames; endless when unset")
+
+
+import threading  # noqa: E402
+import time  # noqa: E402
+from typing import Iterator  # noqa: E402
+
+from agent.inference.processing.lazy import cv2, np  # noqa: E402
+from agent.inference.sources.base import BaseSource, Frame, Pacer  # noqa: E402
+
+FONT = 0  # cv2.FONT_HERSHEY_SIMPLEX
+LINE_HEIGHT = 90
+
+
+def text_layout(config: Config, seq: int) -> list[tuple[str, tuple[int, int], float, int]]:
+    """Where each line is drawn on frame `seq`: (text, origin, font scale, thickness); drifts slowly."""
+    scale = max(0.6, min(config.width, config.height) / 300)
+    thickness = max(2, int(scale * 2))
+    dx = (seq * 3) % 60
+    return [(line, (30 + dx, 70 + i * int(LINE_HEIGHT * scale / 1.6)), scale, thickness) for i, line in enumerate(config.text)]
+
+
+def text_boxes(config: Config, seq: int) -> list[list[int]]:
+    """The [x1, y1, x2, y2] box around the ink of each line of text on frame `seq` (ground truth for tests)."""
+    boxes = []
+    for text, origin, scale, thickness in text_layout(config, seq):
+        mask = np.zeros((config.height, config.width), dtype=np.uint8)
+        cv2.putText(mask, text, origin, FONT, scale, 255, thickness, cv2.LINE_AA)
+        x, y, w, h = cv2.boundingRect(cv2.findNonZero(mask))
+        boxes.append([x, y, x + w, y + h])
+    return boxes
+
+
+class Source(BaseSource):
+    """Dark text on a light, slowly changing background with a moving block: deterministic per seq."""
+
+    @staticmethod
+    def example(cfg: Config) -> object:
+        return np.zeros((cfg.height, cfg.width, 3), dtype=np.uint8)
+
+    def frames(self, stop: threading.Event) -> Iterator[Frame]:
+        cfg = self.config
+        pacer = Pacer(cfg.fps)
+        h, w = cfg.height, cfg.width
+        ramp = np.linspace(170, 235, w, dtype=np.float32)[None, :, None]
+        base = np.broadcast_to(ramp, (h, w, 3)).astype(np.uint8)
+        while cfg.frames is None or self.seq < cfg.frames:
+            if not pacer.wait(stop):
+                return
+            seq = self.seq
+            img = base.copy()
+            bx = int((seq * 7) % max(1, w - 60))
+            cv2.rectangle(img, (bx, h - 50), (bx + 40, h - 20), (90, 140, 200), -1)
+            for text, origin, scale, thickness in text_layout(cfg, seq):
+                cv2.putText(img, text, origin, FONT, scale, (20, 20, 20), thickness, cv2.LINE_AA)
+            yield Frame(img, time.time(), self.next_seq(), seq / cfg.fps)

@@ -1,0 +1,485 @@
+"""The device side of the model registry: signed channel pointers and manifests, verified downloads.
+
+`RegistryClient.check_and_pull(model, channel=..., version=...)` does one update step and reports it as
+events (model.downloading, model.verifying, model.activated, model.refused with a reason, model.error)
+and as a `PullResult`. Every check that can refuse a version runs before the bytes it guards are
+trusted, and most before anything is downloaded:
+
+1. the channel pointer and the manifest are fetched (conditional GETs, bounded size, retries with
+   backoff) and their ed25519 signatures checked over the exact bytes with the profile's keys;
+2. the manifest is parsed strictly, must name the model and version asked for (mix-and-match), must
+   not have expired (freeze) and must not be older than the active version unless a rollback was
+   ordered (rollback attack);
+3. a variant this runtime, architecture and provider set can load is chosen from the signed opsets
+   and IR version (refusing the others with their reasons) - before any download;
+4. the blob is downloaded into a resumable partial file (Range), never reading past the signed size,
+   then its sha256 must match; the file's own header must agree with the manifest;
+5. the manifest's test vectors run on this device's chosen provider; only then does the store
+   commit the version and switch the active pointer (see agent.store).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import random
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+import numpy as np
+import requests
+
+from agent.device import compat
+from agent.transport.events import Event, EventSink, log_event
+from agent.models.manifest import (
+    MAX_DOC_BYTES, NAME_PATTERN, VERSION_PATTERN, Blob, ChannelPointer, Manifest, ManifestError, Variant, parse_channel,
+    parse_manifest, utcnow, version_key,
+)
+from agent.models.signing import SignatureError, load_public_keys, verify
+from agent.models.store import ActiveModel, Store, StoreError, sha256_file
+
+log = logging.getLogger(__name__)
+
+CHUNK = 64 * 1024
+DISK_MARGIN = 16 * 1024 * 1024  # left free beyond the download, for the outbox and logs
+Progress = Callable[[int, int], None]
+
+
+class Refused(Exception):
+    """This version must not be used here; the message is the reason published in the event."""
+
+
+class FetchError(Exception):
+    """The registry could not be reached or did not answer usefully (worth retrying later)."""
+
+
+@dataclass(frozen=True)
+class PullResult:
+    model: str
+    status: Literal["activated", "current", "held", "refused", "failed"]
+    version: str | None = None
+    variant: str | None = None
+    reason: str | None = None
+    provider: str | None = None
+    previous: str | None = None
+    downloaded_bytes: int = 0
+
+
+def _check_name(value: str, pattern: str, what: str) -> None:
+    if not re.match(pattern, value):
+        raise Refused(f"{what} {value!r} is not a safe name (letters, digits and _ . - only, not starting with a dot)")
+
+
+class RegistryClient:
+    def __init__(
+        self,
+        url: str,
+        public_keys: Path | dict[str, Any],
+        store: Store,
+        *,
+        runtime: Any = None,
+        caps: compat.RuntimeCaps | None = None,
+        providers: tuple[str, ...] | None = None,
+        emit: EventSink = log_event,
+        timeout: float = 30.0,
+        retries: int = 3,
+        backoff: float = 0.5,
+        progress: Progress | None = None,
+        open_session: Callable[..., Any] | None = None,
+        now: Callable[[], datetime] = utcnow,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.url = url if url.endswith("/") else url + "/"
+        self.keys = public_keys if isinstance(public_keys, dict) else load_public_keys(public_keys)
+        self.store = store
+        self._runtime = runtime
+        self._caps = caps
+        self._providers = providers
+        self.emit = emit
+        self.timeout = timeout
+        self.retries = retries
+        self.backoff = backoff
+        self.progress = progress
+        self._open_session = open_session
+        self.now = now
+        self.sleep = sleep
+        self.http = requests.Session()
+        self.http.headers["User-Agent"] = "edge-agent"
+        self.cache_dir = store.root.parent / "registry-cache"
+        self._raw: dict[tuple[str, str], tuple[bytes, bytes]] = {}
+
+    @classmethod
+    def from_profile(cls, profile: Any, emit: EventSink = log_event, **kwargs: Any) -> "RegistryClient":
+        if profile.registry is None:
+            raise ValueError("the profile has no registry section")
+        reg = profile.registry
+        store = kwargs.pop("store", None) or Store(profile.device.state_dir, keep_versions=reg.keep_versions)
+        return cls(reg.url, reg.public_key, store, runtime=profile.runtime, emit=emit, timeout=reg.timeout, **kwargs)
+
+    # --- what this device can run -----------------------------------------------------------
+
+    @property
+    def caps(self) -> compat.RuntimeCaps:
+        if self._caps is None:
+            self._caps = compat.installed_caps()
+        return self._caps
+
+    @property
+    def providers(self) -> tuple[str, ...]:
+        if self._providers is None:
+            import onnxruntime as ort
+
+            self._providers = tuple(ort.get_available_providers())
+        return self._providers
+
+    def variant_refusal(self, variant: Variant) -> str | None:
+        reason = compat.refusal(self.caps, variant.id, variant.ir_version, variant.opsets, variant.architectures, variant.min_runtime)
+        if reason is None and variant.providers and not set(variant.providers) & set(self.providers):
+            reason = f"variant {variant.id} suits {', '.join(variant.providers)}; this device has {', '.join(self.providers)}"
+        return reason
+
+    def choose_variant(self, manifest: Manifest) -> Variant:
+        """The first variant (the publisher lists them best first) this device can run."""
+        reasons = []
+        for variant in manifest.variants:
+            reason = self.variant_refusal(variant)
+            if reason is None:
+                return variant
+            reasons.append(reason)
+        raise Refused("; ".join(reasons) if len(reasons) == 1 else "no variant can run here: " + "; ".join(reasons))
+
+    # --- HTTP -------------------------------------------------------------------------------
+
+    def _retrying(self, what: str, call: Callable[[], Any]) -> Any:
+        for attempt in range(self.retries + 1):
+            try:
+                return call()
+            except (requests.ConnectionError, requests.Timeout, FetchError) as exc:
+                if attempt == self.retries:
+                    raise FetchError(f"{what}: {exc}") from None
+                delay = self.backoff * (2 ** attempt) * random.uniform(0.5, 1.5)
+                log.info("%s failed (%s); retrying in %.1fs", what, exc, delay)
+                self.sleep(delay)
+        raise AssertionError("unreachable")
+
+    def fetch_document(self, path: str) -> bytes:
+        """A small registry file, through a conditional GET against the local cache."""
+        url = self.url + path
+        cache = self.cache_dir / hashlib.sha256(url.encode()).hexdigest()[:32]
+
+        def get() -> bytes:
+            headers, cached = {}, None
+            try:
+                # One file, "ETAG\nBODY", replaced by rename: a crash never pairs an ETag with another body.
+                etag_line, cached = cache.read_bytes().split(b"\n", 1)
+                headers["If-None-Match"] = etag_line.decode()
+            except (FileNotFoundError, ValueError, UnicodeDecodeError):
+                cached = None
+            with self.http.get(url, headers=headers, timeout=self.timeout, stream=True) as r:
+                if r.status_code == 304 and cached is not None:
+                    return cached
+                if r.status_code == 404:
+                    raise Refused(f"{path} is not on the registry (404)")
+                if r.status_code >= 500:
+                    raise FetchError(f"HTTP {r.status_code}")
+                if r.status_code != 200:
+                    raise Refused(f"{path}: the registry answered HTTP {r.status_code}")
+                body = bytearray()
+                for chunk in r.iter_content(CHUNK):
+                    body += chunk
+                    if len(body) > MAX_DOC_BYTES:
+                        raise Refused(f"{path} is larger than {MAX_DOC_BYTES} bytes; refused unread")
+                etag = r.headers.get("ETag")
+            data = bytes(body)
+            if etag and "\n" not in etag:
+                self.cache_dir.mkdir(parents=True, exist_ok=True)
+                tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
+                tmp.write_bytes(etag.encode() + b"\n" + data)
+                os.replace(tmp, cache)
+            return data
+
+        return self._retrying(f"GET {url}", get)
+
+    def _signed(self, path: str) -> tuple[bytes, bytes]:
+        data = self.fetch_document(path)
+        sig = self.fetch_document(path + ".sig")
+        try:
+            verify(self.keys, data, sig, path)
+        except SignatureError as exc:
+            raise Refused(str(exc)) from None
+        return data, sig
+
+    def channel(self, model: str, channel: str) -> ChannelPointer:
+        _check_name(model, NAME_PATTERN, "model")
+        _check_name(channel, NAME_PATTERN, "channel")
+        path = f"channels/{model}/{channel}.json"
+        try:
+            pointer = parse_channel(self._signed(path)[0], path)
+        except ManifestError as exc:
+            raise Refused(str(exc)) from None
+        if (pointer.model, pointer.channel) != (model, channel):
+            raise Refused(f"{path} is signed for {pointer.model}/{pointer.channel}, not {model}/{channel}")
+        if pointer.expires < self.now():
+            raise Refused(f"{path} expired at {pointer.expires.isoformat()}; the registry must re-sign it")
+        return pointer
+
+    def manifest(self, model: str, version: str) -> Manifest:
+        _check_name(model, NAME_PATTERN, "model")
+        _check_name(version, VERSION_PATTERN, "version")
+        path = f"models/{model}/{version}/manifest.json"
+        data, sig = self._signed(path)
+        try:
+            manifest = parse_manifest(data, path)
+        except ManifestError as exc:
+            raise Refused(str(exc)) from None
+        self._raw[(model, version)] = (data, sig)
+        if (manifest.model, manifest.version) != (model, version):
+            raise Refused(f"{path} is signed for {manifest.model} {manifest.version}, not {model} {version}")
+        if manifest.expires < self.now():
+            raise Refused(f"manifest of {model} {version} expired at {manifest.expires.isoformat()}")
+        return manifest
+
+    def download(self, blob: Blob, what: str, progress: Progress | None = None) -> Path:
+        """The blob in its partial file, complete and digest-checked; resumes what an earlier try left."""
+        part = self.store.partial_path(blob.digest)
+        url = self.url + f"blobs/sha256/{blob.hex}"
+        resumed = part.exists()
+        while True:
+            self._retrying(f"GET {url}", lambda: self._fetch_into(part, blob, url, what, progress))
+            if sha256_file(part) == blob.digest:
+                return part
+            part.unlink()
+            if resumed:
+                # A partial left by an earlier process may hold bytes a power cut never flushed: one clean try.
+                resumed = False
+                continue
+            raise Refused(f"{what} does not match its signed digest {blob.digest}")
+
+    def _fetch_into(self, part: Path, blob: Blob, url: str, what: str, progress: Progress | None) -> None:
+        have = part.stat().st_size if part.exists() else 0
+        if have > blob.size:
+            part.unlink()
+            have = 0
+        if have == blob.size:
+            return
+        headers = {"Range": f"bytes={have}-"} if have else {}
+        with self.http.get(url, headers=headers, timeout=self.timeout, stream=True) as r:
+            if r.status_code == 404:
+                raise Refused(f"{what} is not on the registry (404)")
+            if r.status_code == 416:
+                part.unlink(missing_ok=True)
+                raise Refused(f"{what} is truncated on the registry: it holds fewer than {have + 1} bytes, the manifest says {blob.size}")
+            if r.status_code >= 500:
+                raise FetchError(f"HTTP {r.status_code}")
+            if r.status_code == 206 and have:
+                start, total = _content_range(r.headers.get("Content-Range", ""))
+                if start != have:
+                    raise FetchError(f"asked for bytes from {have}, got a range from {start}")
+                mode = "ab"
+            elif r.status_code == 200:
+                have, total, mode = 0, _int(r.headers.get("Content-Length")), "wb"
+            else:
+                raise Refused(f"{what}: the registry answered HTTP {r.status_code}")
+            if total is not None and total > blob.size:
+                part.unlink(missing_ok=True)
+                raise Refused(f"{what} is {total} bytes on the registry; the signed size is {blob.size}")
+            if total is not None and total < blob.size:
+                part.unlink(missing_ok=True)
+                raise Refused(f"{what} is truncated on the registry: {total} bytes, the signed size is {blob.size}")
+            with open(part, mode) as f:
+                try:
+                    for chunk in r.iter_content(CHUNK):
+                        if have + len(chunk) > blob.size:
+                            # Endless data: stop at the signed size and never store the excess.
+                            f.close()
+                            part.unlink(missing_ok=True)
+                            raise Refused(f"{what} is larger than its signed size {blob.size}; stopped reading there")
+                        f.write(chunk)
+                        have += len(chunk)
+                        if progress:
+                            progress(have, blob.size)
+                except requests.exceptions.ChunkedEncodingError as exc:
+                    raise FetchError(f"connection broken at {have} of {blob.size} bytes ({exc.__class__.__name__})") from None
+                finally:
+                    if not f.closed:
+                        f.flush()
+                        os.fsync(f.fileno())
+        if have < blob.size:
+            raise FetchError(f"connection ended at {have} of {blob.size} bytes")
+
+    # --- one update step --------------------------------------------------------------------
+
+    def check_and_pull(self, model: str, channel: str | None = "stable", version: str | None = None,
+                       allow_older: bool = False) -> PullResult:
+        """Bring `model` to the channel's (or the pinned) version; emit events; never raise for refusals."""
+        target = version
+        try:
+            _check_name(model, NAME_PATTERN, "model")
+            if target is None:
+                target = self.channel(model, channel or "stable").version
+            with self.store.lock():
+                self.store.recover()
+                return self._pull(model, target, allow_older, from_channel=version is None)
+        except Refused as exc:
+            self.emit(Event("model.refused", {"model": model, "version": target, "reason": str(exc)}))
+            return PullResult(model, "refused", target, reason=str(exc))
+        except (FetchError, StoreError, OSError) as exc:
+            reason = str(exc) if not isinstance(exc, OSError) else f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": ")
+            self.emit(Event("model.error", {"model": model, "version": target, "reason": reason}))
+            return PullResult(model, "failed", target, reason=reason)
+
+    def _pull(self, model: str, version: str, allow_older: bool, from_channel: bool = False) -> PullResult:
+        active = self.store.active(model)
+        if active is not None and active.version == version:
+            return PullResult(model, "current", version, active.variant.id, provider=active.provider)
+        if from_channel and active is not None and self.store.pointer(model)["held"] == version:
+            return PullResult(model, "held", version, active.variant.id, provider=active.provider,
+                              reason=f"{version} was rolled back; the channel must move on, or pull it by version")
+        if active is not None and version_key(version) < version_key(active.version) and not allow_older:
+            raise Refused(f"version {version} is older than the active {active.version}; "
+                          "an older version is only installed on a rollback order")
+        manifest = self.manifest(model, version)
+        variant = self.choose_variant(manifest)
+        fields = {"model": model, "version": version, "variant": variant.id}
+        previous = active.version if active else None
+
+        if version in self.store.versions(model):
+            entry = self.store.installed(model, version)
+            if entry.digest == variant.blob.digest and sha256_file(entry.path) == entry.digest:
+                self.store.activate(model, version)
+                self.emit(Event("model.activated", {**fields, "provider": entry.provider, "previous": previous}))
+                return PullResult(model, "activated", version, variant.id, provider=entry.provider, previous=previous)
+
+        tests = manifest.tests_for(variant.id)
+        blobs = [variant.blob] + [b for t in tests for b in (t.inputs, t.expected)]
+        blobs += [manifest.labels] if manifest.labels else []
+        need = sum(b.size for b in blobs) - sum(self._partial_size(b) for b in blobs)
+        free = self.store.free_bytes()
+        if need + DISK_MARGIN > free:
+            raise FetchError(f"not enough disk for {model} {version}: needs {need + DISK_MARGIN} bytes, {free} free")
+
+        self.emit(Event("model.downloading", {**fields, "bytes": variant.blob.size,
+                                              "resume_from": self._partial_size(variant.blob)}))
+        model_part = self.download(variant.blob, f"{model} {version} variant {variant.id}", self.progress)
+        extra = {b.digest: self.download(b, f"{model} {version} test data {b.digest[7:19]}") for b in blobs[1:]}
+
+        self.emit(Event("model.verifying", fields))
+        name = f"model.{variant.format}"
+        stage = self.store.stage(model)
+        try:
+            if variant.format == "onnx":
+                self._check_header(model_part, variant)
+            os.replace(model_part, stage / name)
+            for digest, path in extra.items():
+                os.replace(path, stage / digest[7:])
+            provider = self._run_tests(stage / name, stage, tests, variant)
+        except BaseException:
+            # Refused (or killed): nothing of this version stays, not even its partial download.
+            shutil.rmtree(stage, ignore_errors=True)
+            for blob in blobs:
+                self.store.discard_partial(blob.digest)
+            raise
+        data, sig = self._raw[(model, version)]
+        (stage / "manifest.json").write_bytes(data)
+        (stage / "manifest.json.sig").write_bytes(sig)
+        labels = None
+        if manifest.labels:
+            labels = "labels.txt"
+            shutil.copyfile(stage / manifest.labels.hex, stage / labels)
+        info = {"variant": variant.id, "digest": variant.blob.digest, "file": name, "provider": provider,
+                "labels": labels, "installed": self.now().isoformat()}
+        self.store.commit(model, version, stage, info)
+        self.store.activate(model, version)
+        self.store.collect(model)
+        self.emit(Event("model.activated", {**fields, "provider": provider, "previous": previous}))
+        return PullResult(model, "activated", version, variant.id, provider=provider, previous=previous,
+                          downloaded_bytes=variant.blob.size)
+
+    def rollback(self, model: str) -> PullResult:
+        """Make the previous version active again (a rollback order); emits model.rolled_back."""
+        try:
+            with self.store.lock():
+                before = self.store.pointer(model)["active"]
+                entry = self.store.rollback(model)
+        except StoreError as exc:
+            self.emit(Event("model.error", {"model": model, "reason": str(exc)}))
+            return PullResult(model, "failed", reason=str(exc))
+        self.emit(Event("model.rolled_back", {"model": model, "version": entry.version, "variant": entry.variant.id,
+                                              "previous": before}))
+        return PullResult(model, "activated", entry.version, entry.variant.id, provider=entry.provider, previous=before)
+
+    def _partial_size(self, blob: Blob) -> int:
+        part = self.store.root / ".partial" / blob.hex
+        return min(part.stat().st_size, blob.size) if part.exists() else 0
+
+    def _check_header(self, path: Path, variant: Variant) -> None:
+        try:
+            header = compat.read_header(path)
+        except compat.ModelFormatError as exc:
+            raise Refused(f"variant {variant.id} is not a readable ONNX file: {exc}") from None
+        declared = {compat.normalize_domain(d): v for d, v in variant.opsets.items()}
+        if header.ir_version != variant.ir_version or header.opsets != declared:
+            raise Refused(f"variant {variant.id}: the file says IR {header.ir_version} opsets {header.opsets}; "
+                          f"the signed manifest says IR {variant.ir_version} opsets {declared}")
+
+    def _run_tests(self, model_path: Path, stage: Path, tests: tuple[Any, ...], variant: Variant) -> str | None:
+        from agent.config.profile import RuntimeConfig
+
+        opener = self._open_session
+        if opener is None:
+            from agent.device.providers import open_session as opener
+        runtime = self._runtime or RuntimeConfig()
+        try:
+            opened = opener(model_path, runtime, self.store.root.parent, self.emit)
+        except Exception as exc:  # noqa: BLE001 (onnxruntime's errors derive from Exception only)
+            raise Refused(f"variant {variant.id} does not load here: {str(exc).splitlines()[0][:300]}") from None
+        for test in tests:
+            with np.load(stage / test.inputs.hex, allow_pickle=False) as z:
+                feeds = {k: z[k] for k in z.files}
+            with np.load(stage / test.expected.hex, allow_pickle=False) as z:
+                expected = {k: z[k] for k in z.files}
+            names = list(expected)
+            try:
+                got = opened.session.run(names, feeds)
+            except Exception as exc:  # noqa: BLE001
+                raise Refused(f"test vector {test.name} does not run on {opened.provider}: {str(exc).splitlines()[0][:300]}") from None
+            for name, actual in zip(names, got):
+                want = expected[name]
+                actual = np.asarray(actual)
+                if actual.shape != want.shape:
+                    raise Refused(f"test vector {test.name} failed on {opened.provider}: output {name!r} has shape "
+                                  f"{list(actual.shape)}, expected {list(want.shape)}")
+                if not np.allclose(actual, want, rtol=test.rtol, atol=test.atol, equal_nan=True):
+                    err = float(np.max(np.abs(actual.astype(np.float64) - want.astype(np.float64))))
+                    raise Refused(f"test vector {test.name} failed on {opened.provider}: output {name!r} differs by up to "
+                                  f"{err:.3g} (atol {test.atol:g}, rtol {test.rtol:g})")
+        return opened.provider
+
+
+def _int(text: str | None) -> int | None:
+    try:
+        return int(text) if text is not None else None
+    except ValueError:
+        return None
+
+
+def _content_range(header: str) -> tuple[int | None, int | None]:
+    # "bytes START-END/TOTAL"
+    try:
+        unit, rest = header.split(" ", 1)
+        span, total = rest.split("/", 1)
+        return int(span.split("-", 1)[0]), (None if total == "*" else int(total))
+    except ValueError:
+        return None, None
+
+
+def active_model(state_dir: Path, model: str) -> ActiveModel | None:
+    """Shortcut for the daemon: the active version of `model`, or None."""
+    return Store(state_dir).active(model)
+

@@ -1,0 +1,291 @@
+"""The local model store: complete, verified versions on disk and which one is active.
+
+```
+state_dir/models/<model>/<version>/       a complete, verified version: the model file, its signed
+                                          manifest and installed.json (variant, digest, provider)
+state_dir/models/<model>/pointer.json     {"active": VERSION, "previous": VERSION | null}
+state_dir/models/<model>/.stage-*         a version being assembled (deleted on recovery)
+state_dir/models/.partial/<sha256 hex>    downloads in progress, kept so that they resume
+```
+
+Crash safety comes from ordering: a version folder gets its normal name (by rename, after its files
+and the folder are fsynced) only once the download was verified and its test vectors passed; the
+pointer moves only to such a folder, by writing a temporary file, fsyncing it, renaming it over
+pointer.json and fsyncing the folder. Active and previous live in one file, so one rename switches
+both. A kill -9 at any moment therefore leaves the old pointer (and its complete folder) or the new
+one; leftovers are staging folders and partial downloads, which `recover()` clears or resumes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from agent.models.manifest import Manifest, ManifestError, Variant, parse_manifest, version_key
+
+POINTER = "pointer.json"
+INSTALLED = "installed.json"
+MANIFEST = "manifest.json"
+
+
+class StoreError(Exception):
+    """The store cannot do what was asked; the message says why in one line."""
+
+
+@dataclass(frozen=True)
+class ActiveModel:
+    """What a pipeline loads: the model file of the active version and what is known about it."""
+
+    model: str
+    version: str
+    path: Path
+    digest: str
+    manifest: Manifest
+    variant: Variant
+    labels: Path | None = None
+    provider: str | None = None  # the provider its test vectors passed on
+
+    @property
+    def directory(self) -> Path:
+        return self.path.parent
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Replace `path` with `data` so that a crash leaves the old or the new content, never a mix."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return "sha256:" + digest.hexdigest()
+
+
+class Store:
+    def __init__(self, state_dir: Path | str, keep_versions: int = 3) -> None:
+        if keep_versions < 2:
+            raise ValueError("keep_versions must be at least 2 (the active version and one to roll back to)")
+        self.root = Path(state_dir) / "models"
+        self.keep_versions = keep_versions
+
+    # --- reading ----------------------------------------------------------------------------
+
+    def models(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+    def pointer(self, model: str) -> dict[str, str | None]:
+        path = self.root / model / POINTER
+        try:
+            doc = json.loads(path.read_bytes())
+        except FileNotFoundError:
+            return {"active": None, "previous": None, "held": None}
+        except ValueError as exc:
+            raise StoreError(f"{path} is not valid JSON ({exc}); the store is damaged") from None
+        return {"active": doc.get("active"), "previous": doc.get("previous"), "held": doc.get("held")}
+
+    def versions(self, model: str) -> list[str]:
+        """Complete versions on disk, oldest first."""
+        folder = self.root / model
+        if not folder.is_dir():
+            return []
+        found = [p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".") and (p / INSTALLED).exists()]
+        return sorted(found, key=version_key)
+
+    def installed(self, model: str, version: str) -> ActiveModel:
+        folder = self.root / model / version
+        try:
+            info = json.loads((folder / INSTALLED).read_bytes())
+            manifest = parse_manifest((folder / MANIFEST).read_bytes(), f"{model} {version} manifest")
+        except FileNotFoundError:
+            raise StoreError(f"{model} {version} is not in the store") from None
+        except (ValueError, ManifestError) as exc:
+            raise StoreError(f"{model} {version} in the store is damaged: {exc}") from None
+        labels = folder / info["labels"] if info.get("labels") else None
+        return ActiveModel(model, version, folder / info["file"], info["digest"], manifest,
+                           manifest.variant(info["variant"]), labels, info.get("provider"))
+
+    def active(self, model: str) -> ActiveModel | None:
+        version = self.pointer(model)["active"]
+        return self.installed(model, version) if version else None
+
+    def resolve(self, pipeline: Any) -> tuple[Path, str]:
+        """For `agent.pipeline.open_pipelines(resolve=...)`: a pipeline's registry model -> (active file, version).
+
+        Raises ValueError (which open_pipelines reports as pipeline.failed) when nothing is active yet.
+        """
+        try:
+            entry = self.active(pipeline.model)
+        except StoreError as exc:
+            raise ValueError(str(exc)) from None
+        if entry is None:
+            raise ValueError(f"model {pipeline.model!r} has no active version in the store yet "
+                             f"(the registry client pulls it; or: edge-agent models pull {pipeline.model})")
+        return entry.path, entry.version
+
+    def check(self, model: str, deep: bool = True) -> list[str]:
+        """Problems with a model's store (empty when consistent); deep re-hashes the active file."""
+        problems = []
+        try:
+            pointer = self.pointer(model)
+        except StoreError as exc:
+            return [str(exc)]
+        for role in ("active", "previous"):
+            version = pointer[role]
+            if version is None:
+                continue
+            try:
+                entry = self.installed(model, version)
+            except StoreError as exc:
+                problems.append(f"{role}: {exc}")
+                continue
+            if not entry.path.is_file():
+                problems.append(f"{role}: {entry.path} is missing")
+            elif entry.path.stat().st_size != entry.variant.blob.size:
+                problems.append(f"{role}: {entry.path} is {entry.path.stat().st_size} bytes, expected {entry.variant.blob.size}")
+            elif deep and role == "active" and sha256_file(entry.path) != entry.digest:
+                problems.append(f"{role}: {entry.path} does not match its digest {entry.digest}")
+        return problems
+
+    # --- writing ----------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """One writer at a time (the daemon and a `models pull` may overlap); released on kill -9 too."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / ".lock", "a+b") as f:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+    def partial_path(self, digest: str) -> Path:
+        folder = self.root / ".partial"
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder / digest.split(":", 1)[-1]
+
+    def stage(self, model: str) -> Path:
+        folder = self.root / model
+        folder.mkdir(parents=True, exist_ok=True)
+        stage = folder / f".stage-{uuid.uuid4().hex[:12]}"
+        stage.mkdir()
+        return stage
+
+    def commit(self, model: str, version: str, stage: Path, info: dict[str, Any]) -> Path:
+        """Give a staged, verified version its real name; `info` becomes installed.json."""
+        (stage / INSTALLED).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+        for path in stage.iterdir():
+            fsync_file(path)
+        fsync_dir(stage)
+        target = self.root / model / version
+        if target.exists():
+            self._discard(target)
+        os.replace(stage, target)
+        fsync_dir(target.parent)
+        return target
+
+    def activate(self, model: str, version: str) -> ActiveModel:
+        """Make an installed version active; the one active before becomes previous."""
+        entry = self.installed(model, version)
+        current = self.pointer(model)
+        if current["active"] == version:
+            return entry
+        self._write_pointer(model, version, current["active"])
+        return entry
+
+    def rollback(self, model: str) -> ActiveModel:
+        """Swap active and previous; the version rolled back from is held (see `held`)."""
+        current = self.pointer(model)
+        if current["active"] is None:
+            raise StoreError(f"{model} is not in the store")
+        previous = current["previous"]
+        if previous is None or not (self.root / model / previous / INSTALLED).exists():
+            raise StoreError(f"{model} has no previous version to roll back to (active: {current['active']})")
+        entry = self.installed(model, previous)
+        self._write_pointer(model, previous, current["active"], held=current["active"])
+        return entry
+
+    def _write_pointer(self, model: str, active: str, previous: str | None, held: str | None = None) -> None:
+        # `held`: the version a rollback left; following a channel does not reinstall it (it was rolled
+        # back for a reason) until the channel moves on or that version is asked for by name.
+        doc = {"active": active, "previous": previous, "held": held}
+        write_atomic(self.root / model / POINTER, (json.dumps(doc, sort_keys=True) + "\n").encode())
+
+    def collect(self, model: str) -> list[str]:
+        """Delete versions beyond keep_versions (never the active or previous); return those deleted."""
+        pointer = self.pointer(model)
+        keep = {v for v in (pointer["active"], pointer["previous"]) if v}
+        others = [v for v in reversed(self.versions(model)) if v not in keep]
+        room = max(0, self.keep_versions - len(keep))
+        doomed = others[room:]
+        for version in doomed:
+            self._discard(self.root / model / version)
+        return doomed
+
+    def _discard(self, folder: Path) -> None:
+        # Renamed first so that a crash halfway through rmtree never leaves a half folder under a real name.
+        trash = folder.with_name(f".trash-{uuid.uuid4().hex[:12]}")
+        os.replace(folder, trash)
+        fsync_dir(folder.parent)
+        shutil.rmtree(trash, ignore_errors=True)
+
+    def recover(self) -> list[Path]:
+        """Clear what a crash can leave behind (staging and trash folders, temp pointers)."""
+        removed: list[Path] = []
+        if not self.root.is_dir():
+            return removed
+        for model_dir in self.root.iterdir():
+            if not model_dir.is_dir() or model_dir.name.startswith("."):
+                continue
+            for p in model_dir.iterdir():
+                if p.name.startswith((".stage-", ".trash-")):
+                    shutil.rmtree(p, ignore_errors=True)
+                    removed.append(p)
+                elif p.name.startswith(".") and p.name.endswith(".tmp"):
+                    with contextlib.suppress(OSError):
+                        p.unlink()
+                    removed.append(p)
+        return removed
+
+    def discard_partial(self, digest: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.partial_path(digest).unlink()
+
+    def free_bytes(self) -> int:
+        self.root.mkdir(parents=True, exist_ok=True)
+        return shutil.disk_usage(self.root).free
+

@@ -1,0 +1,1 @@
+"""The daemon: wires the parts, answers commands, reports health, talks to systemd, serves the status page."""

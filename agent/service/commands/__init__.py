@@ -1,0 +1,1 @@
+"""MQTT commands: the dispatcher (parsing, replies, bounds) and the daemon's handlers."""

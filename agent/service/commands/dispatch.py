@@ -1,0 +1,248 @@
+"""Remote commands: `<prefix>/<device>/cmd/<name>` in, a JSON reply out, never a crash.
+
+A registry keyed by command name: the daemon registers a handler per command; the argument spec of each
+known command lives here, so that a wrong argument is refused with the same wording whoever handles it.
+
+Request payload: a JSON object of arguments (empty payload = no arguments). Optional `"id"`: echoed in
+the reply, for MQTT 3.1.1 clients that have no correlation data.
+
+Reply, on the request's MQTT 5 response topic if it named one (its correlation data echoed), else on
+`<prefix>/<device>/cmd/<name>/reply`:
+
+    {"device": "gate-cam-01", "command": "ping", "id": "42", "ok": true, "ts": "...", "result": {...}}
+    {"device": "gate-cam-01", "command": "rollback", "ok": false, "ts": "...",
+     "error": {"code": "bad_argument", "message": "model: required (a string)"}}
+
+Error codes: `bad_json`, `bad_argument`, `unknown_command`, `not_available` (known, but this daemon has
+no handler for it), `failed` (the handler raised). Handlers run one at a time on the dispatcher's own
+thread, never on the network thread.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from agent.transport.events import Event, EventSink
+
+log = logging.getLogger(__name__)
+
+# Requests waiting beyond this are refused (a flood of commands must not grow memory without bound).
+QUEUE_LIMIT = 100
+
+
+class CommandError(Exception):
+    """A handler's refusal with a code the requester can act on."""
+
+    def __init__(self, message: str, code: str = "failed") -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Arg:
+    type: type | tuple[type, ...]
+    required: bool = False
+    choices: tuple[Any, ...] = ()
+    help: str = ""
+
+    def describe(self) -> str:
+        names = {str: "a string", int: "an integer", bool: "true or false", dict: "an object", float: "a number"}
+        kinds = self.type if isinstance(self.type, tuple) else (self.type,)
+        text = " or ".join(names.get(k, k.__name__) for k in kinds)
+        if self.choices:
+            text = "one of " + ", ".join(json.dumps(c) for c in self.choices)
+        return text
+
+
+@dataclass(frozen=True)
+class CommandSpec:
+    name: str
+    summary: str
+    args: dict[str, Arg] = field(default_factory=dict)
+
+
+# The commands of DESIGN.md and their arguments; handlers come from the daemon.
+SPECS: dict[str, CommandSpec] = {spec.name: spec for spec in (
+    CommandSpec("ping", "answer at once: is the agent alive, since when"),
+    CommandSpec("update", "check the registry for new model versions now",
+                {"model": Arg(str, help="only this model")}),
+    CommandSpec("rollback", "go back to the previous version of a model",
+                {"model": Arg(str, required=True), "version": Arg(str, help="this version instead of the previous one")}),
+    CommandSpec("reload", "re-read the profile; keep the running one if the new one is invalid"),
+    CommandSpec("pipeline", "start or stop one pipeline",
+                {"name": Arg(str, required=True), "action": Arg(str, required=True, choices=("start", "stop", "restart"))}),
+    CommandSpec("config", "the effective profile, secrets redacted"),
+    CommandSpec("snapshot", "one JPEG from a camera pipeline",
+                {"pipeline": Arg(str, required=True), "max_width": Arg(int, help="scale down to this width")}),
+)}
+
+Handler = Callable[[dict[str, Any]], Any]
+Reply = Callable[[str, bytes, bytes | None], None]  # (topic, payload, correlation data)
+
+
+def _now_iso(ts: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{int(ts * 1000) % 1000:03d}Z"
+
+
+def check_args(spec: CommandSpec, args: dict[str, Any]) -> None:
+    unknown = sorted(set(args) - set(spec.args) - {"id"})
+    if unknown:
+        known = ", ".join(sorted(spec.args)) or "none"
+        raise CommandError(f"{unknown[0]}: unknown argument for {spec.name} (arguments: {known})", "bad_argument")
+    for name, arg in spec.args.items():
+        if name not in args:
+            if arg.required:
+                raise CommandError(f"{name}: required ({arg.describe()})", "bad_argument")
+            continue
+        value = args[name]
+        kinds = arg.type if isinstance(arg.type, tuple) else (arg.type,)
+        if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
+            raise CommandError(f"{name}: expected {arg.describe()}, got {json.dumps(value)}", "bad_argument")
+        if arg.choices and value not in arg.choices:
+            raise CommandError(f"{name}: expected {arg.describe()}, got {json.dumps(value)}", "bad_argument")
+
+
+class CommandDispatcher:
+    """Commands by name. `handle()` is pure (for tests); `attach()` wires it to a connection."""
+
+    def __init__(self, device: str, *, events: EventSink | None = None, clock: Callable[[], float] = time.time) -> None:
+        self.device = device
+        self.events = events
+        self._clock = clock
+        self._started = clock()
+        self._handlers: dict[str, Handler] = {"ping": self._ping}
+        self._specs: dict[str, CommandSpec] = dict(SPECS)
+        self._queue: queue.Queue[tuple[str, bytes, str | None, bytes | None]] = queue.Queue(QUEUE_LIMIT)
+        self._reply: Reply | None = None
+        self._reply_topic: Callable[[str], str] | None = None
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self.handled = 0
+
+    def register(self, name: str, handler: Handler, spec: CommandSpec | None = None) -> None:
+        """Handle `name` with `handler(args) -> JSON-able result` (bytes become base64). Raise
+        CommandError(message, code) to refuse."""
+        if spec is not None:
+            self._specs[name] = spec
+        elif name not in self._specs:
+            self._specs[name] = CommandSpec(name, "", {})
+        self._handlers[name] = handler
+
+    @property
+    def commands(self) -> list[str]:
+        return sorted(self._handlers)
+
+    def handle(self, name: str, payload: bytes) -> dict[str, Any]:
+        """Run one command; always returns a reply body, whatever the payload."""
+        reply: dict[str, Any] = {"device": self.device, "command": name}
+        try:
+            args = self._parse(payload)
+            if isinstance(args.get("id"), (str, int)):
+                reply["id"] = args["id"]
+            spec = self._specs.get(name)
+            if spec is None:
+                raise CommandError(f"unknown command {name!r} (commands: {', '.join(self.commands)})", "unknown_command")
+            handler = self._handlers.get(name)
+            if handler is None:
+                raise CommandError(f"{name} is not available on this agent", "not_available")
+            check_args(spec, args)
+            result = handler({k: v for k, v in args.items() if k != "id"})
+            if isinstance(result, (bytes, bytearray)):
+                result = {"data_base64": base64.b64encode(bytes(result)).decode(), "bytes": len(result)}
+            reply.update(ok=True, ts=_now_iso(self._clock()), result=result)
+        except CommandError as exc:
+            reply.update(ok=False, ts=_now_iso(self._clock()), error={"code": exc.code, "message": exc.message})
+            self._event(name, exc.code, exc.message)
+        except Exception as exc:  # noqa: BLE001 (a handler's bug is an error reply, never a crash)
+            log.exception("command %s failed", name)
+            message = f"{type(exc).__name__}: {exc}"
+            reply.update(ok=False, ts=_now_iso(self._clock()), error={"code": "failed", "message": message})
+            self._event(name, "failed", message)
+        self.handled += 1
+        return reply
+
+    # ---- wiring to MQTT ----------------------------------------------------------------------
+
+    def attach(self, connection: Any) -> "CommandDispatcher":
+        """Subscribe to `<prefix>/<device>/cmd/+` (again on every connect) and answer on the dispatcher thread."""
+        from agent.transport.mqtt import reply_properties
+
+        topics = connection.topics
+
+        def reply(topic: str, payload: bytes, correlation: bytes | None) -> None:
+            if connection.publish(topic, payload, qos=1, properties=reply_properties(correlation)) is None:
+                log.warning("command reply to %s not sent: offline", topic)
+
+        self._reply = reply
+        self._reply_topic = topics.reply
+
+        def on_message(msg: Any) -> None:
+            name = topics.command_name(msg.topic)
+            if name is None:
+                return
+            try:
+                self._queue.put_nowait((name, msg.payload, msg.response_topic, msg.correlation_data))
+            except queue.Full:
+                log.warning("command %s refused: %d commands already waiting", name, QUEUE_LIMIT)
+
+        connection.subscribe(topics.commands, on_message, qos=1)
+        return self.start()
+
+    def start(self) -> "CommandDispatcher":
+        if self._thread is None:
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._run, name="commands", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
+            self._thread = None
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                name, payload, response_topic, correlation = self._queue.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            body = self.handle(name, payload)
+            topic = response_topic or (self._reply_topic(name) if self._reply_topic else None)
+            if self._reply is not None and topic:
+                try:
+                    self._reply(topic, json.dumps(body, separators=(",", ":"), default=str).encode(), correlation)
+                except Exception:  # noqa: BLE001
+                    log.exception("command %s: reply failed", name)
+
+    # ---- internals ---------------------------------------------------------------------------
+
+    @staticmethod
+    def _parse(payload: bytes) -> dict[str, Any]:
+        if not payload.strip():
+            return {}
+        try:
+            args = json.loads(payload)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise CommandError(f"payload is not JSON: {exc}", "bad_json") from None
+        if not isinstance(args, dict):
+            raise CommandError(f"payload must be a JSON object of arguments, got {type(args).__name__}", "bad_json")
+        return args
+
+    def _ping(self, _args: dict[str, Any]) -> dict[str, Any]:
+        return {"pong": True, "uptime_s": round(self._clock() - self._started, 1)}
+
+    def _event(self, name: str, code: str, message: str) -> None:
+        if self.events is not None:
+            try:
+                self.events(Event("command.error", {"command": name, "code": code, "message": message}))
+            except Exception:  # noqa: BLE001
+                log.exception("command event failed")

@@ -1,0 +1,372 @@
+"""The daemon: builds the parts in order, runs until told to stop, stops them in reverse.
+
+Order: profile (given) -> probe -> store and registry -> sink (outbox + MQTT, or stdout) -> models ->
+pipelines -> health -> commands -> updates -> systemd READY. Stop: pipelines finish the frame in hand,
+the outbox is flushed to the broker for a bounded time, `offline` is published, then everything closes.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from agent import __version__
+
+from agent.service import notify
+from agent.transport.events import Event, Sink, log_event
+from agent.config.profile import PipelineConfig, Profile, ProfileError, load_profile
+
+log = logging.getLogger(__name__)
+
+FLUSH_TIMEOUT = 10.0  # on SIGTERM, how long queued results may take to reach the broker
+
+
+@dataclass
+class Parts:
+    """What `start()` built; `stop()` closes it in reverse."""
+
+    sink: Sink | None = None
+    closers: list[tuple[str, Callable[[], None]]] = field(default_factory=list)
+    connection: Any = None
+    outbox: Any = None
+    pump: Any = None
+    store: Any = None
+    registry: Any = None
+    health: Any = None
+    updater: Any = None
+    pipelines: dict[str, Any] = field(default_factory=dict)
+
+
+class Daemon:
+    def __init__(self, profile: Profile, profile_path: Path | None = None) -> None:
+        self.profile = profile
+        self.profile_path = profile_path
+        self.parts: Parts | None = None
+        self.started_at = time.time()
+        self.watchdog = notify.Watchdog()
+
+    # -- events --------------------------------------------------------------------------------
+
+    def emit(self, event: Event) -> None:
+        log_event(event)
+        if self.parts is not None and self.parts.sink is not None:
+            try:
+                self.parts.sink.event(event)
+            except Exception:  # noqa: BLE001 (an event must never take down its producer)
+                log.exception("event not queued type=%s", event.type)
+        if self.parts is not None and self.parts.health is not None:
+            self.parts.health.poke()
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        profile = self.profile
+        state_dir = Path(profile.device.state_dir)
+        state_dir.mkdir(parents=True, exist_ok=True)
+        notify.status("starting: probing hardware")
+        from agent.device.hardware import probe
+
+        self.probe = probe(state_dir=state_dir)
+        log.info("probe arch=%s cpu=%r accelerators=%d", self.probe.cpu.arch, self.probe.cpu.model, len(self.probe.accelerators))
+        parts = self.parts = Parts()
+        parts.sink = self._open_sink(parts, state_dir)
+        self._open_registry(parts)
+        self._bring_models()
+        notify.status("starting: loading pipelines")
+        self._start_pipelines(profile.pipelines)
+        self._start_health()
+        self._start_commands()
+        self._start_updates()
+        self._start_status_page()
+        self.watchdog.register("pipelines", self._pipelines_alive)
+        if parts.connection is not None:
+            self.watchdog.register("mqtt", lambda: None if parts.connection.alive else "the MQTT loop thread ended")
+        self.watchdog.start()
+        notify.ready(self.status_line())
+        self.emit(Event("agent.started", {"version": __version__, "pipelines": sorted(parts.pipelines)}))
+
+    def stop(self) -> None:
+        parts = self.parts
+        if parts is None:
+            return
+        notify.stopping("stopping: finishing the frames in hand")
+        self.watchdog.stop()
+        for name, close in reversed(parts.closers):  # events while stopping still reach the outbox
+            try:
+                close()
+            except Exception:  # noqa: BLE001 (stop everything else even when one part fails)
+                log.exception("stopping %s failed", name)
+        self.parts = None
+
+    def run(self, stop: threading.Event, reload: threading.Event | None = None) -> int:
+        """Serve until `stop`; re-read the profile whenever `reload` is set (SIGHUP).
+
+        Without a broker (results on stdout) the run ends by itself when every source was finite and
+        has ended, or when stdout's reader went away; with a broker the daemon keeps serving commands
+        and updates even when no pipeline runs.
+        """
+        from agent.cli.errors import CliError
+
+        reload = reload or threading.Event()
+        self.start()
+        parts = self.parts
+        assert parts is not None
+        try:
+            if parts.connection is None and self.profile.pipelines and not parts.pipelines:
+                raise CliError("no pipeline could start (see the events above)")
+            while not stop.wait(0.5):
+                if reload.is_set():
+                    reload.clear()
+                    self.reload()
+                self._check_crash_guard()
+                if self._stdout_run_over():
+                    break
+                notify.status(self.watchdog_problem() or self.status_line())
+        finally:
+            failed = [n for n, p in (self.parts.pipelines.items() if self.parts else ()) if p.stats()["state"] == "failed"]
+            self.stop()
+        return 1 if failed else 0
+
+    def _stdout_run_over(self) -> bool:
+        parts = self.parts
+        if parts is None or parts.connection is not None:
+            return False
+        if parts.sink.broken.is_set():  # the StdoutSink: its reader went away
+            log.info("stdout was closed by its reader: stopping")
+            return True
+        return bool(parts.pipelines) and all(p.finished for p in parts.pipelines.values())
+
+    def reload(self) -> bool:
+        """Re-read the profile; an invalid one is an event and the running one stays."""
+        if self.profile_path is None:
+            return False
+        try:
+            new = load_profile(self.profile_path)
+        except ProfileError as exc:
+            first = exc.issues[0]
+            self.emit(Event("profile.invalid", {"reason": str(first), "errors": len(exc.issues)}))
+            return False
+        notify.reloading("reloading the profile")
+        if new == self.profile:
+            notify.ready(self.status_line())
+            return True
+        same_base = new.model_dump(exclude={"pipelines"}) == self.profile.model_dump(exclude={"pipelines"})
+        if same_base and self.parts is not None:
+            self._restart_changed_pipelines(new)
+        else:
+            self.stop()
+            self.profile = new
+            self.start()
+        self.profile = new
+        self.emit(Event("profile.reloaded", {"pipelines": sorted(self.parts.pipelines) if self.parts else []}))
+        notify.ready(self.status_line())
+        return True
+
+    # -- parts -----------------------------------------------------------------------------------
+
+    def _open_sink(self, parts: Parts, state_dir: Path) -> Sink:
+        mqtt = self.profile.mqtt
+        if mqtt is None:
+            from agent.transport.sinks.stdout import StdoutSink
+
+            sink = StdoutSink(state_dir, emit=log_event)
+            parts.closers.append(("stdout", sink.close))
+            return sink
+        from agent.transport.mqtt import Connection, OutboxPump
+        from agent.transport.sinks.outbox import OutboxSink
+        from agent.transport.outbox import open_outbox
+
+        outbox = parts.outbox = open_outbox(state_dir, mqtt.outbox)
+        connection = parts.connection = Connection(mqtt, self.profile.device, agent_version=__version__)
+        pump = parts.pump = OutboxPump(connection, outbox)
+        sink = OutboxSink.for_profile(outbox, connection.topics, mqtt, self.profile.pipelines)
+        sink.start()
+        pump.start()
+        connection.start()
+
+        def close_mqtt() -> None:
+            sink.stop()
+            notify.status("stopping: delivering queued results")
+            if not pump.flush(FLUSH_TIMEOUT):
+                log.warning("outbox not empty at exit depth=%d (kept on disk for the next start)", outbox.depth)
+            pump.stop()
+            connection.stop()
+            outbox.close()
+
+        parts.closers.append(("mqtt", close_mqtt))
+        return sink
+
+    def _open_registry(self, parts: Parts) -> None:
+        if self.profile.registry is None:
+            return
+        from agent.models.registry import RegistryClient
+
+        parts.registry = RegistryClient.from_profile(self.profile, emit=self.emit)
+        parts.store = parts.registry.store
+        parts.store.recover()
+
+    def _bring_models(self) -> None:
+        """Registry models with nothing active yet are pulled before their pipelines start."""
+        parts = self.parts
+        assert parts is not None
+        if parts.registry is None:
+            return
+        for config in self.profile.registry_pipelines:
+            if parts.store.active(config.model) is None:
+                notify.status(f"starting: pulling {config.model}")
+                parts.registry.check_and_pull(config.model, config.channel, config.version)
+        from agent.models.updater import skip_crashing_versions
+
+        skip_crashing_versions(parts.store, self.profile, self.emit)
+
+    def _start_pipelines(self, configs: tuple[PipelineConfig, ...]) -> None:
+        from agent.inference.pipeline import open_pipelines
+
+        parts = self.parts
+        assert parts is not None
+        subset = self.profile.model_copy(update={"pipelines": configs})
+        resolve = parts.store.resolve if parts.store is not None else None
+        for pipeline in open_pipelines(subset, parts.sink, emit=self.emit, resolve=resolve, mqtt=parts.connection):
+            parts.pipelines[pipeline.name] = pipeline.start()
+        if not any(name == "pipelines" for name, _ in parts.closers):
+            parts.closers.append(("pipelines", self._stop_pipelines))
+
+    def _stop_pipelines(self, names: list[str] | None = None) -> None:
+        parts = self.parts
+        if parts is None:
+            return
+        for name in list(parts.pipelines) if names is None else names:
+            pipeline = parts.pipelines.pop(name, None)
+            if pipeline is not None:
+                pipeline.stop()
+
+    def _restart_changed_pipelines(self, new: Profile) -> None:
+        parts = self.parts
+        assert parts is not None
+        old = {p.name: p for p in self.profile.pipelines}
+        fresh = {p.name: p for p in new.pipelines if p.enabled}
+        changed = [n for n in old if n not in fresh or old[n] != fresh[n]]
+        self._stop_pipelines([n for n in changed if n in parts.pipelines])
+        self.profile = new
+        self._start_pipelines(tuple(p for n, p in fresh.items() if n not in parts.pipelines))
+
+    def _start_health(self) -> None:
+        parts = self.parts
+        assert parts is not None
+        if parts.connection is None:
+            return
+        from agent.service.health import HealthReporter
+
+        connection = parts.connection
+        health = HealthReporter(
+            lambda payload: connection.publish_latest(connection.topics.health, payload),
+            interval=self.profile.health.interval, device=self.profile.device.id,
+            state_dir=self.profile.device.state_dir, agent_version=__version__,
+        )
+        health.add_source("group", lambda: self.profile.device.group)
+        health.add_source("pipelines", lambda: {n: p.stats() for n, p in list(parts.pipelines.items())})
+        health.add_source("models", self._models_health)
+        health.add_source("outbox", lambda: parts.outbox.stats().as_dict())
+        health.add_source("connection", connection.health)
+        health.add_source("hardware", lambda: {"arch": self.probe.cpu.arch, "fingerprint": self.probe.fingerprint()})
+        parts.health = health.start()
+        parts.closers.append(("health", health.stop))
+
+    def _start_commands(self) -> None:
+        parts = self.parts
+        assert parts is not None
+        if parts.connection is None:
+            return
+        from agent.service.commands.dispatch import CommandDispatcher
+        from agent.service.commands.handlers import register_commands
+
+        dispatcher = CommandDispatcher(self.profile.device.id, events=self.emit)
+        register_commands(dispatcher, self)
+        dispatcher.attach(parts.connection).start()
+        parts.closers.append(("commands", dispatcher.stop))
+
+    def _start_updates(self) -> None:
+        parts = self.parts
+        assert parts is not None
+        if parts.registry is None:
+            return
+        from agent.models.updater import Updater
+
+        parts.updater = Updater(self).start()
+        parts.closers.append(("updates", parts.updater.stop))
+
+    def _start_status_page(self) -> None:
+        parts = self.parts
+        assert parts is not None
+        if self.profile.runtime.http is None:
+            return
+        from agent.service.statuspage import StatusServer
+
+        def snapshot() -> dict[str, Any]:
+            return {
+                "device": self.profile.device.id, "agent_version": __version__,
+                "uptime_s": round(time.time() - self.started_at, 1),
+                "connection": parts.connection.health() if parts.connection is not None else None,
+                "outbox": parts.outbox.stats().as_dict() if parts.outbox is not None else None,
+                "pipelines": {n: p.stats() for n, p in list(parts.pipelines.items())},
+            }
+
+        def frame(name: str) -> Any:
+            pipeline = parts.pipelines.get(name)
+            return pipeline.latest_frame() if pipeline is not None else None
+
+        server = StatusServer(self.profile.runtime.http, snapshot=snapshot, frame=frame, alive=self.watchdog_problem)
+        server.start()
+        parts.closers.append(("status page", server.stop))
+
+    def _models_health(self) -> dict[str, Any]:
+        """Per model: the version really serving, its digest and the provider really running it."""
+        parts = self.parts
+        out: dict[str, Any] = {}
+        if parts is None:
+            return out
+        for pipeline in list(parts.pipelines.values()):
+            stats = pipeline.stats()
+            entry = out.setdefault(stats["model"], {"version": stats["model_version"], "provider": stats["provider"], "pipelines": []})
+            entry["pipelines"].append(pipeline.name)
+            if parts.store is not None and not pipeline.config.model_is_file:
+                active = parts.store.active(pipeline.config.model)
+                if active is not None:
+                    entry["digest"] = active.digest
+        return out
+
+    def watchdog_problem(self) -> str | None:
+        problems = self.watchdog.problems()
+        return "; ".join(problems) if problems else None
+
+    # -- helpers ---------------------------------------------------------------------------------
+
+    def _pipelines_alive(self) -> str | None:
+        parts = self.parts
+        if parts is None:
+            return None
+        for name, pipeline in list(parts.pipelines.items()):
+            busy = pipeline.busy_for()
+            if busy is not None and busy > self.profile.health.stuck_after:
+                return f"pipeline {name}: one inference has run for {busy:.0f} s"
+        return None
+
+    def _check_crash_guard(self) -> None:
+        if self.parts is not None and self.parts.updater is not None:
+            self.parts.updater.confirm_running()
+
+    def status_line(self) -> str:
+        parts = self.parts
+        if parts is None:
+            return "stopped"
+        bits = []
+        for name, pipeline in list(parts.pipelines.items()):
+            s = pipeline.stats()
+            bits.append(f"{name} {s['model']}@{s['model_version']} on {s['provider']} {s['results_per_s']:.1f}/s")
+        conn = parts.connection.state if parts.connection is not None else "stdout"
+        depth = f", outbox {parts.outbox.depth}" if parts.outbox is not None else ""
+        return f"{'; '.join(bits) or 'no pipelines'} | mqtt {conn}{depth}"

@@ -1,0 +1,1 @@
+"""What crosses the wire: topics, the event contract, the durable outbox, the broker connection, result sinks."""

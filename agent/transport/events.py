@@ -1,0 +1,40 @@
+"""Events and the sink every producer writes to.
+
+Producers (pipelines, the model store, provider selection, commands) never talk to MQTT or stdout
+directly: they hand results and events to a `Sink`. The daemon wires the sink: the durable outbox when a
+broker is configured, JSON lines on stdout otherwise.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Event:
+    """Something a fleet operator wants to know: `type` is dotted, e.g. model.activated, source.lost."""
+
+    type: str
+    fields: dict[str, Any] = field(default_factory=dict)
+    ts: float = field(default_factory=time.time)
+
+
+EventSink = Callable[[Event], None]
+
+
+class Sink(Protocol):
+    def result(self, pipeline: str, payload: dict[str, Any], qos: int) -> None:
+        """Queue one result; the sink assigns `seq` (per pipeline, monotonic across restarts)."""
+
+    def event(self, event: Event) -> None:
+        """Queue one event for edge/<device>/events."""
+
+
+def log_event(event: Event) -> None:
+    """The fallback event sink: events still reach the journal when nothing else listens."""
+    log.info("event type=%s %s", event.type, " ".join(f"{k}={v!r}" for k, v in event.fields.items()))

@@ -1,0 +1,186 @@
+"""The `Sink` that pipelines and the rest of the agent write to when a broker is configured.
+
+Every result and event becomes one message in the durable outbox; `OutboxPump` (agent.mqtt) takes it
+from there. `seq` is assigned here, per pipeline (and one sequence for events), in the same transaction
+that stores the message, so it rises across restarts and a subscriber detects loss or duplicates from it.
+
+Batching (pipeline `batch: {size: N, max_delay: T}`) gathers up to N results, or what arrived within T,
+into one message; results waiting for their batch live in memory, so a process crash can lose at most
+one unfinished batch per pipeline (T seconds). The default, size 1, writes each result through at once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from typing import Any, Callable, Iterable
+
+from agent.transport.events import Event
+from agent.transport.mqtt import utc_iso
+from agent.transport.outbox import Outbox
+from agent.transport.topics import Topics
+
+log = logging.getLogger(__name__)
+
+# How often the flusher looks at batch deadlines and outbox drops.
+TICK = 0.02
+# Drops are reported as an event at most this often, so a full outbox is not flooded with its own news.
+DROP_REPORT_INTERVAL = 10.0
+EVENTS_STREAM = "events"
+
+
+# One encoder for every message: json.dumps with any option builds a new JSONEncoder per call (a
+# tenth of the producing thread's samples went to that and to dumps itself). Same output.
+_ENCODE = json.JSONEncoder(separators=(",", ":"), default=str).encode
+
+
+def _dumps(obj: Any) -> bytes:
+    return _ENCODE(obj).encode()
+
+
+def _ts(value: Any) -> Any:
+    return utc_iso(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+
+
+class OutboxSink:
+    """Results and events into the outbox. `batches` maps a pipeline to (size, max_delay seconds)."""
+
+    def __init__(
+        self,
+        outbox: Outbox,
+        topics: Topics,
+        *,
+        qos: int = 1,
+        batches: dict[str, tuple[int, float]] | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.outbox, self.topics, self.default_qos = outbox, topics, qos
+        self.batches = {name: (size, delay) for name, (size, delay) in (batches or {}).items() if size > 1}
+        self._clock = clock
+        self._routes: dict[str, tuple[str, str]] = {}  # pipeline -> (seq stream, topic)
+        self._pending: dict[str, list[dict[str, Any]]] = {}
+        self._deadline: dict[str, float] = {}
+        self._pending_qos: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._dropped_reported = outbox.dropped
+        self._last_drop_report = 0.0
+
+    @classmethod
+    def for_profile(cls, outbox: Outbox, topics: Topics, mqtt: Any, pipelines: Iterable[Any]) -> "OutboxSink":
+        """Batch sizes from each pipeline's `batch`, the default QoS from `mqtt.qos`."""
+        batches = {p.name: (p.batch.size, p.batch.max_delay) for p in pipelines}
+        return cls(outbox, topics, qos=mqtt.qos, batches=batches)
+
+    # ---- the Sink protocol -------------------------------------------------------------------
+
+    def result(self, pipeline: str, payload: dict[str, Any], qos: int | None = None) -> None:
+        qos = self.default_qos if qos is None else qos
+        batch = self.batches.get(pipeline)
+        if batch is None:
+            route = self._routes.get(pipeline)
+            if route is None:
+                route = self._routes[pipeline] = (f"results/{pipeline}", self.topics.results(pipeline))
+            self.outbox.put_sequenced(route[0], route[1], lambda seq: _dumps(self._stamp(pipeline, payload, seq)), qos=qos)
+            return
+        size, delay = batch
+        with self._lock:
+            items = self._pending.setdefault(pipeline, [])
+            if not items:
+                self._deadline[pipeline] = time.monotonic() + delay
+            items.append(payload)
+            self._pending_qos[pipeline] = max(self._pending_qos.get(pipeline, 0), qos)
+            full = len(items) >= size
+        if full:
+            self._flush_pipeline(pipeline)
+
+    def event(self, event: Event) -> None:
+        def build(seq: int) -> bytes:
+            body: dict[str, Any] = {"device": self.topics.device, "seq": seq, "ts": utc_iso(event.ts), "type": event.type}
+            body.update({k: v for k, v in event.fields.items() if k not in body})
+            return _dumps(body)
+
+        self.outbox.put_sequenced(EVENTS_STREAM, self.topics.events, build, qos=1)
+
+    # ---- lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> "OutboxSink":
+        if self._thread is None:
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._run, name="outbox-sink", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
+            self._thread = None
+        self.flush()
+
+    def flush(self) -> None:
+        """Write every unfinished batch now (on shutdown, or before a test reads the outbox)."""
+        with self._lock:
+            names = [n for n, items in self._pending.items() if items]
+        for name in names:
+            self._flush_pipeline(name)
+
+    def report_drops(self, force: bool = False) -> None:
+        """Queue an `outbox.dropped` event when the bound dropped messages since the last report."""
+        dropped = self.outbox.dropped
+        now = time.monotonic()
+        if dropped > self._dropped_reported and (force or now - self._last_drop_report >= DROP_REPORT_INTERVAL):
+            stats = self.outbox.stats()
+            count = dropped - self._dropped_reported
+            self._dropped_reported, self._last_drop_report = dropped, now
+            self.event(Event("outbox.dropped", {"count": count, "total": dropped, "max_bytes": stats.max_bytes,
+                                                "reason": "the outbox reached its bound; the oldest messages were dropped"}))
+
+    # ---- internals ---------------------------------------------------------------------------
+
+    def _stamp(self, pipeline: str, payload: dict[str, Any], seq: int) -> dict[str, Any]:
+        # Hot path (one call per result): no per-key Python loop.
+        body: dict[str, Any] = {"device": self.topics.device, "pipeline": pipeline, "seq": seq}
+        body.update(payload)
+        body["device"], body["pipeline"], body["seq"] = self.topics.device, pipeline, seq
+        ts = body.get("ts")
+        if ts is None:
+            body["ts"] = utc_iso(self._clock())
+        elif not isinstance(ts, str):
+            body["ts"] = _ts(ts)
+        return body
+
+    def _flush_pipeline(self, pipeline: str) -> None:
+        with self._lock:
+            items = self._pending.pop(pipeline, [])
+            qos = self._pending_qos.pop(pipeline, self.default_qos)
+            self._deadline.pop(pipeline, None)
+        if not items:
+            return
+
+        def build(first: int) -> bytes:
+            results = []
+            for i, item in enumerate(items):
+                body = {"seq": first + i}
+                body.update({k: (_ts(v) if k == "ts" else v) for k, v in item.items() if k not in ("seq", "device", "pipeline")})
+                body.setdefault("ts", utc_iso(self._clock()))
+                results.append(body)
+            return _dumps({"device": self.topics.device, "pipeline": pipeline, "seq": first, "count": len(items), "results": results})
+
+        self.outbox.put_sequenced(f"results/{pipeline}", self.topics.results(pipeline), build, count=len(items), qos=qos)
+
+    def _run(self) -> None:
+        while not self._stop.wait(TICK):
+            try:
+                now = time.monotonic()
+                with self._lock:
+                    due = [name for name, deadline in self._deadline.items() if deadline <= now]
+                for name in due:
+                    self._flush_pipeline(name)
+                self.report_drops()
+            except Exception:  # noqa: BLE001 (keep flushing after a bad moment, e.g. a full disk)
+                log.exception("outbox sink: flush failed")
+                self._stop.wait(1.0)

@@ -1,0 +1,110 @@
+"""Results as JSON lines on stdout: how a user tries a model before any broker exists.
+
+`seq` is per pipeline, monotonic, and survives restarts: the last value handed out is written to
+`<state_dir>/seq/<pipeline>` on every result with one pwrite (a kill -9 loses nothing; a power cut
+may lose what the page cache held, so the file is fsynced every `FSYNC_EVERY` results and on close).
+Events go to the log on stderr so that stdout holds only results.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import sys
+import threading
+from pathlib import Path
+from typing import Any, TextIO
+
+from agent.transport.events import Event, EventSink, log_event
+
+FSYNC_EVERY = 1000
+_WIDTH = 20  # digits in the seq file: fixed width, so one pwrite replaces the old value in place
+
+
+class SeqCounter:
+    """A per-pipeline counter persisted in one small file."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        raw = os.pread(self.fd, 64, 0).strip()
+        self.value = int(raw) if raw.isdigit() else 0  # the last seq handed out; the next is value + 1
+        self._since_sync = 0
+
+    def next(self) -> int:
+        self.value += 1
+        os.pwrite(self.fd, str(self.value).zfill(_WIDTH).encode() + b"\n", 0)
+        self._since_sync += 1
+        if self._since_sync >= FSYNC_EVERY:
+            os.fsync(self.fd)
+            self._since_sync = 0
+        return self.value
+
+    def close(self) -> None:
+        try:
+            os.fsync(self.fd)
+        finally:
+            os.close(self.fd)
+
+
+class StdoutSink:
+    """The `Sink` used when the profile has no mqtt section."""
+
+    def __init__(self, state_dir: Path, stream: TextIO | None = None, emit: EventSink = log_event) -> None:
+        self.seq_dir = Path(state_dir) / "seq"
+        self.stream = stream if stream is not None else sys.stdout
+        self._emit = emit
+        self._counters: dict[str, SeqCounter] = {}
+        self._lock = threading.Lock()
+        self.broken = threading.Event()
+
+    def _silence(self) -> None:
+        """Point stdout at /dev/null so that the interpreter's last flush does not fail again."""
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self.stream.fileno())
+            os.close(devnull)
+        except (OSError, ValueError, io.UnsupportedOperation):
+            pass
+
+    def result(self, pipeline: str, payload: dict[str, Any], qos: int) -> None:
+        with self._lock:
+            counter = self._counters.get(pipeline)
+            if counter is None:
+                counter = self._counters[pipeline] = SeqCounter(self.seq_dir / pipeline)
+            seq = counter.next()
+            # seq right after the pipeline's name, as in the documented result.
+            line = {"device": payload.get("device"), "pipeline": pipeline, "seq": seq, **payload}
+            try:
+                self.stream.write(json.dumps(line, separators=(",", ":"), default=_plain) + "\n")
+                self.stream.flush()
+            except BrokenPipeError:
+                # The reader went away (`edge-agent run ... | head`): nothing more can be delivered.
+                self.broken.set()
+                self._silence()
+                raise
+
+    def event(self, event: Event) -> None:
+        self._emit(event)
+
+    def close(self) -> None:
+        with self._lock:
+            for counter in self._counters.values():
+                counter.close()
+            self._counters.clear()
+            try:
+                self.stream.flush()
+            except (OSError, ValueError):
+                pass
+
+
+def _plain(value: Any) -> Any:
+    """numpy values a post-processor plug-in left in its output, as plain JSON."""
+    from agent.inference.runtime import to_json
+
+    converted = to_json(value, None)
+    if converted is value:
+        raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+    return converted

@@ -1,0 +1,19 @@
+"""Timestamps as every payload writes them: UTC ISO 8601 with milliseconds."""
+
+from __future__ import annotations
+
+import time
+
+# The formatted second of the last call: results come many per second, strftime is the costly part.
+_cache: tuple[int, str] = (-1, "")
+
+
+def utc_iso(ts: float) -> str:
+    """Seconds since the epoch as `2026-11-25T10:31:02.417Z` (rounded to the millisecond)."""
+    global _cache
+    secs, ms = divmod(int(round(ts * 1000)), 1000)
+    cached_secs, text = _cache  # one tuple read: safe across threads
+    if cached_secs != secs:
+        text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs))
+        _cache = (secs, text)
+    return f"{text}.{ms:03d}Z"
