@@ -30,18 +30,24 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-import paho.mqtt.client as paho  # noqa: E402
-from paho.mqtt.enums import CallbackAPIVersion  # noqa: E402
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
 
-from agent.transport.mqtt import Connection, OutboxPump  # noqa: E402
-from agent.transport.sinks.outbox import OutboxSink  # noqa: E402
-from agent.transport.outbox import Outbox  # noqa: E402
-from agent.config.profile import DeviceConfig, MqttConfig  # noqa: E402
-from tests.helpers.broker import Mosquitto  # noqa: E402
+from agent.config.profile import DeviceConfig, MqttConfig
+from agent.transport.mqtt import Connection, OutboxPump
+from agent.transport.outbox import Outbox
+from agent.transport.sinks.outbox import OutboxSink
+from tests.helpers.broker import Mosquitto
 
-RESULT = {"ts": "2026-11-25T10:31:02.417Z", "source_seq": 18240, "model": "text-detector", "model_version": "1.4.0",
-          "provider": "OpenVINOExecutionProvider", "latency_ms": {"pre": 2.1, "infer": 84.7, "post": 1.9},
-          "output": {"boxes": [{"box": [40, 69, 323, 111], "score": 0.93}, {"box": [12, 200, 96, 231], "score": 0.71}]}}
+RESULT = {
+    "ts": "2026-11-25T10:31:02.417Z",
+    "source_seq": 18240,
+    "model": "text-detector",
+    "model_version": "1.4.0",
+    "provider": "OpenVINOExecutionProvider",
+    "latency_ms": {"pre": 2.1, "infer": 84.7, "post": 1.9},
+    "output": {"boxes": [{"box": [40, 69, 323, 111], "score": 0.93}, {"box": [12, 200, 96, 231], "score": 0.71}]},
+}
 
 
 def bare(broker: Mosquitto, n: int) -> float:
@@ -122,8 +128,12 @@ def loss_on_kill(tmp: Path, n: int = 5000) -> dict[str, int]:
         "    _id, seq = box.put_sequenced('results/p', 'edge/bench/p/results', lambda s: b'x' * 300)\n"
         "    print(seq, flush=True)\n"
     )
-    proc = subprocess.Popen([sys.executable, "-c", script, str(tmp / "killed"), str(n * 100)], stdout=subprocess.PIPE,
-                            cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script, str(tmp / "killed"), str(n * 100)],
+        stdout=subprocess.PIPE,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     assert proc.stdout is not None
     last = 0
     for line in proc.stdout:
@@ -150,7 +160,13 @@ def main() -> int:
         tmp = Path(tmpdir)
         broker = Mosquitto(tmp / "mosquitto").start()
         try:
-            rows: dict[str, list[float]] = {"bare": [], "outbox": [], "outbox_fsync_each": [], "outbox_fill_only": [], "outbox_drain_only": []}
+            rows: dict[str, list[float]] = {
+                "bare": [],
+                "outbox": [],
+                "outbox_fsync_each": [],
+                "outbox_fill_only": [],
+                "outbox_drain_only": [],
+            }
             per_result: list[float] = []
             per_result_fsync: list[float] = []
             for r in range(args.rounds):
@@ -171,11 +187,12 @@ def main() -> int:
     med = {k: statistics.median(v) for k, v in rows.items()}
     ratio = med["outbox"] / med["bare"]
     # Each round runs both paths back to back: their ratio is less exposed to load that comes and goes.
-    paired = [o / b for o, b in zip(rows["outbox"], rows["bare"])]
+    paired = [o / b for o, b in zip(rows["outbox"], rows["bare"], strict=True)]
     report = {
         "machine": f"{platform.machine()} {os.cpu_count()} cpu, python {platform.python_version()}",
         "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
-        "results": n, "rounds": args.rounds,
+        "results": n,
+        "rounds": args.rounds,
         "results_per_s": {k: [round(x) for x in v] for k, v in rows.items()},
         "median_results_per_s": {k: round(v) for k, v in med.items()},
         "ratio_outbox_to_bare": round(ratio, 3),
@@ -183,17 +200,23 @@ def main() -> int:
         "ratio_per_round_median": round(statistics.median(paired), 3),
         "bytes_written_per_result": round(statistics.median(per_result), 1),
         "bytes_written_per_result_fsync_each": round(statistics.median(per_result_fsync), 1),
-        "payload_bytes": len(json.dumps({"device": "bench", "pipeline": "p", "seq": 1, **RESULT}, separators=(",", ":"))),
+        "payload_bytes": len(
+            json.dumps({"device": "bench", "pipeline": "p", "seq": 1, **RESULT}, separators=(",", ":"))
+        ),
         "kill9_loss": kill,
         "fsync_policy": "write(2) per result (process crash loses nothing); fsync every 1 s (power loss loses at most 1 s)",
     }
     print(f"{'path':<24}{'results/s (median)':>20}   rounds")
     for k, v in med.items():
         print(f"{k:<24}{v:>20,.0f}   {', '.join(f'{x:,.0f}' for x in rows[k])}")
-    print(f"ratio outbox/bare: {ratio:.2f} of medians, {statistics.median(paired):.2f} median of rounds "
-          f"({', '.join(f'{r:.2f}' for r in paired)}); goal >= 0.8; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cpu")
+    print(
+        f"ratio outbox/bare: {ratio:.2f} of medians, {statistics.median(paired):.2f} median of rounds "
+        f"({', '.join(f'{r:.2f}' for r in paired)}); goal >= 0.8; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cpu"
+    )
     print(f"bytes written per result: {report['bytes_written_per_result']} (payload {report['payload_bytes']})")
-    print(f"kill -9 while putting: reported {kill['reported_put']}, found {kill['found_after_restart']}, lost {kill['lost']}")
+    print(
+        f"kill -9 while putting: reported {kill['reported_put']}, found {kill['found_after_restart']}, lost {kill['lost']}"
+    )
     out = REPO / "bench" / "results" / "outbox.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")

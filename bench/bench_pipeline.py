@@ -26,27 +26,35 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from agent.cloud.samples import sample_model  # noqa: E402
-from agent.transport.events import Event  # noqa: E402
-from agent.inference.pipeline import Pipeline  # noqa: E402
-from agent.inference.processing.pre import Preprocessor  # noqa: E402
-from agent.config.profile import PipelineConfig, RuntimeConfig  # noqa: E402
-from agent.device.providers import thread_count  # noqa: E402
-from agent.inference.runtime import load_model  # noqa: E402
-from agent.inference.sources.base import BaseSource, Frame, Pacer  # noqa: E402
-from agent.transport.sinks.stdout import StdoutSink  # noqa: E402
+from agent.cloud.samples import sample_model
+from agent.config.profile import PipelineConfig, RuntimeConfig
+from agent.device.providers import thread_count
+from agent.inference.pipeline import Pipeline
+from agent.inference.processing.pre import Preprocessor
+from agent.inference.runtime import load_model
+from agent.inference.sources.base import BaseSource, Frame, Pacer
+from agent.transport.events import Event
+from agent.transport.sinks.stdout import StdoutSink
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ROUNDS = 3
-OCR_PRE = {"resize": [640, 480], "color": "rgb", "scale": 0.00392156862745098,
-           "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "layout": "nchw", "dtype": "float32"}
+OCR_PRE = {
+    "resize": [640, 480],
+    "color": "rgb",
+    "scale": 0.00392156862745098,
+    "mean": [0.485, 0.456, 0.406],
+    "std": [0.229, 0.224, 0.225],
+    "layout": "nchw",
+    "dtype": "float32",
+}
 
 
 class Replay(BaseSource):
@@ -111,7 +119,9 @@ def pct(values: list[float], q: float) -> float:
     return round(float(np.percentile(values, q)), 3) if values else float("nan")
 
 
-def run_pipeline(cfg: PipelineConfig, model: Any, source: Replay, sink: LatencySink, state_dir: Path) -> tuple[float, Pipeline]:
+def run_pipeline(
+    cfg: PipelineConfig, model: Any, source: Replay, sink: LatencySink, state_dir: Path
+) -> tuple[float, Pipeline]:
     pipe = Pipeline(cfg, model, sink, device="bench", state_dir=state_dir, source=source, emit=lambda e: None)
     started = time.perf_counter()
     pipe.start()
@@ -123,8 +133,15 @@ def run_pipeline(cfg: PipelineConfig, model: Any, source: Replay, sink: LatencyS
 
 def camera_path(frames: int, runtime: RuntimeConfig, tmp: Path) -> dict[str, Any]:
     path = sample_model("ppocr-det")
-    cfg = PipelineConfig.model_validate({"name": "cam", "model": str(path), "source": {"type": "synthetic"}, "preprocess": OCR_PRE,
-                                         "postprocess": {"type": "text-detection"}})
+    cfg = PipelineConfig.model_validate(
+        {
+            "name": "cam",
+            "model": str(path),
+            "source": {"type": "synthetic"},
+            "preprocess": OCR_PRE,
+            "postprocess": {"type": "text-detection"},
+        }
+    )
     images = synthetic_frames(frames)
     model = load_model(path, runtime, tmp, example=np.zeros((1, 3, 480, 640), np.float32))
     session = model.session
@@ -152,12 +169,16 @@ def camera_path(frames: int, runtime: RuntimeConfig, tmp: Path) -> dict[str, Any
         stages = pipe.stats()["latency_ms"]
     rows = {k: float(np.median(v)) for k, v in runs.items()}
     return {
-        "model": "PP-OCRv4 det", "frame": "640x480", "frames": frames, "threads": thread_count(runtime),
+        "model": "PP-OCRv4 det",
+        "frame": "640x480",
+        "frames": frames,
+        "threads": thread_count(runtime),
         **{k: round(v, 2) for k, v in rows.items()},
         "ratio_vs_bare_script": round(rows["agent_fps"] / rows["bare_script_fps"], 3),
         "ratio_vs_bare_run": round(rows["agent_fps"] / rows["bare_run_fps"], 3),
         "rounds": {k: [round(x, 2) for x in v] for k, v in runs.items()},
-        "stage_ms": stages, "goal": "agent / bare >= 1.0",
+        "stage_ms": stages,
+        "goal": "agent / bare >= 1.0",
     }
 
 
@@ -171,7 +192,9 @@ def sensor_path(samples: int, runtime: RuntimeConfig, tmp: Path) -> dict[str, An
         f.write(",".join(f"c{i}" for i in range(8)) + "\n")
         for row in rng.normal(size=(samples, 8)).round(4):
             f.write(",".join(map(str, row)) + "\n")
-    cfg = PipelineConfig.model_validate({"name": "sensor", "model": str(model_path), "source": {"type": "csv", "path": str(csv)}})
+    cfg = PipelineConfig.model_validate(
+        {"name": "sensor", "model": str(model_path), "source": {"type": "csv", "path": str(csv)}}
+    )
     model = load_model(model_path, runtime, tmp)
     session = model.session
     xs = [row[None].astype(np.float32) for row in rng.normal(size=(samples, 8))]
@@ -192,9 +215,14 @@ def sensor_path(samples: int, runtime: RuntimeConfig, tmp: Path) -> dict[str, An
         runs["bare_run_per_s"].append(bare)
         runs["agent_results_per_s"].append(agent)
     best = {k: float(np.median(v)) for k, v in runs.items()}
-    return {"model": "linear 8->1", "samples": samples, "source": "csv file -> JSON results (stdout sink)",
-            **{k: round(v) for k, v in best.items()}, "ratio_vs_bare_run": round(best["agent_results_per_s"] / best["bare_run_per_s"], 3),
-            "goal": ">= 5000 results/s"}
+    return {
+        "model": "linear 8->1",
+        "samples": samples,
+        "source": "csv file -> JSON results (stdout sink)",
+        **{k: round(v) for k, v in best.items()},
+        "ratio_vs_bare_run": round(best["agent_results_per_s"] / best["bare_run_per_s"], 3),
+        "goal": ">= 5000 results/s",
+    }
 
 
 def added_latency(runtime: RuntimeConfig, tmp: Path, ocr_frames: int) -> list[dict[str, Any]]:
@@ -202,25 +230,49 @@ def added_latency(runtime: RuntimeConfig, tmp: Path, ocr_frames: int) -> list[di
 
     rows = []
     model_path = save(linear_model(np.ones((8, 1))), tmp / "lat.onnx")
-    cfg = PipelineConfig.model_validate({"name": "lat", "model": str(model_path), "source": {"type": "csv", "path": "x.csv"}})
+    cfg = PipelineConfig.model_validate(
+        {"name": "lat", "model": str(model_path), "source": {"type": "csv", "path": "x.csv"}}
+    )
     model = load_model(model_path, runtime, tmp)
     source = Replay(cfg.source, [np.ones(8) for _ in range(1000)], rate=500, window=True)
     sink = LatencySink(tmp / "lat", source)
     run_pipeline(cfg, model, source, sink, tmp)
-    rows.append({"path": "sensor, tiny model, 500/s", "n": len(sink.added), "p50_ms": pct(sink.added, 50), "p95_ms": pct(sink.added, 95),
-                 "overhead_p50_ms": pct(sink.overhead, 50), "overhead_p95_ms": pct(sink.overhead, 95)})
+    rows.append(
+        {
+            "path": "sensor, tiny model, 500/s",
+            "n": len(sink.added),
+            "p50_ms": pct(sink.added, 50),
+            "p95_ms": pct(sink.added, 95),
+            "overhead_p50_ms": pct(sink.overhead, 50),
+            "overhead_p95_ms": pct(sink.overhead, 95),
+        }
+    )
 
     path = sample_model("ppocr-det")
-    cfg = PipelineConfig.model_validate({"name": "latcam", "model": str(path), "source": {"type": "synthetic"}, "preprocess": OCR_PRE,
-                                         "postprocess": {"type": "text-detection"}})
+    cfg = PipelineConfig.model_validate(
+        {
+            "name": "latcam",
+            "model": str(path),
+            "source": {"type": "synthetic"},
+            "preprocess": OCR_PRE,
+            "postprocess": {"type": "text-detection"},
+        }
+    )
     model = load_model(path, runtime, tmp, example=np.zeros((1, 3, 480, 640), np.float32))
     images = synthetic_frames(ocr_frames)
     source = Replay(cfg.source, images, rate=2)
     sink = LatencySink(tmp / "latcam", source)
     run_pipeline(cfg, model, source, sink, tmp)
-    rows.append({"path": "camera 640x480, PP-OCR, 2 fps (includes preprocessing and DB post-processing)", "n": len(sink.added),
-                 "p50_ms": pct(sink.added, 50), "p95_ms": pct(sink.added, 95),
-                 "overhead_p50_ms": pct(sink.overhead, 50), "overhead_p95_ms": pct(sink.overhead, 95)})
+    rows.append(
+        {
+            "path": "camera 640x480, PP-OCR, 2 fps (includes preprocessing and DB post-processing)",
+            "n": len(sink.added),
+            "p50_ms": pct(sink.added, 50),
+            "p95_ms": pct(sink.added, 95),
+            "overhead_p50_ms": pct(sink.overhead, 50),
+            "overhead_p95_ms": pct(sink.overhead, 95),
+        }
+    )
     return rows
 
 
@@ -250,18 +302,33 @@ def main() -> None:
     print(f"  bare session.run          {sensor['bare_run_per_s']:>8} /s")
     print(f"  agent end to end          {sensor['agent_results_per_s']:>8} results/s   (goal >= 5000)")
     print(f"  ratio agent / bare        {sensor['ratio_vs_bare_run']:>8.3f}")
-    print("\nLatency added over session.run: capture to sink less inference (and less pre/post: the agent's own overhead)")
+    print(
+        "\nLatency added over session.run: capture to sink less inference (and less pre/post: the agent's own overhead)"
+    )
     for row in latency:
-        print(f"  {row['path']:<80} p50 {row['p50_ms']:>7.3f} ms  p95 {row['p95_ms']:>7.3f} ms  "
-              f"| overhead p50 {row['overhead_p50_ms']:>6.3f} ms  p95 {row['overhead_p95_ms']:>6.3f} ms  (n={row['n']})  (goal p50 <= 2 ms)")
+        print(
+            f"  {row['path']:<80} p50 {row['p50_ms']:>7.3f} ms  p95 {row['p95_ms']:>7.3f} ms  "
+            f"| overhead p50 {row['overhead_p50_ms']:>6.3f} ms  p95 {row['overhead_p95_ms']:>6.3f} ms  (n={row['n']})  (goal p50 <= 2 ms)"
+        )
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / "pipeline.json"
-    out.write_text(json.dumps({
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
-                    "onnxruntime": __import__("onnxruntime").__version__},
-        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "camera": cam, "sensor": sensor, "added_latency": latency,
-    }, indent=2))
+    out.write_text(
+        json.dumps(
+            {
+                "machine": {
+                    "platform": platform.platform(),
+                    "cpus": os.cpu_count(),
+                    "python": platform.python_version(),
+                    "onnxruntime": __import__("onnxruntime").__version__,
+                },
+                "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "camera": cam,
+                "sensor": sensor,
+                "added_latency": latency,
+            },
+            indent=2,
+        )
+    )
     print(f"\nwrote {out}")
 
 

@@ -60,8 +60,14 @@ def main() -> None:
                 load_profile(path)
                 times.append((time.perf_counter() - t) * 1000)
             cold = statistics.median(cold_start_ms(path) for _ in range(3))
-            rows.append({"pipelines": count, "warm_p50_ms": round(statistics.median(times), 2),
-                         "warm_max_ms": round(max(times), 2), "cold_import_and_load_ms": round(cold, 1)})
+            rows.append(
+                {
+                    "pipelines": count,
+                    "warm_p50_ms": round(statistics.median(times), 2),
+                    "warm_max_ms": round(max(times), 2),
+                    "cold_import_and_load_ms": round(cold, 1),
+                }
+            )
             print(f"  measured {count} pipeline(s)", file=sys.stderr)
     print(f"{'pipelines':>9} {'warm p50 ms':>12} {'warm max ms':>12} {'cold ms':>9}")
     for r in rows:

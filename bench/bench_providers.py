@@ -23,7 +23,9 @@ sys.path.insert(0, str(REPO))
 
 def reexec_in_openvino_venv() -> int:
     print("bench: this onnxruntime has no OpenVINO; using scripts/openvino-venv.sh", file=sys.stderr)
-    python = subprocess.run([str(REPO / "scripts" / "openvino-venv.sh")], check=True, stdout=subprocess.PIPE, text=True).stdout.strip()
+    python = subprocess.run(
+        [str(REPO / "scripts" / "openvino-venv.sh")], check=True, stdout=subprocess.PIPE, text=True
+    ).stdout.strip()
     env = {**os.environ, "PYTHONPATH": str(REPO), "EDGE_AGENT_BENCH_CHILD": "1"}
     return subprocess.run([python, __file__, *sys.argv[1:]], env=env).returncode
 
@@ -44,10 +46,10 @@ def main() -> int:
             raise SystemExit("bench: the OpenVINO venv has no OpenVINOExecutionProvider")
         return reexec_in_openvino_venv()
 
-    from agent.device import hardware
-    from agent.device.autotune import measure
     from agent.cli.bench import ProgressBar
     from agent.cloud.samples import sample_model
+    from agent.device import hardware
+    from agent.device.autotune import measure
     from agent.device.providers import CPU, OPENVINO, Candidate
 
     model = sample_model("ppocr-det", quiet=True)
@@ -58,10 +60,19 @@ def main() -> int:
     frame = np.random.default_rng(0).standard_normal((1, 3, 480, 640)).astype(np.float32)
     state_dir = REPO / "bench" / "results" / "state"
     started = time.monotonic()
-    trials = measure(model, [(c, threads) for c in candidates], state_dir, {"x": frame}, runs=args.runs,
-                     warmup=args.warmup, progress=ProgressBar())
-    print(f"PP-OCRv4 detector, 1x3x480x640, {threads} threads, {args.runs} runs each, warm, in turns "
-          f"(onnxruntime {ort.__version__} + OpenVINO, {found.cpu.model}, {found.cpu.physical_cores} cores)")
+    trials = measure(
+        model,
+        [(c, threads) for c in candidates],
+        state_dir,
+        {"x": frame},
+        runs=args.runs,
+        warmup=args.warmup,
+        progress=ProgressBar(),
+    )
+    print(
+        f"PP-OCRv4 detector, 1x3x480x640, {threads} threads, {args.runs} runs each, warm, in turns "
+        f"(onnxruntime {ort.__version__} + OpenVINO, {found.cpu.model}, {found.cpu.physical_cores} cores)"
+    )
     print(f"{'provider':<32} {'verified on':<28} {'p50 ms':>8} {'p95 ms':>8} {'inf/s':>7}")
     for t in trials:
         if t.ok:
@@ -69,9 +80,18 @@ def main() -> int:
         else:
             print(f"{t.label:<32} not usable: {t.error}")
     ov, cpu = trials
-    result = {"model": "ppocr-det", "input": [1, 3, 480, 640], "threads": threads, "runs": args.runs, "warmup": args.warmup,
-              "onnxruntime": ort.__version__, "cpu": found.cpu.model, "physical_cores": found.cpu.physical_cores,
-              "seconds": round(time.monotonic() - started, 1), "trials": [t.summary() for t in trials]}
+    result = {
+        "model": "ppocr-det",
+        "input": [1, 3, 480, 640],
+        "threads": threads,
+        "runs": args.runs,
+        "warmup": args.warmup,
+        "onnxruntime": ort.__version__,
+        "cpu": found.cpu.model,
+        "physical_cores": found.cpu.physical_cores,
+        "seconds": round(time.monotonic() - started, 1),
+        "trials": [t.summary() for t in trials],
+    }
     if ov.ok and cpu.ok:
         ratio = cpu.p50_ms / ov.p50_ms
         result["openvino_speedup_p50"] = round(ratio, 3)
@@ -81,6 +101,7 @@ def main() -> int:
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")
     return 0 if ov.ok and cpu.ok else 1
+
 
 if __name__ == "__main__":
     sys.exit(main())

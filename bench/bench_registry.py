@@ -16,10 +16,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from agent.device import compat  # noqa: E402
-from agent.cloud.samples import sample_model  # noqa: E402
-from agent.models.store import Store  # noqa: E402
-from tests.helpers.registry import make_registry  # noqa: E402
+from agent.cloud.samples import sample_model
+from agent.device import compat
+from agent.models.store import Store
+from tests.helpers.registry import make_registry
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -41,11 +41,14 @@ def main() -> None:
         onnx = None
     for name in ("ppocr-det", "silero-vad-op15", "silero-vad", "silero-vad-op18"):
         path = sample_model(name, quiet=True)
-        row = {"model": name, "bytes": path.stat().st_size,
-               "header_ms": timed(lambda: compat.read_header(path), 20),
-               "summary_ms": timed(lambda: compat.summarize(path))}
+        row = {
+            "model": name,
+            "bytes": path.stat().st_size,
+            "header_ms": timed(lambda path=path: compat.read_header(path), 20),
+            "summary_ms": timed(lambda path=path: compat.summarize(path)),
+        }
         if onnx is not None:
-            row["onnx_load_ms"] = timed(lambda: onnx.load(str(path), load_external_data=False))
+            row["onnx_load_ms"] = timed(lambda path=path: onnx.load(str(path), load_external_data=False))
         rows.append(row)
 
     compat.installed_caps.cache_clear()
@@ -71,16 +74,26 @@ def main() -> None:
         finally:
             reg.server.stop()
 
-    out = {"header": rows, "verify_caps_ms": verify_ms,
-           "pull_ppocr_det_loopback_ms": {"median": round(statistics.median(pulls), 1), "runs": [round(p, 1) for p in pulls]},
-           "poll_unchanged_channel_ms": round(statistics.median(polls), 1)}
+    out = {
+        "header": rows,
+        "verify_caps_ms": verify_ms,
+        "pull_ppocr_det_loopback_ms": {
+            "median": round(statistics.median(pulls), 1),
+            "runs": [round(p, 1) for p in pulls],
+        },
+        "poll_unchanged_channel_ms": round(statistics.median(polls), 1),
+    }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "registry.json").write_text(json.dumps(out, indent=2) + "\n")
     print(f"{'model':<18}{'bytes':>10}{'header ms':>11}{'summary ms':>12}{'onnx.load ms':>14}")
     for r in rows:
-        print(f"{r['model']:<18}{r['bytes']:>10}{r['header_ms']:>11}{r['summary_ms']:>12}{r.get('onnx_load_ms', '-'):>14}")
+        print(
+            f"{r['model']:<18}{r['bytes']:>10}{r['header_ms']:>11}{r['summary_ms']:>12}{r.get('onnx_load_ms', '-'):>14}"
+        )
     print(f"runtime limits proven by probe models: {verify_ms} ms")
-    print(f"pull of ppocr-det (4.7 MB) over loopback, verify + test vectors + activate: median {out['pull_ppocr_det_loopback_ms']['median']} ms")
+    print(
+        f"pull of ppocr-det (4.7 MB) over loopback, verify + test vectors + activate: median {out['pull_ppocr_det_loopback_ms']['median']} ms"
+    )
     print(f"poll of an unchanged channel (conditional GETs): {out['poll_unchanged_channel_ms']} ms")
 
 

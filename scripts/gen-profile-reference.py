@@ -56,8 +56,20 @@ def ref_name(node: Schema) -> str | None:
 
 
 def number_bounds(node: Schema) -> str:
-    low = ("(", node["exclusiveMinimum"]) if "exclusiveMinimum" in node else ("[", node["minimum"]) if "minimum" in node else None
-    high = (")", node["exclusiveMaximum"]) if "exclusiveMaximum" in node else ("]", node["maximum"]) if "maximum" in node else None
+    low = (
+        ("(", node["exclusiveMinimum"])
+        if "exclusiveMinimum" in node
+        else ("[", node["minimum"])
+        if "minimum" in node
+        else None
+    )
+    high = (
+        (")", node["exclusiveMaximum"])
+        if "exclusiveMaximum" in node
+        else ("]", node["maximum"])
+        if "maximum" in node
+        else None
+    )
     if low and high:
         return f"in {low[0]}{low[1]}, {high[1]}{high[0]}"
     parts = []
@@ -210,7 +222,11 @@ class Writer:
             kind = type_of(self.schema, node, long_enums, path)
             name = ref_name(node)
             described = description_of(node)
-            if name and resolve(self.schema, {"$ref": f"#/$defs/{name}"}).get("type") == "object" and "discriminator" not in node:
+            if (
+                name
+                and resolve(self.schema, {"$ref": f"#/$defs/{name}"}).get("type") == "object"
+                and "discriminator" not in node
+            ):
                 nested.append((path, resolve(self.schema, {"$ref": f"#/$defs/{name}"}), node.get("description", "")))
                 described += f" (see [`{path}`](#{anchor(path)}))"
             if "discriminator" in node:
@@ -226,7 +242,9 @@ class Writer:
             self.out.append("")
         return nested
 
-    def section(self, title: str, obj: Schema, prefix: str, intro: str, level: int = 3, skip: tuple[str, ...] = ()) -> None:
+    def section(
+        self, title: str, obj: Schema, prefix: str, intro: str, level: int = 3, skip: tuple[str, ...] = ()
+    ) -> None:
         self.out.append(f"{'#' * level} `{title}`")
         self.out.append("")
         if intro:
@@ -239,7 +257,10 @@ class Writer:
         mapping = node["discriminator"]["mapping"]
         self.out.append(f"### `{path}`")
         self.out.append("")
-        self.out.append(escape(node.get("description", "")).capitalize() + f". `{path}.type` picks the {what}; each type has its own keys:")
+        self.out.append(
+            escape(node.get("description", "")).capitalize()
+            + f". `{path}.type` picks the {what}; each type has its own keys:"
+        )
         self.out.append(" " + ", ".join(f"[`{t}`](#{anchor(f'{path}.type: {t}')})" for t in mapping) + ".")
         self.out.append("")
         for type_name, ref in mapping.items():

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import pytest
 
 from tests.helpers.broker import Mosquitto
 
 REPO = Path(__file__).resolve().parent.parent
+# Fixtures defined beside their helpers, shared by every test module.
+pytest_plugins = ["tests.helpers.registry"]
 
 
 class _SwallowedExceptions(logging.Handler):

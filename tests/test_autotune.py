@@ -10,12 +10,12 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
+from agent.config.profile import RuntimeConfig
 from agent.device import autotune
 from agent.device.autotune import Trial, measure, synth_inputs, thread_options, tune
-from agent.transport.events import Event
 from agent.device.hardware import RuntimeInfo, probe
-from agent.config.profile import RuntimeConfig
 from agent.device.providers import CPU, CUDA, Candidate, model_digest, open_session
+from agent.transport.events import Event
 from tests.helpers.models import linear_model, unary_model
 
 FIXTURES = Path(__file__).parent / "fixtures" / "hardware"
@@ -58,16 +58,31 @@ def test_thread_options_are_one_half_and_all_physical_cores() -> None:
 def test_measure_times_each_config_in_turns_and_keeps_failures_with_their_reason(model: Path, tmp_path: Path) -> None:
     progress: list[tuple[int, int, str]] = []
     missing = Candidate(CUDA, {}, True, "test")
-    trials = measure(model, [(CPU_CANDIDATE, 1), (CPU_CANDIDATE, 2), (missing, 1)], tmp_path, runs=5, warmup=1,
-                     progress=lambda d, t, w: progress.append((d, t, w)))
-    assert [(t.label, t.threads, t.verified, len(t.latencies_ms)) for t in trials[:2]] == [(CPU, 1, CPU, 5), (CPU, 2, CPU, 5)]
+    trials = measure(
+        model,
+        [(CPU_CANDIDATE, 1), (CPU_CANDIDATE, 2), (missing, 1)],
+        tmp_path,
+        runs=5,
+        warmup=1,
+        progress=lambda d, t, w: progress.append((d, t, w)),
+    )
+    assert [(t.label, t.threads, t.verified, len(t.latencies_ms)) for t in trials[:2]] == [
+        (CPU, 1, CPU, 5),
+        (CPU, 2, CPU, 5),
+    ]
     if CUDA not in ort.get_available_providers():
-        assert not trials[2].ok and trials[2].error is not None and trials[2].error.startswith("the session came up without it")
+        assert (
+            not trials[2].ok
+            and trials[2].error is not None
+            and trials[2].error.startswith("the session came up without it")
+        )
     assert progress[-1] == (18, 18, "done") and all(d <= t for d, t, _ in progress)
 
 
 @pytest.mark.arm64
-def test_tune_caches_its_choice_keyed_by_model_hardware_and_runtime(model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_tune_caches_its_choice_keyed_by_model_hardware_and_runtime(
+    model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     hw = probe("/")
     events: list[Event] = []
     first = tune(model, [CPU_CANDIDATE], tmp_path, hw, threads_options=[1, 2], emit=events.append, runs=3, warmup=1)
@@ -114,17 +129,31 @@ def test_open_session_with_autotune_uses_the_measured_choice(model: Path, tmp_pa
 
 
 @pytest.mark.arm64
-def test_gpu_providers_are_timed_at_one_thread_count_only(model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_gpu_providers_are_timed_at_one_thread_count_only(
+    model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     seen: list[tuple[str, int]] = []
 
-    def fake_measure(model: object, configs: list[tuple[Candidate, int]], *args: object, **kwargs: object) -> list[Trial]:
+    def fake_measure(
+        model: object, configs: list[tuple[Candidate, int]], *args: object, **kwargs: object
+    ) -> list[Trial]:
         seen.extend((c.label, t) for c, t in configs)
         return [Trial(c.label, c.provider, t, c.provider, (float(t),)) for c, t in configs]
 
     monkeypatch.setattr(autotune, "measure", fake_measure)
-    chain = [Candidate("TensorrtExecutionProvider", {}, True, ""), Candidate("OpenVINOExecutionProvider", {"device_type": "GPU"}, True, ""),
-             Candidate("OpenVINOExecutionProvider", {"device_type": "CPU"}, True, ""), CPU_CANDIDATE]
+    chain = [
+        Candidate("TensorrtExecutionProvider", {}, True, ""),
+        Candidate("OpenVINOExecutionProvider", {"device_type": "GPU"}, True, ""),
+        Candidate("OpenVINOExecutionProvider", {"device_type": "CPU"}, True, ""),
+        CPU_CANDIDATE,
+    ]
     choice = tune(model, chain, tmp_path, probe("/"), threads_options=[1, 4])
-    assert seen == [("TensorrtExecutionProvider", 4), ("OpenVINOExecutionProvider[GPU]", 4), ("OpenVINOExecutionProvider[CPU]", 1),
-                    ("OpenVINOExecutionProvider[CPU]", 4), (CPU, 1), (CPU, 4)]
+    assert seen == [
+        ("TensorrtExecutionProvider", 4),
+        ("OpenVINOExecutionProvider[GPU]", 4),
+        ("OpenVINOExecutionProvider[CPU]", 1),
+        ("OpenVINOExecutionProvider[CPU]", 4),
+        (CPU, 1),
+        (CPU, 4),
+    ]
     assert choice is not None and (choice.label, choice.threads) == ("OpenVINOExecutionProvider[CPU]", 1)

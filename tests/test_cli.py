@@ -38,7 +38,9 @@ def test_check_every_example_profile() -> None:
     examples = sorted(str(p) for p in (REPO / "configs").glob("*.yaml"))
     out = cli("check", *examples)
     assert out.returncode == 0, out.stderr
-    assert len(out.stdout.splitlines()) == len(examples) and all(": ok (device " in line for line in out.stdout.splitlines())
+    assert len(out.stdout.splitlines()) == len(examples) and all(
+        ": ok (device " in line for line in out.stdout.splitlines()
+    )
 
 
 def test_check_five_mistakes_five_located_errors(tmp_path: Path) -> None:
@@ -73,7 +75,9 @@ def test_check_five_mistakes_five_located_errors(tmp_path: Path) -> None:
 
 def test_check_without_files_is_usage_error() -> None:
     out = cli("check")
-    assert out.returncode == 2 and out.stderr.strip() == "edge-agent check: give at least one profile file (or --schema)"
+    assert (
+        out.returncode == 2 and out.stderr.strip() == "edge-agent check: give at least one profile file (or --schema)"
+    )
 
 
 def test_errors_are_one_line_without_traceback(tmp_path: Path) -> None:

@@ -10,9 +10,10 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import paho.mqtt.client as paho
 import pytest
@@ -40,8 +41,17 @@ class FakeDevice:
     behaviour: "activate" (downloading, verifying, activated, then health with the new version),
     "refuse" (model.refused with OPSET_REASON), or "silent"."""
 
-    def __init__(self, port: int, prefix: str, device: str, group: str, keys: dict[str, Any], behaviour: str = "activate",
-                 models: dict[str, str] | None = None, online: bool = True) -> None:
+    def __init__(
+        self,
+        port: int,
+        prefix: str,
+        device: str,
+        group: str,
+        keys: dict[str, Any],
+        behaviour: str = "activate",
+        models: dict[str, str] | None = None,
+        online: bool = True,
+    ) -> None:
         self.topics = Topics(prefix, device, group)
         self.device, self.group, self.keys, self.behaviour = device, group, keys, behaviour
         self.models = dict(models or {"text-detector": "1.4.0"})
@@ -49,8 +59,12 @@ class FakeDevice:
         self.handled: set[str] = set()
         self.workers: list[threading.Thread] = []
         self.closed = False
-        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"fake-{device}-{uuid.uuid4().hex[:6]}", protocol=paho.MQTTv5)
-        self.client.will_set(self.topics.status, json.dumps({"device": device, "state": "offline", "group": group}), 1, retain=True)
+        self.client = paho.Client(
+            CallbackAPIVersion.VERSION2, client_id=f"fake-{device}-{uuid.uuid4().hex[:6]}", protocol=paho.MQTTv5
+        )
+        self.client.will_set(
+            self.topics.status, json.dumps({"device": device, "state": "offline", "group": group}), 1, retain=True
+        )
         self.client.on_connect = self._on_connect
         self.client.on_message = self._on_message
         self._ready = threading.Event()
@@ -58,7 +72,11 @@ class FakeDevice:
         self.client.loop_start()
         assert self._ready.wait(10)
         if not online:  # a device that was seen, then went away
-            self._pub(self.topics.status, {"device": device, "state": "offline", "group": group, "reason": "stopped"}, retain=True)
+            self._pub(
+                self.topics.status,
+                {"device": device, "state": "offline", "group": group, "reason": "stopped"},
+                retain=True,
+            )
             self.close()
 
     def _pub(self, topic: str, body: Any, retain: bool = False) -> None:
@@ -69,10 +87,18 @@ class FakeDevice:
                 raise
 
     def health(self) -> None:
-        self._pub(self.topics.health, {
-            "ts": iso(time.time()), "device": self.device, "group": self.group, "agent": {"uptime_s": 12.0},
-            "outbox": {"depth": 3}, "models": {m: {"version": v, "provider": "CPUExecutionProvider"} for m, v in self.models.items()},
-        }, retain=True)
+        self._pub(
+            self.topics.health,
+            {
+                "ts": iso(time.time()),
+                "device": self.device,
+                "group": self.group,
+                "agent": {"uptime_s": 12.0},
+                "outbox": {"depth": 3},
+                "models": {m: {"version": v, "provider": "CPUExecutionProvider"} for m, v in self.models.items()},
+            },
+            retain=True,
+        )
 
     def event(self, type_: str, **fields: Any) -> None:
         self._pub(self.topics.events, {"device": self.device, "ts": iso(time.time()), "type": type_, **fields})
@@ -80,7 +106,12 @@ class FakeDevice:
     def _on_connect(self, client: paho.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
         client.subscribe(self.topics.deploy, 1)
         client.subscribe(self.topics.fleet_deploy, 1)
-        client.publish(self.topics.status, json.dumps({"device": self.device, "state": "online", "group": self.group}), 1, retain=True)
+        client.publish(
+            self.topics.status,
+            json.dumps({"device": self.device, "state": "online", "group": self.group}),
+            1,
+            retain=True,
+        )
         threading.Thread(target=self._ready_up, daemon=True).start()
 
     def _ready_up(self) -> None:
@@ -127,8 +158,13 @@ class FakeDevice:
             self.health()
             time.sleep(0.3)
             self.models[order.model] = previous  # type: ignore[assignment]
-            self.event("model.rolled_back", model=order.model, version=previous, previous=order.version,
-                       reason=PROBATION_REASON)
+            self.event(
+                "model.rolled_back",
+                model=order.model,
+                version=previous,
+                previous=order.version,
+                reason=PROBATION_REASON,
+            )
             self.health()
 
     def close(self) -> None:
@@ -168,7 +204,9 @@ def fleet(broker: Mosquitto, prefix: str, keypair: tuple[Path, dict[str, Any]]) 
         dev.close()
 
 
-def run_fleet(capsys: pytest.CaptureFixture[str], broker: Mosquitto, prefix: str, key: Path | None, *args: str) -> tuple[int, str, str]:
+def run_fleet(
+    capsys: pytest.CaptureFixture[str], broker: Mosquitto, prefix: str, key: Path | None, *args: str
+) -> tuple[int, str, str]:
     argv = ["fleet", args[0], "--broker", broker.url, "--topic-prefix", prefix, "--settle", "0.3", *args[1:]]
     if key is not None:
         argv += ["--key", str(key)]
@@ -188,30 +226,77 @@ def retained(broker: Mosquitto, topic: str, settle: float = 0.4) -> list[bytes]:
 
 def test_deploy_writes_a_retained_signed_order(broker: Mosquitto, prefix: str, keypair: Any, capsys: Any) -> None:
     key, public = keypair
-    code, out, err = run_fleet(capsys, broker, prefix, key, "deploy", "--model", "text-detector", "--version", "1.5.0",
-                               "--to", "device:cam-9", "--wait", "0", "--expires", "2h")
+    code, out, err = run_fleet(
+        capsys,
+        broker,
+        prefix,
+        key,
+        "deploy",
+        "--model",
+        "text-detector",
+        "--version",
+        "1.5.0",
+        "--to",
+        "device:cam-9",
+        "--wait",
+        "0",
+        "--expires",
+        "2h",
+    )
     assert code == 0, err
     assert f"written to {prefix}/cam-9/deploy (retained" in out
     (payload,) = retained(broker, f"{prefix}/cam-9/deploy")
     order = parse_order(payload, public)
-    assert order is not None and (order.model, order.version, order.target) == ("text-detector", "1.5.0", "device:cam-9")
+    assert order is not None and (order.model, order.version, order.target) == (
+        "text-detector",
+        "1.5.0",
+        "device:cam-9",
+    )
     assert order.expires - order.issued == timedelta(hours=2)
     assert order.id in out
 
-    code, out, err = run_fleet(capsys, broker, prefix, key, "deploy", "--model", "vad", "--version", "6.2.3",
-                               "--to", "group:north-gate", "--wait", "0")
+    code, out, err = run_fleet(
+        capsys,
+        broker,
+        prefix,
+        key,
+        "deploy",
+        "--model",
+        "vad",
+        "--version",
+        "6.2.3",
+        "--to",
+        "group:north-gate",
+        "--wait",
+        "0",
+    )
     assert code == 1 and "no device of group 'north-gate' is known" in out  # written, but nobody to follow
     (payload,) = retained(broker, f"{prefix}/fleet/north-gate/deploy")
     assert parse_order(payload, public).target == "group:north-gate"  # type: ignore[union-attr]
 
 
-def test_deploy_shows_progress_until_every_device_is_active(broker: Mosquitto, prefix: str, keypair: Any, fleet: Any, capsys: Any) -> None:
+def test_deploy_shows_progress_until_every_device_is_active(
+    broker: Mosquitto, prefix: str, keypair: Any, fleet: Any, capsys: Any
+) -> None:
     fleet("cam-1")
     fleet("cam-2")
     fleet("cam-3", group="south")
     t0 = time.monotonic()
-    code, out, err = run_fleet(capsys, broker, prefix, keypair[0], "deploy", "--model", "text-detector", "--version", "1.5.0",
-                               "--to", "group:north", "--wait", "20")
+    code, out, err = run_fleet(
+        capsys,
+        broker,
+        prefix,
+        keypair[0],
+        "deploy",
+        "--model",
+        "text-detector",
+        "--version",
+        "1.5.0",
+        "--to",
+        "group:north",
+        "--wait",
+        "20",
+    )
     assert code == 0, out + err
     assert time.monotonic() - t0 < 10  # ends when all reported, not when --wait runs out
     for dev in ("cam-1", "cam-2"):
@@ -222,13 +307,28 @@ def test_deploy_shows_progress_until_every_device_is_active(broker: Mosquitto, p
     assert out.rstrip().endswith("done: 2/2 device(s) active on text-detector 1.5.0")
 
 
-def test_a_refusal_is_shown_with_its_reason_and_exits_1(broker: Mosquitto, prefix: str, keypair: Any, fleet: Any, capsys: Any) -> None:
+def test_a_refusal_is_shown_with_its_reason_and_exits_1(
+    broker: Mosquitto, prefix: str, keypair: Any, fleet: Any, capsys: Any
+) -> None:
     fleet("cam-1")
     fleet("cam-2", behaviour="refuse")
     fleet("cam-3", models={"text-detector": "1.5.0"})  # already there: its retained health says so
     fleet("cam-4", online=False)
-    code, out, err = run_fleet(capsys, broker, prefix, keypair[0], "deploy", "--model", "text-detector", "--version", "1.5.0",
-                               "--to", "group:north", "--wait", "15")
+    code, out, err = run_fleet(
+        capsys,
+        broker,
+        prefix,
+        keypair[0],
+        "deploy",
+        "--model",
+        "text-detector",
+        "--version",
+        "1.5.0",
+        "--to",
+        "group:north",
+        "--wait",
+        "15",
+    )
     assert code == 1, out + err
     assert f"cam-2: refused: {OPSET_REASON}" in out
     assert "cam-1: active" in out and "cam-3: active (already runs text-detector 1.5.0)" in out
@@ -237,32 +337,86 @@ def test_a_refusal_is_shown_with_its_reason_and_exits_1(broker: Mosquitto, prefi
     assert "  cam-4: offline; the retained order applies when it reconnects" in out
 
 
-def test_a_device_that_never_reports_runs_out_the_wait(broker: Mosquitto, prefix: str, keypair: Any, fleet: Any, capsys: Any) -> None:
+def test_a_device_that_never_reports_runs_out_the_wait(
+    broker: Mosquitto, prefix: str, keypair: Any, fleet: Any, capsys: Any
+) -> None:
     fleet("cam-1", behaviour="silent")
-    code, out, err = run_fleet(capsys, broker, prefix, keypair[0], "deploy", "--model", "text-detector", "--version", "1.5.0",
-                               "--to", "device:cam-1", "--wait", "1")
+    code, out, err = run_fleet(
+        capsys,
+        broker,
+        prefix,
+        keypair[0],
+        "deploy",
+        "--model",
+        "text-detector",
+        "--version",
+        "1.5.0",
+        "--to",
+        "device:cam-1",
+        "--wait",
+        "1",
+    )
     assert code == 1, out + err
     assert "  cam-1: no final report within 1s" in out
 
 
-def test_canary_refusal_stops_before_the_group_order(broker: Mosquitto, prefix: str, keypair: Any, fleet: Any, capsys: Any) -> None:
+def test_canary_refusal_stops_before_the_group_order(
+    broker: Mosquitto, prefix: str, keypair: Any, fleet: Any, capsys: Any
+) -> None:
     canary = fleet("cam-a", behaviour="refuse")  # sorted first: the canary
     rest = fleet("cam-b")
-    code, out, err = run_fleet(capsys, broker, prefix, keypair[0], "deploy", "--model", "text-detector", "--version", "1.5.0",
-                               "--to", "group:north", "--canary", "1", "--wait", "15")
+    code, out, err = run_fleet(
+        capsys,
+        broker,
+        prefix,
+        keypair[0],
+        "deploy",
+        "--model",
+        "text-detector",
+        "--version",
+        "1.5.0",
+        "--to",
+        "group:north",
+        "--canary",
+        "1",
+        "--wait",
+        "15",
+    )
     assert code == 1, out + err
     assert "canary: text-detector 1.5.0 -> cam-a (device orders written)" in out
-    assert f"canary failed: cam-a refused: {OPSET_REASON}; the canary orders were withdrawn and the group order was not written" in out
+    assert (
+        f"canary failed: cam-a refused: {OPSET_REASON}; the canary orders were withdrawn and the group order was not written"
+        in out
+    )
     assert retained(broker, f"{prefix}/fleet/north/deploy") == []
     assert retained(broker, f"{prefix}/cam-a/deploy", settle=0.2) == []  # withdrawn
     assert [o.target for o in canary.orders if o is not None] == ["device:cam-a"]
     assert [o for o in rest.orders if o is not None] == [] and rest.models["text-detector"] == "1.4.0"
 
 
-def test_canary_that_goes_healthy_lets_the_group_order_through(broker: Mosquitto, prefix: str, keypair: Any, fleet: Any, capsys: Any) -> None:
+def test_canary_that_goes_healthy_lets_the_group_order_through(
+    broker: Mosquitto, prefix: str, keypair: Any, fleet: Any, capsys: Any
+) -> None:
     a, b, c = fleet("cam-a"), fleet("cam-b"), fleet("cam-c")
-    code, out, err = run_fleet(capsys, broker, prefix, keypair[0], "deploy", "--model", "text-detector", "--version", "1.5.0",
-                               "--to", "group:north", "--canary", "1", "--wait", "15", "--probation", "0.3s")
+    code, out, err = run_fleet(
+        capsys,
+        broker,
+        prefix,
+        keypair[0],
+        "deploy",
+        "--model",
+        "text-detector",
+        "--version",
+        "1.5.0",
+        "--to",
+        "group:north",
+        "--canary",
+        "1",
+        "--wait",
+        "15",
+        "--probation",
+        "0.3s",
+    )
     assert code == 0, out + err
     lines = out.splitlines()
     canary_active = next(i for i, line in enumerate(lines) if "cam-a: active (variant fp32" in line)
@@ -277,29 +431,63 @@ def test_canary_that_goes_healthy_lets_the_group_order_through(broker: Mosquitto
     assert retained(broker, f"{prefix}/cam-a/deploy", settle=0.2) == []  # the canary's own order is superseded
 
 
-def test_a_canary_rolled_back_in_probation_stops_the_rollout(broker: Mosquitto, prefix: str, keypair: Any, fleet: Any,
-                                                             capsys: Any) -> None:
+def test_a_canary_rolled_back_in_probation_stops_the_rollout(
+    broker: Mosquitto, prefix: str, keypair: Any, fleet: Any, capsys: Any
+) -> None:
     fleet("cam-a", behaviour="probation-fail")
     fleet("cam-b")
-    code, out, err = run_fleet(capsys, broker, prefix, keypair[0], "deploy", "--model", "text-detector", "--version", "1.5.0",
-                               "--to", "group:north", "--canary", "1", "--wait", "10", "--probation", "5s")
+    code, out, err = run_fleet(
+        capsys,
+        broker,
+        prefix,
+        keypair[0],
+        "deploy",
+        "--model",
+        "text-detector",
+        "--version",
+        "1.5.0",
+        "--to",
+        "group:north",
+        "--canary",
+        "1",
+        "--wait",
+        "10",
+        "--probation",
+        "5s",
+    )
     assert code == 1, out + err
     assert "cam-a: active (variant fp32" in out and "watching for 5s of probation" in out
     assert f"canary failed: cam-a rolled-back: {PROBATION_REASON}; the canary orders were withdrawn" in out
     assert retained(broker, f"{prefix}/fleet/north/deploy") == []
 
 
-def test_a_device_that_cannot_verify_the_order_says_so(broker: Mosquitto, prefix: str, keypair: Any, fleet: Any, capsys: Any,
-                                                       tmp_path: Path) -> None:
+def test_a_device_that_cannot_verify_the_order_says_so(
+    broker: Mosquitto, prefix: str, keypair: Any, fleet: Any, capsys: Any, tmp_path: Path
+) -> None:
     other_private, _ = generate_keypair(tmp_path)  # the device does not trust this key
     fleet("cam-1")
-    code, out, err = run_fleet(capsys, broker, prefix, other_private, "deploy", "--model", "text-detector", "--version", "1.5.0",
-                               "--to", "device:cam-1", "--wait", "10")
+    code, out, err = run_fleet(
+        capsys,
+        broker,
+        prefix,
+        other_private,
+        "deploy",
+        "--model",
+        "text-detector",
+        "--version",
+        "1.5.0",
+        "--to",
+        "device:cam-1",
+        "--wait",
+        "10",
+    )
     assert code == 1, out + err
     assert "cam-1: refused: deployment order " in out and "is signed by unknown key" in out
 
 
-def test_status_lists_every_device_from_the_retained_topics(broker: Mosquitto, prefix: str, keypair: Any, fleet: Any, capsys: Any) -> None:
+def test_status_lists_every_device_from_the_retained_topics(
+    broker: Mosquitto, prefix: str, keypair: Any, fleet: Any, capsys: Any
+) -> None:
     fleet("cam-1", models={"text-detector": "1.4.0", "vad": "6.2.3"})
     fleet("cam-2", group="south", online=False)
     code, out, err = run_fleet(capsys, broker, prefix, None, "status", "--json")
@@ -308,9 +496,16 @@ def test_status_lists_every_device_from_the_retained_topics(broker: Mosquitto, p
     by_id = {d["device"]: d for d in state["devices"]}
     assert set(by_id) == {"cam-1", "cam-2"}
     one = by_id["cam-1"]
-    assert (one["state"], one["group"], one["outbox_depth"], one["providers"]) == ("online", "north", 3, ["CPUExecutionProvider"])
-    assert one["models"] == {"text-detector": {"version": "1.4.0", "provider": "CPUExecutionProvider"},
-                             "vad": {"version": "6.2.3", "provider": "CPUExecutionProvider"}}
+    assert (one["state"], one["group"], one["outbox_depth"], one["providers"]) == (
+        "online",
+        "north",
+        3,
+        ["CPUExecutionProvider"],
+    )
+    assert one["models"] == {
+        "text-detector": {"version": "1.4.0", "provider": "CPUExecutionProvider"},
+        "vad": {"version": "6.2.3", "provider": "CPUExecutionProvider"},
+    }
     assert 0 <= one["health_age_s"] < 30
     assert by_id["cam-2"]["state"] == "offline"
 
@@ -318,9 +513,40 @@ def test_status_lists_every_device_from_the_retained_topics(broker: Mosquitto, p
     assert [d["device"] for d in json.loads(out)["devices"]] == ["cam-2"]
 
     # the table, through the real command line, with a retained order listed under it
-    run_fleet(capsys, broker, prefix, keypair[0], "deploy", "--model", "vad", "--version", "6.3.0", "--to", "device:cam-7", "--wait", "0")
-    proc = subprocess.run([sys.executable, "-m", "agent", "fleet", "status", "--broker", broker.url, "--topic-prefix", prefix,
-                           "--settle", "0.3"], capture_output=True, text=True, cwd=REPO, timeout=60)
+    run_fleet(
+        capsys,
+        broker,
+        prefix,
+        keypair[0],
+        "deploy",
+        "--model",
+        "vad",
+        "--version",
+        "6.3.0",
+        "--to",
+        "device:cam-7",
+        "--wait",
+        "0",
+    )
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "agent",
+            "fleet",
+            "status",
+            "--broker",
+            broker.url,
+            "--topic-prefix",
+            prefix,
+            "--settle",
+            "0.3",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     assert lines[0].split() == ["DEVICE", "STATE", "GROUP", "MODELS", "PROVIDER", "HEALTH", "OUTBOX"]
@@ -330,25 +556,37 @@ def test_status_lists_every_device_from_the_retained_topics(broker: Mosquitto, p
     assert any(f"{prefix}/cam-7/deploy: vad 6.3.0 -> device:cam-7" in line for line in lines)
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--to", "cam-1"], "--to: target 'cam-1' must be device:ID or group:NAME"),
-    (["--to", "device:cam-1", "--canary", "1"], "--canary needs a group target"),
-    (["--to", "group:g", "--canary", "0"], "--canary: expected a number of devices >= 1"),
-    (["--to", "device:cam-1", "--wait", "soon"], "--wait: expected a duration"),
-])
-def test_bad_input_exits_2(broker: Mosquitto, prefix: str, keypair: Any, capsys: Any, args: list[str], message: str) -> None:
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--to", "cam-1"], "--to: target 'cam-1' must be device:ID or group:NAME"),
+        (["--to", "device:cam-1", "--canary", "1"], "--canary needs a group target"),
+        (["--to", "group:g", "--canary", "0"], "--canary: expected a number of devices >= 1"),
+        (["--to", "device:cam-1", "--wait", "soon"], "--wait: expected a duration"),
+    ],
+)
+def test_bad_input_exits_2(
+    broker: Mosquitto, prefix: str, keypair: Any, capsys: Any, args: list[str], message: str
+) -> None:
     code, out, err = run_fleet(capsys, broker, prefix, keypair[0], "deploy", "--model", "m", "--version", "1", *args)
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1
 
 
-def test_bad_names_keys_and_brokers(broker: Mosquitto, prefix: str, keypair: Any, capsys: Any, tmp_path: Path,
-                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    code, _, err = run_fleet(capsys, broker, prefix, keypair[0], "deploy", "--model", "../x", "--version", "1", "--to", "device:a")
+def test_bad_names_keys_and_brokers(
+    broker: Mosquitto, prefix: str, keypair: Any, capsys: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    code, _, err = run_fleet(
+        capsys, broker, prefix, keypair[0], "deploy", "--model", "../x", "--version", "1", "--to", "device:a"
+    )
     assert code == 2 and "model: '../x' is not a name" in err
     monkeypatch.delenv("EDGE_AGENT_REGISTRY_KEY", raising=False)
-    code, _, err = run_fleet(capsys, broker, prefix, None, "deploy", "--model", "m", "--version", "1", "--to", "device:a")
+    code, _, err = run_fleet(
+        capsys, broker, prefix, None, "deploy", "--model", "m", "--version", "1", "--to", "device:a"
+    )
     assert code == 2 and "no signing key: pass --key" in err
-    code, _, err = run_fleet(capsys, broker, prefix, tmp_path / "nope.key", "deploy", "--model", "m", "--version", "1", "--to", "device:a")
+    code, _, err = run_fleet(
+        capsys, broker, prefix, tmp_path / "nope.key", "deploy", "--model", "m", "--version", "1", "--to", "device:a"
+    )
     assert code == 2 and "--key:" in err and "no such file" in err
     code = main(["fleet", "status", "--broker", "http://x", "--settle", "0"])
     assert code == 2 and "--broker: expected mqtt://host[:port]" in capsys.readouterr().err
@@ -359,15 +597,32 @@ def test_bad_names_keys_and_brokers(broker: Mosquitto, prefix: str, keypair: Any
     assert code == 1 and "cannot connect to mqtt://127.0.0.1:" in err and len(err.strip().splitlines()) == 1
 
 
-def test_the_documented_acl_lets_the_fleet_user_deploy_and_nobody_else(broker_factory: Any, tmp_path: Path, keypair: Any,
-                                                                       capsys: Any) -> None:
+def test_the_documented_acl_lets_the_fleet_user_deploy_and_nobody_else(
+    broker_factory: Any, tmp_path: Path, keypair: Any, capsys: Any
+) -> None:
     from tests.test_mqtt_acl import acl_broker
 
     mosq = acl_broker(broker_factory, tmp_path)
     for user in ("fleet", "dev-a"):
         (tmp_path / f"{user}.pw").write_text(f"pw-{user}\n")
-    base = ["fleet", "deploy", "--broker", mosq.url, "--settle", "0.2", "--key", str(keypair[0]), "--model", "vad",
-            "--version", "6.2.3", "--to", "device:dev-b", "--wait", "0"]
+    base = [
+        "fleet",
+        "deploy",
+        "--broker",
+        mosq.url,
+        "--settle",
+        "0.2",
+        "--key",
+        str(keypair[0]),
+        "--model",
+        "vad",
+        "--version",
+        "6.2.3",
+        "--to",
+        "device:dev-b",
+        "--wait",
+        "0",
+    ]
     assert main([*base, "--username", "fleet", "--password-file", str(tmp_path / "fleet.pw")]) == 0
     assert "written to edge/dev-b/deploy" in capsys.readouterr().out
 

@@ -64,7 +64,9 @@ def test_probe_json_of_this_machine_matches_the_documented_schema(tmp_path: Path
 
 
 @pytest.mark.parametrize("device", sorted(p.name for p in FIXTURES.iterdir() if p.is_dir()))
-def test_probe_json_of_every_captured_device_matches_the_schema(device: str, capsys: pytest.CaptureFixture[str]) -> None:
+def test_probe_json_of_every_captured_device_matches_the_schema(
+    device: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = in_process(capsys, "probe", "--json", "--root", str(FIXTURES / device))
     assert out.returncode == 0, out.stderr
     doc = json.loads(out.stdout)
@@ -86,18 +88,26 @@ def test_probe_text_shows_hardware_ranking_and_reasons() -> None:
     assert "  gpu:          NVIDIA GeForce RTX 3060 (driver nvidia; 550.54.14; 12.0 GiB; /dev/nvidia0)" in out.stdout
     assert re.search(r"^  1\.  CPUExecutionProvider +kept: always present: 12 cores", out.stdout, re.M)
     if "CUDAExecutionProvider" not in ort.get_available_providers():
-        assert re.search(r"^  -   CUDAExecutionProvider +dropped: NVIDIA GeForce RTX 3060 found, but CUDA is not in this", out.stdout, re.M)
+        assert re.search(
+            r"^  -   CUDAExecutionProvider +dropped: NVIDIA GeForce RTX 3060 found, but CUDA is not in this",
+            out.stdout,
+            re.M,
+        )
 
 
 def test_probe_verify_with_a_profile_that_forbids_cpu_fallback_fails_loudly(tmp_path: Path) -> None:
     if "CUDAExecutionProvider" in ort.get_available_providers():
         pytest.skip("CUDA is built in here")
     profile = tmp_path / "p.yaml"
-    profile.write_text(f"device: {{id: d1, state_dir: {tmp_path / 'state'}}}\n"
-                       "runtime: {providers: [cuda], require_accelerator: true}\n")
+    profile.write_text(
+        f"device: {{id: d1, state_dir: {tmp_path / 'state'}}}\n"
+        "runtime: {providers: [cuda], require_accelerator: true}\n"
+    )
     out = cli("probe", "--profile", str(profile), "--verify")
     assert out.returncode == 1, out.stderr
-    assert "Verified: FAILED: runtime.require_accelerator is true, but no accelerator runs this model here" in out.stdout
+    assert (
+        "Verified: FAILED: runtime.require_accelerator is true, but no accelerator runs this model here" in out.stdout
+    )
     assert "fell back from CUDAExecutionProvider: asked for (#1 in the list), but not in this onnxruntime" in out.stdout
 
 
@@ -106,18 +116,37 @@ def test_probe_with_a_bad_profile_is_one_line_and_exit_2(tmp_path: Path, capsys:
     profile.write_text("device: {id: d1}\nruntime: {providers: [cudx]}\n")
     out = in_process(capsys, "probe", "--profile", str(profile))
     assert out.returncode == 2
-    assert out.stderr == f"edge-agent probe: {profile}:2: runtime.providers[0]: unknown execution provider 'cudx' (did you mean 'cuda'?)\n"
+    assert (
+        out.stderr
+        == f"edge-agent probe: {profile}:2: runtime.providers[0]: unknown execution provider 'cudx' (did you mean 'cuda'?)\n"
+    )
 
 
 def test_bench_prints_a_verified_table_with_progress_and_writes_json(model: Path, tmp_path: Path) -> None:
-    out = cli("bench", "--model", str(model), "--providers", "cpu", "--threads", "1", "2", "--runs", "5",
-              "--shape", "x=4x16", "--json", str(tmp_path / "r.json"))
+    out = cli(
+        "bench",
+        "--model",
+        str(model),
+        "--providers",
+        "cpu",
+        "--threads",
+        "1",
+        "2",
+        "--runs",
+        "5",
+        "--shape",
+        "x=4x16",
+        "--json",
+        str(tmp_path / "r.json"),
+    )
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     assert lines[0].split() == ["provider", "threads", "verified", "on", "p50", "ms", "p95", "ms", "inf/s"]
     rows = [line.split() for line in lines[1:3]]
-    assert [(r[0], r[1], r[2]) for r in rows] == [("CPUExecutionProvider", "1", "CPUExecutionProvider"),
-                                                  ("CPUExecutionProvider", "2", "CPUExecutionProvider")]
+    assert [(r[0], r[1], r[2]) for r in rows] == [
+        ("CPUExecutionProvider", "1", "CPUExecutionProvider"),
+        ("CPUExecutionProvider", "2", "CPUExecutionProvider"),
+    ]
     assert all(float(r[3]) <= float(r[4]) and float(r[5]) > 0 for r in rows)
     assert lines[3].startswith("fastest: CPUExecutionProvider with ")
     assert "bench: " in out.stderr and "100% done" in out.stderr
@@ -130,18 +159,26 @@ def test_bench_an_unusable_provider_is_a_row_of_why_not(model: Path) -> None:
         pytest.skip("CUDA is built in here")
     out = cli("bench", "--model", str(model), "--providers", "cuda", "cpu", "--threads", "1", "--runs", "2")
     assert out.returncode == 0, out.stderr
-    assert "bench: CUDAExecutionProvider: not usable: asked for (#1 in the list), but not in this onnxruntime" in out.stderr
+    assert (
+        "bench: CUDAExecutionProvider: not usable: asked for (#1 in the list), but not in this onnxruntime"
+        in out.stderr
+    )
     assert [line.split()[0] for line in out.stdout.splitlines()[1:2]] == ["CPUExecutionProvider"]
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--model", "/no/such/model.onnx"], "edge-agent bench: --model /no/such/model.onnx: no such file\n"),
-    (["--providers", "cudx"], "edge-agent bench: unknown execution provider 'cudx' (did you mean 'cuda'?)\n"),
-    (["--shape", "y=1x2"], "edge-agent bench: --shape: the model has no input 'y' (inputs: x)\n"),
-    (["--shape", "x=big"], "edge-agent bench: --shape 'x=big': expected INPUT=DIMS like x=1x3x480x640\n"),
-], ids=["missing-model", "unknown-provider", "unknown-input", "bad-shape"])
-def test_bench_bad_input_is_one_line_and_exit_2(model: Path, args: list[str], message: str,
-                                               capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--model", "/no/such/model.onnx"], "edge-agent bench: --model /no/such/model.onnx: no such file\n"),
+        (["--providers", "cudx"], "edge-agent bench: unknown execution provider 'cudx' (did you mean 'cuda'?)\n"),
+        (["--shape", "y=1x2"], "edge-agent bench: --shape: the model has no input 'y' (inputs: x)\n"),
+        (["--shape", "x=big"], "edge-agent bench: --shape 'x=big': expected INPUT=DIMS like x=1x3x480x640\n"),
+    ],
+    ids=["missing-model", "unknown-provider", "unknown-input", "bad-shape"],
+)
+def test_bench_bad_input_is_one_line_and_exit_2(
+    model: Path, args: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     if args[0] != "--model":
         args = ["--model", str(model), *args]
     out = in_process(capsys, "bench", *args)
@@ -150,14 +187,20 @@ def test_bench_bad_input_is_one_line_and_exit_2(model: Path, args: list[str], me
 
 def test_bench_missing_model_end_to_end_is_one_line_and_exit_2() -> None:
     out = cli("bench", "--model", "/no/such/model.onnx")
-    assert (out.returncode, out.stdout, out.stderr) == (2, "", "edge-agent bench: --model /no/such/model.onnx: no such file\n")
+    assert (out.returncode, out.stdout, out.stderr) == (
+        2,
+        "",
+        "edge-agent bench: --model /no/such/model.onnx: no such file\n",
+    )
 
 
 def test_bench_a_file_that_is_not_a_model_is_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     bad = tmp_path / "bad.onnx"
     bad.write_text("hello")
     out = in_process(capsys, "bench", "--model", str(bad))
-    assert out.returncode == 2 and out.stderr.startswith(f"edge-agent bench: {bad}: not a model this onnxruntime can load (")
+    assert out.returncode == 2 and out.stderr.startswith(
+        f"edge-agent bench: {bad}: not a model this onnxruntime can load ("
+    )
     assert out.stderr.count("\n") == 1
 
 
@@ -167,26 +210,66 @@ from tests.test_providers import openvino_python  # noqa: E402,F401 (a fixture, 
 
 
 @pytest.mark.slow
-def test_probe_and_bench_with_openvino_report_the_verified_provider(openvino_python: str, sample_model, tmp_path: Path) -> None:  # noqa: F811
+def test_probe_and_bench_with_openvino_report_the_verified_provider(
+    openvino_python: str, sample_model, tmp_path: Path
+) -> None:  # noqa: F811
     env = {"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "HOME": str(Path.home())}
-    probe_out = subprocess.run([openvino_python, "-m", "agent", "probe", "--json", "--verify"], capture_output=True, text=True,
-                               cwd=REPO, env=env, timeout=120)
+    probe_out = subprocess.run(
+        [openvino_python, "-m", "agent", "probe", "--json", "--verify"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=120,
+    )
     assert probe_out.returncode == 0, probe_out.stderr
     doc = json.loads(probe_out.stdout)
     jsonschema.validate(doc, documented_schema())
     first = doc["ranking"][0]
-    assert (first["provider"], first["options"], first["kept"]) == ("OpenVINOExecutionProvider", {"device_type": "CPU"}, True)
+    assert (first["provider"], first["options"], first["kept"]) == (
+        "OpenVINOExecutionProvider",
+        {"device_type": "CPU"},
+        True,
+    )
     assert doc["verified"]["provider"] == "OpenVINOExecutionProvider" == doc["verified"]["providers"][0]
     assert doc["verified"]["fallbacks"] == [] and doc["verified"]["options"]["cache_dir"].endswith("/cache/openvino")
 
     model = sample_model("ppocr-det")
-    bench = subprocess.run([openvino_python, "-m", "agent", "bench", "--model", str(model), "--providers", "openvino", "cpu",
-                            "--threads", "2", "--runs", "3", "--shape", "x=1x3x480x640", "--json", str(tmp_path / "b.json")],
-                           capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+    bench = subprocess.run(
+        [
+            openvino_python,
+            "-m",
+            "agent",
+            "bench",
+            "--model",
+            str(model),
+            "--providers",
+            "openvino",
+            "cpu",
+            "--threads",
+            "2",
+            "--runs",
+            "3",
+            "--shape",
+            "x=1x3x480x640",
+            "--json",
+            str(tmp_path / "b.json"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=300,
+    )
     assert bench.returncode == 0, bench.stderr
     rows = [line.split()[:3] for line in bench.stdout.splitlines()[1:3]]
-    assert rows == [["OpenVINOExecutionProvider[CPU]", "2", "OpenVINOExecutionProvider"], ["CPUExecutionProvider", "2", "CPUExecutionProvider"]]
+    assert rows == [
+        ["OpenVINOExecutionProvider[CPU]", "2", "OpenVINOExecutionProvider"],
+        ["CPUExecutionProvider", "2", "CPUExecutionProvider"],
+    ]
     assert re.match(r"fastest: \S+ with 2 threads, p50 [\d.]+ ms", bench.stdout.splitlines()[3])
     trials = json.loads((tmp_path / "b.json").read_text())["trials"]
     assert [(t["provider"], t["verified"], t["runs"]) for t in trials] == [
-        ("OpenVINOExecutionProvider", "OpenVINOExecutionProvider", 3), ("CPUExecutionProvider", "CPUExecutionProvider", 3)]
+        ("OpenVINOExecutionProvider", "OpenVINOExecutionProvider", 3),
+        ("CPUExecutionProvider", "CPUExecutionProvider", 3),
+    ]

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import pytest
 import requests
@@ -18,7 +18,9 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "agent", *map(str, args)], capture_output=True, text=True, cwd=REPO, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "agent", *map(str, args)], capture_output=True, text=True, cwd=REPO, timeout=120
+    )
 
 
 def tiny(path: Path, opset: int = 13, doc: bytes = b"") -> Path:
@@ -51,8 +53,22 @@ def served(tmp_path: Path) -> Iterator[tuple[Path, str]]:
 def test_publish_serve_pull_list_rollback_inspect(keys: Path, served: tuple[Path, str], tmp_path: Path) -> None:
     root, url = served
     key, pub, state = keys / "registry.key", keys / "registry.pub", tmp_path / "state"
-    out = cli("registry", "publish", "--root", root, "--model", "m", "--version", "1.0.0", "--file", tiny(tmp_path / "a.onnx"),
-              "--key", key, "--channel", "stable")
+    out = cli(
+        "registry",
+        "publish",
+        "--root",
+        root,
+        "--model",
+        "m",
+        "--version",
+        "1.0.0",
+        "--file",
+        tiny(tmp_path / "a.onnx"),
+        "--key",
+        key,
+        "--channel",
+        "stable",
+    )
     assert out.returncode == 0, out.stderr
     assert "m 1.0.0 variant fp32: fp32, IR 8, ai.onnx 13" in out.stdout and "channel stable -> 1.0.0" in out.stdout
 
@@ -61,18 +77,40 @@ def test_publish_serve_pull_list_rollback_inspect(keys: Path, served: tuple[Path
     assert pull.stdout.strip() == "m 1.0.0 activated (variant fp32, tested on CPUExecutionProvider; previous -)"
     assert "m: 100% of" in pull.stderr and "downloading: m 1.0.0 variant fp32" in pull.stderr
 
-    cli("registry", "publish", "--root", root, "--model", "m", "--version", "1.1.0", "--file",
-        tiny(tmp_path / "b.onnx", doc=b"v2"), "--key", key, "--channel", "stable")
+    cli(
+        "registry",
+        "publish",
+        "--root",
+        root,
+        "--model",
+        "m",
+        "--version",
+        "1.1.0",
+        "--file",
+        tiny(tmp_path / "b.onnx", doc=b"v2"),
+        "--key",
+        key,
+        "--channel",
+        "stable",
+    )
     profile = tmp_path / "device.yaml"
     profile.write_text(f"device: {{id: cam-01, state_dir: {state}}}\nregistry: {{url: '{url}', public_key: {pub}}}\n")
     pull = cli("models", "pull", "m", "--profile", profile, "--json")
     assert pull.returncode == 0, pull.stderr
-    assert json.loads(pull.stdout) | {} == {**json.loads(pull.stdout), "status": "activated", "version": "1.1.0", "previous": "1.0.0"}
+    assert json.loads(pull.stdout) | {} == {
+        **json.loads(pull.stdout),
+        "status": "activated",
+        "version": "1.1.0",
+        "previous": "1.0.0",
+    }
     assert cli("models", "pull", "m", "--profile", profile).stdout.strip() == "m 1.1.0 is already active (variant fp32)"
 
     listing = cli("models", "list", "--state-dir", state, "--verify")
     assert listing.returncode == 0, listing.stderr
-    assert listing.stdout.startswith("m: active 1.1.0 (fp32, sha256:") and "previous 1.0.0, on disk: 1.0.0, 1.1.0" in listing.stdout
+    assert (
+        listing.stdout.startswith("m: active 1.1.0 (fp32, sha256:")
+        and "previous 1.0.0, on disk: 1.0.0, 1.1.0" in listing.stdout
+    )
 
     back = cli("models", "rollback", "m", "--state-dir", state)
     assert back.returncode == 0 and back.stdout.strip() == "m: 1.1.0 -> 1.0.0 (variant fp32)"
@@ -84,24 +122,68 @@ def test_publish_serve_pull_list_rollback_inspect(keys: Path, served: tuple[Path
     assert lines[0].startswith("m 1.0.0 (variant fp32, fp32): ")
     assert lines[1] == "IR version 8; opsets: ai.onnx 13; producer edge-agent"
     assert "loads on onnxruntime >= 1.10; this runtime" in lines[2]
-    assert "  x  float32  [1, 4]" in lines and "operators: 1 nodes, 1 kinds" in lines and any(l.startswith("  Identity      1") for l in lines)
+    assert (
+        "  x  float32  [1, 4]" in lines
+        and "operators: 1 nodes, 1 kinds" in lines
+        and any(line.startswith("  Identity      1") for line in lines)
+    )
 
 
-def test_pull_refused_for_an_old_runtime_is_one_line_and_exit_1(keys: Path, served: tuple[Path, str], tmp_path: Path) -> None:
+def test_pull_refused_for_an_old_runtime_is_one_line_and_exit_1(
+    keys: Path, served: tuple[Path, str], tmp_path: Path
+) -> None:
     root, url = served
-    cli("registry", "publish", "--root", root, "--model", "m", "--version", "1.0.0", "--file", tiny(tmp_path / "a.onnx", opset=16),
-        "--key", keys / "registry.key", "--channel", "stable")
-    out = cli("models", "pull", "m", "--registry", url, "--public-key", keys / "registry.pub", "--state-dir", tmp_path / "s",
-              "--target-ort", "1.10")
+    cli(
+        "registry",
+        "publish",
+        "--root",
+        root,
+        "--model",
+        "m",
+        "--version",
+        "1.0.0",
+        "--file",
+        tiny(tmp_path / "a.onnx", opset=16),
+        "--key",
+        keys / "registry.key",
+        "--channel",
+        "stable",
+    )
+    out = cli(
+        "models",
+        "pull",
+        "m",
+        "--registry",
+        url,
+        "--public-key",
+        keys / "registry.pub",
+        "--state-dir",
+        tmp_path / "s",
+        "--target-ort",
+        "1.10",
+    )
     assert out.returncode == 1
-    assert out.stderr.strip() == ("edge-agent models: refused: m 1.0.0: variant fp32 needs ai.onnx opset 16; "
-                                  "this runtime loads up to 15")
+    assert out.stderr.strip() == (
+        "edge-agent models: refused: m 1.0.0: variant fp32 needs ai.onnx opset 16; this runtime loads up to 15"
+    )
 
 
 def test_serve_speaks_head_range_and_etag(keys: Path, served: tuple[Path, str], tmp_path: Path) -> None:
     root, url = served
-    cli("registry", "publish", "--root", root, "--model", "m", "--version", "1.0.0", "--file",
-        tiny(tmp_path / "a.onnx", doc=b"z" * 1000), "--key", keys / "registry.key")
+    cli(
+        "registry",
+        "publish",
+        "--root",
+        root,
+        "--model",
+        "m",
+        "--version",
+        "1.0.0",
+        "--file",
+        tiny(tmp_path / "a.onnx", doc=b"z" * 1000),
+        "--key",
+        keys / "registry.key",
+    )
     blob = next((root / "blobs" / "sha256").iterdir())
     data = blob.read_bytes()
     head = requests.head(url + f"blobs/sha256/{blob.name}", timeout=10)
@@ -112,25 +194,66 @@ def test_serve_speaks_head_range_and_etag(keys: Path, served: tuple[Path, str], 
     assert part.headers["Content-Range"] == f"bytes 100-{len(data) - 1}/{len(data)}"
     tail = requests.get(url + f"blobs/sha256/{blob.name}", headers={"Range": "bytes=-10"}, timeout=10)
     assert tail.status_code == 206 and tail.content == data[-10:]
-    assert requests.get(url + f"blobs/sha256/{blob.name}", headers={"Range": f"bytes={len(data)}-"}, timeout=10).status_code == 416
+    assert (
+        requests.get(
+            url + f"blobs/sha256/{blob.name}", headers={"Range": f"bytes={len(data)}-"}, timeout=10
+        ).status_code
+        == 416
+    )
     manifest = requests.get(url + "models/m/1.0.0/manifest.json", timeout=10)
     assert manifest.headers["Content-Type"] == "application/json"
-    again = requests.get(url + "models/m/1.0.0/manifest.json", headers={"If-None-Match": manifest.headers["ETag"]}, timeout=10)
+    again = requests.get(
+        url + "models/m/1.0.0/manifest.json", headers={"If-None-Match": manifest.headers["ETag"]}, timeout=10
+    )
     assert again.status_code == 304 and again.content == b""
     for sneaky in ("..%2f..%2fetc/passwd", "models/../../keys/registry.key", ".hidden"):
         assert requests.get(url + sneaky, timeout=10).status_code == 404
 
 
-@pytest.mark.parametrize("args,code,message", [
-    (("registry", "publish", "--root", "{tmp}/r", "--model", "m", "--version", "1", "--file", "{tmp}/nope.onnx", "--key", "{tmp}/k"),
-     2, "no signing key at"),
-    (("models", "pull", "m", "--state-dir", "{tmp}/s"), 2, "give --registry URL and --public-key FILE"),
-    (("models", "rollback", "m", "--state-dir", "{tmp}/s"), 1, "m is not in the store"),
-    (("models", "inspect", "{tmp}/nope.onnx"), 2, "no such file"),
-    (("models", "list"), 2, "give --state-dir DIR or --profile FILE"),
-    (("models", "pull", "m", "--state-dir", "{tmp}/s", "--registry", "http://x/", "--public-key", "{tmp}/k", "--keep", "1"),
-     2, "--keep must be at least 2"),
-])
+@pytest.mark.parametrize(
+    "args,code,message",
+    [
+        (
+            (
+                "registry",
+                "publish",
+                "--root",
+                "{tmp}/r",
+                "--model",
+                "m",
+                "--version",
+                "1",
+                "--file",
+                "{tmp}/nope.onnx",
+                "--key",
+                "{tmp}/k",
+            ),
+            2,
+            "no signing key at",
+        ),
+        (("models", "pull", "m", "--state-dir", "{tmp}/s"), 2, "give --registry URL and --public-key FILE"),
+        (("models", "rollback", "m", "--state-dir", "{tmp}/s"), 1, "m is not in the store"),
+        (("models", "inspect", "{tmp}/nope.onnx"), 2, "no such file"),
+        (("models", "list"), 2, "give --state-dir DIR or --profile FILE"),
+        (
+            (
+                "models",
+                "pull",
+                "m",
+                "--state-dir",
+                "{tmp}/s",
+                "--registry",
+                "http://x/",
+                "--public-key",
+                "{tmp}/k",
+                "--keep",
+                "1",
+            ),
+            2,
+            "--keep must be at least 2",
+        ),
+    ],
+)
 def test_usage_errors_are_one_line(tmp_path: Path, args: tuple[str, ...], code: int, message: str) -> None:
     out = cli(*(a.replace("{tmp}", str(tmp_path)) for a in args))
     assert out.returncode == code and message in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
@@ -140,5 +263,10 @@ def test_inspect_a_real_model_without_onnx(sample_model: Callable[[str], Path]) 
     out = cli("models", "inspect", sample_model("silero-vad-op18"), "--json")
     assert out.returncode == 0, out.stderr
     doc = json.loads(out.stdout)
-    assert (doc["ir_version"], doc["opsets"], doc["min_runtime"], doc["loads_here"]) == (10, {"ai.onnx": 18}, "1.18", True)
+    assert (doc["ir_version"], doc["opsets"], doc["min_runtime"], doc["loads_here"]) == (
+        10,
+        {"ai.onnx": 18},
+        "1.18",
+        True,
+    )
     assert [i["name"] for i in doc["inputs"]] == ["input", "sr", "state"] and doc["ops"]["If"] == 1

@@ -20,12 +20,16 @@ pytestmark = pytest.mark.arm64
 
 
 def agent(*args: str, **kwargs: object) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "agent", *args], capture_output=True, text=True, cwd=REPO, timeout=120, **kwargs)  # type: ignore[call-overload]
+    return subprocess.run(
+        [sys.executable, "-m", "agent", *args], capture_output=True, text=True, cwd=REPO, timeout=120, **kwargs
+    )  # type: ignore[call-overload]
 
 
 def profile(tmp_path: Path, pipelines: list[dict]) -> Path:
     path = tmp_path / "profile.yaml"
-    path.write_text(json.dumps({"device": {"id": "bench-pc", "state_dir": str(tmp_path / "state")}, "pipelines": pipelines}))
+    path.write_text(
+        json.dumps({"device": {"id": "bench-pc", "state_dir": str(tmp_path / "state")}, "pipelines": pipelines})
+    )
     return path
 
 
@@ -37,8 +41,16 @@ def test_results_go_to_stdout_as_json_lines_and_seq_survives_a_restart(tmp_path:
     first = agent("run", "--profile", str(prof))
     assert first.returncode == 0, first.stderr
     lines = [json.loads(line) for line in first.stdout.splitlines()]
-    assert [(r["seq"], r["source_seq"], r["output"]) for r in lines] == [(1, 0, {"y": [[3.0]]}), (2, 1, {"y": [[7.0]]}), (3, 2, {"y": [[11.0]]})]
-    assert list(lines[0])[:3] == ["device", "pipeline", "seq"] and lines[0]["device"] == "bench-pc" and lines[0]["model"] == "sum"
+    assert [(r["seq"], r["source_seq"], r["output"]) for r in lines] == [
+        (1, 0, {"y": [[3.0]]}),
+        (2, 1, {"y": [[7.0]]}),
+        (3, 2, {"y": [[11.0]]}),
+    ]
+    assert (
+        list(lines[0])[:3] == ["device", "pipeline", "seq"]
+        and lines[0]["device"] == "bench-pc"
+        and lines[0]["model"] == "sum"
+    )
     assert "frame.rejected" in first.stderr and "'oops' in column 'a' is not a number" in first.stderr
     again = agent("run", "--profile", str(prof))
     assert [json.loads(line)["seq"] for line in again.stdout.splitlines()] == [4, 5, 6]
@@ -49,9 +61,16 @@ def test_sigterm_stops_cleanly_and_exits_0(tmp_path: Path) -> None:
     save(linear_model(np.ones((2, 1))), tmp_path / "sum.onnx")
     csv = tmp_path / "live.csv"
     csv.write_text("a,b\n" + "1,1\n" * 5)
-    prof = profile(tmp_path, [{"name": "tail", "model": "sum.onnx", "source": {"type": "csv", "path": "live.csv", "follow": True}}])
-    proc = subprocess.Popen([sys.executable, "-m", "agent", "run", "--profile", str(prof)], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    prof = profile(
+        tmp_path, [{"name": "tail", "model": "sum.onnx", "source": {"type": "csv", "path": "live.csv", "follow": True}}]
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "agent", "run", "--profile", str(prof)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert proc.stdout is not None
         got = [proc.stdout.readline() for _ in range(5)]
@@ -72,10 +91,13 @@ def test_sigterm_stops_cleanly_and_exits_0(tmp_path: Path) -> None:
 def test_a_pipeline_that_cannot_load_its_model_does_not_stop_the_others(tmp_path: Path) -> None:
     save(linear_model(np.ones((2, 1))), tmp_path / "sum.onnx")
     (tmp_path / "s.csv").write_text("a,b\n1,1\n")
-    prof = profile(tmp_path, [
-        {"name": "gone", "model": "missing.onnx", "source": {"type": "csv", "path": "s.csv"}},
-        {"name": "fine", "model": "sum.onnx", "source": {"type": "csv", "path": "s.csv"}},
-    ])
+    prof = profile(
+        tmp_path,
+        [
+            {"name": "gone", "model": "missing.onnx", "source": {"type": "csv", "path": "s.csv"}},
+            {"name": "fine", "model": "sum.onnx", "source": {"type": "csv", "path": "s.csv"}},
+        ],
+    )
     done = agent("run", "--profile", str(prof))
     assert done.returncode == 0, done.stderr
     assert [json.loads(line)["pipeline"] for line in done.stdout.splitlines()] == ["fine"]
@@ -86,7 +108,9 @@ def test_no_pipeline_that_can_start_is_exit_1_and_a_bad_profile_exit_2(tmp_path:
     (tmp_path / "s.csv").write_text("a,b\n1,1\n")
     prof = profile(tmp_path, [{"name": "gone", "model": "missing.onnx", "source": {"type": "csv", "path": "s.csv"}}])
     done = agent("run", "--profile", str(prof))
-    assert done.returncode == 1 and done.stderr.strip().endswith("edge-agent run: no pipeline could start (see the events above)")
+    assert done.returncode == 1 and done.stderr.strip().endswith(
+        "edge-agent run: no pipeline could start (see the events above)"
+    )
     bad = tmp_path / "bad.yaml"
     bad.write_text("device: {id: x}\npipelines:\n  - name: p\n    model: m.onnx\n    source: {type: webcam}\n")
     done = agent("run", "--profile", str(bad))
@@ -95,8 +119,16 @@ def test_no_pipeline_that_can_start_is_exit_1_and_a_bad_profile_exit_2(tmp_path:
 
 def test_a_reader_that_closes_stdout_ends_the_run_quietly(tmp_path: Path) -> None:
     save(linear_model(np.ones((2, 1))), tmp_path / "sum.onnx")
-    prof = profile(tmp_path, [{"name": "pattern", "model": "sum.onnx",
-                               "source": {"type": "jsonl", "path": "s.jsonl", "fields": ["a", "b"], "follow": True}}])
+    prof = profile(
+        tmp_path,
+        [
+            {
+                "name": "pattern",
+                "model": "sum.onnx",
+                "source": {"type": "jsonl", "path": "s.jsonl", "fields": ["a", "b"], "follow": True},
+            }
+        ],
+    )
     data = tmp_path / "s.jsonl"
     data.write_text('{"a": 1, "b": 2}\n' * 5)
     stop = threading.Event()
@@ -108,8 +140,14 @@ def test_a_reader_that_closes_stdout_ends_the_run_quietly(tmp_path: Path) -> Non
 
     threading.Thread(target=sensor, daemon=True).start()
     try:
-        done = subprocess.run(f"{sys.executable} -m agent run --profile {prof} | head -2", shell=True, capture_output=True, text=True,
-                              cwd=REPO, timeout=60)
+        done = subprocess.run(
+            f"{sys.executable} -m agent run --profile {prof} | head -2",
+            shell=True,
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            timeout=60,
+        )
     finally:
         stop.set()
     assert len(done.stdout.splitlines()) == 2

@@ -29,13 +29,16 @@ def test_ping_is_built_in_and_echoes_the_id() -> None:
     assert d.handle("ping", b"")["ok"] is True  # empty payload = no arguments
 
 
-@pytest.mark.parametrize(("name", "payload", "code", "words"), [
-    ("ping", b"{not json", "bad_json", "not JSON"),
-    ("ping", b"[1, 2]", "bad_json", "JSON object"),
-    ("ping", b"\xff\xfe", "bad_json", "not JSON"),
-    ("selfdestruct", b"{}", "unknown_command", "unknown command 'selfdestruct'"),
-    ("rollback", b"{}", "not_available", "not available"),
-])
+@pytest.mark.parametrize(
+    ("name", "payload", "code", "words"),
+    [
+        ("ping", b"{not json", "bad_json", "not JSON"),
+        ("ping", b"[1, 2]", "bad_json", "JSON object"),
+        ("ping", b"\xff\xfe", "bad_json", "not JSON"),
+        ("selfdestruct", b"{}", "unknown_command", "unknown command 'selfdestruct'"),
+        ("rollback", b"{}", "not_available", "not available"),
+    ],
+)
 def test_bad_requests_get_error_replies(name: str, payload: bytes, code: str, words: str) -> None:
     d, events = dispatcher()
     reply = d.handle(name, payload)
@@ -43,12 +46,18 @@ def test_bad_requests_get_error_replies(name: str, payload: bytes, code: str, wo
     assert events[-1].type == "command.error" and events[-1].fields["code"] == code
 
 
-@pytest.mark.parametrize(("payload", "words"), [
-    (b"{}", "name: required (a string)"),
-    (b'{"name": "gate", "action": "pause"}', 'action: expected one of "start", "stop", "restart", got "pause"'),
-    (b'{"name": 3, "action": "stop"}', "name: expected a string, got 3"),
-    (b'{"name": "gate", "action": "stop", "force": true}', "force: unknown argument for pipeline (arguments: action, name)"),
-])
+@pytest.mark.parametrize(
+    ("payload", "words"),
+    [
+        (b"{}", "name: required (a string)"),
+        (b'{"name": "gate", "action": "pause"}', 'action: expected one of "start", "stop", "restart", got "pause"'),
+        (b'{"name": 3, "action": "stop"}', "name: expected a string, got 3"),
+        (
+            b'{"name": "gate", "action": "stop", "force": true}',
+            "force: unknown argument for pipeline (arguments: action, name)",
+        ),
+    ],
+)
 def test_wrong_arguments_are_refused_before_the_handler(payload: bytes, words: str) -> None:
     d, _ = dispatcher()
     calls: list[dict] = []
@@ -60,7 +69,9 @@ def test_wrong_arguments_are_refused_before_the_handler(payload: bytes, words: s
 def test_handlers_are_a_registry_and_their_failures_are_replies() -> None:
     d, _ = dispatcher()
     d.register("pipeline", lambda args: {"name": args["name"], "state": "stopped"})
-    d.register("reload", lambda args: (_ for _ in ()).throw(CommandError("profile.yaml:3: device.id: required", "bad_profile")))
+    d.register(
+        "reload", lambda args: (_ for _ in ()).throw(CommandError("profile.yaml:3: device.id: required", "bad_profile"))
+    )
     d.register("update", lambda args: 1 / 0)
     d.register("snapshot", lambda args: b"\xff\xd8jpeg")
     assert d.handle("pipeline", b'{"name": "gate", "action": "stop"}')["result"] == {"name": "gate", "state": "stopped"}
@@ -83,7 +94,9 @@ def test_replies_over_the_broker_honour_response_topic_and_correlation(broker: M
         sub.publish(f"edge/{dev}/cmd/ping", b"not json")
         sub.publish(f"edge/{dev}/cmd/nope", b"{}")
         sub.publish(f"edge/{dev}/cmd/ping", b"{}")  # still alive after the bad ones
-        replies = sub.wait_for(lambda: len(sub.payloads(f"edge/{dev}/cmd/ping/reply")) >= 2 and sub.payloads(f"edge/{dev}/cmd/nope/reply"))
+        replies = sub.wait_for(
+            lambda: len(sub.payloads(f"edge/{dev}/cmd/ping/reply")) >= 2 and sub.payloads(f"edge/{dev}/cmd/nope/reply")
+        )
         assert replies
         pings = sub.payloads(f"edge/{dev}/cmd/ping/reply")
         assert [p["ok"] for p in pings] == [False, True] and pings[0]["error"]["code"] == "bad_json"

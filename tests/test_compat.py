@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
 
 from agent.device import compat
-from agent.device.compat import AI_ONNX, AI_ONNX_ML, ModelFormatError, caps_for, probe_model, read_header, refusal, summarize
+from agent.device.compat import (
+    AI_ONNX,
+    AI_ONNX_ML,
+    ModelFormatError,
+    caps_for,
+    probe_model,
+    read_header,
+    refusal,
+    summarize,
+)
 
 try:
     HAVE_ONNX = importlib.util.find_spec("onnx") is not None
@@ -18,13 +27,16 @@ except ImportError:
 
 
 @pytest.mark.arm64
-@pytest.mark.parametrize("ir,opsets", [
-    (3, {AI_ONNX: 7}),
-    (8, {AI_ONNX: 13}),
-    (10, {AI_ONNX: 18, AI_ONNX_ML: 3}),
-    (14, {AI_ONNX: 29}),  # newer than any runtime: the reader must not care
-    (8, {AI_ONNX: 13, "com.example.vision": 1}),
-])
+@pytest.mark.parametrize(
+    "ir,opsets",
+    [
+        (3, {AI_ONNX: 7}),
+        (8, {AI_ONNX: 13}),
+        (10, {AI_ONNX: 18, AI_ONNX_ML: 3}),
+        (14, {AI_ONNX: 29}),  # newer than any runtime: the reader must not care
+        (8, {AI_ONNX: 13, "com.example.vision": 1}),
+    ],
+)
 def test_header_reader_reads_ir_and_opsets(ir: int, opsets: dict[str, int]) -> None:
     header = read_header(probe_model(ir, opsets))
     assert header.ir_version == ir and header.opsets == opsets and header.producer == "edge-agent"
@@ -39,11 +51,14 @@ def test_header_reader_skips_the_graph_in_a_file(tmp_path: Path) -> None:
 
 
 @pytest.mark.arm64
-@pytest.mark.parametrize("data,message", [
-    (b"", "no IR version"),
-    (b"\x08\x08", "no opset imports"),
-    (b"hello, this is not a model at all", "not an ONNX model"),
-])
+@pytest.mark.parametrize(
+    "data,message",
+    [
+        (b"", "no IR version"),
+        (b"\x08\x08", "no opset imports"),
+        (b"hello, this is not a model at all", "not an ONNX model"),
+    ],
+)
 def test_header_reader_refuses_what_is_not_a_model(data: bytes, message: str) -> None:
     with pytest.raises(ModelFormatError, match=message):
         read_header(data)
@@ -57,10 +72,20 @@ def test_header_reader_notices_a_truncated_file() -> None:
 
 
 @pytest.mark.arm64
-@pytest.mark.parametrize("release,ai_onnx,ir,ml", [
-    ("1.10.0", 15, 8, 2), ("1.11.1", 16, 8, 2), ("1.13.1", 17, 8, 3), ("1.16.3", 19, 9, 3), ("1.20.1", 21, 10, 5),
-    ("1.23.2", 23, 11, 5), ("1.31.1", 26, 13, 5), ("1.32.0", 28, 14, 5), ("1.40.0", 28, 14, 5),
-])
+@pytest.mark.parametrize(
+    "release,ai_onnx,ir,ml",
+    [
+        ("1.10.0", 15, 8, 2),
+        ("1.11.1", 16, 8, 2),
+        ("1.13.1", 17, 8, 3),
+        ("1.16.3", 19, 9, 3),
+        ("1.20.1", 21, 10, 5),
+        ("1.23.2", 23, 11, 5),
+        ("1.31.1", 26, 13, 5),
+        ("1.32.0", 28, 14, 5),
+        ("1.40.0", 28, 14, 5),
+    ],
+)
 def test_runtime_table(release: str, ai_onnx: int, ir: int, ml: int) -> None:
     caps = caps_for(release)
     assert (caps.opsets[AI_ONNX], caps.ir_version, caps.opsets[AI_ONNX_ML]) == (ai_onnx, ir, ml)
@@ -74,8 +99,11 @@ def test_installed_runtime_is_verified_by_loading_probe_models() -> None:
     proven = compat.verify_caps(table)
     assert proven.verified
     # The table was measured; the probe must agree with it on the installed release.
-    assert (proven.opsets[AI_ONNX], proven.ir_version, proven.opsets[AI_ONNX_ML]) == \
-        (table.opsets[AI_ONNX], table.ir_version, table.opsets[AI_ONNX_ML])
+    assert (proven.opsets[AI_ONNX], proven.ir_version, proven.opsets[AI_ONNX_ML]) == (
+        table.opsets[AI_ONNX],
+        table.ir_version,
+        table.opsets[AI_ONNX_ML],
+    )
 
 
 @pytest.mark.arm64
@@ -94,15 +122,23 @@ def test_refusal_reasons() -> None:
     assert refusal(caps, "fp32", 8, {AI_ONNX: 26}) is None
     assert refusal(caps, "fp32", 8, {AI_ONNX: 27}) == "variant fp32 needs ai.onnx opset 27; this runtime loads up to 26"
     assert refusal(caps, "fp32", 14, {AI_ONNX: 13}) == "variant fp32 needs IR version 14; this runtime loads up to 13"
-    assert refusal(caps, "m", 8, {AI_ONNX: 13, AI_ONNX_ML: 6}) == "variant m needs ai.onnx.ml opset 6; this runtime loads up to 5"
+    assert (
+        refusal(caps, "m", 8, {AI_ONNX: 13, AI_ONNX_ML: 6})
+        == "variant m needs ai.onnx.ml opset 6; this runtime loads up to 5"
+    )
     assert refusal(caps, "x", 8, {AI_ONNX: 13, "com.example.vision": 1}) == (
-        "variant x needs custom domain 'com.example.vision' (opset 1); no custom-op library for it is registered here")
+        "variant x needs custom domain 'com.example.vision' (opset 1); no custom-op library for it is registered here"
+    )
     assert refusal(caps, "x", 8, {AI_ONNX: 13, "com.microsoft": 1}) is None
-    assert refusal(caps, "arm", 8, {AI_ONNX: 13}, architectures=("aarch64",)) == \
-        "variant arm is built for aarch64; this device is x86_64"
+    assert (
+        refusal(caps, "arm", 8, {AI_ONNX: 13}, architectures=("aarch64",))
+        == "variant arm is built for aarch64; this device is x86_64"
+    )
     assert refusal(caps, "any", 8, {AI_ONNX: 13}, architectures=("amd64",)) is None
-    assert refusal(caps, "new", 8, {AI_ONNX: 13}, min_runtime_version="1.40") == \
-        "variant new needs onnxruntime 1.40 or newer; this is 1.31.1"
+    assert (
+        refusal(caps, "new", 8, {AI_ONNX: 13}, min_runtime_version="1.40")
+        == "variant new needs onnxruntime 1.40 or newer; this is 1.31.1"
+    )
     registered = caps_for("1.31.1", custom_domains=frozenset({"com.example.vision"}))
     assert refusal(registered, "x", 8, {AI_ONNX: 13, "com.example.vision": 1}) is None
 
@@ -123,16 +159,21 @@ def test_summary_of_a_probe_model() -> None:
     assert [o.name for o in s.outputs] == ["y"] and dict(s.ops) == {"Identity": 1}
 
 
-@pytest.mark.parametrize("name,ir,opset", [("ppocr-det", 8, 12), ("silero-vad", 8, 16), ("silero-vad-op15", 8, 15),
-                                           ("silero-vad-op18", 10, 18)])
+@pytest.mark.parametrize(
+    "name,ir,opset",
+    [("ppocr-det", 8, 12), ("silero-vad", 8, 16), ("silero-vad-op15", 8, 15), ("silero-vad-op18", 10, 18)],
+)
 def test_sample_models_read_by_hand(sample_model: Callable[[str], Path], name: str, ir: int, opset: int) -> None:
     path = sample_model(name)
     header = read_header(path)
     assert header.ir_version == ir and header.opsets[AI_ONNX] == opset
     s = summarize(path)
     if name.startswith("silero"):
-        assert {i.name for i in s.inputs} == {"input", "state", "sr"} and {o.name for o in s.outputs} == {"output", "stateN"}
-        assert dict((i.name, i.type) for i in s.inputs)["sr"] == "int64"
+        assert {i.name for i in s.inputs} == {"input", "state", "sr"} and {o.name for o in s.outputs} == {
+            "output",
+            "stateN",
+        }
+        assert {i.name: i.type for i in s.inputs}["sr"] == "int64"
     else:
         assert [i.name for i in s.inputs] == ["x"] and s.inputs[0].shape[1] == 3 and s.ops["Conv"] > 10
     if HAVE_ONNX:
@@ -152,8 +193,10 @@ def test_tiny_models_from_the_onnx_helper_agree(tmp_path: Path) -> None:
     pytest.importorskip("onnx")
     from tests.helpers.models import custom_domain_model, save, unary_model
 
-    for model, want in ((unary_model(opset=27, ir_version=14), (14, {AI_ONNX: 27})),
-                        (custom_domain_model(), (8, {AI_ONNX: 13, "com.example.vision": 1})),
-                        (unary_model(opset=13, extra_opsets={AI_ONNX_ML: 3}), (8, {AI_ONNX: 13, AI_ONNX_ML: 3}))):
+    for model, want in (
+        (unary_model(opset=27, ir_version=14), (14, {AI_ONNX: 27})),
+        (custom_domain_model(), (8, {AI_ONNX: 13, "com.example.vision": 1})),
+        (unary_model(opset=13, extra_opsets={AI_ONNX_ML: 3}), (8, {AI_ONNX: 13, AI_ONNX_ML: 3})),
+    ):
         header = read_header(save(model, tmp_path / "m.onnx"))
         assert (header.ir_version, header.opsets) == want

@@ -48,8 +48,13 @@ START = textwrap.dedent(
 
 def start(state_dir: Path, how: str, new: str = "1.5.0", old: str = "1.4.0") -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONFAULTHANDLER": ""}
-    return subprocess.run([sys.executable, "-c", START, str(state_dir), new, old, how],
-                          capture_output=True, text=True, env=env, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-c", START, str(state_dir), new, old, how],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
 
 
 def test_three_crashes_in_a_row_then_the_previous_version(tmp_path: Path) -> None:
@@ -59,8 +64,10 @@ def test_three_crashes_in_a_row_then_the_previous_version(tmp_path: Path) -> Non
         assert died.returncode == expected and died.stdout == "loading 1.5.0\n", died.stderr
     fourth = start(tmp_path, "ok")
     assert fourth.returncode == 0
-    assert fourth.stdout.startswith("serving 1.4.0 because model text-detector version 1.5.0 was loading when "
-                                    "the agent died 3 starts in a row (last began 20")
+    assert fourth.stdout.startswith(
+        "serving 1.4.0 because model text-detector version 1.5.0 was loading when "
+        "the agent died 3 starts in a row (last began 20"
+    )
     assert fourth.stdout.rstrip().endswith("; starting on 1.4.0 instead")
     # Remembered: later starts do not try it again, and say the same.
     assert start(tmp_path, "ok").stdout == fourth.stdout
@@ -72,8 +79,12 @@ def test_three_crashes_in_a_row_then_the_previous_version(tmp_path: Path) -> Non
 def test_sigkill_from_outside_in_the_middle_of_a_load(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     for _ in range(3):
-        child = subprocess.Popen([sys.executable, "-c", START, str(tmp_path), "1.5.0", "1.4.0", "hang"],
-                                 stdout=subprocess.PIPE, text=True, env=env)
+        child = subprocess.Popen(
+            [sys.executable, "-c", START, str(tmp_path), "1.5.0", "1.4.0", "hang"],
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
         assert child.stdout is not None and child.stdout.readline() == "loading 1.5.0\n"
         child.kill()  # kill -9, as the OOM killer or systemd's watchdog would
         assert child.wait(30) == -signal.SIGKILL
@@ -127,13 +138,20 @@ def test_forget_gives_a_crashing_version_another_chance(tmp_path: Path) -> None:
 
 def test_models_are_counted_apart_and_the_limit_is_a_setting(tmp_path: Path) -> None:
     guard = CrashGuard(tmp_path, limit=1)
-    record = {"models": {
-        "a": {"pending": {"version": "2", "previous": None, "attempts": 1, "pid": 1, "process": "dead", "since": "x"}},
-        "b": {"pending": {"version": "7", "previous": "6", "attempts": 1, "pid": 1, "process": "dead", "since": "x"}},
-    }}
+    record = {
+        "models": {
+            "a": {
+                "pending": {"version": "2", "previous": None, "attempts": 1, "pid": 1, "process": "dead", "since": "x"}
+            },
+            "b": {
+                "pending": {"version": "7", "previous": "6", "attempts": 1, "pid": 1, "process": "dead", "since": "x"}
+            },
+        }
+    }
     (tmp_path / FILE_NAME).write_text(json.dumps(record))
-    assert guard.should_skip("a", "2") == ("model a version 2 was loading when the agent died 1 starts in a row "
-                                           "(last began x); starting without it")
+    assert guard.should_skip("a", "2") == (
+        "model a version 2 was loading when the agent died 1 starts in a row (last began x); starting without it"
+    )
     assert guard.pending("b") is not None and guard.crashed("b") == {}
     assert CrashGuard(tmp_path).should_skip("b", "7") is None  # the default limit is 3
     with pytest.raises(ValueError):

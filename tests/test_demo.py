@@ -14,8 +14,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import psutil
 import pytest
@@ -27,10 +27,14 @@ REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
 
 # 12:24:09  text@1.0.0    CPU         5.3    86.5    97.1   0.0          2-6  3 [47,38,326,89] [47,128,234,177] ...
-ROW = re.compile(r"^\d\d:\d\d:\d\d  text@(?P<version>\S+)\s+(?P<provider>\S+)\s+(?P<fps>[\d.]+|-)\s+(?P<p50>[\d.]+)\s+"
-                 r"(?P<p95>[\d.]+)\s+\S+\s+(?P<seq>[\d-]+)\s+(?P<boxes>\d+)(?P<coords>( \[\d+,\d+,\d+,\d+\])*)( \.\.\.)?$")
-SUMMARY = re.compile(r"^summary: (?P<results>\d+) results, .*seq gaps (?P<gaps>\d+), duplicates (?P<dups>\d+), "
-                     r"versions seen (?P<versions>[^(,]+?)( \(swap at seq \d+\))?, ")
+ROW = re.compile(
+    r"^\d\d:\d\d:\d\d  text@(?P<version>\S+)\s+(?P<provider>\S+)\s+(?P<fps>[\d.]+|-)\s+(?P<p50>[\d.]+)\s+"
+    r"(?P<p95>[\d.]+)\s+\S+\s+(?P<seq>[\d-]+)\s+(?P<boxes>\d+)(?P<coords>( \[\d+,\d+,\d+,\d+\])*)( \.\.\.)?$"
+)
+SUMMARY = re.compile(
+    r"^summary: (?P<results>\d+) results, .*seq gaps (?P<gaps>\d+), duplicates (?P<dups>\d+), "
+    r"versions seen (?P<versions>[^(,]+?)( \(swap at seq \d+\))?, "
+)
 
 
 class DemoRun:
@@ -44,8 +48,15 @@ class DemoRun:
         self.stderr_path = tmp_path / "demo.stderr"
         self.started = time.monotonic()
         with open(self.stderr_path, "wb") as err:
-            self.proc = subprocess.Popen([sys.executable, "-m", "agent", "demo", "--no-color", *args], cwd=REPO, env=env,
-                                         stdout=subprocess.PIPE, stderr=err, text=True, start_new_session=True)
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "agent", "demo", "--no-color", *args],
+                cwd=REPO,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=err,
+                text=True,
+                start_new_session=True,
+            )
         self.lines: list[str] = []
         self.seen: dict[int, tuple[float, str]] = {}  # pid -> (create time, command line) of every descendant
         self.first_row_at: float | None = None
@@ -130,8 +141,13 @@ def ppocr(sample_model: Callable[[str], Path]) -> Path:
 @pytest.mark.skipif(mosquitto_binary() is None, reason="mosquitto is not installed")
 def test_demo_prints_results_and_the_hot_swap_then_ctrl_c_leaves_nothing(tmp_path: Path, ppocr: Path) -> None:
     run = DemoRun(tmp_path)
-    swapped = run.wait_for(lambda: any(m["version"] == "1.1.0" for m in run.rows()[-3:])
-                           and sum(m["version"] == "1.1.0" for m in run.rows()) >= 2, timeout=60)
+    swapped = run.wait_for(
+        lambda: (
+            any(m["version"] == "1.1.0" for m in run.rows()[-3:])
+            and sum(m["version"] == "1.1.0" for m in run.rows()) >= 2
+        ),
+        timeout=60,
+    )
     assert swapped, f"no row with 1.1.0:\n{run.output()}"
     run.interrupt()
     code = run.finish(timeout=40)
@@ -149,7 +165,11 @@ def test_demo_prints_results_and_the_hot_swap_then_ctrl_c_leaves_nothing(tmp_pat
     assert len(with_boxes) >= len(rows) - 2, out
     versions = [m["version"] for m in rows]
     assert versions[0] == "1.0.0" and "1.1.0" in versions, versions
-    assert versions.index("1.1.0") > 0 and all(v == "1.1.0" for v in versions[versions.index("1.1.0"):]) or "rolled back" in out
+    assert (
+        versions.index("1.1.0") > 0
+        and all(v == "1.1.0" for v in versions[versions.index("1.1.0") :])
+        or "rolled back" in out
+    )
 
     assert "model.swapped" in out and "1.1.0 (was 1.0.0)" in out, out
     summary = run.summary()
@@ -175,6 +195,11 @@ def test_demo_with_the_embedded_broker_and_a_duration(tmp_path: Path, ppocr: Pat
 
 
 def test_demo_rejects_a_bad_port_base() -> None:
-    result = subprocess.run([sys.executable, "-m", "agent", "demo", "--port-base", "80"], cwd=REPO,
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "agent", "demo", "--port-base", "80"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 2 and "--port-base" in result.stderr, result.stderr

@@ -10,7 +10,15 @@ from typing import Any
 import pytest
 
 from agent.models.deploy import (
-    Canary, DeployOrder, OrderError, applies_to, effective_order, new_order, parse_order, parse_target, sign_order,
+    Canary,
+    DeployOrder,
+    OrderError,
+    applies_to,
+    effective_order,
+    new_order,
+    parse_order,
+    parse_target,
+    sign_order,
 )
 from agent.models.signing import generate_keypair, load_private_key, load_public_keys, sign
 
@@ -77,7 +85,9 @@ def test_refusals_say_why_in_one_line(keys: Any) -> None:
     o = order()
     payload = sign_order(o, private)
     assert refusal(b"{nope", public).startswith("deployment order is not JSON (")
-    assert refusal(b'{"order": {}, "sig": {}}', public) == 'deployment order is not {"order": "<JSON text>", "sig": {...}}'
+    assert (
+        refusal(b'{"order": {}, "sig": {}}', public) == 'deployment order is not {"order": "<JSON text>", "sig": {...}}'
+    )
     assert refusal(b"[1]", public) == 'deployment order is not {"order": "<JSON text>", "sig": {...}}'
     assert refusal(b"x" * 70000, public) == "deployment order is 70000 bytes; the limit is 65536"
 
@@ -91,7 +101,10 @@ def test_refusals_say_why_in_one_line(keys: Any) -> None:
 
     bad_sig = json.loads(payload)
     bad_sig["sig"] = {"alg": "rsa", "key": "x", "sig": ""}
-    assert refusal(json.dumps(bad_sig).encode(), public) == f"signature of deployment order {o.id} uses 'rsa'; only ed25519 is accepted"
+    assert (
+        refusal(json.dumps(bad_sig).encode(), public)
+        == f"signature of deployment order {o.id} uses 'rsa'; only ed25519 is accepted"
+    )
 
 
 def test_expired_orders_are_refused(keys: Any) -> None:
@@ -99,30 +112,39 @@ def test_expired_orders_are_refused(keys: Any) -> None:
     o = order(expires_in=timedelta(minutes=10))
     assert parse_order(sign_order(o, private), public, now=NOW + timedelta(minutes=9)) == o
     msg = refusal(sign_order(o, private), public, now=NOW + timedelta(minutes=10))
-    assert msg == f"deployment order {o.id} expired at 2026-11-25T12:10:00Z; issue a new one with `edge-agent fleet deploy`"
+    assert (
+        msg
+        == f"deployment order {o.id} expired at 2026-11-25T12:10:00Z; issue a new one with `edge-agent fleet deploy`"
+    )
     with pytest.raises(OrderError) as info:
         parse_order(sign_order(o, private), public, now=NOW + timedelta(days=1))
     assert info.value.order_id == o.id
 
 
-@pytest.mark.parametrize("changes, message", [
-    ({"model": "../etc"}, "model: '../etc' is not a name (letters, digits, '_', '.' and '-', up to 64, starting with a letter or digit)"),
-    ({"model": ".hidden"}, "model: '.hidden' is not a name"),
-    ({"version": "1/2"}, "version: '1/2' is not a name"),
-    ({"version": 15}, "version: expected a string, got int 15"),
-    ({"target": "cam-1"}, "target 'cam-1' must be device:ID or group:NAME"),
-    ({"target": "device:a/b"}, "device 'a/b' in target 'device:a/b' is not a name"),
-    ({"target": "site:x"}, "target 'site:x' must be device:ID or group:NAME"),
-    ({"schema": 2}, "schema: expected 1, got 2"),
-    ({"schema": True}, "schema: expected 1, got True"),
-    ({"extra": 1}, "unknown key 'extra'"),
-    ({"allow_older": "yes"}, "allow_older: expected true or false, got 'yes'"),
-    ({"issued": "yesterday"}, "issued: 'yesterday' is not an ISO 8601 time"),
-    ({"expires": "2026-12-01T00:00:00"}, "expires: '2026-12-01T00:00:00' has no UTC offset"),
-    ({"expires": "2026-11-25T11:00:00Z"}, "expires is not after issued"),
-    ({"canary": {"group": "g"}}, 'canary: expected {"group": NAME, "devices": [ID, ...]}'),
-    ({"canary": {"group": "g", "devices": ["a/b"]}}, "canary.devices: expected a list of device ids"),
-])
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        (
+            {"model": "../etc"},
+            "model: '../etc' is not a name (letters, digits, '_', '.' and '-', up to 64, starting with a letter or digit)",
+        ),
+        ({"model": ".hidden"}, "model: '.hidden' is not a name"),
+        ({"version": "1/2"}, "version: '1/2' is not a name"),
+        ({"version": 15}, "version: expected a string, got int 15"),
+        ({"target": "cam-1"}, "target 'cam-1' must be device:ID or group:NAME"),
+        ({"target": "device:a/b"}, "device 'a/b' in target 'device:a/b' is not a name"),
+        ({"target": "site:x"}, "target 'site:x' must be device:ID or group:NAME"),
+        ({"schema": 2}, "schema: expected 1, got 2"),
+        ({"schema": True}, "schema: expected 1, got True"),
+        ({"extra": 1}, "unknown key 'extra'"),
+        ({"allow_older": "yes"}, "allow_older: expected true or false, got 'yes'"),
+        ({"issued": "yesterday"}, "issued: 'yesterday' is not an ISO 8601 time"),
+        ({"expires": "2026-12-01T00:00:00"}, "expires: '2026-12-01T00:00:00' has no UTC offset"),
+        ({"expires": "2026-11-25T11:00:00Z"}, "expires is not after issued"),
+        ({"canary": {"group": "g"}}, 'canary: expected {"group": NAME, "devices": [ID, ...]}'),
+        ({"canary": {"group": "g", "devices": ["a/b"]}}, "canary.devices: expected a list of device ids"),
+    ],
+)
 def test_strict_parse_names_the_field(keys: Any, changes: dict[str, Any], message: str) -> None:
     private, public, _ = keys
     doc = good_doc(**changes)
@@ -163,7 +185,10 @@ def test_effective_order_is_the_newest_that_applies() -> None:
     device_v2 = order(target="device:cam-1", version="2.0", now=NOW)
     group_v3 = order(target="group:north-gate", version="3.0", now=NOW + timedelta(minutes=5))
     other_group = order(target="group:south", version="9.0", now=NOW + timedelta(minutes=9))
-    assert effective_order([device_v2, None, group_v3, other_group], "cam-1", "north-gate", now=NOW + timedelta(minutes=6)) == group_v3
+    assert (
+        effective_order([device_v2, None, group_v3, other_group], "cam-1", "north-gate", now=NOW + timedelta(minutes=6))
+        == group_v3
+    )
     assert effective_order([device_v2, None], "cam-1", "north-gate", now=NOW) == device_v2
     assert effective_order([device_v2], "cam-1", "north-gate", now=NOW + timedelta(days=8)) is None  # expired
     assert effective_order([None, other_group], "cam-1", "north-gate", now=NOW) is None

@@ -37,9 +37,9 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -94,7 +94,12 @@ def parse_blocks(path: Path) -> list[Block]:
         i += 1
         while i < len(lines):
             close = FENCE.match(lines[i])
-            if close and close.group("fence")[0] == fence[0] and len(close.group("fence")) >= len(fence) and not close.group("info").strip():
+            if (
+                close
+                and close.group("fence")[0] == fence[0]
+                and len(close.group("fence")) >= len(fence)
+                and not close.group("info").strip()
+            ):
                 break
             text = lines[i]
             body.append(text[indent:] if text[:indent].strip() == "" else text.lstrip())
@@ -125,10 +130,14 @@ def files_with_runnable_blocks() -> list[Path]:
 def auth_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Mosquitto, Path]]:
     work = tmp_path_factory.mktemp("docs-auth-broker")
     passwd = work / "passwd"
-    subprocess.run(["mosquitto_passwd", "-b", "-c", str(passwd), AUTH_USER, AUTH_PASSWORD], check=True, capture_output=True)
+    subprocess.run(
+        ["mosquitto_passwd", "-b", "-c", str(passwd), AUTH_USER, AUTH_PASSWORD], check=True, capture_output=True
+    )
     password_file = work / "password"
     password_file.write_text(AUTH_PASSWORD)
-    stay_root = "user root\n" if os.geteuid() == 0 else ""  # mosquitto as root drops to a user who cannot read pytest's tmp
+    stay_root = (
+        "user root\n" if os.geteuid() == 0 else ""
+    )  # mosquitto as root drops to a user who cannot read pytest's tmp
     mosq = Mosquitto(work / "mosquitto", extra_conf=f"{stay_root}password_file {passwd}\n", anonymous=False).start()
     yield mosq, password_file
     mosq.stop()
@@ -147,29 +156,33 @@ def start_registry(root: Path, cwd: Path) -> tuple[subprocess.Popen[str], str]:
     return start_cli_server(root, cwd=cwd)
 
 
-def block_env(work: Path, broker: Mosquitto, auth: tuple[Mosquitto, Path], registry_url: str, samples: dict[str, Path]) -> dict[str, str]:
+def block_env(
+    work: Path, broker: Mosquitto, auth: tuple[Mosquitto, Path], registry_url: str, samples: dict[str, Path]
+) -> dict[str, str]:
     from agent.cloud.samples import cache_dir
 
     home = work.parent / "home"
     home.mkdir(exist_ok=True)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("EDGE_", "PYTEST_"))}
-    env.update({
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '/usr/bin:/bin')}",
-        "HOME": str(home),
-        "XDG_CACHE_HOME": str(home / ".cache"),
-        "EDGE_AGENT_CACHE": str(cache_dir().parent),  # sample models stay where they were fetched
-        "EDGE_BROKER": broker.url,
-        "EDGE_BROKER_AUTH": auth[0].url,
-        "EDGE_BROKER_USER": AUTH_USER,
-        "EDGE_BROKER_PASSWORD_FILE": str(auth[1]),
-        "EDGE_REGISTRY": registry_url,
-        "EDGE_REGISTRY_ROOT": str(work / "registry"),
-        "EDGE_SAMPLE_MODEL": str(samples["ppocr-det"]),
-        "EDGE_SAMPLES": str(samples["ppocr-det"].parent),
-        "EDGE_REPO": str(REPO),
-        "EDGE_DOCS_TEST": "1",
-        "PYTHONUNBUFFERED": "1",
-    })
+    env.update(
+        {
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '/usr/bin:/bin')}",
+            "HOME": str(home),
+            "XDG_CACHE_HOME": str(home / ".cache"),
+            "EDGE_AGENT_CACHE": str(cache_dir().parent),  # sample models stay where they were fetched
+            "EDGE_BROKER": broker.url,
+            "EDGE_BROKER_AUTH": auth[0].url,
+            "EDGE_BROKER_USER": AUTH_USER,
+            "EDGE_BROKER_PASSWORD_FILE": str(auth[1]),
+            "EDGE_REGISTRY": registry_url,
+            "EDGE_REGISTRY_ROOT": str(work / "registry"),
+            "EDGE_SAMPLE_MODEL": str(samples["ppocr-det"]),
+            "EDGE_SAMPLES": str(samples["ppocr-det"].parent),
+            "EDGE_REPO": str(REPO),
+            "EDGE_DOCS_TEST": "1",
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
     return env
 
 
@@ -211,8 +224,15 @@ def run_block(block: Block, work: Path, env: dict[str, str], index: int) -> None
     cwd = REPO if block.attrs.get("cwd") == "repo" else work
     started = time.monotonic()
     with log.open("wb") as out:
-        proc = subprocess.Popen(["bash", "-e", str(script)], cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
+        proc = subprocess.Popen(
+            ["bash", "-e", str(script)],
+            cwd=cwd,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         try:
             rc: int | None = proc.wait(block.timeout)
         except subprocess.TimeoutExpired:
@@ -226,14 +246,17 @@ def run_block(block: Block, work: Path, env: dict[str, str], index: int) -> None
     output = log.read_text(errors="replace").splitlines()
     tail = "\n".join(output[-60:]) or "(no output)"
     status = f"timed out after {block.timeout:g}s" if rc is None else f"exit status {rc} after {took:.1f}s"
-    pytest.fail(f"{block.where}: runnable block failed ({status}), run in {cwd}\n"
-                f"--- block ---\n{block.body}--- output{' (last 60 lines)' if len(output) > 60 else ''} ---\n{tail}",
-                pytrace=False)
+    pytest.fail(
+        f"{block.where}: runnable block failed ({status}), run in {cwd}\n"
+        f"--- block ---\n{block.body}--- output{' (last 60 lines)' if len(output) > 60 else ''} ---\n{tail}",
+        pytrace=False,
+    )
 
 
 @pytest.mark.parametrize("doc", files_with_runnable_blocks(), ids=lambda p: str(p.relative_to(REPO)))
-def test_runnable_blocks(doc: Path, tmp_path: Path, broker: Mosquitto, auth_broker: tuple[Mosquitto, Path],
-                         samples: dict[str, Path]) -> None:
+def test_runnable_blocks(
+    doc: Path, tmp_path: Path, broker: Mosquitto, auth_broker: tuple[Mosquitto, Path], samples: dict[str, Path]
+) -> None:
     work = tmp_path / "work"
     (work / "registry").mkdir(parents=True)
     server, url = start_registry(work / "registry", cwd=work)
@@ -268,26 +291,38 @@ def test_block_attributes_are_known() -> None:
         for block in parse_blocks(doc):
             unknown = [w for w in block.words[1:] if w.partition("=")[0] not in KNOWN_ATTRS]
             if unknown:
-                problems.append(f"{block.where}: unknown word(s) in the info string: {' '.join(unknown)} "
-                                f"(known: runnable, timeout=SECONDS, file=NAME, cwd=repo)")
+                problems.append(
+                    f"{block.where}: unknown word(s) in the info string: {' '.join(unknown)} "
+                    f"(known: runnable, timeout=SECONDS, file=NAME, cwd=repo)"
+                )
             if "runnable" in block.attrs and block.lang not in RUNNABLE_LANGS:
-                problems.append(f"{block.where}: only sh/bash blocks can be runnable, not {block.lang or 'a block without language'}")
+                problems.append(
+                    f"{block.where}: only sh/bash blocks can be runnable, not {block.lang or 'a block without language'}"
+                )
             if "timeout" in block.attrs and not re.fullmatch(r"\d+(\.\d+)?", block.attrs["timeout"]):
                 problems.append(f"{block.where}: timeout must be a number of seconds")
             if "cwd" in block.attrs and block.attrs["cwd"] != "repo":
                 problems.append(f"{block.where}: cwd can only be repo")
-            if "file" in block.attrs and (not block.attrs["file"] or block.attrs["file"].startswith("/") or ".." in block.attrs["file"]):
+            if "file" in block.attrs and (
+                not block.attrs["file"] or block.attrs["file"].startswith("/") or ".." in block.attrs["file"]
+            ):
                 problems.append(f"{block.where}: file= must be a relative path inside the working folder")
     assert not problems, "\n".join(problems)
 
 
 def test_parser_finds_blocks_as_commonmark_does(tmp_path: Path) -> None:
     doc = tmp_path / "x.md"
-    doc.write_text("text\n\n```sh runnable timeout=5\necho one\n```\n\n- item\n  ```yaml file=a.yaml\n  k: v\n  ```\n"
-                   "~~~~\n```sh runnable\nnot a block\n```\n~~~~\n````sh\n```\ninner\n````\n")
+    doc.write_text(
+        "text\n\n```sh runnable timeout=5\necho one\n```\n\n- item\n  ```yaml file=a.yaml\n  k: v\n  ```\n"
+        "~~~~\n```sh runnable\nnot a block\n```\n~~~~\n````sh\n```\ninner\n````\n"
+    )
     blocks = parse_blocks(doc)
     assert [(b.line, b.lang, b.attrs) for b in blocks] == [
-        (3, "sh", {"runnable": "", "timeout": "5"}), (8, "yaml", {"file": "a.yaml"}), (11, "", {}), (16, "sh", {})]
+        (3, "sh", {"runnable": "", "timeout": "5"}),
+        (8, "yaml", {"file": "a.yaml"}),
+        (11, "", {}),
+        (16, "sh", {}),
+    ]
     assert blocks[0].body == "echo one\n" and blocks[0].timeout == 5.0 and blocks[0].runnable
     assert blocks[1].body == "k: v\n"
     assert "not a block" in blocks[2].body and "inner" in blocks[3].body
@@ -305,13 +340,21 @@ def test_a_failing_block_reports_file_line_and_output(tmp_path: Path) -> None:
 
 
 def test_a_block_that_hangs_is_stopped_with_its_children(tmp_path: Path) -> None:
-    block = Block(REPO / "docs" / "x.md", 3, "sh", {"runnable": "", "timeout": "1"}, "sleep 300 &\necho $! > child.pid\nsleep 300\n")
+    block = Block(
+        REPO / "docs" / "x.md",
+        3,
+        "sh",
+        {"runnable": "", "timeout": "1"},
+        "sleep 300 &\necho $! > child.pid\nsleep 300\n",
+    )
     (tmp_path / "work").mkdir()
     with pytest.raises(pytest.fail.Exception, match="timed out after 1s"):
         run_block(block, tmp_path / "work", dict(os.environ), 1)
     child = int((tmp_path / "work" / "child.pid").read_text())
     stat = Path(f"/proc/{child}/stat")
-    assert not stat.exists() or stat.read_text().rsplit(")", 1)[1].split()[0] == "Z", "the block's background child survived"
+    assert not stat.exists() or stat.read_text().rsplit(")", 1)[1].split()[0] == "Z", (
+        "the block's background child survived"
+    )
 
 
 def test_every_doc_is_in_the_index() -> None:
@@ -340,13 +383,17 @@ def test_relative_links_point_at_files_that_exist() -> None:
 
 
 def test_profile_reference_is_generated_from_the_current_schema() -> None:
-    spec = importlib.util.spec_from_file_location("gen_profile_reference", REPO / "scripts" / "gen-profile-reference.py")
+    spec = importlib.util.spec_from_file_location(
+        "gen_profile_reference", REPO / "scripts" / "gen-profile-reference.py"
+    )
     assert spec and spec.loader
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     expected = module.render()
     current = (DOCS / "profile-reference.md").read_text()
-    assert current == expected, "docs/profile-reference.md is stale: run .venv/bin/python scripts/gen-profile-reference.py"
+    assert current == expected, (
+        "docs/profile-reference.md is stale: run .venv/bin/python scripts/gen-profile-reference.py"
+    )
 
 
 def test_profile_reference_names_every_key_of_the_schema() -> None:
@@ -354,11 +401,17 @@ def test_profile_reference_names_every_key_of_the_schema() -> None:
 
     schema = profile_schema()
     text = (DOCS / "profile-reference.md").read_text()
-    missing = [f"{name}.{key}" for name, obj in schema["$defs"].items() for key in obj.get("properties", {})
-               if key != "type" and f"| `{key}` |" not in text]
+    missing = [
+        f"{name}.{key}"
+        for name, obj in schema["$defs"].items()
+        for key in obj.get("properties", {})
+        if key != "type" and f"| `{key}` |" not in text
+    ]
     missing += [k for k in schema["properties"] if f"| `{k}` |" not in text]
     assert not missing, f"keys missing from docs/profile-reference.md: {missing}"
 
 
 def test_mosquitto_is_there() -> None:
-    assert shutil.which("mosquitto") or Path("/usr/sbin/mosquitto").exists(), "the docs test needs Mosquitto (scripts/test.sh installs it)"
+    assert shutil.which("mosquitto") or Path("/usr/sbin/mosquitto").exists(), (
+        "the docs test needs Mosquitto (scripts/test.sh installs it)"
+    )

@@ -8,15 +8,16 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pytest
 
 from agent.cloud.publish import npz_bytes
-from agent.transport.outbox import open_outbox
 from agent.models.store import Store
+from agent.transport.outbox import open_outbox
 from tests.helpers.broker import Mosquitto
 from tests.helpers.daemon_proc import REPO, AgentProcess, heavy_linear, sensor_csv, slow_on_data
 from tests.helpers.models import linear_model, save
@@ -39,18 +40,47 @@ def linear(tmp: Path, name: str, weight: float) -> Path:
 
 
 def events(sub: Subscriber, device: str, type_: str, version: str | None = None) -> list[dict[str, Any]]:
-    return [e for e in sub.payloads(f"edge/{device}/events")
-            if e["type"] == type_ and (version is None or e.get("version") == version)]
+    return [
+        e
+        for e in sub.payloads(f"edge/{device}/events")
+        if e["type"] == type_ and (version is None or e.get("version") == version)
+    ]
 
 
 def results(sub: Subscriber, device: str) -> list[dict[str, Any]]:
     return sub.payloads(f"edge/{device}/p/results")
 
 
-def deploy(broker: Mosquitto, reg: Registry, version: str, target: str, wait: str = "60s") -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "agent", "fleet", "deploy", "--broker", broker.url, "--model", "m",
-                           "--version", version, "--to", target, "--key", str(reg.key), "--wait", wait, "--settle", "0.5s"],
-                          capture_output=True, text=True, cwd=REPO, timeout=180)
+def deploy(
+    broker: Mosquitto, reg: Registry, version: str, target: str, wait: str = "60s"
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "agent",
+            "fleet",
+            "deploy",
+            "--broker",
+            broker.url,
+            "--model",
+            "m",
+            "--version",
+            version,
+            "--to",
+            target,
+            "--key",
+            str(reg.key),
+            "--wait",
+            wait,
+            "--settle",
+            "0.5s",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=180,
+    )
 
 
 def assert_no_gap(rows: list[dict[str, Any]], device: str) -> None:
@@ -67,12 +97,17 @@ def wait_until(check: Any, timeout: float, what: str, agents: list[AgentProcess]
     raise AssertionError(f"timed out waiting for {what}\n{logs}")
 
 
-def test_group_deploy_activates_refuses_and_rolls_back(tmp_path: Path, own_broker: Mosquitto, fleet_registry: Registry) -> None:
+def test_group_deploy_activates_refuses_and_rolls_back(
+    tmp_path: Path, own_broker: Mosquitto, fleet_registry: Registry
+) -> None:
     reg = fleet_registry
     reg.publish("m", "1.0.0", linear(tmp_path, "v1", 1.0), channel="stable")
     csv = sensor_csv(tmp_path / "sensor.csv")
     sub = Subscriber(own_broker.port, "edge/#")
-    agents = [AgentProcess(tmp_path, d, "g1", own_broker.url, reg.url, reg.public_key, csv=csv).start() for d in ("dev-a", "dev-b")]
+    agents = [
+        AgentProcess(tmp_path, d, "g1", own_broker.url, reg.url, reg.public_key, csv=csv).start()
+        for d in ("dev-a", "dev-b")
+    ]
     try:
         for a in agents:
             wait_until(lambda a=a: len(results(sub, a.device)) > 10, 60, f"{a.device} results", agents)
@@ -83,7 +118,12 @@ def test_group_deploy_activates_refuses_and_rolls_back(tmp_path: Path, own_broke
         assert out.returncode == 0, out.stdout + out.stderr
         for a in agents:
             assert events(sub, a.device, "model.active", "2.0.0"), a.stderr()[-2000:]
-            wait_until(lambda a=a: any(r["model_version"] == "2.0.0" for r in results(sub, a.device)[-5:]), 20, "v2 results", agents)
+            wait_until(
+                lambda a=a: any(r["model_version"] == "2.0.0" for r in results(sub, a.device)[-5:]),
+                20,
+                "v2 results",
+                agents,
+            )
             rows = results(sub, a.device)
             assert_no_gap(rows, a.device)
             v2 = [r for r in rows if r["model_version"] == "2.0.0"]
@@ -99,17 +139,26 @@ def test_group_deploy_activates_refuses_and_rolls_back(tmp_path: Path, own_broke
             refused = events(sub, a.device, "model.refused", "3.0.0")
             assert refused and "test vector" in refused[0]["reason"], refused
             before = len(results(sub, a.device))
-            wait_until(lambda a=a, n=before: len(results(sub, a.device)) > n + 10, 20, "results after the refusal", agents)
+            wait_until(
+                lambda a=a, n=before: len(results(sub, a.device)) > n + 10, 20, "results after the refusal", agents
+            )
             assert {r["model_version"] for r in results(sub, a.device)[before:]} == {"2.0.0"}
 
         # v4 loads and passes its tests but is far slower: probation rolls it back to v2.
         reg.publish("m", "4.0.0", heavy_linear(tmp_path / "v4.onnx", 2.0, size=256, layers=12), channel=None)
         deploy(own_broker, reg, "4.0.0", "group:g1", wait="0s")
         for a in agents:
-            rolled = wait_until(lambda a=a: events(sub, a.device, "model.rolled_back", "4.0.0"), 90, f"{a.device} rollback of v4", agents)
+            rolled = wait_until(
+                lambda a=a: events(sub, a.device, "model.rolled_back", "4.0.0"),
+                90,
+                f"{a.device} rollback of v4",
+                agents,
+            )
             assert "probation failed: inference p95" in rolled[0]["reason"] and rolled[0]["to"] == "2.0.0", rolled
             before = len(results(sub, a.device))
-            wait_until(lambda a=a, n=before: len(results(sub, a.device)) > n + 5, 20, "results after the rollback", agents)
+            wait_until(
+                lambda a=a, n=before: len(results(sub, a.device)) > n + 5, 20, "results after the rollback", agents
+            )
             assert {r["model_version"] for r in results(sub, a.device)[before:]} == {"2.0.0"}
             assert_no_gap(results(sub, a.device), a.device)
     finally:
@@ -128,8 +177,16 @@ def test_kill9_during_download_and_activation_leaves_a_verified_model(tmp_path: 
         reg.publish("m", "1.0.0", linear(tmp_path, "v1", 1.0), channel="stable")
         csv = sensor_csv(tmp_path / "sensor.csv", rows=50_000)
         sub = Subscriber(own_broker.port, "edge/#")
-        agent = AgentProcess(tmp_path, "dev-k", "g2", own_broker.url, reg.url, reg.public_key, csv=csv,
-                             registry={"probation": {"duration": 0}}).start()
+        agent = AgentProcess(
+            tmp_path,
+            "dev-k",
+            "g2",
+            own_broker.url,
+            reg.url,
+            reg.public_key,
+            csv=csv,
+            registry={"probation": {"duration": 0}},
+        ).start()
         wait_until(lambda: results(sub, "dev-k"), 60, "first results", [agent])
 
         # A 3 MB version downloads at 400 kB/s: kill -9 while it comes in, then start again.
@@ -155,9 +212,15 @@ def test_kill9_during_download_and_activation_leaves_a_verified_model(tmp_path: 
         assert store.active("m").version in ("2.0.0", "3.0.0")
         seen = len(results(sub, "dev-k"))
         agent.start()
-        wait_until(lambda: events(sub, "dev-k", "model.active", "3.0.0") or events(sub, "dev-k", "model.activated", "3.0.0"),
-                   60, "the deployment of v3 finished after the restart", [agent])
-        wait_until(lambda: any(r["model_version"] == "3.0.0" for r in results(sub, "dev-k")[seen:]), 30, "v3 results", [agent])
+        wait_until(
+            lambda: events(sub, "dev-k", "model.active", "3.0.0") or events(sub, "dev-k", "model.activated", "3.0.0"),
+            60,
+            "the deployment of v3 finished after the restart",
+            [agent],
+        )
+        wait_until(
+            lambda: any(r["model_version"] == "3.0.0" for r in results(sub, "dev-k")[seen:]), 30, "v3 results", [agent]
+        )
         assert Store(agent.state_dir).check("m") == []
         agent.stop()
         sub.close()
@@ -165,7 +228,9 @@ def test_kill9_during_download_and_activation_leaves_a_verified_model(tmp_path: 
         reg.server.stop()
 
 
-def test_sigterm_delivers_every_queued_result_before_exit(tmp_path: Path, own_broker: Mosquitto, fleet_registry: Registry) -> None:
+def test_sigterm_delivers_every_queued_result_before_exit(
+    tmp_path: Path, own_broker: Mosquitto, fleet_registry: Registry
+) -> None:
     reg = fleet_registry
     reg.publish("m", "1.0.0", linear(tmp_path, "v1", 1.0), channel="stable")
     csv = sensor_csv(tmp_path / "sensor.csv")
@@ -198,19 +263,31 @@ def datagrams(sock: socket.socket, seconds: float) -> list[tuple[float, str]]:
     while time.monotonic() < deadline:
         try:
             out.append((time.monotonic(), sock.recv(4096).decode()))
-        except socket.timeout:
+        except TimeoutError:
             pass
     return out
 
 
 @pytest.mark.parametrize("stuck", [False, True], ids=["healthy", "stuck-inference"])
-def test_watchdog_pings_only_while_inference_is_alive(tmp_path: Path, own_broker: Mosquitto, fleet_registry: Registry, stuck: bool) -> None:
+def test_watchdog_pings_only_while_inference_is_alive(
+    tmp_path: Path, own_broker: Mosquitto, fleet_registry: Registry, stuck: bool
+) -> None:
     # The stuck model is instant on its warm-up input and takes seconds on real rows.
     model = slow_on_data(tmp_path / "stuck.onnx", iterations_per_unit=10000) if stuck else linear(tmp_path, "fast", 1.0)
     csv = sensor_csv(tmp_path / "sensor.csv", rows=10_000)
     sock = notify_socket(tmp_path)
-    agent = AgentProcess(tmp_path, "dev-w", "g4", own_broker.url, fleet_registry.url, fleet_registry.public_key, csv=csv,
-                         model=str(model), rate=20, health={"stuck_after": "0.5s"})
+    agent = AgentProcess(
+        tmp_path,
+        "dev-w",
+        "g4",
+        own_broker.url,
+        fleet_registry.url,
+        fleet_registry.public_key,
+        csv=csv,
+        model=str(model),
+        rate=20,
+        health={"stuck_after": "0.5s"},
+    )
     agent.start(env={"NOTIFY_SOCKET": str(tmp_path / "notify.sock"), "WATCHDOG_USEC": "400000"})
     try:
         seen = datagrams(sock, 6 if not stuck else 4)
@@ -232,7 +309,9 @@ def test_watchdog_pings_only_while_inference_is_alive(tmp_path: Path, own_broker
         sock.close()
 
 
-def command(sub: Subscriber, device: str, name: str, args: dict[str, Any] | None = None, timeout: float = 30) -> dict[str, Any]:
+def command(
+    sub: Subscriber, device: str, name: str, args: dict[str, Any] | None = None, timeout: float = 30
+) -> dict[str, Any]:
     topic = f"edge/{device}/cmd/{name}/reply"
     before = len(sub.on(topic))
     sub.publish(f"edge/{device}/cmd/{name}", json.dumps(args or {}))
@@ -240,20 +319,37 @@ def command(sub: Subscriber, device: str, name: str, args: dict[str, Any] | None
     return json.loads(sub.on(topic)[before].payload)
 
 
-def test_commands_and_reload_on_a_running_agent(tmp_path: Path, own_broker: Mosquitto, fleet_registry: Registry) -> None:
+def test_commands_and_reload_on_a_running_agent(
+    tmp_path: Path, own_broker: Mosquitto, fleet_registry: Registry
+) -> None:
     from tests.helpers.models import unary_model
 
     model = save(unary_model("Relu", shape=(1, 3, 48, 64)), tmp_path / "relu.onnx")
     secret = tmp_path / "password"
     secret.write_text("hunter2\n")
     sub = Subscriber(own_broker.port, "edge/dev-c/#")
-    agent = AgentProcess(tmp_path, "dev-c", "g5", own_broker.url, fleet_registry.url, fleet_registry.public_key,
-                         csv=sensor_csv(tmp_path / "sensor.csv", rows=1000), rate=20)
+    agent = AgentProcess(
+        tmp_path,
+        "dev-c",
+        "g5",
+        own_broker.url,
+        fleet_registry.url,
+        fleet_registry.public_key,
+        csv=sensor_csv(tmp_path / "sensor.csv", rows=1000),
+        rate=20,
+    )
     profile = json.loads(agent.profile.read_text())
     profile["mqtt"]["password_file"] = str(secret)
     profile["mqtt"]["username"] = "dev-c"
-    profile["pipelines"] = [{"name": "cam", "model": str(model), "source": {"type": "synthetic", "fps": 10, "width": 320, "height": 240},
-                             "preprocess": {"resize": [64, 48]}, "postprocess": {"type": "raw", "outputs": ["y"], "round": 2}}]
+    profile["pipelines"] = [
+        {
+            "name": "cam",
+            "model": str(model),
+            "source": {"type": "synthetic", "fps": 10, "width": 320, "height": 240},
+            "preprocess": {"resize": [64, 48]},
+            "postprocess": {"type": "raw", "outputs": ["y"], "round": 2},
+        }
+    ]
     agent.profile.write_text(json.dumps(profile))
     agent.start()
     try:
@@ -274,8 +370,14 @@ def test_commands_and_reload_on_a_running_agent(tmp_path: Path, own_broker: Mosq
         assert image.shape == (120, 160, 3)
 
         bad = command(sub, "dev-c", "pipeline", {"name": "nope", "action": "stop"})
-        assert bad["ok"] is False and bad["error"] == {"code": "bad_argument", "message": "no pipeline named 'nope' (known: cam)"}
-        assert command(sub, "dev-c", "pipeline", {"name": "cam", "action": "stop"})["result"] == {"pipeline": "cam", "state": "stopped"}
+        assert bad["ok"] is False and bad["error"] == {
+            "code": "bad_argument",
+            "message": "no pipeline named 'nope' (known: cam)",
+        }
+        assert command(sub, "dev-c", "pipeline", {"name": "cam", "action": "stop"})["result"] == {
+            "pipeline": "cam",
+            "state": "stopped",
+        }
         assert command(sub, "dev-c", "pipeline", {"name": "cam", "action": "start"})["result"]["state"] == "running"
 
         # An invalid profile on disk: the reload is refused, the event names the line, the old profile serves.

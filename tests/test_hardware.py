@@ -21,13 +21,54 @@ def fixture(name: str, runtime: RuntimeInfo = CPU_WHEEL) -> Probe:
 # name: (arch, vendor, cpu model, physical, logical, max MHz, flags, board, memory GiB (int), thermal zones)
 CPUS = {
     "rpi4": ("aarch64", "ARM", "Cortex-A72", 4, 4, 1800, ("neon",), "Raspberry Pi 4 Model B Rev 1.4", 3, 1),
-    "rpi5-hailo": ("aarch64", "ARM", "Cortex-A76", 4, 4, 2400, ("neon", "asimdhp", "asimddp"), "Raspberry Pi 5 Model B Rev 1.0", 7, 1),
-    "jetson-agx-orin": ("aarch64", "ARM", "Cortex-A78AE", 12, 12, 2201, ("neon", "asimdhp", "asimddp"),
-                        "NVIDIA Jetson AGX Orin Developer Kit", 61, 9),
-    "x86-rtx3060": ("x86_64", "Intel", "12th Gen Intel(R) Core(TM) i7-12700F", 12, 20, 4900,
-                    ("sse4_2", "avx", "avx2", "fma", "f16c", "avx_vnni"), "Micro-Star International Co., Ltd. MS-7D25", 31, 2),
-    "intel-nuc14": ("x86_64", "Intel", "Intel(R) Core(TM) Ultra 7 155H", 16, 22, 4800,
-                    ("sse4_2", "avx", "avx2", "fma", "f16c", "avx_vnni"), "ASUSTeK COMPUTER INC. NUC14RVH", 30, 5),
+    "rpi5-hailo": (
+        "aarch64",
+        "ARM",
+        "Cortex-A76",
+        4,
+        4,
+        2400,
+        ("neon", "asimdhp", "asimddp"),
+        "Raspberry Pi 5 Model B Rev 1.0",
+        7,
+        1,
+    ),
+    "jetson-agx-orin": (
+        "aarch64",
+        "ARM",
+        "Cortex-A78AE",
+        12,
+        12,
+        2201,
+        ("neon", "asimdhp", "asimddp"),
+        "NVIDIA Jetson AGX Orin Developer Kit",
+        61,
+        9,
+    ),
+    "x86-rtx3060": (
+        "x86_64",
+        "Intel",
+        "12th Gen Intel(R) Core(TM) i7-12700F",
+        12,
+        20,
+        4900,
+        ("sse4_2", "avx", "avx2", "fma", "f16c", "avx_vnni"),
+        "Micro-Star International Co., Ltd. MS-7D25",
+        31,
+        2,
+    ),
+    "intel-nuc14": (
+        "x86_64",
+        "Intel",
+        "Intel(R) Core(TM) Ultra 7 155H",
+        16,
+        22,
+        4800,
+        ("sse4_2", "avx", "avx2", "fma", "f16c", "avx_vnni"),
+        "ASUSTeK COMPUTER INC. NUC14RVH",
+        30,
+        5,
+    ),
 }
 
 # name: [(kind, vendor, name, driver, memory bytes, nodes)]
@@ -35,10 +76,22 @@ ACCELERATORS = {
     "rpi4": [("tpu", "google", "Coral USB Accelerator", None, None, ())],
     "rpi5-hailo": [("npu", "hailo", "Hailo-8/8L", "hailo", None, ("/dev/hailo0",))],
     "jetson-agx-orin": [
-        ("gpu", "nvidia", "NVIDIA Jetson AGX Orin integrated GPU (tegra234)", "nvgpu", None,
-         ("/dev/nvgpu/igpu0/ctrl", "/dev/nvhost-gpu", "/dev/nvhost-ctrl-gpu")),
-        ("npu", "nvidia", "NVIDIA DLA x2", "nvdla", None,
-         ("/dev/nvhost-ctrl-nvdla0", "/dev/nvhost-ctrl-nvdla1", "/dev/nvhost-nvdla0", "/dev/nvhost-nvdla1")),
+        (
+            "gpu",
+            "nvidia",
+            "NVIDIA Jetson AGX Orin integrated GPU (tegra234)",
+            "nvgpu",
+            None,
+            ("/dev/nvgpu/igpu0/ctrl", "/dev/nvhost-gpu", "/dev/nvhost-ctrl-gpu"),
+        ),
+        (
+            "npu",
+            "nvidia",
+            "NVIDIA DLA x2",
+            "nvdla",
+            None,
+            ("/dev/nvhost-ctrl-nvdla0", "/dev/nvhost-ctrl-nvdla1", "/dev/nvhost-nvdla0", "/dev/nvhost-nvdla1"),
+        ),
     ],
     "x86-rtx3060": [("gpu", "nvidia", "NVIDIA GeForce RTX 3060", "nvidia", 12 * 1024**3, ("/dev/nvidia0",))],
     "intel-nuc14": [
@@ -74,7 +127,11 @@ def test_accelerators_from_captured_trees(name: str) -> None:
 def test_jetson_release_module_and_soc() -> None:
     found = fixture("jetson-agx-orin")
     assert found.jetson is not None
-    assert (found.jetson.module, found.jetson.l4t, found.jetson.soc) == ("NVIDIA Jetson AGX Orin Developer Kit", "36.3.0", "tegra234")
+    assert (found.jetson.module, found.jetson.l4t, found.jetson.soc) == (
+        "NVIDIA Jetson AGX Orin Developer Kit",
+        "36.3.0",
+        "tegra234",
+    )
     assert [z.type for z in found.thermal][:2] == ["cpu-thermal", "gpu-thermal"]
     assert fixture("rpi5-hailo").jetson is None
 
@@ -136,12 +193,26 @@ def test_a_capture_of_this_machine_probes_the_same_as_the_machine(tmp_path: Path
     """The fixture trees stand for real devices only if a copied tree reads like the live one."""
     import glob
 
-    patterns = ["/proc/cpuinfo", "/proc/meminfo", "/proc/sys/kernel/arch", "/proc/device-tree/model", "/proc/device-tree/compatible",
-                "/proc/driver/nvidia/version", "/proc/driver/nvidia/gpus/*/information", "/etc/nv_tegra_release",
-                "/sys/devices/system/cpu/online", "/sys/devices/system/cpu/cpu*/topology/*_id",
-                "/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq", "/sys/class/thermal/thermal_zone*/type",
-                "/sys/class/dmi/id/sys_vendor", "/sys/class/dmi/id/product_name", "/sys/bus/pci/devices/*/uevent",
-                "/sys/bus/pci/devices/*/drm/*/dev", "/sys/bus/usb/devices/*/idVendor", "/sys/bus/usb/devices/*/idProduct"]
+    patterns = [
+        "/proc/cpuinfo",
+        "/proc/meminfo",
+        "/proc/sys/kernel/arch",
+        "/proc/device-tree/model",
+        "/proc/device-tree/compatible",
+        "/proc/driver/nvidia/version",
+        "/proc/driver/nvidia/gpus/*/information",
+        "/etc/nv_tegra_release",
+        "/sys/devices/system/cpu/online",
+        "/sys/devices/system/cpu/cpu*/topology/*_id",
+        "/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq",
+        "/sys/class/thermal/thermal_zone*/type",
+        "/sys/class/dmi/id/sys_vendor",
+        "/sys/class/dmi/id/product_name",
+        "/sys/bus/pci/devices/*/uevent",
+        "/sys/bus/pci/devices/*/drm/*/dev",
+        "/sys/bus/usb/devices/*/idVendor",
+        "/sys/bus/usb/devices/*/idProduct",
+    ]
     for pattern in patterns:
         for name in glob.glob(pattern):
             try:
@@ -156,4 +227,6 @@ def test_a_capture_of_this_machine_probes_the_same_as_the_machine(tmp_path: Path
     assert copy.cpu == live.cpu
     assert copy.board == live.board and copy.jetson == live.jetson
     assert copy.memory is not None and live.memory is not None and copy.memory.total_bytes == live.memory.total_bytes
-    assert [(a.kind, a.vendor, a.name, a.pci_id) for a in copy.accelerators] == [(a.kind, a.vendor, a.name, a.pci_id) for a in live.accelerators]
+    assert [(a.kind, a.vendor, a.name, a.pci_id) for a in copy.accelerators] == [
+        (a.kind, a.vendor, a.name, a.pci_id) for a in live.accelerators
+    ]

@@ -25,8 +25,14 @@ class Clock:
 
 
 def reporter(sent: list[dict], clock: Clock, interval: float = 30.0) -> HealthReporter:
-    return HealthReporter(lambda payload: sent.append(json.loads(payload)), interval=interval, device="dev1",
-                          clock=lambda: 1_800_000_000.0, monotonic=clock, system=lambda: {"cpu_percent": 1.0})
+    return HealthReporter(
+        lambda payload: sent.append(json.loads(payload)),
+        interval=interval,
+        device="dev1",
+        clock=lambda: 1_800_000_000.0,
+        monotonic=clock,
+        system=lambda: {"cpu_percent": 1.0},
+    )
 
 
 def test_system_health_has_the_basics(tmp_path: Path) -> None:
@@ -69,7 +75,12 @@ def test_a_failing_source_is_reported_not_raised() -> None:
 def test_health_is_retained_on_the_broker_with_outbox_and_connection(broker: Mosquitto, tmp_path: Path) -> None:
     dev = f"health-{uuid.uuid4().hex[:6]}"
     agent = InProcessAgent(broker.url, tmp_path, dev)
-    r = HealthReporter(lambda payload: agent.conn.publish_latest(agent.topics.health, payload), interval=30, device=dev, state_dir=tmp_path)
+    r = HealthReporter(
+        lambda payload: agent.conn.publish_latest(agent.topics.health, payload),
+        interval=30,
+        device=dev,
+        state_dir=tmp_path,
+    )
     r.add_source("connection", agent.conn.health)
     r.add_source("outbox", lambda: agent.outbox.stats().as_dict())
     try:

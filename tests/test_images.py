@@ -5,10 +5,10 @@ image runs as a non-root user with a state volume and a health check."""
 from __future__ import annotations
 
 import shlex
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 import yaml
 
 from agent.cli import build_parser

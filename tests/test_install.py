@@ -25,8 +25,9 @@ pytestmark = pytest.mark.skipif(shutil.which("bash") is None, reason="the script
 def script(name: str, *args: str | Path) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
     env.pop("VIRTUAL_ENV", None)
-    out = subprocess.run(["bash", str(REPO / "scripts" / name), *map(str, args)],
-                         capture_output=True, text=True, env=env, timeout=600)
+    out = subprocess.run(
+        ["bash", str(REPO / "scripts" / name), *map(str, args)], capture_output=True, text=True, env=env, timeout=600
+    )
     return out
 
 
@@ -47,13 +48,19 @@ def snapshot(root: Path) -> dict[str, tuple[object, ...]]:
             elif stat.S_ISDIR(st.st_mode):
                 found[rel] = ("dir", stat.S_IMODE(st.st_mode))
             else:
-                found[rel] = ("file", stat.S_IMODE(st.st_mode), st.st_mtime_ns, hashlib.sha256(path.read_bytes()).hexdigest())
+                found[rel] = (
+                    "file",
+                    stat.S_IMODE(st.st_mode),
+                    st.st_mtime_ns,
+                    hashlib.sha256(path.read_bytes()).hexdigest(),
+                )
     return found
 
 
 def files_outside_venv(root: Path) -> dict[str, int]:
-    return {rel: entry[1] for rel, entry in snapshot(root).items()
-            if entry[0] == "file" and not rel.startswith(VENV_PREFIX)}  # type: ignore[misc]
+    return {
+        rel: entry[1] for rel, entry in snapshot(root).items() if entry[0] == "file" and not rel.startswith(VENV_PREFIX)
+    }  # type: ignore[misc]
 
 
 @dataclass
@@ -101,9 +108,13 @@ def test_the_tree(installed: Installed) -> None:
         "opt/edge-agent/.installed": 0o644,
         "opt/edge-agent/share/doc/systemd.md": 0o644,
     }
-    assert (root / "etc/systemd/system/edge-agent.service").read_text() == (REPO / "systemd/edge-agent.service").read_text()
+    assert (root / "etc/systemd/system/edge-agent.service").read_text() == (
+        REPO / "systemd/edge-agent.service"
+    ).read_text()
     assert (root / "opt/edge-agent/share/doc/systemd.md").read_text() == (REPO / "docs/systemd.md").read_text()
-    assert (root / "etc/edge-agent/profile.schema.json").read_bytes() == (REPO / "configs/profile.schema.json").read_bytes()
+    assert (root / "etc/edge-agent/profile.schema.json").read_bytes() == (
+        REPO / "configs/profile.schema.json"
+    ).read_bytes()
     assert (root / "opt/edge-agent/.installed").read_text().startswith("edge-agent source-sha256=")
 
     # The program the unit starts, pointing at the virtualenv where it will be on the device.
@@ -114,14 +125,18 @@ def test_the_tree(installed: Installed) -> None:
         if path.is_file() and not path.is_symlink() and path.suffix != ".pyc":
             assert str(root) not in path.read_text(errors="replace"), f"{path} names the temporary root"
     python = root / "opt/edge-agent/venv/bin/python"
-    where = subprocess.run([python, "-I", "-c", "import agent; print(agent.__file__)"], capture_output=True, text=True, check=True)
+    where = subprocess.run(
+        [python, "-I", "-c", "import agent; print(agent.__file__)"], capture_output=True, text=True, check=True
+    )
     assert where.stdout.startswith(str(root / "opt/edge-agent/venv/lib/"))
 
 
 def test_the_starter_profile_is_valid(installed: Installed) -> None:
     profile = installed.root / "etc/edge-agent/profile.yaml"
     assert "@DEVICE_ID@" not in profile.read_text()
-    out = subprocess.run([sys.executable, "-m", "agent", "check", str(profile)], capture_output=True, text=True, cwd=REPO)
+    out = subprocess.run(
+        [sys.executable, "-m", "agent", "check", str(profile)], capture_output=True, text=True, cwd=REPO
+    )
     assert out.returncode == 0 and "0 pipeline(s)" in out.stdout, out.stdout + out.stderr
 
 
@@ -163,11 +178,15 @@ def test_an_existing_profile_is_kept(installed: Installed, tmp_path: Path) -> No
     profile.write_text(mine)
     other = tmp_path / "other.yaml"
     other.write_text("device: {id: someone-else}\n")
-    again = script("install.sh", "--root", root, "--from", installed.source, "--no-deps", "--profile", other, "--no-start")
+    again = script(
+        "install.sh", "--root", root, "--from", installed.source, "--no-deps", "--profile", other, "--no-start"
+    )
     assert again.returncode == 0, again.stderr
     assert profile.read_text() == mine
     assert f"keeping the existing /etc/edge-agent/profile.yaml; {other} was not installed" in again.stderr
-    assert not any(line.startswith("systemctl start") or line.startswith("systemctl restart") for line in would_run(again))
+    assert not any(
+        line.startswith("systemctl start") or line.startswith("systemctl restart") for line in would_run(again)
+    )
 
 
 def test_uninstall_keeps_the_profile_and_purge_removes_everything(installed: Installed, tmp_path: Path) -> None:
@@ -176,7 +195,10 @@ def test_uninstall_keeps_the_profile_and_purge_removes_everything(installed: Ins
     out = script("uninstall.sh", "--root", root)
     assert out.returncode == 0, out.stderr
     assert would_run(out) == ["systemctl disable --now edge-agent.service", "systemctl daemon-reload"]
-    assert files_outside_venv(root) == {"etc/edge-agent/profile.yaml": 0o640, "etc/edge-agent/profile.schema.json": 0o644}
+    assert files_outside_venv(root) == {
+        "etc/edge-agent/profile.yaml": 0o640,
+        "etc/edge-agent/profile.schema.json": 0o644,
+    }
     assert (root / "var/lib/edge-agent/models").is_dir() and not (root / "opt/edge-agent").exists()
     assert "kept /etc/edge-agent /var/lib/edge-agent" in out.stderr
 
@@ -216,8 +238,11 @@ def test_a_wheel_with_its_dependencies_under_another_prefix(installed: Installed
     index (pip's cache makes repeats quick), the profile checked by the installed agent itself; then
     an upgrade to a new build."""
     wheels = tmp_path / "wheels"
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(wheels), str(installed.source)],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(wheels), str(installed.source)],
+        check=True,
+        capture_output=True,
+    )
     (wheel,) = wheels.glob("edge_agent-*.whl")
     profile = tmp_path / "gate.yaml"
     profile.write_text("device: {id: gate-cam-01, group: north-gate}\nhealth: {interval: 10s}\n")
@@ -228,7 +253,9 @@ def test_a_wheel_with_its_dependencies_under_another_prefix(installed: Installed
     assert (root / "etc/edge-agent/profile.yaml").read_text() == profile.read_text()
     unit = (root / "etc/systemd/system/edge-agent.service").read_text()
     service = parse_unit(unit)["Service"]
-    assert dict(service)["ExecStart"] == "/srv/edge-agent/venv/bin/edge-agent run --profile /etc/edge-agent/profile.yaml"
+    assert (
+        dict(service)["ExecStart"] == "/srv/edge-agent/venv/bin/edge-agent run --profile /etc/edge-agent/profile.yaml"
+    )
     assert "/opt/edge-agent" not in unit
     program = "/srv/edge-agent/venv/bin/edge-agent"
     checked = verify(unit, tmp_path, executables={program: root / program.lstrip("/")})
@@ -244,11 +271,16 @@ def test_a_wheel_with_its_dependencies_under_another_prefix(installed: Installed
     with open(source / "agent" / "__init__.py", "a") as f:
         f.write("\nRELEASE_NOTE = 'a new build'\n")
     shutil.rmtree(wheels)
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(wheels), str(source)],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(wheels), str(source)],
+        check=True,
+        capture_output=True,
+    )
     (wheel,) = wheels.glob("edge_agent-*.whl")
     again = script("install.sh", "--root", root, "--from", wheel, "--prefix", "/srv/edge-agent")
     assert again.returncode == 0, again.stderr
     assert "installing edge_agent-" in again.stderr and would_run(again)[-1] == "systemctl restart edge-agent.service"
-    note = subprocess.run([python, "-I", "-c", "import agent; print(agent.RELEASE_NOTE)"], capture_output=True, text=True)
+    note = subprocess.run(
+        [python, "-I", "-c", "import agent; print(agent.RELEASE_NOTE)"], capture_output=True, text=True
+    )
     assert note.stdout == "a new build\n", note.stderr

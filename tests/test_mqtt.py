@@ -14,13 +14,14 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Callable
+from typing import IO
 
 import pytest
 
-from agent.transport.mqtt import REFUSED, Connection, backoff
 from agent.config.profile import DeviceConfig, MqttConfig, OutboxConfig
+from agent.transport.mqtt import REFUSED, Connection, backoff
 from tests.helpers.agent_proc import InProcessAgent
 from tests.helpers.broker import Mosquitto
 from tests.helpers.mqtt_client import Subscriber, seqs
@@ -48,7 +49,9 @@ def spawn(url: str, state: Path, device: str, count: int, rate: float = 0.0) -> 
     cmd = [sys.executable, "-m", "tests.helpers.agent_proc", url, str(state), device, str(count)]
     if rate:
         cmd += ["--rate", str(rate)]
-    return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    return subprocess.Popen(
+        cmd, cwd=REPO, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)}
+    )
 
 
 def read_until(stream: IO[str] | None, prefix: str, timeout: float = 60.0) -> str:
@@ -119,7 +122,7 @@ def test_10000_results_through_three_outages_none_missing(broker: Mosquitto, tmp
         producer.start()
         for k in range(1, 4):
             assert agent.conn.wait_online(15)
-            assert wait(lambda: produced[0] >= k * total // 4 - 300, 30)
+            assert wait(lambda k=k: produced[0] >= k * total // 4 - 300, 30)
             proxy.cut(refuse_for=1.0)  # mid-stream: results keep coming during the outage
             gate[0] = (k + 1) * total // 4 if k < 3 else total
             assert wait(lambda: not agent.conn.online, 5)
@@ -249,7 +252,9 @@ def test_outbox_bound_while_broker_down_and_the_drop_count_is_published(broker: 
 
 
 @pytest.mark.arm64
-def test_bad_password_is_a_clear_refusal_then_the_right_one_connects(broker_factory: Callable[..., Mosquitto], tmp_path: Path) -> None:
+def test_bad_password_is_a_clear_refusal_then_the_right_one_connects(
+    broker_factory: Callable[..., Mosquitto], tmp_path: Path
+) -> None:
     pwfile = tmp_path / "passwd"
     subprocess.run(["mosquitto_passwd", "-b", "-c", str(pwfile), "dev1", "right"], check=True, capture_output=True)
     mosq = broker_factory(extra_conf=stay_root() + f"password_file {pwfile}\n", anonymous=False)
@@ -315,7 +320,9 @@ def test_connection_needs_no_broker_to_be_created() -> None:
 
 
 @pytest.mark.arm64
-def test_a_broker_that_never_answers_connect_is_given_up_and_auto_tries_3_1_1(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_a_broker_that_never_answers_connect_is_given_up_and_auto_tries_3_1_1(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     import socket
 
     import agent.transport.mqtt as mqtt_module
@@ -325,8 +332,12 @@ def test_a_broker_that_never_answers_connect_is_given_up_and_auto_tries_3_1_1(mo
     silent.bind(("127.0.0.1", 0))
     silent.listen(8)  # accepts TCP (the kernel does), never reads or answers
     port = silent.getsockname()[1]
-    conn = Connection(MqttConfig(url=f"mqtt://127.0.0.1:{port}"), DeviceConfig(id="silent", state_dir=tmp_path),
-                      reconnect_min=0.05, reconnect_max=0.2)
+    conn = Connection(
+        MqttConfig(url=f"mqtt://127.0.0.1:{port}"),
+        DeviceConfig(id="silent", state_dir=tmp_path),
+        reconnect_min=0.05,
+        reconnect_max=0.2,
+    )
     conn.start()
     try:
         assert wait(lambda: conn.error and "no CONNACK" in conn.error, 10), conn.error

@@ -7,14 +7,14 @@ import re
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
-from agent.transport.mqtt import Connection
 from agent.config.profile import DeviceConfig, MqttConfig
+from agent.transport.mqtt import Connection
 from tests.helpers.broker import Mosquitto
 from tests.helpers.mqtt_client import Subscriber
 
@@ -33,7 +33,11 @@ def acl_broker(broker_factory: Callable[..., Mosquitto], tmp_path: Path) -> Mosq
     acl.write_text(documented_acl())
     pw = tmp_path / "passwd"
     for i, user in enumerate(("dev-a", "dev-b", "fleet")):
-        subprocess.run(["mosquitto_passwd", "-b"] + (["-c"] if i == 0 else []) + [str(pw), user, f"pw-{user}"], check=True, capture_output=True)
+        subprocess.run(
+            ["mosquitto_passwd", "-b"] + (["-c"] if i == 0 else []) + [str(pw), user, f"pw-{user}"],
+            check=True,
+            capture_output=True,
+        )
     root = "user root\n" if os.geteuid() == 0 else ""
     return broker_factory(extra_conf=f"{root}password_file {pw}\nacl_file {acl}\n", anonymous=False)
 
@@ -51,7 +55,9 @@ def device_client(port: int, user: str) -> tuple[paho.Client, list[tuple[int, bo
     return client, acks
 
 
-def test_device_cannot_publish_under_another_devices_prefix(broker_factory: Callable[..., Mosquitto], tmp_path: Path) -> None:
+def test_device_cannot_publish_under_another_devices_prefix(
+    broker_factory: Callable[..., Mosquitto], tmp_path: Path
+) -> None:
     mosq = acl_broker(broker_factory, tmp_path)
     fleet = Subscriber(mosq.port, "edge/#", username="fleet", password="pw-fleet")
     client, acks = device_client(mosq.port, "dev-a")

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
 
-from agent.transport.mqtt import ONLINE, REFUSED, Connection
 from agent.config.profile import DeviceConfig, MqttConfig, TlsConfig
+from agent.transport.mqtt import ONLINE, REFUSED, Connection
 from tests.helpers.broker import Mosquitto, free_port, wait_port
 from tests.helpers.tls import TestCA
 
@@ -54,7 +54,9 @@ def test_mutual_tls_connects(tls_broker: tuple[Mosquitto, int, TestCA]) -> None:
 
 
 @pytest.mark.arm64
-def test_client_certificate_from_another_ca_is_a_clear_error(tls_broker: tuple[Mosquitto, int, TestCA], tmp_path: Path) -> None:
+def test_client_certificate_from_another_ca_is_a_clear_error(
+    tls_broker: tuple[Mosquitto, int, TestCA], tmp_path: Path
+) -> None:
     _mosq, port, ca = tls_broker
     rogue = TestCA(tmp_path / "rogue", name="not the broker's CA").issue("device", "tls-dev")
     conn = connect(port, ca.pem, rogue.cert, rogue.key)
@@ -67,7 +69,9 @@ def test_client_certificate_from_another_ca_is_a_clear_error(tls_broker: tuple[M
 
 
 @pytest.mark.arm64
-def test_broker_certificate_not_signed_by_our_ca_is_a_clear_error(tls_broker: tuple[Mosquitto, int, TestCA], tmp_path: Path) -> None:
+def test_broker_certificate_not_signed_by_our_ca_is_a_clear_error(
+    tls_broker: tuple[Mosquitto, int, TestCA], tmp_path: Path
+) -> None:
     _mosq, port, ca = tls_broker
     client = ca.issue("device", "tls-dev")
     other = TestCA(tmp_path / "other", name="some other CA")

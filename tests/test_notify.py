@@ -10,8 +10,8 @@ import sys
 import textwrap
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -215,7 +215,9 @@ def test_pings_seen_then_stop_when_inference_is_stuck(manager: Manager, monkeypa
         thread = threading.Thread(target=worker, daemon=True)
         thread.start()
         seen = manager.wait_for("READY=1")
-        pings = sum(lines == ["WATCHDOG=1"] for lines in seen + manager.wait_for("WATCHDOG=1") + manager.wait_for("WATCHDOG=1"))
+        pings = sum(
+            lines == ["WATCHDOG=1"] for lines in seen + manager.wait_for("WATCHDOG=1") + manager.wait_for("WATCHDOG=1")
+        )
         assert pings >= 2
         go_stuck.set()
         status_lines = manager.wait_for("STATUS=watchdog: pipeline gate: stuck in one step", timeout=30)
@@ -249,7 +251,9 @@ def test_a_daemon_process_pings_from_its_own_pid_and_goes_silent(manager: Manage
     """As systemd runs it: environment from the manager, pings from a thread of the main process
     (NotifyAccess=main accepts them), silence once inference hangs."""
     env = {**os.environ, "NOTIFY_SOCKET": manager.env_value, "WATCHDOG_USEC": "200000", "PYTHONPATH": str(REPO)}
-    child = subprocess.Popen([sys.executable, "-c", CHILD], env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD], env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
     assert child.stdin is not None and child.stdout is not None
     try:
         lines, pid = manager.receive()

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from agent.transport.events import Event
-from agent.transport.sinks.outbox import OutboxSink
-from agent.transport.outbox import Outbox, open_outbox
 from agent.config.profile import OutboxConfig
+from agent.transport.events import Event
+from agent.transport.outbox import Outbox, open_outbox
+from agent.transport.sinks.outbox import OutboxSink
 from agent.transport.topics import Topics
 
 pytestmark = pytest.mark.arm64
@@ -66,7 +66,7 @@ def test_unacked_survive_reopen_and_seq_keeps_rising(tmp_path: Path) -> None:
 
 def test_crash_without_close_keeps_everything(tmp_path: Path) -> None:
     box = Outbox(tmp_path)
-    for i in range(100):
+    for _ in range(100):
         box.put_sequenced("results/p", "t", lambda seq: str(seq).encode())
     # no close, no sync: what a kill -9 leaves (the data went out with write(2)); the kernel would
     # release the lock of the dead process
@@ -97,8 +97,10 @@ def test_bound_keeps_disk_within_max_bytes_and_drops_oldest(tmp_path: Path) -> N
     bound = 256 * 1024
     box = open_outbox(tmp_path, OutboxConfig(max_bytes=bound))
     payload = b"x" * 500
-    for i in range(2000):  # about 1.1 MB offered to a 256 KiB outbox
-        box.put_sequenced("results/p", "edge/dev/p/results", lambda seq: json.dumps({"seq": seq, "pad": payload.decode()}).encode())
+    for _ in range(2000):  # about 1.1 MB offered to a 256 KiB outbox
+        box.put_sequenced(
+            "results/p", "edge/dev/p/results", lambda seq: json.dumps({"seq": seq, "pad": payload.decode()}).encode()
+        )
         assert box.disk_bytes() <= bound
     stats = box.stats()
     assert stats.dropped > 0 and stats.dropped == stats.dropped_full
@@ -146,7 +148,11 @@ def test_sink_numbers_results_per_pipeline_and_events(tmp_path: Path) -> None:
     msgs = box.peek(0, 10)
     bodies = [(m.topic, json.loads(m.payload), m.qos) for m in msgs]
     assert [(t, b["seq"], q) for t, b, q in bodies] == [
-        ("edge/dev1/a/results", 1, 1), ("edge/dev1/b/results", 1, 0), ("edge/dev1/a/results", 2, 1), ("edge/dev1/events", 1, 1)]
+        ("edge/dev1/a/results", 1, 1),
+        ("edge/dev1/b/results", 1, 0),
+        ("edge/dev1/a/results", 2, 1),
+        ("edge/dev1/events", 1, 1),
+    ]
     first = bodies[0][1]
     assert first["device"] == "dev1" and first["pipeline"] == "a" and first["ts"] == "2027-01-15T08:00:00.500Z"
     assert bodies[3][1]["type"] == "model.activated" and bodies[3][1]["version"] == "1.0"

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import cv2
 import numpy as np
@@ -13,11 +15,11 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from agent.transport.events import Event
-from agent.inference.pipeline import Pipeline, iso_ms, open_pipeline
 from agent.config.profile import PipelineConfig, RuntimeConfig
+from agent.inference.pipeline import Pipeline, iso_ms, open_pipeline
 from agent.inference.runtime import ModelError, load_model
 from agent.inference.sources.base import BaseSource, Frame
+from agent.transport.events import Event
 from tests.helpers import media
 from tests.helpers.models import linear_model, save
 
@@ -53,11 +55,19 @@ class Recorder:
 
 def pool_model(scale: float = 1.0) -> onnx.ModelProto:
     """x [N,3,H,W] -> y [N,3]: channel means times `scale` (two versions differ by scale)."""
-    nodes = [helper.make_node("GlobalAveragePool", ["x"], ["p"]), helper.make_node("Flatten", ["p"], ["f"]),
-             helper.make_node("Mul", ["f", "k"], ["y"])]
+    nodes = [
+        helper.make_node("GlobalAveragePool", ["x"], ["p"]),
+        helper.make_node("Flatten", ["p"], ["f"]),
+        helper.make_node("Mul", ["f", "k"], ["y"]),
+    ]
     k = helper.make_tensor("k", TensorProto.FLOAT, [], [scale])
-    graph = helper.make_graph(nodes, "pool", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 24, 32])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])], initializer=[k])
+    graph = helper.make_graph(
+        nodes,
+        "pool",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 24, 32])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])],
+        initializer=[k],
+    )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
 
 
@@ -70,8 +80,11 @@ def build(tmp_path: Path, cfg: PipelineConfig, sink: Recorder, **kwargs: Any) ->
 
 
 def write_csv(path: Path, rows: int, cols: int = 3) -> Path:
-    path.write_text(",".join(f"c{i}" for i in range(cols)) + "\n" + "".join(
-        ",".join(str(r + i) for i in range(cols)) + "\n" for r in range(rows)))
+    path.write_text(
+        ",".join(f"c{i}" for i in range(cols))
+        + "\n"
+        + "".join(",".join(str(r + i) for i in range(cols)) + "\n" for r in range(rows))
+    )
     return path
 
 
@@ -84,8 +97,23 @@ def test_sensor_results_carry_the_contract_fields_and_nothing_is_dropped_behind_
     pipe.stop()
     assert [r["source_seq"] for r in sink.results] == list(range(200))
     first = sink.results[0]
-    assert set(first) == {"device", "pipeline", "ts", "source_seq", "model", "model_version", "provider", "latency_ms", "output"}
-    assert (first["device"], first["pipeline"], first["model"], first["provider"]) == ("dev-1", "p", "sum", "CPUExecutionProvider")
+    assert set(first) == {
+        "device",
+        "pipeline",
+        "ts",
+        "source_seq",
+        "model",
+        "model_version",
+        "provider",
+        "latency_ms",
+        "output",
+    }
+    assert (first["device"], first["pipeline"], first["model"], first["provider"]) == (
+        "dev-1",
+        "p",
+        "sum",
+        "CPUExecutionProvider",
+    )
     assert first["output"] == {"y": [[3.0]]} and sink.results[-1]["output"] == {"y": [[3 * 199 + 3.0]]}
     assert set(first["latency_ms"]) == {"pre", "infer", "post"} and first["ts"].endswith("Z") and len(first["ts"]) == 24
     stats = pipe.stats()
@@ -104,19 +132,26 @@ def test_sensor_windows_and_an_unparsable_line_become_an_event_while_the_stream_
     csv = tmp_path / "s.csv"
     csv.write_text("a,b\n1,1\n2,2\nbroken,3\n3,3\n4,4\n")
     sink = Recorder()
-    cfg = config(model=str(model), source={"type": "csv", "path": str(csv)}, preprocess={"window": 3, "hop": 1, "layout": "nc"})
+    cfg = config(
+        model=str(model), source={"type": "csv", "path": str(csv)}, preprocess={"window": 3, "hop": 1, "layout": "nc"}
+    )
     pipe = build(tmp_path, cfg, sink).start()
     assert pipe.wait(10)
     assert [r["output"]["y"] for r in sink.results] == [[[12.0]], [[18.0]]]
-    assert [e.fields["reason"] for e in sink.events if e.type == "frame.rejected"] == ["s.csv line 4: 'broken' in column 'a' is not a number"]
+    assert [e.fields["reason"] for e in sink.events if e.type == "frame.rejected"] == [
+        "s.csv line 4: 'broken' in column 'a' is not a number"
+    ]
 
 
 def test_hot_swap_during_a_30_fps_stream_loses_no_frame(tmp_path: Path) -> None:
     v1 = save(pool_model(1.0), tmp_path / "v1.onnx")
     v2 = save(pool_model(2.0), tmp_path / "v2.onnx")
     sink = Recorder()
-    cfg = config(model=str(v1), source={"type": "synthetic", "width": 320, "height": 240, "fps": 30, "frames": 45},
-                 preprocess={"resize": [32, 24], "scale": 0.00392156862745098})
+    cfg = config(
+        model=str(v1),
+        source={"type": "synthetic", "width": 320, "height": 240, "fps": 30, "frames": 45},
+        preprocess={"resize": [32, 24], "scale": 0.00392156862745098},
+    )
     pipe = build(tmp_path, cfg, sink, model_version="1.0.0").start()
     time.sleep(0.4)
     swapped = pipe.swap(v2, version="2.0.0")
@@ -127,10 +162,12 @@ def test_hot_swap_during_a_30_fps_stream_loses_no_frame(tmp_path: Path) -> None:
     assert swapped.version == "2.0.0"
     assert [r["source_seq"] for r in sink.results] == list(range(45))
     versions = [r["model_version"] for r in sink.results]
-    changes = [versions[0]] + [b for a, b in zip(versions, versions[1:]) if a != b]
+    changes = [versions[0]] + [b for a, b in itertools.pairwise(versions) if a != b]
     assert changes == ["1.0.0", "2.0.0", "3.0.0"]
     for r in sink.results:  # each result was computed by the version it names
-        ratio = r["output"]["y"][0][0] / next(x["output"]["y"][0][0] for x in sink.results if x["model_version"] != "2.0.0")
+        ratio = r["output"]["y"][0][0] / next(
+            x["output"]["y"][0][0] for x in sink.results if x["model_version"] != "2.0.0"
+        )
         assert r["model_version"] == "2.0.0" or ratio == pytest.approx(1.0, abs=0.2)
     assert pipe.stats()["swaps"] == 2
     assert [e.fields["version"] for e in sink.events if e.type == "model.swapped"] == ["2.0.0", "3.0.0"]
@@ -142,8 +179,11 @@ def test_a_swap_to_a_model_that_cannot_serve_is_refused_and_the_old_one_keeps_se
     corrupt = tmp_path / "corrupt.onnx"
     corrupt.write_bytes(b"\x08\x07garbage")
     sink = Recorder()
-    cfg = config(model=str(v1), source={"type": "synthetic", "width": 64, "height": 48, "fps": 50, "frames": 30},
-                 preprocess={"resize": [32, 24]})
+    cfg = config(
+        model=str(v1),
+        source={"type": "synthetic", "width": 64, "height": 48, "fps": 50, "frames": 30},
+        preprocess={"resize": [32, 24]},
+    )
     pipe = build(tmp_path, cfg, sink, model_version="1").start()
     time.sleep(0.2)
     with pytest.raises(ModelError, match="warm-up"):
@@ -157,8 +197,11 @@ def test_a_swap_to_a_model_that_cannot_serve_is_refused_and_the_old_one_keeps_se
 def test_stop_finishes_the_frame_in_hand_and_publishes_everything_read(tmp_path: Path) -> None:
     model = save(pool_model(), tmp_path / "m.onnx")
     sink = Recorder(delay=0.02)
-    cfg = config(model=str(model), source={"type": "synthetic", "width": 64, "height": 48, "fps": 200},
-                 preprocess={"resize": [32, 24]})
+    cfg = config(
+        model=str(model),
+        source={"type": "synthetic", "width": 64, "height": 48, "fps": 200},
+        preprocess={"resize": [32, 24]},
+    )
     pipe = build(tmp_path, cfg, sink).start()
     time.sleep(0.3)
     pipe.stop()
@@ -227,12 +270,16 @@ def test_frames_of_the_wrong_size_are_rejected_with_an_event_and_the_rest_served
     assert pipe.wait(10)
     assert [r["source_seq"] for r in sink.results] == [0, 2]
     rejected = [e.fields["reason"] for e in sink.events if e.type == "frame.rejected"]
-    assert sorted(rejected) == ["d.txt is not an image OpenCV can read",
-                                "the input tensor would be [1, 3, 48, 64] but the model wants [?, 3, 24, 32] (set preprocess.resize to the model's size)"]
+    assert sorted(rejected) == [
+        "d.txt is not an image OpenCV can read",
+        "the input tensor would be [1, 3, 48, 64] but the model wants [?, 3, 24, 32] (set preprocess.resize to the model's size)",
+    ]
     assert pipe.stats()["rejected"] == 2
 
 
-def test_a_corrupt_video_is_reported_and_retried_while_another_pipeline_keeps_serving(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_corrupt_video_is_reported_and_retried_while_another_pipeline_keeps_serving(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import agent.inference.pipeline as pipeline_module
 
     monkeypatch.setattr(pipeline_module, "SOURCE_BACKOFF_CAP", 0.2)
@@ -240,15 +287,32 @@ def test_a_corrupt_video_is_reported_and_retried_while_another_pipeline_keeps_se
     bad.write_bytes(b"\x00" * 500)
     model = save(pool_model(), tmp_path / "m.onnx")
     sink = Recorder()
-    broken = build(tmp_path, config(name="cam-a", model=str(model), source={"type": "video", "path": str(bad)},
-                                    preprocess={"resize": [32, 24]}), sink).start()
-    fine = build(tmp_path, config(name="cam-b", model=str(model), source={"type": "synthetic", "fps": 100, "width": 64, "height": 48},
-                                  preprocess={"resize": [32, 24]}), sink).start()
+    broken = build(
+        tmp_path,
+        config(
+            name="cam-a", model=str(model), source={"type": "video", "path": str(bad)}, preprocess={"resize": [32, 24]}
+        ),
+        sink,
+    ).start()
+    fine = build(
+        tmp_path,
+        config(
+            name="cam-b",
+            model=str(model),
+            source={"type": "synthetic", "fps": 100, "width": 64, "height": 48},
+            preprocess={"resize": [32, 24]},
+        ),
+        sink,
+    ).start()
     time.sleep(1.0)
     broken.stop()
     fine.stop()
     errors = [e for e in sink.events if e.type == "source.error"]
-    assert errors and errors[0].fields["pipeline"] == "cam-a" and "bad.mp4 is not a video OpenCV can read" in errors[0].fields["reason"]
+    assert (
+        errors
+        and errors[0].fields["pipeline"] == "cam-a"
+        and "bad.mp4 is not a video OpenCV can read" in errors[0].fields["reason"]
+    )
     assert broken.stats()["source_errors"] >= 2  # retried
     assert {r["pipeline"] for r in sink.results} == {"cam-b"} and len(sink.results) > 20
 
@@ -256,7 +320,9 @@ def test_a_corrupt_video_is_reported_and_retried_while_another_pipeline_keeps_se
 def test_a_failing_sink_is_an_event_and_the_pipeline_goes_on(tmp_path: Path) -> None:
     model = save(linear_model(np.ones((3, 1))), tmp_path / "sum.onnx")
     sink = Recorder(fail_first=2)
-    pipe = build(tmp_path, config(model=str(model), source={"type": "csv", "path": str(write_csv(tmp_path / "s.csv", 10))}), sink).start()
+    pipe = build(
+        tmp_path, config(model=str(model), source={"type": "csv", "path": str(write_csv(tmp_path / "s.csv", 10))}), sink
+    ).start()
     assert pipe.wait(10)
     assert [r["source_seq"] for r in sink.results] == list(range(2, 10))
     sink_errors = [e for e in sink.events if e.type == "sink.error"]
@@ -267,8 +333,18 @@ def test_a_failing_sink_is_an_event_and_the_pipeline_goes_on(tmp_path: Path) -> 
 def test_several_pipelines_run_in_one_process(tmp_path: Path) -> None:
     model = save(linear_model(np.ones((3, 1))), tmp_path / "sum.onnx")
     sink = Recorder()
-    pipes = [build(tmp_path, config(name=f"p{i}", model=str(model), source={"type": "csv", "path": str(write_csv(tmp_path / f"{i}.csv", 50))}), sink).start()
-             for i in range(3)]
+    pipes = [
+        build(
+            tmp_path,
+            config(
+                name=f"p{i}",
+                model=str(model),
+                source={"type": "csv", "path": str(write_csv(tmp_path / f"{i}.csv", 50))},
+            ),
+            sink,
+        ).start()
+        for i in range(3)
+    ]
     assert all(p.wait(20) for p in pipes)
     for i in range(3):
         assert [r["source_seq"] for r in sink.results if r["pipeline"] == f"p{i}"] == list(range(50))
@@ -281,7 +357,12 @@ def test_a_stateful_model_swapped_before_any_frame_is_warmed_on_the_source_shape
     path = save(accumulator_model(), tmp_path / "acc.onnx")
     csv = write_csv(tmp_path / "s.csv", 3, cols=2)
     sink = Recorder()
-    cfg = config(model=str(path), source={"type": "csv", "path": str(csv), "columns": ["c0", "c1"]}, inputs={"gain": 1}, state={"s": "sN"})
+    cfg = config(
+        model=str(path),
+        source={"type": "csv", "path": str(csv), "columns": ["c0", "c1"]},
+        inputs={"gain": 1},
+        state={"s": "sN"},
+    )
     pipe = build(tmp_path, cfg, sink, model_version="1")
     pipe.swap(path, version="2")
     pipe.start()
@@ -293,8 +374,11 @@ def test_a_stateful_model_swapped_before_any_frame_is_warmed_on_the_source_shape
 def test_latest_frame_and_busy_for_serve_the_status_page_and_the_watchdog(tmp_path: Path) -> None:
     model = save(pool_model(), tmp_path / "m.onnx")
     sink = Recorder()
-    cfg = config(model=str(model), source={"type": "synthetic", "width": 64, "height": 48, "fps": 100, "frames": 3},
-                 preprocess={"resize": [32, 24]})
+    cfg = config(
+        model=str(model),
+        source={"type": "synthetic", "width": 64, "height": 48, "fps": 100, "frames": 3},
+        preprocess={"resize": [32, 24]},
+    )
     pipe = build(tmp_path, cfg, sink)
     assert pipe.latest_frame() is None and pipe.busy_for() is None
     pipe.start()

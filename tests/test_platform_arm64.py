@@ -92,9 +92,8 @@ def test_probe_reports_the_arm_cpu_and_its_features() -> None:
 @on_aarch64
 def test_providers_are_ranked_as_on_a_raspberry_pi() -> None:
     """Here and on a captured Raspberry Pi 4, with this onnxruntime build: the same providers, in order."""
-    from agent.device import hardware
-    from agent.device import providers
     from agent.config.profile import RuntimeConfig
+    from agent.device import hardware, providers
 
     here = hardware.probe()
     pi = hardware.probe(FIXTURES / "rpi4", runtime=here.runtime)
@@ -130,8 +129,13 @@ def test_mqtt_round_trip_through_the_host_broker(broker) -> None:
 
 def test_a_subprocess_of_sys_executable_runs_on_the_same_machine() -> None:
     """Under emulation sys.executable is a host wrapper that starts the emulated Python again."""
-    out = subprocess.run([sys.executable, "-c", "import platform; print(platform.machine())"],
-                         capture_output=True, text=True, timeout=120, check=True).stdout.strip()
+    out = subprocess.run(
+        [sys.executable, "-c", "import platform; print(platform.machine())"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout.strip()
     assert out == platform.machine()
 
 

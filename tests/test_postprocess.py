@@ -26,7 +26,10 @@ def test_every_registered_postprocessor_has_an_implementation() -> None:
 
 def test_raw_publishes_tensors_as_lists_and_maps_as_objects() -> None:
     post = make("raw", ["label", "probabilities"], round=3)
-    out = post({"label": np.array([2], dtype=np.int64), "probabilities": [{0: np.float32(0.1234567), 2: 0.8766}]}, PostContext())
+    out = post(
+        {"label": np.array([2], dtype=np.int64), "probabilities": [{0: np.float32(0.1234567), 2: 0.8766}]},
+        PostContext(),
+    )
     assert out == {"label": [2], "probabilities": [{"0": 0.123, "2": 0.877}]}
     with pytest.raises(ValueError, match="no output 'nope'"):
         make("raw", ["a"], outputs=["nope"])
@@ -58,16 +61,24 @@ def yolo_v8(rows: list[tuple[float, float, float, float, int, float]], classes: 
 
 def test_detection_yolov8_filters_suppresses_and_maps_through_the_letterbox() -> None:
     post = make("detection", threshold=0.3, iou=0.5)
-    raw = yolo_v8([(100, 100, 40, 40, 0, 0.9), (102, 101, 40, 40, 0, 0.8), (102, 101, 40, 40, 1, 0.7), (300, 300, 20, 20, 2, 0.1)])
+    raw = yolo_v8(
+        [(100, 100, 40, 40, 0, 0.9), (102, 101, 40, 40, 0, 0.8), (102, 101, 40, 40, 1, 0.7), (300, 300, 20, 20, 2, 0.1)]
+    )
     geo = Geometry(640, 480, scale_x=0.5, scale_y=0.5, pad_x=0, pad_y=40)  # 640x480 letterboxed into 320x320
     out = post({"out": raw}, PostContext(geometry=geo))["detections"]
-    assert [(d["class"], d["score"]) for d in out] == [(0, 0.9), (1, 0.7)]  # same-class overlap suppressed, low score dropped
+    assert [(d["class"], d["score"]) for d in out] == [
+        (0, 0.9),
+        (1, 0.7),
+    ]  # same-class overlap suppressed, low score dropped
     assert out[0]["box"] == [160, 80, 240, 160]
 
 
 def test_detection_yolov5_multiplies_objectness_and_keeps_only_listed_classes() -> None:
     post = make("detection", format="yolov5", threshold=0.5, classes=[1])
-    raw = np.array([[[50, 50, 10, 10, 0.9, 0.1, 0.9], [80, 80, 10, 10, 0.5, 0.0, 0.9], [20, 20, 4, 4, 0.9, 0.9, 0.0]]], dtype=np.float32)
+    raw = np.array(
+        [[[50, 50, 10, 10, 0.9, 0.1, 0.9], [80, 80, 10, 10, 0.5, 0.0, 0.9], [20, 20, 4, 4, 0.9, 0.9, 0.0]]],
+        dtype=np.float32,
+    )
     out = post({"out": raw}, PostContext())["detections"]
     assert [(d["class"], d["box"]) for d in out] == [(1, [45.0, 45.0, 55.0, 55.0])]
 

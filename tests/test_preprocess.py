@@ -55,7 +55,9 @@ def test_grey_source_frames_become_three_channels_when_the_model_wants_rgb() -> 
 
 def test_a_frame_of_the_wrong_size_is_rejected_with_the_shapes() -> None:
     pre = Preprocessor(PreprocessConfig(), [1, 3, 480, 640], "tensor(float)")
-    with pytest.raises(FrameRejected, match=r"would be \[1, 3, 240, 320\] but the model wants \[1, 3, 480, 640\].*resize"):
+    with pytest.raises(
+        FrameRejected, match=r"would be \[1, 3, 240, 320\] but the model wants \[1, 3, 480, 640\].*resize"
+    ):
         pre(bgr(240, 320))
     with pytest.raises(FrameRejected, match="expected an 8-bit"):
         pre(np.zeros((4, 4, 3), dtype=np.float32))
@@ -63,7 +65,10 @@ def test_a_frame_of_the_wrong_size_is_rejected_with_the_shapes() -> None:
 
 def test_dtype_follows_the_model_input_unless_the_profile_sets_it() -> None:
     assert Preprocessor(PreprocessConfig(), [1, 3], "tensor(double)").sensor(np.array([1.0, 2, 3])).dtype == np.float64
-    assert Preprocessor(PreprocessConfig(dtype="float32"), [1, 3], "tensor(double)").sensor(np.array([1.0, 2, 3])).dtype == np.float32
+    assert (
+        Preprocessor(PreprocessConfig(dtype="float32"), [1, 3], "tensor(double)").sensor(np.array([1.0, 2, 3])).dtype
+        == np.float32
+    )
 
 
 def test_sensor_windows_stack_with_hop_and_normalise_per_channel() -> None:
@@ -93,12 +98,15 @@ def test_a_sample_with_a_different_channel_count_is_rejected() -> None:
         pre.sensor(np.zeros(3))
 
 
-@pytest.mark.parametrize("fields", [
-    {"color": "rgb", "scale": 1 / 255, "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)},
-    {"color": "bgr", "scale": 1 / 255, "layout": "nhwc"},
-    {"color": "rgb", "resize": (40, 40), "letterbox": True, "mean": (100.0,), "std": (50.0,)},
-    {"color": "bgr"},
-])
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"color": "rgb", "scale": 1 / 255, "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)},
+        {"color": "bgr", "scale": 1 / 255, "layout": "nhwc"},
+        {"color": "rgb", "resize": (40, 40), "letterbox": True, "mean": (100.0,), "std": (50.0,)},
+        {"color": "bgr"},
+    ],
+)
 def test_the_fused_opencv_path_equals_the_numpy_reference(fields: dict) -> None:
     img = np.random.default_rng(0).integers(0, 256, (30, 50, 3), dtype=np.uint8)
     fast = Preprocessor(PreprocessConfig(**fields))

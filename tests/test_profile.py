@@ -5,6 +5,7 @@ from __future__ import annotations
 import textwrap
 from pathlib import Path
 
+import pydantic
 import pytest
 
 from agent.config.profile import Profile, ProfileError, load_profile
@@ -55,28 +56,50 @@ def test_good_profile_is_typed_with_defaults(tmp_path: Path) -> None:
 
 def test_profile_objects_are_immutable(tmp_path: Path) -> None:
     profile = load_profile(write(tmp_path, GOOD), environ={})
-    with pytest.raises(Exception):
+    with pytest.raises(pydantic.ValidationError, match="frozen"):
         profile.device.id = "other"  # type: ignore[misc]
 
 
 def test_json_is_valid_yaml_too(tmp_path: Path) -> None:
-    path = write(tmp_path, '{"device": {"id": "j1"}, "pipelines": [{"name": "p", "model": "m.onnx", '
-                 '"source": {"type": "csv", "path": "x.csv"}}]}', "profile.json")
+    path = write(
+        tmp_path,
+        '{"device": {"id": "j1"}, "pipelines": [{"name": "p", "model": "m.onnx", '
+        '"source": {"type": "csv", "path": "x.csv"}}]}',
+        "profile.json",
+    )
     profile = load_profile(path, environ={})
     assert profile.pipelines[0].source.path == tmp_path / "x.csv"
     assert profile.pipelines[0].model_is_file
 
 
-@pytest.mark.parametrize(("text", "seconds"), [
-    ("250ms", 0.25), ("30s", 30), ("5min", 300), ("2h", 7200), ("7d", 604800), (15, 15), ("1.5s", 1.5), ("10", 10),
-])
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [
+        ("250ms", 0.25),
+        ("30s", 30),
+        ("5min", 300),
+        ("2h", 7200),
+        ("7d", 604800),
+        (15, 15),
+        ("1.5s", 1.5),
+        ("10", 10),
+    ],
+)
 def test_durations(text: object, seconds: float) -> None:
     assert parse_duration(text) == pytest.approx(seconds)
 
 
-@pytest.mark.parametrize(("text", "size"), [
-    ("64MiB", 64 * 1024**2), ("1GB", 10**9), ("512kib", 512 * 1024), (4096, 4096), ("2 GiB", 2 * 1024**3), ("100B", 100),
-])
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [
+        ("64MiB", 64 * 1024**2),
+        ("1GB", 10**9),
+        ("512kib", 512 * 1024),
+        (4096, 4096),
+        ("2 GiB", 2 * 1024**3),
+        ("100B", 100),
+    ],
+)
 def test_sizes(text: object, size: int) -> None:
     assert parse_size(text) == size
 
@@ -87,23 +110,40 @@ def test_units_format_back() -> None:
 
 
 def test_provider_aliases_and_options(tmp_path: Path) -> None:
-    profile = load_profile(write(tmp_path, """\
+    profile = load_profile(
+        write(
+            tmp_path,
+            """\
         device: {id: d}
         runtime:
           providers: [{tensorrt: {trt_fp16_enable: true}}, {cuda: {device_id: 1}}, CPUExecutionProvider, openvino]
           threads: 2
-        """), environ={})
+        """,
+        ),
+        environ={},
+    )
     names = [p.name for p in profile.runtime.providers]
-    assert names == ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider", "OpenVINOExecutionProvider"]
+    assert names == [
+        "TensorrtExecutionProvider",
+        "CUDAExecutionProvider",
+        "CPUExecutionProvider",
+        "OpenVINOExecutionProvider",
+    ]
     assert profile.runtime.providers[1].options == {"device_id": 1}
     assert profile.runtime.threads == 2
 
 
 def test_env_expansion_with_default(tmp_path: Path) -> None:
-    profile = load_profile(write(tmp_path, """\
+    profile = load_profile(
+        write(
+            tmp_path,
+            """\
         device: {id: "${DEV_ID}", state_dir: "${STATE:-/var/tmp/ea}"}
         mqtt: {url: "mqtt://localhost", username: u, password: "${MQTT_PW}"}
-        """), environ={"DEV_ID": "env-dev", "MQTT_PW": "hunter2"})
+        """,
+        ),
+        environ={"DEV_ID": "env-dev", "MQTT_PW": "hunter2"},
+    )
     assert profile.device.id == "env-dev"
     assert profile.device.state_dir == Path("/var/tmp/ea")
     assert profile.mqtt is not None and profile.mqtt.secret() == "hunter2"
@@ -112,130 +152,274 @@ def test_env_expansion_with_default(tmp_path: Path) -> None:
 
 def test_password_file_is_read_when_needed(tmp_path: Path) -> None:
     (tmp_path / "pw").write_text("s3cret\n")
-    profile = load_profile(write(tmp_path, """\
+    profile = load_profile(
+        write(
+            tmp_path,
+            """\
         device: {id: d}
         mqtt: {url: "mqtt://localhost", username: u, password_file: pw}
-        """), environ={})
+        """,
+        ),
+        environ={},
+    )
     assert profile.mqtt is not None and profile.mqtt.secret() == "s3cret"
 
 
 def test_secrets_are_never_echoed_in_errors(tmp_path: Path) -> None:
-    errors = errors_of(tmp_path, """\
+    errors = errors_of(
+        tmp_path,
+        """\
         device: {id: d}
         mqtt: {url: "mqtt://localhost", password: ["hunter2"]}
         pipelines: []
-        """)
+        """,
+    )
     assert errors == ["profile.yaml:2: mqtt.password: expected a string, got <redacted>"]
-    errors = errors_of(tmp_path, """\
+    errors = errors_of(
+        tmp_path,
+        """\
         device: {id: d}
         health: {interval: "${SECRET_INTERVAL}"}
-        """, environ={"SECRET_INTERVAL": "topsecret"})
+        """,
+        environ={"SECRET_INTERVAL": "topsecret"},
+    )
     assert errors == ["profile.yaml:2: health.interval: expected a duration like 30s or 5min, got <redacted>"]
 
 
 # Each bad profile, and the exact located message a user sees.
 BAD_CASES = [
-    pytest.param("device: {id: d}\nmqt: {url: mqtt://x}\n",
-                 ["profile.yaml:2: mqt: unknown key (did you mean 'mqtt'?)"], id="unknown-top-key"),
-    pytest.param("device: {id: d}\nruntime: {provders: auto}\n",
-                 ["profile.yaml:2: runtime.provders: unknown key (did you mean 'providers'?)"], id="unknown-nested-key"),
-    pytest.param("device: {id: d}\nhealth: {every: 5s}\n",
-                 ["profile.yaml:2: health.every: unknown key; expected one of: interval, stuck_after"], id="unknown-key-no-close-match"),
-    pytest.param("device: {group: g}\n",
-                 ["profile.yaml:1: device.id: required key missing: this device's name in topics and the fleet (letters, digits, _ . -)"],
-                 id="missing-device-id"),
-    pytest.param("pipelines: []\n",
-                 ["profile.yaml:1: device: required key missing: who this device is"], id="missing-device"),
-    pytest.param("device: {id: 'cam 01'}\n",
-                 ["profile.yaml:1: device.id: expected a name of letters, digits, '_', '.' and '-' (up to 64, starting with a "
-                  "letter or digit), got 'cam 01'"],
-                 id="device-id-with-space"),
-    pytest.param("device: {id: d}\npipelines:\n  - name: p\n    model: m.onnx\n    source: {type: synthetic, fps: fast}\n",
-                 ["profile.yaml:5: pipelines[0].source.fps: expected a number > 0, got 'fast'"], id="fps-not-a-number"),
-    pytest.param("device: {id: d}\npipelines:\n  - name: p\n    model: m.onnx\n    source: {type: synthetic, fps: 0}\n",
-                 ["profile.yaml:5: pipelines[0].source.fps: expected a number > 0, got 0"], id="fps-zero"),
-    pytest.param("device: {id: d}\npipelines:\n  - name: p\n    model: m.onnx\n    source: {type: camera}\n",
-                 ["profile.yaml:5: pipelines[0].source.device: required key missing: a V4L2 device path (/dev/video0), "
-                  "a device index (0), or a stream URL (rtsp://, http://)"], id="camera-without-device"),
-    pytest.param("device: {id: d}\npipelines:\n  - name: p\n    model: m.onnx\n    source: {type: cam}\n",
-                 ["profile.yaml:5: pipelines[0].source.type: expected one of camera, video, images, synthetic, csv, jsonl, "
-                  "serial, iio, mqtt, audio, got 'cam' (did you mean 'camera'?)"], id="unknown-source-type"),
-    pytest.param("device: {id: d}\npipelines:\n  - name: p\n    model: m.onnx\n    source: {fps: 3}\n",
-                 ["profile.yaml:5: pipelines[0].source.type: required key missing: expected one of camera, video, images, "
-                  "synthetic, csv, jsonl, serial, iio, mqtt, audio"], id="source-without-type"),
-    pytest.param("device: {id: d}\npipelines:\n  - name: p\n    model: m.onnx\n    source: {type: synthetic}\n"
-                 "    postprocess: {type: text-detection, threshold: 2}\n",
-                 ["profile.yaml:6: pipelines[0].postprocess.threshold: expected a number > 0 and < 1, got 2"], id="threshold-out-of-range"),
-    pytest.param("device: {id: d}\npipelines:\n  - name: p\n    model: m.onnx\n    source: {type: synthetic}\n"
-                 "    postprocess: {type: detect}\n",
-                 ["profile.yaml:6: pipelines[0].postprocess.type: expected one of raw, classification, detection, "
-                  "text-detection, threshold, anomaly, got 'detect' (did you mean 'detection'?)"], id="unknown-postprocess"),
-    pytest.param("device: {id: d}\npipelines:\n  - {name: a, model: m.onnx, source: {type: synthetic}}\n"
-                 "  - {name: a, model: n.onnx, source: {type: synthetic}}\n",
-                 ["profile.yaml:4: pipelines[1].name: two pipelines are named 'a'; names must be unique"], id="duplicate-pipeline-names"),
-    pytest.param("device: {id: d}\npipelines:\n  - {name: a, model: detector, source: {type: synthetic}}\n",
-                 ["profile.yaml:3: pipelines[0].model: pipeline 'a': model 'detector' is a registry name, but the profile "
-                  "has no registry section (give a path to an .onnx file, or add registry)"], id="registry-model-without-registry"),
-    pytest.param("device: {id: d}\nmqtt: {url: 'mqtts://broker:8883'}\n",
-                 ["profile.yaml:2: mqtt.url: url is mqtts:// but tls.ca is not set; give the CA that signed the broker's certificate"],
-                 id="mqtts-without-ca"),
-    pytest.param("device: {id: d}\nmqtt: {url: 'mqtt://broker', tls: {ca: ca.pem}}\n",
-                 ["profile.yaml:2: mqtt.tls: tls is set but url is mqtt://; use mqtts:// to connect with TLS"], id="tls-on-plain-url"),
-    pytest.param("device: {id: d}\nmqtt: {url: 'http://broker'}\n",
-                 ["profile.yaml:2: mqtt.url: expected mqtt://host[:port] or mqtts://host[:port], got 'http://broker'"], id="mqtt-bad-scheme"),
-    pytest.param("device: {id: d}\nmqtt: {url: 'mqtt://broker:99999'}\n",
-                 ["profile.yaml:2: mqtt.url: the port in 'mqtt://broker:99999' is not a number from 1 to 65535"], id="mqtt-bad-port"),
-    pytest.param("device: {id: d}\nmqtt:\n  url: 'mqtts://b'\n  tls: {ca: ca.pem, cert: c.pem}\n",
-                 ["profile.yaml:4: mqtt.tls: cert and key go together: set both for mutual TLS, or neither"], id="cert-without-key"),
-    pytest.param("device: {id: d}\nmqtt: {url: 'mqtt://b', outbox: {max_bytes: lots}}\n",
-                 ["profile.yaml:2: mqtt.outbox.max_bytes: expected a size like 64MiB or 1GB, got 'lots'"], id="bad-size"),
-    pytest.param("device: {id: d}\nhealth: {interval: soon}\n",
-                 ["profile.yaml:2: health.interval: expected a duration like 30s or 5min, got 'soon'"], id="bad-duration"),
-    pytest.param("device: {id: d}\nruntime: {providers: [cuda, cpux]}\n",
-                 ["profile.yaml:2: runtime.providers[1]: unknown execution provider 'cpux' (did you mean 'cpu'?)"], id="unknown-provider"),
-    pytest.param("device: {id: d}\nruntime: {threads: 0}\n",
-                 ["profile.yaml:2: runtime.threads: expected auto or a number > 0, got 0"], id="zero-threads"),
-    pytest.param("device: {id: d}\nruntime: {providers: []}\n",
-                 ["profile.yaml:2: runtime.providers: expected auto or a list of at least one provider, got an empty list"],
-                 id="empty-provider-list"),
-    pytest.param("device: {id: d}\nruntime: {autotune: maybe}\n",
-                 ["profile.yaml:2: runtime.autotune: expected true or false, got 'maybe'"], id="bad-bool"),
-    pytest.param("device: {id: d}\nregistry: {url: 'ftp://models', public_key: k.pub}\n",
-                 ["profile.yaml:2: registry.url: expected an http:// or https:// URL, got 'ftp://models'"], id="registry-bad-url"),
-    pytest.param("device: {id: d}\nregistry: {url: 'https://models'}\n",
-                 ["profile.yaml:2: registry.public_key: required key missing: the registry's ed25519 public key (PEM) that signs manifests"],
-                 id="registry-without-key"),
-    pytest.param("device: {id: d}\nmqtt: {url: 'mqtt://b', password: x, password_file: pw}\n",
-                 ["profile.yaml:2: mqtt.password: password and password_file are both set; keep one"], id="two-passwords"),
-    pytest.param("device: {id: d}\nmqtt: {url: 'mqtt://b', qos: 2}\n",
-                 ["profile.yaml:2: mqtt.qos: expected one of 0, 1, got 2"], id="qos-2"),
-    pytest.param("device: {id: d}\npipelines:\n  - name: p\n    model: m.onnx\n    source: {type: synthetic}\n"
-                 "    preprocess: {color: rgb, mean: [0.5, 0.5]}\n",
-                 ["profile.yaml:6: pipelines[0].preprocess: mean has 2 values but color rgb has 3 channel(s)"], id="mean-length"),
-    pytest.param("device: {id: d}\npipelines:\n  - name: p\n    model: m.onnx\n    source: {type: synthetic}\n"
-                 "    preprocess: {layout: nwhc}\n",
-                 ["profile.yaml:6: pipelines[0].preprocess.layout: expected one of nchw, nhwc, nc, ncw, got 'nwhc'"], id="bad-layout"),
-    pytest.param("device: {id: d}\npipelines:\n  - name: p\n    model: m.onnx\n    version: '2.0'\n    source: {type: synthetic}\n",
-                 ["profile.yaml:3: pipelines[0]: pipeline 'p': version pins a registry model, but model is a file path"],
-                 id="version-on-file-model"),
-    pytest.param("device: {id: d}\npipelines:\n  - name: p\n    model: m.onnx\n    source: {type: synthetic}\n"
-                 "    postprocess: {type: threshold, threshold: 0.5, off_threshold: 0.7}\n",
-                 ["profile.yaml:6: pipelines[0].postprocess: off_threshold 0.7 is above threshold 0.5; it must be at or below it"],
-                 id="hysteresis-inverted"),
-    pytest.param("device: {id: d}\ndevice: {id: e}\n",
-                 ["profile.yaml:2: device: duplicate key; each key may appear once"], id="duplicate-key"),
+    pytest.param(
+        "device: {id: d}\nmqt: {url: mqtt://x}\n",
+        ["profile.yaml:2: mqt: unknown key (did you mean 'mqtt'?)"],
+        id="unknown-top-key",
+    ),
+    pytest.param(
+        "device: {id: d}\nruntime: {provders: auto}\n",
+        ["profile.yaml:2: runtime.provders: unknown key (did you mean 'providers'?)"],
+        id="unknown-nested-key",
+    ),
+    pytest.param(
+        "device: {id: d}\nhealth: {every: 5s}\n",
+        ["profile.yaml:2: health.every: unknown key; expected one of: interval, stuck_after"],
+        id="unknown-key-no-close-match",
+    ),
+    pytest.param(
+        "device: {group: g}\n",
+        [
+            "profile.yaml:1: device.id: required key missing: this device's name in topics and the fleet (letters, digits, _ . -)"
+        ],
+        id="missing-device-id",
+    ),
+    pytest.param(
+        "pipelines: []\n", ["profile.yaml:1: device: required key missing: who this device is"], id="missing-device"
+    ),
+    pytest.param(
+        "device: {id: 'cam 01'}\n",
+        [
+            "profile.yaml:1: device.id: expected a name of letters, digits, '_', '.' and '-' (up to 64, starting with a "
+            "letter or digit), got 'cam 01'"
+        ],
+        id="device-id-with-space",
+    ),
+    pytest.param(
+        "device: {id: d}\npipelines:\n  - name: p\n    model: m.onnx\n    source: {type: synthetic, fps: fast}\n",
+        ["profile.yaml:5: pipelines[0].source.fps: expected a number > 0, got 'fast'"],
+        id="fps-not-a-number",
+    ),
+    pytest.param(
+        "device: {id: d}\npipelines:\n  - name: p\n    model: m.onnx\n    source: {type: synthetic, fps: 0}\n",
+        ["profile.yaml:5: pipelines[0].source.fps: expected a number > 0, got 0"],
+        id="fps-zero",
+    ),
+    pytest.param(
+        "device: {id: d}\npipelines:\n  - name: p\n    model: m.onnx\n    source: {type: camera}\n",
+        [
+            "profile.yaml:5: pipelines[0].source.device: required key missing: a V4L2 device path (/dev/video0), "
+            "a device index (0), or a stream URL (rtsp://, http://)"
+        ],
+        id="camera-without-device",
+    ),
+    pytest.param(
+        "device: {id: d}\npipelines:\n  - name: p\n    model: m.onnx\n    source: {type: cam}\n",
+        [
+            "profile.yaml:5: pipelines[0].source.type: expected one of camera, video, images, synthetic, csv, jsonl, "
+            "serial, iio, mqtt, audio, got 'cam' (did you mean 'camera'?)"
+        ],
+        id="unknown-source-type",
+    ),
+    pytest.param(
+        "device: {id: d}\npipelines:\n  - name: p\n    model: m.onnx\n    source: {fps: 3}\n",
+        [
+            "profile.yaml:5: pipelines[0].source.type: required key missing: expected one of camera, video, images, "
+            "synthetic, csv, jsonl, serial, iio, mqtt, audio"
+        ],
+        id="source-without-type",
+    ),
+    pytest.param(
+        "device: {id: d}\npipelines:\n  - name: p\n    model: m.onnx\n    source: {type: synthetic}\n"
+        "    postprocess: {type: text-detection, threshold: 2}\n",
+        ["profile.yaml:6: pipelines[0].postprocess.threshold: expected a number > 0 and < 1, got 2"],
+        id="threshold-out-of-range",
+    ),
+    pytest.param(
+        "device: {id: d}\npipelines:\n  - name: p\n    model: m.onnx\n    source: {type: synthetic}\n"
+        "    postprocess: {type: detect}\n",
+        [
+            "profile.yaml:6: pipelines[0].postprocess.type: expected one of raw, classification, detection, "
+            "text-detection, threshold, anomaly, got 'detect' (did you mean 'detection'?)"
+        ],
+        id="unknown-postprocess",
+    ),
+    pytest.param(
+        "device: {id: d}\npipelines:\n  - {name: a, model: m.onnx, source: {type: synthetic}}\n"
+        "  - {name: a, model: n.onnx, source: {type: synthetic}}\n",
+        ["profile.yaml:4: pipelines[1].name: two pipelines are named 'a'; names must be unique"],
+        id="duplicate-pipeline-names",
+    ),
+    pytest.param(
+        "device: {id: d}\npipelines:\n  - {name: a, model: detector, source: {type: synthetic}}\n",
+        [
+            "profile.yaml:3: pipelines[0].model: pipeline 'a': model 'detector' is a registry name, but the profile "
+            "has no registry section (give a path to an .onnx file, or add registry)"
+        ],
+        id="registry-model-without-registry",
+    ),
+    pytest.param(
+        "device: {id: d}\nmqtt: {url: 'mqtts://broker:8883'}\n",
+        [
+            "profile.yaml:2: mqtt.url: url is mqtts:// but tls.ca is not set; give the CA that signed the broker's certificate"
+        ],
+        id="mqtts-without-ca",
+    ),
+    pytest.param(
+        "device: {id: d}\nmqtt: {url: 'mqtt://broker', tls: {ca: ca.pem}}\n",
+        ["profile.yaml:2: mqtt.tls: tls is set but url is mqtt://; use mqtts:// to connect with TLS"],
+        id="tls-on-plain-url",
+    ),
+    pytest.param(
+        "device: {id: d}\nmqtt: {url: 'http://broker'}\n",
+        ["profile.yaml:2: mqtt.url: expected mqtt://host[:port] or mqtts://host[:port], got 'http://broker'"],
+        id="mqtt-bad-scheme",
+    ),
+    pytest.param(
+        "device: {id: d}\nmqtt: {url: 'mqtt://broker:99999'}\n",
+        ["profile.yaml:2: mqtt.url: the port in 'mqtt://broker:99999' is not a number from 1 to 65535"],
+        id="mqtt-bad-port",
+    ),
+    pytest.param(
+        "device: {id: d}\nmqtt:\n  url: 'mqtts://b'\n  tls: {ca: ca.pem, cert: c.pem}\n",
+        ["profile.yaml:4: mqtt.tls: cert and key go together: set both for mutual TLS, or neither"],
+        id="cert-without-key",
+    ),
+    pytest.param(
+        "device: {id: d}\nmqtt: {url: 'mqtt://b', outbox: {max_bytes: lots}}\n",
+        ["profile.yaml:2: mqtt.outbox.max_bytes: expected a size like 64MiB or 1GB, got 'lots'"],
+        id="bad-size",
+    ),
+    pytest.param(
+        "device: {id: d}\nhealth: {interval: soon}\n",
+        ["profile.yaml:2: health.interval: expected a duration like 30s or 5min, got 'soon'"],
+        id="bad-duration",
+    ),
+    pytest.param(
+        "device: {id: d}\nruntime: {providers: [cuda, cpux]}\n",
+        ["profile.yaml:2: runtime.providers[1]: unknown execution provider 'cpux' (did you mean 'cpu'?)"],
+        id="unknown-provider",
+    ),
+    pytest.param(
+        "device: {id: d}\nruntime: {threads: 0}\n",
+        ["profile.yaml:2: runtime.threads: expected auto or a number > 0, got 0"],
+        id="zero-threads",
+    ),
+    pytest.param(
+        "device: {id: d}\nruntime: {providers: []}\n",
+        ["profile.yaml:2: runtime.providers: expected auto or a list of at least one provider, got an empty list"],
+        id="empty-provider-list",
+    ),
+    pytest.param(
+        "device: {id: d}\nruntime: {autotune: maybe}\n",
+        ["profile.yaml:2: runtime.autotune: expected true or false, got 'maybe'"],
+        id="bad-bool",
+    ),
+    pytest.param(
+        "device: {id: d}\nregistry: {url: 'ftp://models', public_key: k.pub}\n",
+        ["profile.yaml:2: registry.url: expected an http:// or https:// URL, got 'ftp://models'"],
+        id="registry-bad-url",
+    ),
+    pytest.param(
+        "device: {id: d}\nregistry: {url: 'https://models'}\n",
+        [
+            "profile.yaml:2: registry.public_key: required key missing: the registry's ed25519 public key (PEM) that signs manifests"
+        ],
+        id="registry-without-key",
+    ),
+    pytest.param(
+        "device: {id: d}\nmqtt: {url: 'mqtt://b', password: x, password_file: pw}\n",
+        ["profile.yaml:2: mqtt.password: password and password_file are both set; keep one"],
+        id="two-passwords",
+    ),
+    pytest.param(
+        "device: {id: d}\nmqtt: {url: 'mqtt://b', qos: 2}\n",
+        ["profile.yaml:2: mqtt.qos: expected one of 0, 1, got 2"],
+        id="qos-2",
+    ),
+    pytest.param(
+        "device: {id: d}\npipelines:\n  - name: p\n    model: m.onnx\n    source: {type: synthetic}\n"
+        "    preprocess: {color: rgb, mean: [0.5, 0.5]}\n",
+        ["profile.yaml:6: pipelines[0].preprocess: mean has 2 values but color rgb has 3 channel(s)"],
+        id="mean-length",
+    ),
+    pytest.param(
+        "device: {id: d}\npipelines:\n  - name: p\n    model: m.onnx\n    source: {type: synthetic}\n"
+        "    preprocess: {layout: nwhc}\n",
+        ["profile.yaml:6: pipelines[0].preprocess.layout: expected one of nchw, nhwc, nc, ncw, got 'nwhc'"],
+        id="bad-layout",
+    ),
+    pytest.param(
+        "device: {id: d}\npipelines:\n  - name: p\n    model: m.onnx\n    version: '2.0'\n    source: {type: synthetic}\n",
+        ["profile.yaml:3: pipelines[0]: pipeline 'p': version pins a registry model, but model is a file path"],
+        id="version-on-file-model",
+    ),
+    pytest.param(
+        "device: {id: d}\npipelines:\n  - name: p\n    model: m.onnx\n    source: {type: synthetic}\n"
+        "    postprocess: {type: threshold, threshold: 0.5, off_threshold: 0.7}\n",
+        [
+            "profile.yaml:6: pipelines[0].postprocess: off_threshold 0.7 is above threshold 0.5; it must be at or below it"
+        ],
+        id="hysteresis-inverted",
+    ),
+    pytest.param(
+        "device: {id: d}\ndevice: {id: e}\n",
+        ["profile.yaml:2: device: duplicate key; each key may appear once"],
+        id="duplicate-key",
+    ),
     pytest.param("device: {id: d\n", None, id="yaml-syntax"),
-    pytest.param("- just\n- a list\n",
-                 ["profile.yaml:1: expected a mapping of profile sections (device, mqtt, pipelines, ...), got a list"], id="not-a-mapping"),
-    pytest.param("", ["profile.yaml:1: expected a mapping of profile sections (device, mqtt, pipelines, ...), got an empty file"],
-                 id="empty-file"),
-    pytest.param("device: {id: d, state_dir: '${NOPE}'}\n",
-                 ["profile.yaml:1: device.state_dir: environment variable NOPE is not set"], id="missing-env-var"),
-    pytest.param("device: {id: d}\npipelines:\n  - name: p\n    model: m.onnx\n    source: {type: audio, path: a.wav, window: -1}\n",
-                 ["profile.yaml:5: pipelines[0].source.window: expected an integer > 0, got -1"], id="negative-window"),
-    pytest.param("device: {id: d}\npipelines:\n  - name: p\n    model: m.onnx\n    source: {type: synthetic}\n    inputs: {sr: 16000}\n"
-                 "    state: {sr: stateN}\n",
-                 ["profile.yaml:3: pipelines[0]: pipeline 'p': input 'sr' is both a constant and a state"], id="input-and-state"),
+    pytest.param(
+        "- just\n- a list\n",
+        ["profile.yaml:1: expected a mapping of profile sections (device, mqtt, pipelines, ...), got a list"],
+        id="not-a-mapping",
+    ),
+    pytest.param(
+        "",
+        ["profile.yaml:1: expected a mapping of profile sections (device, mqtt, pipelines, ...), got an empty file"],
+        id="empty-file",
+    ),
+    pytest.param(
+        "device: {id: d, state_dir: '${NOPE}'}\n",
+        ["profile.yaml:1: device.state_dir: environment variable NOPE is not set"],
+        id="missing-env-var",
+    ),
+    pytest.param(
+        "device: {id: d}\npipelines:\n  - name: p\n    model: m.onnx\n    source: {type: audio, path: a.wav, window: -1}\n",
+        ["profile.yaml:5: pipelines[0].source.window: expected an integer > 0, got -1"],
+        id="negative-window",
+    ),
+    pytest.param(
+        "device: {id: d}\npipelines:\n  - name: p\n    model: m.onnx\n    source: {type: synthetic}\n    inputs: {sr: 16000}\n"
+        "    state: {sr: stateN}\n",
+        ["profile.yaml:3: pipelines[0]: pipeline 'p': input 'sr' is both a constant and a state"],
+        id="input-and-state",
+    ),
 ]
 
 
@@ -249,7 +433,9 @@ def test_bad_profile_messages(tmp_path: Path, text: str, expected: list[str] | N
 
 
 def test_all_errors_of_a_file_at_once(tmp_path: Path) -> None:
-    errors = errors_of(tmp_path, """\
+    errors = errors_of(
+        tmp_path,
+        """\
         device: {id: d}
         mqt: {url: "mqtt://x"}
         runtime: {threads: 0}
@@ -258,7 +444,8 @@ def test_all_errors_of_a_file_at_once(tmp_path: Path) -> None:
           - name: p
             model: m.onnx
             source: {type: camera, fps: fast}
-        """)
+        """,
+    )
     assert [e.split(": ")[0:2] for e in errors] == [
         ["profile.yaml:2", "mqt"],
         ["profile.yaml:3", "runtime.threads"],

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import jsonschema
+import pydantic
 import pytest
 import yaml
 
@@ -18,7 +19,9 @@ EXAMPLES = sorted((REPO / "configs").glob("*.yaml"))
 
 def test_shipped_schema_equals_the_validators() -> None:
     shipped = json.loads(SCHEMA_FILE.read_text())
-    assert shipped == profile_schema(), "configs/profile.schema.json is stale: run `edge-agent check --schema > configs/profile.schema.json`"
+    assert shipped == profile_schema(), (
+        "configs/profile.schema.json is stale: run `edge-agent check --schema > configs/profile.schema.json`"
+    )
 
 
 def test_schema_is_valid_draft_2020_12() -> None:
@@ -48,8 +51,17 @@ SCHEMA_REJECTS = [
     {"device": {"id": "d"}, "pipelines": [{"name": "p", "model": "m.onnx", "source": {"type": "cam"}}]},
     {"device": {"id": "d"}, "pipelines": [{"name": "p", "model": "m.onnx", "source": {"type": "camera"}}]},
     {"device": {"id": "d"}, "pipelines": [{"name": "p", "model": "m.onnx", "source": {"type": "synthetic", "fps": 0}}]},
-    {"device": {"id": "d"}, "pipelines": [{"name": "p", "model": "m.onnx", "source": {"type": "synthetic"},
-                                           "postprocess": {"type": "text-detection", "threshold": 2}}]},
+    {
+        "device": {"id": "d"},
+        "pipelines": [
+            {
+                "name": "p",
+                "model": "m.onnx",
+                "source": {"type": "synthetic"},
+                "postprocess": {"type": "text-detection", "threshold": 2},
+            }
+        ],
+    },
 ]
 
 
@@ -59,11 +71,20 @@ def test_schema_rejects_what_the_validator_rejects(doc: dict) -> None:
 
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.Draft202012Validator(profile_schema()).validate(doc)
-    with pytest.raises(Exception):
+    with pytest.raises(pydantic.ValidationError):
         Profile.model_validate(doc)
 
 
 def test_schema_accepts_provider_spellings() -> None:
-    doc = {"device": {"id": "d"}, "runtime": {"providers": [{"tensorrt": {"trt_fp16_enable": True}}, {"cuda": None},
-                                                           {"name": "cpu", "options": {}}, "openvino"]}}
+    doc = {
+        "device": {"id": "d"},
+        "runtime": {
+            "providers": [
+                {"tensorrt": {"trt_fp16_enable": True}},
+                {"cuda": None},
+                {"name": "cpu", "options": {}},
+                "openvino",
+            ]
+        },
+    }
     jsonschema.Draft202012Validator(profile_schema()).validate(doc)

@@ -7,21 +7,32 @@ import os
 import platform
 import subprocess
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Iterator
 
 import numpy as np
 import onnxruntime as ort
 import pytest
 
-from agent.transport.events import Event
-from agent.device.hardware import RuntimeInfo, probe
 from agent.config.profile import RuntimeConfig
+from agent.device.hardware import RuntimeInfo, probe
 from agent.device.providers import (
-    CPU, CUDA, OPENVINO, TENSORRT, AcceleratorUnavailable, Candidate, Verification, why_not, canonical_provider,
-    open_session, probe_model, provider_options, rank,
+    CPU,
+    CUDA,
+    OPENVINO,
+    TENSORRT,
+    AcceleratorUnavailable,
+    Candidate,
+    Verification,
+    canonical_provider,
+    open_session,
+    probe_model,
+    provider_options,
+    rank,
+    why_not,
 )
+from agent.transport.events import Event
 from tests.helpers.models import linear_model, unary_model
 
 REPO = Path(__file__).resolve().parent.parent
@@ -30,61 +41,160 @@ CPU_WHEEL = RuntimeInfo("1.32.0", ("AzureExecutionProvider", CPU))
 GPU_WHEEL = RuntimeInfo("1.23.0", (TENSORRT, CUDA, CPU))
 OPENVINO_WHEEL = RuntimeInfo("1.24.1", (OPENVINO, CPU))
 
-NO_NVIDIA = [("TensorrtExecutionProvider", False, "no NVIDIA GPU found"), ("CUDAExecutionProvider", False, "no NVIDIA GPU found")]
-ARM_NO_OPENVINO = ("OpenVINOExecutionProvider", False, "OpenVINO's onnxruntime wheel is for x86-64; this CPU is aarch64")
+NO_NVIDIA = [
+    ("TensorrtExecutionProvider", False, "no NVIDIA GPU found"),
+    ("CUDAExecutionProvider", False, "no NVIDIA GPU found"),
+]
+ARM_NO_OPENVINO = (
+    "OpenVINOExecutionProvider",
+    False,
+    "OpenVINO's onnxruntime wheel is for x86-64; this CPU is aarch64",
+)
 AZURE = ("AzureExecutionProvider", False, "calls a remote endpoint; not a local inference provider")
 RTX = "NVIDIA GeForce RTX 3060"
 ORIN = "NVIDIA Jetson AGX Orin integrated GPU (tegra234)"
-TRT_KEPT = " found and the build has TensorRT: fastest on NVIDIA once its engine is built (engines cached under the state dir)"
+TRT_KEPT = (
+    " found and the build has TensorRT: fastest on NVIDIA once its engine is built (engines cached under the state dir)"
+)
 CUDA_KEPT = " found and the build has CUDA: runs every op TensorRT cannot, no engine build"
 I7 = "always present: 12 cores of 12th Gen Intel(R) Core(TM) i7-12700F (sse4_2 avx avx2 fma f16c avx_vnni)"
 NUC_CPU = "always present: 16 cores of Intel(R) Core(TM) Ultra 7 155H (sse4_2 avx avx2 fma f16c avx_vnni)"
-NUC_GPU = ("OpenVINOExecutionProvider[GPU]", True, "Intel Arc Graphics (Meteor Lake) at /dev/dri/renderD128: OpenVINO's GPU plugin "
-           "(first load compiles; kernels cached under the state dir)")
-NUC_OV_CPU = ("OpenVINOExecutionProvider[CPU]", True, "Intel x86-64 CPU with avx2: OpenVINO's CPU plugin, usually faster than the CPU "
-              "provider on convolutional models (autotune measures it)")
+NUC_GPU = (
+    "OpenVINOExecutionProvider[GPU]",
+    True,
+    "Intel Arc Graphics (Meteor Lake) at /dev/dri/renderD128: OpenVINO's GPU plugin "
+    "(first load compiles; kernels cached under the state dir)",
+)
+NUC_OV_CPU = (
+    "OpenVINOExecutionProvider[CPU]",
+    True,
+    "Intel x86-64 CPU with avx2: OpenVINO's CPU plugin, usually faster than the CPU "
+    "provider on convolutional models (autotune measures it)",
+)
 
 # (fixture, runtime build, variant) -> the whole ranking: kept in order first, then dropped, each with its reason.
 RANKINGS = {
-    "rpi4-cpu-wheel": ("rpi4", CPU_WHEEL, None, [
-        ("CPUExecutionProvider", True, "always present: 4 cores of Cortex-A72 (neon)"), *NO_NVIDIA, ARM_NO_OPENVINO, AZURE]),
-    "rpi5-hailo-cpu-wheel": ("rpi5-hailo", CPU_WHEEL, None, [
-        ("CPUExecutionProvider", True, "always present: 4 cores of Cortex-A76 (neon asimdhp asimddp)"), *NO_NVIDIA, ARM_NO_OPENVINO, AZURE]),
-    "jetson-orin-gpu-wheel": ("jetson-agx-orin", GPU_WHEEL, None, [
-        ("TensorrtExecutionProvider", True, ORIN + TRT_KEPT),
-        ("CUDAExecutionProvider", True, ORIN + CUDA_KEPT),
-        ("CPUExecutionProvider", True, "always present: 12 cores of Cortex-A78AE (neon asimdhp asimddp)"),
-        ARM_NO_OPENVINO]),
-    "x86-rtx3060-gpu-wheel": ("x86-rtx3060", GPU_WHEEL, None, [
-        ("TensorrtExecutionProvider", True, RTX + TRT_KEPT),
-        ("CUDAExecutionProvider", True, RTX + CUDA_KEPT),
-        ("CPUExecutionProvider", True, I7),
-        ("OpenVINOExecutionProvider", False, "x86-64 CPU found, but OpenVINO is not in this onnxruntime 1.23.0 build (it has Tensorrt, "
-                                              "CUDA, CPU); install onnxruntime-openvino in place of onnxruntime")]),
-    "x86-rtx3060-cpu-wheel": ("x86-rtx3060", CPU_WHEEL, None, [
-        ("CPUExecutionProvider", True, I7),
-        ("TensorrtExecutionProvider", False, f"{RTX} found, but TensorRT is not in this onnxruntime 1.32.0 build (it has Azure, CPU); "
-                                              "install onnxruntime-gpu and the TensorRT libraries"),
-        ("CUDAExecutionProvider", False, f"{RTX} found, but CUDA is not in this onnxruntime 1.32.0 build (it has Azure, CPU); "
-                                          "install onnxruntime-gpu"),
-        ("OpenVINOExecutionProvider", False, "x86-64 CPU found, but OpenVINO is not in this onnxruntime 1.32.0 build (it has Azure, CPU); "
-                                              "install onnxruntime-openvino in place of onnxruntime"),
-        AZURE]),
-    "nuc14-openvino-wheel-fp32": ("intel-nuc14", OPENVINO_WHEEL, None, [
-        NUC_GPU, NUC_OV_CPU, ("CPUExecutionProvider", True, NUC_CPU), *NO_NVIDIA,
-        ("OpenVINOExecutionProvider[NPU]", False, "Intel NPU (Meteor Lake) at /dev/accel/accel0, but auto keeps it for fp16 and int8 "
-                                                   "variants (this one is fp32); name openvino with device_type NPU in the profile to use it")]),
-    "nuc14-openvino-wheel-int8": ("intel-nuc14", OPENVINO_WHEEL, SimpleNamespace(precision="int8", providers=()), [
-        NUC_GPU, ("OpenVINOExecutionProvider[NPU]", True, "Intel NPU (Meteor Lake) at /dev/accel/accel0: suits this int8 variant"),
-        NUC_OV_CPU, ("CPUExecutionProvider", True, NUC_CPU), *NO_NVIDIA]),
+    "rpi4-cpu-wheel": (
+        "rpi4",
+        CPU_WHEEL,
+        None,
+        [
+            ("CPUExecutionProvider", True, "always present: 4 cores of Cortex-A72 (neon)"),
+            *NO_NVIDIA,
+            ARM_NO_OPENVINO,
+            AZURE,
+        ],
+    ),
+    "rpi5-hailo-cpu-wheel": (
+        "rpi5-hailo",
+        CPU_WHEEL,
+        None,
+        [
+            ("CPUExecutionProvider", True, "always present: 4 cores of Cortex-A76 (neon asimdhp asimddp)"),
+            *NO_NVIDIA,
+            ARM_NO_OPENVINO,
+            AZURE,
+        ],
+    ),
+    "jetson-orin-gpu-wheel": (
+        "jetson-agx-orin",
+        GPU_WHEEL,
+        None,
+        [
+            ("TensorrtExecutionProvider", True, ORIN + TRT_KEPT),
+            ("CUDAExecutionProvider", True, ORIN + CUDA_KEPT),
+            ("CPUExecutionProvider", True, "always present: 12 cores of Cortex-A78AE (neon asimdhp asimddp)"),
+            ARM_NO_OPENVINO,
+        ],
+    ),
+    "x86-rtx3060-gpu-wheel": (
+        "x86-rtx3060",
+        GPU_WHEEL,
+        None,
+        [
+            ("TensorrtExecutionProvider", True, RTX + TRT_KEPT),
+            ("CUDAExecutionProvider", True, RTX + CUDA_KEPT),
+            ("CPUExecutionProvider", True, I7),
+            (
+                "OpenVINOExecutionProvider",
+                False,
+                "x86-64 CPU found, but OpenVINO is not in this onnxruntime 1.23.0 build (it has Tensorrt, "
+                "CUDA, CPU); install onnxruntime-openvino in place of onnxruntime",
+            ),
+        ],
+    ),
+    "x86-rtx3060-cpu-wheel": (
+        "x86-rtx3060",
+        CPU_WHEEL,
+        None,
+        [
+            ("CPUExecutionProvider", True, I7),
+            (
+                "TensorrtExecutionProvider",
+                False,
+                f"{RTX} found, but TensorRT is not in this onnxruntime 1.32.0 build (it has Azure, CPU); "
+                "install onnxruntime-gpu and the TensorRT libraries",
+            ),
+            (
+                "CUDAExecutionProvider",
+                False,
+                f"{RTX} found, but CUDA is not in this onnxruntime 1.32.0 build (it has Azure, CPU); "
+                "install onnxruntime-gpu",
+            ),
+            (
+                "OpenVINOExecutionProvider",
+                False,
+                "x86-64 CPU found, but OpenVINO is not in this onnxruntime 1.32.0 build (it has Azure, CPU); "
+                "install onnxruntime-openvino in place of onnxruntime",
+            ),
+            AZURE,
+        ],
+    ),
+    "nuc14-openvino-wheel-fp32": (
+        "intel-nuc14",
+        OPENVINO_WHEEL,
+        None,
+        [
+            NUC_GPU,
+            NUC_OV_CPU,
+            ("CPUExecutionProvider", True, NUC_CPU),
+            *NO_NVIDIA,
+            (
+                "OpenVINOExecutionProvider[NPU]",
+                False,
+                "Intel NPU (Meteor Lake) at /dev/accel/accel0, but auto keeps it for fp16 and int8 "
+                "variants (this one is fp32); name openvino with device_type NPU in the profile to use it",
+            ),
+        ],
+    ),
+    "nuc14-openvino-wheel-int8": (
+        "intel-nuc14",
+        OPENVINO_WHEEL,
+        SimpleNamespace(precision="int8", providers=()),
+        [
+            NUC_GPU,
+            (
+                "OpenVINOExecutionProvider[NPU]",
+                True,
+                "Intel NPU (Meteor Lake) at /dev/accel/accel0: suits this int8 variant",
+            ),
+            NUC_OV_CPU,
+            ("CPUExecutionProvider", True, NUC_CPU),
+            *NO_NVIDIA,
+        ],
+    ),
 }
 
 NOTES = {
     "rpi4": ("Coral USB Accelerator: onnxruntime has no provider for it; convert to an Edge TPU TFLite model",),
-    "rpi5-hailo": ("Hailo-8/8L at /dev/hailo0: onnxruntime has no provider for it; compile the model with Hailo's Dataflow "
-                   "Compiler and run it with HailoRT",),
-    "jetson-agx-orin": ("NVIDIA DLA x2 at /dev/nvhost-ctrl-nvdla0: reached through TensorRT with the provider options "
-                        "trt_dla_enable and trt_dla_core",),
+    "rpi5-hailo": (
+        "Hailo-8/8L at /dev/hailo0: onnxruntime has no provider for it; compile the model with Hailo's Dataflow "
+        "Compiler and run it with HailoRT",
+    ),
+    "jetson-agx-orin": (
+        "NVIDIA DLA x2 at /dev/nvhost-ctrl-nvdla0: reached through TensorRT with the provider options "
+        "trt_dla_enable and trt_dla_core",
+    ),
 }
 
 
@@ -114,8 +224,12 @@ def test_explicit_cuda_on_a_pi_with_the_cpu_wheel_is_dropped_with_the_reason() -
     ranking = rank(RuntimeConfig(providers=["cuda", "cpu"]), probe(FIXTURES / "rpi4", runtime=CPU_WHEEL))
     assert [(c.label, c.kept, c.reason) for c in ranking.candidates] == [
         ("CPUExecutionProvider", True, "asked for (#2 in the list)"),
-        ("CUDAExecutionProvider", False, "asked for (#1 in the list), but not in this onnxruntime 1.32.0 build (it has Azure, CPU); "
-                                         "install onnxruntime-gpu"),
+        (
+            "CUDAExecutionProvider",
+            False,
+            "asked for (#1 in the list), but not in this onnxruntime 1.32.0 build (it has Azure, CPU); "
+            "install onnxruntime-gpu",
+        ),
     ]
 
 
@@ -139,17 +253,26 @@ def test_provider_names_and_unknown_names() -> None:
 @pytest.mark.arm64
 def test_device_options_caches_under_state_dir_and_cuda_device_id_passthrough(tmp_path: Path) -> None:
     trt = provider_options(Candidate(TENSORRT, {"device_id": "1", "trt_fp16_enable": "True"}, True, ""), tmp_path, 4)
-    assert trt == {"device_id": "1", "trt_fp16_enable": "True", "trt_engine_cache_enable": "True",
-                   "trt_engine_cache_path": str(tmp_path / "cache" / "tensorrt"), "trt_timing_cache_enable": "True",
-                   "trt_timing_cache_path": str(tmp_path / "cache" / "tensorrt")}
+    assert trt == {
+        "device_id": "1",
+        "trt_fp16_enable": "True",
+        "trt_engine_cache_enable": "True",
+        "trt_engine_cache_path": str(tmp_path / "cache" / "tensorrt"),
+        "trt_timing_cache_enable": "True",
+        "trt_timing_cache_path": str(tmp_path / "cache" / "tensorrt"),
+    }
     assert provider_options(Candidate(CUDA, {"device_id": "2"}, True, ""), tmp_path, 4) == {"device_id": "2"}
     assert provider_options(Candidate(CUDA, {}, True, ""), tmp_path, 4) == {"device_id": "0"}
     assert provider_options(Candidate(OPENVINO, {}, True, ""), tmp_path, 4) == {
-        "device_type": "CPU", "cache_dir": str(tmp_path / "cache" / "openvino"), "num_of_threads": "4"}
+        "device_type": "CPU",
+        "cache_dir": str(tmp_path / "cache" / "openvino"),
+        "num_of_threads": "4",
+    }
     assert "num_of_threads" not in provider_options(Candidate(OPENVINO, {"device_type": "GPU"}, True, ""), tmp_path, 4)
 
 
 # ---- real sessions ----------------------------------------------------------------------------------
+
 
 def this_machine(runtime: RuntimeInfo | None = None) -> object:
     return probe("/", runtime=runtime)
@@ -168,7 +291,9 @@ def relu(tmp_path: Path) -> Path:
 
 
 @pytest.mark.arm64
-def test_auto_on_this_machine_is_a_verified_session_with_device_options(relu: Path, tmp_path: Path, events: list[Event]) -> None:
+def test_auto_on_this_machine_is_a_verified_session_with_device_options(
+    relu: Path, tmp_path: Path, events: list[Event]
+) -> None:
     opened = open_session(relu, RuntimeConfig(), tmp_path / "state", events.append)
     assert opened.provider == opened.providers[0] == opened.session.get_providers()[0]
     assert events == [] and opened.fallbacks == []
@@ -192,7 +317,10 @@ def test_cuda_asked_for_on_the_cpu_wheel_falls_back_to_cpu_with_an_event(tmp_pat
     assert opened.provider == CPU and opened.providers == (CPU,) and tuple(opened.session.get_providers()) == (CPU,)
     assert [e.type for e in events] == ["provider.fallback"]
     assert events[0].fields["provider"] == CUDA and events[0].fields["next"] == CPU
-    assert "not in this onnxruntime" in events[0].fields["reason"] and "install onnxruntime-gpu" in events[0].fields["reason"]
+    assert (
+        "not in this onnxruntime" in events[0].fields["reason"]
+        and "install onnxruntime-gpu" in events[0].fields["reason"]
+    )
     y = opened.session.run(None, {"x": np.ones((2, 3), np.float32)})[0]
     assert y.tolist() == [[1, 1, 1], [1, 1, 1]]
 
@@ -206,14 +334,17 @@ def test_require_accelerator_turns_the_fallback_into_a_loud_failure(tmp_path: Pa
         open_session(probe_model(), runtime, tmp_path, events.append)
     message = str(err.value)
     assert "\n" not in message
-    assert message.startswith("runtime.require_accelerator is true, but no accelerator runs this model here (CUDAExecutionProvider: ")
+    assert message.startswith(
+        "runtime.require_accelerator is true, but no accelerator runs this model here (CUDAExecutionProvider: "
+    )
     assert [e.type for e in events] == ["provider.fallback"] and events[0].fields["next"] is None
 
 
 @pytest.mark.arm64
 @pytest.mark.parametrize("asked", [CUDA, TENSORRT])
 def test_a_gpu_build_without_its_libraries_is_caught_by_reading_the_session_back(
-        asked: str, tmp_path: Path, events: list[Event]) -> None:
+    asked: str, tmp_path: Path, events: list[Event]
+) -> None:
     """onnxruntime-gpu without CUDA libraries creates a CPU session without raising: the check must notice."""
     if asked in ort.get_available_providers():
         pytest.skip(f"{asked} really is built in here")
@@ -222,13 +353,17 @@ def test_a_gpu_build_without_its_libraries_is_caught_by_reading_the_session_back
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # onnxruntime warns that the provider is not available
         opened = open_session(probe_model(), RuntimeConfig(providers=[asked]), tmp_path, events.append, probe=lying)
-    assert opened.provider == CPU and CPU in opened.session.get_providers() and asked not in opened.session.get_providers()
+    assert (
+        opened.provider == CPU and CPU in opened.session.get_providers() and asked not in opened.session.get_providers()
+    )
     assert [(e.fields["provider"], e.fields["next"]) for e in events] == [(asked, CPU)]
     assert events[0].fields["reason"].startswith("the session came up without it (runs on CPUExecutionProvider)")
 
 
 @pytest.mark.arm64
-def test_require_accelerator_with_a_lying_gpu_build_fails_after_trying_each(tmp_path: Path, events: list[Event]) -> None:
+def test_require_accelerator_with_a_lying_gpu_build_fails_after_trying_each(
+    tmp_path: Path, events: list[Event]
+) -> None:
     if CUDA in ort.get_available_providers():
         pytest.skip("CUDA really is built in here")
     lying = probe(FIXTURES / "x86-rtx3060", runtime=GPU_WHEEL)
@@ -256,6 +391,7 @@ def test_an_unloadable_model_is_an_error_naming_each_provider(tmp_path: Path, ev
 
 
 # ---- OpenVINO, for real, in its own virtualenv -----------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def openvino_python() -> Iterator[str]:
@@ -302,8 +438,14 @@ print(json.dumps({
 @pytest.mark.slow
 def test_openvino_ranks_first_on_x86_and_autotune_measures_both(openvino_python: str, tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    out = subprocess.run([openvino_python, "-c", OPENVINO_SCRIPT, str(tmp_path)], capture_output=True, text=True,
-                         timeout=300, env=env, cwd=REPO)
+    out = subprocess.run(
+        [openvino_python, "-c", OPENVINO_SCRIPT, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=REPO,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     got = json.loads(out.stdout)
     assert OPENVINO in got["available"]
@@ -334,5 +476,6 @@ def test_require_accelerator_on_a_pi_says_why_nothing_was_ranked(tmp_path: Path,
         "runtime.require_accelerator is true, but no accelerator runs this model here (none was ranked: "
         "TensorrtExecutionProvider: no NVIDIA GPU found; CUDAExecutionProvider: no NVIDIA GPU found; "
         "OpenVINOExecutionProvider: OpenVINO's onnxruntime wheel is for x86-64; this CPU is aarch64; "
-        "AzureExecutionProvider: calls a remote endpoint; not a local inference provider)")
+        "AzureExecutionProvider: calls a remote endpoint; not a local inference provider)"
+    )
     assert events == []

@@ -15,13 +15,13 @@ from typing import Any
 import numpy as np
 import pytest
 
-from agent.device.compat import caps_for
-from agent.transport.events import Event
-from agent.models.manifest import dumps
 from agent.cloud.publish import npz_bytes, write_signed
+from agent.device.compat import caps_for
+from agent.models.manifest import dumps
 from agent.models.signing import generate_keypair, load_private_key
 from agent.models.store import Store
-from tests.helpers.registry import Registry, registry  # noqa: F401 (fixture)
+from agent.transport.events import Event
+from tests.helpers.registry import Registry
 
 pytestmark = pytest.mark.arm64
 
@@ -46,9 +46,20 @@ def test_pull_activates_and_a_second_poll_is_a_conditional_get(registry: Registr
     events: list[Event] = []
     client = registry.client(tmp_path / "state", events, caps=CAPS)
     result = client.check_and_pull("m")
-    assert (result.status, result.version, result.variant, result.provider) == ("activated", "1.0.0", "fp32", "CPUExecutionProvider")
+    assert (result.status, result.version, result.variant, result.provider) == (
+        "activated",
+        "1.0.0",
+        "fp32",
+        "CPUExecutionProvider",
+    )
     assert types(events) == ["model.downloading", "model.verifying", "model.activated"]
-    assert events[-1].fields == {"model": "m", "version": "1.0.0", "variant": "fp32", "provider": "CPUExecutionProvider", "previous": None}
+    assert events[-1].fields == {
+        "model": "m",
+        "version": "1.0.0",
+        "variant": "fp32",
+        "provider": "CPUExecutionProvider",
+        "previous": None,
+    }
     active = Store(tmp_path / "state").active("m")
     assert active is not None and active.path.read_bytes() == registry.tiny("m1").read_bytes()
     assert (active.directory / "manifest.json").read_bytes() == registry.manifest_path("m", "1.0.0").read_bytes()
@@ -73,7 +84,9 @@ def test_update_keeps_previous_for_rollback(registry: Registry, tmp_path: Path) 
 
 
 @pytest.mark.parametrize("cap,want", [(None, "op18"), (17, "op16"), (16, "op16"), (15, "op15")])
-def test_the_device_picks_the_variant_its_runtime_loads(registry: Registry, tmp_path: Path, cap: int | None, want: str) -> None:
+def test_the_device_picks_the_variant_its_runtime_loads(
+    registry: Registry, tmp_path: Path, cap: int | None, want: str
+) -> None:
     for opset in (15, 18, 16):
         registry.publish("vad", "1.0.0", registry.tiny(f"op{opset}", opset=opset), variant_id=f"op{opset}")
     caps = CAPS if cap is None else CAPS.with_limits(ai_onnx=cap)
@@ -82,11 +95,20 @@ def test_the_device_picks_the_variant_its_runtime_loads(registry: Registry, tmp_
     # Only the chosen variant's file was fetched.
     fetched = {r["path"] for r in registry.blob_requests()}
     assert f"/blobs/sha256/{registry.blob_path('vad', '1.0.0', ['op18', 'op16', 'op15'].index(want)).name}" in fetched
-    assert len([p for p in fetched if p.split("/")[-1] in {registry.blob_path('vad', '1.0.0', i).name for i in range(3)}]) == 1
+    assert (
+        len([p for p in fetched if p.split("/")[-1] in {registry.blob_path("vad", "1.0.0", i).name for i in range(3)}])
+        == 1
+    )
 
 
-def refuse(registry: Registry, tmp_path: Path, expect: str, before_download: bool = True, version: str | None = None,
-           **client_args: Any) -> None:
+def refuse(
+    registry: Registry,
+    tmp_path: Path,
+    expect: str,
+    before_download: bool = True,
+    version: str | None = None,
+    **client_args: Any,
+) -> None:
     events: list[Event] = []
     client_args.setdefault("caps", CAPS)
     result = registry.client(tmp_path / "state", events, **client_args).check_and_pull("m", version=version)
@@ -101,24 +123,43 @@ def refuse(registry: Registry, tmp_path: Path, expect: str, before_download: boo
 
 def test_refused_opset_too_new(registry: Registry, tmp_path: Path) -> None:
     registry.publish("m", "1.0.0", registry.tiny("m", opset=18))
-    refuse(registry, tmp_path, "variant fp32 needs ai.onnx opset 18; this runtime loads up to 15", caps=CAPS.with_limits(ai_onnx=15))
+    refuse(
+        registry,
+        tmp_path,
+        "variant fp32 needs ai.onnx opset 18; this runtime loads up to 15",
+        caps=CAPS.with_limits(ai_onnx=15),
+    )
 
 
 def test_refused_ir_too_new(registry: Registry, tmp_path: Path) -> None:
     registry.publish("m", "1.0.0", registry.tiny("m", opset=18, ir=10))
-    refuse(registry, tmp_path, "variant fp32 needs IR version 10; this runtime loads up to 9", caps=CAPS.with_limits(ir_version=9))
+    refuse(
+        registry,
+        tmp_path,
+        "variant fp32 needs IR version 10; this runtime loads up to 9",
+        caps=CAPS.with_limits(ir_version=9),
+    )
 
 
 def test_refused_every_variant_with_its_reason(registry: Registry, tmp_path: Path) -> None:
     registry.publish("m", "1.0.0", registry.tiny("a", opset=18), variant_id="op18")
     registry.publish("m", "1.0.0", registry.tiny("b", opset=16), variant_id="op16")
-    refuse(registry, tmp_path, "no variant can run here: variant op18 needs ai.onnx opset 18; this runtime loads up to 15; "
-           "variant op16 needs ai.onnx opset 16; this runtime loads up to 15", caps=CAPS.with_limits(ai_onnx=15))
+    refuse(
+        registry,
+        tmp_path,
+        "no variant can run here: variant op18 needs ai.onnx opset 18; this runtime loads up to 15; "
+        "variant op16 needs ai.onnx opset 16; this runtime loads up to 15",
+        caps=CAPS.with_limits(ai_onnx=15),
+    )
 
 
 def test_refused_unknown_custom_domain(registry: Registry, tmp_path: Path) -> None:
     registry.publish("m", "1.0.0", registry.tiny("m", extra={"com.example.vision": 1}))
-    refuse(registry, tmp_path, "needs custom domain 'com.example.vision' (opset 1); no custom-op library for it is registered here")
+    refuse(
+        registry,
+        tmp_path,
+        "needs custom domain 'com.example.vision' (opset 1); no custom-op library for it is registered here",
+    )
 
 
 def test_refused_wrong_architecture(registry: Registry, tmp_path: Path) -> None:
@@ -172,8 +213,11 @@ def test_refused_older_version_unless_rollback_ordered(registry: Registry, tmp_p
     events: list[Event] = []
     result = registry.client(state, events, caps=CAPS).check_and_pull("m")
     assert result.status == "refused" and result.reason == (
-        "version 1.0.0 is older than the active 2.0.0; an older version is only installed on a rollback order")
-    assert [r for r in registry.server.requests[n:] if "/models/" in str(r["path"]) or "/blobs/" in str(r["path"])] == []
+        "version 1.0.0 is older than the active 2.0.0; an older version is only installed on a rollback order"
+    )
+    assert [
+        r for r in registry.server.requests[n:] if "/models/" in str(r["path"]) or "/blobs/" in str(r["path"])
+    ] == []
     assert Store(state).active("m").version == "2.0.0"  # type: ignore[union-attr]
     ordered = registry.client(state, caps=CAPS).check_and_pull("m", version="1.0.0", allow_older=True)
     assert (ordered.status, ordered.version) == ("activated", "1.0.0")
@@ -182,8 +226,13 @@ def test_refused_older_version_unless_rollback_ordered(registry: Registry, tmp_p
 @pytest.mark.parametrize("pointer_version", ["../../../etc", "..", "a/b"])
 def test_refused_path_traversal_in_a_signed_channel(registry: Registry, tmp_path: Path, pointer_version: str) -> None:
     registry.publish("m", "1.0.0", registry.tiny("m"))
-    doc = {"model": "m", "channel": "stable", "version": pointer_version, "updated": "2026-11-25T00:00:00Z",
-           "expires": "2099-01-01T00:00:00Z"}
+    doc = {
+        "model": "m",
+        "channel": "stable",
+        "version": pointer_version,
+        "updated": "2026-11-25T00:00:00Z",
+        "expires": "2099-01-01T00:00:00Z",
+    }
     write_signed(registry.root / "channels" / "m" / "stable.json", dumps(doc), load_private_key(registry.key))
     refuse(registry, tmp_path, f"channels/m/stable.json: version: {pointer_version!r} is not a safe name")
 
@@ -210,7 +259,9 @@ def test_refused_oversized_blob(registry: Registry, tmp_path: Path) -> None:
     size = blob.stat().st_size
     with open(blob, "ab") as f:
         f.write(b"\0" * 1000)
-    refuse(registry, tmp_path, f"is {size + 1000} bytes on the registry; the signed size is {size}", before_download=False)
+    refuse(
+        registry, tmp_path, f"is {size + 1000} bytes on the registry; the signed size is {size}", before_download=False
+    )
 
 
 def test_refused_endless_blob_stops_at_the_signed_size(registry: Registry, tmp_path: Path) -> None:
@@ -225,7 +276,12 @@ def test_refused_truncated_blob(registry: Registry, tmp_path: Path) -> None:
     blob = registry.blob_path("m", "1.0.0")
     size = blob.stat().st_size
     blob.write_bytes(blob.read_bytes()[: size // 2])
-    refuse(registry, tmp_path, f"is truncated on the registry: {size // 2} bytes, the signed size is {size}", before_download=False)
+    refuse(
+        registry,
+        tmp_path,
+        f"is truncated on the registry: {size // 2} bytes, the signed size is {size}",
+        before_download=False,
+    )
 
 
 def test_refused_digest_mismatch(registry: Registry, tmp_path: Path) -> None:
@@ -245,13 +301,23 @@ def test_refused_failing_test_vectors(registry: Registry, tmp_path: Path) -> Non
         doc["tests"][0]["expected"] = wrong
 
     registry.resign("m", "1.0.0", mutate)
-    refuse(registry, tmp_path, "test vector fp32-0 failed on CPUExecutionProvider: output 'y' differs by up to", before_download=False)
+    refuse(
+        registry,
+        tmp_path,
+        "test vector fp32-0 failed on CPUExecutionProvider: output 'y' differs by up to",
+        before_download=False,
+    )
 
 
 def test_refused_header_disagreeing_with_the_manifest(registry: Registry, tmp_path: Path) -> None:
     registry.publish("m", "1.0.0", registry.tiny("m", opset=13))
     registry.resign("m", "1.0.0", lambda doc: doc["variants"][0].update(opsets={"ai.onnx": 12}))
-    refuse(registry, tmp_path, "variant fp32: the file says IR 8 opsets {'ai.onnx': 13}; the signed manifest says", before_download=False)
+    refuse(
+        registry,
+        tmp_path,
+        "variant fp32: the file says IR 8 opsets {'ai.onnx': 13}; the signed manifest says",
+        before_download=False,
+    )
 
 
 def test_download_interrupted_half_way_resumes_with_range(registry: Registry, tmp_path: Path) -> None:
@@ -284,7 +350,9 @@ def test_a_later_pull_resumes_what_an_earlier_one_left(registry: Registry, tmp_p
     assert [r["range"] for r in registry.blob_requests() if r["path"].endswith(blob.name)] == [None, f"bytes={kept}-"]
 
 
-def test_not_enough_disk_fails_before_downloading(registry: Registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_not_enough_disk_fails_before_downloading(
+    registry: Registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     registry.publish("m", "1.0.0", registry.tiny("m"))
     monkeypatch.setattr(Store, "free_bytes", lambda self: 1000)
     result = registry.client(tmp_path / "state", caps=CAPS).check_and_pull("m")
@@ -298,8 +366,16 @@ def test_registry_down_is_a_failure_not_a_refusal(tmp_path: Path) -> None:
 
     _, public = generate_keypair(tmp_path / "k")
     events: list[Event] = []
-    client = RegistryClient(f"http://127.0.0.1:{free_port()}/", public, Store(tmp_path / "state"), emit=events.append,
-                            caps=CAPS, retries=2, backoff=0.01, timeout=2)
+    client = RegistryClient(
+        f"http://127.0.0.1:{free_port()}/",
+        public,
+        Store(tmp_path / "state"),
+        emit=events.append,
+        caps=CAPS,
+        retries=2,
+        backoff=0.01,
+        timeout=2,
+    )
     result = client.check_and_pull("m")
     assert result.status == "failed" and "GET http://127.0.0.1" in (result.reason or "")
     assert types(events) == ["model.error"]
@@ -317,7 +393,13 @@ def test_labels_travel_with_the_version(registry: Registry, tmp_path: Path) -> N
 def test_manifest_records_what_publish_read(registry: Registry) -> None:
     result = registry.publish("m", "1.0.0", registry.tiny("m", opset=16, ir=8))
     v = result.manifest.variants[0]
-    assert (v.ir_version, v.opsets, v.min_runtime, v.precision, v.format) == (8, {"ai.onnx": 16}, "1.11", "fp32", "onnx")
+    assert (v.ir_version, v.opsets, v.min_runtime, v.precision, v.format) == (
+        8,
+        {"ai.onnx": 16},
+        "1.11",
+        "fp32",
+        "onnx",
+    )
     assert [(i.name, i.type, i.shape) for i in v.inputs] == [("x", "float32", (1, 4))]
     doc = json.loads(registry.manifest_path("m", "1.0.0").read_bytes())
     assert doc["tests"][0]["variant"] == "fp32" and doc["tests"][0]["atol"] == 1e-3
@@ -349,7 +431,9 @@ def test_a_busy_server_is_retried_with_backoff(registry: Registry, tmp_path: Pat
     registry.server.faults["stable.json"] = ("status", 503)  # type: ignore[attr-defined]
     registry.server.faults[registry.blob_path("m", "1.0.0").name] = ("status", 502)  # type: ignore[attr-defined]
     sleeps: list[float] = []
-    result = registry.client(tmp_path / "state", caps=CAPS, retries=2, backoff=0.5, sleep=sleeps.append).check_and_pull("m")
+    result = registry.client(tmp_path / "state", caps=CAPS, retries=2, backoff=0.5, sleep=sleeps.append).check_and_pull(
+        "m"
+    )
     assert result.status == "activated"
     assert len(sleeps) == 2 and all(0.25 <= s <= 0.75 for s in sleeps)  # first retry: backoff x jitter(0.5..1.5)
 
@@ -362,4 +446,7 @@ def test_publishing_the_same_file_again_re_signs_instead_of_adding_a_variant(reg
     again = json.loads(registry.manifest_path("m", "1.0.0").read_bytes())
     assert [v["id"] for v in again["variants"]] == [v["id"] for v in first["variants"]] == ["fp32"]
     registry.publish("m", "1.0.0", registry.tiny("m-op12", opset=12))
-    assert [v["id"] for v in json.loads(registry.manifest_path("m", "1.0.0").read_bytes())["variants"]] == ["fp32", "fp32-op12"]
+    assert [v["id"] for v in json.loads(registry.manifest_path("m", "1.0.0").read_bytes())["variants"]] == [
+        "fp32",
+        "fp32-op12",
+    ]

@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pytest
 
-from agent.device.compat import caps_for
-from agent.transport.events import Event
-from agent.device.providers import open_session
 from agent.config.profile import RuntimeConfig
+from agent.device.compat import caps_for
+from agent.device.providers import open_session
 from agent.models.store import Store
-from tests.helpers.registry import Registry, registry  # noqa: F401 (fixture)
+from agent.transport.events import Event
+from tests.helpers.registry import Registry
 
 CAPS = caps_for("1.32.0")
 
@@ -22,12 +22,18 @@ CAPS = caps_for("1.32.0")
 def vad_inputs(tmp_path: Path) -> Path:
     path = tmp_path / "vad-inputs.npz"
     rng = np.random.default_rng(1)
-    np.savez(path, input=(rng.standard_normal((1, 576)) * 0.1).astype(np.float32),
-             state=np.zeros((2, 1, 128), np.float32), sr=np.array(16000, dtype=np.int64))
+    np.savez(
+        path,
+        input=(rng.standard_normal((1, 576)) * 0.1).astype(np.float32),
+        state=np.zeros((2, 1, 128), np.float32),
+        sr=np.array(16000, dtype=np.int64),
+    )
     return path
 
 
-def test_ppocr_detector_round_trips_and_runs(registry: Registry, tmp_path: Path, sample_model: Callable[[str], Path]) -> None:
+def test_ppocr_detector_round_trips_and_runs(
+    registry: Registry, tmp_path: Path, sample_model: Callable[[str], Path]
+) -> None:
     source = sample_model("ppocr-det")
     published = registry.publish("text-detector", "1.4.0", source)
     v = published.manifest.variants[0]
@@ -43,8 +49,9 @@ def test_ppocr_detector_round_trips_and_runs(registry: Registry, tmp_path: Path,
     assert out.shape == (1, 1, 64, 96)
 
 
-def test_ppocr_int8_variant_is_derived_and_pulled_when_it_is_the_only_fit(registry: Registry, tmp_path: Path,
-                                                                          sample_model: Callable[[str], Path]) -> None:
+def test_ppocr_int8_variant_is_derived_and_pulled_when_it_is_the_only_fit(
+    registry: Registry, tmp_path: Path, sample_model: Callable[[str], Path]
+) -> None:
     pytest.importorskip("onnx")
     published = registry.publish("text-detector", "1.4.0", sample_model("ppocr-det"), derive=("int8",))
     fp32, int8 = published.manifest.variants
@@ -52,14 +59,22 @@ def test_ppocr_int8_variant_is_derived_and_pulled_when_it_is_the_only_fit(regist
     assert int8.blob.size < fp32.blob.size / 2
     assert set(int8.opsets) <= {"ai.onnx", "com.microsoft"}  # no unused domains a device would refuse
     # A device that only takes the int8 variant (here: fp32 restricted to a provider it lacks).
-    registry.resign("text-detector", "1.4.0", lambda doc: doc["variants"][0].update(providers=["TensorrtExecutionProvider"]))
+    registry.resign(
+        "text-detector", "1.4.0", lambda doc: doc["variants"][0].update(providers=["TensorrtExecutionProvider"])
+    )
     result = registry.client(tmp_path / "state", caps=CAPS).check_and_pull("text-detector")
     assert (result.status, result.variant) == ("activated", "int8")
 
 
 @pytest.mark.parametrize("cap,want", [(None, "op18"), (17, "op16"), (15, "op15")])
-def test_silero_variant_follows_the_runtime(registry: Registry, tmp_path: Path, sample_model: Callable[[str], Path],
-                                            vad_inputs: Path, cap: int | None, want: str) -> None:
+def test_silero_variant_follows_the_runtime(
+    registry: Registry,
+    tmp_path: Path,
+    sample_model: Callable[[str], Path],
+    vad_inputs: Path,
+    cap: int | None,
+    want: str,
+) -> None:
     for name, vid in (("silero-vad-op18", "op18"), ("silero-vad", "op16"), ("silero-vad-op15", "op15")):
         registry.publish("vad", "6.2.3", sample_model(name), variant_id=vid, test_inputs=vad_inputs)
     caps = CAPS if cap is None else CAPS.with_limits(ai_onnx=cap)

@@ -54,12 +54,15 @@ def test_rotation_trusts_every_key_in_the_file(tmp_path: Path) -> None:
         verify(keys, b"x", sign(load_private_key(private), b"x"), "doc")
 
 
-@pytest.mark.parametrize("sig,message", [
-    (b"not json", "malformed"),
-    (json.dumps({"alg": "rsa", "key": "k", "sig": ""}).encode(), "uses 'rsa'; only ed25519"),
-    (json.dumps({"alg": "ed25519", "key": "k"}).encode(), "malformed"),
-    (b"x" * 5000, "not a signature file"),
-])
+@pytest.mark.parametrize(
+    "sig,message",
+    [
+        (b"not json", "malformed"),
+        (json.dumps({"alg": "rsa", "key": "k", "sig": ""}).encode(), "uses 'rsa'; only ed25519"),
+        (json.dumps({"alg": "ed25519", "key": "k"}).encode(), "malformed"),
+        (b"x" * 5000, "not a signature file"),
+    ],
+)
 def test_malformed_signature_files(tmp_path: Path, sig: bytes, message: str) -> None:
     _, public = generate_keypair(tmp_path)
     with pytest.raises(SignatureError, match=message):

@@ -19,13 +19,23 @@ RUNTIME = RuntimeConfig(threads=1)
 
 def accumulator_model() -> onnx.ModelProto:
     """y = x * gain + s; sN = y: the smallest recurrent model (state carried by the caller)."""
-    nodes = [helper.make_node("Mul", ["x", "gain"], ["xg"]), helper.make_node("Add", ["xg", "s"], ["y"]),
-             helper.make_node("Identity", ["y"], ["sN"])]
+    nodes = [
+        helper.make_node("Mul", ["x", "gain"], ["xg"]),
+        helper.make_node("Add", ["xg", "s"], ["y"]),
+        helper.make_node("Identity", ["y"], ["sN"]),
+    ]
     graph = helper.make_graph(
-        nodes, "acc",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2]), helper.make_tensor_value_info("s", TensorProto.FLOAT, [1, 2]),
-         helper.make_tensor_value_info("gain", TensorProto.FLOAT, [])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2]), helper.make_tensor_value_info("sN", TensorProto.FLOAT, [1, 2])],
+        nodes,
+        "acc",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2]),
+            helper.make_tensor_value_info("s", TensorProto.FLOAT, [1, 2]),
+            helper.make_tensor_value_info("gain", TensorProto.FLOAT, []),
+        ],
+        [
+            helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2]),
+            helper.make_tensor_value_info("sN", TensorProto.FLOAT, [1, 2]),
+        ],
     )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
 
@@ -57,13 +67,21 @@ def test_constants_and_recurrent_state_are_carried_between_runs(tmp_path: Path) 
 
 
 @pytest.mark.arm64
-@pytest.mark.parametrize("kwargs, message", [
-    ({}, r"has 3 inputs without a value \(x, s, gain\)"),
-    ({"constants": {"gain": 1}, "state": {"s": "nope"}}, "no output 'nope' to carry as state"),
-    ({"constants": {"gain": 1, "volume": 2}, "state": {"s": "sN"}}, "has no input 'volume'"),
-    ({"constants": {"gain": 1}, "state": {"s": "sN"}, "stream_input": "gain"}, r"no input 'gain' for the stream \(free inputs: x\)"),
-])
-def test_a_signature_that_does_not_fit_the_pipeline_is_refused_with_the_names(tmp_path: Path, kwargs: dict, message: str) -> None:
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({}, r"has 3 inputs without a value \(x, s, gain\)"),
+        ({"constants": {"gain": 1}, "state": {"s": "nope"}}, "no output 'nope' to carry as state"),
+        ({"constants": {"gain": 1, "volume": 2}, "state": {"s": "sN"}}, "has no input 'volume'"),
+        (
+            {"constants": {"gain": 1}, "state": {"s": "sN"}, "stream_input": "gain"},
+            r"no input 'gain' for the stream \(free inputs: x\)",
+        ),
+    ],
+)
+def test_a_signature_that_does_not_fit_the_pipeline_is_refused_with_the_names(
+    tmp_path: Path, kwargs: dict, message: str
+) -> None:
     path = save(accumulator_model(), tmp_path / "acc.onnx")
     with pytest.raises(ModelError, match=message):
         load_model(path, RUNTIME, tmp_path, **kwargs)
@@ -104,7 +122,15 @@ def test_scikit_learn_zipmap_outputs_become_plain_json(tmp_path: Path) -> None:
 
 @pytest.mark.arm64
 def test_to_json_turns_numpy_values_and_non_finite_floats_into_plain_json() -> None:
-    out = to_json({"a": np.array([[1.23456789, np.nan]], np.float32), "b": np.float64(np.inf), "c": np.int64(3), "d": np.bool_(True)}, 3)
+    out = to_json(
+        {
+            "a": np.array([[1.23456789, np.nan]], np.float32),
+            "b": np.float64(np.inf),
+            "c": np.int64(3),
+            "d": np.bool_(True),
+        },
+        3,
+    )
     assert json.dumps(out, allow_nan=False) == '{"a": [[1.235, null]], "b": null, "c": 3, "d": true}'
 
 
@@ -137,4 +163,7 @@ def test_a_file_model_too_new_for_this_runtime_is_refused_with_the_reason(tmp_pa
     path = save(unary_model(opset=limit + 1, ir_version=compat.installed_caps().ir_version), tmp_path / "new.onnx")
     with pytest.raises(ModelError) as info:
         load_model(path, RuntimeConfig(), tmp_path, version="1")
-    assert str(info.value) == f"cannot load model new 1: variant new needs ai.onnx opset {limit + 1}; this runtime loads up to {limit}"
+    assert (
+        str(info.value)
+        == f"cannot load model new 1: variant new needs ai.onnx opset {limit + 1}; this runtime loads up to {limit}"
+    )

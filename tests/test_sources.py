@@ -12,9 +12,9 @@ import cv2
 import numpy as np
 import pytest
 
-from agent.transport.events import Event
 from agent.inference.sources import SOURCES
 from agent.inference.sources.base import SourceContext, SourceFailed, make_source
+from agent.transport.events import Event
 from tests.helpers import media
 
 
@@ -56,7 +56,9 @@ def test_synthetic_frames_are_numbered_timed_and_deterministic() -> None:
 @pytest.mark.arm64
 def test_csv_reads_columns_and_timestamps_and_reports_bad_lines(tmp_path: Path) -> None:
     path = tmp_path / "s.csv"
-    path.write_text("time,ax,ay,note\n2026-11-25T10:00:00Z,1,2,a\n2026-11-25T10:00:01.5Z,x,4,b\n2026-11-25T10:00:02Z,5,6,c\n\n")
+    path.write_text(
+        "time,ax,ay,note\n2026-11-25T10:00:00Z,1,2,a\n2026-11-25T10:00:01.5Z,x,4,b\n2026-11-25T10:00:02Z,5,6,c\n\n"
+    )
     events: list[Event] = []
     items = collect(source("csv", events, path=path, columns=["ay", "ax"], timestamp="time"))
     assert [i.data.tolist() for i in items] == [[2, 1], [6, 5]]
@@ -96,7 +98,9 @@ def test_csv_follow_reads_appended_lines_including_one_written_in_two_parts(tmp_
 @pytest.mark.arm64
 def test_jsonl_reads_fields_and_reports_each_kind_of_bad_line(tmp_path: Path) -> None:
     path = tmp_path / "s.jsonl"
-    path.write_text('{"t": 100, "a": 1, "b": 2}\nnot json\n{"t": 101, "a": "hi", "b": 2}\n[1, 2]\n{"t": 102, "a": 3}\n{"t": 103.5, "a": 5, "b": 6}\n')
+    path.write_text(
+        '{"t": 100, "a": 1, "b": 2}\nnot json\n{"t": 101, "a": "hi", "b": 2}\n[1, 2]\n{"t": 102, "a": 3}\n{"t": 103.5, "a": 5, "b": 6}\n'
+    )
     events: list[Event] = []
     items = collect(source("jsonl", events, path=path, fields=["a", "b"], timestamp="t"))
     assert [i.data.tolist() for i in items] == [[1, 2], [5, 6]] and [i.t for i in items] == [0.0, 3.5]
@@ -118,7 +122,9 @@ def test_images_skips_a_text_file_with_an_event_and_watch_picks_up_new_files(tmp
     events: list[Event] = []
     items = collect(source("images", events, path=tmp_path))
     assert [i.meta["file"] for i in items] == ["a.png", "c.jpg"] and items[0].data.shape == (48, 64, 3)
-    assert [(e.type, e.fields["reason"]) for e in events] == [("frame.rejected", "b.txt is not an image OpenCV can read")]
+    assert [(e.type, e.fields["reason"]) for e in events] == [
+        ("frame.rejected", "b.txt is not an image OpenCV can read")
+    ]
 
     watched = source("images", path=tmp_path, pattern="*.png", watch=True)
     threading.Timer(0.3, lambda: cv2.imwrite(str(tmp_path / "d.png"), img)).start()
@@ -205,7 +211,9 @@ def test_serial_reads_lines_from_a_tty_and_rejects_a_garbled_one() -> None:
     os.close(master)
     os.close(slave)
     assert [i.data.tolist() for i in out] == [[1.5, 2], [3, 4]]
-    assert [e.fields["reason"] for e in events if e.type == "frame.rejected"] == [f"{src.config.device}: 1 values, expected 2 (a, b): 'oops'"]
+    assert [e.fields["reason"] for e in events if e.type == "frame.rejected"] == [
+        f"{src.config.device}: 1 values, expected 2 (a, b): 'oops'"
+    ]
 
 
 def test_serial_port_that_does_not_exist_is_lost_and_retried() -> None:
@@ -223,7 +231,9 @@ def test_camera_that_is_unplugged_is_lost_with_the_reason_and_retried() -> None:
     stop = threading.Event()
     threading.Timer(0.5, stop.set).start()
     assert list(src.frames(stop)) == []
-    assert [(e.type, e.fields["reason"]) for e in events] == [("source.lost", "/dev/video99 does not exist (unplugged?)")]
+    assert [(e.type, e.fields["reason"]) for e in events] == [
+        ("source.lost", "/dev/video99 does not exist (unplugged?)")
+    ]
 
 
 def test_camera_reports_a_frozen_feed(tmp_path: Path) -> None:

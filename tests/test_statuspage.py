@@ -7,7 +7,8 @@ import re
 import socket
 import threading
 import time
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import cv2
 import numpy as np
@@ -41,21 +42,58 @@ class FakeAgent:
             self.calls += 1
             n = self.calls
         return {
-            "device": "gate-cam-01", "agent_version": "0.1.0", "uptime_s": 100.0 + n,
+            "device": "gate-cam-01",
+            "agent_version": "0.1.0",
+            "uptime_s": 100.0 + n,
             "connection": {"state": "online", "connects": 1, "broker": "127.0.0.1:1883"},
-            "outbox": {"depth": 3, "bytes": 1200, "max_bytes": 268435456, "oldest_age_s": 0.4, "dropped": 2, "acked": 57},
+            "outbox": {
+                "depth": 3,
+                "bytes": 1200,
+                "max_bytes": 268435456,
+                "oldest_age_s": 0.4,
+                "dropped": 2,
+                "acked": 57,
+            },
             "pipelines": [
-                {"pipeline": "gate", "state": "running", "source": "camera", "model": "text-detector",
-                 "model_version": self.model_version, "provider": "CPUExecutionProvider", "frames": 60 + n, "dropped": 5,
-                 "skipped": 0, "rejected": 0, "inferences": 50 + n, "results": 50 + n, "inference_errors": 0,
-                 "post_errors": 0, "sink_errors": 0, "source_errors": 1, "swaps": 0,
-                 "results_per_s": round(10.0 + n * 0.5, 2),
-                 "latency_ms": {"pre": {"p50": 2.1, "p95": 3.0, "n": 50}, "infer": {"p50": 80.0 + n, "p95": 95.5, "n": 50},
-                                "post": {"p50": 1.9, "p95": 2.5, "n": 50}, "total": {"p50": 84.0 + n, "p95": 101.0, "n": 50}},
-                 "last_error": None},
-                {"pipeline": "door-mic", "state": "running", "source": "audio", "model": 'vad "silero"\\v5',
-                 "model_version": "5.1", "provider": "CPUExecutionProvider", "frames": 10, "dropped": 0,
-                 "results_per_s": 31.25, "latency_ms": {"infer": {"p50": None, "p95": None, "n": 0}}},
+                {
+                    "pipeline": "gate",
+                    "state": "running",
+                    "source": "camera",
+                    "model": "text-detector",
+                    "model_version": self.model_version,
+                    "provider": "CPUExecutionProvider",
+                    "frames": 60 + n,
+                    "dropped": 5,
+                    "skipped": 0,
+                    "rejected": 0,
+                    "inferences": 50 + n,
+                    "results": 50 + n,
+                    "inference_errors": 0,
+                    "post_errors": 0,
+                    "sink_errors": 0,
+                    "source_errors": 1,
+                    "swaps": 0,
+                    "results_per_s": round(10.0 + n * 0.5, 2),
+                    "latency_ms": {
+                        "pre": {"p50": 2.1, "p95": 3.0, "n": 50},
+                        "infer": {"p50": 80.0 + n, "p95": 95.5, "n": 50},
+                        "post": {"p50": 1.9, "p95": 2.5, "n": 50},
+                        "total": {"p50": 84.0 + n, "p95": 101.0, "n": 50},
+                    },
+                    "last_error": None,
+                },
+                {
+                    "pipeline": "door-mic",
+                    "state": "running",
+                    "source": "audio",
+                    "model": 'vad "silero"\\v5',
+                    "model_version": "5.1",
+                    "provider": "CPUExecutionProvider",
+                    "frames": 10,
+                    "dropped": 0,
+                    "results_per_s": 31.25,
+                    "latency_ms": {"infer": {"p50": None, "p95": None, "n": 0}},
+                },
             ],
         }
 
@@ -121,7 +159,7 @@ def test_api_status_takes_pipelines_as_a_mapping_and_nan_as_null(agent: FakeAgen
 METRIC_NAME = r"[a-zA-Z_:][a-zA-Z0-9_:]*"
 LABEL = r'[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\\n]|\\[\\"n])*"'
 SAMPLE = re.compile(rf"^({METRIC_NAME})(?:\{{(?:{LABEL}(?:,{LABEL})*)?\}})? (-?[0-9.eE+-]+|NaN|[+-]Inf)$")
-LABELS = re.compile(rf'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\\n]|\\[\\"n])*)"')
+LABELS = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\\n]|\\[\\"n])*)"')
 
 
 def parse_exposition(text: str) -> dict[str, dict[str, Any]]:
@@ -150,8 +188,10 @@ def parse_exposition(text: str) -> dict[str, dict[str, Any]]:
             assert match.group(1) == current, f"sample {line!r} outside its family's # TYPE block"
             assert line.rsplit(" ", 1)[0] not in seen, f"repeated sample {line!r}"
             seen.add(line.rsplit(" ", 1)[0])
-            labels = {k: v.replace('\\"', '"').replace("\\n", "\n").replace("\\\\", "\\")
-                      for k, v in LABELS.findall(line.rsplit(" ", 1)[0])}
+            labels = {
+                k: v.replace('\\"', '"').replace("\\n", "\n").replace("\\\\", "\\")
+                for k, v in LABELS.findall(line.rsplit(" ", 1)[0])
+            }
             families[current]["samples"].append((labels, float(match.group(2))))
     return families
 
@@ -168,8 +208,13 @@ def test_metrics_parse_and_carry_every_measure(server: StatusServer) -> None:
     families = parse_exposition(response.text)
     assert value(families, "edge_agent_pipeline_fps", pipeline="gate") == 10.5
     assert value(families, "edge_agent_pipeline_fps", pipeline="door-mic") == 31.25
-    assert value(families, "edge_agent_pipeline_latency_seconds", pipeline="gate", stage="infer", quantile="0.95") == 0.0955
-    assert value(families, "edge_agent_pipeline_latency_seconds", pipeline="gate", stage="pre", quantile="0.5") == 0.0021
+    assert (
+        value(families, "edge_agent_pipeline_latency_seconds", pipeline="gate", stage="infer", quantile="0.95")
+        == 0.0955
+    )
+    assert (
+        value(families, "edge_agent_pipeline_latency_seconds", pipeline="gate", stage="pre", quantile="0.5") == 0.0021
+    )
     assert value(families, "edge_agent_pipeline_dropped_frames_total", pipeline="gate") == 5
     assert value(families, "edge_agent_pipeline_results_total", pipeline="gate") == 51
     assert value(families, "edge_agent_pipeline_errors_total", pipeline="gate", kind="source") == 1
@@ -177,7 +222,9 @@ def test_metrics_parse_and_carry_every_measure(server: StatusServer) -> None:
     assert value(families, "edge_agent_outbox_dropped_total") == 2
     assert value(families, "edge_agent_mqtt_connected") == 1
     assert value(families, "edge_agent_uptime_seconds") == 101
-    assert value(families, "edge_agent_model_info", pipeline="gate", version="1.4.0", provider="CPUExecutionProvider") == 1
+    assert (
+        value(families, "edge_agent_model_info", pipeline="gate", version="1.4.0", provider="CPUExecutionProvider") == 1
+    )
     # Unknown latencies are left out rather than reported as zero.
     assert not [s for s in families["edge_agent_pipeline_latency_seconds"]["samples"] if s[0]["pipeline"] == "door-mic"]
     assert families["edge_agent_pipeline_fps"]["type"] == "gauge"
@@ -185,7 +232,9 @@ def test_metrics_parse_and_carry_every_measure(server: StatusServer) -> None:
 
 
 def test_metric_label_values_are_escaped() -> None:
-    text = render_metrics({"device": 'a"b', "pipelines": [{"pipeline": "x\ny", "model": 'vad "silero"\\v5', "model_version": "1"}]})
+    text = render_metrics(
+        {"device": 'a"b', "pipelines": [{"pipeline": "x\ny", "model": 'vad "silero"\\v5', "model_version": "1"}]}
+    )
     assert 'model="vad \\"silero\\"\\\\v5"' in text and 'pipeline="x\\ny"' in text and 'device="a\\"b"' in text
     families = parse_exposition(text)
     assert value(families, "edge_agent_model_info", pipeline="x\ny") == 1
@@ -250,7 +299,7 @@ def test_index_is_one_self_contained_page(server: StatusServer) -> None:
     page = response.text
     assert 'getContext("2d")' in page and "<img" not in page.split("<script>")[0]
     assert not re.search(r"""(src|href)=["']?(https?:)?//""", page), "the page must not load anything from elsewhere"
-    assert "fetch(\"api/status\"" in page
+    assert 'fetch("api/status"' in page
 
 
 def test_idle_clients_beyond_the_limit_are_turned_away(server: StatusServer) -> None:
@@ -283,9 +332,14 @@ def test_stop_releases_the_port(agent: FakeAgent) -> None:
         requests.get(f"http://127.0.0.1:{port}/healthz", timeout=2)
 
 
-@pytest.mark.parametrize("address, expected", [
-    ("127.0.0.1:8790", ("127.0.0.1", 8790)), ("[::1]:8790", ("::1", 8790)), ("0.0.0.0:0", ("0.0.0.0", 0)),
-])
+@pytest.mark.parametrize(
+    "address, expected",
+    [
+        ("127.0.0.1:8790", ("127.0.0.1", 8790)),
+        ("[::1]:8790", ("::1", 8790)),
+        ("0.0.0.0:0", ("0.0.0.0", 0)),
+    ],
+)
 def test_parse_address(address: str, expected: tuple[str, int]) -> None:
     assert parse_address(address) == expected
 
@@ -312,14 +366,17 @@ def test_ipv6_loopback(agent: FakeAgent) -> None:
 # -- the profile key -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("http, message", [
-    ("localhost", "expected host:port such as 127.0.0.1:8790"),
-    ("127.0.0.1:0", "the port in '127.0.0.1:0' is not a number from 1 to 65535"),
-    ("127.0.0.1:99999", "the port in '127.0.0.1:99999' is not a number from 1 to 65535"),
-])
+@pytest.mark.parametrize(
+    "http, message",
+    [
+        ("localhost", "expected host:port such as 127.0.0.1:8790"),
+        ("127.0.0.1:0", "the port in '127.0.0.1:0' is not a number from 1 to 65535"),
+        ("127.0.0.1:99999", "the port in '127.0.0.1:99999' is not a number from 1 to 65535"),
+    ],
+)
 def test_profile_http_key_is_checked(tmp_path: Any, http: str, message: str) -> None:
-    from agent.config.profile import load_profile
     from agent.config.errors import ProfileError
+    from agent.config.profile import load_profile
 
     path = tmp_path / "profile.yaml"
     path.write_text(f"device: {{id: d}}\nruntime: {{http: {json.dumps(http)}}}\n")

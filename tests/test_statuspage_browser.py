@@ -7,8 +7,9 @@ import base64
 import shutil
 import subprocess
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import pytest
 import requests
@@ -26,9 +27,19 @@ pytestmark = pytest.mark.skipif(
 
 # The flags keep Chromium off the network and quiet: no updates, no sync, no first-run pages.
 CHROMIUM_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync", "--hide-scrollbars",
-    "--disable-breakpad", "--disable-crash-reporter", "--window-size=1280,900",
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-dev-shm-usage",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--hide-scrollbars",
+    "--disable-breakpad",
+    "--disable-crash-reporter",
+    "--window-size=1280,900",
 ]
 
 
@@ -102,7 +113,7 @@ def browser(tmp_path: Path) -> Iterator[WebDriver]:
             proc.wait()
 
 
-GATE = 'document.querySelector(\'[data-pipeline="gate"]\')'
+GATE = "document.querySelector('[data-pipeline=\"gate\"]')"
 
 
 def test_page_shows_the_frame_and_updates(browser: WebDriver, tmp_path: Path) -> None:
@@ -110,7 +121,9 @@ def test_page_shows_the_frame_and_updates(browser: WebDriver, tmp_path: Path) ->
     with StatusServer("127.0.0.1:0", agent.snapshot, agent.frame, agent.alive) as server:
         browser.go(server.url)
 
-        width = browser.wait_for(f"const c = {GATE}; return c && c.querySelector('img').naturalWidth", lambda w: bool(w))
+        width = browser.wait_for(
+            f"const c = {GATE}; return c && c.querySelector('img').naturalWidth", lambda w: bool(w)
+        )
         assert width == 320
         assert browser.js(f"return {GATE}.querySelector('img').dataset.loaded") == "1"
         model = browser.js(f"return {GATE}.querySelector('.model').textContent")
@@ -129,8 +142,9 @@ def test_page_shows_the_frame_and_updates(browser: WebDriver, tmp_path: Path) ->
         assert int(browser.js(f"return {GATE}.querySelector('.latency-chart').dataset.points")) >= 2
 
         # A pipeline without frames (audio) shows its numbers and a thin "no frame" strip.
-        browser.wait_for("return document.querySelector('[data-pipeline=\"door-mic\"] .frame').className",
-                         lambda v: "none" in v)
+        browser.wait_for(
+            "return document.querySelector('[data-pipeline=\"door-mic\"] .frame').className", lambda v: "none" in v
+        )
         assert browser.js("return document.querySelector('[data-pipeline=\"door-mic\"] .fps').textContent") == "31.3"
 
         shot = tmp_path / "statuspage.png"

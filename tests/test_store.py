@@ -18,13 +18,24 @@ def install(store: Store, model: str, version: str, content: bytes | None = None
     content = content if content is not None else f"model {model} {version}".encode()
     digest = "sha256:" + hashlib.sha256(content).hexdigest()
     manifest = {
-        "schema": 1, "model": model, "version": version, "created": "2026-11-25T10:00:00Z", "expires": "2027-11-25T10:00:00Z",
-        "variants": [{"id": "fp32", "blob": {"digest": digest, "size": len(content)}, "ir_version": 8, "opsets": {"ai.onnx": 13}}],
+        "schema": 1,
+        "model": model,
+        "version": version,
+        "created": "2026-11-25T10:00:00Z",
+        "expires": "2027-11-25T10:00:00Z",
+        "variants": [
+            {"id": "fp32", "blob": {"digest": digest, "size": len(content)}, "ir_version": 8, "opsets": {"ai.onnx": 13}}
+        ],
     }
     stage = store.stage(model)
     (stage / "model.onnx").write_bytes(content)
     (stage / "manifest.json").write_bytes(dumps(manifest))
-    return store.commit(model, version, stage, {"variant": "fp32", "digest": digest, "file": "model.onnx", "provider": "CPUExecutionProvider"})
+    return store.commit(
+        model,
+        version,
+        stage,
+        {"variant": "fp32", "digest": digest, "file": "model.onnx", "provider": "CPUExecutionProvider"},
+    )
 
 
 def test_empty_store(tmp_path: Path) -> None:

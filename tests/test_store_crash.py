@@ -27,8 +27,28 @@ VERSIONS = ["1.0.0", "1.1.0", "1.2.0", "1.3.0"]
 
 
 def pull_cmd(url: str, public: Path, state: Path, version: str) -> list[str]:
-    return [sys.executable, "-m", "agent", "models", "pull", "m", "--version", version, "--allow-older", "--registry", url,
-            "--public-key", str(public), "--state-dir", str(state), "--keep", "2", "--quiet", "--timeout", "10"]
+    return [
+        sys.executable,
+        "-m",
+        "agent",
+        "models",
+        "pull",
+        "m",
+        "--version",
+        version,
+        "--allow-older",
+        "--registry",
+        url,
+        "--public-key",
+        str(public),
+        "--state-dir",
+        str(state),
+        "--keep",
+        "2",
+        "--quiet",
+        "--timeout",
+        "10",
+    ]
 
 
 def assert_consistent(state: Path, published: dict[str, str]) -> str | None:
@@ -57,8 +77,14 @@ def test_kill_9_at_random_moments_leaves_a_consistent_store(tmp_path: Path) -> N
         env = {**os.environ, "PYTHONPATH": str(REPO)}
 
         t0 = time.monotonic()
-        first = subprocess.run(pull_cmd(registry.url, registry.public_key, state, VERSIONS[0]), capture_output=True, text=True,
-                               cwd=REPO, env=env, timeout=120)
+        first = subprocess.run(
+            pull_cmd(registry.url, registry.public_key, state, VERSIONS[0]),
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            env=env,
+            timeout=120,
+        )
         duration = time.monotonic() - t0
         assert first.returncode == 0, first.stderr
         assert assert_consistent(state, published) == VERSIONS[0]
@@ -66,8 +92,13 @@ def test_kill_9_at_random_moments_leaves_a_consistent_store(tmp_path: Path) -> N
         rng = random.Random(20261125)
         for i in range(20):
             version = VERSIONS[(i + 1) % len(VERSIONS)]
-            proc = subprocess.Popen(pull_cmd(registry.url, registry.public_key, state, version), cwd=REPO, env=env,
-                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            proc = subprocess.Popen(
+                pull_cmd(registry.url, registry.public_key, state, version),
+                cwd=REPO,
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
             # The first third of a pull is interpreter start-up; kills are spread over the rest and past the end.
             time.sleep(rng.uniform(duration * 0.3, duration * 1.2))
             proc.send_signal(signal.SIGKILL)
@@ -79,8 +110,13 @@ def test_kill_9_at_random_moments_leaves_a_consistent_store(tmp_path: Path) -> N
         version = next(v for v in VERSIONS if v not in on_disk)
         part = state / "models" / ".partial" / published[version].split(":")[1]
         part.unlink(missing_ok=True)
-        proc = subprocess.Popen(pull_cmd(registry.url, registry.public_key, state, version), cwd=REPO, env=env,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            pull_cmd(registry.url, registry.public_key, state, version),
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         deadline = time.monotonic() + 60
         while not (part.exists() and part.stat().st_size > 250_000) and time.monotonic() < deadline:
             time.sleep(0.01)
@@ -90,8 +126,14 @@ def test_kill_9_at_random_moments_leaves_a_consistent_store(tmp_path: Path) -> N
         assert 0 < kept < 1_000_000
         assert_consistent(state, published)
 
-        final = subprocess.run(pull_cmd(registry.url, registry.public_key, state, version), capture_output=True, text=True,
-                               cwd=REPO, env=env, timeout=120)
+        final = subprocess.run(
+            pull_cmd(registry.url, registry.public_key, state, version),
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            env=env,
+            timeout=120,
+        )
         assert final.returncode == 0, final.stderr
         assert assert_consistent(state, published) == version
         assert [r["range"] for r in registry.blob_requests() if r["path"].endswith(part.name)][-1] == f"bytes={kept}-"

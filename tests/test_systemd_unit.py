@@ -42,7 +42,9 @@ def one(section: list[tuple[str, str]], key: str) -> str:
     return found[0]
 
 
-def verify(unit_text: str, tmp_path: Path, executables: dict[str, Path] | None = None) -> subprocess.CompletedProcess[str]:
+def verify(
+    unit_text: str, tmp_path: Path, executables: dict[str, Path] | None = None
+) -> subprocess.CompletedProcess[str]:
     """`systemd-analyze verify` on a unit as installed, in a scratch root that holds the host's
     units (the targets it orders against), /bin/kill for ExecReload, and the given executables
     at their paths (by default a stand-in for the ExecStart program)."""
@@ -66,8 +68,9 @@ def verify(unit_text: str, tmp_path: Path, executables: dict[str, Path] | None =
     unit = root / "etc/systemd/system/edge-agent.service"
     unit.parent.mkdir(parents=True)
     unit.write_text(unit_text)
-    return subprocess.run([analyze, "verify", "--man=no", f"--root={root}", str(unit)],
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [analyze, "verify", "--man=no", f"--root={root}", str(unit)], capture_output=True, text=True, timeout=120
+    )
 
 
 def test_systemd_analyze_verify_is_clean(tmp_path: Path) -> None:
@@ -86,7 +89,7 @@ def test_verify_would_catch_a_mistake(tmp_path: Path) -> None:
 
 def test_service_contract() -> None:
     unit = parse_unit(UNIT.read_text())
-    service, head = unit["Service"], unit["Unit"]
+    service = unit["Service"]
     assert one(service, "Type") == "notify" and one(service, "NotifyAccess") == "main"
     assert one(service, "ExecStart") == EXEC_START
     assert one(service, "ExecReload") == "/bin/kill -HUP $MAINPID"

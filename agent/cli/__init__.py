@@ -10,7 +10,7 @@ import argparse
 import importlib
 import logging
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from agent import __version__
 from agent.cli.errors import CliError
@@ -29,8 +29,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"edge-agent {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
-    parser.add_argument("--log-level", default=None, choices=("debug", "info", "warning", "error"),
-                        help="log level (default: warning; info for run)")
+    parser.add_argument(
+        "--log-level",
+        default=None,
+        choices=("debug", "info", "warning", "error"),
+        help="log level (default: warning; info for run)",
+    )
     parser.add_argument("--log-format", default="text", choices=("text", "json"), help="log line format on stderr")
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
     sub.required = True
@@ -53,10 +57,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.code
     except KeyboardInterrupt:
         return 130
-    except Exception as exc:  # noqa: BLE001 (the last line of defence: one line, not a traceback)
+    except Exception as exc:  # the last line of defence: one line, not a traceback
         if args.debug:
             raise
-        print(f"edge-agent {args.verb}: error: {exc.__class__.__name__}: {exc} (run with --debug for details)", file=sys.stderr)
+        print(
+            f"edge-agent {args.verb}: error: {exc.__class__.__name__}: {exc} (run with --debug for details)",
+            file=sys.stderr,
+        )
         return 1
 
 

@@ -21,23 +21,40 @@ from agent.cli.errors import FAILURE, USAGE, CliError
 if TYPE_CHECKING:  # the CLI imports every verb at start: onnxruntime and numpy load only when bench runs
     import numpy as np
 
+    from agent.config.profile import RuntimeConfig
     from agent.device import hardware
     from agent.device.autotune import Trial
-    from agent.config.profile import RuntimeConfig
 
 CPU = "CPUExecutionProvider"
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="time a model on each usable provider", description="Time a model on each usable execution provider and thread count.")
+    p = sub.add_parser(
+        "bench",
+        help="time a model on each usable provider",
+        description="Time a model on each usable execution provider and thread count.",
+    )
     p.add_argument("--model", required=True, metavar="FILE", help="an .onnx or .ort file")
-    p.add_argument("--providers", nargs="+", metavar="NAME",
-                   help="providers to time, e.g. cpu openvino openvino:GPU cuda (default: all usable here)")
-    p.add_argument("--threads", nargs="+", type=int, metavar="N", help="thread counts (default: 1, half and all physical cores)")
-    p.add_argument("--runs", type=int, default=30, metavar="N", help="timed runs per provider and thread count (default 30)")
+    p.add_argument(
+        "--providers",
+        nargs="+",
+        metavar="NAME",
+        help="providers to time, e.g. cpu openvino openvino:GPU cuda (default: all usable here)",
+    )
+    p.add_argument(
+        "--threads", nargs="+", type=int, metavar="N", help="thread counts (default: 1, half and all physical cores)"
+    )
+    p.add_argument(
+        "--runs", type=int, default=30, metavar="N", help="timed runs per provider and thread count (default 30)"
+    )
     p.add_argument("--warmup", type=int, default=3, metavar="N", help="untimed runs first (default 3)")
-    p.add_argument("--shape", action="append", default=[], metavar="INPUT=DIMS",
-                   help="input shape, e.g. x=1x3x480x640 (default: from the model, symbolic dims 1 for batch, else 224)")
+    p.add_argument(
+        "--shape",
+        action="append",
+        default=[],
+        metavar="INPUT=DIMS",
+        help="input shape, e.g. x=1x3x480x640 (default: from the model, symbolic dims 1 for batch, else 224)",
+    )
     p.add_argument("--json", dest="json_out", metavar="FILE", help="also write the results as JSON")
     p.add_argument("--state-dir", metavar="DIR", help="where provider caches go (default: a temporary dir)")
     p.set_defaults(handler=run)
@@ -115,14 +132,16 @@ def _inputs(model: Path, shapes: dict[str, tuple[int, ...]]) -> dict[str, np.nda
     rng = np.random.default_rng(0)
     for name, shape in shapes.items():
         dtype = inputs[name].dtype
-        inputs[name] = rng.standard_normal(shape).astype(dtype) if np.issubdtype(dtype, np.floating) else np.zeros(shape, dtype)
+        inputs[name] = (
+            rng.standard_normal(shape).astype(dtype) if np.issubdtype(dtype, np.floating) else np.zeros(shape, dtype)
+        )
     return inputs
 
 
 def run(args: argparse.Namespace) -> int:
+    from agent.config.profile import RuntimeConfig
     from agent.device import hardware
     from agent.device.autotune import cpu_bound, measure, thread_options
-    from agent.config.profile import RuntimeConfig
     from agent.device.providers import rank
 
     model = Path(args.model)
@@ -144,8 +163,11 @@ def run(args: argparse.Namespace) -> int:
     threads = args.threads or thread_options(found)
     inputs = _inputs(model, shapes)
     shapes_text = ", ".join(f"{k} {'x'.join(map(str, v.shape))}" for k, v in inputs.items())
-    print(f"bench: {model.name} ({shapes_text}) on onnxruntime {found.runtime.version}, {found.cpu.model} "
-          f"({found.cpu.physical_cores} cores), {args.warmup} warm-up + {args.runs} timed runs each, in turns", file=sys.stderr)
+    print(
+        f"bench: {model.name} ({shapes_text}) on onnxruntime {found.runtime.version}, {found.cpu.model} "
+        f"({found.cpu.physical_cores} cores), {args.warmup} warm-up + {args.runs} timed runs each, in turns",
+        file=sys.stderr,
+    )
     with tempfile.TemporaryDirectory(prefix="edge-agent-bench-") as tmp:
         state_dir = Path(args.state_dir) if args.state_dir else Path(tmp)
         # Thread counts matter to CPU-bound providers only; a GPU provider is timed once.
@@ -164,7 +186,16 @@ def print_table(trials: list[Trial], out: TextIO = sys.stdout) -> None:
     rows = [("provider", "threads", "verified on", "p50 ms", "p95 ms", "inf/s")]
     for t in trials:
         if t.ok:
-            rows.append((t.label, str(t.threads), t.verified or "?", f"{t.p50_ms:.2f}", f"{t.p95_ms:.2f}", f"{t.throughput:.1f}"))
+            rows.append(
+                (
+                    t.label,
+                    str(t.threads),
+                    t.verified or "?",
+                    f"{t.p50_ms:.2f}",
+                    f"{t.p95_ms:.2f}",
+                    f"{t.throughput:.1f}",
+                )
+            )
         else:
             rows.append((t.label, str(t.threads), f"not usable: {t.error}", "-", "-", "-"))
     widths = [max(len(r[i]) for r in rows if not r[2].startswith("not usable") or i != 2) for i in range(6)]
@@ -172,7 +203,10 @@ def print_table(trials: list[Trial], out: TextIO = sys.stdout) -> None:
         if r[2].startswith("not usable"):
             print(f"{r[0]:<{widths[0]}}  {r[1]:>{widths[1]}}  {r[2]}", file=out)
         else:
-            print(f"{r[0]:<{widths[0]}}  {r[1]:>{widths[1]}}  {r[2]:<{widths[2]}}  {r[3]:>{widths[3]}}  {r[4]:>{widths[4]}}  {r[5]:>{widths[5]}}", file=out)
+            print(
+                f"{r[0]:<{widths[0]}}  {r[1]:>{widths[1]}}  {r[2]:<{widths[2]}}  {r[3]:>{widths[3]}}  {r[4]:>{widths[4]}}  {r[5]:>{widths[5]}}",
+                file=out,
+            )
     good = [t for t in trials if t.ok]
     if good:
         best = min(good, key=lambda t: t.p50_ms)
@@ -180,15 +214,31 @@ def print_table(trials: list[Trial], out: TextIO = sys.stdout) -> None:
         ratio = ""
         if cpu and best.provider != CPU:
             ratio = f", {min(c.p50_ms for c in cpu) / best.p50_ms:.2f}x the CPU provider's best p50"
-        print(f"fastest: {best.label} with {best.threads} thread{'s' if best.threads > 1 else ''}, p50 {best.p50_ms:.2f} ms{ratio}", file=out)
+        print(
+            f"fastest: {best.label} with {best.threads} thread{'s' if best.threads > 1 else ''}, p50 {best.p50_ms:.2f} ms{ratio}",
+            file=out,
+        )
 
 
-def results(model: Path, found: hardware.Probe, inputs: dict[str, np.ndarray], trials: list[Trial], args: argparse.Namespace,
-            seconds: float) -> dict[str, Any]:
+def results(
+    model: Path,
+    found: hardware.Probe,
+    inputs: dict[str, np.ndarray],
+    trials: list[Trial],
+    args: argparse.Namespace,
+    seconds: float,
+) -> dict[str, Any]:
     return {
-        "edge_agent": __version__, "model": str(model), "onnxruntime": found.runtime.version, "fingerprint": found.fingerprint(),
-        "cpu": found.cpu.model, "inputs": {k: list(v.shape) for k, v in inputs.items()}, "runs": args.runs, "warmup": args.warmup,
-        "seconds": round(seconds, 2), "trials": [_clean(t.summary()) for t in trials],
+        "edge_agent": __version__,
+        "model": str(model),
+        "onnxruntime": found.runtime.version,
+        "fingerprint": found.fingerprint(),
+        "cpu": found.cpu.model,
+        "inputs": {k: list(v.shape) for k, v in inputs.items()},
+        "runs": args.runs,
+        "warmup": args.warmup,
+        "seconds": round(seconds, 2),
+        "trials": [_clean(t.summary()) for t in trials],
     }
 
 

@@ -11,8 +11,12 @@ from agent.config.profile import ProfileError, load_profile, profile_schema
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("check", help="validate device profiles", description="Validate device profiles. "
-                       "Prints FILE:LINE: key.path: message for every problem and exits 2 if there is any.")
+    p = sub.add_parser(
+        "check",
+        help="validate device profiles",
+        description="Validate device profiles. "
+        "Prints FILE:LINE: key.path: message for every problem and exits 2 if there is any.",
+    )
     p.add_argument("files", nargs="*", metavar="FILE", help="profile files (YAML or JSON)")
     p.add_argument("--schema", action="store_true", help="print the profile's JSON Schema instead")
     p.add_argument("-q", "--quiet", action="store_true", help="print errors only")

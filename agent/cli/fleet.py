@@ -14,44 +14,78 @@ from agent.config.units import parse_duration
 def _broker_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("broker")
     g.add_argument("--broker", required=True, metavar="URL", help="mqtt://host[:port] or mqtts://host[:port]")
-    g.add_argument("--topic-prefix", default="edge", metavar="PREFIX", help="first level(s) of every topic (default: edge)")
+    g.add_argument(
+        "--topic-prefix", default="edge", metavar="PREFIX", help="first level(s) of every topic (default: edge)"
+    )
     g.add_argument("--username", metavar="NAME", help="user name for the broker")
     g.add_argument("--password-file", type=Path, metavar="FILE", help="a file holding the password")
     g.add_argument("--tls-ca", type=Path, metavar="FILE", help="CA that signed the broker's certificate (mqtts://)")
     g.add_argument("--tls-cert", type=Path, metavar="FILE", help="client certificate (mqtts://)")
     g.add_argument("--tls-key", type=Path, metavar="FILE", help="client key (mqtts://)")
-    g.add_argument("--settle", default="1s", metavar="DURATION", help="how long to read the retained topics first (default: 1s)")
+    g.add_argument(
+        "--settle", default="1s", metavar="DURATION", help="how long to read the retained topics first (default: 1s)"
+    )
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("fleet", help="deploy models to devices and see their state",
-                       description="Deploy model versions over MQTT and show the fleet's state.")
+    p = sub.add_parser(
+        "fleet",
+        help="deploy models to devices and see their state",
+        description="Deploy model versions over MQTT and show the fleet's state.",
+    )
     actions = p.add_subparsers(dest="action", metavar="ACTION")
     actions.required = True
 
     d = actions.add_parser(
-        "deploy", help="write a signed, retained deployment order and follow the devices' progress",
+        "deploy",
+        help="write a signed, retained deployment order and follow the devices' progress",
         description="Write a deployment order, signed with the registry key, retained on <prefix>/<device>/deploy or "
         "<prefix>/fleet/<group>/deploy, then show each targeted device's progress (downloading, verifying, active, "
         "refused, rolled-back) until all have reported or --wait runs out. Exit 0 when every targeted device went "
-        "active, 1 otherwise, 2 for bad input.")
+        "active, 1 otherwise, 2 for bad input.",
+    )
     d.add_argument("--model", required=True, metavar="NAME", help="registry model name")
     d.add_argument("--version", required=True, metavar="VER", help="the version to run, e.g. 1.5.0")
     d.add_argument("--to", required=True, metavar="TARGET", help="device:ID or group:NAME")
-    d.add_argument("--key", type=Path, metavar="KEY", help="the registry's private key (default: $EDGE_AGENT_REGISTRY_KEY)")
-    d.add_argument("--canary", type=int, metavar="N", help="deploy to N online devices of the group first; write the group "
-                   "order only when they report active and healthy")
-    d.add_argument("--probation", default="0s", metavar="DURATION", help="with --canary: keep watching the healthy canaries "
-                   "this long for a rollback before the group order (default: 0s)")
-    d.add_argument("--wait", default="5min", metavar="DURATION", help="how long to follow progress (default: 5min; "
-                   "0: write the order and exit); with --canary, for each stage")
-    d.add_argument("--expires", default="7d", metavar="DURATION", help="devices ignore the order after this (default: 7d)")
-    d.add_argument("--allow-older", action="store_true", help="a rollback order: devices may install a version older than their active one")
+    d.add_argument(
+        "--key", type=Path, metavar="KEY", help="the registry's private key (default: $EDGE_AGENT_REGISTRY_KEY)"
+    )
+    d.add_argument(
+        "--canary",
+        type=int,
+        metavar="N",
+        help="deploy to N online devices of the group first; write the group "
+        "order only when they report active and healthy",
+    )
+    d.add_argument(
+        "--probation",
+        default="0s",
+        metavar="DURATION",
+        help="with --canary: keep watching the healthy canaries "
+        "this long for a rollback before the group order (default: 0s)",
+    )
+    d.add_argument(
+        "--wait",
+        default="5min",
+        metavar="DURATION",
+        help="how long to follow progress (default: 5min; 0: write the order and exit); with --canary, for each stage",
+    )
+    d.add_argument(
+        "--expires", default="7d", metavar="DURATION", help="devices ignore the order after this (default: 7d)"
+    )
+    d.add_argument(
+        "--allow-older",
+        action="store_true",
+        help="a rollback order: devices may install a version older than their active one",
+    )
     _broker_options(d)
     d.set_defaults(handler=deploy)
 
-    s = actions.add_parser("status", help="every device on the retained topics: state, group, models, health",
-                           description="Read the retained status, health and deploy topics for a moment and print a table.")
+    s = actions.add_parser(
+        "status",
+        help="every device on the retained topics: state, group, models, health",
+        description="Read the retained status, health and deploy topics for a moment and print a table.",
+    )
     s.add_argument("--group", metavar="NAME", help="only the devices of this group")
     s.add_argument("--json", action="store_true", help="print JSON instead of a table")
     _broker_options(s)
@@ -78,14 +112,17 @@ def _settings(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 def deploy(args: argparse.Namespace) -> int:
     from datetime import timedelta
 
-    from agent.cloud.fleet import FleetError, deploy as do_deploy
+    from agent.cloud.fleet import FleetError
+    from agent.cloud.fleet import deploy as do_deploy
     from agent.models.signing import load_private_key
 
     wait, probation = _duration(args.wait, "--wait"), _duration(args.probation, "--probation")
     expires, settle = _duration(args.expires, "--expires"), _duration(args.settle, "--settle")
     if expires <= 0:
         raise CliError("--expires: expected a duration > 0", USAGE)
-    key_path = args.key or (Path(os.environ["EDGE_AGENT_REGISTRY_KEY"]) if os.environ.get("EDGE_AGENT_REGISTRY_KEY") else None)
+    key_path = args.key or (
+        Path(os.environ["EDGE_AGENT_REGISTRY_KEY"]) if os.environ.get("EDGE_AGENT_REGISTRY_KEY") else None
+    )
     if key_path is None:
         raise CliError("no signing key: pass --key (the registry's private key) or set EDGE_AGENT_REGISTRY_KEY", USAGE)
     if not key_path.is_file():
@@ -95,9 +132,20 @@ def deploy(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise CliError(str(exc), USAGE) from None
     try:
-        return do_deploy(_settings(args), model=args.model, version=args.version, to=args.to, private_key=key,
-                         prefix=args.topic_prefix, canary=args.canary, wait=wait, probation=probation,
-                         expires=timedelta(seconds=expires), allow_older=args.allow_older, settle=settle)
+        return do_deploy(
+            _settings(args),
+            model=args.model,
+            version=args.version,
+            to=args.to,
+            private_key=key,
+            prefix=args.topic_prefix,
+            canary=args.canary,
+            wait=wait,
+            probation=probation,
+            expires=timedelta(seconds=expires),
+            allow_older=args.allow_older,
+            settle=settle,
+        )
     except FleetError as exc:
         raise CliError(str(exc), exc.code) from None
 

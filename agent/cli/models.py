@@ -18,7 +18,11 @@ def _store_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("models", help="the local model store", description="List, pull, roll back and inspect models in the local store.")
+    p = sub.add_parser(
+        "models",
+        help="the local model store",
+        description="List, pull, roll back and inspect models in the local store.",
+    )
     actions = p.add_subparsers(dest="action", metavar="ACTION")
     actions.required = True
 
@@ -28,20 +32,29 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     ls.add_argument("--json", action="store_true", help="print JSON")
     ls.set_defaults(handler=list_models)
 
-    pull = actions.add_parser("pull", help="fetch, verify, test and activate a model version from the registry",
-                              description="One update step, as the daemon does it: signed channel and manifest, a variant this "
-                              "runtime can load, a resumable verified download, test vectors on this device's provider, "
-                              "then an atomic switch. Exit 1 when the version is refused (the reason is printed).")
+    pull = actions.add_parser(
+        "pull",
+        help="fetch, verify, test and activate a model version from the registry",
+        description="One update step, as the daemon does it: signed channel and manifest, a variant this "
+        "runtime can load, a resumable verified download, test vectors on this device's provider, "
+        "then an atomic switch. Exit 1 when the version is refused (the reason is printed).",
+    )
     pull.add_argument("model", metavar="MODEL", help="registry model name")
     which = pull.add_mutually_exclusive_group()
     which.add_argument("--channel", default=None, metavar="NAME", help="follow this channel (default: stable)")
     which.add_argument("--version", metavar="VER", help="this exact version")
-    pull.add_argument("--allow-older", action="store_true", help="a rollback order: accept a version older than the active one")
+    pull.add_argument(
+        "--allow-older", action="store_true", help="a rollback order: accept a version older than the active one"
+    )
     _store_args(pull)
     pull.add_argument("--registry", metavar="URL", help="registry base URL (default: the profile's)")
-    pull.add_argument("--public-key", type=Path, metavar="FILE", help="the registry's public key (default: the profile's)")
+    pull.add_argument(
+        "--public-key", type=Path, metavar="FILE", help="the registry's public key (default: the profile's)"
+    )
     pull.add_argument("--keep", type=int, metavar="N", help="versions kept on disk (default: the profile's, or 3)")
-    pull.add_argument("--target-ort", metavar="VERSION", help="choose variants as a device with this onnxruntime release would")
+    pull.add_argument(
+        "--target-ort", metavar="VERSION", help="choose variants as a device with this onnxruntime release would"
+    )
     pull.add_argument("--timeout", type=float, default=30.0, help="network timeout per request in seconds (default 30)")
     pull.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     pull.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -52,12 +65,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     _store_args(rb)
     rb.set_defaults(handler=rollback)
 
-    ins = actions.add_parser("inspect", help="opsets, IR version, inputs/outputs and op histogram of a model",
-                             description="Read a model file (or the active version of a model in the store) without the onnx "
-                             "package: IR version, opsets per domain, inputs and outputs, and which operators it uses.")
+    ins = actions.add_parser(
+        "inspect",
+        help="opsets, IR version, inputs/outputs and op histogram of a model",
+        description="Read a model file (or the active version of a model in the store) without the onnx "
+        "package: IR version, opsets per domain, inputs and outputs, and which operators it uses.",
+    )
     ins.add_argument("target", metavar="MODEL_OR_FILE", help="an .onnx file, or a model name in the store")
     _store_args(ins)
-    ins.add_argument("--top", type=int, default=25, metavar="N", help="operators shown in the histogram (default 25; 0: all)")
+    ins.add_argument(
+        "--top", type=int, default=25, metavar="N", help="operators shown in the histogram (default 25; 0: all)"
+    )
     ins.add_argument("--json", action="store_true", help="print JSON")
     ins.set_defaults(handler=inspect)
 
@@ -101,10 +119,20 @@ def list_models(args: argparse.Namespace) -> int:
             rows.append({"model": model, "error": str(exc)})
             damaged = True
             continue
-        row = {"model": model, "active": pointer["active"], "previous": pointer["previous"], "versions": store.versions(model)}
+        row = {
+            "model": model,
+            "active": pointer["active"],
+            "previous": pointer["previous"],
+            "versions": store.versions(model),
+        }
         if active is not None:
-            row.update(variant=active.variant.id, digest=active.digest, provider=active.provider, path=str(active.path),
-                       expires=active.manifest.expires.isoformat())
+            row.update(
+                variant=active.variant.id,
+                digest=active.digest,
+                provider=active.provider,
+                path=str(active.path),
+                expires=active.manifest.expires.isoformat(),
+            )
         if args.verify:
             row["problems"] = store.check(model, deep=True)
             damaged |= bool(row["problems"])
@@ -147,7 +175,9 @@ class ProgressBar:
                 return
             self.last = now
             bar = "#" * int(frac * 30)
-            self.stream.write(f"\r{self.label} [{bar:<30}] {frac:4.0%} {done / 1e6:.1f}/{total / 1e6:.1f} MB {rate / 1e6:.1f} MB/s")
+            self.stream.write(
+                f"\r{self.label} [{bar:<30}] {frac:4.0%} {done / 1e6:.1f}/{total / 1e6:.1f} MB {rate / 1e6:.1f} MB/s"
+            )
             if done >= total:
                 self.stream.write("\n")
             self.stream.flush()
@@ -159,8 +189,8 @@ class ProgressBar:
 
 def pull_model(args: argparse.Namespace) -> int:
     from agent.device import compat
-    from agent.transport.events import Event
     from agent.models.registry import RegistryClient
+    from agent.transport.events import Event
 
     profile = _profile(args)
     url = args.registry or (profile.registry.url if profile is not None and profile.registry else None)
@@ -182,16 +212,29 @@ def pull_model(args: argparse.Namespace) -> int:
         if event.type in ("model.refused", "model.error"):
             return  # the outcome line says it
         if not args.quiet and event.type != "model.activated":
-            print(f"{event.type.removeprefix('model.')}: {event.fields.get('model')} {event.fields.get('version')} "
-                  f"variant {event.fields.get('variant')}", file=sys.stderr)
+            print(
+                f"{event.type.removeprefix('model.')}: {event.fields.get('model')} {event.fields.get('version')} "
+                f"variant {event.fields.get('variant')}",
+                file=sys.stderr,
+            )
 
     store = _store(args, profile, args.keep)
     try:
-        client = RegistryClient(url, key, store, runtime=profile.runtime if profile else None, caps=caps, emit=emit,
-                                timeout=args.timeout, progress=None if args.quiet else ProgressBar(args.model))
+        client = RegistryClient(
+            url,
+            key,
+            store,
+            runtime=profile.runtime if profile else None,
+            caps=caps,
+            emit=emit,
+            timeout=args.timeout,
+            progress=None if args.quiet else ProgressBar(args.model),
+        )
     except ValueError as exc:
         raise CliError(str(exc), USAGE) from None
-    result = client.check_and_pull(args.model, channel=args.channel or "stable", version=args.version, allow_older=args.allow_older)
+    result = client.check_and_pull(
+        args.model, channel=args.channel or "stable", version=args.version, allow_older=args.allow_older
+    )
     if args.json:
         print(json.dumps({k: v for k, v in result.__dict__.items()}, indent=2))
     if result.status in ("refused", "failed"):
@@ -203,8 +246,10 @@ def pull_model(args: argparse.Namespace) -> int:
         elif result.status == "held":
             print(f"{args.model}: {result.reason}")
         else:
-            print(f"{args.model} {result.version} activated (variant {result.variant}, tested on {result.provider}; "
-                  f"previous {result.previous or '-'})")
+            print(
+                f"{args.model} {result.version} activated (variant {result.variant}, tested on {result.provider}; "
+                f"previous {result.previous or '-'})"
+            )
     return 0
 
 
@@ -235,7 +280,9 @@ def inspect(args: argparse.Namespace) -> int:
     path, entry = Path(args.target), None
     if not path.is_file():
         if args.state_dir is None and not args.profile:
-            raise CliError(f"{args.target}: no such file (for a model in the store, give --state-dir or --profile)", USAGE)
+            raise CliError(
+                f"{args.target}: no such file (for a model in the store, give --state-dir or --profile)", USAGE
+            )
         try:
             entry = _store(args, _profile(args)).active(args.target)
         except StoreError as exc:
@@ -251,24 +298,39 @@ def inspect(args: argparse.Namespace) -> int:
     caps = compat.installed_caps()
     reason = compat.refusal(caps, path.name, h.ir_version, h.opsets)
     doc = {
-        "file": str(path), "bytes": path.stat().st_size, "digest": entry.digest if entry else sha256_file(path),
-        "ir_version": h.ir_version, "opsets": h.opsets, "producer": h.producer, "metadata": h.metadata,
+        "file": str(path),
+        "bytes": path.stat().st_size,
+        "digest": entry.digest if entry else sha256_file(path),
+        "ir_version": h.ir_version,
+        "opsets": h.opsets,
+        "producer": h.producer,
+        "metadata": h.metadata,
         "min_runtime": compat.min_runtime(h.ir_version, h.opsets),
-        "loads_here": reason is None, "refusal": reason,
-        "inputs": [i.to_json() for i in summary.inputs], "outputs": [o.to_json() for o in summary.outputs],
+        "loads_here": reason is None,
+        "refusal": reason,
+        "inputs": [i.to_json() for i in summary.inputs],
+        "outputs": [o.to_json() for o in summary.outputs],
         "ops": dict(summary.ops.most_common()),
     }
     if entry:
-        doc.update(model=entry.model, version=entry.version, variant=entry.variant.id, precision=entry.variant.precision)
+        doc.update(
+            model=entry.model, version=entry.version, variant=entry.variant.id, precision=entry.variant.precision
+        )
     if args.json:
         print(json.dumps(doc, indent=2))
         return 0
-    title = f"{entry.model} {entry.version} (variant {entry.variant.id}, {entry.variant.precision})" if entry else path.name
+    title = (
+        f"{entry.model} {entry.version} (variant {entry.variant.id}, {entry.variant.precision})" if entry else path.name
+    )
     print(f"{title}: {doc['bytes'] / 1e6:.2f} MB, {doc['digest']}")
-    print(f"IR version {h.ir_version}; opsets: {', '.join(f'{d} {v}' for d, v in sorted(h.opsets.items()))}"
-          + (f"; producer {h.producer}" if h.producer else ""))
-    print(f"loads on onnxruntime >= {doc['min_runtime'] or '? (newer than any release known here)'}; "
-          + (f"this runtime ({caps.ort_version}) loads it" if reason is None else f"not here: {reason}"))
+    print(
+        f"IR version {h.ir_version}; opsets: {', '.join(f'{d} {v}' for d, v in sorted(h.opsets.items()))}"
+        + (f"; producer {h.producer}" if h.producer else "")
+    )
+    print(
+        f"loads on onnxruntime >= {doc['min_runtime'] or '? (newer than any release known here)'}; "
+        + (f"this runtime ({caps.ort_version}) loads it" if reason is None else f"not here: {reason}")
+    )
     for k, v in h.metadata.items():
         print(f"metadata {k}: {v[:100]}")
     for kind, items in (("inputs", summary.inputs), ("outputs", summary.outputs)):

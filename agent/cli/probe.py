@@ -16,22 +16,35 @@ from agent import __version__
 from agent.cli.errors import USAGE, CliError
 
 if TYPE_CHECKING:  # the CLI imports every verb at start: onnxruntime loads only when probe runs
-    from agent.device import hardware
     from agent.config.profile import RuntimeConfig
+    from agent.device import hardware
     from agent.device.providers import Ranking
 
 SCHEMA_VERSION = 1
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("probe", help="show hardware and execution providers", description="Probe the hardware and rank ONNX Runtime execution providers.")
+    p = sub.add_parser(
+        "probe",
+        help="show hardware and execution providers",
+        description="Probe the hardware and rank ONNX Runtime execution providers.",
+    )
     p.add_argument("--json", action="store_true", help="machine-readable output (see docs/probe.md)")
     p.add_argument("--profile", metavar="FILE", help="rank with this profile's runtime settings")
-    p.add_argument("--verify", action="store_true",
-                   help="open a tiny model down the ranking and report the provider that really runs it")
-    p.add_argument("--root", default="/", metavar="DIR",
-                   help="read /proc, /sys, /dev and /etc under DIR instead of / (captured device trees)")
-    p.add_argument("--state-dir", metavar="DIR", help="state dir for the disk figure and caches (default: the profile's)")
+    p.add_argument(
+        "--verify",
+        action="store_true",
+        help="open a tiny model down the ranking and report the provider that really runs it",
+    )
+    p.add_argument(
+        "--root",
+        default="/",
+        metavar="DIR",
+        help="read /proc, /sys, /dev and /etc under DIR instead of / (captured device trees)",
+    )
+    p.add_argument(
+        "--state-dir", metavar="DIR", help="state dir for the disk figure and caches (default: the profile's)"
+    )
     p.set_defaults(handler=run)
 
 
@@ -49,15 +62,22 @@ def load_runtime(profile_path: str | None) -> tuple[RuntimeConfig, Path | None]:
     return profile.runtime, profile.device.state_dir
 
 
-def report(probe: hardware.Probe, runtime: RuntimeConfig, ranking: Ranking, state_dir: Path | None,
-           verified: dict[str, Any] | None) -> dict[str, Any]:
+def report(
+    probe: hardware.Probe,
+    runtime: RuntimeConfig,
+    ranking: Ranking,
+    state_dir: Path | None,
+    verified: dict[str, Any] | None,
+) -> dict[str, Any]:
     """The `probe --json` document (schema in docs/probe.md)."""
     from agent.device.providers import thread_count
 
     doc = {"schema_version": SCHEMA_VERSION, "edge_agent": __version__}
     doc.update(probe.to_dict())
     doc["settings"] = {
-        "providers": "auto" if runtime.providers == "auto" else [{"name": c.name, "options": dict(c.options)} for c in runtime.providers],
+        "providers": "auto"
+        if runtime.providers == "auto"
+        else [{"name": c.name, "options": dict(c.options)} for c in runtime.providers],
         "threads": thread_count(runtime, probe),
         "autotune": runtime.autotune,
         "require_accelerator": runtime.require_accelerator,
@@ -70,8 +90,8 @@ def report(probe: hardware.Probe, runtime: RuntimeConfig, ranking: Ranking, stat
 
 
 def verify_chain(runtime: RuntimeConfig, state_dir: Path, probe: hardware.Probe) -> dict[str, Any]:
-    from agent.transport.events import Event
     from agent.device.providers import ProviderError, open_session, probe_model
+    from agent.transport.events import Event
 
     events: list[Event] = []
     # Autotune is for real models; the probe model would only time noise.
@@ -79,12 +99,28 @@ def verify_chain(runtime: RuntimeConfig, state_dir: Path, probe: hardware.Probe)
     try:
         opened = open_session(probe_model(), plain, state_dir, events.append, probe=probe)
     except ProviderError as exc:
-        return {"provider": None, "providers": [], "assignment": None, "threads": None, "options": {},
-                "fallbacks": [{"provider": e.fields["provider"], "reason": e.fields["reason"]} for e in events
-                              if e.type == "provider.fallback"], "error": str(exc)}
-    return {"provider": opened.provider, "providers": list(opened.providers), "assignment": opened.assignment,
-            "threads": opened.threads, "options": opened.options,
-            "fallbacks": [{"provider": p, "reason": r} for p, r in opened.fallbacks], "error": None}
+        return {
+            "provider": None,
+            "providers": [],
+            "assignment": None,
+            "threads": None,
+            "options": {},
+            "fallbacks": [
+                {"provider": e.fields["provider"], "reason": e.fields["reason"]}
+                for e in events
+                if e.type == "provider.fallback"
+            ],
+            "error": str(exc),
+        }
+    return {
+        "provider": opened.provider,
+        "providers": list(opened.providers),
+        "assignment": opened.assignment,
+        "threads": opened.threads,
+        "options": opened.options,
+        "fallbacks": [{"provider": p, "reason": r} for p, r in opened.fallbacks],
+        "error": None,
+    }
 
 
 def run(args: argparse.Namespace) -> int:
@@ -121,8 +157,11 @@ def print_text(doc: dict[str, Any], out: Any = sys.stdout) -> None:
     print(f"Hardware (read under {doc['root']})", file=out)
     line("board", doc["board"] or "unknown")
     mhz = f", {cpu['max_mhz']} MHz" if cpu["max_mhz"] else ""
-    line("cpu", f"{cpu['model']} ({cpu['vendor']}, {cpu['arch']}): {cpu['physical_cores']} cores, "
-                f"{cpu['logical_cores']} threads{mhz}; {' '.join(cpu['flags']) or 'no SIMD flags found'}")
+    line(
+        "cpu",
+        f"{cpu['model']} ({cpu['vendor']}, {cpu['arch']}): {cpu['physical_cores']} cores, "
+        f"{cpu['logical_cores']} threads{mhz}; {' '.join(cpu['flags']) or 'no SIMD flags found'}",
+    )
     mem = doc["memory"]
     line("memory", f"{_gib(mem['total_bytes'])} total, {_gib(mem['available_bytes'])} available" if mem else "unknown")
     disk = doc["disk"]
@@ -136,8 +175,16 @@ def print_text(doc: dict[str, Any], out: Any = sys.stdout) -> None:
     if not doc["accelerators"]:
         line("accelerators", "none found")
     for a in doc["accelerators"]:
-        bits = [b for b in (a["driver"] and f"driver {a['driver']}", a["details"].get("driver_version"),
-                            a["memory_bytes"] and _gib(a["memory_bytes"]), ", ".join(a["nodes"])) if b]
+        bits = [
+            b
+            for b in (
+                a["driver"] and f"driver {a['driver']}",
+                a["details"].get("driver_version"),
+                a["memory_bytes"] and _gib(a["memory_bytes"]),
+                ", ".join(a["nodes"]),
+            )
+            if b
+        ]
         line(a["kind"], f"{a['name']}" + (f" ({'; '.join(bits)})" if bits else ""))
     rt = doc["runtime"]
     print(f"Runtime: onnxruntime {rt['version']}, built with {', '.join(rt['available'])}", file=out)
@@ -145,8 +192,11 @@ def print_text(doc: dict[str, Any], out: Any = sys.stdout) -> None:
         line("ep device", f"{d['ep']} on {d['device_type']} ({d['device_vendor']})")
     s = doc["settings"]
     providers = s["providers"] if s["providers"] == "auto" else ", ".join(p["name"] for p in s["providers"])
-    print(f"Ranking (providers: {providers}; {s['threads']} threads"
-          f"{'; accelerator required' if s['require_accelerator'] else ''}):", file=out)
+    print(
+        f"Ranking (providers: {providers}; {s['threads']} threads"
+        f"{'; accelerator required' if s['require_accelerator'] else ''}):",
+        file=out,
+    )
     n = 0
     for c in doc["ranking"]:
         label = c["provider"] + (f"[{c['options']['device_type']}]" if "device_type" in c["options"] else "")

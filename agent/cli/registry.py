@@ -10,50 +10,83 @@ from agent.config.units import parse_duration
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("registry", help="keys, publishing and a development server for the model registry",
-                       description="The cloud side: make keys, publish signed models, serve a registry folder.")
+    p = sub.add_parser(
+        "registry",
+        help="keys, publishing and a development server for the model registry",
+        description="The cloud side: make keys, publish signed models, serve a registry folder.",
+    )
     actions = p.add_subparsers(dest="action", metavar="ACTION")
     actions.required = True
 
-    k = actions.add_parser("keygen", help="make an ed25519 signing key pair",
-                           description="Write NAME.key (private, mode 0600) and NAME.pub (give it to devices as registry.public_key).")
+    k = actions.add_parser(
+        "keygen",
+        help="make an ed25519 signing key pair",
+        description="Write NAME.key (private, mode 0600) and NAME.pub (give it to devices as registry.public_key).",
+    )
     k.add_argument("--out", required=True, type=Path, metavar="DIR", help="folder for the key pair")
     k.add_argument("--name", default="registry", help="file name stem (default: registry)")
     k.set_defaults(handler=keygen)
 
-    pub = actions.add_parser("publish", help="add a model file to the registry and sign its manifest",
-                             description="Store MODEL.onnx by sha256, compute its opset-compatibility manifest and test vectors, "
-                             "sign it, and optionally move a channel to this version. Publishing another file under the "
-                             "same version adds a variant.")
+    pub = actions.add_parser(
+        "publish",
+        help="add a model file to the registry and sign its manifest",
+        description="Store MODEL.onnx by sha256, compute its opset-compatibility manifest and test vectors, "
+        "sign it, and optionally move a channel to this version. Publishing another file under the "
+        "same version adds a variant.",
+    )
     pub.add_argument("--root", required=True, type=Path, metavar="DIR", help="the registry folder")
     pub.add_argument("--model", required=True, metavar="NAME", help="model name")
     pub.add_argument("--version", required=True, metavar="VER", help="version, e.g. 1.4.0")
     pub.add_argument("--file", required=True, type=Path, metavar="MODEL.onnx", help="the model file")
     pub.add_argument("--variant", metavar="ID", help="variant id (default: its precision, e.g. fp32)")
-    pub.add_argument("--key", type=Path, metavar="KEY", help="private key (default: ROOT/../keys/registry.key or $EDGE_AGENT_REGISTRY_KEY)")
+    pub.add_argument(
+        "--key",
+        type=Path,
+        metavar="KEY",
+        help="private key (default: ROOT/../keys/registry.key or $EDGE_AGENT_REGISTRY_KEY)",
+    )
     pub.add_argument("--channel", metavar="NAME", help="move this channel (e.g. stable) to the version")
-    pub.add_argument("--test-inputs", type=Path, metavar="FILE.npz", help="named input tensors for the test vectors "
-                     "(default: synthesised from the model's signature)")
+    pub.add_argument(
+        "--test-inputs",
+        type=Path,
+        metavar="FILE.npz",
+        help="named input tensors for the test vectors (default: synthesised from the model's signature)",
+    )
     pub.add_argument("--labels", type=Path, metavar="FILE", help="a labels file shipped with the version")
-    pub.add_argument("--derive", action="append", choices=("int8",), default=[], help="also publish a derived variant "
-                     "(int8: dynamically quantised with onnxruntime)")
-    pub.add_argument("--providers", nargs="+", default=[], metavar="EP", help="providers this variant suits (default: any)")
+    pub.add_argument(
+        "--derive",
+        action="append",
+        choices=("int8",),
+        default=[],
+        help="also publish a derived variant (int8: dynamically quantised with onnxruntime)",
+    )
+    pub.add_argument(
+        "--providers", nargs="+", default=[], metavar="EP", help="providers this variant suits (default: any)"
+    )
     pub.add_argument("--arch", nargs="+", default=[], metavar="ARCH", help="architectures it suits (default: any)")
     pub.add_argument("--precision", choices=("fp32", "fp16", "int8"), help="override the detected precision")
     pub.add_argument("--expires", default="365d", metavar="DURATION", help="manifest validity (default: 365d)")
     pub.add_argument("--rtol", type=float, help="relative tolerance of the test vectors")
     pub.add_argument("--atol", type=float, help="absolute tolerance of the test vectors")
-    pub.add_argument("--no-tests", action="store_true", help="publish without test vectors (models with custom ops "
-                     "this machine's onnxruntime cannot run)")
+    pub.add_argument(
+        "--no-tests",
+        action="store_true",
+        help="publish without test vectors (models with custom ops this machine's onnxruntime cannot run)",
+    )
     pub.set_defaults(handler=publish)
 
-    s = actions.add_parser("serve", help="serve a registry folder over HTTP (development and tests)",
-                           description="A static server with HEAD, Range, ETag and If-None-Match. "
-                           "Any static web server, S3 bucket or CDN can serve the same folder in production.")
+    s = actions.add_parser(
+        "serve",
+        help="serve a registry folder over HTTP (development and tests)",
+        description="A static server with HEAD, Range, ETag and If-None-Match. "
+        "Any static web server, S3 bucket or CDN can serve the same folder in production.",
+    )
     s.add_argument("--root", required=True, type=Path, metavar="DIR", help="the registry folder")
     s.add_argument("--port", type=int, default=8080, help="port (default 8080; 0 picks a free one)")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    s.add_argument("--throttle", type=float, metavar="BYTES_PER_S", help="slow bodies down (to watch progress or test resume)")
+    s.add_argument(
+        "--throttle", type=float, metavar="BYTES_PER_S", help="slow bodies down (to watch progress or test resume)"
+    )
     s.set_defaults(handler=serve, default_log_level="info")
 
 
@@ -72,16 +105,21 @@ def keygen(args: argparse.Namespace) -> int:
     except FileExistsError as exc:
         raise CliError(str(exc), USAGE) from None
     (kid,) = load_public_keys(public)
-    print(f"private key: {private} (keep it off devices)\npublic key:  {public} (key id {kid}; devices: registry.public_key)")
+    print(
+        f"private key: {private} (keep it off devices)\npublic key:  {public} (key id {kid}; devices: registry.public_key)"
+    )
     return 0
 
 
 def publish(args: argparse.Namespace) -> int:
-    from agent.cloud.publish import PublishError, publish as do_publish
+    from agent.cloud.publish import PublishError
+    from agent.cloud.publish import publish as do_publish
 
     key = args.key or _default_key(args.root)
     if not key.is_file():
-        raise CliError(f"no signing key at {key}; make one with `edge-agent registry keygen --out DIR` and pass --key", USAGE)
+        raise CliError(
+            f"no signing key at {key}; make one with `edge-agent registry keygen --out DIR` and pass --key", USAGE
+        )
     for path in (args.file, args.test_inputs, args.labels):
         if path is not None and not path.is_file():
             raise CliError(f"{path}: no such file", USAGE)
@@ -91,9 +129,22 @@ def publish(args: argparse.Namespace) -> int:
         raise CliError(f"--expires: {exc}", USAGE) from None
     try:
         result = do_publish(
-            args.root, args.model, args.version, args.file, key, variant_id=args.variant, channel=args.channel,
-            test_inputs=args.test_inputs, labels=args.labels, derive=tuple(args.derive), providers=tuple(args.providers),
-            architectures=tuple(args.arch), precision=args.precision, expires_days=expires / 86400, rtol=args.rtol, atol=args.atol,
+            args.root,
+            args.model,
+            args.version,
+            args.file,
+            key,
+            variant_id=args.variant,
+            channel=args.channel,
+            test_inputs=args.test_inputs,
+            labels=args.labels,
+            derive=tuple(args.derive),
+            providers=tuple(args.providers),
+            architectures=tuple(args.arch),
+            precision=args.precision,
+            expires_days=expires / 86400,
+            rtol=args.rtol,
+            atol=args.atol,
             no_tests=args.no_tests,
         )
     except PublishError as exc:
@@ -103,12 +154,16 @@ def publish(args: argparse.Namespace) -> int:
     m = result.manifest
     for v in (result.variant, *result.derived):
         opsets = ", ".join(f"{d} {n}" for d, n in v.opsets.items())
-        print(f"{m.model} {m.version} variant {v.id}: {v.precision}, IR {v.ir_version}, {opsets}, "
-              f"{v.blob.size} bytes, onnxruntime >= {v.min_runtime or '?'}, {v.blob.digest[:19]}")
+        print(
+            f"{m.model} {m.version} variant {v.id}: {v.precision}, IR {v.ir_version}, {opsets}, "
+            f"{v.blob.size} bytes, onnxruntime >= {v.min_runtime or '?'}, {v.blob.digest[:19]}"
+        )
     for note in result.notes:
         print(note)
-    print(f"manifest: {args.root / 'models' / m.model / m.version / 'manifest.json'} "
-          f"({len(m.variants)} variant(s), expires {m.expires.date()})")
+    print(
+        f"manifest: {args.root / 'models' / m.model / m.version / 'manifest.json'} "
+        f"({len(m.variants)} variant(s), expires {m.expires.date()})"
+    )
     if args.channel:
         print(f"channel {args.channel} -> {m.version}")
     return 0
@@ -120,8 +175,13 @@ def serve(args: argparse.Namespace) -> int:
     if not args.root.is_dir():
         raise CliError(f"{args.root}: not a folder", USAGE)
     try:
-        server = RegistryHTTPServer(args.root, args.host, args.port, throttle_bps=args.throttle,
-                                    quiet=(args.log_level or "info") not in ("info", "debug") and not args.debug)
+        server = RegistryHTTPServer(
+            args.root,
+            args.host,
+            args.port,
+            throttle_bps=args.throttle,
+            quiet=(args.log_level or "info") not in ("info", "debug") and not args.debug,
+        )
     except OSError as exc:
         raise CliError(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}") from None
     # The first line says where it listens, so that scripts (and tests) can use --port 0.

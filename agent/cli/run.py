@@ -11,15 +11,19 @@ from agent.cli.errors import USAGE, CliError
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("run", help="run the daemon in the foreground", description="Run the agent with a device profile (systemd runs this).")
+    p = sub.add_parser(
+        "run",
+        help="run the daemon in the foreground",
+        description="Run the agent with a device profile (systemd runs this).",
+    )
     p.add_argument("--profile", required=True, metavar="FILE", help="the device profile")
     p.set_defaults(handler=run, default_log_level="info")
 
 
 def run(args: argparse.Namespace) -> int:
-    from agent.service.daemon import Daemon
-    from agent.config.profile import load_profile
     from agent.config.errors import ProfileError
+    from agent.config.profile import load_profile
+    from agent.service.daemon import Daemon
 
     try:
         profile = load_profile(args.profile)

@@ -29,10 +29,11 @@ import tempfile
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable, TextIO
+from typing import Any, TextIO
 
 MODEL = "text-detector"
 SAMPLE = "ppocr-det"
@@ -112,8 +113,15 @@ def _child_setup() -> None:
 
 def spawn(argv: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
     with open(log, "ab") as out:
-        return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env,
-                                preexec_fn=_child_setup, close_fds=True)
+        return subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            preexec_fn=_child_setup,
+            close_fds=True,
+        )
 
 
 def stop_process(proc: subprocess.Popen[bytes] | None, timeout: float, sig: int = signal.SIGTERM) -> int | None:
@@ -285,14 +293,18 @@ class Printer:
             return
         last = fresh[-1]
         stamps = [t for t in (_parse_ts(m.get("ts")) for m in recent[-15:]) if t is not None]
-        fps = f"{(len(stamps) - 1) / (stamps[-1] - stamps[0]):5.1f}" if len(stamps) > 2 and stamps[-1] > stamps[0] else "    -"
+        fps = (
+            f"{(len(stamps) - 1) / (stamps[-1] - stamps[0]):5.1f}"
+            if len(stamps) > 2 and stamps[-1] > stamps[0]
+            else "    -"
+        )
         lat = [_total_latency(m) for m in recent]
         boxes = (last.get("output") or {}).get("boxes") or []
         shown = " ".join("[" + ",".join(str(int(v)) for v in b.get("box", [])) + "]" for b in boxes[:2])
         more = " ..." if len(boxes) > 2 else ""
         seqs = [m.get("seq") for m in fresh if isinstance(m.get("seq"), int)]
         seq = f"{min(seqs)}-{max(seqs)}" if len(seqs) > 1 else (str(seqs[0]) if seqs else "?")
-        system = ((tally.health or {}).get("system") or {})
+        system = (tally.health or {}).get("system") or {}
         cpu = system.get("cpu_percent")
         version = f"{MODEL[:4]}@{last.get('model_version')}"
         if tally.versions and last.get("model_version") != tally.versions[0]:
@@ -300,34 +312,46 @@ class Printer:
         else:
             version = f"{version:13}"
         self.rows += 1
-        self.line(f"{clock}  {version} {short_provider(last.get('provider')):9} {fps} {_percentile(lat, 0.5):7.1f} "
-                  f"{_percentile(lat, 0.95):7.1f} {cpu if cpu is not None else '-':>5}  {seq:>11}  "
-                  f"{len(boxes)} {shown}{more}")
+        self.line(
+            f"{clock}  {version} {short_provider(last.get('provider')):9} {fps} {_percentile(lat, 0.5):7.1f} "
+            f"{_percentile(lat, 0.95):7.1f} {cpu if cpu is not None else '-':>5}  {seq:>11}  "
+            f"{len(boxes)} {shown}{more}"
+        )
 
     def event(self, msg: dict[str, Any]) -> None:
         kind = str(msg.get("type", "?"))
         details = {k: v for k, v in msg.items() if k not in ("device", "seq", "ts", "type")}
         if kind == "model.activated":
-            text = (f"{details.get('model')} {details.get('version')} ({details.get('variant')}) activated on "
-                    f"{short_provider(details.get('provider'))}" + (f", replacing {details['previous']}" if details.get("previous") else ""))
+            text = (
+                f"{details.get('model')} {details.get('version')} ({details.get('variant')}) activated on "
+                f"{short_provider(details.get('provider'))}"
+                + (f", replacing {details['previous']}" if details.get("previous") else "")
+            )
         elif kind == "model.swapped":
-            text = (f"pipeline {details.get('pipeline', PIPELINE)} now runs {details.get('model')} {details.get('version')} "
-                    f"(was {details.get('previous')}) on {short_provider(details.get('provider'))}: hot swap")
+            text = (
+                f"pipeline {details.get('pipeline', PIPELINE)} now runs {details.get('model')} {details.get('version')} "
+                f"(was {details.get('previous')}) on {short_provider(details.get('provider'))}: hot swap"
+            )
         elif kind == "model.downloading":
             text = f"downloading {details.get('model')} {details.get('version')} ({details.get('variant')}, {details.get('bytes')} bytes)"
         elif kind == "model.verifying":
             text = f"verifying {details.get('model')} {details.get('version')}: signature, digest, test vectors"
         elif kind == "pipeline.started":
-            text = (f"pipeline {details.get('pipeline')} started: {details.get('model')} {details.get('version')} on "
-                    f"{short_provider(details.get('provider'))}, source {details.get('source')}")
+            text = (
+                f"pipeline {details.get('pipeline')} started: {details.get('model')} {details.get('version')} on "
+                f"{short_provider(details.get('provider'))}, source {details.get('source')}"
+            )
         elif kind == "model.active":
-            text = (f"{details.get('model')} {details.get('version')} serves every pipeline that uses it"
-                    + (f" (previous {details['previous']}, kept for rollback)" if details.get("previous") else ""))
+            text = f"{details.get('model')} {details.get('version')} serves every pipeline that uses it" + (
+                f" (previous {details['previous']}, kept for rollback)" if details.get("previous") else ""
+            )
         elif kind == "model.probation_passed":
             text = f"{details.get('model')} {details.get('version')} passed its probation"
         elif kind == "model.rolled_back":
-            text = (f"{details.get('model')} {details.get('version')} rolled back to {details.get('to') or details.get('previous')}"
-                    + (f": {details['reason']}" if details.get("reason") else ""))
+            text = (
+                f"{details.get('model')} {details.get('version')} rolled back to {details.get('to') or details.get('previous')}"
+                + (f": {details['reason']}" if details.get("reason") else "")
+            )
         elif kind == "model.refused":
             text = f"{details.get('model')} {details.get('version')} refused: {details.get('reason')}"
         elif kind == "agent.started":
@@ -349,8 +373,9 @@ class Subscriber:
 
         self.queue: queue.Queue[tuple[str, dict[str, Any]]] = queue.Queue()
         self.connected = threading.Event()
-        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"edge-agent-demo-{os.getpid()}",
-                                  protocol=paho.MQTTv311)
+        self.client = paho.Client(
+            CallbackAPIVersion.VERSION2, client_id=f"edge-agent-demo-{os.getpid()}", protocol=paho.MQTTv311
+        )
         self.client.on_connect = self._on_connect
         self.client.on_message = self._on_message
         self.port = port
@@ -368,7 +393,7 @@ class Subscriber:
         if isinstance(body, dict):
             self.queue.put((message.topic, body))
 
-    def start(self, timeout: float = 10.0) -> "Subscriber":
+    def start(self, timeout: float = 10.0) -> Subscriber:
         self.client.connect("127.0.0.1", self.port, keepalive=30)
         self.client.loop_start()
         if not self.connected.wait(timeout):
@@ -432,7 +457,9 @@ class Demo:
 
         cached = (cache_dir() / "models" / f"{SAMPLE}.onnx").exists()
         if not cached:
-            self.p.note(f"first run: fetching the PP-OCR text detector (rapidocr wheel, ~15 MB, sha256-pinned) into {cache_dir()}")
+            self.p.note(
+                f"first run: fetching the PP-OCR text detector (rapidocr wheel, ~15 MB, sha256-pinned) into {cache_dir()}"
+            )
         path = sample_model(SAMPLE, quiet=False)
         if not cached:
             self.p.note(f"cached {path} (kept for the next runs; delete {cache_dir()} to remove it)")
@@ -450,14 +477,18 @@ class Demo:
             # As root Mosquitto switches to its own user, which clears the parent-death signal (and could not
             # write here): keep the user we are.
             user = "user root\n" if hasattr(os, "geteuid") and os.geteuid() == 0 else ""
-            conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n{user}"
-                            "log_dest stderr\nlog_type error\nlog_type warning\n")
+            conf.write_text(
+                f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n{user}"
+                "log_dest stderr\nlog_type error\nlog_type warning\n"
+            )
             self.broker = spawn([binary, "-c", str(conf)], log)
             self.broker_kind = f"Mosquitto ({binary})"
         else:
             if not amqtt_available():
-                raise DemoError("no MQTT broker: install Mosquitto (apt-get install mosquitto) or the embedded one "
-                                "(pip install 'edge-agent[cloud]', which brings amqtt)")
+                raise DemoError(
+                    "no MQTT broker: install Mosquitto (apt-get install mosquitto) or the embedded one "
+                    "(pip install 'edge-agent[cloud]', which brings amqtt)"
+                )
             code = f"from agent.cloud.demo import run_amqtt; run_amqtt({port})"
             self.broker = spawn([sys.executable, "-c", code], log)
             self.broker_kind = "embedded amqtt (Mosquitto not found)" if choice == "auto" else "embedded amqtt"
@@ -471,21 +502,39 @@ class Demo:
             # Probation watches a new version for a while and rolls it back when its inference p95 exceeds the
             # previous one's by a factor: the default 1.5 rolled the very same weights back on a 2-core machine
             # busy with other work, so the demo allows 2.5 (an int8 copy 3x slower is still rolled back).
-            "registry": {"url": registry_url, "public_key": str(self.tmp / "keys" / "registry.pub"), "poll_interval": "2s",
-                         "probation": {"duration": "60s", "max_latency_ratio": 2.5}},
+            "registry": {
+                "url": registry_url,
+                "public_key": str(self.tmp / "keys" / "registry.pub"),
+                "poll_interval": "2s",
+                "probation": {"duration": "60s", "max_latency_ratio": 2.5},
+            },
             # amqtt speaks MQTT 3.1.1 only, and answers an MQTT 5 CONNECT that has a Will with silence (no
             # CONNACK, socket left open), which the agent's `auto` cannot tell from a slow broker: pin 3.1.1.
-            "mqtt": {"url": f"mqtt://127.0.0.1:{broker_port}", "client_id": DEVICE,
-                     "protocol": "3.1.1" if self.broker_kind.startswith("embedded") else "auto"},
+            "mqtt": {
+                "url": f"mqtt://127.0.0.1:{broker_port}",
+                "client_id": DEVICE,
+                "protocol": "3.1.1" if self.broker_kind.startswith("embedded") else "auto",
+            },
             "runtime": {"providers": "auto", "threads": "auto", "http": f"127.0.0.1:{http_port}"},
             "health": {"interval": "2s"},
-            "pipelines": [{
-                "name": PIPELINE, "model": MODEL, "channel": CHANNEL,
-                "source": {"type": "synthetic", "width": 640, "height": 480, "fps": 5, "text": TEXTS[:3]},
-                "preprocess": {"resize": [640, 480], "color": "rgb", "scale": 0.00392156862745098,
-                               "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "layout": "nchw", "dtype": "float32"},
-                "postprocess": {"type": "text-detection", "threshold": 0.3},
-            }],
+            "pipelines": [
+                {
+                    "name": PIPELINE,
+                    "model": MODEL,
+                    "channel": CHANNEL,
+                    "source": {"type": "synthetic", "width": 640, "height": 480, "fps": 5, "text": TEXTS[:3]},
+                    "preprocess": {
+                        "resize": [640, 480],
+                        "color": "rgb",
+                        "scale": 0.00392156862745098,
+                        "mean": [0.485, 0.456, 0.406],
+                        "std": [0.229, 0.224, 0.225],
+                        "layout": "nchw",
+                        "dtype": "float32",
+                    },
+                    "postprocess": {"type": "text-detection", "threshold": 0.3},
+                }
+            ],
         }
         path = self.tmp / "profile.yaml"
         path.write_text("# written by `edge-agent demo` (JSON is valid YAML)\n" + json.dumps(profile, indent=2) + "\n")
@@ -518,9 +567,12 @@ class Demo:
         assert self.tmp is not None and self.second is not None
         publish(self.tmp / "registry", MODEL, SECOND, self.second, self.tmp / "keys" / "registry.key", channel=CHANNEL)
         self.pushed_at = time.monotonic()
-        self.p.line(f"{time.strftime('%H:%M:%S')}  " + self.p.paint(f"> {'registry':17}", "1;36") +
-                    f" published {MODEL} {SECOND} ({self.second_kind}) and moved channel {CHANNEL} -> {SECOND}; "
-                    "the agent picks it up at its next poll (2 s)")
+        self.p.line(
+            f"{time.strftime('%H:%M:%S')}  "
+            + self.p.paint(f"> {'registry':17}", "1;36")
+            + f" published {MODEL} {SECOND} ({self.second_kind}) and moved channel {CHANNEL} -> {SECOND}; "
+            "the agent picks it up at its next poll (2 s)"
+        )
 
     # -- the run -------------------------------------------------------------------------------
 
@@ -540,8 +592,12 @@ class Demo:
             state = body.get("state")
             if state != self.tally.status:
                 self.tally.status = state
-                self.p.line(f"{time.strftime('%H:%M:%S')}  " + self.p.paint(f"* {'status':17}", "1;33") + f" agent {state}"
-                            + (f" ({body['reason']})" if body.get("reason") else ""))
+                self.p.line(
+                    f"{time.strftime('%H:%M:%S')}  "
+                    + self.p.paint(f"* {'status':17}", "1;33")
+                    + f" agent {state}"
+                    + (f" ({body['reason']})" if body.get("reason") else "")
+                )
 
     def drain(self, until: float) -> None:
         assert self.sub is not None
@@ -599,11 +655,18 @@ class Demo:
         if self.stop.is_set():
             return
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        self.agent = spawn([sys.executable, "-m", "agent", "--log-level", "info", "run", "--profile", str(profile)],
-                           self.tmp / "agent.log", env=env)
-        self.p.note(f"agent started (pid {self.agent.pid}, profile {profile}); status page http://127.0.0.1:{http_port}/")
+        self.agent = spawn(
+            [sys.executable, "-m", "agent", "--log-level", "info", "run", "--profile", str(profile)],
+            self.tmp / "agent.log",
+            env=env,
+        )
+        self.p.note(
+            f"agent started (pid {self.agent.pid}, profile {profile}); status page http://127.0.0.1:{http_port}/"
+        )
         self.p.note(f"watch it yourself: mosquitto_sub -p {broker_port} -t 'edge/#' -v   (Ctrl-C stops the demo)")
-        deriving = self.deriving = threading.Thread(target=self.derive_second, args=(model,), name="demo-derive", daemon=True)
+        deriving = self.deriving = threading.Thread(
+            target=self.derive_second, args=(model,), name="demo-derive", daemon=True
+        )
         deriving.start()
 
         deadline = self.started + self.o.duration if self.o.duration else None
@@ -695,8 +758,10 @@ class Demo:
         swap = f" (swap at seq {t.swap_seq})" if t.swap_seq is not None else ""
         first = f", first after {t.first_at - self.started:.1f} s" if t.first_at is not None else ""
         seq_range = f"seq {min(t.seqs)}-{max(t.seqs)}, " if t.seqs else ""
-        line = (f"summary: {t.results} results{first}, {seq_range}seq gaps {t.gaps}, duplicates {t.duplicates}, "
-                f"versions seen {versions}{swap}, camera frames skipped {t.frames_skipped}, {len(t.events)} events")
+        line = (
+            f"summary: {t.results} results{first}, {seq_range}seq gaps {t.gaps}, duplicates {t.duplicates}, "
+            f"versions seen {versions}{swap}, camera frames skipped {t.frames_skipped}, {len(t.events)} events"
+        )
         ok = not self.failure and t.results > 0 and t.gaps == 0
         self.p.line(self.p.paint(line, "1;32" if ok else "1;31"))
         if self.failure:

@@ -19,10 +19,11 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, Callable, TextIO
+from typing import Any, TextIO
 from urllib.parse import urlsplit
 
 import paho.mqtt.client as paho
@@ -36,11 +37,24 @@ SETTLE = 1.0  # how long retained messages are read before acting on them
 
 # Progress states of one device for one order.
 PENDING, DOWNLOADING, VERIFYING, ACTIVE, REFUSED, ROLLED_BACK, ERROR = (
-    "pending", "downloading", "verifying", "active", "refused", "rolled-back", "error")
+    "pending",
+    "downloading",
+    "verifying",
+    "active",
+    "refused",
+    "rolled-back",
+    "error",
+)
 TERMINAL = {ACTIVE, REFUSED, ROLLED_BACK}
-_EVENT_STATE = {"model.downloading": DOWNLOADING, "model.verifying": VERIFYING, "model.activated": ACTIVE,
-                "model.refused": REFUSED, "model.rolled_back": ROLLED_BACK, "model.error": ERROR,
-                "deploy.refused": REFUSED}
+_EVENT_STATE = {
+    "model.downloading": DOWNLOADING,
+    "model.verifying": VERIFYING,
+    "model.activated": ACTIVE,
+    "model.refused": REFUSED,
+    "model.rolled_back": ROLLED_BACK,
+    "model.error": ERROR,
+    "deploy.refused": REFUSED,
+}
 
 
 class FleetError(Exception):
@@ -142,23 +156,29 @@ class FleetClient:
         self._subacks: set[int] = set()
         self._acked = threading.Condition()
         self._pubacks: dict[int, Any] = {}
-        client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"edge-agent-fleet-{uuid.uuid4().hex[:10]}",
-                             protocol=paho.MQTTv5)
+        client = paho.Client(
+            CallbackAPIVersion.VERSION2, client_id=f"edge-agent-fleet-{uuid.uuid4().hex[:10]}", protocol=paho.MQTTv5
+        )
         if settings.username:
             password = None
             if settings.password_file is not None:
                 try:
                     password = settings.password_file.read_text().strip()
                 except OSError as exc:
-                    raise FleetError(f"--password-file: cannot read {settings.password_file}: {exc.strerror or exc}", 2) from None
+                    raise FleetError(
+                        f"--password-file: cannot read {settings.password_file}: {exc.strerror or exc}", 2
+                    ) from None
             client.username_pw_set(settings.username, password)
         elif settings.password_file is not None:
             raise FleetError("--password-file needs --username", 2)
         if self.secure:
             try:
-                client.tls_set(ca_certs=str(settings.tls_ca) if settings.tls_ca else None,
-                               certfile=str(settings.tls_cert) if settings.tls_cert else None,
-                               keyfile=str(settings.tls_key) if settings.tls_key else None, cert_reqs=ssl.CERT_REQUIRED)
+                client.tls_set(
+                    ca_certs=str(settings.tls_ca) if settings.tls_ca else None,
+                    certfile=str(settings.tls_cert) if settings.tls_cert else None,
+                    keyfile=str(settings.tls_key) if settings.tls_key else None,
+                    cert_reqs=ssl.CERT_REQUIRED,
+                )
             except (ssl.SSLError, OSError) as exc:
                 raise FleetError(f"--tls-*: cannot load the TLS files ({exc})", 2) from None
         client.on_connect = self._on_connect
@@ -169,7 +189,7 @@ class FleetClient:
 
     # ---- connection ------------------------------------------------------------------------------
 
-    def connect(self, timeout: float = CONNECT_TIMEOUT) -> "FleetClient":
+    def connect(self, timeout: float = CONNECT_TIMEOUT) -> FleetClient:
         self.client.connect_timeout = timeout
         try:
             self.client.connect(self.host, self.port, keepalive=30)
@@ -184,8 +204,10 @@ class FleetClient:
         reason = self._connect_reason
         if reason is not None and reason.is_failure:
             self.close()
-            raise FleetError(f"the broker at {self.settings.url} refused the connection: {reason} "
-                             "(check --username, --password-file and the broker's ACL)")
+            raise FleetError(
+                f"the broker at {self.settings.url} refused the connection: {reason} "
+                "(check --username, --password-file and the broker's ACL)"
+            )
         return self
 
     def close(self) -> None:
@@ -252,7 +274,7 @@ class FleetClient:
         head = self.prefix + "/"
         if not topic.startswith(head):
             return None
-        levels = topic[len(head):].split("/")
+        levels = topic[len(head) :].split("/")
         payload: Any = None
         if raw:
             try:
@@ -366,7 +388,10 @@ def describe(state: str, event: dict[str, Any]) -> str:
         variant = f"variant {event['variant']}, " if event.get("variant") else ""
         return f"downloading ({variant}{_mb(event.get('bytes'))}{more})"
     if state == ACTIVE:
-        bits = [f"variant {event['variant']}" if event.get("variant") else "", f"on {event['provider']}" if event.get("provider") else ""]
+        bits = [
+            f"variant {event['variant']}" if event.get("variant") else "",
+            f"on {event['provider']}" if event.get("provider") else "",
+        ]
         detail = " ".join(b for b in bits if b)
         return f"active ({detail})" if detail else "active"
     if state in (REFUSED, ROLLED_BACK):
@@ -379,8 +404,15 @@ def describe(state: str, event: dict[str, Any]) -> str:
 class DeployWatch:
     """The progress of one order on its target devices, fed with the client's messages. Pure logic."""
 
-    def __init__(self, client: FleetClient, order: DeployOrder, topic: str, *, need_health: bool = False,
-                 targets: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        client: FleetClient,
+        order: DeployOrder,
+        topic: str,
+        *,
+        need_health: bool = False,
+        targets: list[str] | None = None,
+    ) -> None:
         self.client, self.order, self.topic, self.need_health = client, order, topic, need_health
         self.fixed = targets
         self.progress: dict[str, Progress] = {}
@@ -441,7 +473,9 @@ class DeployWatch:
             if p.state not in TERMINAL:
                 p.state, p.via = ACTIVE, "health"
                 provider = dev.models().get(self.order.model, {}).get("provider")
-                return [f"{device}: active (health reports {self.order.version}{' on ' + provider if provider else ''})"]
+                return [
+                    f"{device}: active (health reports {self.order.version}{' on ' + provider if provider else ''})"
+                ]
             if first and self.need_health and p.state == ACTIVE:
                 return [f"{device}: healthy (health reports {self.order.version})"]
             return []
@@ -495,7 +529,9 @@ class DeployWatch:
         return lines
 
 
-def follow(client: FleetClient, watch: Any, wait: float, out: TextIO, stop: Callable[[Any], bool] | None = None) -> None:
+def follow(
+    client: FleetClient, watch: Any, wait: float, out: TextIO, stop: Callable[[Any], bool] | None = None
+) -> None:
     """Print progress until the watch is done (or `stop` says so) or `wait` seconds pass."""
     for line in watch.seed():
         _say(out, watch, line)
@@ -526,9 +562,22 @@ def _parse_target(to: str) -> tuple[str, str]:
         raise FleetError(f"--to: {exc}", 2) from None
 
 
-def deploy(settings: BrokerSettings, *, model: str, version: str, to: str, private_key: Any, prefix: str = "edge",
-           canary: int | None = None, wait: float = 300.0, probation: float = 0.0, expires: timedelta = timedelta(days=7),
-           allow_older: bool = False, settle: float = SETTLE, out: TextIO | None = None) -> int:
+def deploy(
+    settings: BrokerSettings,
+    *,
+    model: str,
+    version: str,
+    to: str,
+    private_key: Any,
+    prefix: str = "edge",
+    canary: int | None = None,
+    wait: float = 300.0,
+    probation: float = 0.0,
+    expires: timedelta = timedelta(days=7),
+    allow_older: bool = False,
+    settle: float = SETTLE,
+    out: TextIO | None = None,
+) -> int:
     """Write the order (after a canary run when `canary` is set) and follow it. Returns the exit code."""
     out = out or sys.stdout
     kind, name = _parse_target(to)
@@ -555,12 +604,19 @@ def deploy(settings: BrokerSettings, *, model: str, version: str, to: str, priva
             order = make(to)  # issued after the canaries' orders, so it supersedes them
         topic = client.order_topic(order)
         client.publish_retained(topic, sign_order(order, private_key))
-        print(f"order {order.id}: {model} {version} -> {to} written to {topic} (retained, expires {order.expires:%Y-%m-%d %H:%M}Z)",
-              file=out, flush=True)
+        print(
+            f"order {order.id}: {model} {version} -> {to} written to {topic} (retained, expires {order.expires:%Y-%m-%d %H:%M}Z)",
+            file=out,
+            flush=True,
+        )
         watch = DeployWatch(client, order, topic)
         if kind == "group" and not watch.targets():
-            print(f"no device of group {name!r} is known from the retained status and health topics; "
-                  "the order stays retained for devices of the group that connect", file=out, flush=True)
+            print(
+                f"no device of group {name!r} is known from the retained status and health topics; "
+                "the order stays retained for devices of the group that connect",
+                file=out,
+                flush=True,
+            )
             return 1
         if wait <= 0:
             return 0
@@ -574,23 +630,44 @@ def _verdict(watch: DeployWatch, wait: float, out: TextIO) -> int:
     targets = watch.targets()
     good = [d for d in targets if watch.ok(d)]
     if watch.all_ok():
-        print(f"done: {len(good)}/{len(targets)} device(s) active on {watch.order.model} {watch.order.version}", file=out, flush=True)
+        print(
+            f"done: {len(good)}/{len(targets)} device(s) active on {watch.order.model} {watch.order.version}",
+            file=out,
+            flush=True,
+        )
         return 0
-    print(f"not done: {len(good)}/{len(targets)} device(s) active on {watch.order.model} {watch.order.version}", file=out, flush=True)
+    print(
+        f"not done: {len(good)}/{len(targets)} device(s) active on {watch.order.model} {watch.order.version}",
+        file=out,
+        flush=True,
+    )
     for line in watch.summary(wait):
         print(line, file=out, flush=True)
     return 1
 
 
-def _canary_run(client: FleetClient, group_order: DeployOrder, make: Callable[..., DeployOrder], group: str, n: int,
-                wait: float, probation: float, private_key: Any, out: TextIO) -> int | None:
+def _canary_run(
+    client: FleetClient,
+    group_order: DeployOrder,
+    make: Callable[..., DeployOrder],
+    group: str,
+    n: int,
+    wait: float,
+    probation: float,
+    private_key: Any,
+    out: TextIO,
+) -> int | None:
     """Deploy to n devices of the group first; None to go on with the group order, else the exit code."""
     members = client.group_members(group)
     online = [d for d in members if client.devices[d].state == "online"]
     if not online:
         seen = f" ({len(members)} known, none online)" if members else ""
-        print(f"canary: no online device of group {group!r} is known from the retained status topics{seen}; "
-              "nothing deployed", file=out, flush=True)
+        print(
+            f"canary: no online device of group {group!r} is known from the retained status topics{seen}; "
+            "nothing deployed",
+            file=out,
+            flush=True,
+        )
         return 1
     chosen = online[:n]
     if len(chosen) < n:
@@ -604,8 +681,12 @@ def _canary_run(client: FleetClient, group_order: DeployOrder, make: Callable[..
         client.publish_retained(topic, sign_order(order, private_key))
         written.append(topic)
         watches.append(DeployWatch(client, order, topic, need_health=True, targets=[device]))
-    print(f"canary: {group_order.model} {group_order.version} -> {', '.join(chosen)} (device orders written); "
-          f"waiting up to {wait:g}s for them to report active and healthy", file=out, flush=True)
+    print(
+        f"canary: {group_order.model} {group_order.version} -> {', '.join(chosen)} (device orders written); "
+        f"waiting up to {wait:g}s for them to report active and healthy",
+        file=out,
+        flush=True,
+    )
     combined = _Combined(watches)
     follow(client, combined, wait, out, stop=lambda w: bool(w.failures()))
     failures = combined.failures()
@@ -623,8 +704,11 @@ def _canary_run(client: FleetClient, group_order: DeployOrder, make: Callable[..
             client.publish_retained(topic, b"")
         if failures:
             device, reason = failures[0]
-            print(f"canary failed: {device} {reason}; the canary orders were withdrawn and the group order was not written",
-                  file=out, flush=True)
+            print(
+                f"canary failed: {device} {reason}; the canary orders were withdrawn and the group order was not written",
+                file=out,
+                flush=True,
+            )
         else:
             print("canary failed: not every canary reported active and healthy in time:", file=out, flush=True)
             for line in combined.summary(wait):
@@ -700,8 +784,9 @@ def _order_summary(topic: str, payload: Any) -> dict[str, Any]:
     return out
 
 
-def fleet_state(settings: BrokerSettings, prefix: str = "edge", group: str | None = None,
-                settle: float = SETTLE) -> dict[str, Any]:
+def fleet_state(
+    settings: BrokerSettings, prefix: str = "edge", group: str | None = None, settle: float = SETTLE
+) -> dict[str, Any]:
     client = FleetClient(settings, prefix).connect()
     try:
         client.subscribe(f"{prefix}/+/status", f"{prefix}/+/health", f"{prefix}/+/deploy", f"{prefix}/fleet/+/deploy")
@@ -713,13 +798,22 @@ def fleet_state(settings: BrokerSettings, prefix: str = "edge", group: str | Non
     for dev in sorted(client.devices.values(), key=lambda d: d.id):
         if group is not None and dev.group != group:
             continue
-        devices.append({
-            "device": dev.id, "state": dev.state, "group": dev.group,
-            "models": {k: {f: v.get(f) for f in ("version", "provider", "digest") if f in v} for k, v in dev.models().items()},
-            "providers": dev.providers(), "health_ts": (dev.health or {}).get("ts"),
-            "health_age_s": _age(dev.health_time(), now), "outbox_depth": dev.outbox_depth(),
-            "agent_version": dev.status.get("version"),
-        })
+        devices.append(
+            {
+                "device": dev.id,
+                "state": dev.state,
+                "group": dev.group,
+                "models": {
+                    k: {f: v.get(f) for f in ("version", "provider", "digest") if f in v}
+                    for k, v in dev.models().items()
+                },
+                "providers": dev.providers(),
+                "health_ts": (dev.health or {}).get("ts"),
+                "health_age_s": _age(dev.health_time(), now),
+                "outbox_depth": dev.outbox_depth(),
+                "agent_version": dev.status.get("version"),
+            }
+        )
     orders = [_order_summary(t, p) for t, p in sorted(client.orders.items())]
     if group is not None:
         names = {d["device"] for d in devices}
@@ -735,9 +829,17 @@ def render_status(state: dict[str, Any]) -> str:
     rows = [("DEVICE", "STATE", "GROUP", "MODELS", "PROVIDER", "HEALTH", "OUTBOX")]
     for d in state["devices"]:
         models = ", ".join(f"{k} {v.get('version', '?')}" for k, v in sorted(d["models"].items())) or "-"
-        rows.append((d["device"], d["state"] or "?", d["group"] or "?", models,
-                     ", ".join(_short(p) for p in d["providers"]) or "-", _human_age(d["health_age_s"]),
-                     "-" if d["outbox_depth"] is None else str(d["outbox_depth"])))
+        rows.append(
+            (
+                d["device"],
+                d["state"] or "?",
+                d["group"] or "?",
+                models,
+                ", ".join(_short(p) for p in d["providers"]) or "-",
+                _human_age(d["health_age_s"]),
+                "-" if d["outbox_depth"] is None else str(d["outbox_depth"]),
+            )
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     if len(rows) == 1:
@@ -750,6 +852,8 @@ def render_status(state: dict[str, Any]) -> str:
                 lines.append(f"  {o['topic']}: {o['error']}")
             else:
                 canary = " (canary)" if o.get("canary") else ""
-                lines.append(f"  {o['topic']}: {o['model']} {o['version']} -> {o['target']}{canary}, "
-                             f"issued {o['issued']}, expires {o['expires']}, id {o['id']}")
+                lines.append(
+                    f"  {o['topic']}: {o['model']} {o['version']} -> {o['target']}{canary}, "
+                    f"issued {o['issued']}, expires {o['expires']}, id {o['id']}"
+                )
     return "\n".join(lines)

@@ -24,7 +24,15 @@ import numpy as np
 
 from agent.device import compat
 from agent.models.manifest import (
-    NAME_PATTERN, VERSION_PATTERN, Blob, ChannelPointer, Manifest, ManifestError, TensorSpec, TestVector, Variant,
+    NAME_PATTERN,
+    VERSION_PATTERN,
+    Blob,
+    ChannelPointer,
+    Manifest,
+    ManifestError,
+    TensorSpec,
+    TestVector,
+    Variant,
     parse_manifest,
 )
 from agent.models.signing import load_private_key, sign
@@ -34,11 +42,31 @@ from agent.models.store import sha256_file
 # GPUs, OpenVINO's own rounding), narrow enough that a wrong or damaged model fails.
 TOLERANCES = {"fp32": (1e-3, 1e-3), "fp16": (1e-2, 1e-2), "int8": (5e-2, 5e-2)}
 PRECISION_RANK = {"fp32": 0, "fp16": 1, "int8": 2}
-INT8_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "ConvInteger",
-            "QLinearConv", "QLinearMatMul", "com.microsoft:DynamicQuantizeMatMul", "com.microsoft:QLinearAdd"}
-NP_TYPES = {"float32": np.float32, "float16": np.float16, "float64": np.float64, "int64": np.int64, "int32": np.int32,
-            "int16": np.int16, "int8": np.int8, "uint8": np.uint8, "uint16": np.uint16, "uint32": np.uint32,
-            "uint64": np.uint64, "bool": np.bool_}
+INT8_OPS = {
+    "QuantizeLinear",
+    "DequantizeLinear",
+    "DynamicQuantizeLinear",
+    "MatMulInteger",
+    "ConvInteger",
+    "QLinearConv",
+    "QLinearMatMul",
+    "com.microsoft:DynamicQuantizeMatMul",
+    "com.microsoft:QLinearAdd",
+}
+NP_TYPES = {
+    "float32": np.float32,
+    "float16": np.float16,
+    "float64": np.float64,
+    "int64": np.int64,
+    "int32": np.int32,
+    "int16": np.int16,
+    "int8": np.int8,
+    "uint8": np.uint8,
+    "uint16": np.uint16,
+    "uint32": np.uint32,
+    "uint64": np.uint64,
+    "bool": np.bool_,
+}
 
 
 class PublishError(Exception):
@@ -100,9 +128,13 @@ def synthesize_inputs(inputs: tuple[compat.TensorInfo, ...], seed: int = 0) -> d
     for info in inputs:
         dtype = NP_TYPES.get(info.type)
         if dtype is None or info.shape is None:
-            raise PublishError(f"cannot synthesise a test input for {info.name!r} ({info.type}); give --test-inputs FILE.npz")
-        shape = [d if isinstance(d, int) and d > 0 else (64 if len(info.shape) == 4 and i >= 2 else 1)
-                 for i, d in enumerate(info.shape)]
+            raise PublishError(
+                f"cannot synthesise a test input for {info.name!r} ({info.type}); give --test-inputs FILE.npz"
+            )
+        shape = [
+            d if isinstance(d, int) and d > 0 else (64 if len(info.shape) == 4 and i >= 2 else 1)
+            for i, d in enumerate(info.shape)
+        ]
         if np.issubdtype(dtype, np.floating):
             out[info.name] = rng.random(shape).astype(dtype)
         else:
@@ -149,7 +181,9 @@ def derive_int8(source: Path, out_dir: Path) -> Path:
         quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
         quantize_dynamic(str(prepared), str(target), weight_type=QuantType.QInt8)
     except Exception as exc:  # noqa: BLE001
-        raise PublishError(f"--derive int8 failed: {exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
+        raise PublishError(
+            f"--derive int8 failed: {exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        ) from None
     finally:
         logging.getLogger().setLevel(quiet)
     _drop_unused_domains(target)
@@ -182,8 +216,15 @@ def _existing(root: Path, model: str, version: str) -> Manifest | None:
         raise PublishError(f"the manifest already there is unreadable: {exc}") from None
 
 
-def _variant(root: Path, file: Path, variant_id: str | None, taken: set[str], providers: tuple[str, ...],
-             architectures: tuple[str, ...], precision: str | None) -> tuple[Variant, compat.ModelSummary]:
+def _variant(
+    root: Path,
+    file: Path,
+    variant_id: str | None,
+    taken: set[str],
+    providers: tuple[str, ...],
+    architectures: tuple[str, ...],
+    precision: str | None,
+) -> tuple[Variant, compat.ModelSummary]:
     try:
         summary = compat.summarize(file)
     except compat.ModelFormatError as exc:
@@ -197,10 +238,16 @@ def _variant(root: Path, file: Path, variant_id: str | None, taken: set[str], pr
         raise PublishError(f"variant id {variant_id!r} is not a name (letters, digits, _ . -)")
     blob = put_blob(root, file)
     variant = Variant(
-        id=variant_id, blob=blob, format="onnx", ir_version=header.ir_version, opsets=dict(sorted(header.opsets.items())),
+        id=variant_id,
+        blob=blob,
+        format="onnx",
+        ir_version=header.ir_version,
+        opsets=dict(sorted(header.opsets.items())),
         inputs=tuple(TensorSpec(name=i.name, type=i.type, shape=i.shape) for i in summary.inputs),
         outputs=tuple(TensorSpec(name=o.name, type=o.type, shape=o.shape) for o in summary.outputs),
-        precision=precision, providers=providers, architectures=architectures,
+        precision=precision,
+        providers=providers,
+        architectures=architectures,
         min_runtime=compat.min_runtime(header.ir_version, header.opsets),
     )
     return variant, summary
@@ -236,7 +283,9 @@ def publish(
     if not re.match(NAME_PATTERN, model):
         raise PublishError(f"model {model!r} is not a name (letters, digits, _ . -; up to 64)")
     if not re.match(VERSION_PATTERN, version):
-        raise PublishError(f"version {version!r} is not a version name (letters, digits, _ . - +; not starting with a dot)")
+        raise PublishError(
+            f"version {version!r} is not a version name (letters, digits, _ . - +; not starting with a dot)"
+        )
     if channel is not None and not re.match(NAME_PATTERN, channel):
         raise PublishError(f"channel {channel!r} is not a name")
     if not file.is_file():
@@ -287,8 +336,10 @@ def publish(
             try:
                 expected = run_cpu(path, feeds)
             except Exception as exc:  # noqa: BLE001 (onnxruntime's errors derive from Exception only)
-                raise PublishError(f"{path.name}: cannot compute test vectors with onnxruntime "
-                                   f"({str(exc).splitlines()[0][:200]}); give --test-inputs FILE.npz, or --no-tests for custom ops") from None
+                raise PublishError(
+                    f"{path.name}: cannot compute test vectors with onnxruntime "
+                    f"({str(exc).splitlines()[0][:200]}); give --test-inputs FILE.npz, or --no-tests for custom ops"
+                ) from None
             if reference is None:
                 reference = expected
             else:
@@ -298,9 +349,12 @@ def publish(
                     notes.append(f"variant {variant.id}: outputs differ from {files[0][0].name} by up to {diff:.3g}")
             default_rtol, default_atol = TOLERANCES[variant.precision]
             tests[f"{variant.id}-0"] = TestVector(
-                name=f"{variant.id}-0", variant=variant.id, inputs=put_blob(root, npz_bytes(feeds)),
+                name=f"{variant.id}-0",
+                variant=variant.id,
+                inputs=put_blob(root, npz_bytes(feeds)),
                 expected=put_blob(root, npz_bytes(expected)),
-                rtol=rtol if rtol is not None else default_rtol, atol=atol if atol is not None else default_atol,
+                rtol=rtol if rtol is not None else default_rtol,
+                atol=atol if atol is not None else default_atol,
             )
 
     ordered = tuple(sorted(variants.values(), key=_rank))
@@ -308,9 +362,15 @@ def publish(
     metadata = dict(old.metadata) if old else {}
     metadata.update({k: v[:1024] for k, v in list(compat.read_header(file).metadata.items())[:32]})
     manifest = Manifest(
-        schema=1, model=model, version=version, created=old.created if old else now,
-        expires=now + timedelta(days=expires_days), variants=ordered,
-        tests=tuple(sorted(tests.values(), key=lambda t: t.name)), labels=labels_blob, metadata=metadata,
+        schema=1,
+        model=model,
+        version=version,
+        created=old.created if old else now,
+        expires=now + timedelta(days=expires_days),
+        variants=ordered,
+        tests=tuple(sorted(tests.values(), key=lambda t: t.name)),
+        labels=labels_blob,
+        metadata=metadata,
     )
     write_signed(root / "models" / model / version / "manifest.json", manifest.to_bytes(), private)
     if channel:
@@ -318,11 +378,20 @@ def publish(
     return Published(manifest, made[0], tuple(made[1:]), tuple(notes))
 
 
-def move_channel(root: Path, model: str, channel: str, version: str, private: Any,
-                 expires_days: float = 365.0, now: datetime | None = None) -> ChannelPointer:
+def move_channel(
+    root: Path,
+    model: str,
+    channel: str,
+    version: str,
+    private: Any,
+    expires_days: float = 365.0,
+    now: datetime | None = None,
+) -> ChannelPointer:
     if not (root / "models" / model / version / "manifest.json").exists():
         raise PublishError(f"{model} {version} is not published in {root}")
     now = now or datetime.now(timezone.utc).replace(microsecond=0)
-    pointer = ChannelPointer(model=model, channel=channel, version=version, updated=now, expires=now + timedelta(days=expires_days))
+    pointer = ChannelPointer(
+        model=model, channel=channel, version=version, updated=now, expires=now + timedelta(days=expires_days)
+    )
     write_signed(root / "channels" / model / f"{channel}.json", pointer.to_bytes(), private)
     return pointer

@@ -30,16 +30,28 @@ class Sample:
     summary: str
 
 
-RAPIDOCR = Wheel("rapidocr-onnxruntime==1.4.4", "rapidocr_onnxruntime-1.4.4-py3-none-any.whl",
-                 "971d7d5f223a7a808662229df1ef69893809d8457d834e6373d3854bc1782cbf")
-SILERO = Wheel("silero-vad==6.2.3", "silero_vad-6.2.3-py3-none-any.whl",
-               "7b7f5436cfcb02fae583a05b512ea96467fd449fe54cb49a5e4f06c51a1e43b8")
+RAPIDOCR = Wheel(
+    "rapidocr-onnxruntime==1.4.4",
+    "rapidocr_onnxruntime-1.4.4-py3-none-any.whl",
+    "971d7d5f223a7a808662229df1ef69893809d8457d834e6373d3854bc1782cbf",
+)
+SILERO = Wheel(
+    "silero-vad==6.2.3",
+    "silero_vad-6.2.3-py3-none-any.whl",
+    "7b7f5436cfcb02fae583a05b512ea96467fd449fe54cb49a5e4f06c51a1e43b8",
+)
 
 SAMPLES = {
-    "ppocr-det": Sample(RAPIDOCR, "rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx",
-                        "PP-OCRv4 text detector (IR 8, opset 12): x float32 [N,3,H,W] -> probability map [N,1,H,W]"),
-    "ppocr-cls": Sample(RAPIDOCR, "rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx",
-                        "PP-OCR text orientation classifier (2 classes)"),
+    "ppocr-det": Sample(
+        RAPIDOCR,
+        "rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx",
+        "PP-OCRv4 text detector (IR 8, opset 12): x float32 [N,3,H,W] -> probability map [N,1,H,W]",
+    ),
+    "ppocr-cls": Sample(
+        RAPIDOCR,
+        "rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx",
+        "PP-OCR text orientation classifier (2 classes)",
+    ),
     "silero-vad": Sample(SILERO, "silero_vad/data/silero_vad.onnx", "Silero VAD, opset 16"),
     "silero-vad-op15": Sample(SILERO, "silero_vad/data/silero_vad_16k_op15.onnx", "Silero VAD 16 kHz, opset 15"),
     "silero-vad-op18": Sample(SILERO, "silero_vad/data/silero_vad_op18_ifless.onnx", "Silero VAD, opset 18, IR 10"),
@@ -47,7 +59,9 @@ SAMPLES = {
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("EDGE_AGENT_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"), "edge-agent")
+    root = os.environ.get("EDGE_AGENT_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"), "edge-agent"
+    )
     return Path(root) / "samples"
 
 
@@ -69,9 +83,22 @@ def fetch_wheel(wheel: Wheel, quiet: bool = False) -> Path:
         if not quiet:
             print(f"downloading {wheel.requirement} (sample models) ...", file=sys.stderr, flush=True)
         subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check",
-             "--progress-bar", "off" if quiet else "on", "-d", tmp, wheel.requirement],
-            check=True, stdout=subprocess.DEVNULL if quiet else sys.stderr,
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--only-binary=:all:",
+                "--disable-pip-version-check",
+                "--progress-bar",
+                "off" if quiet else "on",
+                "-d",
+                tmp,
+                wheel.requirement,
+            ],
+            check=True,
+            stdout=subprocess.DEVNULL if quiet else sys.stderr,
         )
         got = Path(tmp) / wheel.filename
         actual = _sha256(got)

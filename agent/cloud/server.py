@@ -40,17 +40,17 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None | bool:
 
 
 class RegistryHandler(BaseHTTPRequestHandler):
-    server: "RegistryHTTPServer"
+    server: RegistryHTTPServer
     protocol_version = "HTTP/1.1"
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (the base class's name)
         if not self.server.quiet:
             super().log_message(format, *args)
 
-    def do_HEAD(self) -> None:  # noqa: N802 (http.server's naming)
+    def do_HEAD(self) -> None:  # http.server's naming
         self._serve(body=False)
 
-    def do_GET(self) -> None:  # noqa: N802
+    def do_GET(self) -> None:
         self._serve(body=True)
 
     def resolve(self) -> Path | None:
@@ -89,7 +89,9 @@ class RegistryHandler(BaseHTTPRequestHandler):
         size = stat.st_size
         span = parse_range(self.headers.get("Range"), size)
         if span is False:
-            self._status_only(HTTPStatus.REQUESTED_RANGE_NOT_SATISFIABLE, {**common, "Content-Range": f"bytes */{size}"})
+            self._status_only(
+                HTTPStatus.REQUESTED_RANGE_NOT_SATISFIABLE, {**common, "Content-Range": f"bytes */{size}"}
+            )
             return
         start, end = span if span else (0, size - 1)
         self.send_response(HTTPStatus.PARTIAL_CONTENT if span else HTTPStatus.OK)
@@ -136,8 +138,15 @@ class RegistryHTTPServer(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self, root: Path, host: str = "127.0.0.1", port: int = 0, throttle_bps: float | None = None,
-                 quiet: bool = True, handler: type[RegistryHandler] = RegistryHandler) -> None:
+    def __init__(
+        self,
+        root: Path,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        throttle_bps: float | None = None,
+        quiet: bool = True,
+        handler: type[RegistryHandler] = RegistryHandler,
+    ) -> None:
         self.root = Path(root).resolve()
         self.throttle_bps = throttle_bps
         self.quiet = quiet
@@ -152,12 +161,20 @@ class RegistryHTTPServer(ThreadingHTTPServer):
 
     def record(self, handler: RegistryHandler) -> None:
         with self._lock:
-            self.requests.append({"method": handler.command, "path": urlsplit(handler.path).path,
-                                  "range": handler.headers.get("Range"), "if_none_match": handler.headers.get("If-None-Match")})
+            self.requests.append(
+                {
+                    "method": handler.command,
+                    "path": urlsplit(handler.path).path,
+                    "range": handler.headers.get("Range"),
+                    "if_none_match": handler.headers.get("If-None-Match"),
+                }
+            )
 
-    def start(self) -> "RegistryHTTPServer":
+    def start(self) -> RegistryHTTPServer:
         """Serve in a background thread (tests, the demo)."""
-        threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.05}, name="registry-http", daemon=True).start()
+        threading.Thread(
+            target=self.serve_forever, kwargs={"poll_interval": 0.05}, name="registry-http", daemon=True
+        ).start()
         return self
 
     def stop(self) -> None:

@@ -10,9 +10,10 @@ from __future__ import annotations
 import difflib
 import types
 import typing
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import annotated_types
 from pydantic import BaseModel, SecretStr, ValidationError
@@ -133,7 +134,14 @@ def _describe_type(tp: Any) -> str:
         return "a list"
     if origin is dict:
         return "a mapping"
-    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string", Path: "a path", SecretStr: "a string"}
+    names = {
+        bool: "true or false",
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        Path: "a path",
+        SecretStr: "a string",
+    }
     if tp in names:
         return names[tp]
     if isinstance(tp, type) and issubclass(tp, BaseModel):
@@ -146,7 +154,9 @@ def _bounds(field: FieldInfo) -> str:
     for meta in field.metadata:
         for attr, op in (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<=")):
             value = getattr(meta, attr, None)
-            if value is not None and isinstance(meta, (annotated_types.Gt, annotated_types.Ge, annotated_types.Lt, annotated_types.Le)):
+            if value is not None and isinstance(
+                meta, (annotated_types.Gt, annotated_types.Ge, annotated_types.Lt, annotated_types.Le)
+            ):
                 words.append(f"{op} {value}")
     return " and ".join(words)
 
@@ -154,7 +164,9 @@ def _bounds(field: FieldInfo) -> str:
 def expectation(field: FieldInfo | None) -> str:
     if field is None:
         return "a valid value"
-    if field.metadata and any(getattr(m, "func", None) and "duration" in getattr(m.func, "__name__", "") for m in field.metadata):
+    if field.metadata and any(
+        getattr(m, "func", None) and "duration" in getattr(m.func, "__name__", "") for m in field.metadata
+    ):
         base = "a duration like 30s or 5min"
     else:
         base = _describe_annotation(field)
@@ -203,7 +215,11 @@ def issues_from_validation(
             allowed = f"; expected one of: {', '.join(known)}" if known and not hint else ""
             message = f"unknown key{hint}{allowed}"
         elif kind == "missing":
-            what = resolved.field.description if resolved.field and resolved.field.description else expectation(resolved.field)
+            what = (
+                resolved.field.description
+                if resolved.field and resolved.field.description
+                else expectation(resolved.field)
+            )
             message = f"required key missing: {what}"
         elif kind in ("union_tag_invalid", "union_tag_not_found"):
             tags = [t.strip(" '") for t in str(ctx.get("expected_tags", "")).split(",") if t.strip()]

@@ -7,20 +7,21 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Callable, Literal, Union
+from typing import Annotated, Any, Literal, Union
 from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, ValidationInfo, WithJsonSchema, field_validator, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from agent.config.base import ProfilePath, Strict
-from agent.inference.processing.post import POSTPROCESSORS
 from agent.config.errors import PATTERN_WORDS, Issue, ProfileError, did_you_mean, format_path, issues_from_validation
-from agent.inference.processing.pre import PreprocessConfig
-from agent.inference.sources import SOURCES
 from agent.config.units import Duration, Size
 from agent.config.yamldoc import YamlDoc, YamlSyntaxError, expand_env, read_yaml
+from agent.inference.processing.post import POSTPROCESSORS
+from agent.inference.processing.pre import PreprocessConfig
+from agent.inference.sources import SOURCES
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 TOPIC_PREFIX_PATTERN = r"^[^#+\s]+$"
@@ -55,15 +56,21 @@ KNOWN_PROVIDERS = tuple(sorted(set(PROVIDER_ALIASES.values())))
 
 
 class DeviceConfig(Strict):
-    id: str = Field(pattern=NAME_PATTERN, description="this device's name in topics and the fleet (letters, digits, _ . -)")
+    id: str = Field(
+        pattern=NAME_PATTERN, description="this device's name in topics and the fleet (letters, digits, _ . -)"
+    )
     group: str = Field("default", pattern=NAME_PATTERN, description="the fleet group deployments target")
     state_dir: ProfilePath = Field(Path("/var/lib/edge-agent"), description="models, outbox and caches live here")
 
 
 class ProbationConfig(Strict):
-    duration: Duration = Field(120.0, ge=0, description="how long a new version is watched after activation; 0 turns probation off")
+    duration: Duration = Field(
+        120.0, ge=0, description="how long a new version is watched after activation; 0 turns probation off"
+    )
     # 2x, not less: p95s taken minutes apart on a shared CPU differ by 1.6x with the same weights (measured).
-    max_latency_ratio: float = Field(2.0, gt=1, description="roll back when inference p95 exceeds the previous version's by this factor")
+    max_latency_ratio: float = Field(
+        2.0, gt=1, description="roll back when inference p95 exceeds the previous version's by this factor"
+    )
     max_error_rate: float = Field(0.05, ge=0, le=1, description="roll back when this share of inferences fails")
     min_inferences: int = Field(20, ge=1, description="inferences needed before latency is judged")
 
@@ -73,8 +80,12 @@ class RegistryConfig(Strict):
     public_key: ProfilePath = Field(description="the registry's ed25519 public key (PEM) that signs manifests")
     poll_interval: Duration = Field(300.0, gt=0, description="how often channels are checked for new versions")
     timeout: Duration = Field(30.0, gt=0, description="network timeout per request")
-    keep_versions: int = Field(3, ge=2, description="versions of each model kept on disk (the active one and rollbacks)")
-    probation: ProbationConfig = Field(default_factory=ProbationConfig, description="health-gated rollback after an update")
+    keep_versions: int = Field(
+        3, ge=2, description="versions of each model kept on disk (the active one and rollbacks)"
+    )
+    probation: ProbationConfig = Field(
+        default_factory=ProbationConfig, description="health-gated rollback after an update"
+    )
 
     @field_validator("url")
     @classmethod
@@ -91,7 +102,7 @@ class TlsConfig(Strict):
     key: ProfilePath | None = Field(None, description="the client certificate's private key (PEM)")
 
     @model_validator(mode="after")
-    def _pair(self) -> "TlsConfig":
+    def _pair(self) -> TlsConfig:
         if (self.cert is None) != (self.key is None):
             raise ValueError("cert and key go together: set both for mutual TLS, or neither")
         return self
@@ -104,7 +115,9 @@ class OutboxConfig(Strict):
 
 class MqttConfig(Strict):
     url: str = Field(description="the broker: mqtt://host[:port] or mqtts://host[:port]")
-    client_id: str | None = Field(None, min_length=1, max_length=128, description="MQTT client id; the device id when unset")
+    client_id: str | None = Field(
+        None, min_length=1, max_length=128, description="MQTT client id; the device id when unset"
+    )
     username: str | None = Field(None, min_length=1, description="user name for the broker")
     password: SecretStr | None = Field(None, description="password; write ${ENV_VAR} rather than the secret itself")
     password_file: ProfilePath | None = Field(None, description="a file holding the password")
@@ -113,7 +126,9 @@ class MqttConfig(Strict):
     protocol: Literal["auto", "5", "3.1.1"] = Field("auto", description="MQTT version; auto tries 5 then 3.1.1")
     keepalive: Duration = Field(60.0, ge=5, description="keepalive interval")
     qos: Literal[0, 1] = Field(1, description="default QoS for results")
-    outbox: OutboxConfig = Field(default_factory=OutboxConfig, description="the durable queue between producers and the broker")
+    outbox: OutboxConfig = Field(
+        default_factory=OutboxConfig, description="the durable queue between producers and the broker"
+    )
 
     @field_validator("url")
     @classmethod
@@ -128,10 +143,12 @@ class MqttConfig(Strict):
         return value
 
     @model_validator(mode="after")
-    def _cross_checks(self) -> "MqttConfig":
+    def _cross_checks(self) -> MqttConfig:
         problems: list[tuple[tuple[str | int, ...], str]] = []
         if self.secure and (self.tls is None or self.tls.ca is None):
-            problems.append((("url",), "url is mqtts:// but tls.ca is not set; give the CA that signed the broker's certificate"))
+            problems.append(
+                (("url",), "url is mqtts:// but tls.ca is not set; give the CA that signed the broker's certificate")
+            )
         if not self.secure and self.tls is not None:
             problems.append((("tls",), "tls is set but url is mqtt://; use mqtts:// to connect with TLS"))
         if self.password is not None and self.password_file is not None:
@@ -186,10 +203,19 @@ _PROVIDERS_SCHEMA = {
             "items": {
                 "anyOf": [
                     _PROVIDER_NAME,
-                    {"type": "object", "minProperties": 1, "maxProperties": 1,
-                     "propertyNames": _PROVIDER_NAME, "additionalProperties": {"anyOf": [_PROVIDER_OPTIONS, {"type": "null"}]}},
-                    {"type": "object", "required": ["name"], "additionalProperties": False,
-                     "properties": {"name": _PROVIDER_NAME, "options": _PROVIDER_OPTIONS}},
+                    {
+                        "type": "object",
+                        "minProperties": 1,
+                        "maxProperties": 1,
+                        "propertyNames": _PROVIDER_NAME,
+                        "additionalProperties": {"anyOf": [_PROVIDER_OPTIONS, {"type": "null"}]},
+                    },
+                    {
+                        "type": "object",
+                        "required": ["name"],
+                        "additionalProperties": False,
+                        "properties": {"name": _PROVIDER_NAME, "options": _PROVIDER_OPTIONS},
+                    },
                 ]
             },
         },
@@ -201,13 +227,19 @@ _PROVIDERS_SCHEMA = {
 
 class RuntimeConfig(Strict):
     providers: Annotated[Literal["auto"] | tuple[ProviderChoice, ...], WithJsonSchema(_PROVIDERS_SCHEMA)] = Field(
-        "auto", description="auto (ranked from the hardware) or an ordered list of providers, each optionally with options"
+        "auto",
+        description="auto (ranked from the hardware) or an ordered list of providers, each optionally with options",
     )
-    threads: Literal["auto"] | int = Field("auto", description="intra-op threads: auto (physical cores) or a number > 0")
-    autotune: bool = Field(False, description="time each usable provider and thread count on the model and keep the fastest")
+    threads: Literal["auto"] | int = Field(
+        "auto", description="intra-op threads: auto (physical cores) or a number > 0"
+    )
+    autotune: bool = Field(
+        False, description="time each usable provider and thread count on the model and keep the fastest"
+    )
     require_accelerator: bool = Field(False, description="fail instead of falling back to the CPU provider")
     http: str | None = Field(
-        None, pattern=HTTP_ADDRESS_PATTERN,
+        None,
+        pattern=HTTP_ADDRESS_PATTERN,
         description="host:port to serve /healthz, /metrics and a status page on, e.g. 127.0.0.1:8790; off when unset",
     )
 
@@ -252,7 +284,11 @@ class RuntimeConfig(Strict):
 
 class HealthConfig(Strict):
     interval: Duration = Field(30.0, gt=0, description="how often health is published (and on every change)")
-    stuck_after: Duration = Field(60.0, gt=0, description="one inference running longer than this counts as stuck: the systemd watchdog stops being fed")
+    stuck_after: Duration = Field(
+        60.0,
+        gt=0,
+        description="one inference running longer than this counts as stuck: the systemd watchdog stops being fed",
+    )
 
 
 class BatchConfig(Strict):
@@ -278,10 +314,16 @@ class PipelineConfig(Strict):
     version: str | None = Field(None, min_length=1, description="pin this version instead of following the channel")
     source: SourceConfig
     preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig, description="steps before inference")
-    postprocess: PostprocessConfig = Field(default_factory=lambda: POSTPROCESSORS["raw"].Config(), description="steps after inference")
+    postprocess: PostprocessConfig = Field(
+        default_factory=lambda: POSTPROCESSORS["raw"].Config(), description="steps after inference"
+    )
     rate: float | None = Field(None, gt=0, description="most inferences per second; every frame or window when unset")
-    inputs: dict[str, Scalar | tuple[Scalar, ...]] = Field(default_factory=dict, description="constant inputs beside the stream")
-    state: dict[str, str] = Field(default_factory=dict, description="recurrent state: input name <- previous step's output name")
+    inputs: dict[str, Scalar | tuple[Scalar, ...]] = Field(
+        default_factory=dict, description="constant inputs beside the stream"
+    )
+    state: dict[str, str] = Field(
+        default_factory=dict, description="recurrent state: input name <- previous step's output name"
+    )
     qos: Literal[0, 1] | None = Field(None, description="QoS for this pipeline's results; mqtt.qos when unset")
     batch: BatchConfig = Field(default_factory=BatchConfig, description="send several results in one message")
     enabled: bool = Field(True, description="start this pipeline with the daemon")
@@ -300,7 +342,7 @@ class PipelineConfig(Strict):
         return os.path.expanduser(value) if _looks_like_path(value) else value
 
     @model_validator(mode="after")
-    def _check(self) -> "PipelineConfig":
+    def _check(self) -> PipelineConfig:
         if self.model_is_file and self.version is not None:
             raise ValueError(f"pipeline {self.name!r}: version pins a registry model, but model is a file path")
         clash = set(self.inputs) & set(self.state)
@@ -333,7 +375,7 @@ class Profile(Strict):
 
     @model_validator(mode="wrap")
     @classmethod
-    def _cross_checks(cls, data: Any, handler: Callable[[Any], "Profile"]) -> "Profile":
+    def _cross_checks(cls, data: Any, handler: Callable[[Any], Profile]) -> Profile:
         # Checks across sections run on the raw document, so that they are reported together with
         # field errors elsewhere instead of only once every field is valid.
         problems = _cross_field_problems(data) if isinstance(data, dict) else []
@@ -342,9 +384,15 @@ class Profile(Strict):
         except ValidationError as exc:
             if not problems:
                 raise
-            details = [InitErrorDetails(type=PydanticCustomError(e["type"], e["msg"], e.get("ctx")), loc=e["loc"], input=e["input"])
-                       for e in exc.errors(include_url=False)]
-            raise ValidationError.from_exception_data(cls.__name__, details + [_problems_error(problems, data)]) from None
+            details = [
+                InitErrorDetails(
+                    type=PydanticCustomError(e["type"], e["msg"], e.get("ctx")), loc=e["loc"], input=e["input"]
+                )
+                for e in exc.errors(include_url=False)
+            ]
+            raise ValidationError.from_exception_data(
+                cls.__name__, details + [_problems_error(problems, data)]
+            ) from None
         raise_problems(problems)
         return profile
 
@@ -362,11 +410,13 @@ def _cross_field_problems(data: dict[str, Any]) -> list[tuple[tuple[str | int, .
                 problems.append((("pipelines", i, "name"), f"two pipelines are named {name!r}; names must be unique"))
             seen.add(name)
         if isinstance(model, str) and model and not _looks_like_path(model) and not data.get("registry"):
-            problems.append((
-                ("pipelines", i, "model"),
-                f"pipeline {name!r}: model {model!r} is a registry name, but the profile has no registry section "
-                "(give a path to an .onnx file, or add registry)",
-            ))
+            problems.append(
+                (
+                    ("pipelines", i, "model"),
+                    f"pipeline {name!r}: model {model!r} is a registry name, but the profile has no registry section "
+                    "(give a path to an .onnx file, or add registry)",
+                )
+            )
         if isinstance(source, dict) and source.get("type") == "mqtt" and not data.get("mqtt"):
             problems.append((("pipelines", i, "source"), f"pipeline {name!r}: an mqtt source needs the mqtt section"))
     return problems
@@ -377,7 +427,9 @@ def _problems_error(problems: list[tuple[tuple[str | int, ...], str]], data: Any
 
 
 def _problems(problems: list[tuple[tuple[str | int, ...], str]]) -> PydanticCustomError:
-    return PydanticCustomError("cross_field", "{count} problem(s) across fields", {"count": len(problems), "problems": problems})
+    return PydanticCustomError(
+        "cross_field", "{count} problem(s) across fields", {"count": len(problems), "problems": problems}
+    )
 
 
 def raise_problems(problems: list[tuple[tuple[str | int, ...], str]]) -> None:
@@ -402,13 +454,20 @@ def load_profile(path: str | Path, environ: dict[str, str] | None = None) -> Pro
 
 
 def validate_document(doc: YamlDoc, name: str, base_dir: Path, environ: dict[str, str] | None = None) -> Profile:
-    issues = [Issue(name, line, format_path(p), "duplicate key; each key may appear once") for p, line in doc.duplicates]
+    issues = [
+        Issue(name, line, format_path(p), "duplicate key; each key may appear once") for p, line in doc.duplicates
+    ]
     if not isinstance(doc.data, dict):
         got = "an empty file" if doc.data is None else f"a {type(doc.data).__name__}"
-        raise ProfileError(issues + [Issue(name, 1, "", f"expected a mapping of profile sections (device, mqtt, pipelines, ...), got {got}")])
+        raise ProfileError(
+            issues
+            + [Issue(name, 1, "", f"expected a mapping of profile sections (device, mqtt, pipelines, ...), got {got}")]
+        )
     expanded = expand_env(doc.data, environ)
     for key_path, var in expanded.missing:
-        issues.append(Issue(name, doc.line_of(key_path), format_path(key_path), f"environment variable {var} is not set"))
+        issues.append(
+            Issue(name, doc.line_of(key_path), format_path(key_path), f"environment variable {var} is not set")
+        )
     try:
         profile = Profile.model_validate(expanded.data, context={"base_dir": base_dir})
     except ValidationError as exc:

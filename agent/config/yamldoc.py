@@ -112,6 +112,7 @@ def expand_env(data: Any, environ: dict[str, str] | None = None) -> Expanded:
         if isinstance(value, list):
             return [walk(v, path + (i,)) for i, v in enumerate(value)]
         if isinstance(value, str) and "${" in value:
+
             def sub(match: re.Match[str]) -> str:
                 name, default = match.group(1), match.group(2)
                 if name in env:

@@ -15,23 +15,30 @@ import os
 import statistics
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 
-from agent.transport.events import Event, EventSink, log_event
 from agent.device.hardware import Probe
-from agent.device.providers import Candidate, why_not, build_session, model_digest, one_line, verify
+from agent.device.providers import Candidate, build_session, model_digest, one_line, verify, why_not
+from agent.transport.events import Event, EventSink, log_event
 
 log = logging.getLogger(__name__)
 
 ONNX_DTYPES = {
-    "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
-    "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int16)": np.int16, "tensor(int8)": np.int8,
-    "tensor(uint8)": np.uint8, "tensor(bool)": np.bool_,
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(double)": np.float64,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+    "tensor(int16)": np.int16,
+    "tensor(int8)": np.int8,
+    "tensor(uint8)": np.uint8,
+    "tensor(bool)": np.bool_,
 }
 # A symbolic dimension other than the batch gets this size: a multiple of 32, which strided CNNs need.
 DEFAULT_DIM = 224
@@ -73,9 +80,17 @@ class Trial:
         return 1000.0 / mean if mean else 0.0
 
     def summary(self) -> dict[str, Any]:
-        return {"label": self.label, "provider": self.provider, "threads": self.threads, "verified": self.verified,
-                "runs": len(self.latencies_ms), "p50_ms": _round(self.p50_ms), "p95_ms": _round(self.p95_ms),
-                "throughput": _round(self.throughput), "error": self.error}
+        return {
+            "label": self.label,
+            "provider": self.provider,
+            "threads": self.threads,
+            "verified": self.verified,
+            "runs": len(self.latencies_ms),
+            "p50_ms": _round(self.p50_ms),
+            "p95_ms": _round(self.p95_ms),
+            "throughput": _round(self.throughput),
+            "error": self.error,
+        }
 
 
 @dataclass(frozen=True)
@@ -92,7 +107,9 @@ def _round(x: float) -> float | None:
     return None if x != x else round(x, 3)  # NaN is not JSON
 
 
-def synth_inputs(session: ort.InferenceSession, dims: dict[str, int] | None = None, seed: int = 0) -> dict[str, np.ndarray]:
+def synth_inputs(
+    session: ort.InferenceSession, dims: dict[str, int] | None = None, seed: int = 0
+) -> dict[str, np.ndarray]:
     """Inputs shaped from the model's signature: symbolic batch 1, other symbolic dims `dims` or 224."""
     rng = np.random.default_rng(seed)
     out: dict[str, np.ndarray] = {}
@@ -118,7 +135,12 @@ def cpu_bound(candidate: Candidate) -> bool:
     build per thread count would cost minutes and measure nothing)."""
     if candidate.provider == "OpenVINOExecutionProvider":
         return candidate.options.get("device_type", "CPU").startswith("CPU")
-    return candidate.provider in ("CPUExecutionProvider", "XnnpackExecutionProvider", "ACLExecutionProvider", "ArmNNExecutionProvider")
+    return candidate.provider in (
+        "CPUExecutionProvider",
+        "XnnpackExecutionProvider",
+        "ACLExecutionProvider",
+        "ArmNNExecutionProvider",
+    )
 
 
 def thread_options(probe: Probe) -> list[int]:
@@ -188,8 +210,12 @@ def measure(
                 progress(done, total, f"timing {candidate.label} x{threads}")
     if progress:
         progress(total, total, "done")
-    return [Trial(label=c.label, provider=c.provider, threads=t, verified=v, latencies_ms=tuple(latencies[i]), error=errors[i])
-            for i, (c, t, _, v, _) in enumerate(sessions)]
+    return [
+        Trial(
+            label=c.label, provider=c.provider, threads=t, verified=v, latencies_ms=tuple(latencies[i]), error=errors[i]
+        )
+        for i, (c, t, _, v, _) in enumerate(sessions)
+    ]
 
 
 def cache_path(state_dir: Path, digest: str, probe: Probe) -> Path:
@@ -228,8 +254,17 @@ def tune(
     best = min(good, key=lambda t: t.p50_ms)
     choice = Choice(best.label, best.threads, best.p50_ms, path.stem, False, tuple(t.summary() for t in trials))
     _write_cache(path, choice, digest, probe)
-    emit(Event("provider.autotuned", {"provider": best.label, "threads": best.threads, "p50_ms": _round(best.p50_ms),
-                                      "trials": [t.summary() for t in trials]}))
+    emit(
+        Event(
+            "provider.autotuned",
+            {
+                "provider": best.label,
+                "threads": best.threads,
+                "p50_ms": _round(best.p50_ms),
+                "trials": [t.summary() for t in trials],
+            },
+        )
+    )
     return choice
 
 
@@ -238,15 +273,22 @@ def _read_cache(path: Path) -> Choice | None:
         data = json.loads(path.read_text())
         if data.get("version") != CACHE_VERSION:
             return None
-        return Choice(data["label"], int(data["threads"]), float(data["p50_ms"]), path.stem, True, tuple(data.get("trials", ())))
+        return Choice(
+            data["label"], int(data["threads"]), float(data["p50_ms"]), path.stem, True, tuple(data.get("trials", ()))
+        )
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
 
 def _write_cache(path: Path, choice: Choice, digest: str, probe: Probe) -> None:
-    data = {"version": CACHE_VERSION, "model_sha256": digest, "fingerprint": probe.fingerprint(),
-            "onnxruntime": probe.runtime.version, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            **{k: v for k, v in asdict(choice).items() if k not in ("key", "cached")}}
+    data = {
+        "version": CACHE_VERSION,
+        "model_sha256": digest,
+        "fingerprint": probe.fingerprint(),
+        "onnxruntime": probe.runtime.version,
+        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **{k: v for k, v in asdict(choice).items() if k not in ("key", "cached")},
+    }
     path.parent.mkdir(parents=True, exist_ok=True)
     # Written whole or not at all: a torn cache file would pin a wrong choice.
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")

@@ -17,10 +17,11 @@ import platform
 import re
 import struct
 from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterator
+from typing import BinaryIO
 
 AI_ONNX = "ai.onnx"
 AI_ONNX_ML = "ai.onnx.ml"
@@ -46,10 +47,29 @@ RUNTIME_TABLE: tuple[tuple[tuple[int, int], int, int, int], ...] = (
 BUILTIN_DOMAINS = {"com.microsoft": 1, "com.microsoft.nchwc": 1, "ai.onnx.preview.training": 1}
 
 ELEM_TYPES = {
-    1: "float32", 2: "uint8", 3: "int8", 4: "uint16", 5: "int16", 6: "int32", 7: "int64", 8: "string",
-    9: "bool", 10: "float16", 11: "float64", 12: "uint32", 13: "uint64", 14: "complex64", 15: "complex128",
-    16: "bfloat16", 17: "float8e4m3fn", 18: "float8e4m3fnuz", 19: "float8e5m2", 20: "float8e5m2fnuz",
-    21: "uint4", 22: "int4", 23: "float4e2m1",
+    1: "float32",
+    2: "uint8",
+    3: "int8",
+    4: "uint16",
+    5: "int16",
+    6: "int32",
+    7: "int64",
+    8: "string",
+    9: "bool",
+    10: "float16",
+    11: "float64",
+    12: "uint32",
+    13: "uint64",
+    14: "complex64",
+    15: "complex128",
+    16: "bfloat16",
+    17: "float8e4m3fn",
+    18: "float8e4m3fnuz",
+    19: "float8e5m2",
+    20: "float8e5m2fnuz",
+    21: "uint4",
+    22: "int4",
+    23: "float4e2m1",
 }
 
 
@@ -94,7 +114,7 @@ class RuntimeCaps:
     custom_domains: frozenset[str] = frozenset()
     verified: bool = False
 
-    def with_limits(self, ai_onnx: int | None = None, ir_version: int | None = None) -> "RuntimeCaps":
+    def with_limits(self, ai_onnx: int | None = None, ir_version: int | None = None) -> RuntimeCaps:
         """A copy capped lower (tests, or `--target-ort`): what an older runtime would accept."""
         opsets = dict(self.opsets)
         if ai_onnx is not None:
@@ -111,8 +131,11 @@ def caps_for(ort_version: str, arch: str | None = None, custom_domains: frozense
             row = candidate
     _, ai_onnx, ir, ml = row
     return RuntimeCaps(
-        ort_version=ort_version, ir_version=ir, opsets={AI_ONNX: ai_onnx, AI_ONNX_ML: ml, **BUILTIN_DOMAINS},
-        arch=normalize_arch(arch or platform.machine()), custom_domains=frozenset(custom_domains),
+        ort_version=ort_version,
+        ir_version=ir,
+        opsets={AI_ONNX: ai_onnx, AI_ONNX_ML: ml, **BUILTIN_DOMAINS},
+        arch=normalize_arch(arch or platform.machine()),
+        custom_domains=frozenset(custom_domains),
     )
 
 
@@ -162,8 +185,14 @@ def verify_caps(caps: RuntimeCaps) -> RuntimeCaps:
     return replace(caps, opsets=opsets, ir_version=ir, verified=True)
 
 
-def refusal(caps: RuntimeCaps, label: str, ir_version: int, opsets: dict[str, int],
-            architectures: tuple[str, ...] = (), min_runtime_version: str | None = None) -> str | None:
+def refusal(
+    caps: RuntimeCaps,
+    label: str,
+    ir_version: int,
+    opsets: dict[str, int],
+    architectures: tuple[str, ...] = (),
+    min_runtime_version: str | None = None,
+) -> str | None:
     """Why a model needing this cannot run here, or None when it can. One sentence, for events."""
     if architectures and caps.arch not in {normalize_arch(a) for a in architectures}:
         return f"variant {label} is built for {', '.join(architectures)}; this device is {caps.arch}"
@@ -173,8 +202,10 @@ def refusal(caps: RuntimeCaps, label: str, ir_version: int, opsets: dict[str, in
         if limit is None:
             if domain in caps.custom_domains:
                 continue
-            return (f"variant {label} needs custom domain {domain!r} (opset {version}); "
-                    "no custom-op library for it is registered here")
+            return (
+                f"variant {label} needs custom domain {domain!r} (opset {version}); "
+                "no custom-op library for it is registered here"
+            )
         if version > limit:
             return f"variant {label} needs {domain} opset {version}; this runtime loads up to {limit}"
     if ir_version > caps.ir_version:
@@ -216,7 +247,7 @@ def _fields(buf: bytes) -> Iterator[tuple[int, int, int | bytes]]:
             length, pos = _varint(buf, pos)
             if pos + length > end:
                 raise ModelFormatError(f"field {number} runs past the end of its message")
-            value, pos = buf[pos:pos + length], pos + length
+            value, pos = buf[pos : pos + length], pos + length
         elif wire == 5:
             value, pos = struct.unpack_from("<I", buf, pos)[0], pos + 4
         else:
@@ -289,7 +320,9 @@ def _read_header(f: BinaryIO, size: int) -> ModelHeader:
                     opsets[domain] = max(version, opsets.get(domain, 0))
                 elif number == 14:
                     entry = {n: v for n, _, v in _fields(data)}
-                    metadata[bytes(entry.get(1, b"")).decode("utf-8", "replace")] = bytes(entry.get(2, b"")).decode("utf-8", "replace")
+                    metadata[bytes(entry.get(1, b"")).decode("utf-8", "replace")] = bytes(entry.get(2, b"")).decode(
+                        "utf-8", "replace"
+                    )
                 else:
                     producer.append(data.decode("utf-8", "replace"))
             else:
@@ -354,7 +387,9 @@ def _value_info(buf: bytes) -> TensorInfo:
     return TensorInfo(name, kind, shape)
 
 
-def _walk_graph(buf: bytes, ops: Counter[str], init_types: Counter[str]) -> tuple[str, list[TensorInfo], list[TensorInfo]]:
+def _walk_graph(
+    buf: bytes, ops: Counter[str], init_types: Counter[str]
+) -> tuple[str, list[TensorInfo], list[TensorInfo]]:
     name, inputs, outputs, initializers = "", [], [], set()
     for number, _, value in _fields(buf):
         if not isinstance(value, bytes):
@@ -430,12 +465,14 @@ def _vi(number: int, value: int) -> bytes:
     return _key(number, 0) + _enc_varint(value)
 
 
-def probe_model(ir_version: int, opsets: dict[str, int], dims: tuple[int, ...] = (1, 4), elem: int = 1,
-                doc: bytes = b"") -> bytes:
+def probe_model(
+    ir_version: int, opsets: dict[str, int], dims: tuple[int, ...] = (1, 4), elem: int = 1, doc: bytes = b""
+) -> bytes:
     """y = Identity(x): a valid ONNX model with the given IR version and opset imports.
 
     `doc` becomes the graph's doc string: tests use it to make larger, distinct files.
     """
+
     def value_info(name: str) -> bytes:
         shape = b"".join(_ld(1, _vi(1, d)) for d in dims)
         tensor = _vi(1, elem) + _ld(2, shape)

@@ -24,29 +24,65 @@ from pathlib import Path
 from typing import Any
 
 # CPU flags that change which kernels ONNX Runtime and OpenVINO pick (x86 names as in /proc/cpuinfo).
-X86_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16",
-             "avx512_fp16", "avx_vnni", "amx_tile", "amx_int8", "amx_bf16")
+X86_FLAGS = (
+    "sse4_2",
+    "avx",
+    "avx2",
+    "fma",
+    "f16c",
+    "avx512f",
+    "avx512bw",
+    "avx512_vnni",
+    "avx512_bf16",
+    "avx512_fp16",
+    "avx_vnni",
+    "amx_tile",
+    "amx_int8",
+    "amx_bf16",
+)
 ARM_FLAGS = ("neon", "asimdhp", "asimddp", "i8mm", "bf16", "sve", "sve2")
 
 # Arm's "CPU part" numbers (implementer 0x41) for the cores found on edge boards.
 ARM_PARTS = {
-    "0xd03": "Cortex-A53", "0xd04": "Cortex-A35", "0xd05": "Cortex-A55", "0xd07": "Cortex-A57",
-    "0xd08": "Cortex-A72", "0xd09": "Cortex-A73", "0xd0a": "Cortex-A75", "0xd0b": "Cortex-A76",
-    "0xd0c": "Neoverse-N1", "0xd0d": "Cortex-A77", "0xd40": "Neoverse-V1", "0xd41": "Cortex-A78",
-    "0xd42": "Cortex-A78AE", "0xd44": "Cortex-X1", "0xd46": "Cortex-A510", "0xd47": "Cortex-A710",
-    "0xd49": "Neoverse-N2", "0xd4b": "Cortex-A78C", "0xd4f": "Neoverse-V2",
+    "0xd03": "Cortex-A53",
+    "0xd04": "Cortex-A35",
+    "0xd05": "Cortex-A55",
+    "0xd07": "Cortex-A57",
+    "0xd08": "Cortex-A72",
+    "0xd09": "Cortex-A73",
+    "0xd0a": "Cortex-A75",
+    "0xd0b": "Cortex-A76",
+    "0xd0c": "Neoverse-N1",
+    "0xd0d": "Cortex-A77",
+    "0xd40": "Neoverse-V1",
+    "0xd41": "Cortex-A78",
+    "0xd42": "Cortex-A78AE",
+    "0xd44": "Cortex-X1",
+    "0xd46": "Cortex-A510",
+    "0xd47": "Cortex-A710",
+    "0xd49": "Neoverse-N2",
+    "0xd4b": "Cortex-A78C",
+    "0xd4f": "Neoverse-V2",
 }
 ARM_IMPLEMENTERS = {"0x41": "ARM", "0x4e": "NVIDIA", "0x51": "Qualcomm", "0x61": "Apple", "0x48": "HiSilicon"}
 
 PCI_VENDORS = {"10de": "nvidia", "8086": "intel", "1002": "amd", "1e60": "hailo", "1ac1": "google", "1f0f": "rockchip"}
 # Intel NPU (intel_vpu driver) PCI device ids: Meteor Lake, Arrow Lake, Lunar Lake.
-INTEL_GPU_IDS = {"7d55": "Intel Arc Graphics (Meteor Lake)", "7d45": "Intel Graphics (Meteor Lake)", "46a6": "Intel Iris Xe (Alder Lake-P)",
-                 "a7a0": "Intel Iris Xe (Raptor Lake-P)", "4680": "Intel UHD Graphics 770", "9a49": "Intel Iris Xe (Tiger Lake)",
-                 "46d1": "Intel UHD Graphics (Alder Lake-N)"}
+INTEL_GPU_IDS = {
+    "7d55": "Intel Arc Graphics (Meteor Lake)",
+    "7d45": "Intel Graphics (Meteor Lake)",
+    "46a6": "Intel Iris Xe (Alder Lake-P)",
+    "a7a0": "Intel Iris Xe (Raptor Lake-P)",
+    "4680": "Intel UHD Graphics 770",
+    "9a49": "Intel Iris Xe (Tiger Lake)",
+    "46d1": "Intel UHD Graphics (Alder Lake-N)",
+}
 INTEL_NPU_IDS = {"7d1d": "Intel NPU (Meteor Lake)", "ad1d": "Intel NPU (Arrow Lake)", "643e": "Intel NPU (Lunar Lake)"}
 # USB accelerators: Coral before and after its firmware is loaded, Hailo-8 M.2 has no USB form.
-USB_ACCELERATORS = {("1a6e", "089a"): ("tpu", "google", "Coral USB Accelerator (no firmware loaded)"),
-                    ("18d1", "9302"): ("tpu", "google", "Coral USB Accelerator")}
+USB_ACCELERATORS = {
+    ("1a6e", "089a"): ("tpu", "google", "Coral USB Accelerator (no firmware loaded)"),
+    ("18d1", "9302"): ("tpu", "google", "Coral USB Accelerator"),
+}
 
 
 @dataclass(frozen=True)
@@ -138,10 +174,15 @@ class Probe:
     def fingerprint(self) -> str:
         """Stable across reboots and load; changes when the silicon, drivers or runtime build change."""
         parts = {
-            "arch": self.cpu.arch, "cpu": self.cpu.model, "flags": self.cpu.flags,
-            "cores": [self.cpu.physical_cores, self.cpu.logical_cores], "board": self.board,
-            "accelerators": sorted([a.kind, a.vendor, a.name, a.driver or "", a.details.get("driver_version", "")]
-                                   for a in self.accelerators),
+            "arch": self.cpu.arch,
+            "cpu": self.cpu.model,
+            "flags": self.cpu.flags,
+            "cores": [self.cpu.physical_cores, self.cpu.logical_cores],
+            "board": self.board,
+            "accelerators": sorted(
+                [a.kind, a.vendor, a.name, a.driver or "", a.details.get("driver_version", "")]
+                for a in self.accelerators
+            ),
             "jetson": self.jetson.l4t if self.jetson else None,
             "runtime": [self.runtime.version, sorted(self.runtime.available)],
         }
@@ -210,9 +251,19 @@ def runtime_info() -> RuntimeInfo:
 
     devices: list[EpDevice] = []
     for d in getattr(ort, "get_ep_devices", lambda: [])():
-        devices.append(EpDevice(ep=d.ep_name, ep_vendor=d.ep_vendor, device_type=str(d.device.type).rsplit(".", 1)[-1],
-                                device_vendor=d.device.vendor, vendor_id=int(d.device.vendor_id), device_id=int(d.device.device_id)))
-    return RuntimeInfo(version=ort.__version__, available=tuple(ort.get_available_providers()), ep_devices=tuple(devices))
+        devices.append(
+            EpDevice(
+                ep=d.ep_name,
+                ep_vendor=d.ep_vendor,
+                device_type=str(d.device.type).rsplit(".", 1)[-1],
+                device_vendor=d.device.vendor,
+                vendor_id=int(d.device.vendor_id),
+                device_id=int(d.device.device_id),
+            )
+        )
+    return RuntimeInfo(
+        version=ort.__version__, available=tuple(ort.get_available_providers()), ep_devices=tuple(devices)
+    )
 
 
 def _cpuinfo(fs: _Root) -> list[dict[str, str]]:
@@ -255,7 +306,9 @@ def _cpu(fs: _Root) -> Cpu:
     procs = [b for b in blocks if "processor" in b] or blocks
     first = procs[0] if procs else {}
     if "flags" in first:
-        vendor = {"GenuineIntel": "Intel", "AuthenticAMD": "AMD"}.get(first.get("vendor_id", ""), first.get("vendor_id", "unknown"))
+        vendor = {"GenuineIntel": "Intel", "AuthenticAMD": "AMD"}.get(
+            first.get("vendor_id", ""), first.get("vendor_id", "unknown")
+        )
         model = first.get("model name", "unknown")
         have = set(first["flags"].split())
         flags = tuple(f for f in X86_FLAGS if f in have)
@@ -269,8 +322,15 @@ def _cpu(fs: _Root) -> Cpu:
         flags = tuple(f for f in ARM_FLAGS if f in have or (f == "neon" and "asimd" in have))
     logical = _online_cpus(fs) or len(procs) or 1
     physical = _physical_cores(fs, logical, procs)
-    return Cpu(arch=arch, vendor=vendor, model=model, flags=flags, physical_cores=physical, logical_cores=logical,
-               max_mhz=_max_mhz(fs, first))
+    return Cpu(
+        arch=arch,
+        vendor=vendor,
+        model=model,
+        flags=flags,
+        physical_cores=physical,
+        logical_cores=logical,
+        max_mhz=_max_mhz(fs, first),
+    )
 
 
 def _cpu_range(text: str | None) -> list[int]:
@@ -340,7 +400,9 @@ def _thermal(fs: _Root) -> tuple[ThermalZone, ...]:
             continue
         temp = fs.line(f"/sys/class/thermal/{name}/temp")
         celsius = int(temp) / 1000 if temp and temp.lstrip("-").isdigit() else None
-        zones.append(ThermalZone(zone=name, type=fs.line(f"/sys/class/thermal/{name}/type") or "unknown", celsius=celsius))
+        zones.append(
+            ThermalZone(zone=name, type=fs.line(f"/sys/class/thermal/{name}/type") or "unknown", celsius=celsius)
+        )
     return tuple(sorted(zones, key=lambda z: int(re.sub(r"\D", "", z.zone) or 0)))
 
 
@@ -405,17 +467,42 @@ def _accelerators(fs: _Root, jetson: Jetson | None) -> list[Accelerator]:
             found.append(Accelerator("gpu", vendor, label, driver, None, pci_id, nodes, {"pci_slot": slot}))
         elif vendor == "intel" and (device_id in INTEL_NPU_IDS or driver == "intel_vpu"):
             nodes = tuple(f"/dev/accel/{n}" for n in fs.listdir("/dev/accel"))
-            found.append(Accelerator("npu", "intel", INTEL_NPU_IDS.get(device_id, f"Intel NPU {pci_id}"), driver, None, pci_id,
-                                     nodes, {"pci_slot": slot}))
+            found.append(
+                Accelerator(
+                    "npu",
+                    "intel",
+                    INTEL_NPU_IDS.get(device_id, f"Intel NPU {pci_id}"),
+                    driver,
+                    None,
+                    pci_id,
+                    nodes,
+                    {"pci_slot": slot},
+                )
+            )
         elif vendor == "hailo":
             nodes = tuple(f"/dev/{n}" for n in fs.listdir("/dev") if n.startswith("hailo"))
-            found.append(Accelerator("npu", "hailo", "Hailo-8/8L" if device_id == "2864" else f"Hailo {pci_id}", driver, None,
-                                     pci_id, nodes, {"pci_slot": slot}))
+            found.append(
+                Accelerator(
+                    "npu",
+                    "hailo",
+                    "Hailo-8/8L" if device_id == "2864" else f"Hailo {pci_id}",
+                    driver,
+                    None,
+                    pci_id,
+                    nodes,
+                    {"pci_slot": slot},
+                )
+            )
         elif vendor == "google":
             nodes = tuple(f"/dev/{n}" for n in fs.listdir("/dev") if n.startswith("apex_"))
-            found.append(Accelerator("tpu", "google", "Coral Edge TPU (PCIe)", driver, None, pci_id, nodes, {"pci_slot": slot}))
+            found.append(
+                Accelerator("tpu", "google", "Coral Edge TPU (PCIe)", driver, None, pci_id, nodes, {"pci_slot": slot})
+            )
     for dev in fs.listdir("/sys/bus/usb/devices"):
-        key = (fs.line(f"/sys/bus/usb/devices/{dev}/idVendor") or "", fs.line(f"/sys/bus/usb/devices/{dev}/idProduct") or "")
+        key = (
+            fs.line(f"/sys/bus/usb/devices/{dev}/idVendor") or "",
+            fs.line(f"/sys/bus/usb/devices/{dev}/idProduct") or "",
+        )
         if key in USB_ACCELERATORS:
             kind, vendor, name = USB_ACCELERATORS[key]
             found.append(Accelerator(kind, vendor, name, None, None, ":".join(key), (), {"usb_port": dev}))
@@ -453,8 +540,12 @@ def _nvidia_smi(fs: _Root) -> dict[str, dict[str, Any]]:
         if exe is None:
             return {}
         try:
-            text = subprocess.run([exe, "--query-gpu=name,memory.total", "--format=csv,noheader,nounits"],
-                                  capture_output=True, text=True, timeout=10).stdout
+            text = subprocess.run(
+                [exe, "--query-gpu=name,memory.total", "--format=csv,noheader,nounits"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+            ).stdout
         except (OSError, subprocess.SubprocessError):
             return {}
     else:
@@ -473,11 +564,32 @@ def _jetson_accelerators(fs: _Root, jetson: Jetson, driver: str | None) -> list[
     details = {"memory": "shared with the CPU"}
     if jetson.l4t:
         details["l4t"] = jetson.l4t
-    out = [Accelerator("gpu", "nvidia", f"{jetson.module.removesuffix(' Developer Kit')} integrated GPU ({jetson.soc or 'tegra'})", "nvgpu", None, None, gpu_nodes, details)]
+    out = [
+        Accelerator(
+            "gpu",
+            "nvidia",
+            f"{jetson.module.removesuffix(' Developer Kit')} integrated GPU ({jetson.soc or 'tegra'})",
+            "nvgpu",
+            None,
+            None,
+            gpu_nodes,
+            details,
+        )
+    ]
     dla = sorted(n for n in fs.listdir("/dev") if re.fullmatch(r"nvhost-(ctrl-)?nvdla\d", n))
     if dla:
-        out.append(Accelerator("npu", "nvidia", f"NVIDIA DLA x{len({n[-1] for n in dla})}", "nvdla", None, None,
-                               tuple(f"/dev/{n}" for n in dla), {"use": "through TensorRT (trt_dla_enable)"}))
+        out.append(
+            Accelerator(
+                "npu",
+                "nvidia",
+                f"NVIDIA DLA x{len({n[-1] for n in dla})}",
+                "nvdla",
+                None,
+                None,
+                tuple(f"/dev/{n}" for n in dla),
+                {"use": "through TensorRT (trt_dla_enable)"},
+            )
+        )
     return out
 
 

@@ -11,17 +11,18 @@ from __future__ import annotations
 import hashlib
 import logging
 import warnings
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import onnxruntime as ort
 import psutil
 
-from agent.device import hardware
-from agent.transport.events import Event, EventSink, log_event
-from agent.device.hardware import Probe
 from agent.config.profile import KNOWN_PROVIDERS, PROVIDER_ALIASES, ProviderChoice, RuntimeConfig
+from agent.device import hardware
+from agent.device.hardware import Probe
+from agent.transport.events import Event, EventSink, log_event
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +56,13 @@ class Candidate:
         return f"{self.provider}[{device}]" if device else self.provider
 
     def to_dict(self) -> dict[str, Any]:
-        return {"provider": self.provider, "options": dict(self.options), "kept": self.kept, "reason": self.reason,
-                "requested": self.requested}
+        return {
+            "provider": self.provider,
+            "options": dict(self.options),
+            "kept": self.kept,
+            "reason": self.reason,
+            "requested": self.requested,
+        }
 
 
 @dataclass(frozen=True)
@@ -112,7 +118,9 @@ def canonical_provider(name: str) -> str:
             return lowered[name.lower()]
         from agent.config.errors import did_you_mean
 
-        raise ValueError(f"unknown execution provider {name!r}{did_you_mean(name, list(PROVIDER_ALIASES) + list(KNOWN_PROVIDERS))}")
+        raise ValueError(
+            f"unknown execution provider {name!r}{did_you_mean(name, list(PROVIDER_ALIASES) + list(KNOWN_PROVIDERS))}"
+        )
     return full
 
 
@@ -146,9 +154,12 @@ def _variant_providers(variant: Any) -> tuple[str, ...]:
 
 
 INSTALL_HINTS = {
-    CUDA: "install onnxruntime-gpu", TENSORRT: "install onnxruntime-gpu and the TensorRT libraries",
-    OPENVINO: "install onnxruntime-openvino in place of onnxruntime", "ROCMExecutionProvider": "install onnxruntime-rocm",
-    "MIGraphXExecutionProvider": "install onnxruntime-migraphx", "QNNExecutionProvider": "install onnxruntime-qnn",
+    CUDA: "install onnxruntime-gpu",
+    TENSORRT: "install onnxruntime-gpu and the TensorRT libraries",
+    OPENVINO: "install onnxruntime-openvino in place of onnxruntime",
+    "ROCMExecutionProvider": "install onnxruntime-rocm",
+    "MIGraphXExecutionProvider": "install onnxruntime-migraphx",
+    "QNNExecutionProvider": "install onnxruntime-qnn",
     "DmlExecutionProvider": "install onnxruntime-directml (Windows)",
 }
 
@@ -167,10 +178,24 @@ def _judge_tensorrt(probe: Probe, variant: Any) -> list[Candidate]:
     if gpu is None:
         return [Candidate(TENSORRT, {}, False, "no NVIDIA GPU found")]
     if TENSORRT not in probe.runtime.available:
-        return [Candidate(TENSORRT, {}, False, f"{gpu.name} found, but TensorRT is " + _not_built(
-            TENSORRT, probe, "install onnxruntime-gpu and the TensorRT libraries"))]
-    return [Candidate(TENSORRT, {}, True, f"{gpu.name} found and the build has TensorRT: fastest on NVIDIA once its engine "
-                                          "is built (engines cached under the state dir)")]
+        return [
+            Candidate(
+                TENSORRT,
+                {},
+                False,
+                f"{gpu.name} found, but TensorRT is "
+                + _not_built(TENSORRT, probe, "install onnxruntime-gpu and the TensorRT libraries"),
+            )
+        ]
+    return [
+        Candidate(
+            TENSORRT,
+            {},
+            True,
+            f"{gpu.name} found and the build has TensorRT: fastest on NVIDIA once its engine "
+            "is built (engines cached under the state dir)",
+        )
+    ]
 
 
 def _judge_cuda(probe: Probe, variant: Any) -> list[Candidate]:
@@ -178,42 +203,102 @@ def _judge_cuda(probe: Probe, variant: Any) -> list[Candidate]:
     if gpu is None:
         return [Candidate(CUDA, {}, False, "no NVIDIA GPU found")]
     if CUDA not in probe.runtime.available:
-        return [Candidate(CUDA, {}, False, f"{gpu.name} found, but CUDA is " + _not_built(CUDA, probe, "install onnxruntime-gpu"))]
-    return [Candidate(CUDA, {}, True, f"{gpu.name} found and the build has CUDA: runs every op TensorRT cannot, no engine build")]
+        return [
+            Candidate(
+                CUDA, {}, False, f"{gpu.name} found, but CUDA is " + _not_built(CUDA, probe, "install onnxruntime-gpu")
+            )
+        ]
+    return [
+        Candidate(
+            CUDA, {}, True, f"{gpu.name} found and the build has CUDA: runs every op TensorRT cannot, no engine build"
+        )
+    ]
 
 
 def _judge_openvino(probe: Probe, variant: Any) -> list[Candidate]:
     if probe.cpu.arch != "x86_64":
-        return [Candidate(OPENVINO, {}, False, f"OpenVINO's onnxruntime wheel is for x86-64; this CPU is {probe.cpu.arch}")]
+        return [
+            Candidate(OPENVINO, {}, False, f"OpenVINO's onnxruntime wheel is for x86-64; this CPU is {probe.cpu.arch}")
+        ]
     if OPENVINO not in probe.runtime.available:
-        return [Candidate(OPENVINO, {}, False, "x86-64 CPU found, but OpenVINO is " + _not_built(
-            OPENVINO, probe, "install onnxruntime-openvino in place of onnxruntime"))]
+        return [
+            Candidate(
+                OPENVINO,
+                {},
+                False,
+                "x86-64 CPU found, but OpenVINO is "
+                + _not_built(OPENVINO, probe, "install onnxruntime-openvino in place of onnxruntime"),
+            )
+        ]
     out = []
     gpu = next((a for a in probe.accelerators if a.vendor == "intel" and a.kind == "gpu"), None)
     if gpu is not None and any("renderD" in n for n in gpu.nodes):
         render = next(n for n in gpu.nodes if "renderD" in n)
-        out.append(Candidate(OPENVINO, {"device_type": "GPU"}, True,
-                             f"{gpu.name} at {render}: OpenVINO's GPU plugin (first load compiles; kernels cached under the state dir)"))
+        out.append(
+            Candidate(
+                OPENVINO,
+                {"device_type": "GPU"},
+                True,
+                f"{gpu.name} at {render}: OpenVINO's GPU plugin (first load compiles; kernels cached under the state dir)",
+            )
+        )
     elif gpu is not None:
-        out.append(Candidate(OPENVINO, {"device_type": "GPU"}, False, f"{gpu.name} found without a /dev/dri render node (driver not loaded?)"))
+        out.append(
+            Candidate(
+                OPENVINO,
+                {"device_type": "GPU"},
+                False,
+                f"{gpu.name} found without a /dev/dri render node (driver not loaded?)",
+            )
+        )
     npu = next((a for a in probe.accelerators if a.vendor == "intel" and a.kind == "npu"), None)
     if npu is not None:
         precision = _variant_precision(variant)
         if not npu.nodes:
-            out.append(Candidate(OPENVINO, {"device_type": "NPU"}, False, f"{npu.name} found without /dev/accel (intel_vpu driver not loaded?)"))
+            out.append(
+                Candidate(
+                    OPENVINO,
+                    {"device_type": "NPU"},
+                    False,
+                    f"{npu.name} found without /dev/accel (intel_vpu driver not loaded?)",
+                )
+            )
         elif precision in ("fp16", "int8"):
-            out.append(Candidate(OPENVINO, {"device_type": "NPU"}, True, f"{npu.name} at {npu.nodes[0]}: suits this {precision} variant"))
+            out.append(
+                Candidate(
+                    OPENVINO,
+                    {"device_type": "NPU"},
+                    True,
+                    f"{npu.name} at {npu.nodes[0]}: suits this {precision} variant",
+                )
+            )
         else:
-            out.append(Candidate(OPENVINO, {"device_type": "NPU"}, False,
-                                 f"{npu.name} at {npu.nodes[0]}, but auto keeps it for fp16 and int8 variants (this one is {precision}); "
-                                 "name openvino with device_type NPU in the profile to use it"))
+            out.append(
+                Candidate(
+                    OPENVINO,
+                    {"device_type": "NPU"},
+                    False,
+                    f"{npu.name} at {npu.nodes[0]}, but auto keeps it for fp16 and int8 variants (this one is {precision}); "
+                    "name openvino with device_type NPU in the profile to use it",
+                )
+            )
     simd = next((f for f in ("avx512f", "avx2", "sse4_2") if f in probe.cpu.flags), None)
     if simd is None:
-        out.append(Candidate(OPENVINO, {"device_type": "CPU"}, False, "OpenVINO's CPU plugin needs SSE4.2, which this CPU lacks"))
+        out.append(
+            Candidate(
+                OPENVINO, {"device_type": "CPU"}, False, "OpenVINO's CPU plugin needs SSE4.2, which this CPU lacks"
+            )
+        )
     else:
-        out.append(Candidate(OPENVINO, {"device_type": "CPU"}, True,
-                             f"{probe.cpu.vendor} x86-64 CPU with {simd}: OpenVINO's CPU plugin, usually faster than the CPU "
-                             "provider on convolutional models (autotune measures it)"))
+        out.append(
+            Candidate(
+                OPENVINO,
+                {"device_type": "CPU"},
+                True,
+                f"{probe.cpu.vendor} x86-64 CPU with {simd}: OpenVINO's CPU plugin, usually faster than the CPU "
+                "provider on convolutional models (autotune measures it)",
+            )
+        )
     return out
 
 
@@ -225,8 +310,15 @@ def _judge_amd(probe: Probe, variant: Any) -> list[Candidate]:
             if name in probe.runtime.available:
                 out.append(Candidate(name, {}, False, "no AMD GPU found"))
         elif name not in probe.runtime.available:
-            out.append(Candidate(name, {}, False, f"{gpu.name} found, but {name.removesuffix('ExecutionProvider')} is "
-                                 + _not_built(name, probe, "install onnxruntime-rocm")))
+            out.append(
+                Candidate(
+                    name,
+                    {},
+                    False,
+                    f"{gpu.name} found, but {name.removesuffix('ExecutionProvider')} is "
+                    + _not_built(name, probe, "install onnxruntime-rocm"),
+                )
+            )
         else:
             out.append(Candidate(name, {}, True, f"{gpu.name} found and the build has it"))
     return out
@@ -238,14 +330,24 @@ def _judge_rknpu(probe: Probe, variant: Any) -> list[Candidate]:
     if npu is None:
         return [Candidate(name, {}, False, "no Rockchip NPU found")] if name in probe.runtime.available else []
     if name not in probe.runtime.available:
-        return [Candidate(name, {}, False, f"{npu.name} found, but " + _not_built(
-            name, probe, "onnxruntime has no packaged RKNPU build; convert the model with rknn-toolkit2 instead"))]
+        return [
+            Candidate(
+                name,
+                {},
+                False,
+                f"{npu.name} found, but "
+                + _not_built(
+                    name, probe, "onnxruntime has no packaged RKNPU build; convert the model with rknn-toolkit2 instead"
+                ),
+            )
+        ]
     return [Candidate(name, {}, True, f"{npu.name} found and the build has RKNPU")]
 
 
 def _judge_cpu_only(name: str, why: str) -> Judge:
     def judge(probe: Probe, variant: Any) -> list[Candidate]:
         return [Candidate(name, {}, False, why)] if name in probe.runtime.available else []
+
     return judge
 
 
@@ -255,7 +357,11 @@ def _judge_cpu(probe: Probe, variant: Any) -> list[Candidate]:
     if precision == "fp16" and not ({"avx512_fp16", "asimdhp"} & set(probe.cpu.flags)):
         extra = "; this fp16 variant runs slower than fp32 would (no native fp16 on this CPU)"
     flags = " ".join(probe.cpu.flags) or "no SIMD flags found"
-    return [Candidate(CPU, {}, True, f"always present: {probe.cpu.physical_cores} cores of {probe.cpu.model} ({flags}){extra}")]
+    return [
+        Candidate(
+            CPU, {}, True, f"always present: {probe.cpu.physical_cores} cores of {probe.cpu.model} ({flags}){extra}"
+        )
+    ]
 
 
 # The auto order: accelerators the model can use, best first, the CPU provider last. A table of judges
@@ -266,10 +372,16 @@ AUTO_ORDER: tuple[Judge, ...] = (
     _judge_amd,
     _judge_openvino,
     _judge_rknpu,
-    _judge_cpu_only("QNNExecutionProvider", "in the build, but auto ranks QNN only on Qualcomm SoCs, and none was found"),
-    _judge_cpu_only("XnnpackExecutionProvider",
-                    "in the build, but the CPU provider's own kernels are as fast for fp32; name xnnpack in the profile to use it"),
-    _judge_cpu_only("ACLExecutionProvider", "in the build, but auto does not rank ACL; name acl in the profile to use it"),
+    _judge_cpu_only(
+        "QNNExecutionProvider", "in the build, but auto ranks QNN only on Qualcomm SoCs, and none was found"
+    ),
+    _judge_cpu_only(
+        "XnnpackExecutionProvider",
+        "in the build, but the CPU provider's own kernels are as fast for fp32; name xnnpack in the profile to use it",
+    ),
+    _judge_cpu_only(
+        "ACLExecutionProvider", "in the build, but auto does not rank ACL; name acl in the profile to use it"
+    ),
     _judge_cpu_only("AzureExecutionProvider", "calls a remote endpoint; not a local inference provider"),
     _judge_cpu,
 )
@@ -281,12 +393,16 @@ def _orphans(probe: Probe) -> list[str]:
     for a in probe.accelerators:
         where = f" at {a.nodes[0]}" if a.nodes else ""
         if a.vendor == "hailo":
-            notes.append(f"{a.name}{where}: onnxruntime has no provider for it; compile the model with Hailo's "
-                         "Dataflow Compiler and run it with HailoRT")
+            notes.append(
+                f"{a.name}{where}: onnxruntime has no provider for it; compile the model with Hailo's "
+                "Dataflow Compiler and run it with HailoRT"
+            )
         elif a.vendor == "google":
             notes.append(f"{a.name}{where}: onnxruntime has no provider for it; convert to an Edge TPU TFLite model")
         elif a.vendor == "nvidia" and a.kind == "npu":
-            notes.append(f"{a.name}{where}: reached through TensorRT with the provider options trt_dla_enable and trt_dla_core")
+            notes.append(
+                f"{a.name}{where}: reached through TensorRT with the provider options trt_dla_enable and trt_dla_core"
+            )
     return notes
 
 
@@ -302,10 +418,19 @@ def rank(runtime: RuntimeConfig, probe: Probe, variant: Any = None) -> Ranking:
     else:
         candidates = _explicit(runtime.providers, probe)
     if suits:
-        candidates = [c if (not c.kept or c.provider == CPU or c.provider in suits) else
-                      Candidate(c.provider, c.options, False, f"the {_variant_precision(variant)} variant is built for "
-                                f"{', '.join(s.removesuffix('ExecutionProvider') for s in suits)}", c.requested)
-                      for c in candidates]
+        candidates = [
+            c
+            if (not c.kept or c.provider == CPU or c.provider in suits)
+            else Candidate(
+                c.provider,
+                c.options,
+                False,
+                f"the {_variant_precision(variant)} variant is built for "
+                f"{', '.join(s.removesuffix('ExecutionProvider') for s in suits)}",
+                c.requested,
+            )
+            for c in candidates
+        ]
     kept = [c for c in candidates if c.kept]
     dropped = [c for c in candidates if not c.kept]
     return Ranking(tuple(kept + dropped), tuple(_orphans(probe)))
@@ -319,8 +444,16 @@ def _explicit(choices: Iterable[ProviderChoice], probe: Probe) -> list[Candidate
         if name == OPENVINO:
             options.setdefault("device_type", "CPU")  # OpenVINO's own default, made visible in labels
         if name not in probe.runtime.available:
-            out.append(Candidate(name, options, False, f"asked for (#{i} in the list), but " + _not_built(
-                name, probe, INSTALL_HINTS.get(name, "install an onnxruntime package built with it")), requested=True))
+            out.append(
+                Candidate(
+                    name,
+                    options,
+                    False,
+                    f"asked for (#{i} in the list), but "
+                    + _not_built(name, probe, INSTALL_HINTS.get(name, "install an onnxruntime package built with it")),
+                    requested=True,
+                )
+            )
             continue
         reason = f"asked for (#{i} in the list)"
         if name in (TENSORRT, CUDA) and _nvidia(probe) is None:
@@ -337,14 +470,20 @@ def _option_str(value: Any) -> str:
 
 # ---- sessions --------------------------------------------------------------------------------------
 
+
 def provider_options(candidate: Candidate, state_dir: Path, threads: int) -> dict[str, str]:
     """The candidate's options over device defaults: caches under the state dir, threads, device 0."""
     cache = Path(state_dir) / "cache"
     defaults: dict[str, str] = {}
     if candidate.provider == TENSORRT:
         # Building an engine takes minutes on a Jetson: cache it, and the timing cache that speeds rebuilds.
-        defaults = {"device_id": "0", "trt_engine_cache_enable": "True", "trt_engine_cache_path": str(cache / "tensorrt"),
-                    "trt_timing_cache_enable": "True", "trt_timing_cache_path": str(cache / "tensorrt")}
+        defaults = {
+            "device_id": "0",
+            "trt_engine_cache_enable": "True",
+            "trt_engine_cache_path": str(cache / "tensorrt"),
+            "trt_timing_cache_enable": "True",
+            "trt_timing_cache_path": str(cache / "tensorrt"),
+        }
     elif candidate.provider == CUDA:
         defaults = {"device_id": "0"}
     elif candidate.provider == OPENVINO:
@@ -381,8 +520,12 @@ def build_session(model: Path | bytes, candidate: Candidate, state_dir: Path, th
     with warnings.catch_warnings():
         # onnxruntime only warns when a provider is not in the build; verify() turns that into a fallback event.
         warnings.filterwarnings("ignore", message="Specified provider", category=UserWarning)
-        return ort.InferenceSession(source, sess_options=session_options(threads), providers=[p for p, _ in chain],
-                                    provider_options=[o for _, o in chain])
+        return ort.InferenceSession(
+            source,
+            sess_options=session_options(threads),
+            providers=[p for p, _ in chain],
+            provider_options=[o for _, o in chain],
+        )
 
 
 def verify(session: ort.InferenceSession) -> Verification:
@@ -406,8 +549,10 @@ def verify(session: ort.InferenceSession) -> Verification:
 def why_not(candidate: Candidate, check: Verification) -> str | None:
     """None when the session really runs on the candidate; otherwise the reason, in one line."""
     if candidate.provider not in check.providers:
-        return (f"the session came up without it (runs on {', '.join(check.providers)}): "
-                "its libraries are missing or the device is not usable")
+        return (
+            f"the session came up without it (runs on {', '.join(check.providers)}): "
+            "its libraries are missing or the device is not usable"
+        )
     total = sum(check.assignment.values()) if check.assignment else 0
     if check.assignment and total and not check.assignment.get(candidate.provider):
         return f"it took none of the model's {total} nodes"
@@ -459,14 +604,23 @@ def open_session(
     if runtime.autotune and chain and (len(chain) > 1 or runtime.threads == "auto"):
         from agent.device.autotune import tune
 
-        choice = tune(model, chain, state_dir, hw, threads_options=None if runtime.threads == "auto" else [threads],
-                      inputs=inputs, emit=emit)
+        choice = tune(
+            model,
+            chain,
+            state_dir,
+            hw,
+            threads_options=None if runtime.threads == "auto" else [threads],
+            inputs=inputs,
+            emit=emit,
+        )
         if choice is not None:
             best = next(c for c in chain if c.label == choice.label)
             chain = [best] + [c for c in chain if c is not best]
             threads, autotuned = choice.threads, True
-            notes.append(f"autotune chose {choice.label} with {choice.threads} threads "
-                         f"({'cached' if choice.cached else 'measured'}: p50 {choice.p50_ms:.1f} ms)")
+            notes.append(
+                f"autotune chose {choice.label} with {choice.threads} threads "
+                f"({'cached' if choice.cached else 'measured'}: p50 {choice.p50_ms:.1f} ms)"
+            )
 
     for i, candidate in enumerate(chain):
         after = chain[i + 1].label if i + 1 < len(chain) else None
@@ -482,16 +636,30 @@ def open_session(
             continue
         share = check.share(candidate.provider)
         if share is not None and share < 1:
-            notes.append(f"{candidate.provider} runs {share:.0%} of the nodes; the rest run on "
-                         f"{', '.join(p for p in check.assignment or {} if p != candidate.provider)}")
-        return OpenedSession(session, candidate.provider, check.providers, notes,
-                             options=provider_options(candidate, state_dir, threads), threads=threads,
-                             assignment=check.assignment, fallbacks=fallbacks, ranking=ranking, autotuned=autotuned)
+            notes.append(
+                f"{candidate.provider} runs {share:.0%} of the nodes; the rest run on "
+                f"{', '.join(p for p in check.assignment or {} if p != candidate.provider)}"
+            )
+        return OpenedSession(
+            session,
+            candidate.provider,
+            check.providers,
+            notes,
+            options=provider_options(candidate, state_dir, threads),
+            threads=threads,
+            assignment=check.assignment,
+            fallbacks=fallbacks,
+            ranking=ranking,
+            autotuned=autotuned,
+        )
 
     tried = "; ".join(f"{label}: {reason}" for label, reason in fallbacks) or "none was ranked: " + "; ".join(
-        f"{c.label}: {c.reason}" for c in ranking.dropped)
+        f"{c.label}: {c.reason}" for c in ranking.dropped
+    )
     if runtime.require_accelerator:
-        raise AcceleratorUnavailable(f"runtime.require_accelerator is true, but no accelerator runs this model here ({tried})")
+        raise AcceleratorUnavailable(
+            f"runtime.require_accelerator is true, but no accelerator runs this model here ({tried})"
+        )
     raise ProviderError(f"no execution provider could open the model ({tried})")
 
 
@@ -507,9 +675,9 @@ def model_digest(model: Path | bytes) -> str:
     return digest.hexdigest()
 
 
-
 # ---- a tiny model to prove a provider with ---------------------------------------------------------
 # Written as protobuf bytes by hand, because the device side must not need the onnx package.
+
 
 def _varint(n: int) -> bytes:
     out = bytearray()
@@ -530,16 +698,39 @@ def _field(number: int, value: int | bytes | str) -> bytes:
 
 def probe_model(size: int = 64) -> bytes:
     """y = relu(x + x) on float32 [1, size], IR 8, opset 13: every provider takes Add and Relu."""
+
     def value_info(name: str) -> bytes:
-        dims = _field(1, _field(1, 1)) + _field(1, _field(1, size))           # TensorShapeProto.dim[].dim_value
-        tensor = _field(1, 1) + _field(2, dims)                                # elem_type FLOAT, shape
-        return _field(1, name) + _field(2, _field(1, tensor))                  # ValueInfoProto{name, TypeProto{tensor_type}}
+        dims = _field(1, _field(1, 1)) + _field(1, _field(1, size))  # TensorShapeProto.dim[].dim_value
+        tensor = _field(1, 1) + _field(2, dims)  # elem_type FLOAT, shape
+        return _field(1, name) + _field(2, _field(1, tensor))  # ValueInfoProto{name, TypeProto{tensor_type}}
+
     add = _field(1, "x") + _field(1, "x") + _field(2, "s") + _field(3, "add") + _field(4, "Add")
     relu = _field(1, "s") + _field(2, "y") + _field(3, "relu") + _field(4, "Relu")
-    graph = _field(1, add) + _field(1, relu) + _field(2, "edge_agent_probe") + _field(11, value_info("x")) + _field(12, value_info("y"))
+    graph = (
+        _field(1, add)
+        + _field(1, relu)
+        + _field(2, "edge_agent_probe")
+        + _field(11, value_info("x"))
+        + _field(12, value_info("y"))
+    )
     return _field(1, 8) + _field(2, "edge-agent") + _field(7, graph) + _field(8, _field(1, "") + _field(2, 13))
 
 
-__all__ = ["AcceleratorUnavailable", "Candidate", "OpenedSession", "ProviderError", "Ranking", "Verification",
-           "build_session", "canonical_provider", "model_digest", "open_session", "provider_options", "rank",
-           "probe_model", "thread_count", "verify", "why_not"]
+__all__ = [
+    "AcceleratorUnavailable",
+    "Candidate",
+    "OpenedSession",
+    "ProviderError",
+    "Ranking",
+    "Verification",
+    "build_session",
+    "canonical_provider",
+    "model_digest",
+    "open_session",
+    "provider_options",
+    "rank",
+    "probe_model",
+    "thread_count",
+    "verify",
+    "why_not",
+]

@@ -22,18 +22,19 @@ import re
 import threading
 import time
 from collections import deque
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import numpy as np
 
-from agent.transport.events import Event, EventSink, Sink, log_event
+from agent.config.profile import PipelineConfig, RuntimeConfig
 from agent.inference.processing.post.base import BasePostprocessor, PostContext, make_postprocessor
 from agent.inference.processing.pre import FrameRejected, Geometry, Preprocessor
-from agent.config.profile import PipelineConfig, RuntimeConfig
 from agent.inference.runtime import Model, ModelError, ModelState, load_model
 from agent.inference.sources.base import Backoff, BaseSource, Frame, SourceContext, SourceFailed, Window, make_source
+from agent.transport.events import Event, EventSink, Sink, log_event
 
 log = logging.getLogger(__name__)
 
@@ -184,8 +185,16 @@ class Pipeline:
         self._throttled = _Throttle(emit)
         self.qos = config.qos if config.qos is not None else qos
         self.source = source or make_source(
-            config.source, SourceContext(pipeline=config.name, emit=self._source_emit, state_dir=self.state_dir, mqtt=mqtt,
-                                         device=device, connection=connection))
+            config.source,
+            SourceContext(
+                pipeline=config.name,
+                emit=self._source_emit,
+                state_dir=self.state_dir,
+                mqtt=mqtt,
+                device=device,
+                connection=connection,
+            ),
+        )
         self.live = self.source.live
         self.model = model
         self._model_state: ModelState = model.new_state()
@@ -203,8 +212,21 @@ class Pipeline:
         self._to_infer: queue.Queue[Any] = queue.Queue(1 if self.live else size)
         self._to_post: queue.Queue[Any] = queue.Queue(size)
         self.timings = Timings(("pre", "infer", "post", "total"))
-        self._counts = {k: 0 for k in ("frames", "skipped", "rejected", "inferences", "results", "inference_errors",
-                                       "post_errors", "sink_errors", "source_errors", "swaps")}
+        self._counts = dict.fromkeys(
+            (
+                "frames",
+                "skipped",
+                "rejected",
+                "inferences",
+                "results",
+                "inference_errors",
+                "post_errors",
+                "sink_errors",
+                "source_errors",
+                "swaps",
+            ),
+            0,
+        )
         self._result_times: deque[float] = deque(maxlen=256)
         self._state = "created"
         self._last_error: str | None = None
@@ -214,17 +236,27 @@ class Pipeline:
 
     # -- public API ------------------------------------------------------------------------------
 
-    def start(self) -> "Pipeline":
+    def start(self) -> Pipeline:
         if self._threads:
             raise RuntimeError(f"pipeline {self.name} already started")
         self._state = "running"
         self._started_at = time.time()
-        for name, target in (("capture", self._capture), ("pre", self._preprocess), ("infer", self._infer), ("post", self._postprocess)):
+        for name, target in (
+            ("capture", self._capture),
+            ("pre", self._preprocess),
+            ("infer", self._infer),
+            ("post", self._postprocess),
+        ):
             thread = threading.Thread(target=self._guard(name, target), name=f"{self.name}-{name}", daemon=True)
             self._threads.append(thread)
             thread.start()
-        self.emit("pipeline.started", model=self.model.name, version=self.model.version, provider=self.model.provider,
-                  source=self.config.source.type)
+        self.emit(
+            "pipeline.started",
+            model=self.model.name,
+            version=self.model.version,
+            provider=self.model.provider,
+            source=self.config.source.type,
+        )
         return self
 
     def stop(self, timeout: float = 30.0) -> None:
@@ -247,7 +279,9 @@ class Pipeline:
     def finished(self) -> bool:
         return self._finished.is_set()
 
-    def swap(self, model: Model | Path | bytes, *, version: str | None = None, name: str | None = None, timeout: float = 60.0) -> Model:
+    def swap(
+        self, model: Model | Path | bytes, *, version: str | None = None, name: str | None = None, timeout: float = 60.0
+    ) -> Model:
         """Load and warm `model` beside the serving one, then switch between two frames.
 
         Raises ModelError (and the pipeline keeps serving the old model) when the new one does not load,
@@ -256,9 +290,16 @@ class Pipeline:
         example = self._last_input if self._last_input is not None else example_input(self.config, self.model)
         if not isinstance(model, Model):
             model = load_model(
-                model, self.runtime, self.state_dir, name=name or self.model.name, version=version,
-                constants=self.config.inputs, state=self.config.state, stream_input=self.config.preprocess.input,
-                example=example, emit=self._emit_raw,
+                model,
+                self.runtime,
+                self.state_dir,
+                name=name or self.model.name,
+                version=version,
+                constants=self.config.inputs,
+                state=self.config.state,
+                stream_input=self.config.preprocess.input,
+                example=example,
+                emit=self._emit_raw,
             )
         elif example is not None:
             model.warmup(example, runs=1)
@@ -289,11 +330,18 @@ class Pipeline:
         rate = (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 and times[-1] > times[0] else 0.0
         dropped = self._in.replaced if isinstance(self._in, LatestSlot) else 0
         return {
-            "pipeline": self.name, "state": self._state, "source": self.config.source.type,
-            "model": self.model.name, "model_version": self.model.version, "provider": self.model.provider,
-            **self._counts, "dropped": dropped, "results_per_s": round(rate, 2),
+            "pipeline": self.name,
+            "state": self._state,
+            "source": self.config.source.type,
+            "model": self.model.name,
+            "model_version": self.model.version,
+            "provider": self.model.provider,
+            **self._counts,
+            "dropped": dropped,
+            "results_per_s": round(rate, 2),
             "inference_running_s": round(time.monotonic() - busy, 3) if (busy := self._busy_since) is not None else 0.0,
-            "latency_ms": self.timings.snapshot(), "last_error": self._last_error,
+            "latency_ms": self.timings.snapshot(),
+            "last_error": self._last_error,
         }
 
     # -- stages ----------------------------------------------------------------------------------
@@ -314,7 +362,7 @@ class Pipeline:
                     self._counts["source_errors"] += 1
                     self._error("source.error", str(exc), retry=False)
                     break
-                except Exception as exc:  # noqa: BLE001 (a source bug or a device error must not end the daemon)
+                except Exception as exc:  # a source bug or a device error must not end the daemon
                     self._counts["source_errors"] += 1
                     delay = backoff.next_delay()
                     self._error("source.error", f"{exc.__class__.__name__}: {exc}", retry_in_s=round(delay, 2))
@@ -323,7 +371,7 @@ class Pipeline:
         finally:
             try:
                 self.source.close()
-            except Exception:  # noqa: BLE001
+            except Exception:
                 log.debug("source close failed", exc_info=True)
             if isinstance(self._in, LatestSlot):
                 self._in.close()
@@ -368,7 +416,9 @@ class Pipeline:
                 continue
             except Exception as exc:  # noqa: BLE001
                 self._counts["rejected"] += 1
-                self._throttled(self._event("frame.rejected", reason=f"{exc.__class__.__name__}: {exc}", source_seq=frame.seq))
+                self._throttled(
+                    self._event("frame.rejected", reason=f"{exc.__class__.__name__}: {exc}", source_seq=frame.seq)
+                )
                 continue
             if tensor is None:  # a sensor window still filling
                 continue
@@ -423,8 +473,15 @@ class Pipeline:
                     outputs = [model.run(w.tensor, self._model_state) for w in batch]
         except Exception as exc:  # noqa: BLE001 (ORT's errors derive from Exception)
             self._counts["inference_errors"] += len(batch)
-            self._throttled(self._event("inference.error", reason=f"{exc.__class__.__name__}: {str(exc).strip()[:300]}",
-                                        model=model.name, version=model.version, source_seq=batch[0].frame.seq))
+            self._throttled(
+                self._event(
+                    "inference.error",
+                    reason=f"{exc.__class__.__name__}: {str(exc).strip()[:300]}",
+                    model=model.name,
+                    version=model.version,
+                    source_seq=batch[0].frame.seq,
+                )
+            )
             return
         finally:
             self._busy_since = None
@@ -449,7 +506,9 @@ class Pipeline:
                 output = work.post(work.outputs, PostContext(work.geometry, frame.t, frame.ts, work.tensor))
             except Exception as exc:  # noqa: BLE001
                 self._counts["post_errors"] += 1
-                self._throttled(self._event("postprocess.error", reason=f"{exc.__class__.__name__}: {exc}", source_seq=frame.seq))
+                self._throttled(
+                    self._event("postprocess.error", reason=f"{exc.__class__.__name__}: {exc}", source_seq=frame.seq)
+                )
                 continue
             post_ms = (time.perf_counter() - started) * 1000
             self.timings.add("pre", work.pre_ms)
@@ -457,9 +516,18 @@ class Pipeline:
             if output is None:
                 continue
             payload: dict[str, Any] = {
-                "device": device, "pipeline": name, "ts": iso_ms(frame.ts), "source_seq": frame.seq,
-                "model": model.name, "model_version": model.version, "provider": model.provider,
-                "latency_ms": {"pre": round(work.pre_ms, 3), "infer": round(work.infer_ms, 3), "post": round(post_ms, 3)},
+                "device": device,
+                "pipeline": name,
+                "ts": iso_ms(frame.ts),
+                "source_seq": frame.seq,
+                "model": model.name,
+                "model_version": model.version,
+                "provider": model.provider,
+                "latency_ms": {
+                    "pre": round(work.pre_ms, 3),
+                    "infer": round(work.infer_ms, 3),
+                    "post": round(post_ms, 3),
+                },
                 "output": output,
             }
             if frame.t is not None:
@@ -478,7 +546,10 @@ class Pipeline:
         self._finished.set()
         if self._state == "running":
             self._state = "finished" if not self._stop.is_set() else "stopped"
-            self.emit("pipeline.finished" if self._state == "finished" else "pipeline.stopped", results=self._counts["results"])
+            self.emit(
+                "pipeline.finished" if self._state == "finished" else "pipeline.stopped",
+                results=self._counts["results"],
+            )
 
     # -- helpers ---------------------------------------------------------------------------------
 
@@ -496,11 +567,15 @@ class Pipeline:
         self.model = model
         self._counts["swaps"] += 1
         done.set()
-        self.emit("model.swapped", model=model.name, version=model.version, previous=old.version, provider=model.provider)
+        self.emit(
+            "model.swapped", model=model.name, version=model.version, previous=old.version, provider=model.provider
+        )
 
     def _make_post(self, model: Model) -> BasePostprocessor:
         try:
-            return make_postprocessor(self.config.postprocess, model.output_names, {k: v.type for k, v in model.outputs.items()})
+            return make_postprocessor(
+                self.config.postprocess, model.output_names, {k: v.type for k, v in model.outputs.items()}
+            )
         except ValueError as exc:
             raise ModelError(f"pipeline {self.name}: {exc}") from exc
 
@@ -508,12 +583,13 @@ class Pipeline:
         def run() -> None:
             try:
                 target()
-            except Exception as exc:  # noqa: BLE001 (a bug in one stage must not take the process down)
+            except Exception as exc:  # a bug in one stage must not take the process down
                 self._state = "failed"
                 self._error("pipeline.failed", f"{stage}: {exc.__class__.__name__}: {exc}")
                 log.exception("pipeline stage failed name=%s stage=%s", self.name, stage)
                 self._stop.set()
                 self._finished.set()
+
         return run
 
     def _event(self, type_: str, **fields: Any) -> Event:
@@ -561,17 +637,34 @@ def open_pipeline(
     """Load the pipeline's model (a file from the profile, or what the store resolved) and build it."""
     source = model_path if model_path is not None else Path(config.model)
     model = load_model(
-        source, runtime, state_dir, name=model_name or (Path(config.model).stem if config.model_is_file else config.model),
-        version=model_version, constants=config.inputs, state=config.state, stream_input=config.preprocess.input,
-        warmup_runs=0, emit=emit,
+        source,
+        runtime,
+        state_dir,
+        name=model_name or (Path(config.model).stem if config.model_is_file else config.model),
+        version=model_version,
+        constants=config.inputs,
+        state=config.state,
+        stream_input=config.preprocess.input,
+        warmup_runs=0,
+        emit=emit,
     )
     example = example_input(config, model)
     if example is not None:
         model.warmup(example)
     else:
         model.warmup_if_possible()
-    return Pipeline(config, model, sink, device=device, runtime=runtime, state_dir=state_dir, emit=emit, qos=qos, mqtt=mqtt,
-                    connection=connection)
+    return Pipeline(
+        config,
+        model,
+        sink,
+        device=device,
+        runtime=runtime,
+        state_dir=state_dir,
+        emit=emit,
+        qos=qos,
+        mqtt=mqtt,
+        connection=connection,
+    )
 
 
 def example_input(config: PipelineConfig, model: Model) -> np.ndarray | None:
@@ -595,9 +688,13 @@ def example_input(config: PipelineConfig, model: Model) -> np.ndarray | None:
     return None
 
 
-def open_pipelines(profile: Any, sink: Sink, emit: EventSink = log_event,
-                   resolve: Callable[[PipelineConfig], tuple[Path | bytes, str | None]] | None = None,
-                   mqtt: Any = None) -> list[Pipeline]:
+def open_pipelines(
+    profile: Any,
+    sink: Sink,
+    emit: EventSink = log_event,
+    resolve: Callable[[PipelineConfig], tuple[Path | bytes, str | None]] | None = None,
+    mqtt: Any = None,
+) -> list[Pipeline]:
     """Every enabled pipeline of a profile whose model loads; the others are reported and skipped.
 
     `resolve` maps a registry model name to (file or bytes, version): the store's job. Without it only
@@ -618,10 +715,21 @@ def open_pipelines(profile: Any, sink: Sink, emit: EventSink = log_event,
                 path, version = resolve(config)
             else:
                 raise ModelError(f"model {config.model!r} comes from the registry, and no model store is wired here")
-            pipelines.append(open_pipeline(
-                config, sink, device=profile.device.id, runtime=profile.runtime, state_dir=state_dir, emit=emit,
-                model_path=path, model_version=version, qos=default_qos, mqtt=profile.mqtt, connection=mqtt,
-            ))
+            pipelines.append(
+                open_pipeline(
+                    config,
+                    sink,
+                    device=profile.device.id,
+                    runtime=profile.runtime,
+                    state_dir=state_dir,
+                    emit=emit,
+                    model_path=path,
+                    model_version=version,
+                    qos=default_qos,
+                    mqtt=profile.mqtt,
+                    connection=mqtt,
+                )
+            )
         except (ModelError, OSError, ValueError) as exc:
             emit(Event("pipeline.failed", {"pipeline": config.name, "model": config.model, "reason": str(exc)}))
     return pipelines

@@ -11,16 +11,17 @@ import functools
 import hashlib
 import logging
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
-from agent.transport.events import Event, EventSink, log_event
-from agent.inference.processing.pre import NUMPY_TYPES
 from agent.config.profile import RuntimeConfig
 from agent.device.providers import open_session
+from agent.inference.processing.pre import NUMPY_TYPES
+from agent.transport.events import Event, EventSink, log_event
 
 log = logging.getLogger(__name__)
 
@@ -128,12 +129,16 @@ class Model:
                 raise ModelError(f"model {name} has no input {input_name!r} (inputs: {', '.join(self.inputs)})")
         for output_name in state.values():
             if output_name not in self.outputs:
-                raise ModelError(f"model {name} has no output {output_name!r} to carry as state (outputs: {', '.join(self.outputs)})")
+                raise ModelError(
+                    f"model {name} has no output {output_name!r} to carry as state (outputs: {', '.join(self.outputs)})"
+                )
         self.state_map = state
         self.constants = {k: constant_tensor(self.inputs[k], v) for k, v in constants.items()}
         free = [n for n in self.inputs if n not in self.constants and n not in state]
         if stream_input is not None and stream_input not in free:
-            raise ModelError(f"model {name} has no input {stream_input!r} for the stream (free inputs: {', '.join(free) or 'none'})")
+            raise ModelError(
+                f"model {name} has no input {stream_input!r} for the stream (free inputs: {', '.join(free) or 'none'})"
+            )
         if stream_input is None:
             if len(free) != 1:
                 raise ModelError(
@@ -144,8 +149,14 @@ class Model:
         self.stream_input = stream_input
         self.stream_spec = self.inputs[stream_input]
         self.batchable = (
-            not state and not self.constants and bool(self.stream_spec.shape) and self.stream_spec.shape[0] is None
-            and all((o.shape is not None and len(o.shape) > 0 and o.shape[0] is None) or o.type.startswith("seq(") for o in self.outputs.values())
+            not state
+            and not self.constants
+            and bool(self.stream_spec.shape)
+            and self.stream_spec.shape[0] is None
+            and all(
+                (o.shape is not None and len(o.shape) > 0 and o.shape[0] is None) or o.type.startswith("seq(")
+                for o in self.outputs.values()
+            )
         )
 
     def new_state(self) -> ModelState:
@@ -174,7 +185,7 @@ class Model:
             if len(value) != n:
                 raise ModelError(f"output {name} has {len(value)} rows for a batch of {n}")
             for i in range(n):
-                per_item[i][name] = value[i:i + 1]
+                per_item[i][name] = value[i : i + 1]
         return per_item
 
     def warmup(self, example: np.ndarray | None = None, runs: int = 2) -> float:
@@ -185,7 +196,7 @@ class Model:
         try:
             for _ in range(runs):
                 self.run(x, state)
-        except Exception as exc:  # noqa: BLE001 (ORT raises its own classes, not RuntimeError)
+        except Exception as exc:  # ORT raises its own classes, not RuntimeError
             raise ModelError(f"model {self.name} {self.version} failed its warm-up run: {exc}") from exc
         return (time.perf_counter() - started) * 1000 / runs
 
@@ -198,8 +209,12 @@ class Model:
             log.debug("warm-up deferred to the first frame name=%s reason=%s", self.name, exc)
 
     def describe(self) -> dict[str, Any]:
-        return {"model": self.name, "version": self.version, "provider": self.provider,
-                "inputs": {k: [d if d is not None else "?" for d in (v.shape or ())] for k, v in self.inputs.items()}}
+        return {
+            "model": self.name,
+            "version": self.version,
+            "provider": self.provider,
+            "inputs": {k: [d if d is not None else "?" for d in (v.shape or ())] for k, v in self.inputs.items()},
+        }
 
 
 def load_model(
@@ -221,12 +236,16 @@ def load_model(
     if path is not None and not path.is_file():
         raise ModelError(f"model file {path} does not exist")
     name = name or (path.stem if path is not None else "model")
-    version = version or (file_version(path) if path is not None else "sha256:" + hashlib.sha256(source).hexdigest()[:12])  # type: ignore[arg-type]
+    version = version or (
+        file_version(path) if path is not None else "sha256:" + hashlib.sha256(source).hexdigest()[:12]
+    )  # type: ignore[arg-type]
     _check_loadable(source, name, version)
     try:
         opened = open_session(source if isinstance(source, bytes) else path, runtime, state_dir, emit)  # type: ignore[arg-type]
-    except Exception as exc:  # noqa: BLE001 (ORT's Fail/InvalidGraph derive from Exception)
-        raise ModelError(f"cannot load model {name} {version}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else exc}") from exc
+    except Exception as exc:  # ORT's Fail/InvalidGraph derive from Exception
+        raise ModelError(
+            f"cannot load model {name} {version}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else exc}"
+        ) from exc
     model = Model(opened.session, opened.provider, name, version, constants, state, stream_input, path)
     if warmup_runs:
         ms = model.warmup(example, warmup_runs)

@@ -94,9 +94,15 @@ class CrashGuard:
             if pending is None or pending.version != version or pending.deaths < self.limit:
                 return None
             instead = f"; starting on {pending.previous} instead" if pending.previous else "; starting without it"
-            reason = (f"model {model} version {version} was loading when the agent died "
-                      f"{pending.deaths} starts in a row (last began {pending.since}){instead}")
-            entry.setdefault("crashed", {})[version] = {"reason": reason, "at": _utc_now(), "previous": pending.previous}
+            reason = (
+                f"model {model} version {version} was loading when the agent died "
+                f"{pending.deaths} starts in a row (last began {pending.since}){instead}"
+            )
+            entry.setdefault("crashed", {})[version] = {
+                "reason": reason,
+                "at": _utc_now(),
+                "previous": pending.previous,
+            }
             entry.pop("pending", None)
             self._write(state)
             log.error("%s", reason)
@@ -118,8 +124,12 @@ class CrashGuard:
             entry["pending"] = {k: v for k, v in asdict(attempt).items() if k != "model"}
             self._write(state)
             if attempt.deaths:
-                log.warning("loading model %s version %s again: %d earlier start(s) died while loading it",
-                            model, version, attempt.deaths)
+                log.warning(
+                    "loading model %s version %s again: %d earlier start(s) died while loading it",
+                    model,
+                    version,
+                    attempt.deaths,
+                )
             return attempt
 
     def succeeded(self, model: str, version: str) -> None:
@@ -176,9 +186,15 @@ class CrashGuard:
         if not raw:
             return None
         try:
-            return Attempt(model=model, version=str(raw["version"]), previous=raw.get("previous"),
-                           attempts=int(raw["attempts"]), pid=int(raw.get("pid", 0)),
-                           process=str(raw.get("process", "")), since=str(raw.get("since", "")))
+            return Attempt(
+                model=model,
+                version=str(raw["version"]),
+                previous=raw.get("previous"),
+                attempts=int(raw["attempts"]),
+                pid=int(raw.get("pid", 0)),
+                process=str(raw.get("process", "")),
+                since=str(raw.get("since", "")),
+            )
         except (KeyError, TypeError, ValueError):
             log.warning("ignoring a malformed crash record for model %s in the state directory", model)
             return None

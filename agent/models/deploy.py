@@ -20,9 +20,10 @@ from __future__ import annotations
 import json
 import re
 import secrets
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 from agent.models.manifest import NAME_PATTERN, VERSION_PATTERN
 from agent.models.signing import SignatureError, sign, verify
@@ -78,8 +79,15 @@ class DeployOrder:
         return self.target.split(":", 1)[1]
 
     def as_dict(self) -> dict[str, Any]:
-        doc: dict[str, Any] = {"schema": SCHEMA, "id": self.id, "model": self.model, "version": self.version,
-                               "target": self.target, "issued": _iso(self.issued), "expires": _iso(self.expires)}
+        doc: dict[str, Any] = {
+            "schema": SCHEMA,
+            "id": self.id,
+            "model": self.model,
+            "version": self.version,
+            "target": self.target,
+            "issued": _iso(self.issued),
+            "expires": _iso(self.expires),
+        }
         if self.allow_older:
             doc["allow_older"] = True
         if self.canary is not None:
@@ -116,13 +124,29 @@ def parse_target(target: str) -> tuple[str, str]:
     return kind, name
 
 
-def new_order(model: str, version: str, target: str, *, expires_in: timedelta = DEFAULT_EXPIRES,
-              allow_older: bool = False, canary: Canary | None = None, now: datetime | None = None,
-              order_id: str | None = None) -> DeployOrder:
+def new_order(
+    model: str,
+    version: str,
+    target: str,
+    *,
+    expires_in: timedelta = DEFAULT_EXPIRES,
+    allow_older: bool = False,
+    canary: Canary | None = None,
+    now: datetime | None = None,
+    order_id: str | None = None,
+) -> DeployOrder:
     """A fresh order, checked as strictly as a device will check it (ValueError, one line)."""
     now = (now or datetime.now(timezone.utc)).replace(microsecond=0)
-    order = DeployOrder(id=order_id or new_order_id(now), model=model, version=version, target=target,
-                        issued=now, expires=now + expires_in, allow_older=allow_older, canary=canary)
+    order = DeployOrder(
+        id=order_id or new_order_id(now),
+        model=model,
+        version=version,
+        target=target,
+        issued=now,
+        expires=now + expires_in,
+        allow_older=allow_older,
+        canary=canary,
+    )
     _check(order.as_dict())  # one set of rules for writing and reading
     return order
 
@@ -147,8 +171,12 @@ def parse_order(payload: bytes, public_keys: Mapping[str, Any], *, now: datetime
         envelope = json.loads(payload)
     except (ValueError, UnicodeDecodeError) as exc:
         raise OrderError(f"{WHAT} is not JSON ({_first_line(exc)})") from None
-    if not isinstance(envelope, dict) or set(envelope) != {"order", "sig"} \
-            or not isinstance(envelope["order"], str) or not isinstance(envelope["sig"], dict):
+    if (
+        not isinstance(envelope, dict)
+        or set(envelope) != {"order", "sig"}
+        or not isinstance(envelope["order"], str)
+        or not isinstance(envelope["sig"], dict)
+    ):
         raise OrderError(f'{WHAT} is not {{"order": "<JSON text>", "sig": {{...}}}}')
     text: str = envelope["order"]
     claimed = _claimed_id(text)
@@ -166,7 +194,9 @@ def parse_order(payload: bytes, public_keys: Mapping[str, Any], *, now: datetime
     except ValueError as exc:
         raise OrderError(f"{what}: {exc}", claimed) from None
     if order.expired(now):
-        raise OrderError(f"{what} expired at {_iso(order.expires)}; issue a new one with `edge-agent fleet deploy`", order.id)
+        raise OrderError(
+            f"{what} expired at {_iso(order.expires)}; issue a new one with `edge-agent fleet deploy`", order.id
+        )
     return order
 
 
@@ -176,8 +206,9 @@ def applies_to(order: DeployOrder, device_id: str, group: str) -> bool:
     return (kind == "device" and name == device_id) or (kind == "group" and name == group)
 
 
-def effective_order(orders: Iterable[DeployOrder | None], device_id: str, group: str,
-                    now: datetime | None = None) -> DeployOrder | None:
+def effective_order(
+    orders: Iterable[DeployOrder | None], device_id: str, group: str, now: datetime | None = None
+) -> DeployOrder | None:
     """Of the orders a device holds (its own topic's and its group's), the one to act on: the most
     recently issued that applies to it and has not expired. A canary's device order and the group order
     that follows it name the same version; a later group order supersedes an older device order."""

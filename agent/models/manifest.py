@@ -81,7 +81,7 @@ class Manifest(_Doc):
     metadata: dict[str, str] = Field(default_factory=dict)
 
     @model_validator(mode="after")
-    def _check(self) -> "Manifest":
+    def _check(self) -> Manifest:
         ids = [v.id for v in self.variants]
         dup = {i for i in ids if ids.count(i) > 1}
         if dup:

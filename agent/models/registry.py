@@ -27,22 +27,33 @@ import random
 import re
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import numpy as np
 import requests
 
 from agent.device import compat
-from agent.transport.events import Event, EventSink, log_event
 from agent.models.manifest import (
-    MAX_DOC_BYTES, NAME_PATTERN, VERSION_PATTERN, Blob, ChannelPointer, Manifest, ManifestError, Variant, parse_channel,
-    parse_manifest, utcnow, version_key,
+    MAX_DOC_BYTES,
+    NAME_PATTERN,
+    VERSION_PATTERN,
+    Blob,
+    ChannelPointer,
+    Manifest,
+    ManifestError,
+    Variant,
+    parse_channel,
+    parse_manifest,
+    utcnow,
+    version_key,
 )
 from agent.models.signing import SignatureError, load_public_keys, verify
 from agent.models.store import ActiveModel, Store, StoreError, sha256_file
+from agent.transport.events import Event, EventSink, log_event
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +126,7 @@ class RegistryClient:
         self._raw: dict[tuple[str, str], tuple[bytes, bytes]] = {}
 
     @classmethod
-    def from_profile(cls, profile: Any, emit: EventSink = log_event, **kwargs: Any) -> "RegistryClient":
+    def from_profile(cls, profile: Any, emit: EventSink = log_event, **kwargs: Any) -> RegistryClient:
         if profile.registry is None:
             raise ValueError("the profile has no registry section")
         reg = profile.registry
@@ -139,7 +150,9 @@ class RegistryClient:
         return self._providers
 
     def variant_refusal(self, variant: Variant) -> str | None:
-        reason = compat.refusal(self.caps, variant.id, variant.ir_version, variant.opsets, variant.architectures, variant.min_runtime)
+        reason = compat.refusal(
+            self.caps, variant.id, variant.ir_version, variant.opsets, variant.architectures, variant.min_runtime
+        )
         if reason is None and variant.providers and not set(variant.providers) & set(self.providers):
             reason = f"variant {variant.id} suits {', '.join(variant.providers)}; this device has {', '.join(self.providers)}"
         return reason
@@ -163,7 +176,7 @@ class RegistryClient:
             except (requests.ConnectionError, requests.Timeout, FetchError) as exc:
                 if attempt == self.retries:
                     raise FetchError(f"{what}: {exc}") from None
-                delay = self.backoff * (2 ** attempt) * random.uniform(0.5, 1.5)
+                delay = self.backoff * (2**attempt) * random.uniform(0.5, 1.5)
                 log.info("%s failed (%s); retrying in %.1fs", what, exc, delay)
                 self.sleep(delay)
         raise AssertionError("unreachable")
@@ -274,7 +287,9 @@ class RegistryClient:
                 raise Refused(f"{what} is not on the registry (404)")
             if r.status_code == 416:
                 part.unlink(missing_ok=True)
-                raise Refused(f"{what} is truncated on the registry: it holds fewer than {have + 1} bytes, the manifest says {blob.size}")
+                raise Refused(
+                    f"{what} is truncated on the registry: it holds fewer than {have + 1} bytes, the manifest says {blob.size}"
+                )
             if r.status_code >= 500:
                 raise FetchError(f"HTTP {r.status_code}")
             if r.status_code == 206 and have:
@@ -305,7 +320,9 @@ class RegistryClient:
                         if progress:
                             progress(have, blob.size)
                 except requests.exceptions.ChunkedEncodingError as exc:
-                    raise FetchError(f"connection broken at {have} of {blob.size} bytes ({exc.__class__.__name__})") from None
+                    raise FetchError(
+                        f"connection broken at {have} of {blob.size} bytes ({exc.__class__.__name__})"
+                    ) from None
                 finally:
                     if not f.closed:
                         f.flush()
@@ -315,8 +332,9 @@ class RegistryClient:
 
     # --- one update step --------------------------------------------------------------------
 
-    def check_and_pull(self, model: str, channel: str | None = "stable", version: str | None = None,
-                       allow_older: bool = False) -> PullResult:
+    def check_and_pull(
+        self, model: str, channel: str | None = "stable", version: str | None = None, allow_older: bool = False
+    ) -> PullResult:
         """Bring `model` to the channel's (or the pinned) version; emit events; never raise for refusals."""
         target = version
         try:
@@ -330,7 +348,11 @@ class RegistryClient:
             self.emit(Event("model.refused", {"model": model, "version": target, "reason": str(exc)}))
             return PullResult(model, "refused", target, reason=str(exc))
         except (FetchError, StoreError, OSError) as exc:
-            reason = str(exc) if not isinstance(exc, OSError) else f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": ")
+            reason = (
+                str(exc)
+                if not isinstance(exc, OSError)
+                else f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": ")
+            )
             self.emit(Event("model.error", {"model": model, "version": target, "reason": reason}))
             return PullResult(model, "failed", target, reason=reason)
 
@@ -339,11 +361,19 @@ class RegistryClient:
         if active is not None and active.version == version:
             return PullResult(model, "current", version, active.variant.id, provider=active.provider)
         if from_channel and active is not None and self.store.pointer(model)["held"] == version:
-            return PullResult(model, "held", version, active.variant.id, provider=active.provider,
-                              reason=f"{version} was rolled back; the channel must move on, or pull it by version")
+            return PullResult(
+                model,
+                "held",
+                version,
+                active.variant.id,
+                provider=active.provider,
+                reason=f"{version} was rolled back; the channel must move on, or pull it by version",
+            )
         if active is not None and version_key(version) < version_key(active.version) and not allow_older:
-            raise Refused(f"version {version} is older than the active {active.version}; "
-                          "an older version is only installed on a rollback order")
+            raise Refused(
+                f"version {version} is older than the active {active.version}; "
+                "an older version is only installed on a rollback order"
+            )
         manifest = self.manifest(model, version)
         variant = self.choose_variant(manifest)
         fields = {"model": model, "version": version, "variant": variant.id}
@@ -364,8 +394,12 @@ class RegistryClient:
         if need + DISK_MARGIN > free:
             raise FetchError(f"not enough disk for {model} {version}: needs {need + DISK_MARGIN} bytes, {free} free")
 
-        self.emit(Event("model.downloading", {**fields, "bytes": variant.blob.size,
-                                              "resume_from": self._partial_size(variant.blob)}))
+        self.emit(
+            Event(
+                "model.downloading",
+                {**fields, "bytes": variant.blob.size, "resume_from": self._partial_size(variant.blob)},
+            )
+        )
         model_part = self.download(variant.blob, f"{model} {version} variant {variant.id}", self.progress)
         extra = {b.digest: self.download(b, f"{model} {version} test data {b.digest[7:19]}") for b in blobs[1:]}
 
@@ -392,14 +426,27 @@ class RegistryClient:
         if manifest.labels:
             labels = "labels.txt"
             shutil.copyfile(stage / manifest.labels.hex, stage / labels)
-        info = {"variant": variant.id, "digest": variant.blob.digest, "file": name, "provider": provider,
-                "labels": labels, "installed": self.now().isoformat()}
+        info = {
+            "variant": variant.id,
+            "digest": variant.blob.digest,
+            "file": name,
+            "provider": provider,
+            "labels": labels,
+            "installed": self.now().isoformat(),
+        }
         self.store.commit(model, version, stage, info)
         self.store.activate(model, version)
         self.store.collect(model)
         self.emit(Event("model.activated", {**fields, "provider": provider, "previous": previous}))
-        return PullResult(model, "activated", version, variant.id, provider=provider, previous=previous,
-                          downloaded_bytes=variant.blob.size)
+        return PullResult(
+            model,
+            "activated",
+            version,
+            variant.id,
+            provider=provider,
+            previous=previous,
+            downloaded_bytes=variant.blob.size,
+        )
 
     def rollback(self, model: str) -> PullResult:
         """Make the previous version active again (a rollback order); emits model.rolled_back."""
@@ -410,8 +457,12 @@ class RegistryClient:
         except StoreError as exc:
             self.emit(Event("model.error", {"model": model, "reason": str(exc)}))
             return PullResult(model, "failed", reason=str(exc))
-        self.emit(Event("model.rolled_back", {"model": model, "version": entry.version, "variant": entry.variant.id,
-                                              "previous": before}))
+        self.emit(
+            Event(
+                "model.rolled_back",
+                {"model": model, "version": entry.version, "variant": entry.variant.id, "previous": before},
+            )
+        )
         return PullResult(model, "activated", entry.version, entry.variant.id, provider=entry.provider, previous=before)
 
     def _partial_size(self, blob: Blob) -> int:
@@ -425,8 +476,10 @@ class RegistryClient:
             raise Refused(f"variant {variant.id} is not a readable ONNX file: {exc}") from None
         declared = {compat.normalize_domain(d): v for d, v in variant.opsets.items()}
         if header.ir_version != variant.ir_version or header.opsets != declared:
-            raise Refused(f"variant {variant.id}: the file says IR {header.ir_version} opsets {header.opsets}; "
-                          f"the signed manifest says IR {variant.ir_version} opsets {declared}")
+            raise Refused(
+                f"variant {variant.id}: the file says IR {header.ir_version} opsets {header.opsets}; "
+                f"the signed manifest says IR {variant.ir_version} opsets {declared}"
+            )
 
     def _run_tests(self, model_path: Path, stage: Path, tests: tuple[Any, ...], variant: Variant) -> str | None:
         from agent.config.profile import RuntimeConfig
@@ -448,17 +501,23 @@ class RegistryClient:
             try:
                 got = opened.session.run(names, feeds)
             except Exception as exc:  # noqa: BLE001
-                raise Refused(f"test vector {test.name} does not run on {opened.provider}: {str(exc).splitlines()[0][:300]}") from None
+                raise Refused(
+                    f"test vector {test.name} does not run on {opened.provider}: {str(exc).splitlines()[0][:300]}"
+                ) from None
             for name, actual in zip(names, got):
                 want = expected[name]
                 actual = np.asarray(actual)
                 if actual.shape != want.shape:
-                    raise Refused(f"test vector {test.name} failed on {opened.provider}: output {name!r} has shape "
-                                  f"{list(actual.shape)}, expected {list(want.shape)}")
+                    raise Refused(
+                        f"test vector {test.name} failed on {opened.provider}: output {name!r} has shape "
+                        f"{list(actual.shape)}, expected {list(want.shape)}"
+                    )
                 if not np.allclose(actual, want, rtol=test.rtol, atol=test.atol, equal_nan=True):
                     err = float(np.max(np.abs(actual.astype(np.float64) - want.astype(np.float64))))
-                    raise Refused(f"test vector {test.name} failed on {opened.provider}: output {name!r} differs by up to "
-                                  f"{err:.3g} (atol {test.atol:g}, rtol {test.rtol:g})")
+                    raise Refused(
+                        f"test vector {test.name} failed on {opened.provider}: output {name!r} differs by up to "
+                        f"{err:.3g} (atol {test.atol:g}, rtol {test.rtol:g})"
+                    )
         return opened.provider
 
 
@@ -482,4 +541,3 @@ def _content_range(header: str) -> tuple[int | None, int | None]:
 def active_model(state_dir: Path, model: str) -> ActiveModel | None:
     """Shortcut for the daemon: the active version of `model`, or None."""
     return Store(state_dir).active(model)
-

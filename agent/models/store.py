@@ -25,9 +25,10 @@ import json
 import os
 import shutil
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from agent.models.manifest import Manifest, ManifestError, Variant, parse_manifest, version_key
 
@@ -122,7 +123,9 @@ class Store:
         folder = self.root / model
         if not folder.is_dir():
             return []
-        found = [p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".") and (p / INSTALLED).exists()]
+        found = [
+            p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".") and (p / INSTALLED).exists()
+        ]
         return sorted(found, key=version_key)
 
     def installed(self, model: str, version: str) -> ActiveModel:
@@ -135,8 +138,16 @@ class Store:
         except (ValueError, ManifestError) as exc:
             raise StoreError(f"{model} {version} in the store is damaged: {exc}") from None
         labels = folder / info["labels"] if info.get("labels") else None
-        return ActiveModel(model, version, folder / info["file"], info["digest"], manifest,
-                           manifest.variant(info["variant"]), labels, info.get("provider"))
+        return ActiveModel(
+            model,
+            version,
+            folder / info["file"],
+            info["digest"],
+            manifest,
+            manifest.variant(info["variant"]),
+            labels,
+            info.get("provider"),
+        )
 
     def active(self, model: str) -> ActiveModel | None:
         version = self.pointer(model)["active"]
@@ -152,8 +163,10 @@ class Store:
         except StoreError as exc:
             raise ValueError(str(exc)) from None
         if entry is None:
-            raise ValueError(f"model {pipeline.model!r} has no active version in the store yet "
-                             f"(the registry client pulls it; or: edge-agent models pull {pipeline.model})")
+            raise ValueError(
+                f"model {pipeline.model!r} has no active version in the store yet "
+                f"(the registry client pulls it; or: edge-agent models pull {pipeline.model})"
+            )
         return entry.path, entry.version
 
     def check(self, model: str, deep: bool = True) -> list[str]:
@@ -175,7 +188,9 @@ class Store:
             if not entry.path.is_file():
                 problems.append(f"{role}: {entry.path} is missing")
             elif entry.path.stat().st_size != entry.variant.blob.size:
-                problems.append(f"{role}: {entry.path} is {entry.path.stat().st_size} bytes, expected {entry.variant.blob.size}")
+                problems.append(
+                    f"{role}: {entry.path} is {entry.path.stat().st_size} bytes, expected {entry.variant.blob.size}"
+                )
             elif deep and role == "active" and sha256_file(entry.path) != entry.digest:
                 problems.append(f"{role}: {entry.path} does not match its digest {entry.digest}")
         return problems
@@ -288,4 +303,3 @@ class Store:
     def free_bytes(self) -> int:
         self.root.mkdir(parents=True, exist_ok=True)
         return shutil.disk_usage(self.root).free
-

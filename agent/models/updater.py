@@ -47,9 +47,19 @@ def skip_crashing_versions(store: Any, profile: Any, emit: Any) -> None:
             try:
                 restored = store.rollback(model)
             except Exception as exc:  # noqa: BLE001 (nothing older on disk: serve it and say so)
-                emit(Event("model.rollback_failed", {"model": model, "version": active.version, "reason": f"{reason}; {exc}"}))
+                emit(
+                    Event(
+                        "model.rollback_failed",
+                        {"model": model, "version": active.version, "reason": f"{reason}; {exc}"},
+                    )
+                )
                 continue
-            emit(Event("model.rolled_back", {"model": model, "version": active.version, "to": restored.version, "reason": reason}))
+            emit(
+                Event(
+                    "model.rolled_back",
+                    {"model": model, "version": active.version, "to": restored.version, "reason": reason},
+                )
+            )
             continue
         pending = guard.pending(model)
         if pending is not None and pending.version == active.version:
@@ -74,7 +84,7 @@ class Updater:
 
     # -- lifecycle -----------------------------------------------------------------------------
 
-    def start(self) -> "Updater":
+    def start(self) -> Updater:
         self._subscribe_orders()
         self._thread = threading.Thread(target=self._run, name="updater", daemon=True)
         self._thread.start()
@@ -99,7 +109,7 @@ class Updater:
                     self.update()
                     next_poll = time.monotonic() + interval
                 self._judge_probation()
-            except Exception as exc:  # noqa: BLE001 (the update loop must outlive one bad update)
+            except Exception as exc:  # the update loop must outlive one bad update
                 log.exception("update step failed")
                 self.daemon.emit(Event("update.error", {"reason": f"{type(exc).__name__}: {exc}"}))
 
@@ -125,8 +135,9 @@ class Updater:
                 summaries.append(self._pull_and_swap(model, channel, version, allow_older=False))
         return summaries
 
-    def _pull_and_swap(self, model: str, channel: str | None, version: str | None, allow_older: bool,
-                       order: str | None = None) -> dict[str, Any]:
+    def _pull_and_swap(
+        self, model: str, channel: str | None, version: str | None, allow_older: bool, order: str | None = None
+    ) -> dict[str, Any]:
         before = self.store.active(model)
         if version is not None:
             reason = self.guard.should_skip(model, version)
@@ -164,25 +175,42 @@ class Updater:
             return
         if not pipelines:
             self.guard.succeeded(model, active.version)
-        self.daemon.emit(Event("model.active", {"model": model, "version": active.version, "previous": previous,
-                                                "provider": pipelines[0].model.provider if pipelines else active.provider,
-                                                **({"order": order} if order else {})}))
+        self.daemon.emit(
+            Event(
+                "model.active",
+                {
+                    "model": model,
+                    "version": active.version,
+                    "previous": previous,
+                    "provider": pipelines[0].model.provider if pipelines else active.provider,
+                    **({"order": order} if order else {}),
+                },
+            )
+        )
         probation = self.profile.registry.probation
         if pipelines and previous is not None and probation.duration > 0:
-            self._probation[model] = Probation(model, active.version, previous, time.monotonic() + probation.duration,
-                                               baseline, counts)
+            self._probation[model] = Probation(
+                model, active.version, previous, time.monotonic() + probation.duration, baseline, counts
+            )
 
     def _roll_back(self, model: str, bad: str, reason: str) -> None:
         self._probation.pop(model, None)
         try:
             restored = self.store.rollback(model)
         except Exception as exc:  # noqa: BLE001 (nothing to go back to: say so and keep serving)
-            self.daemon.emit(Event("model.rollback_failed", {"model": model, "version": bad, "reason": f"{reason}; rollback failed: {exc}"}))
+            self.daemon.emit(
+                Event(
+                    "model.rollback_failed",
+                    {"model": model, "version": bad, "reason": f"{reason}; rollback failed: {exc}"},
+                )
+            )
             return
         for pipeline in self.pipelines_of(model):
             if pipeline.stats()["model_version"] != restored.version:
                 pipeline.swap(restored.path, version=restored.version, name=model)
-        self.daemon.emit(Event("model.rolled_back", {"model": model, "version": bad, "to": restored.version, "reason": reason}))
+        self.daemon.emit(
+            Event("model.rolled_back", {"model": model, "version": bad, "to": restored.version, "reason": reason})
+        )
 
     def rollback(self, model: str) -> dict[str, Any]:
         """The operator's rollback (command): back to the previous version, held there."""
@@ -225,10 +253,21 @@ class Updater:
                 elif runs + errors >= 5 and errors / (runs + errors) > limits.max_error_rate:
                     reason = f"pipeline {p.name}: error rate {errors / (runs + errors):.0%} is above {limits.max_error_rate:.0%}"
             p95 = self._p95(pipelines)
-            enough = sum(p.stats()["inferences"] - trial.baseline_counts.get(p.name, (0, 0))[0] for p in pipelines) >= limits.min_inferences
-            if reason is None and enough and trial.baseline_p95 and p95 and p95 > trial.baseline_p95 * limits.max_latency_ratio:
-                reason = (f"inference p95 {p95:.1f} ms is {p95 / trial.baseline_p95:.1f}x the previous version's "
-                          f"{trial.baseline_p95:.1f} ms (allowed {limits.max_latency_ratio}x)")
+            enough = (
+                sum(p.stats()["inferences"] - trial.baseline_counts.get(p.name, (0, 0))[0] for p in pipelines)
+                >= limits.min_inferences
+            )
+            if (
+                reason is None
+                and enough
+                and trial.baseline_p95
+                and p95
+                and p95 > trial.baseline_p95 * limits.max_latency_ratio
+            ):
+                reason = (
+                    f"inference p95 {p95:.1f} ms is {p95 / trial.baseline_p95:.1f}x the previous version's "
+                    f"{trial.baseline_p95:.1f} ms (allowed {limits.max_latency_ratio}x)"
+                )
             if reason:
                 self._roll_back(model, trial.version, f"probation failed: {reason}")
             elif time.monotonic() >= trial.until and enough:
@@ -257,7 +296,9 @@ class Updater:
 
     def _on_order(self, message: Any) -> None:
         # On the network thread: hand the work to a thread of its own, never block paho's loop.
-        threading.Thread(target=self._apply_order, args=(message.topic, message.payload), name="deploy", daemon=True).start()
+        threading.Thread(
+            target=self._apply_order, args=(message.topic, message.payload), name="deploy", daemon=True
+        ).start()
 
     def _apply_order(self, topic: str, payload: bytes) -> None:
         from agent.models.deploy import OrderError, applies_to, parse_order
@@ -272,13 +313,21 @@ class Updater:
             return  # withdrawn, or for another device: keep serving what is active
         served = {c.model for c in self.profile.registry_pipelines}
         if order.model not in served:
-            self.daemon.emit(Event("model.refused", {**order.event_fields(),
-                                                     "reason": f"no pipeline on this device serves model {order.model!r}"}))
+            self.daemon.emit(
+                Event(
+                    "model.refused",
+                    {**order.event_fields(), "reason": f"no pipeline on this device serves model {order.model!r}"},
+                )
+            )
             return
         with self._lock:
             known = self._orders.get(order.model)
-            if known is not None and known["id"] == order.id and self.store.active(order.model) is not None \
-                    and self.store.active(order.model).version == order.version:
+            if (
+                known is not None
+                and known["id"] == order.id
+                and self.store.active(order.model) is not None
+                and self.store.active(order.model).version == order.version
+            ):
                 return  # a retained order already carried out
             self._orders[order.model] = {"id": order.id, "version": order.version}
             self._save_orders()

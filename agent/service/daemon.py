@@ -10,15 +10,15 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from agent import __version__
-
+from agent.config.profile import PipelineConfig, Profile, ProfileError, load_profile
 from agent.service import notify
 from agent.transport.events import Event, Sink, log_event
-from agent.config.profile import PipelineConfig, Profile, ProfileError, load_profile
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ class Daemon:
         if self.parts is not None and self.parts.sink is not None:
             try:
                 self.parts.sink.event(event)
-            except Exception:  # noqa: BLE001 (an event must never take down its producer)
+            except Exception:  # an event must never take down its producer
                 log.exception("event not queued type=%s", event.type)
         if self.parts is not None and self.parts.health is not None:
             self.parts.health.poke()
@@ -71,7 +71,12 @@ class Daemon:
         from agent.device.hardware import probe
 
         self.probe = probe(state_dir=state_dir)
-        log.info("probe arch=%s cpu=%r accelerators=%d", self.probe.cpu.arch, self.probe.cpu.model, len(self.probe.accelerators))
+        log.info(
+            "probe arch=%s cpu=%r accelerators=%d",
+            self.probe.cpu.arch,
+            self.probe.cpu.model,
+            len(self.probe.accelerators),
+        )
         parts = self.parts = Parts()
         parts.sink = self._open_sink(parts, state_dir)
         self._open_registry(parts)
@@ -98,7 +103,7 @@ class Daemon:
         for name, close in reversed(parts.closers):  # events while stopping still reach the outbox
             try:
                 close()
-            except Exception:  # noqa: BLE001 (stop everything else even when one part fails)
+            except Exception:  # stop everything else even when one part fails
                 log.exception("stopping %s failed", name)
         self.parts = None
 
@@ -127,7 +132,9 @@ class Daemon:
                     break
                 notify.status(self.watchdog_problem() or self.status_line())
         finally:
-            failed = [n for n, p in (self.parts.pipelines.items() if self.parts else ()) if p.stats()["state"] == "failed"]
+            failed = [
+                n for n, p in (self.parts.pipelines.items() if self.parts else ()) if p.stats()["state"] == "failed"
+            ]
             self.stop()
         return 1 if failed else 0
 
@@ -177,8 +184,8 @@ class Daemon:
             parts.closers.append(("stdout", sink.close))
             return sink
         from agent.transport.mqtt import Connection, OutboxPump
-        from agent.transport.sinks.outbox import OutboxSink
         from agent.transport.outbox import open_outbox
+        from agent.transport.sinks.outbox import OutboxSink
 
         outbox = parts.outbox = open_outbox(state_dir, mqtt.outbox)
         connection = parts.connection = Connection(mqtt, self.profile.device, agent_version=__version__)
@@ -264,8 +271,10 @@ class Daemon:
         connection = parts.connection
         health = HealthReporter(
             lambda payload: connection.publish_latest(connection.topics.health, payload),
-            interval=self.profile.health.interval, device=self.profile.device.id,
-            state_dir=self.profile.device.state_dir, agent_version=__version__,
+            interval=self.profile.health.interval,
+            device=self.profile.device.id,
+            state_dir=self.profile.device.state_dir,
+            agent_version=__version__,
         )
         health.add_source("group", lambda: self.profile.device.group)
         health.add_source("pipelines", lambda: {n: p.stats() for n, p in list(parts.pipelines.items())})
@@ -308,7 +317,8 @@ class Daemon:
 
         def snapshot() -> dict[str, Any]:
             return {
-                "device": self.profile.device.id, "agent_version": __version__,
+                "device": self.profile.device.id,
+                "agent_version": __version__,
                 "uptime_s": round(time.time() - self.started_at, 1),
                 "connection": parts.connection.health() if parts.connection is not None else None,
                 "outbox": parts.outbox.stats().as_dict() if parts.outbox is not None else None,
@@ -331,7 +341,9 @@ class Daemon:
             return out
         for pipeline in list(parts.pipelines.values()):
             stats = pipeline.stats()
-            entry = out.setdefault(stats["model"], {"version": stats["model_version"], "provider": stats["provider"], "pipelines": []})
+            entry = out.setdefault(
+                stats["model"], {"version": stats["model_version"], "provider": stats["provider"], "pipelines": []}
+            )
             entry["pipelines"].append(pipeline.name)
             if parts.store is not None and not pipeline.config.model_is_file:
                 active = parts.store.active(pipeline.config.model)

@@ -23,8 +23,9 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import psutil
 
@@ -50,7 +51,11 @@ def system_health(state_dir: str | Path | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {
         "cpu_percent": psutil.cpu_percent(interval=None),
         "cpu_count": psutil.cpu_count(),
-        "memory": {"total_mb": round(vm.total / 2**20), "available_mb": round(vm.available / 2**20), "percent": vm.percent},
+        "memory": {
+            "total_mb": round(vm.total / 2**20),
+            "available_mb": round(vm.available / 2**20),
+            "percent": vm.percent,
+        },
         "uptime_s": round(time.time() - psutil.boot_time()),
     }
     try:
@@ -63,7 +68,12 @@ def system_health(state_dir: str | Path | None = None) -> dict[str, Any]:
     if state_dir is not None:
         try:
             du = psutil.disk_usage(str(state_dir))
-            out["disk"] = {"path": str(state_dir), "total_mb": round(du.total / 2**20), "free_mb": round(du.free / 2**20), "percent": du.percent}
+            out["disk"] = {
+                "path": str(state_dir),
+                "total_mb": round(du.total / 2**20),
+                "free_mb": round(du.free / 2**20),
+                "percent": du.percent,
+            }
         except OSError as exc:
             out["disk"] = {"path": str(state_dir), "error": exc.strerror or str(exc)}
     return out
@@ -170,7 +180,7 @@ class HealthReporter:
         """Something changed (a model swapped, a source lost): look now instead of at the next poll."""
         self._poke.set()
 
-    def start(self) -> "HealthReporter":
+    def start(self) -> HealthReporter:
         if self._thread is None:
             self._stop.clear()
             self._thread = threading.Thread(target=self._run, name="health", daemon=True)
@@ -190,14 +200,14 @@ class HealthReporter:
         self.reports += 1
         try:
             self.publish(json.dumps(report, separators=(",", ":"), default=str).encode())
-        except Exception:  # noqa: BLE001
+        except Exception:
             log.exception("health: publish failed")
 
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
                 self.check()
-            except Exception:  # noqa: BLE001
+            except Exception:
                 log.exception("health: check failed")
             self._poke.wait(min(CHANGE_POLL, self.interval))
             self._poke.clear()

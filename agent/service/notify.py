@@ -31,13 +31,13 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import Callable, Iterator, Mapping, Union
 
 log = logging.getLogger(__name__)
 
 # A check answers None (or True) when its part is alive, else a reason (or False).
-Check = Callable[[], Union[str, bool, None]]
+Check = Callable[[], str | bool | None]
 
 # sd_notify pings at half the period so that one late ping is not yet a missed deadline.
 PING_FRACTION = 0.5
@@ -94,7 +94,9 @@ def stopping(status_text: str | None = None) -> bool:
 def reloading(status_text: str | None = None) -> bool:
     """A configuration reload began; send ready() when it is done. MONOTONIC_USEC as Type=notify-reload wants."""
     usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
-    return notify("RELOADING=1", f"MONOTONIC_USEC={usec}", *([f"STATUS={_one_line(status_text)}"] if status_text else []))
+    return notify(
+        "RELOADING=1", f"MONOTONIC_USEC={usec}", *([f"STATUS={_one_line(status_text)}"] if status_text else [])
+    )
 
 
 def watchdog() -> bool:
@@ -134,7 +136,9 @@ class Heartbeat:
     quiet source does not restart the service; without it, silence longer than `limit` is stale too.
     """
 
-    def __init__(self, name: str, limit: float, *, idle_ok: bool = False, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, name: str, limit: float, *, idle_ok: bool = False, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         if limit <= 0:
             raise ValueError(f"heartbeat {name!r}: limit must be > 0 seconds, got {limit!r}")
         self.name = name
@@ -256,7 +260,7 @@ class Watchdog:
         self.pings += sent
         return sent
 
-    def start(self) -> "Watchdog":
+    def start(self) -> Watchdog:
         """Ping from a background thread; a no-op when systemd asked for no watchdog."""
         if self.interval is None or self._thread is not None:
             return self
@@ -276,12 +280,12 @@ class Watchdog:
         while True:
             try:
                 self.tick()
-            except Exception:  # noqa: BLE001 (the pinger must outlive a bad check or a log handler)
+            except Exception:  # the pinger must outlive a bad check or a log handler
                 log.exception("watchdog tick failed")
             if self._stop.wait(self.interval):
                 return
 
-    def __enter__(self) -> "Watchdog":
+    def __enter__(self) -> Watchdog:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

@@ -26,8 +26,9 @@ import logging
 import math
 import socket
 import threading
+from collections.abc import Callable, Iterable, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import numpy as np
@@ -77,7 +78,7 @@ class StatusServer:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"http://{host}:{self.port}/"
 
-    def start(self) -> "StatusServer":
+    def start(self) -> StatusServer:
         if self._server is not None:
             return self
         try:
@@ -92,8 +93,9 @@ class StatusServer:
             raise StatusPageError(f"status page: cannot listen on {self.address}: {exc.strerror or exc}") from None
         self._server.status = self
         self.port = self._server.server_address[1]
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": STOP_POLL_S},
-                                        name="statuspage", daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": STOP_POLL_S}, name="statuspage", daemon=True
+        )
         self._thread.start()
         log.info("status page on %s", self.url)
         return self
@@ -108,7 +110,7 @@ class StatusServer:
         if thread is not None:
             thread.join(timeout=5)
 
-    def __enter__(self) -> "StatusServer":
+    def __enter__(self) -> StatusServer:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -199,8 +201,16 @@ def draw_boxes(image: bytes | np.ndarray, boxes: Iterable[Any]) -> bytes:
         x1, y1, x2, y2 = (int(round(v)) for v in box)
         cv2.rectangle(picture, (x1, y1), (x2, y2), BOX_COLOR, thickness)
         if caption:
-            cv2.putText(picture, caption, (x1, max(12, y1 - 4)), cv2.FONT_HERSHEY_SIMPLEX, 0.4 * thickness, BOX_COLOR,
-                        thickness, cv2.LINE_AA)
+            cv2.putText(
+                picture,
+                caption,
+                (x1, max(12, y1 - 4)),
+                cv2.FONT_HERSHEY_SIMPLEX,
+                0.4 * thickness,
+                BOX_COLOR,
+                thickness,
+                cv2.LINE_AA,
+            )
     ok, buf = cv2.imencode(".jpg", picture, [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
     if not ok:
         raise ValueError("the latest frame could not be encoded as JPEG")
@@ -239,7 +249,12 @@ PIPELINE_COUNTERS = (
     ("edge_agent_pipeline_results_total", "results handed to the outbox", "results"),
     ("edge_agent_pipeline_model_swaps_total", "model versions swapped in while running", "swaps"),
 )
-PIPELINE_ERRORS = {"inference": "inference_errors", "post": "post_errors", "sink": "sink_errors", "source": "source_errors"}
+PIPELINE_ERRORS = {
+    "inference": "inference_errors",
+    "post": "post_errors",
+    "sink": "sink_errors",
+    "source": "source_errors",
+}
 OUTBOX_GAUGES = (
     ("edge_agent_outbox_messages", "messages waiting in the outbox for the broker's acknowledgement", "depth"),
     ("edge_agent_outbox_bytes", "disk the outbox uses", "bytes"),
@@ -294,15 +309,31 @@ def _number(value: Any) -> str | None:
 def render_metrics(doc: dict[str, Any]) -> str:
     """The status document as Prometheus text: every family with # HELP and # TYPE, labels escaped."""
     out = _Exposition()
-    out.add("edge_agent_info", "gauge", "the agent: device id and agent version", 1,
-            device=doc.get("device"), version=doc.get("agent_version"))
+    out.add(
+        "edge_agent_info",
+        "gauge",
+        "the agent: device id and agent version",
+        1,
+        device=doc.get("device"),
+        version=doc.get("agent_version"),
+    )
     out.add("edge_agent_uptime_seconds", "gauge", "seconds since the agent started", doc.get("uptime_s"))
     connection = doc.get("connection")
     if isinstance(connection, dict):
         up = connection.get("connected", connection.get("state") in CONNECTED_STATES)
-        out.add("edge_agent_mqtt_connected", "gauge", "1 while the broker connection is up", bool(up),
-                state=connection.get("state"))
-        out.add("edge_agent_mqtt_connects_total", "counter", "successful connections to the broker", connection.get("connects"))
+        out.add(
+            "edge_agent_mqtt_connected",
+            "gauge",
+            "1 while the broker connection is up",
+            bool(up),
+            state=connection.get("state"),
+        )
+        out.add(
+            "edge_agent_mqtt_connects_total",
+            "counter",
+            "successful connections to the broker",
+            connection.get("connects"),
+        )
     outbox = doc.get("outbox")
     if isinstance(outbox, dict):
         for name, help_text, key in OUTBOX_GAUGES:
@@ -312,20 +343,50 @@ def render_metrics(doc: dict[str, Any]) -> str:
     for stats in doc.get("pipelines") or []:
         pipeline = stats.get("pipeline")
         fps = stats.get("fps", stats.get("results_per_s"))
-        out.add("edge_agent_pipeline_fps", "gauge", "results per second over the last few seconds", fps, pipeline=pipeline)
-        out.add("edge_agent_pipeline_up", "gauge", "1 while the pipeline is running", stats.get("state") == "running",
-                pipeline=pipeline, state=stats.get("state"))
+        out.add(
+            "edge_agent_pipeline_fps", "gauge", "results per second over the last few seconds", fps, pipeline=pipeline
+        )
+        out.add(
+            "edge_agent_pipeline_up",
+            "gauge",
+            "1 while the pipeline is running",
+            stats.get("state") == "running",
+            pipeline=pipeline,
+            state=stats.get("state"),
+        )
         for stage, values in sorted((stats.get("latency_ms") or {}).items()):
             for quantile, key in (("0.5", "p50"), ("0.95", "p95")):
                 ms = (values or {}).get(key)
-                out.add("edge_agent_pipeline_latency_seconds", "gauge", "recent latency per stage (pre, infer, post, total)",
-                        None if ms is None else round(float(ms) / 1000.0, 7), pipeline=pipeline, stage=stage, quantile=quantile)
+                out.add(
+                    "edge_agent_pipeline_latency_seconds",
+                    "gauge",
+                    "recent latency per stage (pre, infer, post, total)",
+                    None if ms is None else round(float(ms) / 1000.0, 7),
+                    pipeline=pipeline,
+                    stage=stage,
+                    quantile=quantile,
+                )
         for name, help_text, key in PIPELINE_COUNTERS:
             out.add(name, "counter", help_text, stats.get(key), pipeline=pipeline)
         for kind, key in PIPELINE_ERRORS.items():
-            out.add("edge_agent_pipeline_errors_total", "counter", "errors per stage", stats.get(key), pipeline=pipeline, kind=kind)
-        out.add("edge_agent_model_info", "gauge", "the model each pipeline serves: name, version and execution provider", 1,
-                pipeline=pipeline, model=stats.get("model"), version=stats.get("model_version"), provider=stats.get("provider"))
+            out.add(
+                "edge_agent_pipeline_errors_total",
+                "counter",
+                "errors per stage",
+                stats.get(key),
+                pipeline=pipeline,
+                kind=kind,
+            )
+        out.add(
+            "edge_agent_model_info",
+            "gauge",
+            "the model each pipeline serves: name, version and execution provider",
+            1,
+            pipeline=pipeline,
+            model=stats.get("model"),
+            version=stats.get("model_version"),
+            provider=stats.get("provider"),
+        )
     return out.text()
 
 
@@ -377,10 +438,10 @@ class _Handler(BaseHTTPRequestHandler):
     timeout = CLIENT_TIMEOUT_S
     server_version = "edge-agent"
 
-    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+    def do_GET(self) -> None:  # http.server's naming
         self._serve(body=True)
 
-    def do_HEAD(self) -> None:  # noqa: N802
+    def do_HEAD(self) -> None:
         self._serve(body=False)
 
     def _serve(self, body: bool) -> None:
@@ -397,7 +458,7 @@ class _Handler(BaseHTTPRequestHandler):
             elif path == "/" or path == "/index.html":
                 code, kind, data = 200, "text/html; charset=utf-8", PAGE.encode()
             elif path.startswith("/frame/") and path.endswith(".jpg"):
-                name = unquote(path[len("/frame/"):-len(".jpg")])
+                name = unquote(path[len("/frame/") : -len(".jpg")])
                 jpeg = status.frame_jpeg(name)
                 if jpeg is None:
                     code, kind, data = 404, "text/plain; charset=utf-8", f"no frame for pipeline {name!r}\n".encode()
@@ -405,7 +466,7 @@ class _Handler(BaseHTTPRequestHandler):
                     code, kind, data = 200, "image/jpeg", jpeg
             else:
                 code, kind, data = 404, "text/plain; charset=utf-8", f"not found: {path}\n".encode()
-        except Exception as exc:  # noqa: BLE001 (one failed request must not reach the daemon)
+        except Exception as exc:  # one failed request must not reach the daemon
             log.debug("status page: %s failed", path, exc_info=True)
             code, kind, data = 500, "text/plain; charset=utf-8", f"{exc.__class__.__name__}: {exc}\n".encode()
         try:

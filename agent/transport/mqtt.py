@@ -21,8 +21,9 @@ import ssl
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
@@ -97,7 +98,9 @@ def utc_iso(ts: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{int(ts * 1000) % 1000:03d}Z"
 
 
-def backoff(attempt: int, low: float = RECONNECT_MIN, high: float = RECONNECT_MAX, rng: Callable[[], float] = random.random) -> float:
+def backoff(
+    attempt: int, low: float = RECONNECT_MIN, high: float = RECONNECT_MAX, rng: Callable[[], float] = random.random
+) -> float:
     """Full-jitter exponential backoff, capped."""
     return rng() * min(high, low * (2 ** min(attempt, 30)))
 
@@ -156,15 +159,23 @@ class _AgentClient(paho.Client):
         try:
             if self._sock is not None and self.want_write():
                 self.loop_write()
-        except Exception:  # noqa: BLE001 (the connection is ending anyway; the Will covers a lost DISCONNECT)
+        except Exception:  # the connection is ending anyway; the Will covers a lost DISCONNECT
             log.debug("mqtt: writing the last packets failed", exc_info=True)
 
-    def _packet_queue(self, command: int, packet: bytes | bytearray, mid: int, qos: int,
-                      info: paho.MQTTMessageInfo | None = None) -> MQTTErrorCode:
+    def _packet_queue(
+        self, command: int, packet: bytes | bytearray, mid: int, qos: int, info: paho.MQTTMessageInfo | None = None
+    ) -> MQTTErrorCode:
         if self._net_thread is None:
             return super()._packet_queue(command, packet, mid, qos, info)
-        entry = {"command": command, "mid": mid, "qos": qos, "pos": 0, "to_process": len(packet),
-                 "packet": packet, "info": info}
+        entry = {
+            "command": command,
+            "mid": mid,
+            "qos": qos,
+            "pos": 0,
+            "to_process": len(packet),
+            "packet": packet,
+            "info": info,
+        }
         if threading.get_ident() == self._net_thread:
             self._out_packet.append(entry)  # type: ignore[arg-type]
             return MQTTErrorCode.MQTT_ERR_SUCCESS
@@ -196,9 +207,18 @@ class _AgentClient(paho.Client):
                 taken.append(out.popleft())
                 size += head["to_process"]
             if len(taken) > 1:
-                joined = b"".join(p["packet"][p["pos"]:] if p["pos"] else p["packet"] for p in taken)
-                out.appendleft({"command": paho.PUBACK, "mid": 0, "qos": 1, "pos": 0, "to_process": len(joined),
-                                "packet": joined, "info": None})
+                joined = b"".join(p["packet"][p["pos"] :] if p["pos"] else p["packet"] for p in taken)
+                out.appendleft(
+                    {
+                        "command": paho.PUBACK,
+                        "mid": 0,
+                        "qos": 1,
+                        "pos": 0,
+                        "to_process": len(joined),
+                        "packet": joined,
+                        "info": None,
+                    }
+                )
             elif taken:
                 out.appendleft(taken[0])
         return super()._packet_write()
@@ -208,7 +228,7 @@ class _AgentClient(paho.Client):
         if self._ahead_pos < len(ahead) and self._ahead_sock is self._sock:
             start = self._ahead_pos
             self._ahead_pos = min(start + bufsize, len(ahead))
-            return ahead[start:self._ahead_pos]
+            return ahead[start : self._ahead_pos]
         data = super()._sock_recv(max(bufsize, RECV_BYTES))
         if len(data) <= bufsize:
             self._ahead, self._ahead_pos = b"", 0
@@ -227,7 +247,9 @@ class _AgentClient(paho.Client):
         # else (properties, PUBCOMP, an unknown reason) goes the stock way.
         packet = self._in_packet["packet"]
         size = len(packet)
-        if cmd == "PUBACK" and (size == 2 or (self._protocol == paho.MQTTv5 and (size == 3 or (size == 4 and packet[3] == 0)))):
+        if cmd == "PUBACK" and (
+            size == 2 or (self._protocol == paho.MQTTv5 and (size == 3 or (size == 4 and packet[3] == 0)))
+        ):
             code = packet[2] if size > 2 else 0
             reason = _PUBACK_REASONS.get(code)
             if reason is None:
@@ -303,7 +325,7 @@ class Connection:
         """The network loop thread is running (what the systemd watchdog asks)."""
         return self._thread is not None and self._thread.is_alive()
 
-    def start(self) -> "Connection":
+    def start(self) -> Connection:
         if self._thread is None:
             self._stop.clear()
             self._set_state(CONNECTING, None)
@@ -316,7 +338,9 @@ class Connection:
         if self._thread is None:
             return
         if self.online:
-            info = self._client.publish(self.topics.status, self._status_payload(OFFLINE, "stopped"), qos=1, retain=True)
+            info = self._client.publish(
+                self.topics.status, self._status_payload(OFFLINE, "stopped"), qos=1, retain=True
+            )
             deadline = time.monotonic() + min(timeout, 2.0)
             try:
                 while self.online and not info.is_published() and time.monotonic() < deadline:
@@ -345,8 +369,9 @@ class Connection:
         if self.online:
             self._client.subscribe(topic_filter, qos)
 
-    def publish(self, topic: str, payload: bytes | str, qos: int = 1, retain: bool = False,
-                properties: Properties | None = None) -> int | None:
+    def publish(
+        self, topic: str, payload: bytes | str, qos: int = 1, retain: bool = False, properties: Properties | None = None
+    ) -> int | None:
         """Publish now if online and return the mid; None when offline (nothing is queued)."""
         if not self.online:
             return None
@@ -396,15 +421,21 @@ class Connection:
             "error": self.error,
             "protocol": self.protocol if self.connects else None,
             "broker": f"{self.config.host}:{self.config.port}",
-            "connected_for_s": round(self._clock() - self.connected_since, 1) if self.connected_since and self.online else None,
+            "connected_for_s": round(self._clock() - self.connected_since, 1)
+            if self.connected_since and self.online
+            else None,
             "connects": self.connects,
         }
 
     # ---- internals -----------------------------------------------------------------------------
 
     def _make_client(self) -> paho.Client:
-        kwargs: dict[str, Any] = {"callback_api_version": CallbackAPIVersion.VERSION2, "client_id": self.client_id,
-                                  "protocol": self._protocol, "reconnect_on_failure": False}
+        kwargs: dict[str, Any] = {
+            "callback_api_version": CallbackAPIVersion.VERSION2,
+            "client_id": self.client_id,
+            "protocol": self._protocol,
+            "reconnect_on_failure": False,
+        }
         if self._protocol != paho.MQTTv5:
             kwargs["clean_session"] = True
         client = _AgentClient(**kwargs)
@@ -415,10 +446,12 @@ class Connection:
         if self.config.secure:
             tls = self.config.tls
             try:
-                client.tls_set(ca_certs=str(tls.ca) if tls and tls.ca else None,
-                               certfile=str(tls.cert) if tls and tls.cert else None,
-                               keyfile=str(tls.key) if tls and tls.key else None,
-                               cert_reqs=ssl.CERT_REQUIRED)
+                client.tls_set(
+                    ca_certs=str(tls.ca) if tls and tls.ca else None,
+                    certfile=str(tls.cert) if tls and tls.cert else None,
+                    keyfile=str(tls.key) if tls and tls.key else None,
+                    cert_reqs=ssl.CERT_REQUIRED,
+                )
             except (ssl.SSLError, OSError) as exc:
                 raise MqttConfigError(f"mqtt.tls: cannot load the TLS files ({exc})") from None
         client.on_connect = self._on_connect
@@ -460,7 +493,7 @@ class Connection:
         for listener in self._state_listeners:
             try:
                 listener(state, error)
-            except Exception:  # noqa: BLE001 (a listener must not end the network thread)
+            except Exception:  # a listener must not end the network thread
                 log.exception("mqtt state listener failed")
 
     def _run(self) -> None:
@@ -498,8 +531,11 @@ class Connection:
                 else:
                     client.connect(self.config.host, self.config.port, int(self.config.keepalive))
             except ssl.SSLCertVerificationError as exc:
-                self._set_state(REFUSED, f"TLS: the broker's certificate is not trusted: {exc.verify_message or exc} "
-                                         "(mqtt.tls.ca must be the CA that signed it, and the URL host must match it)")
+                self._set_state(
+                    REFUSED,
+                    f"TLS: the broker's certificate is not trusted: {exc.verify_message or exc} "
+                    "(mqtt.tls.ca must be the CA that signed it, and the URL host must match it)",
+                )
                 return "failed"
             except ssl.SSLError as exc:
                 self._set_state(REFUSED, f"TLS handshake failed: {_ssl_reason(exc)}{_cert_hint(str(exc))}")
@@ -523,7 +559,7 @@ class Connection:
                 for hook in self._loop_hooks:
                     try:
                         hook()
-                    except Exception:  # noqa: BLE001 (a failing hook must not end the connection)
+                    except Exception:  # a failing hook must not end the connection
                         log.exception("mqtt: network-thread hook failed")
             was_online = self.online
             self._went_offline()
@@ -541,7 +577,9 @@ class Connection:
         """The connection ended before any CONNACK: a TLS rejection, or a broker that dislikes MQTT 5."""
         detail = self._attempt_log or "the broker closed the connection"
         if "SSL" in detail or "alert" in detail.lower():
-            self._set_state(REFUSED, f"TLS: the broker rejected this device's certificate: {detail}{_cert_hint(detail)}")
+            self._set_state(
+                REFUSED, f"TLS: the broker rejected this device's certificate: {detail}{_cert_hint(detail)}"
+            )
             return
         if not self._protocol_known and self.connects == 0:
             self._switch_protocol()
@@ -567,7 +605,9 @@ class Connection:
             self._attempt_log = buf
             log.debug("paho: %s", buf)
 
-    def _on_connect(self, client: paho.Client, userdata: Any, flags: Any, reason: ReasonCode, properties: Properties | None) -> None:
+    def _on_connect(
+        self, client: paho.Client, userdata: Any, flags: Any, reason: ReasonCode, properties: Properties | None
+    ) -> None:
         self._got_connack = True
         client.on_log = None
         if reason.is_failure:
@@ -606,7 +646,9 @@ class Connection:
         self._online.set()
         self._set_state(ONLINE, None)
 
-    def _on_subscribe(self, client: paho.Client, userdata: Any, mid: int, reasons: list[ReasonCode], properties: Properties | None) -> None:
+    def _on_subscribe(
+        self, client: paho.Client, userdata: Any, mid: int, reasons: list[ReasonCode], properties: Properties | None
+    ) -> None:
         failed = [r for r in reasons if r.is_failure]
         if failed:
             log.error("mqtt: the broker refused a subscription (%s); check its ACL for this device", failed[0])
@@ -614,21 +656,28 @@ class Connection:
         if not self._pending_subs:
             self._subscribed.set()
 
-    def _on_disconnect(self, client: paho.Client, userdata: Any, flags: Any, reason: ReasonCode, properties: Properties | None) -> None:
+    def _on_disconnect(
+        self, client: paho.Client, userdata: Any, flags: Any, reason: ReasonCode, properties: Properties | None
+    ) -> None:
         self._went_offline()
 
-    def _on_publish(self, client: paho.Client, userdata: Any, mid: int, reason: ReasonCode, properties: Properties | None) -> None:
+    def _on_publish(
+        self, client: paho.Client, userdata: Any, mid: int, reason: ReasonCode, properties: Properties | None
+    ) -> None:
         ok = not reason.is_failure
         for listener in self._ack_listeners:
             try:
                 listener(mid, ok)
-            except Exception:  # noqa: BLE001
+            except Exception:
                 log.exception("mqtt ack listener failed")
 
     def _on_message(self, client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
         props = getattr(message, "properties", None)
         incoming = Incoming(
-            topic=message.topic, payload=bytes(message.payload), qos=message.qos, retain=bool(message.retain),
+            topic=message.topic,
+            payload=bytes(message.payload),
+            qos=message.qos,
+            retain=bool(message.retain),
             response_topic=getattr(props, "ResponseTopic", None) if props else None,
             correlation_data=getattr(props, "CorrelationData", None) if props else None,
             user_properties=tuple(getattr(props, "UserProperty", ()) or ()) if props else (),
@@ -638,7 +687,7 @@ class Connection:
         for handler in handlers:
             try:
                 handler(incoming)
-            except Exception:  # noqa: BLE001 (a bad message must never end the network thread)
+            except Exception:  # a bad message must never end the network thread
                 log.exception("mqtt: handler for %s failed", message.topic)
 
 
@@ -648,7 +697,12 @@ def _ssl_reason(exc: ssl.SSLError) -> str:
 
 def _cert_hint(text: str) -> str:
     lowered = text.lower()
-    if "unknown ca" in lowered or "bad certificate" in lowered or "certificate required" in lowered or "certificate unknown" in lowered:
+    if (
+        "unknown ca" in lowered
+        or "bad certificate" in lowered
+        or "certificate required" in lowered
+        or "certificate unknown" in lowered
+    ):
         return " (mqtt.tls.cert must be signed by a CA the broker trusts, and tls.key must match it)"
     return ""
 
@@ -689,7 +743,7 @@ class OutboxPump:
         connection.add_loop_hook(self._hook)
         outbox.add_listener(self._nudge)
 
-    def start(self) -> "OutboxPump":
+    def start(self) -> OutboxPump:
         self._started = True
         if self._thread is None:
             self._stop.clear()
@@ -732,7 +786,7 @@ class OutboxPump:
                 if time.monotonic() - last_prune > 5.0:
                     last_prune = time.monotonic()
                     self.outbox.prune()
-            except Exception:  # noqa: BLE001 (a full disk must not end fsyncs for good)
+            except Exception:  # a full disk must not end fsyncs for good
                 log.exception("outbox: sync failed")
 
     def _hook(self) -> None:
@@ -798,7 +852,9 @@ class OutboxPump:
                 rejected += 1
         if rejected:
             self.rejected += rejected
-            log.error("outbox: the broker rejected %d message(s) (not authorised?); they are dropped and counted", rejected)
+            log.error(
+                "outbox: the broker rejected %d message(s) (not authorised?); they are dropped and counted", rejected
+            )
         if done:
             self.outbox.ack(done, rejected=rejected)
 
@@ -807,6 +863,10 @@ class OutboxPump:
             return
         _id, oldest = next(iter(self._inflight.values()))
         if time.monotonic() - oldest > RESEND_AFTER:
-            log.warning("outbox: %d message(s) unacknowledged for %.0f s; publishing them again", len(self._inflight), RESEND_AFTER)
+            log.warning(
+                "outbox: %d message(s) unacknowledged for %.0f s; publishing them again",
+                len(self._inflight),
+                RESEND_AFTER,
+            )
             self._inflight.clear()
             self._cursor = 0

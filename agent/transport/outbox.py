@@ -40,9 +40,10 @@ import threading
 import time
 import zlib
 from collections import deque
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, NamedTuple
+from typing import NamedTuple
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +105,9 @@ class _Segment:
         return self.last_id < self.first_id
 
 
-def _encode(msg_id: int, ts: float, seq: int, qos: int, retain: bool, topic: bytes, stream: bytes, payload: bytes) -> bytes:
+def _encode(
+    msg_id: int, ts: float, seq: int, qos: int, retain: bool, topic: bytes, stream: bytes, payload: bytes
+) -> bytes:
     body = _HEAD.pack(0, 0, msg_id, ts, seq, qos, int(retain), len(topic), len(stream))[8:] + topic + stream + payload
     return struct.pack("<II", len(body), zlib.crc32(body)) + body
 
@@ -134,13 +137,13 @@ def _parse(buf: bytes, pos: int, check: bool = True) -> _Record | None:
     end = pos + 8 + length
     if length < HEADER_BYTES - 8 or end > len(buf):
         return None
-    if check and zlib.crc32(buf[pos + 8:end]) != crc:
+    if check and zlib.crc32(buf[pos + 8 : end]) != crc:
         return None
     _l, _c, msg_id, ts, seq, qos, retain, tlen, slen = _HEAD.unpack_from(buf, pos)
     at = pos + HEADER_BYTES
-    topic = buf[at:at + tlen].decode()
-    stream = buf[at + tlen:at + tlen + slen].decode()
-    return _Record(msg_id, ts, seq, qos, bool(retain), topic, stream, buf[at + tlen + slen:end], end)
+    topic = buf[at : at + tlen].decode()
+    stream = buf[at + tlen : at + tlen + slen].decode()
+    return _Record(msg_id, ts, seq, qos, bool(retain), topic, stream, buf[at + tlen + slen : end], end)
 
 
 @dataclass
@@ -197,7 +200,9 @@ class Outbox:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(self._lock_fd)
-            raise RuntimeError(f"outbox {self.dir} is in use by another process (two agents with one state_dir?)") from None
+            raise RuntimeError(
+                f"outbox {self.dir} is in use by another process (two agents with one state_dir?)"
+            ) from None
         self._recover()
         self._total = sum(s.size for s in self._segments)  # bytes in segment files, kept up to date
         holding = [s for s in self._segments if not s.empty]
@@ -246,7 +251,7 @@ class Outbox:
             # A store into a shared file mapping: in the page cache, so it outlives this process like
             # write(2) would, without a system call (measured: write(2) per result cost a fifth of the
             # throughput, mostly in handing the interpreter lock to the network thread and back).
-            seg.map[seg.size:seg.size + len(record)] = record
+            seg.map[seg.size : seg.size + len(record)] = record
             if self.fsync_interval <= 0:
                 start = seg.size - seg.size % mmap.PAGESIZE
                 seg.map.flush(start, seg.size + len(record) - start)
@@ -334,7 +339,11 @@ class Outbox:
         """fsync the log and write the ack pointer when fsync_interval has passed (and something changed)."""
         now = time.monotonic()
         with self._lock:
-            if self._closed or not self._dirty or (not force and now - self._last_sync < max(self.fsync_interval, 0.05)):
+            if (
+                self._closed
+                or not self._dirty
+                or (not force and now - self._last_sync < max(self.fsync_interval, 0.05))
+            ):
                 return False
             self._dirty = False
             self._last_sync = now
@@ -371,9 +380,15 @@ class Outbox:
                 oldest = round(max(0.0, self._clock() - holding.oldest_ts), 3) if holding else None
             c = self._counters
             return OutboxStats(
-                depth=self.depth, bytes=self._total, max_bytes=self.max_bytes, oldest_age_s=oldest,
-                dropped=int(c.get("dropped", 0)), dropped_full=int(c.get("dropped_full", 0)),
-                dropped_age=int(c.get("dropped_age", 0)), rejected=int(c.get("rejected", 0)), acked=self._acked,
+                depth=self.depth,
+                bytes=self._total,
+                max_bytes=self.max_bytes,
+                oldest_age_s=oldest,
+                dropped=int(c.get("dropped", 0)),
+                dropped_full=int(c.get("dropped_full", 0)),
+                dropped_age=int(c.get("dropped_age", 0)),
+                rejected=int(c.get("rejected", 0)),
+                acked=self._acked,
             )
 
     def disk_bytes(self) -> int:
@@ -397,7 +412,7 @@ class Outbox:
             os.close(self._lock_fd)  # also releases the lock
             self._closed = True
 
-    def __enter__(self) -> "Outbox":
+    def __enter__(self) -> Outbox:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -418,8 +433,13 @@ class Outbox:
                 rec = _parse(data, pos)
                 if rec is None:
                     if data[pos:].strip(b"\0"):
-                        log.warning("outbox: %s is damaged or cut short at byte %d of %d (a crash while writing); "
-                                    "keeping what precedes it", path.name, pos, len(data))
+                        log.warning(
+                            "outbox: %s is damaged or cut short at byte %d of %d (a crash while writing); "
+                            "keeping what precedes it",
+                            path.name,
+                            pos,
+                            len(data),
+                        )
                     # (else: the preallocated, never written tail of a segment that was active in a crash)
                     with open(path, "r+b") as f:
                         f.truncate(pos)
@@ -468,7 +488,9 @@ class Outbox:
         except OSError as exc:
             wanted, seg.capacity = seg.capacity, 0
             os.ftruncate(seg.fd, size)
-            raise OSError(exc.errno, f"outbox {self.dir}: cannot reserve {wanted} bytes for a segment: {exc.strerror}") from None
+            raise OSError(
+                exc.errno, f"outbox {self.dir}: cannot reserve {wanted} bytes for a segment: {exc.strerror}"
+            ) from None
         seg.map = mmap.mmap(seg.fd, seg.capacity)
         self._dir_dirty = True
 
@@ -490,12 +512,17 @@ class Outbox:
     def _make_room(self, need: int, now: float) -> None:
         active = self._segments[-1]
         # Segments also end by age, so that max_age drops whole segments at most max_age/8 late.
-        if (not active.empty and (active.size + need > self.segment_bytes or now - active.oldest_ts > self.max_age / SEGMENT_SHARE)) \
-                or active.size + need > active.capacity:
+        if (
+            not active.empty
+            and (active.size + need > self.segment_bytes or now - active.oldest_ts > self.max_age / SEGMENT_SHARE)
+        ) or active.size + need > active.capacity:
             self._roll(need)
         dropped = 0
         # On disk: closed segments by size, the active one by its preallocated capacity.
-        while len(self._segments) > 1 and self._total - self._segments[-1].size + self._segments[-1].capacity + RESERVE > self.max_bytes:
+        while (
+            len(self._segments) > 1
+            and self._total - self._segments[-1].size + self._segments[-1].capacity + RESERVE > self.max_bytes
+        ):
             dropped += self._drop_segment(self._segments[0])
         if dropped:
             self._count("dropped", dropped)
@@ -503,7 +530,9 @@ class Outbox:
             now_m = time.monotonic()
             if now_m - self._last_full_log >= FULL_LOG_INTERVAL:
                 self._last_full_log = now_m
-                log.warning("outbox full (%d bytes): dropping the oldest messages (%d so far)", self.max_bytes, self.dropped)
+                log.warning(
+                    "outbox full (%d bytes): dropping the oldest messages (%d so far)", self.max_bytes, self.dropped
+                )
 
     def _unacked_in(self, seg: _Segment) -> int:
         if seg.empty:
@@ -625,11 +654,11 @@ class Outbox:
                 break
             if qos != _CHECKPOINT:
                 at = pos + HEADER_BYTES
-                raw = data[at:at + tlen]
+                raw = data[at : at + tlen]
                 topic = topics.get(raw)
                 if topic is None:
                     topic = topics[raw] = raw.decode()
-                out.append(Message(msg_id, topic, data[at + tlen + slen:stop], qos, bool(retain), ts))
+                out.append(Message(msg_id, topic, data[at + tlen + slen : stop], qos, bool(retain), ts))
             pos = stop
         return pos
 
@@ -678,6 +707,6 @@ class Outbox:
 def open_outbox(state_dir: str | Path, config: object | None = None, **kwargs: object) -> Outbox:
     """The outbox of a profile: `<state_dir>/outbox/`, bounded by `mqtt.outbox` (an OutboxConfig)."""
     if config is not None:
-        kwargs.setdefault("max_bytes", getattr(config, "max_bytes"))
-        kwargs.setdefault("max_age", getattr(config, "max_age"))
+        kwargs.setdefault("max_bytes", config.max_bytes)
+        kwargs.setdefault("max_age", config.max_age)
     return Outbox(Path(state_dir) / DIRNAME, **kwargs)  # type: ignore[arg-type]

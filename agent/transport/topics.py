@@ -81,7 +81,7 @@ class Topics:
         head = f"{self.base}/cmd/"
         if not topic.startswith(head):
             return None
-        rest = topic[len(head):]
+        rest = topic[len(head) :]
         return rest if rest and "/" not in rest else None
 
     @property

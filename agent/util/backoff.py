@@ -8,7 +8,7 @@ peer that fails at once is not hammered.
 from __future__ import annotations
 
 import random
-from typing import Callable
+from collections.abc import Callable
 
 
 def delay(attempt: int, first: float, cap: float, rng: Callable[[], float] = random.random) -> float:

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import importlib
 import logging
+from collections.abc import Iterable
 from types import ModuleType
-from typing import Iterable
 
 log = logging.getLogger(__name__)
 

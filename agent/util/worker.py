@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from typing import Callable
+from collections.abc import Callable
 
 
 class Worker:
@@ -14,8 +14,14 @@ class Worker:
     owner while the thread bookkeeping lives here once.
     """
 
-    def __init__(self, name: str, target: Callable[[], None], *, join_timeout: float | None = 5.0,
-                 wake: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        target: Callable[[], None],
+        *,
+        join_timeout: float | None = 5.0,
+        wake: Callable[[], None] | None = None,
+    ) -> None:
         self.name = name
         self.stopping = threading.Event()
         self._target = target

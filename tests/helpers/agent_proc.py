@@ -15,11 +15,11 @@ import sys
 import time
 from pathlib import Path
 
+from agent.config.profile import DeviceConfig, MqttConfig
 from agent.service.commands.dispatch import CommandDispatcher
 from agent.transport.mqtt import Connection, OutboxPump
-from agent.transport.sinks.outbox import OutboxSink
 from agent.transport.outbox import open_outbox
-from agent.config.profile import DeviceConfig, MqttConfig
+from agent.transport.sinks.outbox import OutboxSink
 
 
 def main() -> int:
@@ -47,14 +47,15 @@ def main() -> int:
         time.sleep(1)
 
 
-
 class InProcessAgent:
     """The same wiring in the test's own process (for tests that need no SIGKILL)."""
 
     def __init__(self, url: str, state_dir: Path, device: str = "dev1", start: bool = True, **mqtt: object) -> None:
         mqtt.setdefault("keepalive", 5)
         self.mqtt = MqttConfig(url=url, **mqtt)  # type: ignore[arg-type]
-        self.conn = Connection(self.mqtt, DeviceConfig(id=device, state_dir=state_dir), reconnect_min=0.05, reconnect_max=0.5)
+        self.conn = Connection(
+            self.mqtt, DeviceConfig(id=device, state_dir=state_dir), reconnect_min=0.05, reconnect_max=0.5
+        )
         self.outbox = open_outbox(state_dir, self.mqtt.outbox)
         self.pump = OutboxPump(self.conn, self.outbox).start()
         self.sink = OutboxSink(self.outbox, self.conn.topics).start()

@@ -59,19 +59,22 @@ class Mosquitto:
             "persistence false\n"
             f"log_dest file {self.log}\n"
             "log_type error\nlog_type warning\nlog_type notice\n"
-            "max_queued_messages 100000\n"
-            + self.extra_conf
+            "max_queued_messages 100000\n" + self.extra_conf
         )
         return conf
 
-    def start(self, wait_port_for: int | None = None) -> "Mosquitto":
+    def start(self, wait_port_for: int | None = None) -> Mosquitto:
         conf = self._write_conf()
-        self.proc = subprocess.Popen([mosquitto_binary(), "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.proc = subprocess.Popen(
+            [mosquitto_binary(), "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
         try:
             wait_port(wait_port_for or self.port)
         except TimeoutError:
             self.stop()
-            raise RuntimeError(f"mosquitto did not start: {self.log.read_text() if self.log.exists() else ''}") from None
+            raise RuntimeError(
+                f"mosquitto did not start: {self.log.read_text() if self.log.exists() else ''}"
+            ) from None
         return self
 
     def kill(self) -> None:

@@ -35,14 +35,29 @@ def heavy_linear(path: Path, weight: float, size: int, layers: int) -> Path:
         numpy_helper.from_array(np.array([size, size], np.int64), "square"),
         numpy_helper.from_array(np.zeros((1, 1), np.float32), "zero"),
     ]
-    nodes = [helper.make_node("MatMul", ["x", "W"], ["xw"]), helper.make_node("Add", ["xw", "B"], ["lin"]),
-             helper.make_node("MatMul", ["x", "Wbig"], ["wide"]), helper.make_node("Reshape", ["wide", "square"], ["a0"])]
+    nodes = [
+        helper.make_node("MatMul", ["x", "W"], ["xw"]),
+        helper.make_node("Add", ["xw", "B"], ["lin"]),
+        helper.make_node("MatMul", ["x", "Wbig"], ["wide"]),
+        helper.make_node("Reshape", ["wide", "square"], ["a0"]),
+    ]
     for i in range(layers):
-        nodes += [helper.make_node("MatMul", [f"a{i}", f"a{i}"], [f"m{i}"]), helper.make_node("Tanh", [f"m{i}"], [f"a{i + 1}"])]
-    nodes += [helper.make_node("ReduceMean", [f"a{layers}"], ["mean"], keepdims=1),
-              helper.make_node("Mul", ["mean", "zero"], ["nothing"]), helper.make_node("Add", ["lin", "nothing"], ["y"])]
-    graph = helper.make_graph(nodes, "heavy", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1])], initializer=inits)
+        nodes += [
+            helper.make_node("MatMul", [f"a{i}", f"a{i}"], [f"m{i}"]),
+            helper.make_node("Tanh", [f"m{i}"], [f"a{i + 1}"]),
+        ]
+    nodes += [
+        helper.make_node("ReduceMean", [f"a{layers}"], ["mean"], keepdims=1),
+        helper.make_node("Mul", ["mean", "zero"], ["nothing"]),
+        helper.make_node("Add", ["lin", "nothing"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "heavy",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1])],
+        initializer=inits,
+    )
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8), str(path))
     return path
 
@@ -50,16 +65,31 @@ def heavy_linear(path: Path, weight: float, size: int, layers: int) -> Path:
 class AgentProcess:
     """One device: its own folder, profile and state; started with `start()`, stopped as a test needs."""
 
-    def __init__(self, root: Path, device: str, group: str, broker_url: str, registry_url: str, public_key: Path,
-                 model: str = "m", csv: Path | None = None, rate: float = 50, **extra: Any) -> None:
+    def __init__(
+        self,
+        root: Path,
+        device: str,
+        group: str,
+        broker_url: str,
+        registry_url: str,
+        public_key: Path,
+        model: str = "m",
+        csv: Path | None = None,
+        rate: float = 50,
+        **extra: Any,
+    ) -> None:
         self.dir = root / device
         self.dir.mkdir(parents=True, exist_ok=True)
         self.device = device
         self.state_dir = self.dir / "state"
         profile = {
             "device": {"id": device, "group": group, "state_dir": str(self.state_dir)},
-            "registry": {"url": registry_url, "public_key": str(public_key), "poll_interval": "1h",
-                         "probation": {"duration": "20s", "min_inferences": 20}},
+            "registry": {
+                "url": registry_url,
+                "public_key": str(public_key),
+                "poll_interval": "1h",
+                "probation": {"duration": "20s", "min_inferences": 20},
+            },
             "mqtt": {"url": broker_url, "keepalive": 5},
             "health": {"interval": "1s"},
             "pipelines": [{"name": "p", "model": model, "source": {"type": "csv", "path": str(csv), "rate": rate}}],
@@ -71,10 +101,15 @@ class AgentProcess:
         self.log = self.dir / "agent.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self, env: dict[str, str] | None = None) -> "AgentProcess":
+    def start(self, env: dict[str, str] | None = None) -> AgentProcess:
         with self.log.open("ab") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "agent", "run", "--profile", str(self.profile)],
-                                         stdout=subprocess.DEVNULL, stderr=log, cwd=REPO, env={**os.environ, **(env or {})})
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "agent", "run", "--profile", str(self.profile)],
+                stdout=subprocess.DEVNULL,
+                stderr=log,
+                cwd=REPO,
+                env={**os.environ, **(env or {})},
+            )
         return self
 
     def kill9(self) -> None:
@@ -102,16 +137,29 @@ def slow_on_data(path: Path, iterations_per_unit: int = 2000, size: int = 256) -
     rng = np.random.default_rng(1)
     square = numpy_helper.from_array((rng.standard_normal((size, size)) / size).astype(np.float32), "square")
     body = helper.make_graph(
-        [helper.make_node("MatMul", ["a_in", "square"], ["m"]), helper.make_node("Tanh", ["m"], ["a_out"]),
-         helper.make_node("Identity", ["cond_in"], ["cond_out"])],
+        [
+            helper.make_node("MatMul", ["a_in", "square"], ["m"]),
+            helper.make_node("Tanh", ["m"], ["a_out"]),
+            helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+        ],
         "body",
-        [helper.make_tensor_value_info("i", TensorProto.INT64, []), helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
-         helper.make_tensor_value_info("a_in", TensorProto.FLOAT, [size, size])],
-        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []), helper.make_tensor_value_info("a_out", TensorProto.FLOAT, [size, size])],
+        [
+            helper.make_tensor_value_info("i", TensorProto.INT64, []),
+            helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("a_in", TensorProto.FLOAT, [size, size]),
+        ],
+        [
+            helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("a_out", TensorProto.FLOAT, [size, size]),
+        ],
     )
-    inits = [square, numpy_helper.from_array(np.array(float(iterations_per_unit), np.float32), "per_unit"),
-             numpy_helper.from_array(np.array(True), "true"), numpy_helper.from_array(np.eye(size, dtype=np.float32), "start"),
-             numpy_helper.from_array(np.zeros((1, 1), np.float32), "zero")]
+    inits = [
+        square,
+        numpy_helper.from_array(np.array(float(iterations_per_unit), np.float32), "per_unit"),
+        numpy_helper.from_array(np.array(True), "true"),
+        numpy_helper.from_array(np.eye(size, dtype=np.float32), "start"),
+        numpy_helper.from_array(np.zeros((1, 1), np.float32), "zero"),
+    ]
     nodes = [
         helper.make_node("ReduceSum", ["x"], ["total"], keepdims=1),
         helper.make_node("Mul", ["total", "per_unit"], ["scaled"]),
@@ -122,7 +170,12 @@ def slow_on_data(path: Path, iterations_per_unit: int = 2000, size: int = 256) -
         helper.make_node("Mul", ["mean", "zero"], ["nothing"]),
         helper.make_node("Add", ["total", "nothing"], ["y"]),
     ]
-    graph = helper.make_graph(nodes, "slow_on_data", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1])], initializer=inits)
+    graph = helper.make_graph(
+        nodes,
+        "slow_on_data",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1])],
+        initializer=inits,
+    )
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8), str(path))
     return path

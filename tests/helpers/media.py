@@ -9,8 +9,8 @@ from __future__ import annotations
 import shutil
 import subprocess
 import wave
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import cv2
 import numpy as np
@@ -35,7 +35,9 @@ def background(width: int, height: int, kind: str = "plain", seed: int = 0) -> n
     return img
 
 
-def draw_text(img: np.ndarray, lines: Sequence[tuple[str, tuple[int, int]]], scale: float = 1.2, thickness: int = 3) -> list[Box]:
+def draw_text(
+    img: np.ndarray, lines: Sequence[tuple[str, tuple[int, int]]], scale: float = 1.2, thickness: int = 3
+) -> list[Box]:
     """Draw dark text at each origin (bottom-left of the baseline); return each line's ink box."""
     boxes = []
     for text, origin in lines:
@@ -47,8 +49,15 @@ def draw_text(img: np.ndarray, lines: Sequence[tuple[str, tuple[int, int]]], sca
     return boxes
 
 
-def text_frame(width: int = 320, height: int = 240, kind: str = "plain", lines: Sequence[tuple[str, tuple[int, int]]] | None = None,
-               scale: float = 1.0, thickness: int = 2, seed: int = 0) -> tuple[np.ndarray, list[Box]]:
+def text_frame(
+    width: int = 320,
+    height: int = 240,
+    kind: str = "plain",
+    lines: Sequence[tuple[str, tuple[int, int]]] | None = None,
+    scale: float = 1.0,
+    thickness: int = 2,
+    seed: int = 0,
+) -> tuple[np.ndarray, list[Box]]:
     img = background(width, height, kind, seed)
     if lines is None:
         lines = [("EDGE AGENT", (20, 60)), ("HELLO 42", (40, 150))]
@@ -106,7 +115,7 @@ def speech(text: str, workdir: Path, rate: int = 16000) -> np.ndarray:
     samples, native = read_wav(out)
     samples = resample(samples, native, rate)
     loud = np.nonzero(np.abs(samples) > 0.02)[0]
-    return samples[loud[0]:loud[-1] + 1]
+    return samples[loud[0] : loud[-1] + 1]
 
 
 def silence(seconds: float, rate: int = 16000) -> np.ndarray:

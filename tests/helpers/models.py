@@ -6,8 +6,8 @@ model here states its IR version and opsets explicitly.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import onnx
@@ -31,7 +31,8 @@ def unary_model(
     """y = op(x): the smallest model that exercises a session, an opset and an IR version."""
     node = helper.make_node(op, ["x"], ["y"])
     graph = helper.make_graph(
-        [node], f"{op.lower()}_graph",
+        [node],
+        f"{op.lower()}_graph",
         [helper.make_tensor_value_info("x", elem, list(shape))],
         [helper.make_tensor_value_info("y", elem, list(shape))],
     )
@@ -43,19 +44,26 @@ def custom_domain_model(domain: str = "com.example.vision", opset: int = 13) -> 
     """A node from a custom domain no runtime knows: loading it must be refused with a reason."""
     node = helper.make_node("FancyOp", ["x"], ["y"], domain=domain)
     graph = helper.make_graph(
-        [node], "custom", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [node],
+        "custom",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
     )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(domain, 1)], ir_version=8)
+    return helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(domain, 1)], ir_version=8
+    )
 
 
-def linear_model(weights: np.ndarray, bias: np.ndarray | None = None, opset: int = 13, ir_version: int = 8) -> onnx.ModelProto:
+def linear_model(
+    weights: np.ndarray, bias: np.ndarray | None = None, opset: int = 13, ir_version: int = 8
+) -> onnx.ModelProto:
     """y = x @ W + b with named inputs; `weights` shape [in, out]. Useful as a sensor model."""
     w = numpy_helper.from_array(weights.astype(np.float32), "W")
     b = numpy_helper.from_array((bias if bias is not None else np.zeros(weights.shape[1])).astype(np.float32), "B")
     nodes = [helper.make_node("MatMul", ["x", "W"], ["xw"]), helper.make_node("Add", ["xw", "B"], ["y"])]
     graph = helper.make_graph(
-        nodes, "linear",
+        nodes,
+        "linear",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", weights.shape[0]])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", weights.shape[1]])],
         initializer=[w, b],

@@ -6,7 +6,8 @@ import json
 import threading
 import time
 import uuid
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
@@ -22,7 +23,9 @@ class Subscriber:
         self._lock = threading.Lock()
         self._topics = topics
         self._connected = threading.Event()
-        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"test-{uuid.uuid4().hex[:8]}", protocol=paho.MQTTv5)
+        self.client = paho.Client(
+            CallbackAPIVersion.VERSION2, client_id=f"test-{uuid.uuid4().hex[:8]}", protocol=paho.MQTTv5
+        )
         if username:
             self.client.username_pw_set(username, password)
         self.client.on_connect = self._on_connect
@@ -52,7 +55,9 @@ class Subscriber:
     def wait_for(self, check: Callable[[], Any], timeout: float = 10.0) -> Any:
         return wait_for(check, timeout)
 
-    def publish(self, topic: str, payload: bytes | str, response_topic: str | None = None, correlation: bytes | None = None) -> None:
+    def publish(
+        self, topic: str, payload: bytes | str, response_topic: str | None = None, correlation: bytes | None = None
+    ) -> None:
         props = None
         if response_topic or correlation:
             props = Properties(PacketTypes.PUBLISH)

@@ -38,15 +38,74 @@ def skip_if_emulated(reason: str) -> Any:
 # Linux arm64 hwcap names, in bit order of AT_HWCAP and AT_HWCAP2 (arch/arm64/kernel/cpuinfo.c); these are
 # the words on the "Features" line of /proc/cpuinfo.
 HWCAP_NAMES = (
-    "fp", "asimd", "evtstrm", "aes", "pmull", "sha1", "sha2", "crc32", "atomics", "fphp", "asimdhp", "cpuid",
-    "asimdrdm", "jscvt", "fcma", "lrcpc", "dcpop", "sha3", "sm3", "sm4", "asimddp", "sha512", "sve", "asimdfhm",
-    "dit", "uscat", "ilrcpc", "flagm", "ssbs", "sb", "paca", "pacg",
+    "fp",
+    "asimd",
+    "evtstrm",
+    "aes",
+    "pmull",
+    "sha1",
+    "sha2",
+    "crc32",
+    "atomics",
+    "fphp",
+    "asimdhp",
+    "cpuid",
+    "asimdrdm",
+    "jscvt",
+    "fcma",
+    "lrcpc",
+    "dcpop",
+    "sha3",
+    "sm3",
+    "sm4",
+    "asimddp",
+    "sha512",
+    "sve",
+    "asimdfhm",
+    "dit",
+    "uscat",
+    "ilrcpc",
+    "flagm",
+    "ssbs",
+    "sb",
+    "paca",
+    "pacg",
 )
 HWCAP2_NAMES = (
-    "dcpodp", "sve2", "sveaes", "svepmull", "svebitperm", "svesha3", "svesm4", "flagm2", "frint", "svei8mm",
-    "svef32mm", "svef64mm", "svebf16", "i8mm", "bf16", "dgh", "rng", "bti", "mte", "ecv", "afp", "rpres", "mte3",
-    "sme", "smei16i64", "smef64f64", "smei8i32", "smef16f32", "smeb16f32", "smef32f32", "smefa64", "wfxt",
-    "ebf16", "sveebf16",
+    "dcpodp",
+    "sve2",
+    "sveaes",
+    "svepmull",
+    "svebitperm",
+    "svesha3",
+    "svesm4",
+    "flagm2",
+    "frint",
+    "svei8mm",
+    "svef32mm",
+    "svef64mm",
+    "svebf16",
+    "i8mm",
+    "bf16",
+    "dgh",
+    "rng",
+    "bti",
+    "mte",
+    "ecv",
+    "afp",
+    "rpres",
+    "mte3",
+    "sme",
+    "smei16i64",
+    "smef64f64",
+    "smei8i32",
+    "smef16f32",
+    "smeb16f32",
+    "smef32f32",
+    "smefa64",
+    "wfxt",
+    "ebf16",
+    "sveebf16",
 )
 AT_HWCAP, AT_HWCAP2 = 16, 26
 
@@ -71,7 +130,7 @@ def hwcap_features(auxv: bytes | None = None) -> list[str]:
         auxv = Path("/proc/self/auxv").read_bytes()
     values: dict[int, int] = {}
     for i in range(0, len(auxv) - 15, 16):
-        key, value = struct.unpack("<QQ", auxv[i:i + 16])
+        key, value = struct.unpack("<QQ", auxv[i : i + 16])
         if key == 0:
             break
         values[key] = value

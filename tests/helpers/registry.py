@@ -12,20 +12,21 @@ import json
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import pytest
 
-from agent.device import compat
 from agent.cloud.publish import publish, put_blob, write_signed
 from agent.cloud.server import RegistryHandler, RegistryHTTPServer
-from agent.transport.events import Event
+from agent.device import compat
 from agent.models.manifest import dumps, parse_manifest
 from agent.models.registry import RegistryClient
 from agent.models.signing import generate_keypair, load_private_key
 from agent.models.store import Store
+from agent.transport.events import Event
 
 
 class FaultyHandler(RegistryHandler):
@@ -81,7 +82,9 @@ class Registry:
     def url(self) -> str:
         return self.server.url
 
-    def tiny(self, name: str, opset: int = 13, ir: int = 8, extra: dict[str, int] | None = None, doc: bytes = b"") -> Path:
+    def tiny(
+        self, name: str, opset: int = 13, ir: int = 8, extra: dict[str, int] | None = None, doc: bytes = b""
+    ) -> Path:
         path = self.tmp / "models" / f"{name}.onnx"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(compat.probe_model(ir, {compat.AI_ONNX: opset, **(extra or {})}, doc=doc))
@@ -95,7 +98,9 @@ class Registry:
     def manifest_path(self, model: str, version: str) -> Path:
         return self.root / "models" / model / version / "manifest.json"
 
-    def resign(self, model: str, version: str, mutate: Callable[[dict[str, Any]], None], key: Path | None = None) -> None:
+    def resign(
+        self, model: str, version: str, mutate: Callable[[dict[str, Any]], None], key: Path | None = None
+    ) -> None:
         """Edit a manifest as a dict and sign it again (a validly signed but bad manifest)."""
         path = self.manifest_path(model, version)
         doc = json.loads(path.read_bytes())
@@ -117,8 +122,13 @@ class Registry:
         kwargs.setdefault("retries", 1)
         kwargs.setdefault("backoff", 0.01)
         kwargs.setdefault("providers", ("CPUExecutionProvider",))
-        return RegistryClient(self.url, self.public_key, Store(state_dir, keep_versions=kwargs.pop("keep", 3)),
-                              emit=(events.append if events is not None else (lambda e: None)), **kwargs)
+        return RegistryClient(
+            self.url,
+            self.public_key,
+            Store(state_dir, keep_versions=kwargs.pop("keep", 3)),
+            emit=(events.append if events is not None else (lambda e: None)),
+            **kwargs,
+        )
 
 
 def make_registry(tmp: Path, throttle_bps: float | None = None) -> Registry:
@@ -142,8 +152,26 @@ def registry(tmp_path: Path) -> Iterator[Registry]:
 
 def start_cli_server(root: Path, *extra: str, cwd: Path | None = None) -> tuple[subprocess.Popen[str], str]:
     """`edge-agent registry serve --port 0` in a subprocess; returns it and the URL it printed."""
-    proc = subprocess.Popen([sys.executable, "-m", "agent", "--log-level", "warning", "registry", "serve", "--root", str(root),
-                             "--port", "0", *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "agent",
+            "--log-level",
+            "warning",
+            "registry",
+            "serve",
+            "--root",
+            str(root),
+            "--port",
+            "0",
+            *extra,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=cwd,
+    )
     assert proc.stdout is not None
     deadline = time.monotonic() + 30
     line = proc.stdout.readline()

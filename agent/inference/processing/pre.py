@@ -14,25 +14,27 @@ class PreprocessConfig(Strict):
     input: str | None = Field(None, description="the model input fed by the source; the first input when unset")
     resize: tuple[int, int] | None = Field(None, description="[width, height] to resize frames to")
     letterbox: bool = Field(False, description="keep the aspect ratio when resizing, padding the rest")
-    crop: tuple[int, int, int, int] | None = Field(None, description="[x, y, width, height] region of interest, in source pixels")
+    crop: tuple[int, int, int, int] | None = Field(
+        None, description="[x, y, width, height] region of interest, in source pixels"
+    )
     color: Literal["rgb", "bgr", "gray"] = Field("rgb", description="channel order the model expects")
     scale: float = Field(1.0, description="multiply pixel or sample values by this first")
     mean: tuple[float, ...] | None = Field(None, min_length=1, description="per-channel mean subtracted after scaling")
-    std: tuple[float, ...] | None = Field(None, min_length=1, description="per-channel standard deviation divided after the mean")
+    std: tuple[float, ...] | None = Field(
+        None, min_length=1, description="per-channel standard deviation divided after the mean"
+    )
     layout: Literal["nchw", "nhwc", "nc", "ncw"] = Field("nchw", description="tensor layout of the model input")
     dtype: Literal["float32", "float16", "uint8", "int8", "int64"] = Field("float32", description="tensor element type")
     window: int | None = Field(None, gt=0, description="sensor samples stacked into one model input")
     hop: int | None = Field(None, gt=0, description="samples between sensor windows; the window size when unset")
 
     @model_validator(mode="after")
-    def _check(self) -> "PreprocessConfig":
+    def _check(self) -> PreprocessConfig:
         channels = 1 if self.color == "gray" else 3
         for name in ("mean", "std"):
             values = getattr(self, name)
             if values is not None and len(values) not in (1, channels) and self.window is None:
-                raise ValueError(
-                    f"{name} has {len(values)} values but color {self.color} has {channels} channel(s)"
-                )
+                raise ValueError(f"{name} has {len(values)} values but color {self.color} has {channels} channel(s)")
         if self.std is not None and any(v == 0 for v in self.std):
             raise ValueError("std values must not be 0")
         if self.resize is not None and min(self.resize) <= 0:
@@ -45,8 +47,9 @@ class PreprocessConfig(Strict):
 # ---------------------------------------------------------------------------------------------------
 # The implementation: one Preprocessor per pipeline, made once from the config and the model input.
 
+from collections.abc import Sequence  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
-from typing import Any, Sequence  # noqa: E402
+from typing import Any
 
 LETTERBOX_FILL = 114  # the grey YOLO-family models were trained with around letterboxed images
 _IMAGE_LAYOUTS = ("nchw", "nhwc")
@@ -82,9 +85,15 @@ class Geometry:
 
 
 NUMPY_TYPES = {
-    "tensor(float)": "float32", "tensor(double)": "float64", "tensor(float16)": "float16",
-    "tensor(uint8)": "uint8", "tensor(int8)": "int8", "tensor(int16)": "int16",
-    "tensor(int32)": "int32", "tensor(int64)": "int64", "tensor(bool)": "bool",
+    "tensor(float)": "float32",
+    "tensor(double)": "float64",
+    "tensor(float16)": "float16",
+    "tensor(uint8)": "uint8",
+    "tensor(int8)": "int8",
+    "tensor(int16)": "int16",
+    "tensor(int32)": "int32",
+    "tensor(int64)": "int64",
+    "tensor(bool)": "bool",
 }
 
 
@@ -104,11 +113,15 @@ class Preprocessor:
     instead of failing inside the runtime.
     """
 
-    def __init__(self, config: PreprocessConfig, input_shape: Sequence[Any] | None = None, input_type: str | None = None) -> None:
+    def __init__(
+        self, config: PreprocessConfig, input_shape: Sequence[Any] | None = None, input_type: str | None = None
+    ) -> None:
         self.config = config
         self.expected = _fixed(input_shape)
         explicit = "dtype" in config.model_fields_set
-        self.dtype = np.dtype(config.dtype) if explicit or input_type not in NUMPY_TYPES else np.dtype(NUMPY_TYPES[input_type])
+        self.dtype = (
+            np.dtype(config.dtype) if explicit or input_type not in NUMPY_TYPES else np.dtype(NUMPY_TYPES[input_type])
+        )
         self._rows: list[np.ndarray] = []
         self._since_emit = 0
         self._hop = config.hop or config.window or 1
@@ -122,14 +135,16 @@ class Preprocessor:
     def image(self, img: np.ndarray) -> tuple[np.ndarray, Geometry]:
         cfg = self.config
         if img.dtype != np.uint8 or img.ndim not in (2, 3) or (img.ndim == 3 and img.shape[2] not in (1, 3, 4)):
-            raise FrameRejected(f"expected an 8-bit grey or colour image, got {img.dtype} array of shape {list(img.shape)}")
+            raise FrameRejected(
+                f"expected an 8-bit grey or colour image, got {img.dtype} array of shape {list(img.shape)}"
+            )
         src_h, src_w = img.shape[:2]
         crop_x = crop_y = 0
         if cfg.crop is not None:
             crop_x, crop_y, cw, ch = cfg.crop
             if crop_x + cw > src_w or crop_y + ch > src_h:
                 raise FrameRejected(f"crop {list(cfg.crop)} does not fit in a {src_w}x{src_h} frame")
-            img = img[crop_y:crop_y + ch, crop_x:crop_x + cw]
+            img = img[crop_y : crop_y + ch, crop_x : crop_x + cw]
         if img.ndim == 3 and img.shape[2] == 4:
             img = cv2.cvtColor(img, cv2.COLOR_BGRA2BGR)
         h, w = img.shape[:2]
@@ -143,7 +158,7 @@ class Preprocessor:
                 resized = cv2.resize(img, (nw, nh), interpolation=cv2.INTER_LINEAR) if (nw, nh) != (w, h) else img
                 pad_x, pad_y = (tw - nw) // 2, (th - nh) // 2
                 canvas = np.full((th, tw) + resized.shape[2:], LETTERBOX_FILL, dtype=np.uint8)
-                canvas[pad_y:pad_y + nh, pad_x:pad_x + nw] = resized
+                canvas[pad_y : pad_y + nh, pad_x : pad_x + nw] = resized
                 img, sx, sy = canvas, nw / w, nh / h
             elif (tw, th) != (w, h):
                 img = cv2.resize(img, (tw, th), interpolation=cv2.INTER_LINEAR)
@@ -177,8 +192,12 @@ class Preprocessor:
                 self.fast = False
                 return None
             params = cv2.dnn.Image2BlobParams(
-                scalefactor=tuple(float(v) for v in scale), size=(w, h), mean=tuple(float(v) for v in mean / cfg.scale),
-                swapRB=cfg.color == "rgb", ddepth=cv2.CV_32F, datalayout=layout,
+                scalefactor=tuple(float(v) for v in scale),
+                size=(w, h),
+                mean=tuple(float(v) for v in mean / cfg.scale),
+                swapRB=cfg.color == "rgb",
+                ddepth=cv2.CV_32F,
+                datalayout=layout,
             )
             self._blob_params[(w, h)] = params
         return cv2.dnn.blobFromImageWithParams(img, params)
@@ -187,7 +206,11 @@ class Preprocessor:
         color = self.config.color
         if img.ndim == 2 or img.shape[2] == 1:
             gray = img.reshape(img.shape[0], img.shape[1])
-            return gray[:, :, None] if color == "gray" else cv2.cvtColor(gray, cv2.COLOR_GRAY2RGB if color == "rgb" else cv2.COLOR_GRAY2BGR)
+            return (
+                gray[:, :, None]
+                if color == "gray"
+                else cv2.cvtColor(gray, cv2.COLOR_GRAY2RGB if color == "rgb" else cv2.COLOR_GRAY2BGR)
+            )
         if color == "rgb":
             return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
         if color == "gray":
@@ -203,7 +226,9 @@ class Preprocessor:
             mean = np.asarray(cfg.mean if cfg.mean is not None else (0.0,), dtype=np.float32)
             std = np.asarray(cfg.std if cfg.std is not None else (1.0,), dtype=np.float32)
             if mean.size not in (1, channels) or std.size not in (1, channels):
-                raise FrameRejected(f"mean/std have {mean.size}/{std.size} values but the data has {channels} channel(s)")
+                raise FrameRejected(
+                    f"mean/std have {mean.size}/{std.size} values but the data has {channels} channel(s)"
+                )
             a = np.float32(cfg.scale) / std
             b = -mean / std
             self._norm_cache[channels] = (a, b)
@@ -233,9 +258,18 @@ class Preprocessor:
         else:
             block = values[None] if values.ndim == 1 else values  # [1, C] or as given
         channels = block.shape[-1] if cfg.window is not None else block.shape[-1]
-        if cfg.window is None and block.ndim == 2 and block.shape[0] == 1 and (cfg.mean is not None and len(cfg.mean) > 1):
+        if (
+            cfg.window is None
+            and block.ndim == 2
+            and block.shape[0] == 1
+            and (cfg.mean is not None and len(cfg.mean) > 1)
+        ):
             channels = block.shape[1]
-        x = self._normalise(block, channels) if (cfg.scale != 1.0 or cfg.mean is not None or cfg.std is not None) else block
+        x = (
+            self._normalise(block, channels)
+            if (cfg.scale != 1.0 or cfg.mean is not None or cfg.std is not None)
+            else block
+        )
         layout = cfg.layout
         if layout in _IMAGE_LAYOUTS:  # an image layout on sensor data: follow the model's rank
             layout = "ncw" if self.expected is not None and len(self.expected) == 3 else "nc"

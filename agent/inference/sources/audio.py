@@ -22,13 +22,14 @@ class Config(Strict):
     realtime: bool = Field(False, description="pace windows at the sample rate instead of as fast as possible")
 
 
-import threading  # noqa: E402
-import time  # noqa: E402
-import wave  # noqa: E402
-from typing import Any, BinaryIO, Iterator  # noqa: E402
+import threading
+import time
+import wave
+from collections.abc import Iterator
+from typing import Any, BinaryIO
 
-from agent.inference.processing.lazy import np  # noqa: E402
-from agent.inference.sources.base import BaseSource, Pacer, SourceFailed, Window  # noqa: E402
+from agent.inference.processing.lazy import np
+from agent.inference.sources.base import BaseSource, Pacer, SourceFailed, Window
 
 READ_FRAMES = 4096
 
@@ -49,11 +50,15 @@ class _Reader:
             if self.wav.getframerate() != cfg.sample_rate:
                 rate = self.wav.getframerate()
                 self.wav.close()
-                raise SourceFailed(f"{cfg.path.name} is sampled at {rate} Hz but the pipeline expects {cfg.sample_rate} Hz")
+                raise SourceFailed(
+                    f"{cfg.path.name} is sampled at {rate} Hz but the pipeline expects {cfg.sample_rate} Hz"
+                )
             self.width = self.wav.getsampwidth()
             self.channels = self.wav.getnchannels()
             if self.width not in (1, 2, 4):
-                raise SourceFailed(f"{cfg.path.name}: {8 * self.width}-bit samples are not supported (8, 16 or 32-bit PCM)")
+                raise SourceFailed(
+                    f"{cfg.path.name}: {8 * self.width}-bit samples are not supported (8, 16 or 32-bit PCM)"
+                )
         else:
             self.raw = open(cfg.path, "rb")
             self.width = 2 if cfg.format == "s16le" else 4

@@ -12,9 +12,10 @@ from __future__ import annotations
 import random
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from agent.transport.events import Event, EventSink, log_event
 
@@ -73,7 +74,7 @@ class BaseSource:
         self.seq = 0
 
     @staticmethod
-    def example(config: Any) -> "np.ndarray | None":
+    def example(config: Any) -> np.ndarray | None:
         """A blank item shaped like what this source will produce, for warm-up; None when unknown."""
         return None
 
@@ -122,7 +123,7 @@ class Backoff:
         self.attempt = 0
 
     def next_delay(self) -> float:
-        base = min(self.cap, self.first * (2 ** self.attempt))
+        base = min(self.cap, self.first * (2**self.attempt))
         self.attempt += 1
         return base * random.uniform(0.5, 1.0)
 

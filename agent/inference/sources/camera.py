@@ -24,14 +24,15 @@ class Config(Strict):
     frozen_after: Duration = Field(10.0, gt=0, description="identical frames for this long raise a source.frozen event")
 
 
-import os  # noqa: E402
-import threading  # noqa: E402
-import time  # noqa: E402
-import zlib  # noqa: E402
-from typing import Any, Iterator  # noqa: E402
+import os
+import threading
+import time
+import zlib
+from collections.abc import Iterator
+from typing import Any
 
-from agent.inference.processing.lazy import cv2  # noqa: E402
-from agent.inference.sources.base import Backoff, BaseSource, Frame  # noqa: E402
+from agent.inference.processing.lazy import cv2
+from agent.inference.sources.base import Backoff, BaseSource, Frame
 
 OPEN_TIMEOUT_MS = 10000  # network streams: give up an attempt after this long, then back off
 READ_TIMEOUT_MS = 10000
@@ -100,7 +101,11 @@ class Source(BaseSource):
         if not cap.isOpened():
             cap.release()
             return None, f"cannot open {target}"
-        for prop, value in ((cv2.CAP_PROP_FPS, cfg.fps), (cv2.CAP_PROP_FRAME_WIDTH, cfg.width), (cv2.CAP_PROP_FRAME_HEIGHT, cfg.height)):
+        for prop, value in (
+            (cv2.CAP_PROP_FPS, cfg.fps),
+            (cv2.CAP_PROP_FRAME_WIDTH, cfg.width),
+            (cv2.CAP_PROP_FRAME_HEIGHT, cfg.height),
+        ):
             if value is not None:
                 cap.set(prop, float(value))
         return cap, ""
@@ -124,6 +129,8 @@ class Source(BaseSource):
                     self.emit("source.unfrozen", device=str(cfg.device))
             elif not frozen and mono - same_since >= cfg.frozen_after:
                 frozen = True
-                self.emit("source.frozen", reason=f"the same picture for {mono - same_since:.0f} s", device=str(cfg.device))
+                self.emit(
+                    "source.frozen", reason=f"the same picture for {mono - same_since:.0f} s", device=str(cfg.device)
+                )
             yield Frame(img, ts, self.next_seq(), None, {"frozen": True} if frozen else {})
         return ""

@@ -14,19 +14,26 @@ KEY = "csv"
 class Config(Strict):
     type: Literal["csv"]
     path: ProfilePath = Field(description="a CSV file with a header row")
-    columns: tuple[str, ...] | None = Field(None, min_length=1, description="value columns, in model input order; all numeric columns when unset")
-    timestamp: str | None = Field(None, description="the column holding each row's capture time (ISO 8601 or epoch seconds)")
+    columns: tuple[str, ...] | None = Field(
+        None, min_length=1, description="value columns, in model input order; all numeric columns when unset"
+    )
+    timestamp: str | None = Field(
+        None, description="the column holding each row's capture time (ISO 8601 or epoch seconds)"
+    )
     follow: bool = Field(False, description="keep reading lines appended to the file, like tail -f")
-    rate: float | None = Field(None, gt=0, description="replay at this many rows per second; as fast as possible when unset")
+    rate: float | None = Field(
+        None, gt=0, description="replay at this many rows per second; as fast as possible when unset"
+    )
 
 
-import csv as _csv  # noqa: E402
-import threading  # noqa: E402
-from typing import Any, Iterator  # noqa: E402
+import csv as _csv
+import threading
+from collections.abc import Iterator
+from typing import Any
 
-from agent.inference.processing.lazy import np  # noqa: E402
-from agent.inference.sources.base import BaseSource, Pacer, SourceFailed, Window  # noqa: E402
-from agent.inference.sources.lines import now, parse_time, read_lines  # noqa: E402
+from agent.inference.processing.lazy import np
+from agent.inference.sources.base import BaseSource, Pacer, SourceFailed, Window
+from agent.inference.sources.lines import now, parse_time, read_lines
 
 
 class Source(BaseSource):
@@ -82,7 +89,9 @@ class Source(BaseSource):
         ts_index = None
         if cfg.timestamp is not None:
             if cfg.timestamp not in header:
-                raise SourceFailed(f"{cfg.path.name}: no timestamp column {cfg.timestamp!r} (columns: {', '.join(header)})")
+                raise SourceFailed(
+                    f"{cfg.path.name}: no timestamp column {cfg.timestamp!r} (columns: {', '.join(header)})"
+                )
             ts_index = header.index(cfg.timestamp)
         if cfg.columns is None:
             return [], ts_index

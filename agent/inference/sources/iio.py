@@ -19,13 +19,13 @@ class Config(Strict):
     root: str = Field("/sys/bus/iio/devices", description="where IIO devices are found")
 
 
-import threading  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Iterator  # noqa: E402
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
 
-from agent.inference.processing.lazy import np  # noqa: E402
-from agent.inference.sources.base import Backoff, BaseSource, Pacer, Window  # noqa: E402
+from agent.inference.processing.lazy import np
+from agent.inference.sources.base import Backoff, BaseSource, Pacer, Window
 
 
 def device_dir(root: Path, device: str) -> Path | None:

@@ -19,13 +19,13 @@ class Config(Strict):
     fps: float | None = Field(None, gt=0, description="pace images at this rate")
 
 
-import threading  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Iterator  # noqa: E402
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
 
-from agent.inference.processing.lazy import cv2, np  # noqa: E402
-from agent.inference.sources.base import BaseSource, Frame, Pacer  # noqa: E402
+from agent.inference.processing.lazy import cv2, np
+from agent.inference.sources.base import BaseSource, Frame, Pacer
 
 WATCH_POLL_S = 0.5
 
@@ -66,7 +66,7 @@ class Source(BaseSource):
             stop.wait(WATCH_POLL_S)
 
 
-def _read(path: Path) -> "np.ndarray | None":
+def _read(path: Path) -> np.ndarray | None:
     try:
         data = np.fromfile(str(path), dtype=np.uint8)
     except OSError:

@@ -20,13 +20,14 @@ class Config(Strict):
     rate: float | None = Field(None, gt=0, description="replay at this many lines per second")
 
 
-import json  # noqa: E402
-import threading  # noqa: E402
-from typing import Any, Iterator  # noqa: E402
+import json
+import threading
+from collections.abc import Iterator
+from typing import Any
 
-from agent.inference.processing.lazy import np  # noqa: E402
-from agent.inference.sources.base import BaseSource, Pacer, Window  # noqa: E402
-from agent.inference.sources.lines import now, parse_time, read_lines  # noqa: E402
+from agent.inference.processing.lazy import np
+from agent.inference.sources.base import BaseSource, Pacer, Window
+from agent.inference.sources.lines import now, parse_time, read_lines
 
 
 def values_from_object(obj: Any, fields: tuple[str, ...]) -> Any:
@@ -45,12 +46,12 @@ def values_from_object(obj: Any, fields: tuple[str, ...]) -> Any:
 
 
 class Source(BaseSource):
-
     sensor = True
 
     @staticmethod
     def example(cfg: Config) -> Any:
         return np.zeros(len(cfg.fields))
+
     def frames(self, stop: threading.Event) -> Iterator[Window]:
         cfg = self.config
         pacer = Pacer(cfg.rate)
@@ -66,8 +67,13 @@ class Source(BaseSource):
                     values = values_from_object(obj, cfg.fields)
                     ts = parse_time(obj[cfg.timestamp]) if cfg.timestamp is not None else now()
                 except (ValueError, KeyError) as exc:
-                    reason = f"not JSON ({exc.msg})" if isinstance(exc, json.JSONDecodeError) else (
-                        f"timestamp field {cfg.timestamp!r} is missing" if isinstance(exc, KeyError) else str(exc))
+                    reason = (
+                        f"not JSON ({exc.msg})"
+                        if isinstance(exc, json.JSONDecodeError)
+                        else (
+                            f"timestamp field {cfg.timestamp!r} is missing" if isinstance(exc, KeyError) else str(exc)
+                        )
+                    )
                     self.emit("frame.rejected", reason=f"{cfg.path.name} line {number}: {reason}")
                     continue
                 if not pacer.wait(stop):

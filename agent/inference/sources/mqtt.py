@@ -14,18 +14,21 @@ KEY = "mqtt"
 class Config(Strict):
     type: Literal["mqtt"]
     topic: str = Field(min_length=1, description="the topic filter to subscribe to")
-    fields: tuple[str, ...] = Field(min_length=1, description="numeric fields of each JSON payload, in model input order")
+    fields: tuple[str, ...] = Field(
+        min_length=1, description="numeric fields of each JSON payload, in model input order"
+    )
 
 
-import json  # noqa: E402
-import queue  # noqa: E402
-import ssl  # noqa: E402
-import threading  # noqa: E402
-import time  # noqa: E402
-from typing import Any, Iterator  # noqa: E402
+import json
+import queue
+import ssl
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
 
-from agent.inference.sources.base import BaseSource, SourceFailed, Window  # noqa: E402
-from agent.inference.sources.jsonl import values_from_object  # noqa: E402
+from agent.inference.sources.base import BaseSource, SourceFailed, Window
+from agent.inference.sources.jsonl import values_from_object
 
 INBOX = 10000  # messages held between the network thread and the pipeline
 
@@ -72,7 +75,10 @@ class Source(BaseSource):
         reported = 0
         while not stop.is_set():
             if dropped[0] != reported:
-                self.emit("source.overflow", reason=f"{dropped[0] - reported} message(s) on {self.config.topic} dropped: the pipeline fell behind")
+                self.emit(
+                    "source.overflow",
+                    reason=f"{dropped[0] - reported} message(s) on {self.config.topic} dropped: the pipeline fell behind",
+                )
                 reported = dropped[0]
             try:
                 ts, payload = inbox.get(timeout=0.25)
@@ -107,8 +113,12 @@ class Source(BaseSource):
             client.username_pw_set(settings.username, settings.secret())
         if settings.secure:
             tls = settings.tls
-            client.tls_set(ca_certs=str(tls.ca), certfile=str(tls.cert) if tls.cert else None,
-                           keyfile=str(tls.key) if tls.key else None, tls_version=ssl.PROTOCOL_TLS_CLIENT)
+            client.tls_set(
+                ca_certs=str(tls.ca),
+                certfile=str(tls.cert) if tls.cert else None,
+                keyfile=str(tls.key) if tls.key else None,
+                tls_version=ssl.PROTOCOL_TLS_CLIENT,
+            )
         topic = self.config.topic
 
         def on_connect(c: Any, userdata: Any, flags: Any, reason: Any, props: Any = None) -> None:

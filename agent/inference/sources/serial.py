@@ -19,16 +19,17 @@ class Config(Strict):
     fields: tuple[str, ...] | None = Field(None, min_length=1, description="field names (jsonl) or column names (csv)")
 
 
-import json  # noqa: E402
-import os  # noqa: E402
-import select  # noqa: E402
-import threading  # noqa: E402
-import time  # noqa: E402
-from typing import Any, Iterator  # noqa: E402
+import json
+import os
+import select
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
 
-from agent.inference.processing.lazy import np  # noqa: E402
-from agent.inference.sources.base import Backoff, BaseSource, SourceFailed, Window  # noqa: E402
-from agent.inference.sources.jsonl import values_from_object  # noqa: E402
+from agent.inference.processing.lazy import np
+from agent.inference.sources.base import Backoff, BaseSource, SourceFailed, Window
+from agent.inference.sources.jsonl import values_from_object
 
 POLL_S = 0.25
 MAX_LINE = 4096  # a line longer than this is noise on the wire, not a sample

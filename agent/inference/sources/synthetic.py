@@ -20,12 +20,12 @@ class Config(Strict):
     frames: int | None = Field(None, gt=0, description="stop after this many frames; endless when unset")
 
 
-import threading  # noqa: E402
-import time  # noqa: E402
-from typing import Iterator  # noqa: E402
+import threading
+import time
+from collections.abc import Iterator
 
-from agent.inference.processing.lazy import cv2, np  # noqa: E402
-from agent.inference.sources.base import BaseSource, Frame, Pacer  # noqa: E402
+from agent.inference.processing.lazy import cv2, np
+from agent.inference.sources.base import BaseSource, Frame, Pacer
 
 FONT = 0  # cv2.FONT_HERSHEY_SIMPLEX
 LINE_HEIGHT = 90
@@ -36,7 +36,10 @@ def text_layout(config: Config, seq: int) -> list[tuple[str, tuple[int, int], fl
     scale = max(0.6, min(config.width, config.height) / 300)
     thickness = max(2, int(scale * 2))
     dx = (seq * 3) % 60
-    return [(line, (30 + dx, 70 + i * int(LINE_HEIGHT * scale / 1.6)), scale, thickness) for i, line in enumerate(config.text)]
+    return [
+        (line, (30 + dx, 70 + i * int(LINE_HEIGHT * scale / 1.6)), scale, thickness)
+        for i, line in enumerate(config.text)
+    ]
 
 
 def text_boxes(config: Config, seq: int) -> list[list[int]]:

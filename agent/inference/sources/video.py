@@ -19,12 +19,12 @@ class Config(Strict):
     fps: float | None = Field(None, gt=0, description="pace frames at this rate (overrides the file's rate)")
 
 
-import threading  # noqa: E402
-import time  # noqa: E402
-from typing import Iterator  # noqa: E402
+import threading
+import time
+from collections.abc import Iterator
 
-from agent.inference.processing.lazy import cv2  # noqa: E402
-from agent.inference.sources.base import BaseSource, Frame, Pacer  # noqa: E402
+from agent.inference.processing.lazy import cv2
+from agent.inference.sources.base import BaseSource, Frame, Pacer
 
 DEFAULT_FPS = 30.0
 
@@ -62,7 +62,10 @@ class Source(BaseSource):
                 if index == 0:
                     raise OSError(f"{cfg.path.name} has no frame OpenCV can decode")
                 if expected and index < expected - 1 and not stop.is_set():
-                    self.emit("source.error", reason=f"{cfg.path.name}: stopped at frame {index} of {expected} (truncated or corrupt)")
+                    self.emit(
+                        "source.error",
+                        reason=f"{cfg.path.name}: stopped at frame {index} of {expected} (truncated or corrupt)",
+                    )
                 offset += index / fps
             finally:
                 cap.release()

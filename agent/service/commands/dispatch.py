@@ -26,8 +26,9 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from agent.transport.events import Event, EventSink
 
@@ -70,19 +71,32 @@ class CommandSpec:
 
 
 # The commands of DESIGN.md and their arguments; handlers come from the daemon.
-SPECS: dict[str, CommandSpec] = {spec.name: spec for spec in (
-    CommandSpec("ping", "answer at once: is the agent alive, since when"),
-    CommandSpec("update", "check the registry for new model versions now",
-                {"model": Arg(str, help="only this model")}),
-    CommandSpec("rollback", "go back to the previous version of a model",
-                {"model": Arg(str, required=True), "version": Arg(str, help="this version instead of the previous one")}),
-    CommandSpec("reload", "re-read the profile; keep the running one if the new one is invalid"),
-    CommandSpec("pipeline", "start or stop one pipeline",
-                {"name": Arg(str, required=True), "action": Arg(str, required=True, choices=("start", "stop", "restart"))}),
-    CommandSpec("config", "the effective profile, secrets redacted"),
-    CommandSpec("snapshot", "one JPEG from a camera pipeline",
-                {"pipeline": Arg(str, required=True), "max_width": Arg(int, help="scale down to this width")}),
-)}
+SPECS: dict[str, CommandSpec] = {
+    spec.name: spec
+    for spec in (
+        CommandSpec("ping", "answer at once: is the agent alive, since when"),
+        CommandSpec(
+            "update", "check the registry for new model versions now", {"model": Arg(str, help="only this model")}
+        ),
+        CommandSpec(
+            "rollback",
+            "go back to the previous version of a model",
+            {"model": Arg(str, required=True), "version": Arg(str, help="this version instead of the previous one")},
+        ),
+        CommandSpec("reload", "re-read the profile; keep the running one if the new one is invalid"),
+        CommandSpec(
+            "pipeline",
+            "start or stop one pipeline",
+            {"name": Arg(str, required=True), "action": Arg(str, required=True, choices=("start", "stop", "restart"))},
+        ),
+        CommandSpec("config", "the effective profile, secrets redacted"),
+        CommandSpec(
+            "snapshot",
+            "one JPEG from a camera pipeline",
+            {"pipeline": Arg(str, required=True), "max_width": Arg(int, help="scale down to this width")},
+        ),
+    )
+}
 
 Handler = Callable[[dict[str, Any]], Any]
 Reply = Callable[[str, bytes, bytes | None], None]  # (topic, payload, correlation data)
@@ -149,7 +163,9 @@ class CommandDispatcher:
                 reply["id"] = args["id"]
             spec = self._specs.get(name)
             if spec is None:
-                raise CommandError(f"unknown command {name!r} (commands: {', '.join(self.commands)})", "unknown_command")
+                raise CommandError(
+                    f"unknown command {name!r} (commands: {', '.join(self.commands)})", "unknown_command"
+                )
             handler = self._handlers.get(name)
             if handler is None:
                 raise CommandError(f"{name} is not available on this agent", "not_available")
@@ -161,7 +177,7 @@ class CommandDispatcher:
         except CommandError as exc:
             reply.update(ok=False, ts=_now_iso(self._clock()), error={"code": exc.code, "message": exc.message})
             self._event(name, exc.code, exc.message)
-        except Exception as exc:  # noqa: BLE001 (a handler's bug is an error reply, never a crash)
+        except Exception as exc:  # a handler's bug is an error reply, never a crash
             log.exception("command %s failed", name)
             message = f"{type(exc).__name__}: {exc}"
             reply.update(ok=False, ts=_now_iso(self._clock()), error={"code": "failed", "message": message})
@@ -171,7 +187,7 @@ class CommandDispatcher:
 
     # ---- wiring to MQTT ----------------------------------------------------------------------
 
-    def attach(self, connection: Any) -> "CommandDispatcher":
+    def attach(self, connection: Any) -> CommandDispatcher:
         """Subscribe to `<prefix>/<device>/cmd/+` (again on every connect) and answer on the dispatcher thread."""
         from agent.transport.mqtt import reply_properties
 
@@ -196,7 +212,7 @@ class CommandDispatcher:
         connection.subscribe(topics.commands, on_message, qos=1)
         return self.start()
 
-    def start(self) -> "CommandDispatcher":
+    def start(self) -> CommandDispatcher:
         if self._thread is None:
             self._stop.clear()
             self._thread = threading.Thread(target=self._run, name="commands", daemon=True)
@@ -220,7 +236,7 @@ class CommandDispatcher:
             if self._reply is not None and topic:
                 try:
                     self._reply(topic, json.dumps(body, separators=(",", ":"), default=str).encode(), correlation)
-                except Exception:  # noqa: BLE001
+                except Exception:
                     log.exception("command %s: reply failed", name)
 
     # ---- internals ---------------------------------------------------------------------------
@@ -244,5 +260,5 @@ class CommandDispatcher:
         if self.events is not None:
             try:
                 self.events(Event("command.error", {"command": name, "code": code, "message": message}))
-            except Exception:  # noqa: BLE001
+            except Exception:
                 log.exception("command event failed")

@@ -29,7 +29,9 @@ def register_commands(dispatcher: CommandDispatcher, daemon: Any) -> None:
 
     def reload(args: dict[str, Any]) -> Any:
         if not daemon.reload():
-            raise CommandError("the profile on disk is invalid; the running profile stays (see the profile.invalid event)")
+            raise CommandError(
+                "the profile on disk is invalid; the running profile stays (see the profile.invalid event)"
+            )
         return {"pipelines": sorted(parts().pipelines)}
 
     def pipeline(args: dict[str, Any]) -> Any:
@@ -64,13 +66,26 @@ def register_commands(dispatcher: CommandDispatcher, daemon: Any) -> None:
         image, boxes = latest
         width = args.get("max_width")
         if width and image.shape[1] > width:
-            image = cv2.resize(image, (width, round(image.shape[0] * width / image.shape[1])), interpolation=cv2.INTER_AREA)
+            image = cv2.resize(
+                image, (width, round(image.shape[0] * width / image.shape[1])), interpolation=cv2.INTER_AREA
+            )
         ok, jpeg = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 85])
         if not ok:
             raise CommandError("the frame could not be encoded as JPEG")
-        return {"pipeline": args["pipeline"], "width": image.shape[1], "height": image.shape[0],
-                "jpeg_base64": base64.b64encode(jpeg.tobytes()).decode(), "boxes": boxes}
+        return {
+            "pipeline": args["pipeline"],
+            "width": image.shape[1],
+            "height": image.shape[0],
+            "jpeg_base64": base64.b64encode(jpeg.tobytes()).decode(),
+            "boxes": boxes,
+        }
 
-    for name, handler in (("update", update), ("rollback", rollback), ("reload", reload), ("pipeline", pipeline),
-                          ("config", config), ("snapshot", snapshot)):
+    for name, handler in (
+        ("update", update),
+        ("rollback", rollback),
+        ("reload", reload),
+        ("pipeline", pipeline),
+        ("config", config),
+        ("snapshot", snapshot),
+    ):
         dispatcher.register(name, handler)

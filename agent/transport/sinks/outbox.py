@@ -15,7 +15,8 @@ import json
 import logging
 import threading
 import time
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from agent.transport.events import Event
 from agent.transport.mqtt import utc_iso
@@ -70,7 +71,7 @@ class OutboxSink:
         self._last_drop_report = 0.0
 
     @classmethod
-    def for_profile(cls, outbox: Outbox, topics: Topics, mqtt: Any, pipelines: Iterable[Any]) -> "OutboxSink":
+    def for_profile(cls, outbox: Outbox, topics: Topics, mqtt: Any, pipelines: Iterable[Any]) -> OutboxSink:
         """Batch sizes from each pipeline's `batch`, the default QoS from `mqtt.qos`."""
         batches = {p.name: (p.batch.size, p.batch.max_delay) for p in pipelines}
         return cls(outbox, topics, qos=mqtt.qos, batches=batches)
@@ -84,7 +85,9 @@ class OutboxSink:
             route = self._routes.get(pipeline)
             if route is None:
                 route = self._routes[pipeline] = (f"results/{pipeline}", self.topics.results(pipeline))
-            self.outbox.put_sequenced(route[0], route[1], lambda seq: _dumps(self._stamp(pipeline, payload, seq)), qos=qos)
+            self.outbox.put_sequenced(
+                route[0], route[1], lambda seq: _dumps(self._stamp(pipeline, payload, seq)), qos=qos
+            )
             return
         size, delay = batch
         with self._lock:
@@ -99,7 +102,12 @@ class OutboxSink:
 
     def event(self, event: Event) -> None:
         def build(seq: int) -> bytes:
-            body: dict[str, Any] = {"device": self.topics.device, "seq": seq, "ts": utc_iso(event.ts), "type": event.type}
+            body: dict[str, Any] = {
+                "device": self.topics.device,
+                "seq": seq,
+                "ts": utc_iso(event.ts),
+                "type": event.type,
+            }
             body.update({k: v for k, v in event.fields.items() if k not in body})
             return _dumps(body)
 
@@ -107,7 +115,7 @@ class OutboxSink:
 
     # ---- lifecycle ---------------------------------------------------------------------------
 
-    def start(self) -> "OutboxSink":
+    def start(self) -> OutboxSink:
         if self._thread is None:
             self._stop.clear()
             self._thread = threading.Thread(target=self._run, name="outbox-sink", daemon=True)
@@ -136,8 +144,17 @@ class OutboxSink:
             stats = self.outbox.stats()
             count = dropped - self._dropped_reported
             self._dropped_reported, self._last_drop_report = dropped, now
-            self.event(Event("outbox.dropped", {"count": count, "total": dropped, "max_bytes": stats.max_bytes,
-                                                "reason": "the outbox reached its bound; the oldest messages were dropped"}))
+            self.event(
+                Event(
+                    "outbox.dropped",
+                    {
+                        "count": count,
+                        "total": dropped,
+                        "max_bytes": stats.max_bytes,
+                        "reason": "the outbox reached its bound; the oldest messages were dropped",
+                    },
+                )
+            )
 
     # ---- internals ---------------------------------------------------------------------------
 
@@ -165,12 +182,24 @@ class OutboxSink:
             results = []
             for i, item in enumerate(items):
                 body = {"seq": first + i}
-                body.update({k: (_ts(v) if k == "ts" else v) for k, v in item.items() if k not in ("seq", "device", "pipeline")})
+                body.update(
+                    {k: (_ts(v) if k == "ts" else v) for k, v in item.items() if k not in ("seq", "device", "pipeline")}
+                )
                 body.setdefault("ts", utc_iso(self._clock()))
                 results.append(body)
-            return _dumps({"device": self.topics.device, "pipeline": pipeline, "seq": first, "count": len(items), "results": results})
+            return _dumps(
+                {
+                    "device": self.topics.device,
+                    "pipeline": pipeline,
+                    "seq": first,
+                    "count": len(items),
+                    "results": results,
+                }
+            )
 
-        self.outbox.put_sequenced(f"results/{pipeline}", self.topics.results(pipeline), build, count=len(items), qos=qos)
+        self.outbox.put_sequenced(
+            f"results/{pipeline}", self.topics.results(pipeline), build, count=len(items), qos=qos
+        )
 
     def _run(self) -> None:
         while not self._stop.wait(TICK):
@@ -181,6 +210,6 @@ class OutboxSink:
                 for name in due:
                     self._flush_pipeline(name)
                 self.report_drops()
-            except Exception:  # noqa: BLE001 (keep flushing after a bad moment, e.g. a full disk)
+            except Exception:  # keep flushing after a bad moment, e.g. a full disk
                 log.exception("outbox sink: flush failed")
                 self._stop.wait(1.0)

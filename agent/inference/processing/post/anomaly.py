@@ -14,13 +14,16 @@ KEY = "anomaly"
 class Config(Strict):
     type: Literal["anomaly"]
     output: str | None = Field(None, description="the score or reconstruction output; the first output when unset")
-    method: Literal["score", "reconstruction"] = Field("score", description="score: the output is the score; reconstruction: mean squared error between input and output")
+    method: Literal["score", "reconstruction"] = Field(
+        "score",
+        description="score: the output is the score; reconstruction: mean squared error between input and output",
+    )
     threshold: float = Field(description="scores above this are anomalies")
     report: Literal["all", "anomalies"] = Field("all", description="publish every score, or only anomalies")
 
 
-from agent.inference.processing.lazy import np  # noqa: E402
-from agent.inference.processing.post.base import BasePostprocessor, PostContext  # noqa: E402
+from agent.inference.processing.lazy import np
+from agent.inference.processing.post.base import BasePostprocessor, PostContext
 
 
 class Postprocessor(BasePostprocessor):
@@ -31,8 +34,10 @@ class Postprocessor(BasePostprocessor):
         value = np.asarray(outputs[self.output], dtype=np.float64)
         if cfg.method == "reconstruction":
             if ctx.input is None or ctx.input.size != value.size:
-                raise ValueError(f"reconstruction needs an output the size of the input ({value.size} vs "
-                                 f"{None if ctx.input is None else ctx.input.size} values)")
+                raise ValueError(
+                    f"reconstruction needs an output the size of the input ({value.size} vs "
+                    f"{None if ctx.input is None else ctx.input.size} values)"
+                )
             score = float(np.mean((value.reshape(-1) - ctx.input.reshape(-1).astype(np.float64)) ** 2))
         else:
             score = float(value.reshape(-1).max())

@@ -7,9 +7,10 @@ result's `output` object, or None when there is nothing to publish (a threshold 
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import numpy as np
@@ -21,10 +22,10 @@ if TYPE_CHECKING:
 class PostContext:
     """The frame's side of an inference: geometry back to source pixels, times, the input tensor."""
 
-    geometry: "Geometry | None" = None
+    geometry: Geometry | None = None
     t: float | None = None  # offset in the stream (file sources)
     ts: float = 0.0  # capture time, seconds since the epoch
-    input: "np.ndarray | None" = None
+    input: np.ndarray | None = None
 
 
 class BasePostprocessor:
@@ -53,7 +54,9 @@ def read_labels(path: Path | None) -> list[str] | None:
     return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def make_postprocessor(config: Any, output_names: Sequence[str], output_types: Mapping[str, str] | None = None) -> BasePostprocessor:
+def make_postprocessor(
+    config: Any, output_names: Sequence[str], output_types: Mapping[str, str] | None = None
+) -> BasePostprocessor:
     """The plug-in registered for `config.type`, built for a model with these outputs."""
     from agent.inference.processing.post import POSTPROCESSORS
 

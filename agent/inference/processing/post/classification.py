@@ -20,8 +20,8 @@ class Config(Strict):
     labels: ProfilePath | None = Field(None, description="a text file with one label per line")
 
 
-from agent.inference.processing.lazy import np  # noqa: E402
-from agent.inference.processing.post.base import BasePostprocessor, PostContext, read_labels  # noqa: E402
+from agent.inference.processing.lazy import np
+from agent.inference.processing.post.base import BasePostprocessor, PostContext, read_labels
 
 
 class Postprocessor(BasePostprocessor):

@@ -22,8 +22,8 @@ class Config(Strict):
     classes: tuple[int, ...] | None = Field(None, description="only report these class ids")
 
 
-from agent.inference.processing.lazy import cv2, np  # noqa: E402
-from agent.inference.processing.post.base import BasePostprocessor, PostContext, read_labels  # noqa: E402
+from agent.inference.processing.lazy import cv2, np
+from agent.inference.processing.post.base import BasePostprocessor, PostContext, read_labels
 
 
 class Postprocessor(BasePostprocessor):
@@ -61,7 +61,9 @@ class Postprocessor(BasePostprocessor):
         boxes, conf, class_ids = boxes[mask], conf[mask], class_ids[mask]
         detections: list[dict[str, Any]] = []
         if len(conf):
-            xywh = np.column_stack([boxes[:, 0] - boxes[:, 2] / 2, boxes[:, 1] - boxes[:, 3] / 2, boxes[:, 2], boxes[:, 3]])
+            xywh = np.column_stack(
+                [boxes[:, 0] - boxes[:, 2] / 2, boxes[:, 1] - boxes[:, 3] / 2, boxes[:, 2], boxes[:, 3]]
+            )
             keep = cv2.dnn.NMSBoxesBatched(xywh.tolist(), conf.tolist(), class_ids.tolist(), cfg.threshold, cfg.iou)
             order = sorted((int(i) for i in np.asarray(keep).reshape(-1)), key=lambda i: -conf[i])[: cfg.max_detections]
             for i in order:
@@ -69,7 +71,8 @@ class Postprocessor(BasePostprocessor):
                 box = [float(x), float(y), float(x + w), float(y + h)]
                 entry: dict[str, Any] = {
                     "box": ctx.geometry.box_to_source(box) if ctx.geometry else [round(v, 1) for v in box],
-                    "score": round(float(conf[i]), 4), "class": int(class_ids[i]),
+                    "score": round(float(conf[i]), 4),
+                    "class": int(class_ids[i]),
                 }
                 if self.labels is not None and entry["class"] < len(self.labels):
                     entry["label"] = self.labels[entry["class"]]

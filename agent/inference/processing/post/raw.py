@@ -17,7 +17,7 @@ class Config(Strict):
     round: int | None = Field(6, ge=0, le=12, description="decimal places kept in floats")
 
 
-from agent.inference.processing.post.base import BasePostprocessor, PostContext  # noqa: E402
+from agent.inference.processing.post.base import BasePostprocessor, PostContext
 
 
 class Postprocessor(BasePostprocessor):

@@ -21,8 +21,8 @@ class Config(Strict):
     max_boxes: int = Field(100, gt=0, description="boxes kept per frame")
 
 
-from agent.inference.processing.lazy import cv2, np  # noqa: E402
-from agent.inference.processing.post.base import BasePostprocessor, PostContext  # noqa: E402
+from agent.inference.processing.lazy import cv2, np
+from agent.inference.processing.post.base import BasePostprocessor, PostContext
 
 
 class Postprocessor(BasePostprocessor):
@@ -61,8 +61,12 @@ class Postprocessor(BasePostprocessor):
         found.sort(key=lambda f: -f[0])
         boxes = []
         for score, box in found[: cfg.max_boxes]:
-            boxes.append({"box": ctx.geometry.box_to_source(box) if ctx.geometry else [int(round(v)) for v in box],
-                          "score": round(float(score), 4)})
+            boxes.append(
+                {
+                    "box": ctx.geometry.box_to_source(box) if ctx.geometry else [int(round(v)) for v in box],
+                    "score": round(float(score), 4),
+                }
+            )
         boxes.sort(key=lambda b: (b["box"][1], b["box"][0]))
         return {"boxes": boxes}
 

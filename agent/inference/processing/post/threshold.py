@@ -21,7 +21,7 @@ class Config(Strict):
     min_on: Duration = Field(0.0, ge=0, description="events shorter than this are not reported")
 
     @model_validator(mode="after")
-    def _check(self) -> "Config":
+    def _check(self) -> Config:
         if self.off_threshold is not None and self.off_threshold > self.threshold:
             raise ValueError(
                 f"off_threshold {self.off_threshold} is above threshold {self.threshold}; it must be at or below it"
@@ -29,8 +29,8 @@ class Config(Strict):
         return self
 
 
-from agent.inference.processing.lazy import np  # noqa: E402
-from agent.inference.processing.post.base import BasePostprocessor, PostContext  # noqa: E402
+from agent.inference.processing.lazy import np
+from agent.inference.processing.post.base import BasePostprocessor, PostContext
 
 
 class Postprocessor(BasePostprocessor):
@@ -67,8 +67,13 @@ class Postprocessor(BasePostprocessor):
                 self.low_since = now
             if now - self.low_since >= cfg.min_off:
                 if self.reported:
-                    out = {"event": "close", "t": round(self.low_since, 3), "duration": round(self.low_since - self.start, 3),
-                           "score": round(score, 4), "peak": round(self.peak, 4)}
+                    out = {
+                        "event": "close",
+                        "t": round(self.low_since, 3),
+                        "duration": round(self.low_since - self.start, 3),
+                        "score": round(score, 4),
+                        "peak": round(self.peak, 4),
+                    }
                 self.active = False
                 return out
         else:
