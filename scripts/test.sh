@@ -12,6 +12,11 @@ command -v espeak-ng >/dev/null || apt_install espeak-ng || say "espeak-ng is mi
 command -v chromium >/dev/null && command -v chromedriver >/dev/null \
   || apt_install chromium chromium-driver fonts-dejavu-core || say "chromium is missing: the status page browser test will be skipped"
 
+say "static checks: ruff (lint and format) and mypy"
+"$VENV/bin/ruff" check agent tests bench scripts
+"$VENV/bin/ruff" format --check agent tests bench scripts
+"$VENV/bin/mypy"
+
 say "running the test suite"
 "$VENV/bin/python" -m pytest "$@"
 
