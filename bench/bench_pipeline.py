@@ -146,7 +146,8 @@ def camera_path(frames: int, runtime: RuntimeConfig, tmp: Path) -> dict[str, Any
     model = load_model(path, runtime, tmp, example=np.zeros((1, 3, 480, 640), np.float32))
     session = model.session
     pre = Preprocessor(cfg.preprocess, model.stream_spec.shape, model.stream_spec.type)
-    from agent.inference.processing.post.base import PostContext, make_postprocessor
+    from agent.inference.processing.post import make_postprocessor
+    from agent.inference.processing.post.base import PostContext
 
     post = make_postprocessor(cfg.postprocess, model.output_names)
     tensors = [pre(img)[0] for img in images]

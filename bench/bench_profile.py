@@ -41,7 +41,7 @@ def write_profile(folder: Path, count: int) -> Path:
 
 def cold_start_ms(path: Path) -> float:
     """A fresh interpreter importing the package and loading once: what `edge-agent check` costs."""
-    code = f"import time; t=time.perf_counter(); from agent.profile import load_profile; load_profile({str(path)!r}); print((time.perf_counter()-t)*1000)"
+    code = f"import time; t=time.perf_counter(); from agent.config.profile import load_profile; load_profile({str(path)!r}); print((time.perf_counter()-t)*1000)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return float(out.stdout.strip())
 

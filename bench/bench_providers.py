@@ -46,11 +46,11 @@ def main() -> int:
             raise SystemExit("bench: the OpenVINO venv has no OpenVINOExecutionProvider")
         return reexec_in_openvino_venv()
 
-    from agent.cli.bench import ProgressBar
     from agent.cloud.samples import sample_model
     from agent.device import hardware
     from agent.device.autotune import measure
     from agent.device.providers import CPU, OPENVINO, Candidate
+    from agent.util.progress import ProgressBar
 
     model = sample_model("ppocr-det", quiet=True)
     found = hardware.probe("/")
@@ -67,7 +67,7 @@ def main() -> int:
         {"x": frame},
         runs=args.runs,
         warmup=args.warmup,
-        progress=ProgressBar(),
+        progress=ProgressBar("bench"),
     )
     print(
         f"PP-OCRv4 detector, 1x3x480x640, {threads} threads, {args.runs} runs each, warm, in turns "

@@ -12,6 +12,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -24,7 +25,7 @@ from tests.helpers.registry import make_registry
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def timed(fn, n: int = 5) -> float:  # type: ignore[no-untyped-def]
+def timed(fn: Callable[[], object], n: int = 5) -> float:
     runs = []
     for _ in range(n):
         t0 = time.perf_counter()

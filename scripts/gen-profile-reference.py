@@ -198,6 +198,9 @@ def description_of(node: Schema) -> str:
     pattern = node.get("pattern")
     if pattern == "^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$":
         text += " (1 to 64 letters, digits, `_ . -`; starts with a letter or digit)" if "letters" not in text else ""
+    refused = node.get("not", {}).get("enum")
+    if refused:
+        text += " (not " + ", ".join(f"`{word}`" for word in refused) + ": the agent's own topic levels)"
     for alt in node.get("anyOf", []):
         if alt.get("maxLength") and alt.get("type") == "string":
             text += f" (at most {alt['maxLength']} characters)"

@@ -12,9 +12,10 @@ import pytest
 
 from agent.config.profile import RuntimeConfig
 from agent.device import autotune
-from agent.device.autotune import Trial, measure, synth_inputs, thread_options, tune
+from agent.device.autotune import Trial, measure, model_digest, synth_inputs, thread_options, tune
 from agent.device.hardware import RuntimeInfo, probe
-from agent.device.providers import CPU, CUDA, Candidate, model_digest, open_session
+from agent.device.providers import CPU, CUDA, Candidate
+from agent.device.session import open_session
 from agent.transport.events import Event
 from tests.helpers.models import linear_model, unary_model
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +11,7 @@ import pytest
 
 from agent import __version__
 from agent.cli import VERBS
+from agent.util.progress import ProgressBar
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -85,3 +87,53 @@ def test_errors_are_one_line_without_traceback(tmp_path: Path) -> None:
     assert out.returncode == 2
     assert out.stderr.splitlines() == [f"{tmp_path / 'nope.yaml'}:0: cannot read: No such file or directory"]
     assert "Traceback" not in out.stderr
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_on_a_terminal_redraws_in_place_at_most_ten_times_a_second() -> None:
+    out, now = Terminal(), [0.0]
+    bar = ProgressBar("m", out, unit="MB", clock=lambda: now[0])
+    for done in range(0, 4_000_001, 100_000):  # 41 chunks, one every 1/16 s: a redraw every other one
+        now[0] += 0.0625
+        bar(done, 4_000_000)
+    frames = out.getvalue().split("\r")[1:]
+    assert len(frames) == 21 and out.getvalue().count("\n") == 1
+    assert frames[-1] == "m [##############################] 100% 4.0/4.0 MB 1.6 MB/s\n"
+
+
+def test_progress_on_a_terminal_overwrites_a_longer_phase_and_ends_on_done() -> None:
+    out, now = Terminal(), [0.0]
+    bar = ProgressBar("bench", out, clock=lambda: now[0])
+    for done, phase in ((0, "opening CPUExecutionProvider x4"), (5, "timing CPU x1"), (10, "timing CPU x1")):
+        now[0] += 1
+        bar(done, 10, phase)
+    assert "\n" not in out.getvalue()  # the last timing step is not the end: "done" is
+    bar(10, 10, "done")
+    frames = out.getvalue().split("\r")[1:]
+    assert frames[1] == "bench [###############               ]  50% timing CPU x1".ljust(len(frames[0]))
+    assert frames[-1] == "bench [##############################] 100% done".ljust(len(frames[0])) + "\n"
+
+
+def test_progress_on_a_pipe_is_a_line_per_phase_and_quarter() -> None:
+    steps, download = io.StringIO(), io.StringIO()
+    bar = ProgressBar("bench", steps)
+    for done in range(11):
+        bar(done, 10, ("warming " if done < 2 else "timing ") + f"CPU x{1 + done % 2}")
+    bar(10, 10, "done")
+    assert steps.getvalue().splitlines() == [
+        "bench: 0% warming CPU x1",
+        "bench: 20% timing CPU x1",
+        "bench: 30% timing CPU x2",
+        "bench: 50% timing CPU x2",
+        "bench: 80% timing CPU x1",
+        "bench: 100% timing CPU x1",
+        "bench: 100% done",
+    ]
+    bar = ProgressBar("m", download, unit="MB")
+    for done in range(0, 2_000_001, 250_000):
+        bar(done, 2_000_000)
+    assert download.getvalue().splitlines() == [f"m: {p}% of 2.0 MB" for p in (0, 25, 50, 75, 100)]

@@ -633,3 +633,13 @@ def test_the_documented_acl_lets_the_fleet_user_deploy_and_nobody_else(
     assert main([*base, "--username", "fleet", "--password-file", str(tmp_path / "dev-a.pw")]) == 1
     err = capsys.readouterr().err
     assert "refused the connection: Not authorized (check --username, --password-file" in err
+
+
+def test_fleet_commands_need_no_cloud_extra() -> None:
+    """Fleet commands run where only the agent is installed: nothing of the `cloud` extra is imported."""
+    code = (
+        "import sys, agent.cli.fleet, agent.cloud.fleet.deploy, agent.cloud.fleet.status; "
+        "print(sorted(m for m in ('onnx', 'amqtt') if m in sys.modules))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stdout + proc.stderr

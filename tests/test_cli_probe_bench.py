@@ -14,6 +14,7 @@ import onnxruntime as ort
 import pytest
 
 from tests.helpers.models import save, unary_model
+from tests.test_providers import openvino_venv
 
 REPO = Path(__file__).resolve().parent.parent
 FIXTURES = REPO / "tests" / "fixtures" / "hardware"
@@ -206,13 +207,16 @@ def test_bench_a_file_that_is_not_a_model_is_exit_2(tmp_path: Path, capsys: pyte
 
 # ---- the same commands with onnxruntime-openvino, in its own virtualenv ----------------------------
 
-from tests.test_providers import openvino_python  # noqa: E402,F401 (a fixture, shared with the provider tests)
+
+@pytest.fixture(scope="module")
+def openvino_python() -> str:
+    return openvino_venv()
 
 
 @pytest.mark.slow
 def test_probe_and_bench_with_openvino_report_the_verified_provider(
     openvino_python: str, sample_model, tmp_path: Path
-) -> None:  # noqa: F811
+) -> None:
     env = {"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "HOME": str(Path.home())}
     probe_out = subprocess.run(
         [openvino_python, "-m", "agent", "probe", "--json", "--verify"],

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from agent.device.compat import AI_ONNX, probe_model
+from agent.device.onnxproto import AI_ONNX, identity_model
 from tests.helpers.registry import start_cli_server
 
 REPO = Path(__file__).resolve().parent.parent
@@ -24,7 +24,7 @@ def cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
 
 
 def tiny(path: Path, opset: int = 13, doc: bytes = b"") -> Path:
-    path.write_bytes(probe_model(8, {AI_ONNX: opset}, doc=doc))
+    path.write_bytes(identity_model(8, {AI_ONNX: opset}, doc=doc))
     return path
 
 

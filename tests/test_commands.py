@@ -66,6 +66,7 @@ def test_wrong_arguments_are_refused_before_the_handler(payload: bytes, words: s
     assert reply["error"] == {"code": "bad_argument", "message": words} and calls == []
 
 
+@pytest.mark.logs_exception("a handler's bug (1 / 0) is answered as an error reply and logged with its traceback")
 def test_handlers_are_a_registry_and_their_failures_are_replies() -> None:
     d, _ = dispatcher()
     d.register("pipeline", lambda args: {"name": args["name"], "state": "stopped"})

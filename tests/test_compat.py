@@ -14,11 +14,11 @@ from agent.device.compat import (
     AI_ONNX_ML,
     ModelFormatError,
     caps_for,
-    probe_model,
     read_header,
     refusal,
     summarize,
 )
+from agent.device.onnxproto import identity_model
 
 try:
     HAVE_ONNX = importlib.util.find_spec("onnx") is not None
@@ -38,14 +38,14 @@ except ImportError:
     ],
 )
 def test_header_reader_reads_ir_and_opsets(ir: int, opsets: dict[str, int]) -> None:
-    header = read_header(probe_model(ir, opsets))
+    header = read_header(identity_model(ir, opsets))
     assert header.ir_version == ir and header.opsets == opsets and header.producer == "edge-agent"
 
 
 @pytest.mark.arm64
 def test_header_reader_skips_the_graph_in_a_file(tmp_path: Path) -> None:
     path = tmp_path / "big.onnx"
-    path.write_bytes(probe_model(9, {AI_ONNX: 17}, doc=b"x" * 5_000_000))
+    path.write_bytes(identity_model(9, {AI_ONNX: 17}, doc=b"x" * 5_000_000))
     header = read_header(path)
     assert (header.ir_version, header.opsets) == (9, {AI_ONNX: 17})
 
@@ -66,7 +66,7 @@ def test_header_reader_refuses_what_is_not_a_model(data: bytes, message: str) ->
 
 @pytest.mark.arm64
 def test_header_reader_notices_a_truncated_file() -> None:
-    data = probe_model(8, {AI_ONNX: 13}, doc=b"d" * 1000)
+    data = identity_model(8, {AI_ONNX: 13}, doc=b"d" * 1000)
     with pytest.raises(ModelFormatError, match="truncated|runs past"):
         read_header(data[:200])
 
@@ -153,8 +153,8 @@ def test_min_runtime() -> None:
 
 
 @pytest.mark.arm64
-def test_summary_of_a_probe_model() -> None:
-    s = summarize(probe_model(8, {AI_ONNX: 13}, dims=(1, 3, 8, 8)))
+def test_summary_of_a_identity_model() -> None:
+    s = summarize(identity_model(8, {AI_ONNX: 13}, dims=(1, 3, 8, 8)))
     assert [(i.name, i.type, i.shape) for i in s.inputs] == [("x", "float32", (1, 3, 8, 8))]
     assert [o.name for o in s.outputs] == ["y"] and dict(s.ops) == {"Identity": 1}
 

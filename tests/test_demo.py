@@ -20,7 +20,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from agent.cloud.demo import amqtt_available, mosquitto_binary
+from agent.cloud.demo.broker import amqtt_available, mosquitto_binary
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -14,11 +14,12 @@ from typing import Any
 
 import numpy as np
 import pytest
+import requests
 
 from agent.cloud.publish import npz_bytes
 from agent.models.store import Store
 from agent.transport.outbox import open_outbox
-from tests.helpers.broker import Mosquitto
+from tests.helpers.broker import Mosquitto, free_port
 from tests.helpers.daemon_proc import REPO, AgentProcess, heavy_linear, sensor_csv, slow_on_data
 from tests.helpers.models import linear_model, save
 from tests.helpers.mqtt_client import Subscriber
@@ -97,6 +98,14 @@ def wait_until(check: Any, timeout: float, what: str, agents: list[AgentProcess]
     raise AssertionError(f"timed out waiting for {what}\n{logs}")
 
 
+def status_page(url: str) -> dict[str, Any] | None:
+    """/api/status once the page listens (it starts after the pipelines), else None."""
+    try:
+        return requests.get(url + "api/status", timeout=5).json()
+    except requests.ConnectionError:
+        return None
+
+
 def test_group_deploy_activates_refuses_and_rolls_back(
     tmp_path: Path, own_broker: Mosquitto, fleet_registry: Registry
 ) -> None:
@@ -117,7 +126,8 @@ def test_group_deploy_activates_refuses_and_rolls_back(
         out = deploy(own_broker, reg, "2.0.0", "group:g1")
         assert out.returncode == 0, out.stdout + out.stderr
         for a in agents:
-            assert events(sub, a.device, "model.active", "2.0.0"), a.stderr()[-2000:]
+            # The CLI saw the event on its own connection; this subscriber may get it a moment later.
+            wait_until(lambda a=a: events(sub, a.device, "model.active", "2.0.0"), 5, "model.active 2.0.0", agents)
             wait_until(
                 lambda a=a: any(r["model_version"] == "2.0.0" for r in results(sub, a.device)[-5:]),
                 20,
@@ -350,11 +360,25 @@ def test_commands_and_reload_on_a_running_agent(
             "postprocess": {"type": "raw", "outputs": ["y"], "round": 2},
         }
     ]
+    page = f"http://127.0.0.1:{free_port()}/"
+    profile["runtime"] = {"http": page.removeprefix("http://").rstrip("/")}
     agent.profile.write_text(json.dumps(profile))
     agent.start()
     try:
         wait_until(lambda: sub.on("edge/dev-c/cam/results"), 60, "camera results", [agent])
         assert command(sub, "dev-c", "ping")["ok"] is True
+
+        # The status page: the daemon's own snapshot, with the broker connection and the outbox.
+        status = wait_until(lambda: status_page(page), 30, "the status page", [agent])
+        assert status["connection"]["state"] == "online" and status["outbox"]["max_bytes"] > 0, status
+        assert [(p["pipeline"], p["state"], p["source"]) for p in status["pipelines"]] == [
+            ("cam", "running", "synthetic")
+        ]
+        metrics = requests.get(page + "metrics", timeout=5).text
+        assert 'edge_agent_mqtt_connected{state="online"} 1' in metrics
+        assert 'edge_agent_pipeline_up{pipeline="cam",state="running"} 1' in metrics
+        frame = requests.get(page + "frame/cam.jpg", timeout=5)
+        assert frame.status_code == 200 and frame.content[:2] == b"\xff\xd8"
 
         config = command(sub, "dev-c", "config")
         assert config["ok"] and config["result"]["device"]["id"] == "dev-c"
@@ -398,6 +422,7 @@ def test_commands_and_reload_on_a_running_agent(
         seen = len(sub.on("edge/dev-c/cam/results"))
         wait_until(lambda: len(sub.on("edge/dev-c/cam/results")) > seen + 3, 30, "results after the reload", [agent])
         assert agent.proc.poll() is None
+        assert [p["state"] for p in requests.get(page + "api/status", timeout=5).json()["pipelines"]] == ["running"]
     finally:
         agent.stop()
         sub.close()

@@ -7,6 +7,7 @@ straight to the broker (a restarted broker forgets subscriptions and queued mess
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -18,10 +19,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
+import paho.mqtt.client as paho
 import pytest
 
 from agent.config.profile import DeviceConfig, MqttConfig, OutboxConfig
-from agent.transport.mqtt import REFUSED, Connection, backoff
+from agent.transport import connection as connection_module
+from agent.transport import pahopatch
+from agent.transport.connection import REFUSED, Connection
+from agent.util.backoff import delay
 from tests.helpers.agent_proc import InProcessAgent
 from tests.helpers.broker import Mosquitto
 from tests.helpers.mqtt_client import Subscriber, seqs
@@ -272,10 +277,12 @@ def test_bad_password_is_a_clear_refusal_then_the_right_one_connects(
 
 
 def test_backoff_is_jittered_and_capped() -> None:
-    assert backoff(0, 0.5, 60, rng=lambda: 1.0) == 0.5
-    assert backoff(3, 0.5, 60, rng=lambda: 1.0) == 4.0
-    assert backoff(50, 0.5, 60, rng=lambda: 1.0) == 60.0
-    assert backoff(50, 0.5, 60, rng=lambda: 0.25) == 15.0
+    # The connection's reconnect delay: agent.util.backoff's equal jitter, min(cap, first*2**n) * (0.5 + 0.5*rng()).
+    assert delay(0, 0.5, 60, rng=lambda: 1.0) == 0.5
+    assert delay(3, 0.5, 60, rng=lambda: 1.0) == 4.0
+    assert delay(3, 0.5, 60, rng=lambda: 0.0) == 2.0
+    assert delay(50, 0.5, 60, rng=lambda: 1.0) == 60.0
+    assert delay(50, 0.5, 60, rng=lambda: 0.25) == 37.5
 
 
 @pytest.mark.arm64
@@ -325,9 +332,7 @@ def test_a_broker_that_never_answers_connect_is_given_up_and_auto_tries_3_1_1(
 ) -> None:
     import socket
 
-    import agent.transport.mqtt as mqtt_module
-
-    monkeypatch.setattr(mqtt_module, "CONNECT_TIMEOUT", 1.0)
+    monkeypatch.setattr(connection_module, "CONNECT_TIMEOUT", 1.0)
     silent = socket.socket()
     silent.bind(("127.0.0.1", 0))
     silent.listen(8)  # accepts TCP (the kernel does), never reads or answers
@@ -346,3 +351,109 @@ def test_a_broker_that_never_answers_connect_is_given_up_and_auto_tries_3_1_1(
     finally:
         conn.stop()
         silent.close()
+
+
+# ---- the fenced paho patch (agent/transport/pahopatch.py) ---------------------------------------------
+
+
+def test_paho_patch_is_active_on_the_pinned_paho() -> None:
+    """Every paho release that pyproject allows must keep the patch on (scripts/test-paho.sh runs the lowest)."""
+    assert pahopatch.surface_differences() == []
+    assert pahopatch.PATCHED and pahopatch.CLIENT_CLASS is not paho.Client
+    expected = os.environ.get("EDGE_AGENT_EXPECT_PAHO")
+    if expected:  # set by scripts/test-paho.sh: this run really is against that release
+        assert pahopatch.PAHO_VERSION == expected
+
+
+def _sock_recv_with_flags(self: paho.Client, bufsize: int, flags: int = 0) -> bytes:
+    return b""
+
+
+def _init_without_mutex(self: paho.Client, *args: object, **kwargs: object) -> None:
+    STOCK_INIT(self, *args, **kwargs)  # type: ignore[arg-type]
+    del self._out_message_mutex
+
+
+STOCK_INIT = paho.Client.__init__
+
+
+@pytest.mark.parametrize(
+    ("name", "replacement", "named"),
+    [
+        (
+            "_sock_recv",
+            _sock_recv_with_flags,
+            "_sock_recv(self, bufsize, flags=0) instead of _sock_recv(self, bufsize)",
+        ),
+        ("_do_on_publish", None, "_do_on_publish is gone"),
+        ("__init__", _init_without_mutex, "attribute _out_message_mutex is gone"),
+    ],
+)
+def test_a_changed_paho_surface_falls_back_to_stock_paho_with_one_warning(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, name: str, replacement: object, named: str
+) -> None:
+    if replacement is None:
+        monkeypatch.delattr(paho.Client, name)
+    else:
+        monkeypatch.setattr(paho.Client, name, replacement)
+    with caplog.at_level(logging.WARNING, logger="agent.transport.pahopatch"):
+        chosen = pahopatch.choose_client_class()
+    assert chosen is paho.Client
+    warnings = [r for r in caplog.records if r.name == "agent.transport.pahopatch"]
+    assert len(warnings) == 1 and named in warnings[0].getMessage()
+    assert "using stock paho" in warnings[0].getMessage()
+
+
+@pytest.mark.arm64
+def test_stock_paho_fallback_delivers_in_order_and_stops_cleanly(
+    broker: Mosquitto, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(pahopatch, "CLIENT_CLASS", paho.Client)
+    dev = device_id("stock")
+    sub = Subscriber(broker.port, f"edge/{dev}/#")
+    agent = InProcessAgent(broker.url, tmp_path, dev)
+    try:
+        assert type(agent.conn._client) is paho.Client
+        assert agent.conn.wait_online(10), agent.conn.error
+        for i in range(500):
+            agent.sink.result("p", {"i": i}, 1)
+        assert agent.pump.flush(20)
+        topic = f"edge/{dev}/p/results"
+        assert sub.wait_for(lambda: len(sub.on(topic)) >= 500)
+        assert seqs(sub.payloads(topic)) == list(range(1, 501))
+    finally:
+        agent.stop()
+    try:
+        status = f"edge/{dev}/status"
+        # A clean DISCONNECT: the broker keeps the agent's own `offline`, it does not publish the Will.
+        assert sub.wait_for(lambda: sub.payloads(status)[-1]["state"] == "offline")
+        time.sleep(0.5)
+        assert sub.payloads(status)[-1].get("reason") == "stopped"
+    finally:
+        sub.close()
+
+
+@pytest.mark.parametrize("patched", [True, False], ids=["patched", "stock"])
+def test_the_brokers_receive_maximum_becomes_the_in_flight_window(
+    broker_factory: Callable[..., Mosquitto], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, patched: bool
+) -> None:
+    """Mosquitto's max_inflight_messages is the Receive Maximum of its CONNACK; sending more breaks MQTT 5 3.3.4."""
+    if not patched:
+        monkeypatch.setattr(pahopatch, "CLIENT_CLASS", paho.Client)
+    mosq = broker_factory(extra_conf="max_inflight_messages 5\n")
+    dev = device_id("recvmax")
+    sub = Subscriber(mosq.port, f"edge/{dev}/p/results")
+    agent = InProcessAgent(mosq.url, tmp_path, dev)
+    try:
+        assert agent.conn.wait_online(10), agent.conn.error
+        assert agent.conn.inflight_limit == 5 and agent.conn._client.max_inflight_messages == 5
+        # Stock paho cannot lower its window on a live connection: it connects once more with a new client.
+        assert agent.conn.connects == 1 and agent.conn.generation == (0 if patched else 1)
+        for i in range(300):
+            agent.sink.result("p", {"i": i}, 1)
+        assert agent.pump.flush(20)
+        assert sub.wait_for(lambda: len(sub.on(f"edge/{dev}/p/results")) >= 300)
+        assert seqs(sub.payloads(f"edge/{dev}/p/results")) == list(range(1, 301))
+    finally:
+        agent.stop()
+        sub.close()

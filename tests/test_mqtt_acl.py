@@ -14,7 +14,7 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.config.profile import DeviceConfig, MqttConfig
-from agent.transport.mqtt import Connection
+from agent.transport.connection import Connection
 from tests.helpers.broker import Mosquitto
 from tests.helpers.mqtt_client import Subscriber
 

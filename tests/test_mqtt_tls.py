@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from agent.config.profile import DeviceConfig, MqttConfig, TlsConfig
-from agent.transport.mqtt import ONLINE, REFUSED, Connection
+from agent.transport.connection import ONLINE, REFUSED, Connection
 from tests.helpers.broker import Mosquitto, free_port, wait_port
 from tests.helpers.tls import TestCA
 

@@ -133,7 +133,7 @@ def test_watchdog_interval(monkeypatch: pytest.MonkeyPatch) -> None:
     assert notify.watchdog_interval({**env, "WATCHDOG_USEC": "0"}) is None
     assert notify.watchdog_interval({**env, "WATCHDOG_USEC": "soon"}) is None
     assert Watchdog(environ={}).enabled is False
-    assert Watchdog(environ={}).start()._thread is None
+    assert not Watchdog(environ={}).start()._worker.started
 
 
 class FakeClock:
@@ -227,7 +227,7 @@ def test_pings_seen_then_stop_when_inference_is_stuck(manager: Manager, monkeypa
         release.set()
         thread.join(10)
         manager.wait_for("WATCHDOG=1")  # the step ended: alive again, pings resume
-    assert dog._thread is None
+    assert not dog._worker.started
 
 
 CHILD = textwrap.dedent(

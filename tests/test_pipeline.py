@@ -16,10 +16,12 @@ import pytest
 from onnx import TensorProto, helper
 
 from agent.config.profile import PipelineConfig, RuntimeConfig
-from agent.inference.pipeline import Pipeline, iso_ms, open_pipeline
+from agent.inference.loader import open_pipeline
+from agent.inference.pipeline import Pipeline
 from agent.inference.runtime import ModelError, load_model
 from agent.inference.sources.base import BaseSource, Frame
 from agent.transport.events import Event
+from agent.util.timefmt import utc_iso
 from tests.helpers import media
 from tests.helpers.models import linear_model, save
 
@@ -123,8 +125,8 @@ def test_sensor_results_carry_the_contract_fields_and_nothing_is_dropped_behind_
 
 
 def test_iso_ms_is_utc_with_milliseconds() -> None:
-    assert iso_ms(1795606262.4174) == "2026-11-25T11:31:02.417Z"
-    assert iso_ms(1795606262.9996) == "2026-11-25T11:31:03.000Z"
+    assert utc_iso(1795606262.4174) == "2026-11-25T11:31:02.417Z"
+    assert utc_iso(1795606262.9996) == "2026-11-25T11:31:03.000Z"
 
 
 def test_sensor_windows_and_an_unparsable_line_become_an_event_while_the_stream_goes_on(tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from agent.config.profile import PipelineConfig, RuntimeConfig
-from agent.inference.pipeline import open_pipeline
+from agent.inference.loader import open_pipeline
 from tests.helpers import media
 from tests.test_pipeline import Recorder
 

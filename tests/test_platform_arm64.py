@@ -43,7 +43,7 @@ def test_interpreter_and_onnxruntime_are_built_for_this_machine() -> None:
     try:
         from numpy._core import _multiarray_umath  # numpy 2
     except ImportError:
-        from numpy.core import _multiarray_umath  # type: ignore[no-redef]
+        from numpy.core import _multiarray_umath  # type: ignore[no-redef]  # numpy 1 names it numpy.core
 
     assert elf_machine(_multiarray_umath.__file__) == machine
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent.inference.processing.post import POSTPROCESSORS
-from agent.inference.processing.post.base import PostContext, make_postprocessor
+from agent.inference.processing.post import POSTPROCESSORS, make_postprocessor
+from agent.inference.processing.post.base import PostContext
 from agent.inference.processing.pre import Geometry
 
 pytestmark = pytest.mark.arm64

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from agent.inference.processing.pre import FrameRejected, Geometry, PreprocessConfig, Preprocessor
+from agent.inference.processing.pre import FrameRejectedError, Geometry, PreprocessConfig, Preprocessor
 
 pytestmark = pytest.mark.arm64
 
@@ -44,7 +44,7 @@ def test_crop_is_offset_in_the_geometry_and_rejected_when_it_does_not_fit() -> N
     tensor, geo = Preprocessor(cfg)(img)
     assert tensor.shape == (1, 50, 100, 1) and tensor.dtype == np.uint8 and (tensor == 200).all()
     assert geo.box_to_source([0, 0, 50, 25]) == [100, 50, 200, 100]
-    with pytest.raises(FrameRejected, match=r"crop \[100, 50, 200, 100\] does not fit in a 150x100 frame"):
+    with pytest.raises(FrameRejectedError, match=r"crop \[100, 50, 200, 100\] does not fit in a 150x100 frame"):
         Preprocessor(cfg)(bgr(100, 150))
 
 
@@ -56,10 +56,10 @@ def test_grey_source_frames_become_three_channels_when_the_model_wants_rgb() -> 
 def test_a_frame_of_the_wrong_size_is_rejected_with_the_shapes() -> None:
     pre = Preprocessor(PreprocessConfig(), [1, 3, 480, 640], "tensor(float)")
     with pytest.raises(
-        FrameRejected, match=r"would be \[1, 3, 240, 320\] but the model wants \[1, 3, 480, 640\].*resize"
+        FrameRejectedError, match=r"would be \[1, 3, 240, 320\] but the model wants \[1, 3, 480, 640\].*resize"
     ):
         pre(bgr(240, 320))
-    with pytest.raises(FrameRejected, match="expected an 8-bit"):
+    with pytest.raises(FrameRejectedError, match="expected an 8-bit"):
         pre(np.zeros((4, 4, 3), dtype=np.float32))
 
 
@@ -87,14 +87,14 @@ def test_sensor_layout_nc_flattens_time_major_and_image_layouts_follow_the_model
     pre.sensor(np.array([1.0, 2, 3]))
     assert pre.sensor(np.array([4.0, 5, 6])).tolist() == [[1, 2, 3, 4, 5, 6]]
     assert Preprocessor(PreprocessConfig(), [None, 576]).sensor(np.zeros(576)).shape == (1, 576)
-    with pytest.raises(FrameRejected, match=r"would be \[1, 3\] but the model wants \[\?, 4\]"):
+    with pytest.raises(FrameRejectedError, match=r"would be \[1, 3\] but the model wants \[\?, 4\]"):
         Preprocessor(PreprocessConfig(), [None, 4]).sensor(np.zeros(3))
 
 
 def test_a_sample_with_a_different_channel_count_is_rejected() -> None:
     pre = Preprocessor(PreprocessConfig(window=3))
     pre.sensor(np.zeros(2))
-    with pytest.raises(FrameRejected, match="sample has 3 values, earlier samples had 2"):
+    with pytest.raises(FrameRejectedError, match="sample has 3 values, earlier samples had 2"):
         pre.sensor(np.zeros(3))
 
 

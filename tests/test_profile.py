@@ -420,7 +420,45 @@ BAD_CASES = [
         ["profile.yaml:3: pipelines[0]: pipeline 'p': input 'sr' is both a constant and a state"],
         id="input-and-state",
     ),
+    pytest.param(
+        "mqtt: {url: 'mqtt://b'}\ndevice:\n  group: north\n  id: fleet\n",
+        [
+            "profile.yaml:4: device.id: 'fleet' is a topic level the agent itself uses "
+            "(cmd, deploy, events, fleet, health, status); choose another device id"
+        ],
+        id="device-named-fleet",
+    ),
+    pytest.param(
+        "device: {id: d}\npipelines:\n  - name: cmd\n    model: m.onnx\n    source: {type: synthetic}\n",
+        [
+            "profile.yaml:3: pipelines[0].name: 'cmd' is a topic level the agent itself uses "
+            "(cmd, deploy, events, fleet, health, status); choose another pipeline name"
+        ],
+        id="pipeline-named-cmd",
+    ),
 ]
+
+
+RESERVED_WORDS = "(cmd, deploy, events, fleet, health, status); choose another device id"
+
+
+@pytest.mark.parametrize("word", ["status", "health", "events", "cmd", "deploy", "fleet"])
+def test_every_reserved_topic_word_is_refused_as_a_device_id_and_a_pipeline_name(tmp_path: Path, word: str) -> None:
+    device = errors_of(tmp_path, f"device: {{id: {word}}}\n")
+    assert device == [f"profile.yaml:1: device.id: {word!r} is a topic level the agent itself uses " + RESERVED_WORDS]
+    pipeline = errors_of(
+        tmp_path, f"device: {{id: d}}\npipelines:\n  - {{name: {word}, model: m.onnx, source: {{type: synthetic}}}}\n"
+    )
+    assert pipeline == [
+        f"profile.yaml:3: pipelines[0].name: {word!r} is a topic level the agent itself uses "
+        + RESERVED_WORDS.replace("device id", "pipeline name")
+    ]
+
+
+def test_names_that_only_contain_a_reserved_word_are_fine(tmp_path: Path) -> None:
+    text = "device: {id: fleet-01}\npipelines:\n  - {name: cmd-cam, model: m.onnx, source: {type: synthetic}}\n"
+    profile = load_profile(write(tmp_path, text), environ={})
+    assert profile.device.id == "fleet-01" and profile.pipelines[0].name == "cmd-cam"
 
 
 @pytest.mark.parametrize(("text", "expected"), BAD_CASES)

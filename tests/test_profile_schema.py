@@ -43,6 +43,8 @@ def test_examples_declare_and_pass_the_schema(path: Path) -> None:
 SCHEMA_REJECTS = [
     {"device": {"id": "d"}, "mqt": {}},
     {"device": {"id": "cam 01"}},
+    {"device": {"id": "fleet"}},
+    {"device": {"id": "d"}, "pipelines": [{"name": "cmd", "model": "m.onnx", "source": {"type": "synthetic"}}]},
     {"pipelines": []},
     {"device": {"id": "d"}, "health": {"interval": "soon"}},
     {"device": {"id": "d"}, "mqtt": {"url": "mqtt://b", "outbox": {"max_bytes": "lots"}}},

@@ -7,7 +7,6 @@ import os
 import platform
 import subprocess
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -16,22 +15,11 @@ import onnxruntime as ort
 import pytest
 
 from agent.config.profile import RuntimeConfig
-from agent.device.hardware import RuntimeInfo, probe
-from agent.device.providers import (
-    CPU,
-    CUDA,
-    OPENVINO,
-    TENSORRT,
-    AcceleratorUnavailable,
-    Candidate,
-    Verification,
-    canonical_provider,
-    open_session,
-    probe_model,
-    provider_options,
-    rank,
-    why_not,
-)
+from agent.device.build import Verification, provider_options, why_not
+from agent.device.hardware import Probe, RuntimeInfo, probe
+from agent.device.onnxproto import add_relu_model
+from agent.device.providers import CPU, CUDA, OPENVINO, TENSORRT, Candidate, canonical_provider, rank
+from agent.device.session import AcceleratorUnavailableError, open_session
 from agent.transport.events import Event
 from tests.helpers.models import linear_model, unary_model
 
@@ -274,7 +262,7 @@ def test_device_options_caches_under_state_dir_and_cuda_device_id_passthrough(tm
 # ---- real sessions ----------------------------------------------------------------------------------
 
 
-def this_machine(runtime: RuntimeInfo | None = None) -> object:
+def this_machine(runtime: RuntimeInfo | None = None) -> Probe:
     return probe("/", runtime=runtime)
 
 
@@ -298,7 +286,7 @@ def test_auto_on_this_machine_is_a_verified_session_with_device_options(
     assert opened.provider == opened.providers[0] == opened.session.get_providers()[0]
     assert events == [] and opened.fallbacks == []
     hw = this_machine()
-    assert opened.threads == hw.cpu.physical_cores  # type: ignore[attr-defined]
+    assert opened.threads == hw.cpu.physical_cores
     options = opened.session.get_session_options()
     assert options.intra_op_num_threads == opened.threads
     assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
@@ -330,8 +318,8 @@ def test_require_accelerator_turns_the_fallback_into_a_loud_failure(tmp_path: Pa
     if CUDA in ort.get_available_providers():
         pytest.skip("this onnxruntime has CUDA built in")
     runtime = RuntimeConfig(providers=["cuda"], require_accelerator=True)
-    with pytest.raises(AcceleratorUnavailable) as err:
-        open_session(probe_model(), runtime, tmp_path, events.append)
+    with pytest.raises(AcceleratorUnavailableError) as err:
+        open_session(add_relu_model(), runtime, tmp_path, events.append)
     message = str(err.value)
     assert "\n" not in message
     assert message.startswith(
@@ -352,7 +340,7 @@ def test_a_gpu_build_without_its_libraries_is_caught_by_reading_the_session_back
     lying = probe(FIXTURES / "x86-rtx3060", runtime=GPU_WHEEL)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # onnxruntime warns that the provider is not available
-        opened = open_session(probe_model(), RuntimeConfig(providers=[asked]), tmp_path, events.append, probe=lying)
+        opened = open_session(add_relu_model(), RuntimeConfig(providers=[asked]), tmp_path, events.append, probe=lying)
     assert (
         opened.provider == CPU and CPU in opened.session.get_providers() and asked not in opened.session.get_providers()
     )
@@ -369,8 +357,12 @@ def test_require_accelerator_with_a_lying_gpu_build_fails_after_trying_each(
     lying = probe(FIXTURES / "x86-rtx3060", runtime=GPU_WHEEL)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        with pytest.raises(AcceleratorUnavailable, match="TensorrtExecutionProvider: the session came up without it"):
-            open_session(probe_model(), RuntimeConfig(require_accelerator=True), tmp_path, events.append, probe=lying)
+        with pytest.raises(
+            AcceleratorUnavailableError, match="TensorrtExecutionProvider: the session came up without it"
+        ):
+            open_session(
+                add_relu_model(), RuntimeConfig(require_accelerator=True), tmp_path, events.append, probe=lying
+            )
     assert [(e.fields["provider"], e.fields["next"]) for e in events] == [(TENSORRT, CUDA), (CUDA, None)]
 
 
@@ -393,8 +385,8 @@ def test_an_unloadable_model_is_an_error_naming_each_provider(tmp_path: Path, ev
 # ---- OpenVINO, for real, in its own virtualenv -----------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def openvino_python() -> Iterator[str]:
+def openvino_venv() -> str:
+    """The python of the onnxruntime-openvino venv (built once), or a skip saying why there is none."""
     if platform.machine().lower() not in ("x86_64", "amd64"):
         pytest.skip("onnxruntime-openvino has wheels for x86-64 only")
     try:
@@ -403,7 +395,12 @@ def openvino_python() -> Iterator[str]:
         pytest.skip(f"could not build the onnxruntime-openvino venv: {exc}")
     if out.returncode != 0:
         pytest.skip(f"could not build the onnxruntime-openvino venv: {out.stderr.strip().splitlines()[-1:]}")
-    yield out.stdout.strip()
+    return out.stdout.strip()
+
+
+@pytest.fixture(scope="module")
+def openvino_python() -> str:
+    return openvino_venv()
 
 
 OPENVINO_SCRIPT = r"""
@@ -413,7 +410,8 @@ import numpy as np
 from agent.device import hardware
 from agent.transport.events import Event
 from agent.config.profile import RuntimeConfig
-from agent.device.providers import open_session, rank
+from agent.device.providers import rank
+from agent.device.session import open_session
 from agent.cloud.samples import sample_model
 
 state = Path(sys.argv[1])
@@ -470,8 +468,8 @@ def test_openvino_ranks_first_on_x86_and_autotune_measures_both(openvino_python:
 @pytest.mark.arm64
 def test_require_accelerator_on_a_pi_says_why_nothing_was_ranked(tmp_path: Path, events: list[Event]) -> None:
     pi = probe(FIXTURES / "rpi4", runtime=CPU_WHEEL)
-    with pytest.raises(AcceleratorUnavailable) as err:
-        open_session(probe_model(), RuntimeConfig(require_accelerator=True), tmp_path, events.append, probe=pi)
+    with pytest.raises(AcceleratorUnavailableError) as err:
+        open_session(add_relu_model(), RuntimeConfig(require_accelerator=True), tmp_path, events.append, probe=pi)
     assert str(err.value) == (
         "runtime.require_accelerator is true, but no accelerator runs this model here (none was ranked: "
         "TensorrtExecutionProvider: no NVIDIA GPU found; CUDAExecutionProvider: no NVIDIA GPU found; "

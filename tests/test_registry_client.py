@@ -195,7 +195,10 @@ def test_refused_unknown_key(registry: Registry, tmp_path: Path) -> None:
 
 def test_refused_expired_manifest(registry: Registry, tmp_path: Path) -> None:
     registry.publish("m", "1.0.0", registry.tiny("m"), expires_days=30)
-    later = lambda: datetime(2099, 1, 1, tzinfo=timezone.utc)  # noqa: E731
+
+    def later() -> datetime:
+        return datetime(2099, 1, 1, tzinfo=timezone.utc)
+
     refuse(registry, tmp_path, "manifest of m 1.0.0 expired at", version="1.0.0", now=later)
     refuse(registry, tmp_path, "channels/m/stable.json expired at", now=later)
 
@@ -218,7 +221,8 @@ def test_refused_older_version_unless_rollback_ordered(registry: Registry, tmp_p
     assert [
         r for r in registry.server.requests[n:] if "/models/" in str(r["path"]) or "/blobs/" in str(r["path"])
     ] == []
-    assert Store(state).active("m").version == "2.0.0"  # type: ignore[union-attr]
+    active = Store(state).active("m")
+    assert active is not None and active.version == "2.0.0"
     ordered = registry.client(state, caps=CAPS).check_and_pull("m", version="1.0.0", allow_older=True)
     assert (ordered.status, ordered.version) == ("activated", "1.0.0")
 
@@ -267,7 +271,7 @@ def test_refused_oversized_blob(registry: Registry, tmp_path: Path) -> None:
 def test_refused_endless_blob_stops_at_the_signed_size(registry: Registry, tmp_path: Path) -> None:
     registry.publish("m", "1.0.0", registry.tiny("m", doc=os.urandom(200_000)))
     blob = registry.blob_path("m", "1.0.0")
-    registry.server.endless[blob.name] = True  # type: ignore[attr-defined]
+    registry.server.endless[blob.name] = True
     refuse(registry, tmp_path, "is larger than its signed size", before_download=False)
 
 
@@ -324,7 +328,7 @@ def test_download_interrupted_half_way_resumes_with_range(registry: Registry, tm
     registry.publish("m", "1.0.0", registry.tiny("m", doc=os.urandom(1_000_000)))
     blob = registry.blob_path("m", "1.0.0")
     half = blob.stat().st_size // 2
-    registry.server.faults[blob.name] = ("cut", half)  # type: ignore[attr-defined]
+    registry.server.faults[blob.name] = ("cut", half)
     result = registry.client(tmp_path / "state", caps=CAPS).check_and_pull("m")
     assert result.status == "activated"
     gets = [r for r in registry.blob_requests() if r["path"].endswith(blob.name)]
@@ -338,7 +342,7 @@ def test_a_later_pull_resumes_what_an_earlier_one_left(registry: Registry, tmp_p
     registry.publish("m", "1.0.0", registry.tiny("m", doc=os.urandom(1_000_000)))
     blob = registry.blob_path("m", "1.0.0")
     half = blob.stat().st_size // 2
-    registry.server.faults[blob.name] = ("cut", half)  # type: ignore[attr-defined]
+    registry.server.faults[blob.name] = ("cut", half)
     events: list[Event] = []
     first = registry.client(tmp_path / "state", events, caps=CAPS, retries=0).check_and_pull("m")
     kept = (tmp_path / "state" / "models" / ".partial" / blob.name).stat().st_size
@@ -428,8 +432,8 @@ def test_rollback_order_through_the_client(registry: Registry, tmp_path: Path) -
 
 def test_a_busy_server_is_retried_with_backoff(registry: Registry, tmp_path: Path) -> None:
     registry.publish("m", "1.0.0", registry.tiny("m"))
-    registry.server.faults["stable.json"] = ("status", 503)  # type: ignore[attr-defined]
-    registry.server.faults[registry.blob_path("m", "1.0.0").name] = ("status", 502)  # type: ignore[attr-defined]
+    registry.server.faults["stable.json"] = ("status", 503)
+    registry.server.faults[registry.blob_path("m", "1.0.0").name] = ("status", 502)
     sleeps: list[float] = []
     result = registry.client(tmp_path / "state", caps=CAPS, retries=2, backoff=0.5, sleep=sleeps.append).check_and_pull(
         "m"

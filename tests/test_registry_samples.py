@@ -10,7 +10,7 @@ import pytest
 
 from agent.config.profile import RuntimeConfig
 from agent.device.compat import caps_for
-from agent.device.providers import open_session
+from agent.device.session import open_session
 from agent.models.store import Store
 from agent.transport.events import Event
 from tests.helpers.registry import Registry

@@ -11,7 +11,8 @@ import pytest
 from onnx import TensorProto, helper
 
 from agent.config.profile import RuntimeConfig
-from agent.inference.runtime import ModelError, load_model, to_json
+from agent.inference.processing.jsonvalues import to_json
+from agent.inference.runtime import ModelError, load_model
 from tests.helpers.models import linear_model, save
 
 RUNTIME = RuntimeConfig(threads=1)

@@ -12,8 +12,8 @@ import cv2
 import numpy as np
 import pytest
 
-from agent.inference.sources import SOURCES
-from agent.inference.sources.base import SourceContext, SourceFailed, make_source
+from agent.inference.sources import SOURCES, make_source
+from agent.inference.sources.base import SourceContext, SourceFailedError
 from agent.transport.events import Event
 from tests.helpers import media
 
@@ -72,7 +72,7 @@ def test_csv_without_columns_takes_the_numeric_ones_and_a_missing_column_is_a_cl
     path = tmp_path / "s.csv"
     path.write_text("name,a,b\nx,1,2\ny,3,4\n")
     assert [i.data.tolist() for i in collect(source("csv", path=path))] == [[1, 2], [3, 4]]
-    with pytest.raises(SourceFailed, match="no column 'c' \\(columns: name, a, b\\)"):
+    with pytest.raises(SourceFailedError, match="no column 'c' \\(columns: name, a, b\\)"):
         collect(source("csv", path=path, columns=["c"]))
 
 
@@ -169,7 +169,7 @@ def test_audio_raw_pcm_and_a_wav_at_the_wrong_rate(tmp_path: Path) -> None:
     items = collect(source("audio", path=raw, format="s16le", window=256))
     assert len(items) == 2 and items[1].data[0] == pytest.approx(256 * 8 / 32768)
     wav = media.write_wav(tmp_path / "8k.wav", np.zeros(800, np.float32), rate=8000)
-    with pytest.raises(SourceFailed, match="8k.wav is sampled at 8000 Hz but the pipeline expects 16000 Hz"):
+    with pytest.raises(SourceFailedError, match="8k.wav is sampled at 8000 Hz but the pipeline expects 16000 Hz"):
         collect(source("audio", path=wav))
 
 
@@ -287,7 +287,7 @@ def test_camera_stream_that_ends_is_lost_then_reconnected_and_numbering_goes_on(
 
 @pytest.mark.arm64
 def test_mqtt_source_on_the_daemons_shared_connection_never_blocks_its_network_thread() -> None:
-    class Connection:  # the surface of agent.transport.mqtt.Connection the source uses
+    class Connection:  # the surface of agent.transport.connection.Connection the source uses
         def __init__(self) -> None:
             self.handlers: dict[str, Any] = {}
 

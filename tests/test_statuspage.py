@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 import re
 import socket
+import subprocess
+import sys
 import threading
 import time
+import zipfile
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import cv2
@@ -15,7 +21,26 @@ import numpy as np
 import pytest
 import requests
 
-from agent.service.statuspage import StatusPageError, StatusServer, draw_boxes, parse_address, render_metrics
+from agent.config.profile import load_profile
+from agent.inference.stats import PipelineStats
+from agent.service.daemon import Daemon
+from agent.service.statuspage import (
+    MAX_CLIENTS,
+    ConnectionStatus,
+    StatusPageError,
+    StatusServer,
+    StatusSnapshot,
+    draw_boxes,
+    parse_address,
+    render_metrics,
+)
+from agent.service.statuspage.server import page
+from agent.transport.outbox import OutboxStats
+from tests.helpers.broker import free_port
+from tests.helpers.models import save
+from tests.helpers.waiting import wait_for
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def make_jpeg(width: int = 320, height: int = 240, shade: int = 40) -> bytes:
@@ -24,6 +49,46 @@ def make_jpeg(width: int = 320, height: int = 240, shade: int = 40) -> bytes:
     ok, buf = cv2.imencode(".jpg", image)
     assert ok
     return buf.tobytes()
+
+
+def pipeline_stats(**fields: Any) -> PipelineStats:
+    """What `Pipeline.stats()` reports, every counter at zero except the fields given."""
+    base: PipelineStats = {
+        "pipeline": "gate",
+        "state": "running",
+        "source": "camera",
+        "model": "text-detector",
+        "model_version": "1.4.0",
+        "provider": "CPUExecutionProvider",
+        "results_per_s": 0.0,
+        "latency_ms": {},
+        "frames": 0,
+        "dropped": 0,
+        "skipped": 0,
+        "rejected": 0,
+        "inferences": 0,
+        "results": 0,
+        "swaps": 0,
+        "inference_errors": 0,
+        "post_errors": 0,
+        "sink_errors": 0,
+        "source_errors": 0,
+        "inference_running_s": 0.0,
+        "last_error": None,
+    }
+    return PipelineStats(**{**base, **fields})
+
+
+def snapshot_of(*pipelines: PipelineStats, **fields: Any) -> StatusSnapshot:
+    base: dict[str, Any] = {
+        "device": "d",
+        "agent_version": "0.1.0",
+        "uptime_s": 1.0,
+        "connection": None,
+        "outbox": None,
+        "pipelines": pipelines,
+    }
+    return StatusSnapshot(**{**base, **fields})
 
 
 class FakeAgent:
@@ -37,65 +102,55 @@ class FakeAgent:
         self.boxes: list[Any] = [{"box": [30, 95, 290, 140], "score": 0.93}]
         self.lock = threading.Lock()
 
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self) -> StatusSnapshot:
         with self.lock:
             self.calls += 1
             n = self.calls
-        return {
-            "device": "gate-cam-01",
-            "agent_version": "0.1.0",
-            "uptime_s": 100.0 + n,
-            "connection": {"state": "online", "connects": 1, "broker": "127.0.0.1:1883"},
-            "outbox": {
-                "depth": 3,
-                "bytes": 1200,
-                "max_bytes": 268435456,
-                "oldest_age_s": 0.4,
-                "dropped": 2,
-                "acked": 57,
-            },
-            "pipelines": [
-                {
-                    "pipeline": "gate",
-                    "state": "running",
-                    "source": "camera",
-                    "model": "text-detector",
-                    "model_version": self.model_version,
-                    "provider": "CPUExecutionProvider",
-                    "frames": 60 + n,
-                    "dropped": 5,
-                    "skipped": 0,
-                    "rejected": 0,
-                    "inferences": 50 + n,
-                    "results": 50 + n,
-                    "inference_errors": 0,
-                    "post_errors": 0,
-                    "sink_errors": 0,
-                    "source_errors": 1,
-                    "swaps": 0,
-                    "results_per_s": round(10.0 + n * 0.5, 2),
-                    "latency_ms": {
+        return StatusSnapshot(
+            device="gate-cam-01",
+            agent_version="0.1.0",
+            uptime_s=100.0 + n,
+            connection=ConnectionStatus(
+                state="online", broker="127.0.0.1:1883", connects=1, error=None, protocol="5", connected_for_s=3.5
+            ),
+            outbox=OutboxStats(
+                depth=3,
+                bytes=1200,
+                max_bytes=268435456,
+                oldest_age_s=0.4,
+                dropped=2,
+                dropped_full=2,
+                dropped_age=0,
+                rejected=0,
+                acked=57,
+            ),
+            pipelines=(
+                pipeline_stats(
+                    model_version=self.model_version,
+                    frames=60 + n,
+                    dropped=5,
+                    inferences=50 + n,
+                    results=50 + n,
+                    source_errors=1,
+                    results_per_s=round(10.0 + n * 0.5, 2),
+                    latency_ms={
                         "pre": {"p50": 2.1, "p95": 3.0, "n": 50},
                         "infer": {"p50": 80.0 + n, "p95": 95.5, "n": 50},
                         "post": {"p50": 1.9, "p95": 2.5, "n": 50},
                         "total": {"p50": 84.0 + n, "p95": 101.0, "n": 50},
                     },
-                    "last_error": None,
-                },
-                {
-                    "pipeline": "door-mic",
-                    "state": "running",
-                    "source": "audio",
-                    "model": 'vad "silero"\\v5',
-                    "model_version": "5.1",
-                    "provider": "CPUExecutionProvider",
-                    "frames": 10,
-                    "dropped": 0,
-                    "results_per_s": 31.25,
-                    "latency_ms": {"infer": {"p50": None, "p95": None, "n": 0}},
-                },
-            ],
-        }
+                ),
+                pipeline_stats(
+                    pipeline="door-mic",
+                    source="audio",
+                    model='vad "silero"\\v5',
+                    model_version="5.1",
+                    frames=10,
+                    results_per_s=31.25,
+                    latency_ms={"infer": {"p50": None, "p95": None, "n": 0}},
+                ),
+            ),
+        )
 
     def frame(self, pipeline: str) -> tuple[bytes, list[Any]] | None:
         return (self.jpeg, self.boxes) if pipeline == "gate" else None
@@ -147,11 +202,26 @@ def test_api_status_is_the_snapshot_as_json(server: StatusServer) -> None:
     assert gate["latency_ms"]["infer"]["p95"] == 95.5
 
 
-def test_api_status_takes_pipelines_as_a_mapping_and_nan_as_null(agent: FakeAgent) -> None:
-    doc = {"device": "d", "pipelines": {"gate": {"results_per_s": float("nan"), "state": "running"}}}
+def test_api_status_writes_nan_as_null(agent: FakeAgent) -> None:
+    doc = snapshot_of(pipeline_stats(results_per_s=float("nan"), inference_running_s=float("inf")))
     with StatusServer("127.0.0.1:0", lambda: doc, agent.frame, agent.alive) as srv:
         got = get(srv, "/api/status").json()
-    assert got["pipelines"] == [{"pipeline": "gate", "results_per_s": None, "state": "running"}]
+    (gate,) = got["pipelines"]
+    assert (gate["pipeline"], gate["state"], gate["results_per_s"], gate["inference_running_s"]) == (
+        "gate",
+        "running",
+        None,
+        None,
+    )
+
+
+def test_connection_status_reads_the_health_report_and_refuses_a_state_it_does_not_know() -> None:
+    connection = ConnectionStatus(
+        state="refused", broker="b:1883", connects=0, error="bad password", protocol=None, connected_for_s=None
+    )
+    assert ConnectionStatus.from_health(dataclasses.asdict(connection)) == connection
+    with pytest.raises(ValueError, match="unknown connection state 'connected'"):
+        ConnectionStatus.from_health({**dataclasses.asdict(connection), "state": "connected"})
 
 
 # -- /metrics -------------------------------------------------------------------------------------
@@ -233,7 +303,7 @@ def test_metrics_parse_and_carry_every_measure(server: StatusServer) -> None:
 
 def test_metric_label_values_are_escaped() -> None:
     text = render_metrics(
-        {"device": 'a"b', "pipelines": [{"pipeline": "x\ny", "model": 'vad "silero"\\v5', "model_version": "1"}]}
+        snapshot_of(pipeline_stats(pipeline="x\ny", model='vad "silero"\\v5', model_version="1"), device='a"b')
     )
     assert 'model="vad \\"silero\\"\\\\v5"' in text and 'pipeline="x\\ny"' in text and 'device="a\\"b"' in text
     families = parse_exposition(text)
@@ -242,7 +312,7 @@ def test_metric_label_values_are_escaped() -> None:
 
 
 def test_metrics_without_a_broker_or_outbox() -> None:
-    families = parse_exposition(render_metrics({"device": "d", "connection": None, "outbox": None, "pipelines": []}))
+    families = parse_exposition(render_metrics(snapshot_of()))
     assert "edge_agent_mqtt_connected" not in families and "edge_agent_outbox_messages" not in families
     assert value(families, "edge_agent_info", device="d") == 1
 
@@ -276,7 +346,7 @@ def test_unknown_pipeline_and_path_are_404(server: StatusServer) -> None:
 
 
 def test_a_broken_frame_or_snapshot_is_500_and_the_server_keeps_serving(agent: FakeAgent) -> None:
-    def snapshot() -> dict[str, Any]:
+    def snapshot() -> StatusSnapshot:
         raise KeyError("pipelines")
 
     agent.jpeg = b"not a jpeg"
@@ -303,8 +373,6 @@ def test_index_is_one_self_contained_page(server: StatusServer) -> None:
 
 
 def test_idle_clients_beyond_the_limit_are_turned_away(server: StatusServer) -> None:
-    from agent.service.statuspage import MAX_CLIENTS
-
     idle = [socket.create_connection((server.host, server.port), timeout=5) for _ in range(MAX_CLIENTS)]
     try:
         time.sleep(0.3)
@@ -393,3 +461,73 @@ def test_profile_http_key_is_off_by_default(tmp_path: Any) -> None:
     assert load_profile(path).runtime.http is None
     path.write_text("device: {id: d}\nruntime: {http: '[::1]:8790'}\n")
     assert load_profile(path).runtime.http == "[::1]:8790"
+
+
+# -- the page as package data, the daemon as the producer -------------------------------------------
+
+
+@pytest.mark.slow
+def test_the_page_is_package_data_and_ships_in_the_wheel(tmp_path: Path) -> None:
+    from tests.test_install import copy_source
+
+    assert page() == (REPO / "agent/service/statuspage/page.html").read_bytes()
+    source = copy_source(tmp_path / "src")
+    built = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(tmp_path / "wheels"), str(source)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"},
+    )
+    assert built.returncode == 0, built.stderr
+    (wheel,) = (tmp_path / "wheels").glob("edge_agent-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        assert archive.read("agent/service/statuspage/page.html") == page()
+
+
+def test_the_daemon_serves_its_pipelines_with_their_real_stats(tmp_path: Path) -> None:
+    from tests.helpers.models import unary_model
+
+    save(unary_model("Relu", shape=(1, 3, 48, 64)), tmp_path / "relu.onnx")
+    port = free_port()
+    path = tmp_path / "profile.yaml"
+    path.write_text(
+        json.dumps(
+            {
+                "device": {"id": "page-dev", "state_dir": str(tmp_path / "state")},
+                "runtime": {"http": f"127.0.0.1:{port}"},
+                "pipelines": [
+                    {
+                        "name": "cam",
+                        "model": str(tmp_path / "relu.onnx"),
+                        "source": {"type": "synthetic", "fps": 20, "width": 320, "height": 240},
+                        "preprocess": {"resize": [64, 48]},
+                        "postprocess": {"type": "raw", "outputs": ["y"], "round": 2},
+                    }
+                ],
+            }
+        )
+    )
+    daemon = Daemon(load_profile(path), path)
+    daemon.start()
+    try:
+        url = f"http://127.0.0.1:{port}/"
+        doc = wait_for(
+            lambda: (d := requests.get(url + "api/status", timeout=5).json())["pipelines"][0]["results"] > 2 and d,
+            timeout=30,
+        )
+        assert doc and (doc["device"], doc["connection"], doc["outbox"]) == ("page-dev", None, None)
+        (cam,) = doc["pipelines"]
+        assert (cam["pipeline"], cam["state"], cam["source"], cam["model"]) == ("cam", "running", "synthetic", "relu")
+        assert cam["latency_ms"]["infer"]["n"] > 0 and cam["last_error"] is None
+        families = parse_exposition(requests.get(url + "metrics", timeout=5).text)
+        assert value(families, "edge_agent_pipeline_up", pipeline="cam", state="running") == 1
+        assert value(families, "edge_agent_info", device="page-dev") == 1
+        assert "edge_agent_mqtt_connected" not in families
+        frame = requests.get(url + "frame/cam.jpg", timeout=5)
+        image = cv2.imdecode(np.frombuffer(frame.content, np.uint8), cv2.IMREAD_COLOR)
+        assert frame.status_code == 200 and image.shape == (240, 320, 3)
+    finally:
+        daemon.stop()
+    with pytest.raises(requests.ConnectionError):
+        requests.get(f"http://127.0.0.1:{port}/healthz", timeout=2)

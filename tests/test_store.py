@@ -106,7 +106,9 @@ def test_check_reports_damage(tmp_path: Path) -> None:
     folder = install(store, "m", "1.0.0")
     store.activate("m", "1.0.0")
     (folder / "model.onnx").write_bytes(b"model m 1.0.1")  # same size, other bytes
-    assert store.check("m") == [f"active: {folder / 'model.onnx'} does not match its digest {store.active('m').digest}"]  # type: ignore[union-attr]
+    assert store.check("m") == [
+        f"active: {folder / 'model.onnx'} does not match its digest {store.installed('m', '1.0.0').digest}"
+    ]
     (folder / "model.onnx").unlink()
     assert "is missing" in store.check("m")[0]
     (tmp_path / "models" / "m" / "pointer.json").write_text("{")

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.models.manifest import parse_manifest
-from agent.models.store import Store, sha256_file
+from agent.models.manifest import file_digest, parse_manifest
+from agent.models.store import Store
 from tests.helpers.registry import make_registry
 
 REPO = Path(__file__).resolve().parent.parent
@@ -60,7 +60,7 @@ def assert_consistent(state: Path, published: dict[str, str]) -> str | None:
         if folder.name.startswith(".") or folder.name == "pointer.json":
             continue
         entry = store.installed("m", folder.name)
-        assert sha256_file(entry.path) == entry.digest == published[folder.name]
+        assert file_digest(entry.path) == entry.digest == published[folder.name]
         assert parse_manifest((folder / "manifest.json").read_bytes()).version == folder.name
     return active.version if active else None
 

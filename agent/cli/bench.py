@@ -1,7 +1,7 @@
 """`edge-agent bench --model FILE`: time a model on every usable provider and thread count here.
 
 Each row names the provider the session was verified to run on, so a CUDA row that quietly ran on the
-CPU shows as such. Timing is warm and interleaved (see agent.autotune.measure).
+CPU shows as such. Timing is warm and interleaved (see agent.device.autotune.measure).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from agent import __version__
 from agent.cli.errors import FAILURE, USAGE, CliError
+from agent.util.progress import ProgressBar
 
 if TYPE_CHECKING:  # the CLI imports every verb at start: onnxruntime and numpy load only when bench runs
     import numpy as np
@@ -28,7 +29,7 @@ if TYPE_CHECKING:  # the CLI imports every verb at start: onnxruntime and numpy 
 CPU = "CPUExecutionProvider"
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "bench",
         help="time a model on each usable provider",
@@ -89,40 +90,17 @@ def parse_providers(names: list[str]) -> RuntimeConfig:
     return RuntimeConfig(providers=tuple(choices))
 
 
-class ProgressBar:
-    """A bar on a terminal; on a pipe, one line per phase, so logs stay readable."""
-
-    def __init__(self, out: TextIO = sys.stderr) -> None:
-        self.out, self.tty, self.last = out, out.isatty(), ("", -1)
-
-    def __call__(self, done: int, total: int, what: str) -> None:
-        frac = done / total if total else 1.0
-        if self.tty:
-            state = (what, int(frac * 100))
-            if state != self.last:  # a fast model would otherwise redraw thousands of times a second
-                bar = "#" * int(frac * 30)
-                self.out.write(f"\r[{bar:<30}] {frac:4.0%} {what:<48.48}" + ("\n" if what == "done" else ""))
-                self.out.flush()
-            self.last = state
-            return
-        phase = (what.split()[0], int(frac * 4))  # opening/warming/timing, and each quarter
-        if phase != self.last:
-            self.out.write(f"bench: {frac:4.0%} {what}\n")
-            self.out.flush()
-        self.last = phase
-
-
 def _inputs(model: Path, shapes: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
     """Preflight: the model must load on the CPU provider, or it is bad input rather than a provider problem."""
     import numpy as np
     import onnxruntime as ort
 
     from agent.device.autotune import synth_inputs
-    from agent.device.providers import one_line
+    from agent.device.build import one_line
 
     try:
         session = ort.InferenceSession(str(model), providers=[CPU])
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:  # noqa: BLE001 (onnxruntime's load errors derive from Exception only)
         raise CliError(f"{model}: not a model this onnxruntime can load ({one_line(exc)})", USAGE) from None
     names = {i.name for i in session.get_inputs()}
     unknown = sorted(set(shapes) - names)
@@ -173,7 +151,8 @@ def run(args: argparse.Namespace) -> int:
         # Thread counts matter to CPU-bound providers only; a GPU provider is timed once.
         configs = [(c, t) for c in usable for t in (threads if cpu_bound(c) else [max(threads)])]
         started = time.monotonic()
-        trials = measure(model, configs, state_dir, inputs, runs=args.runs, warmup=args.warmup, progress=ProgressBar())
+        bar = ProgressBar("bench")
+        trials = measure(model, configs, state_dir, inputs, runs=args.runs, warmup=args.warmup, progress=bar)
     print_table(trials)
     doc = results(model, found, inputs, trials, args, time.monotonic() - started)
     if args.json_out:

@@ -7,10 +7,11 @@ import json
 import sys
 
 from agent.cli.errors import USAGE
-from agent.config.profile import ProfileError, load_profile, profile_schema
+from agent.config.errors import ProfileError
+from agent.config.profile import load_profile, profile_schema
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "check",
         help="validate device profiles",

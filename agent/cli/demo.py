@@ -7,6 +7,7 @@ import os
 import sys
 
 from agent.cli.errors import USAGE, CliError
+from agent.cloud.demo.broker import BROKER_CHOICES
 
 
 def _positive(text: str) -> float:
@@ -19,7 +20,7 @@ def _positive(text: str) -> float:
     return value
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "demo",
         help="run everything locally with a sample model",
@@ -44,7 +45,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--broker",
-        choices=("auto", "mosquitto", "embedded"),
+        choices=BROKER_CHOICES,
         default=os.environ.get("EDGE_AGENT_DEMO_BROKER", "auto"),
         help="auto: Mosquitto when installed, else the embedded amqtt broker (default: auto, or $EDGE_AGENT_DEMO_BROKER)",
     )
@@ -55,7 +56,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from agent.cloud.demo import BROKER_CHOICES, Options, run_demo
+    from agent.cloud.demo.session import Options, run_demo
 
     if args.broker not in BROKER_CHOICES:
         raise CliError(

@@ -10,7 +10,3 @@ class CliError(Exception):
     def __init__(self, message: str, code: int = FAILURE) -> None:
         super().__init__(message)
         self.code = code
-
-
-def not_built(verb: str, issue: int) -> CliError:
-    return CliError(f"{verb} is not built yet (tracked in issue {issue})", USAGE)

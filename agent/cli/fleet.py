@@ -5,10 +5,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from datetime import timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from agent.cli.errors import USAGE, CliError
 from agent.config.units import parse_duration
+
+if TYPE_CHECKING:
+    from agent.cloud.fleet.client import BrokerSettings
 
 
 def _broker_options(p: argparse.ArgumentParser) -> None:
@@ -27,7 +32,7 @@ def _broker_options(p: argparse.ArgumentParser) -> None:
     )
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "fleet",
         help="deploy models to devices and see their state",
@@ -99,8 +104,8 @@ def _duration(value: str, option: str) -> float:
         raise CliError(f"{option}: {exc}", USAGE) from None
 
 
-def _settings(args: argparse.Namespace):  # type: ignore[no-untyped-def]
-    from agent.cloud.fleet import BrokerSettings
+def _settings(args: argparse.Namespace) -> BrokerSettings:
+    from agent.cloud.fleet.client import BrokerSettings
 
     for opt in ("password_file", "tls_ca", "tls_cert", "tls_key"):
         path = getattr(args, opt)
@@ -110,10 +115,8 @@ def _settings(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 
 
 def deploy(args: argparse.Namespace) -> int:
-    from datetime import timedelta
-
-    from agent.cloud.fleet import FleetError
-    from agent.cloud.fleet import deploy as do_deploy
+    from agent.cloud.fleet.client import FleetError
+    from agent.cloud.fleet.deploy import deploy as do_deploy
     from agent.models.signing import load_private_key
 
     wait, probation = _duration(args.wait, "--wait"), _duration(args.probation, "--probation")
@@ -151,7 +154,8 @@ def deploy(args: argparse.Namespace) -> int:
 
 
 def status(args: argparse.Namespace) -> int:
-    from agent.cloud.fleet import FleetError, fleet_state, render_status
+    from agent.cloud.fleet.client import FleetError
+    from agent.cloud.fleet.status import fleet_state, render_status
 
     settle = _duration(args.settle, "--settle")
     if args.group is not None:

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
-import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent.cli.errors import FAILURE, USAGE, CliError
+from agent.util.progress import ProgressBar
+
+if TYPE_CHECKING:  # the CLI imports every verb at start: the profile and the store load only when used
+    from agent.config.profile import Profile
+    from agent.models.store import Store
 
 
 def _store_args(p: argparse.ArgumentParser) -> None:
@@ -17,7 +22,7 @@ def _store_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--state-dir", type=Path, metavar="DIR", help="the agent's state folder (models live in DIR/models)")
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "models",
         help="the local model store",
@@ -80,10 +85,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     ins.set_defaults(handler=inspect)
 
 
-def _profile(args: argparse.Namespace) -> Any:
+def _profile(args: argparse.Namespace) -> Profile | None:
     if not getattr(args, "profile", None):
         return None
-    from agent.config.profile import ProfileError, load_profile
+    from agent.config.errors import ProfileError
+    from agent.config.profile import load_profile
 
     try:
         return load_profile(args.profile)
@@ -91,15 +97,15 @@ def _profile(args: argparse.Namespace) -> Any:
         raise CliError(str(exc).splitlines()[0], USAGE) from None
 
 
-def _state_dir(args: argparse.Namespace, profile: Any) -> Path:
+def _state_dir(args: argparse.Namespace, profile: Profile | None) -> Path:
     if args.state_dir is not None:
-        return args.state_dir
+        return Path(args.state_dir)
     if profile is not None:
         return Path(profile.device.state_dir)
     raise CliError("give --state-dir DIR or --profile FILE", USAGE)
 
 
-def _store(args: argparse.Namespace, profile: Any = None, keep: int | None = None) -> Any:
+def _store(args: argparse.Namespace, profile: Profile | None = None, keep: int | None = None) -> Store:
     from agent.models.store import Store
 
     keep = keep or (profile.registry.keep_versions if profile is not None and profile.registry else 3)
@@ -110,7 +116,8 @@ def list_models(args: argparse.Namespace) -> int:
     from agent.models.store import StoreError
 
     store = _store(args, _profile(args))
-    rows, damaged = [], False
+    rows: list[dict[str, Any]] = []  # JSON rows, printed as they are with --json
+    damaged = False
     for model in store.models():
         try:
             pointer = store.pointer(model)
@@ -119,7 +126,7 @@ def list_models(args: argparse.Namespace) -> int:
             rows.append({"model": model, "error": str(exc)})
             damaged = True
             continue
-        row = {
+        row: dict[str, Any] = {
             "model": model,
             "active": pointer["active"],
             "previous": pointer["previous"],
@@ -154,37 +161,6 @@ def list_models(args: argparse.Namespace) -> int:
             for problem in row.get("problems", []):
                 print(f"  damaged: {problem}")
     return FAILURE if damaged else 0
-
-
-class ProgressBar:
-    """A download bar on stderr: redrawn in place on a terminal, a line per quarter otherwise."""
-
-    def __init__(self, label: str, stream: Any = sys.stderr) -> None:
-        self.label, self.stream = label, stream
-        self.tty = hasattr(stream, "isatty") and stream.isatty()
-        self.start = time.monotonic()
-        self.last = 0.0
-        self.quarter = -1
-
-    def __call__(self, done: int, total: int) -> None:
-        now = time.monotonic()
-        frac = done / total if total else 1.0
-        rate = done / max(now - self.start, 1e-6)
-        if self.tty:
-            if now - self.last < 0.1 and done < total:
-                return
-            self.last = now
-            bar = "#" * int(frac * 30)
-            self.stream.write(
-                f"\r{self.label} [{bar:<30}] {frac:4.0%} {done / 1e6:.1f}/{total / 1e6:.1f} MB {rate / 1e6:.1f} MB/s"
-            )
-            if done >= total:
-                self.stream.write("\n")
-            self.stream.flush()
-        elif int(frac * 4) > self.quarter:
-            self.quarter = int(frac * 4)
-            self.stream.write(f"{self.label}: {frac:.0%} of {total / 1e6:.1f} MB\n")
-            self.stream.flush()
 
 
 def pull_model(args: argparse.Namespace) -> int:
@@ -228,7 +204,7 @@ def pull_model(args: argparse.Namespace) -> int:
             caps=caps,
             emit=emit,
             timeout=args.timeout,
-            progress=None if args.quiet else ProgressBar(args.model),
+            progress=None if args.quiet else ProgressBar(args.model, unit="MB"),
         )
     except ValueError as exc:
         raise CliError(str(exc), USAGE) from None
@@ -236,7 +212,7 @@ def pull_model(args: argparse.Namespace) -> int:
         args.model, channel=args.channel or "stable", version=args.version, allow_older=args.allow_older
     )
     if args.json:
-        print(json.dumps({k: v for k, v in result.__dict__.items()}, indent=2))
+        print(json.dumps(dataclasses.asdict(result), indent=2))
     if result.status in ("refused", "failed"):
         what = f"{args.model} {result.version}" if result.version else args.model
         raise CliError(f"{result.status}: {what}: {result.reason}", FAILURE)
@@ -267,7 +243,7 @@ def rollback(args: argparse.Namespace) -> int:
     return 0
 
 
-def _shape(shape: Any) -> str:
+def _shape(shape: tuple[int | str | None, ...] | None) -> str:
     if shape is None:
         return "?"
     return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
@@ -275,7 +251,8 @@ def _shape(shape: Any) -> str:
 
 def inspect(args: argparse.Namespace) -> int:
     from agent.device import compat
-    from agent.models.store import StoreError, sha256_file
+    from agent.models.manifest import file_digest
+    from agent.models.store import StoreError
 
     path, entry = Path(args.target), None
     if not path.is_file():
@@ -297,15 +274,18 @@ def inspect(args: argparse.Namespace) -> int:
     h = summary.header
     caps = compat.installed_caps()
     reason = compat.refusal(caps, path.name, h.ir_version, h.opsets)
-    doc = {
+    size = path.stat().st_size
+    digest = entry.digest if entry else file_digest(path)
+    min_runtime = compat.min_runtime(h.ir_version, h.opsets)
+    doc: dict[str, object] = {
         "file": str(path),
-        "bytes": path.stat().st_size,
-        "digest": entry.digest if entry else sha256_file(path),
+        "bytes": size,
+        "digest": digest,
         "ir_version": h.ir_version,
         "opsets": h.opsets,
         "producer": h.producer,
         "metadata": h.metadata,
-        "min_runtime": compat.min_runtime(h.ir_version, h.opsets),
+        "min_runtime": min_runtime,
         "loads_here": reason is None,
         "refusal": reason,
         "inputs": [i.to_json() for i in summary.inputs],
@@ -322,13 +302,13 @@ def inspect(args: argparse.Namespace) -> int:
     title = (
         f"{entry.model} {entry.version} (variant {entry.variant.id}, {entry.variant.precision})" if entry else path.name
     )
-    print(f"{title}: {doc['bytes'] / 1e6:.2f} MB, {doc['digest']}")
+    print(f"{title}: {size / 1e6:.2f} MB, {digest}")
     print(
         f"IR version {h.ir_version}; opsets: {', '.join(f'{d} {v}' for d, v in sorted(h.opsets.items()))}"
         + (f"; producer {h.producer}" if h.producer else "")
     )
     print(
-        f"loads on onnxruntime >= {doc['min_runtime'] or '? (newer than any release known here)'}; "
+        f"loads on onnxruntime >= {min_runtime or '? (newer than any release known here)'}; "
         + (f"this runtime ({caps.ort_version}) loads it" if reason is None else f"not here: {reason}")
     )
     for k, v in h.metadata.items():

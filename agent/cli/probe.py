@@ -10,7 +10,7 @@ import json
 import sys
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TextIO
 
 from agent import __version__
 from agent.cli.errors import USAGE, CliError
@@ -23,7 +23,7 @@ if TYPE_CHECKING:  # the CLI imports every verb at start: onnxruntime loads only
 SCHEMA_VERSION = 1
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "probe",
         help="show hardware and execution providers",
@@ -50,7 +50,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def load_runtime(profile_path: str | None) -> tuple[RuntimeConfig, Path | None]:
     """The profile's runtime section and state dir; defaults without a profile. Bad profile: exit 2."""
-    from agent.config.profile import ProfileError, RuntimeConfig, load_profile
+    from agent.config.errors import ProfileError
+    from agent.config.profile import RuntimeConfig, load_profile
 
     if not profile_path:
         return RuntimeConfig(), None
@@ -90,14 +91,15 @@ def report(
 
 
 def verify_chain(runtime: RuntimeConfig, state_dir: Path, probe: hardware.Probe) -> dict[str, Any]:
-    from agent.device.providers import ProviderError, open_session, probe_model
+    from agent.device.onnxproto import add_relu_model
+    from agent.device.session import ProviderError, open_session
     from agent.transport.events import Event
 
     events: list[Event] = []
     # Autotune is for real models; the probe model would only time noise.
     plain = runtime.model_copy(update={"autotune": False})
     try:
-        opened = open_session(probe_model(), plain, state_dir, events.append, probe=probe)
+        opened = open_session(add_relu_model(), plain, state_dir, events.append, probe=probe)
     except ProviderError as exc:
         return {
             "provider": None,
@@ -149,7 +151,7 @@ def _gib(n: int | None) -> str:
     return "?" if n is None else f"{n / 1024**3:.1f} GiB"
 
 
-def print_text(doc: dict[str, Any], out: Any = sys.stdout) -> None:
+def print_text(doc: dict[str, Any], out: TextIO = sys.stdout) -> None:
     def line(key: str, value: str) -> None:
         print(f"  {key + ':':<14}{value}", file=out)
 

@@ -9,7 +9,7 @@ from agent.cli.errors import USAGE, CliError
 from agent.config.units import parse_duration
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "registry",
         help="keys, publishing and a development server for the model registry",

@@ -7,10 +7,12 @@ import signal
 import threading
 from pathlib import Path
 
-from agent.cli.errors import USAGE, CliError
+from agent.cli.errors import FAILURE, USAGE, CliError
+from agent.config.errors import ProfileError
+from agent.config.profile import load_profile
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "run",
         help="run the daemon in the foreground",
@@ -21,9 +23,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from agent.config.errors import ProfileError
-    from agent.config.profile import load_profile
-    from agent.service.daemon import Daemon
+    # The CLI imports every verb at start: the daemon's parts (onnxruntime, OpenCV, paho) load only here.
+    from agent.service.daemon import Daemon, DaemonError
 
     try:
         profile = load_profile(args.profile)
@@ -33,4 +34,7 @@ def run(args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     signal.signal(signal.SIGHUP, lambda *_: reload.set())
-    return Daemon(profile, Path(args.profile)).run(stop, reload)
+    try:
+        return Daemon(profile, Path(args.profile)).run(stop, reload)
+    except DaemonError as exc:
+        raise CliError(str(exc), FAILURE) from None

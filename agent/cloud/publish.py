@@ -9,7 +9,6 @@ lower-opset export for old runtimes); variants are kept best first, which is the
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 import re
@@ -18,9 +17,10 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any
+from typing import Literal
 
 import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent.device import compat
 from agent.models.manifest import (
@@ -33,15 +33,18 @@ from agent.models.manifest import (
     TensorSpec,
     TestVector,
     Variant,
+    file_digest,
     parse_manifest,
 )
 from agent.models.signing import load_private_key, sign
-from agent.models.store import sha256_file
+from agent.util.hashing import sha256_bytes
+
+Precision = Literal["fp32", "fp16", "int8"]
 
 # Default tolerances per precision: wide enough for another provider's kernels (fused ops, TF32 on
 # GPUs, OpenVINO's own rounding), narrow enough that a wrong or damaged model fails.
-TOLERANCES = {"fp32": (1e-3, 1e-3), "fp16": (1e-2, 1e-2), "int8": (5e-2, 5e-2)}
-PRECISION_RANK = {"fp32": 0, "fp16": 1, "int8": 2}
+TOLERANCES: dict[Precision, tuple[float, float]] = {"fp32": (1e-3, 1e-3), "fp16": (1e-2, 1e-2), "int8": (5e-2, 5e-2)}
+PRECISION_RANK: dict[Precision, int] = {"fp32": 0, "fp16": 1, "int8": 2}
 INT8_OPS = {
     "QuantizeLinear",
     "DequantizeLinear",
@@ -85,7 +88,7 @@ def put_blob(root: Path, data: bytes | Path) -> Blob:
     """Store content under blobs/sha256/<hex> (idempotent, written by rename)."""
     if isinstance(data, Path):
         data = data.read_bytes()
-    hexdigest = hashlib.sha256(data).hexdigest()
+    hexdigest = sha256_bytes(data)
     target = root / "blobs" / "sha256" / hexdigest
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -95,7 +98,7 @@ def put_blob(root: Path, data: bytes | Path) -> Blob:
     return Blob(digest=f"sha256:{hexdigest}", size=len(data))
 
 
-def write_signed(path: Path, data: bytes, key: Any) -> None:
+def write_signed(path: Path, data: bytes, key: Ed25519PrivateKey) -> None:
     """Document and signature; the signature lands first so that a reader never sees new bytes with an old one
     for long (a device that catches the instant between the renames refuses, and retries at its next poll)."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -108,11 +111,11 @@ def write_signed(path: Path, data: bytes, key: Any) -> None:
 
 def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
     buf = io.BytesIO()
-    np.savez(buf, **arrays)
+    np.savez(buf, allow_pickle=False, **arrays)  # devices load without pickle: refuse object arrays here
     return buf.getvalue()
 
 
-def detect_precision(summary: compat.ModelSummary) -> str:
+def detect_precision(summary: compat.ModelSummary) -> Precision:
     if any(op in INT8_OPS or op.startswith("QLinear") for op in summary.ops):
         return "int8"
     if summary.initializer_types.get("float16", 0) > summary.initializer_types.get("float32", 0):
@@ -124,7 +127,7 @@ def synthesize_inputs(inputs: tuple[compat.TensorInfo, ...], seed: int = 0) -> d
     """Inputs from the signature: random floats in [0, 1), zeros for integers; dynamic dims become 1,
     except the spatial dims of a 4-D input, which become 64 (image models rarely accept 1x1)."""
     rng = np.random.default_rng(seed)
-    out = {}
+    out: dict[str, np.ndarray] = {}
     for info in inputs:
         dtype = NP_TYPES.get(info.type)
         if dtype is None or info.shape is None:
@@ -149,7 +152,7 @@ def run_cpu(model: Path, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     options.log_severity_level = 3
     session = ort.InferenceSession(str(model), sess_options=options, providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
-    return dict(zip(names, (np.asarray(v) for v in session.run(names, feeds))))
+    return dict(zip(names, (np.asarray(v) for v in session.run(names, feeds)), strict=True))
 
 
 def onnx_check(path: Path) -> None:
@@ -180,7 +183,7 @@ def derive_int8(source: Path, out_dir: Path) -> Path:
         # weights in Constants, which quantize_dynamic cannot see ("Expected ... to be an initializer").
         quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
         quantize_dynamic(str(prepared), str(target), weight_type=QuantType.QInt8)
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:  # noqa: BLE001 (the quantisation tools raise whatever onnx and numpy raise)
         raise PublishError(
             f"--derive int8 failed: {exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         ) from None
@@ -223,7 +226,7 @@ def _variant(
     taken: set[str],
     providers: tuple[str, ...],
     architectures: tuple[str, ...],
-    precision: str | None,
+    precision: Precision | None,
 ) -> tuple[Variant, compat.ModelSummary]:
     try:
         summary = compat.summarize(file)
@@ -271,7 +274,7 @@ def publish(
     derive: tuple[str, ...] = (),
     providers: tuple[str, ...] = (),
     architectures: tuple[str, ...] = (),
-    precision: str | None = None,
+    precision: Precision | None = None,
     expires_days: float = 365.0,
     rtol: float | None = None,
     atol: float | None = None,
@@ -311,7 +314,7 @@ def publish(
     notes: list[str] = []
     made: list[Variant] = []
     with tempfile.TemporaryDirectory() as tmp:
-        files = [(file, variant_id, precision)]
+        files: list[tuple[Path, str | None, Precision | None]] = [(file, variant_id, precision)]
         for kind in derive:
             if kind != "int8":
                 raise PublishError(f"--derive {kind}: only int8 can be derived")
@@ -319,7 +322,7 @@ def publish(
         reference: dict[str, np.ndarray] | None = None
         for path, vid, prec in files:
             if vid is None:  # the same file published again re-signs its variant instead of adding a copy
-                digest = sha256_file(path)
+                digest = file_digest(path)
                 vid = next((v.id for v in variants.values() if v.blob.digest == digest), None)
             taken = set(variants) - ({vid} if vid else set())
             variant, summary = _variant(root, path, vid, taken, providers, architectures, prec)
@@ -362,7 +365,6 @@ def publish(
     metadata = dict(old.metadata) if old else {}
     metadata.update({k: v[:1024] for k, v in list(compat.read_header(file).metadata.items())[:32]})
     manifest = Manifest(
-        schema=1,
         model=model,
         version=version,
         created=old.created if old else now,
@@ -383,7 +385,7 @@ def move_channel(
     model: str,
     channel: str,
     version: str,
-    private: Any,
+    private: Ed25519PrivateKey,
     expires_days: float = 365.0,
     now: datetime | None = None,
 ) -> ChannelPointer:

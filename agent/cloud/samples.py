@@ -6,7 +6,6 @@ cached outside the repository, and the .onnx file extracted. Nothing is loaded f
 
 from __future__ import annotations
 
-import hashlib
 import os
 import subprocess
 import sys
@@ -14,6 +13,8 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from agent.util.hashing import sha256_file
 
 
 @dataclass(frozen=True)
@@ -65,18 +66,10 @@ def cache_dir() -> Path:
     return Path(root) / "samples"
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def fetch_wheel(wheel: Wheel, quiet: bool = False) -> Path:
     """The verified wheel in the cache, downloading it once."""
     target = cache_dir() / wheel.filename
-    if target.exists() and _sha256(target) == wheel.sha256:
+    if target.exists() and sha256_file(target) == wheel.sha256:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
@@ -101,7 +94,7 @@ def fetch_wheel(wheel: Wheel, quiet: bool = False) -> Path:
             stdout=subprocess.DEVNULL if quiet else sys.stderr,
         )
         got = Path(tmp) / wheel.filename
-        actual = _sha256(got)
+        actual = sha256_file(got)
         if actual != wheel.sha256:
             raise RuntimeError(f"{wheel.filename}: sha256 {actual} does not match the pinned {wheel.sha256}")
         os.replace(got, target)

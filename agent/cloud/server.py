@@ -13,13 +13,13 @@ import time
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import unquote, urlsplit
 
 CHUNK = 16 * 1024
 
 
-def parse_range(header: str | None, size: int) -> tuple[int, int] | None | bool:
+def parse_range(header: str | None, size: int) -> tuple[int, int] | None | Literal[False]:
     """(start, end inclusive), None when absent or unusable (serve it all), False when unsatisfiable."""
     if not header or not header.startswith("bytes=") or "," in header:
         return None
@@ -156,7 +156,7 @@ class RegistryHTTPServer(ThreadingHTTPServer):
 
     @property
     def url(self) -> str:
-        host, port = self.server_address[:2]
+        host, port = self.socket.getsockname()[:2]  # server_address, typed as bytes or str by typeshed
         return f"http://{host}:{port}/"
 
     def record(self, handler: RegistryHandler) -> None:

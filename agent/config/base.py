@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Protocol
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationInfo, WithJsonSchema
 
@@ -13,6 +13,13 @@ class Strict(BaseModel):
     """Unknown keys are errors and objects cannot change after validation."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class PluginConfig(Protocol):
+    """What code outside a plug-in reads of its config: the `type` key that chose the plug-in."""
+
+    @property
+    def type(self) -> str: ...
 
 
 def _resolve_path(value: object, info: ValidationInfo) -> object:

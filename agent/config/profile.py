@@ -1,6 +1,7 @@
 """The device profile: YAML validated once into immutable, typed objects the rest of the code trusts.
 
-Loading, line numbers and error wording live in `agent.profile_errors`; this module holds the shape.
+Line numbers and error wording live in `agent.config.errors`, YAML with lines in `agent.config.yamldoc`;
+this module holds the shape and loads a file through them.
 """
 
 from __future__ import annotations
@@ -9,19 +10,35 @@ import json
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from types import ModuleType
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
 from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, ValidationInfo, WithJsonSchema, field_validator, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from agent.config.base import ProfilePath, Strict
+from agent.config.checks import (
+    NOT_RESERVED_SCHEMA,
+    Problem,
+    check_url,
+    cross_field_problems,
+    looks_like_path,
+    not_reserved,
+    problems_error,
+    raise_problems,
+)
 from agent.config.errors import PATTERN_WORDS, Issue, ProfileError, did_you_mean, format_path, issues_from_validation
 from agent.config.units import Duration, Size
 from agent.config.yamldoc import YamlDoc, YamlSyntaxError, expand_env, read_yaml
 from agent.inference.processing.post import POSTPROCESSORS
 from agent.inference.processing.pre import PreprocessConfig
 from agent.inference.sources import SOURCES
+
+if TYPE_CHECKING:
+    from typing import TypeAlias
+
+    from agent.config.base import PluginConfig
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 TOPIC_PREFIX_PATTERN = r"^[^#+\s]+$"
@@ -57,10 +74,17 @@ KNOWN_PROVIDERS = tuple(sorted(set(PROVIDER_ALIASES.values())))
 
 class DeviceConfig(Strict):
     id: str = Field(
-        pattern=NAME_PATTERN, description="this device's name in topics and the fleet (letters, digits, _ . -)"
+        pattern=NAME_PATTERN,
+        description="this device's name in topics and the fleet (letters, digits, _ . -)",
+        json_schema_extra=NOT_RESERVED_SCHEMA,
     )
     group: str = Field("default", pattern=NAME_PATTERN, description="the fleet group deployments target")
     state_dir: ProfilePath = Field(Path("/var/lib/edge-agent"), description="models, outbox and caches live here")
+
+    @field_validator("id")
+    @classmethod
+    def _id(cls, value: str) -> str:
+        return not_reserved(value, "device id")
 
 
 class ProbationConfig(Strict):
@@ -90,9 +114,7 @@ class RegistryConfig(Strict):
     @field_validator("url")
     @classmethod
     def _url(cls, value: str) -> str:
-        parts = urlsplit(value)
-        if parts.scheme not in ("http", "https") or not parts.netloc:
-            raise ValueError(f"expected an http:// or https:// URL, got {value!r}")
+        check_url(value, ("http", "https"), "an http:// or https:// URL")
         return value if value.endswith("/") else value + "/"
 
 
@@ -133,18 +155,11 @@ class MqttConfig(Strict):
     @field_validator("url")
     @classmethod
     def _url(cls, value: str) -> str:
-        parts = urlsplit(value)
-        if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
-            raise ValueError(f"expected mqtt://host[:port] or mqtts://host[:port], got {value!r}")
-        try:
-            parts.port
-        except ValueError:
-            raise ValueError(f"the port in {value!r} is not a number from 1 to 65535") from None
-        return value
+        return check_url(value, ("mqtt", "mqtts"), "mqtt://host[:port] or mqtts://host[:port]")
 
     @model_validator(mode="after")
     def _cross_checks(self) -> MqttConfig:
-        problems: list[tuple[tuple[str | int, ...], str]] = []
+        problems: list[Problem] = []
         if self.secure and (self.tls is None or self.tls.ca is None):
             problems.append(
                 (("url",), "url is mqtts:// but tls.ca is not set; give the CA that signed the broker's certificate")
@@ -254,10 +269,13 @@ class RuntimeConfig(Strict):
 
     @field_validator("providers")
     @classmethod
-    def _known(cls, value: Any) -> Any:
+    def _known(
+        cls, value: Literal["auto"] | tuple[ProviderChoice, ...]
+    ) -> Literal["auto"] | tuple[ProviderChoice, ...]:
         if value == "auto":
             return value
-        out, problems = [], []
+        out: list[ProviderChoice] = []
+        problems: list[Problem] = []
         for i, choice in enumerate(value):
             name = PROVIDER_ALIASES.get(choice.name.lower(), choice.name)
             if name not in KNOWN_PROVIDERS:
@@ -269,7 +287,7 @@ class RuntimeConfig(Strict):
 
     @field_validator("threads")
     @classmethod
-    def _threads(cls, value: Any) -> Any:
+    def _threads(cls, value: Literal["auto"] | int) -> Literal["auto"] | int:
         if value != "auto" and value < 1:
             raise ValueError(f"expected auto or a number > 0, got {value!r}")
         return value
@@ -296,19 +314,26 @@ class BatchConfig(Strict):
     max_delay: Duration = Field(0.1, gt=0, description="longest a result waits for its batch to fill")
 
 
-def _plugin_union(plugins: dict[str, Any], what: str) -> Any:
+def _plugin_union(plugins: dict[str, ModuleType], what: str) -> object:
     configs = tuple(module.Config for module in plugins.values())
-    union = Union[configs] if len(configs) > 1 else configs[0]  # noqa: UP007 (built at run time)
+    union = Union[configs] if len(configs) > 1 else configs[0]  # noqa: UP007 (a union of types found at run time)
     return Annotated[union, Field(discriminator="type", description=what)]
 
 
-SourceConfig = _plugin_union(SOURCES, "where frames or samples come from")
-PostprocessConfig = _plugin_union(POSTPROCESSORS, "what becomes of the model's outputs")
-Scalar = Union[int, float, str, bool]
+if TYPE_CHECKING:  # the plug-ins are found at run time: the type checker knows the protocol they share
+    SourceConfig: TypeAlias = PluginConfig
+    PostprocessConfig: TypeAlias = PluginConfig
+else:
+    SourceConfig = _plugin_union(SOURCES, "where frames or samples come from")
+    PostprocessConfig = _plugin_union(POSTPROCESSORS, "what becomes of the model's outputs")
+Scalar = int | float | str | bool
+Constant = Scalar | tuple[Scalar, ...]  # a constant model input beside the stream
 
 
 class PipelineConfig(Strict):
-    name: str = Field(pattern=NAME_PATTERN, description="the pipeline's name in topics")
+    name: str = Field(
+        pattern=NAME_PATTERN, description="the pipeline's name in topics", json_schema_extra=NOT_RESERVED_SCHEMA
+    )
     model: str = Field(min_length=1, description="a registry model name, or a path to an .onnx or .ort file")
     channel: str = Field("stable", pattern=NAME_PATTERN, description="registry channel followed")
     version: str | None = Field(None, min_length=1, description="pin this version instead of following the channel")
@@ -318,9 +343,7 @@ class PipelineConfig(Strict):
         default_factory=lambda: POSTPROCESSORS["raw"].Config(), description="steps after inference"
     )
     rate: float | None = Field(None, gt=0, description="most inferences per second; every frame or window when unset")
-    inputs: dict[str, Scalar | tuple[Scalar, ...]] = Field(
-        default_factory=dict, description="constant inputs beside the stream"
-    )
+    inputs: dict[str, Constant] = Field(default_factory=dict, description="constant inputs beside the stream")
     state: dict[str, str] = Field(
         default_factory=dict, description="recurrent state: input name <- previous step's output name"
     )
@@ -330,16 +353,21 @@ class PipelineConfig(Strict):
 
     @property
     def model_is_file(self) -> bool:
-        return _looks_like_path(self.model)
+        return looks_like_path(self.model)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        return not_reserved(value, "pipeline name")
 
     @field_validator("model")
     @classmethod
     def _model_path(cls, value: str, info: ValidationInfo) -> str:
         # A model file is relative to the profile's folder, like every other path in a profile.
         base = (info.context or {}).get("base_dir")
-        if base is not None and _looks_like_path(value) and not os.path.isabs(os.path.expanduser(value)):
+        if base is not None and looks_like_path(value) and not os.path.isabs(os.path.expanduser(value)):
             return str(Path(base) / value)
-        return os.path.expanduser(value) if _looks_like_path(value) else value
+        return os.path.expanduser(value) if looks_like_path(value) else value
 
     @model_validator(mode="after")
     def _check(self) -> PipelineConfig:
@@ -349,10 +377,6 @@ class PipelineConfig(Strict):
         if clash:
             raise ValueError(f"pipeline {self.name!r}: input {sorted(clash)[0]!r} is both a constant and a state")
         return self
-
-
-def _looks_like_path(model: str) -> bool:
-    return model.endswith((".onnx", ".ort")) or os.sep in model or model.startswith(".")
 
 
 class Profile(Strict):
@@ -378,7 +402,7 @@ class Profile(Strict):
     def _cross_checks(cls, data: Any, handler: Callable[[Any], Profile]) -> Profile:
         # Checks across sections run on the raw document, so that they are reported together with
         # field errors elsewhere instead of only once every field is valid.
-        problems = _cross_field_problems(data) if isinstance(data, dict) else []
+        problems = cross_field_problems(data) if isinstance(data, dict) else []
         try:
             profile = handler(data)
         except ValidationError as exc:
@@ -391,51 +415,10 @@ class Profile(Strict):
                 for e in exc.errors(include_url=False)
             ]
             raise ValidationError.from_exception_data(
-                cls.__name__, details + [_problems_error(problems, data)]
+                cls.__name__, details + [problems_error(problems, data)]
             ) from None
         raise_problems(problems)
         return profile
-
-
-def _cross_field_problems(data: dict[str, Any]) -> list[tuple[tuple[str | int, ...], str]]:
-    problems: list[tuple[tuple[str | int, ...], str]] = []
-    pipelines = data.get("pipelines")
-    seen: set[str] = set()
-    for i, pipeline in enumerate(pipelines if isinstance(pipelines, list) else []):
-        if not isinstance(pipeline, dict):
-            continue
-        name, model, source = pipeline.get("name"), pipeline.get("model"), pipeline.get("source")
-        if isinstance(name, str):
-            if name in seen:
-                problems.append((("pipelines", i, "name"), f"two pipelines are named {name!r}; names must be unique"))
-            seen.add(name)
-        if isinstance(model, str) and model and not _looks_like_path(model) and not data.get("registry"):
-            problems.append(
-                (
-                    ("pipelines", i, "model"),
-                    f"pipeline {name!r}: model {model!r} is a registry name, but the profile has no registry section "
-                    "(give a path to an .onnx file, or add registry)",
-                )
-            )
-        if isinstance(source, dict) and source.get("type") == "mqtt" and not data.get("mqtt"):
-            problems.append((("pipelines", i, "source"), f"pipeline {name!r}: an mqtt source needs the mqtt section"))
-    return problems
-
-
-def _problems_error(problems: list[tuple[tuple[str | int, ...], str]], data: Any) -> InitErrorDetails:
-    return InitErrorDetails(type=_problems(problems), loc=(), input=data)
-
-
-def _problems(problems: list[tuple[tuple[str | int, ...], str]]) -> PydanticCustomError:
-    return PydanticCustomError(
-        "cross_field", "{count} problem(s) across fields", {"count": len(problems), "problems": problems}
-    )
-
-
-def raise_problems(problems: list[tuple[tuple[str | int, ...], str]]) -> None:
-    """One validation error carrying several located problems (paths relative to the object checked)."""
-    if problems:
-        raise _problems(problems)
 
 
 def load_profile(path: str | Path, environ: dict[str, str] | None = None) -> Profile:
@@ -488,7 +471,7 @@ def profile_schema() -> dict[str, Any]:
             short = module.__name__.rsplit(".", 1)[-1]
             pretty = "".join(w.capitalize() for w in short.split("_")) + suffix
             text = text.replace(module.__name__.replace(".", "__") + "__Config", pretty)
-    schema = json.loads(text)
+    schema: dict[str, Any] = json.loads(text)
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     schema["$id"] = "https://edge-agent.dev/profile.schema.json"
     schema["title"] = "edge-agent device profile"

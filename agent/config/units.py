@@ -7,7 +7,7 @@ a unit string again.
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any
+from typing import Annotated
 
 from pydantic import BeforeValidator, WithJsonSchema
 
@@ -29,7 +29,7 @@ DURATION_PATTERN = r"^\s*\d+(\.\d+)?\s*(ms|s|sec|m|min|h|d)?\s*$"
 SIZE_PATTERN = r"^\s*\d+(\.\d+)?\s*([kKmMgGtT]i?[bB]|[bB])?\s*$"
 
 
-def parse_duration(value: Any) -> float:
+def parse_duration(value: object) -> float:
     """Seconds from a number (seconds) or a string such as `250ms`, `30s`, `5min`, `2h`, `7d`."""
     if isinstance(value, bool):
         raise ValueError("expected a duration like 30s or 5min")
@@ -46,7 +46,7 @@ def parse_duration(value: Any) -> float:
     return seconds
 
 
-def parse_size(value: Any) -> int:
+def parse_size(value: object) -> int:
     """Bytes from an integer or a string such as `64MiB`, `1GB`, `512kib`."""
     if isinstance(value, bool):
         raise ValueError("expected a size like 64MiB or 1GB")

@@ -23,9 +23,12 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from agent.device.build import build_session, one_line, verify, why_not
 from agent.device.hardware import Probe
-from agent.device.providers import Candidate, build_session, model_digest, one_line, verify, why_not
+from agent.device.providers import CPU, OPENVINO, Candidate
 from agent.transport.events import Event, EventSink, log_event
+from agent.util.hashing import sha256_bytes, sha256_file
+from agent.util.timefmt import utc_iso
 
 log = logging.getLogger(__name__)
 
@@ -133,10 +136,10 @@ def synth_inputs(
 def cpu_bound(candidate: Candidate) -> bool:
     """Providers whose speed depends on CPU threads; a GPU provider is timed once (a TensorRT engine
     build per thread count would cost minutes and measure nothing)."""
-    if candidate.provider == "OpenVINOExecutionProvider":
+    if candidate.provider == OPENVINO:
         return candidate.options.get("device_type", "CPU").startswith("CPU")
     return candidate.provider in (
-        "CPUExecutionProvider",
+        CPU,
         "XnnpackExecutionProvider",
         "ACLExecutionProvider",
         "ArmNNExecutionProvider",
@@ -189,7 +192,7 @@ def measure(
                 break
             try:
                 session.run(None, inputs)
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:  # noqa: BLE001 (a config that fails to run is a row with its reason)
                 errors[i] = f"run failed: {one_line(exc)}"
             done += 1
             if progress:
@@ -201,7 +204,7 @@ def measure(
             start = time.perf_counter()
             try:
                 session.run(None, inputs)
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:  # noqa: BLE001 (as in the warm-up: the row keeps the reason)
                 errors[i] = f"run failed: {one_line(exc)}"
                 continue
             latencies[i].append((time.perf_counter() - start) * 1000)
@@ -216,6 +219,11 @@ def measure(
         )
         for i, (c, t, _, v, _) in enumerate(sessions)
     ]
+
+
+def model_digest(model: Path | bytes) -> str:
+    """sha256 of the model bytes: the autotune cache keys on it, as manifests do."""
+    return sha256_bytes(model) if isinstance(model, bytes) else sha256_file(model)
 
 
 def cache_path(state_dir: Path, digest: str, probe: Probe) -> Path:
@@ -286,7 +294,7 @@ def _write_cache(path: Path, choice: Choice, digest: str, probe: Probe) -> None:
         "model_sha256": digest,
         "fingerprint": probe.fingerprint(),
         "onnxruntime": probe.runtime.version,
-        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "measured_at": utc_iso(time.time()),
         **{k: v for k, v in asdict(choice).items() if k not in ("key", "cached")},
     }
     path.parent.mkdir(parents=True, exist_ok=True)

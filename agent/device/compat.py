@@ -5,9 +5,9 @@ the limits of the installed onnxruntime are kept as a table (measured per releas
 checked against the real runtime at start-up by loading two tiny probe models per limit: one at the
 limit (must load) and one just above it (must fail).
 
-The model file reader walks the ONNX protobuf by hand: ModelProto field 1 is the IR version, field 8
-the opset imports (domain "" means ai.onnx), field 7 the graph, which the header reader skips by its
-length prefix, so that reading a 500 MB model's header costs a few reads.
+What a model needs is read from its ONNX protobuf (through agent.device.onnxproto): ModelProto field 1
+is the IR version, field 8 the opset imports (domain "" means ai.onnx), field 7 the graph, which the
+header reader skips unread.
 """
 
 from __future__ import annotations
@@ -15,15 +15,16 @@ from __future__ import annotations
 import io
 import platform
 import re
-import struct
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import BinaryIO
 
-AI_ONNX = "ai.onnx"
+from agent.device.onnxproto import AI_ONNX as AI_ONNX  # re-exported: callers name domains as compat.AI_ONNX
+from agent.device.onnxproto import WireError, fields, identity_model, stream_fields
+
 AI_ONNX_ML = "ai.onnx.ml"
 
 # (onnxruntime release, max ai.onnx opset, max IR version, max ai.onnx.ml opset), oldest first.
@@ -150,19 +151,18 @@ def min_runtime(ir_version: int, opsets: dict[str, int]) -> str | None:
 @lru_cache(maxsize=1)
 def installed_caps() -> RuntimeCaps:
     """The installed runtime's limits: the table's row, then proven by loading probe models."""
-    import onnxruntime as ort
+    import onnxruntime as ort  # here: reading headers and checking manifests (the publish side) need no runtime
 
     return verify_caps(caps_for(ort.__version__))
 
 
 def verify_caps(caps: RuntimeCaps) -> RuntimeCaps:
     """Correct each limit by probing: step down while the limit fails to load, up while limit+1 loads."""
+    import onnxruntime as ort  # here, as in installed_caps
 
     def loads(ir: int, opsets: dict[str, int]) -> bool:
-        import onnxruntime as ort
-
         try:
-            ort.InferenceSession(probe_model(ir, opsets), providers=["CPUExecutionProvider"])
+            ort.InferenceSession(identity_model(ir, opsets), providers=["CPUExecutionProvider"])
             return True
         except Exception:  # noqa: BLE001 (onnxruntime raises its own Fail, which derives from Exception)
             return False
@@ -215,62 +215,6 @@ def refusal(
     return None
 
 
-# --- reading the protobuf by hand -------------------------------------------------------------
-
-
-def _varint(buf: bytes, pos: int) -> tuple[int, int]:
-    result = shift = 0
-    while True:
-        if pos >= len(buf):
-            raise ModelFormatError("truncated varint")
-        b = buf[pos]
-        pos += 1
-        result |= (b & 0x7F) << shift
-        if not b & 0x80:
-            return result, pos
-        shift += 7
-        if shift > 63:
-            raise ModelFormatError("varint too long")
-
-
-def _fields(buf: bytes) -> Iterator[tuple[int, int, int | bytes]]:
-    """(field number, wire type, value) for each field of one message held in memory."""
-    pos, end = 0, len(buf)
-    while pos < end:
-        key, pos = _varint(buf, pos)
-        number, wire = key >> 3, key & 7
-        if wire == 0:
-            value, pos = _varint(buf, pos)
-        elif wire == 1:
-            value, pos = struct.unpack_from("<Q", buf, pos)[0], pos + 8
-        elif wire == 2:
-            length, pos = _varint(buf, pos)
-            if pos + length > end:
-                raise ModelFormatError(f"field {number} runs past the end of its message")
-            value, pos = buf[pos : pos + length], pos + length
-        elif wire == 5:
-            value, pos = struct.unpack_from("<I", buf, pos)[0], pos + 4
-        else:
-            raise ModelFormatError(f"unsupported protobuf wire type {wire} (field {number})")
-        yield number, wire, value
-
-
-def _read_varint(f: BinaryIO) -> int | None:
-    result = shift = 0
-    while True:
-        b = f.read(1)
-        if not b:
-            if shift == 0:
-                return None
-            raise ModelFormatError("truncated varint")
-        result |= (b[0] & 0x7F) << shift
-        if not b[0] & 0x80:
-            return result
-        shift += 7
-        if shift > 63:
-            raise ModelFormatError("varint too long")
-
-
 @dataclass(frozen=True)
 class ModelHeader:
     ir_version: int
@@ -281,7 +225,7 @@ class ModelHeader:
 
 def _opset(buf: bytes) -> tuple[str, int]:
     domain, version = "", 0
-    for number, _, value in _fields(buf):
+    for number, value in fields(buf):
         if number == 1 and isinstance(value, bytes):
             domain = value.decode("utf-8", "replace")
         elif number == 2 and isinstance(value, int):
@@ -291,49 +235,41 @@ def _opset(buf: bytes) -> tuple[str, int]:
 
 def read_header(source: Path | str | bytes) -> ModelHeader:
     """IR version, opset imports, producer and metadata of an ONNX file, skipping the graph."""
-    if isinstance(source, bytes):
-        return _read_header(io.BytesIO(source), len(source))
-    path = Path(source)
-    with path.open("rb") as f:
-        return _read_header(f, path.stat().st_size)
+    try:
+        if isinstance(source, bytes):
+            return _read_header(io.BytesIO(source), len(source))
+        path = Path(source)
+        with path.open("rb") as f:
+            return _read_header(f, path.stat().st_size)
+    except WireError as exc:
+        raise ModelFormatError(f"not an ONNX model ({exc})") from None
 
 
 def _read_header(f: BinaryIO, size: int) -> ModelHeader:
-    ir_version, opsets, producer, metadata = None, {}, [], {}
-    while True:
-        key = _read_varint(f)
-        if key is None:
-            break
-        number, wire = key >> 3, key & 7
-        if wire == 0:
-            value = _read_varint(f)
+    ir_version: int | None = None
+    opsets: dict[str, int] = {}
+    producer: list[str] = []
+    metadata: dict[str, str] = {}
+    # 1 ir_version, 2 producer_name, 3 producer_version, 8 opset_import, 14 metadata_props
+    for number, value in stream_fields(f, size, keep=(2, 3, 8, 14)):
+        if isinstance(value, int):
             if number == 1:
                 ir_version = value
-        elif wire == 2:
-            length = _read_varint(f) or 0
-            if f.tell() + length > size:
-                raise ModelFormatError(f"field {number} is {length} bytes but the file ends first (truncated?)")
-            if number in (2, 3, 8, 14):
-                data = f.read(length)
-                if number == 8:
-                    domain, version = _opset(data)
-                    opsets[domain] = max(version, opsets.get(domain, 0))
-                elif number == 14:
-                    entry = {n: v for n, _, v in _fields(data)}
-                    metadata[bytes(entry.get(1, b"")).decode("utf-8", "replace")] = bytes(entry.get(2, b"")).decode(
-                        "utf-8", "replace"
-                    )
-                else:
-                    producer.append(data.decode("utf-8", "replace"))
-            else:
-                f.seek(length, io.SEEK_CUR)
-        elif wire in (1, 5):
-            f.seek(8 if wire == 1 else 4, io.SEEK_CUR)
+        elif number == 8:
+            domain, version = _opset(value)
+            opsets[domain] = max(version, opsets.get(domain, 0))
+        elif number == 14:
+            entry = dict(fields(value))
+            metadata[_text(entry.get(1))] = _text(entry.get(2))
         else:
-            raise ModelFormatError(f"not an ONNX model (protobuf wire type {wire} at the top level)")
+            producer.append(value.decode("utf-8", "replace"))
     if ir_version is None or not opsets:
         raise ModelFormatError("not an ONNX model (no IR version or no opset imports)")
     return ModelHeader(ir_version, opsets, " ".join(p for p in producer if p), metadata)
+
+
+def _text(value: int | bytes | None) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else ""
 
 
 # --- the graph, for `models inspect` and publishing ------------------------------------------
@@ -361,21 +297,21 @@ class ModelSummary:
 
 def _value_info(buf: bytes) -> TensorInfo:
     name, kind, shape = "", "unknown", None
-    for number, _, value in _fields(buf):
+    for number, value in fields(buf):
         if number == 1 and isinstance(value, bytes):
             name = value.decode("utf-8", "replace")
         elif number == 2 and isinstance(value, bytes):
-            for tnum, _, tval in _fields(value):
+            for tnum, tval in fields(value):
                 if tnum == 1 and isinstance(tval, bytes):  # tensor_type
-                    for n, _, v in _fields(tval):
+                    for n, v in fields(tval):
                         if n == 1 and isinstance(v, int):
                             kind = ELEM_TYPES.get(v, f"type{v}")
                         elif n == 2 and isinstance(v, bytes):
                             dims: list[int | str | None] = []
-                            for dn, _, dv in _fields(v):
+                            for dn, dv in fields(v):
                                 if dn == 1 and isinstance(dv, bytes):
                                     dim: int | str | None = None
-                                    for k, _, x in _fields(dv):
+                                    for k, x in fields(dv):
                                         if k == 1 and isinstance(x, int):
                                             dim = x if x < 1 << 63 else x - (1 << 64)
                                         elif k == 2 and isinstance(x, bytes):
@@ -391,25 +327,25 @@ def _walk_graph(
     buf: bytes, ops: Counter[str], init_types: Counter[str]
 ) -> tuple[str, list[TensorInfo], list[TensorInfo]]:
     name, inputs, outputs, initializers = "", [], [], set()
-    for number, _, value in _fields(buf):
+    for number, value in fields(buf):
         if not isinstance(value, bytes):
             continue
         if number == 1:  # node
             op, domain = "", ""
-            for n, _, v in _fields(value):
+            for n, v in fields(value):
                 if n == 4 and isinstance(v, bytes):
                     op = v.decode("utf-8", "replace")
                 elif n == 7 and isinstance(v, bytes):
                     domain = v.decode("utf-8", "replace")
                 elif n == 5 and isinstance(v, bytes):  # attribute: subgraphs of If, Loop, Scan
-                    for an, _, av in _fields(v):
+                    for an, av in fields(v):
                         if an in (6, 11) and isinstance(av, bytes):
                             _walk_graph(av, ops, init_types)
             ops[op if normalize_domain(domain) == AI_ONNX else f"{domain}:{op}"] += 1
         elif number == 2:
             name = value.decode("utf-8", "replace")
         elif number == 5:  # initializer
-            for n, _, v in _fields(value):
+            for n, v in fields(value):
                 if n == 8 and isinstance(v, bytes):
                     initializers.add(v.decode("utf-8", "replace"))
                 elif n == 2 and isinstance(v, int):
@@ -431,58 +367,10 @@ def summarize(source: Path | str | bytes) -> ModelSummary:
     inputs: list[TensorInfo] = []
     outputs: list[TensorInfo] = []
     graph_name = ""
-    for number, _, value in _fields(data):
-        if number == 7 and isinstance(value, bytes):
-            graph_name, inputs, outputs = _walk_graph(value, ops, init_types)
+    try:
+        for number, value in fields(data):
+            if number == 7 and isinstance(value, bytes):
+                graph_name, inputs, outputs = _walk_graph(value, ops, init_types)
+    except WireError as exc:
+        raise ModelFormatError(f"not an ONNX model ({exc})") from None
     return ModelSummary(header, tuple(inputs), tuple(outputs), ops, init_types, graph_name)
-
-
-# --- writing a tiny model by hand (probes, and test fixtures without the onnx package) --------
-
-
-def _key(number: int, wire: int) -> bytes:
-    return _enc_varint(number << 3 | wire)
-
-
-def _enc_varint(value: int) -> bytes:
-    out = bytearray()
-    value &= (1 << 64) - 1
-    while True:
-        b = value & 0x7F
-        value >>= 7
-        if value:
-            out.append(b | 0x80)
-        else:
-            out.append(b)
-            return bytes(out)
-
-
-def _ld(number: int, payload: bytes) -> bytes:
-    return _key(number, 2) + _enc_varint(len(payload)) + payload
-
-
-def _vi(number: int, value: int) -> bytes:
-    return _key(number, 0) + _enc_varint(value)
-
-
-def probe_model(
-    ir_version: int, opsets: dict[str, int], dims: tuple[int, ...] = (1, 4), elem: int = 1, doc: bytes = b""
-) -> bytes:
-    """y = Identity(x): a valid ONNX model with the given IR version and opset imports.
-
-    `doc` becomes the graph's doc string: tests use it to make larger, distinct files.
-    """
-
-    def value_info(name: str) -> bytes:
-        shape = b"".join(_ld(1, _vi(1, d)) for d in dims)
-        tensor = _vi(1, elem) + _ld(2, shape)
-        return _ld(1, name.encode()) + _ld(2, _ld(1, tensor))
-
-    node = _ld(1, b"x") + _ld(2, b"y") + _ld(4, b"Identity")
-    graph = _ld(1, node) + _ld(2, b"probe") + _ld(11, value_info("x")) + _ld(12, value_info("y"))
-    if doc:
-        graph += _ld(10, doc)
-    model = _vi(1, ir_version) + _ld(2, b"edge-agent") + _ld(7, graph)
-    for domain, version in opsets.items():
-        model += _ld(8, _ld(1, ("" if domain == AI_ONNX else domain).encode()) + _vi(2, version))
-    return model

@@ -1,30 +1,23 @@
-"""Execution-provider ranking, session construction, fallback and proof of what really runs.
+"""Execution-provider ranking: which providers to try here, best first, and why each other one is left out.
 
 ONNX Runtime's own answer is not enough: `get_available_providers()` lists what the wheel was built
-with, and a CUDA or TensorRT session whose libraries are missing quietly becomes a CPU session. So the
-ranking starts from the hardware probe, every session is read back (`get_providers()`, and the graph
-assignment where the runtime records it), and every step down the chain is an event with its reason.
+with, not what this device can drive. So the ranking starts from the hardware probe, and every
+provider it leaves out carries its reason. agent.device.session then proves the choice on a real
+session and falls back down the ranking.
 """
 
 from __future__ import annotations
 
-import hashlib
-import logging
-import warnings
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
 
-import onnxruntime as ort
 import psutil
 
+from agent.config.errors import did_you_mean
 from agent.config.profile import KNOWN_PROVIDERS, PROVIDER_ALIASES, ProviderChoice, RuntimeConfig
-from agent.device import hardware
+from agent.device.accelerators import Accelerator
 from agent.device.hardware import Probe
-from agent.transport.events import Event, EventSink, log_event
-
-log = logging.getLogger(__name__)
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
@@ -32,12 +25,14 @@ TENSORRT = "TensorrtExecutionProvider"
 OPENVINO = "OpenVINOExecutionProvider"
 
 
-class ProviderError(Exception):
-    """No provider in the chain could run the model."""
+class VariantTraits(Protocol):
+    """What ranking reads from a model variant (agent.models.manifest.Variant has both)."""
 
+    @property
+    def precision(self) -> str: ...
 
-class AcceleratorUnavailable(ProviderError):
-    """`runtime.require_accelerator` is set and only the CPU provider would run the model."""
+    @property
+    def providers(self) -> Sequence[str]: ...
 
 
 @dataclass(frozen=True)
@@ -79,36 +74,6 @@ class Ranking:
         return tuple(c for c in self.candidates if not c.kept)
 
 
-@dataclass(frozen=True)
-class Verification:
-    """What the session really runs on, read back from it."""
-
-    providers: tuple[str, ...]
-    assignment: dict[str, int] | None  # nodes per provider, where the runtime records it (1.24+)
-
-    def share(self, provider: str) -> float | None:
-        if not self.assignment:
-            return None
-        total = sum(self.assignment.values())
-        return self.assignment.get(provider, 0) / total if total else None
-
-
-@dataclass
-class OpenedSession:
-    """A session and the provider proven to run it (read back from the session, never assumed)."""
-
-    session: ort.InferenceSession
-    provider: str
-    providers: tuple[str, ...]
-    notes: list[str] = field(default_factory=list)
-    options: dict[str, str] = field(default_factory=dict)
-    threads: int = 1
-    assignment: dict[str, int] | None = None
-    fallbacks: list[tuple[str, str]] = field(default_factory=list)  # (provider label, reason) for each step down
-    ranking: Ranking | None = None
-    autotuned: bool = False
-
-
 def canonical_provider(name: str) -> str:
     """`cuda`, `CUDA` and `CUDAExecutionProvider` all name one provider; ValueError for unknown names."""
     full = PROVIDER_ALIASES.get(name.lower(), name)
@@ -116,8 +81,6 @@ def canonical_provider(name: str) -> str:
         lowered = {p.lower(): p for p in KNOWN_PROVIDERS}
         if name.lower() in lowered:
             return lowered[name.lower()]
-        from agent.config.errors import did_you_mean
-
         raise ValueError(
             f"unknown execution provider {name!r}{did_you_mean(name, list(PROVIDER_ALIASES) + list(KNOWN_PROVIDERS))}"
         )
@@ -135,15 +98,15 @@ def thread_count(runtime: RuntimeConfig, probe: Probe | None = None) -> int:
 
 # ---- ranking ---------------------------------------------------------------------------------------
 
-Judge = Callable[[Probe, Any], "list[Candidate]"]
+Judge = Callable[[Probe, "VariantTraits | None"], "list[Candidate]"]
 
 
-def _variant_precision(variant: Any) -> str:
-    return str(getattr(variant, "precision", None) or "fp32")
+def _variant_precision(variant: VariantTraits | None) -> str:
+    return variant.precision if variant is not None else "fp32"
 
 
-def _variant_providers(variant: Any) -> tuple[str, ...]:
-    names = getattr(variant, "providers", None) or ()
+def _variant_providers(variant: VariantTraits | None) -> tuple[str, ...]:
+    names = variant.providers if variant is not None else ()
     out = []
     for n in names:
         try:
@@ -169,11 +132,11 @@ def _not_built(provider: str, probe: Probe, hint: str) -> str:
     return f"not in this onnxruntime {probe.runtime.version} build (it has {have}); {hint}"
 
 
-def _nvidia(probe: Probe) -> hardware.Accelerator | None:
+def _nvidia(probe: Probe) -> Accelerator | None:
     return next((a for a in probe.accelerators if a.vendor == "nvidia" and a.kind == "gpu"), None)
 
 
-def _judge_tensorrt(probe: Probe, variant: Any) -> list[Candidate]:
+def _judge_tensorrt(probe: Probe, variant: VariantTraits | None) -> list[Candidate]:
     gpu = _nvidia(probe)
     if gpu is None:
         return [Candidate(TENSORRT, {}, False, "no NVIDIA GPU found")]
@@ -183,8 +146,7 @@ def _judge_tensorrt(probe: Probe, variant: Any) -> list[Candidate]:
                 TENSORRT,
                 {},
                 False,
-                f"{gpu.name} found, but TensorRT is "
-                + _not_built(TENSORRT, probe, "install onnxruntime-gpu and the TensorRT libraries"),
+                f"{gpu.name} found, but TensorRT is " + _not_built(TENSORRT, probe, INSTALL_HINTS[TENSORRT]),
             )
         ]
     return [
@@ -198,15 +160,13 @@ def _judge_tensorrt(probe: Probe, variant: Any) -> list[Candidate]:
     ]
 
 
-def _judge_cuda(probe: Probe, variant: Any) -> list[Candidate]:
+def _judge_cuda(probe: Probe, variant: VariantTraits | None) -> list[Candidate]:
     gpu = _nvidia(probe)
     if gpu is None:
         return [Candidate(CUDA, {}, False, "no NVIDIA GPU found")]
     if CUDA not in probe.runtime.available:
         return [
-            Candidate(
-                CUDA, {}, False, f"{gpu.name} found, but CUDA is " + _not_built(CUDA, probe, "install onnxruntime-gpu")
-            )
+            Candidate(CUDA, {}, False, f"{gpu.name} found, but CUDA is " + _not_built(CUDA, probe, INSTALL_HINTS[CUDA]))
         ]
     return [
         Candidate(
@@ -215,7 +175,7 @@ def _judge_cuda(probe: Probe, variant: Any) -> list[Candidate]:
     ]
 
 
-def _judge_openvino(probe: Probe, variant: Any) -> list[Candidate]:
+def _judge_openvino(probe: Probe, variant: VariantTraits | None) -> list[Candidate]:
     if probe.cpu.arch != "x86_64":
         return [
             Candidate(OPENVINO, {}, False, f"OpenVINO's onnxruntime wheel is for x86-64; this CPU is {probe.cpu.arch}")
@@ -226,8 +186,7 @@ def _judge_openvino(probe: Probe, variant: Any) -> list[Candidate]:
                 OPENVINO,
                 {},
                 False,
-                "x86-64 CPU found, but OpenVINO is "
-                + _not_built(OPENVINO, probe, "install onnxruntime-openvino in place of onnxruntime"),
+                "x86-64 CPU found, but OpenVINO is " + _not_built(OPENVINO, probe, INSTALL_HINTS[OPENVINO]),
             )
         ]
     out = []
@@ -302,7 +261,7 @@ def _judge_openvino(probe: Probe, variant: Any) -> list[Candidate]:
     return out
 
 
-def _judge_amd(probe: Probe, variant: Any) -> list[Candidate]:
+def _judge_amd(probe: Probe, variant: VariantTraits | None) -> list[Candidate]:
     gpu = next((a for a in probe.accelerators if a.vendor == "amd" and a.kind == "gpu"), None)
     out = []
     for name in ("MIGraphXExecutionProvider", "ROCMExecutionProvider"):
@@ -324,7 +283,7 @@ def _judge_amd(probe: Probe, variant: Any) -> list[Candidate]:
     return out
 
 
-def _judge_rknpu(probe: Probe, variant: Any) -> list[Candidate]:
+def _judge_rknpu(probe: Probe, variant: VariantTraits | None) -> list[Candidate]:
     npu = next((a for a in probe.accelerators if a.vendor == "rockchip"), None)
     name = "RknpuExecutionProvider"
     if npu is None:
@@ -345,13 +304,13 @@ def _judge_rknpu(probe: Probe, variant: Any) -> list[Candidate]:
 
 
 def _judge_cpu_only(name: str, why: str) -> Judge:
-    def judge(probe: Probe, variant: Any) -> list[Candidate]:
+    def judge(probe: Probe, variant: VariantTraits | None) -> list[Candidate]:
         return [Candidate(name, {}, False, why)] if name in probe.runtime.available else []
 
     return judge
 
 
-def _judge_cpu(probe: Probe, variant: Any) -> list[Candidate]:
+def _judge_cpu(probe: Probe, variant: VariantTraits | None) -> list[Candidate]:
     precision = _variant_precision(variant)
     extra = ""
     if precision == "fp16" and not ({"avx512_fp16", "asimdhp"} & set(probe.cpu.flags)):
@@ -406,10 +365,10 @@ def _orphans(probe: Probe) -> list[str]:
     return notes
 
 
-def rank(runtime: RuntimeConfig, probe: Probe, variant: Any = None) -> Ranking:
+def rank(runtime: RuntimeConfig, probe: Probe, variant: VariantTraits | None = None) -> Ranking:
     """Providers to try, best first, and the ones left out, each with its reason.
 
-    `variant` is a model variant from a manifest (anything with `precision` and `providers`); a variant
+    `variant` is a model variant from a manifest; a variant
     built for some providers drops the others, except the CPU provider, which runs everything.
     """
     suits = _variant_providers(variant)
@@ -464,273 +423,5 @@ def _explicit(choices: Iterable[ProviderChoice], probe: Probe) -> list[Candidate
     return out
 
 
-def _option_str(value: Any) -> str:
+def _option_str(value: str | int | float | bool) -> str:
     return str(value) if not isinstance(value, bool) else ("True" if value else "False")
-
-
-# ---- sessions --------------------------------------------------------------------------------------
-
-
-def provider_options(candidate: Candidate, state_dir: Path, threads: int) -> dict[str, str]:
-    """The candidate's options over device defaults: caches under the state dir, threads, device 0."""
-    cache = Path(state_dir) / "cache"
-    defaults: dict[str, str] = {}
-    if candidate.provider == TENSORRT:
-        # Building an engine takes minutes on a Jetson: cache it, and the timing cache that speeds rebuilds.
-        defaults = {
-            "device_id": "0",
-            "trt_engine_cache_enable": "True",
-            "trt_engine_cache_path": str(cache / "tensorrt"),
-            "trt_timing_cache_enable": "True",
-            "trt_timing_cache_path": str(cache / "tensorrt"),
-        }
-    elif candidate.provider == CUDA:
-        defaults = {"device_id": "0"}
-    elif candidate.provider == OPENVINO:
-        defaults = {"device_type": "CPU", "cache_dir": str(cache / "openvino")}
-        if candidate.options.get("device_type", "CPU") == "CPU":
-            defaults["num_of_threads"] = str(threads)
-    return {**defaults, **candidate.options}
-
-
-def session_options(threads: int) -> ort.SessionOptions:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    # Idle threads sleep instead of spinning: devices share their few cores with capture and MQTT.
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    options.add_session_config_entry("session.inter_op.allow_spinning", "0")
-    # Which nodes run where (1.24+); older runtimes ignore the key and we fall back to get_providers().
-    options.add_session_config_entry("session.record_ep_graph_assignment_info", "1")
-    return options
-
-
-def build_session(model: Path | bytes, candidate: Candidate, state_dir: Path, threads: int) -> ort.InferenceSession:
-    """One session on the candidate, with the CPU provider behind it for the ops it does not take."""
-    opts = provider_options(candidate, state_dir, threads)
-    for key in ("trt_engine_cache_path", "cache_dir"):
-        if key in opts:
-            Path(opts[key]).mkdir(parents=True, exist_ok=True)
-    chain: list[tuple[str, dict[str, str]]] = [(candidate.provider, opts)]
-    if candidate.provider == TENSORRT and CUDA in ort.get_available_providers():
-        chain.append((CUDA, {"device_id": opts.get("device_id", "0")}))
-    if candidate.provider != CPU:
-        chain.append((CPU, {}))
-    source = model if isinstance(model, bytes) else str(model)
-    with warnings.catch_warnings():
-        # onnxruntime only warns when a provider is not in the build; verify() turns that into a fallback event.
-        warnings.filterwarnings("ignore", message="Specified provider", category=UserWarning)
-        return ort.InferenceSession(
-            source,
-            sess_options=session_options(threads),
-            providers=[p for p, _ in chain],
-            provider_options=[o for _, o in chain],
-        )
-
-
-def verify(session: ort.InferenceSession) -> Verification:
-    """Read back the providers the session kept and, where recorded, how many nodes each runs."""
-    providers = tuple(session.get_providers())
-    assignment: dict[str, int] | None = None
-    getter = getattr(session, "get_provider_graph_assignment_info", None)
-    if getter is not None:
-        try:
-            info = getter()
-        except Exception as exc:  # noqa: BLE001 (optional diagnostics must never break a session)
-            log.debug("graph assignment info unavailable: %s", exc)
-            info = None
-        if info:
-            assignment = {}
-            for sub in info:
-                assignment[sub.ep_name] = assignment.get(sub.ep_name, 0) + len(sub.get_nodes())
-    return Verification(providers, assignment)
-
-
-def why_not(candidate: Candidate, check: Verification) -> str | None:
-    """None when the session really runs on the candidate; otherwise the reason, in one line."""
-    if candidate.provider not in check.providers:
-        return (
-            f"the session came up without it (runs on {', '.join(check.providers)}): "
-            "its libraries are missing or the device is not usable"
-        )
-    total = sum(check.assignment.values()) if check.assignment else 0
-    if check.assignment and total and not check.assignment.get(candidate.provider):
-        return f"it took none of the model's {total} nodes"
-    return None
-
-
-def one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return f"{exc.__class__.__name__}: {text[:300]}" if text else exc.__class__.__name__
-
-
-def open_session(
-    model: Path | bytes,
-    runtime: RuntimeConfig,
-    state_dir: Path,
-    emit: EventSink = log_event,
-    *,
-    probe: Probe | None = None,
-    variant: Any = None,
-    inputs: dict[str, Any] | None = None,
-) -> OpenedSession:
-    """A session on the best provider that proves to work here, falling back down the ranking.
-
-    Each step down emits a `provider.fallback` event with the reason. With `runtime.require_accelerator`
-    the CPU provider is not in the chain, and running out raises AcceleratorUnavailable.
-    With `runtime.autotune` the chain starts with the measured fastest (see agent.autotune).
-    """
-    state_dir = Path(state_dir)
-    hw = probe if probe is not None else hardware.probe(state_dir=state_dir)
-    ranking = rank(runtime, hw, variant)
-    threads = thread_count(runtime, hw)
-    fallbacks: list[tuple[str, str]] = []
-    notes = list(ranking.notes)
-
-    def fall(label: str, reason: str, after: str | None) -> None:
-        fallbacks.append((label, reason))
-        log.warning("provider %s not used: %s", label, reason)
-        emit(Event("provider.fallback", {"provider": label, "reason": reason, "next": after}))
-
-    chain = list(ranking.kept)
-    if runtime.require_accelerator:
-        chain = [c for c in chain if c.provider != CPU]
-    for c in ranking.dropped:
-        if c.requested:
-            fall(c.label, c.reason, chain[0].label if chain else None)
-
-    autotuned = False
-    # One provider at a fixed thread count leaves nothing to choose between.
-    if runtime.autotune and chain and (len(chain) > 1 or runtime.threads == "auto"):
-        from agent.device.autotune import tune
-
-        choice = tune(
-            model,
-            chain,
-            state_dir,
-            hw,
-            threads_options=None if runtime.threads == "auto" else [threads],
-            inputs=inputs,
-            emit=emit,
-        )
-        if choice is not None:
-            best = next(c for c in chain if c.label == choice.label)
-            chain = [best] + [c for c in chain if c is not best]
-            threads, autotuned = choice.threads, True
-            notes.append(
-                f"autotune chose {choice.label} with {choice.threads} threads "
-                f"({'cached' if choice.cached else 'measured'}: p50 {choice.p50_ms:.1f} ms)"
-            )
-
-    for i, candidate in enumerate(chain):
-        after = chain[i + 1].label if i + 1 < len(chain) else None
-        try:
-            session = build_session(model, candidate, state_dir, threads)
-        except Exception as exc:  # noqa: BLE001 (any provider failure is a reason to fall back, not to stop)
-            fall(candidate.label, f"session creation failed: {one_line(exc)}", after)
-            continue
-        check = verify(session)
-        why = why_not(candidate, check)
-        if why is not None:
-            fall(candidate.label, why, after)
-            continue
-        share = check.share(candidate.provider)
-        if share is not None and share < 1:
-            notes.append(
-                f"{candidate.provider} runs {share:.0%} of the nodes; the rest run on "
-                f"{', '.join(p for p in check.assignment or {} if p != candidate.provider)}"
-            )
-        return OpenedSession(
-            session,
-            candidate.provider,
-            check.providers,
-            notes,
-            options=provider_options(candidate, state_dir, threads),
-            threads=threads,
-            assignment=check.assignment,
-            fallbacks=fallbacks,
-            ranking=ranking,
-            autotuned=autotuned,
-        )
-
-    tried = "; ".join(f"{label}: {reason}" for label, reason in fallbacks) or "none was ranked: " + "; ".join(
-        f"{c.label}: {c.reason}" for c in ranking.dropped
-    )
-    if runtime.require_accelerator:
-        raise AcceleratorUnavailable(
-            f"runtime.require_accelerator is true, but no accelerator runs this model here ({tried})"
-        )
-    raise ProviderError(f"no execution provider could open the model ({tried})")
-
-
-def model_digest(model: Path | bytes) -> str:
-    """sha256 of the model bytes: the autotune cache and manifests key on it."""
-    digest = hashlib.sha256()
-    if isinstance(model, bytes):
-        digest.update(model)
-    else:
-        with open(model, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                digest.update(chunk)
-    return digest.hexdigest()
-
-
-# ---- a tiny model to prove a provider with ---------------------------------------------------------
-# Written as protobuf bytes by hand, because the device side must not need the onnx package.
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte = n & 0x7F
-        n >>= 7
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def _field(number: int, value: int | bytes | str) -> bytes:
-    if isinstance(value, int):
-        return _varint(number << 3) + _varint(value)
-    data = value.encode() if isinstance(value, str) else value
-    return _varint(number << 3 | 2) + _varint(len(data)) + data
-
-
-def probe_model(size: int = 64) -> bytes:
-    """y = relu(x + x) on float32 [1, size], IR 8, opset 13: every provider takes Add and Relu."""
-
-    def value_info(name: str) -> bytes:
-        dims = _field(1, _field(1, 1)) + _field(1, _field(1, size))  # TensorShapeProto.dim[].dim_value
-        tensor = _field(1, 1) + _field(2, dims)  # elem_type FLOAT, shape
-        return _field(1, name) + _field(2, _field(1, tensor))  # ValueInfoProto{name, TypeProto{tensor_type}}
-
-    add = _field(1, "x") + _field(1, "x") + _field(2, "s") + _field(3, "add") + _field(4, "Add")
-    relu = _field(1, "s") + _field(2, "y") + _field(3, "relu") + _field(4, "Relu")
-    graph = (
-        _field(1, add)
-        + _field(1, relu)
-        + _field(2, "edge_agent_probe")
-        + _field(11, value_info("x"))
-        + _field(12, value_info("y"))
-    )
-    return _field(1, 8) + _field(2, "edge-agent") + _field(7, graph) + _field(8, _field(1, "") + _field(2, 13))
-
-
-__all__ = [
-    "AcceleratorUnavailable",
-    "Candidate",
-    "OpenedSession",
-    "ProviderError",
-    "Ranking",
-    "Verification",
-    "build_session",
-    "canonical_provider",
-    "model_digest",
-    "open_session",
-    "provider_options",
-    "rank",
-    "probe_model",
-    "thread_count",
-    "verify",
-    "why_not",
-]

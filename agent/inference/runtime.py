@@ -1,4 +1,4 @@
-"""A loaded model: its session (always built through `agent.providers.open_session`), its input and
+"""A loaded model: its session (always built through `agent.device.session.open_session`), its input and
 output signature, warm-up, and runs with constant inputs and recurrent state.
 
 The pipeline owns one `Model` at a time and a `ModelState` beside it; a hot swap loads and warms a
@@ -8,20 +8,24 @@ second `Model` while the first keeps serving, then the pipeline replaces both be
 from __future__ import annotations
 
 import functools
-import hashlib
 import logging
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
-from agent.config.profile import RuntimeConfig
-from agent.device.providers import open_session
+from agent.config.profile import Constant, RuntimeConfig
+from agent.device import compat
+from agent.device.session import open_session
 from agent.inference.processing.pre import NUMPY_TYPES
-from agent.transport.events import Event, EventSink, log_event
+from agent.transport.events import EventSink, log_event
+from agent.util.hashing import sha256_bytes, sha256_file
+
+if TYPE_CHECKING:
+    from agent.inference.processing.post.base import OutputValue
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +38,25 @@ class ModelError(Exception):
     """The model cannot serve this pipeline: it failed to load, to warm up, or its signature misses a name."""
 
 
+class NodeArg(Protocol):
+    """One input or output of an ONNX Runtime session, as `get_inputs()` describes it."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def shape(self) -> list[int | str | None] | None: ...
+    @property
+    def type(self) -> str: ...
+
+
+class Session(Protocol):
+    """What a `Model` uses of an `onnxruntime.InferenceSession` (which ships no type hints)."""
+
+    def get_inputs(self) -> Sequence[NodeArg]: ...
+    def get_outputs(self) -> Sequence[NodeArg]: ...
+    def run(self, output_names: Sequence[str] | None, input_feed: Mapping[str, np.ndarray]) -> list[OutputValue]: ...
+
+
 @dataclass(frozen=True)
 class TensorSpec:
     name: str
@@ -41,53 +64,44 @@ class TensorSpec:
     type: str  # ONNX Runtime's type string, e.g. tensor(float), seq(map(int64,tensor(float)))
 
     @property
-    def is_tensor(self) -> bool:
-        return self.type.startswith("tensor(")
-
-    @property
     def dtype(self) -> np.dtype:
         return np.dtype(NUMPY_TYPES.get(self.type, "float32"))
 
-    def example(self, spatial: tuple[int, int] | None = None) -> np.ndarray:
-        """Zeros of this shape, dynamic batch and other dims 1, dynamic image dims `spatial` (h, w)."""
+    def example(self) -> np.ndarray:
+        """Zeros of this shape: dynamic image dims WARMUP_SPATIAL, dynamic batch and other dims 1."""
         dims = list(self.shape or ())
-        out = []
+        out: list[int] = []
         for i, d in enumerate(dims):
             if d is not None:
                 out.append(d)
             elif len(dims) == 4 and i >= 2:
-                out.append((spatial or (WARMUP_SPATIAL, WARMUP_SPATIAL))[i - 2])
+                out.append(WARMUP_SPATIAL)
             else:
                 out.append(1)
         return np.zeros(out, dtype=self.dtype)
 
 
-def _spec(arg: Any) -> TensorSpec:
-    shape = arg.shape
-    if isinstance(shape, list):
-        shape = tuple(d if isinstance(d, int) and d > 0 else None for d in shape)
-    else:
-        shape = None
+def _spec(arg: NodeArg) -> TensorSpec:
+    dims = arg.shape
+    shape = tuple(d if isinstance(d, int) and d > 0 else None for d in dims) if isinstance(dims, list) else None
     return TensorSpec(arg.name, shape, arg.type)
 
 
-def file_version(path: Path) -> str:
-    """A file model's version: the start of its sha256, so results tell two files apart."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return "sha256:" + digest.hexdigest()[:12]
+def content_version(source: Path | bytes) -> str:
+    """A model's version when nothing names one: the start of its sha256, so results tell two apart."""
+    digest = sha256_bytes(source) if isinstance(source, bytes) else sha256_file(source)
+    return "sha256:" + digest[:12]
 
 
-def constant_tensor(spec: TensorSpec, value: Any) -> np.ndarray:
+def constant_tensor(spec: TensorSpec, value: Constant) -> np.ndarray:
     """A profile constant (`inputs: {sr: 16000}`) shaped and typed as the model input wants it."""
     arr = np.asarray(value, dtype=spec.dtype)
     shape = spec.shape or ()
     if arr.ndim == len(shape):
         return arr
-    if all(d is not None for d in shape) and int(np.prod(shape)) == arr.size:
-        return arr.reshape(shape)
+    fixed = [d for d in shape if d is not None]
+    if len(fixed) == len(shape) and int(np.prod(fixed)) == arr.size:
+        return arr.reshape(fixed)
     while arr.ndim < len(shape):
         arr = arr[None]
     return arr
@@ -105,20 +119,18 @@ class Model:
 
     def __init__(
         self,
-        session: Any,
+        session: Session,
         provider: str,
         name: str,
         version: str,
-        constants: Mapping[str, Any] | None = None,
+        constants: Mapping[str, Constant] | None = None,
         state: Mapping[str, str] | None = None,
         stream_input: str | None = None,
-        path: Path | None = None,
     ) -> None:
         self.session = session
         self.provider = provider
         self.name = name
         self.version = version
-        self.path = path
         self.inputs = {a.name: _spec(a) for a in session.get_inputs()}
         self.outputs = {a.name: _spec(a) for a in session.get_outputs()}
         self.output_names = list(self.outputs)
@@ -148,11 +160,13 @@ class Model:
             stream_input = free[0]
         self.stream_input = stream_input
         self.stream_spec = self.inputs[stream_input]
+        stream_shape = self.stream_spec.shape
         self.batchable = (
             not state
             and not self.constants
-            and bool(self.stream_spec.shape)
-            and self.stream_spec.shape[0] is None
+            and bool(stream_shape)
+            and stream_shape is not None
+            and stream_shape[0] is None
             and all(
                 (o.shape is not None and len(o.shape) > 0 and o.shape[0] is None) or o.type.startswith("seq(")
                 for o in self.outputs.values()
@@ -162,7 +176,7 @@ class Model:
     def new_state(self) -> ModelState:
         return ModelState({k: self.inputs[k].example() for k in self.state_map})
 
-    def run(self, x: np.ndarray, state: ModelState | None = None) -> dict[str, Any]:
+    def run(self, x: np.ndarray, state: ModelState | None = None) -> dict[str, OutputValue]:
         feeds = {self.stream_input: x}
         if self.constants:
             feeds.update(self.constants)
@@ -170,18 +184,18 @@ class Model:
             assert state is not None, "a model with state needs a ModelState"
             feeds.update(state.values)
         values = self.session.run(None, feeds)
-        out = dict(zip(self.output_names, values))
+        out = dict(zip(self.output_names, values, strict=True))
         if self.state_map:
             assert state is not None
-            state.values = {k: out[v] for k, v in self.state_map.items()}
+            state.values = {k: np.asarray(out[v]) for k, v in self.state_map.items()}
         return out
 
-    def run_batch(self, xs: Sequence[np.ndarray]) -> list[dict[str, Any]]:
+    def run_batch(self, xs: Sequence[np.ndarray]) -> list[dict[str, OutputValue]]:
         """Several stream inputs (each with a batch dimension of 1) in one run, split back per input."""
         n = len(xs)
         values = self.session.run(None, {self.stream_input: np.concatenate(xs, axis=0)})
-        per_item: list[dict[str, Any]] = [{} for _ in range(n)]
-        for name, value in zip(self.output_names, values):
+        per_item: list[dict[str, OutputValue]] = [{} for _ in range(n)]
+        for name, value in zip(self.output_names, values, strict=True):
             if len(value) != n:
                 raise ModelError(f"output {name} has {len(value)} rows for a batch of {n}")
             for i in range(n):
@@ -208,14 +222,6 @@ class Model:
         except ModelError as exc:
             log.debug("warm-up deferred to the first frame name=%s reason=%s", self.name, exc)
 
-    def describe(self) -> dict[str, Any]:
-        return {
-            "model": self.name,
-            "version": self.version,
-            "provider": self.provider,
-            "inputs": {k: [d if d is not None else "?" for d in (v.shape or ())] for k, v in self.inputs.items()},
-        }
-
 
 def load_model(
     source: Path | bytes,
@@ -224,29 +230,29 @@ def load_model(
     *,
     name: str | None = None,
     version: str | None = None,
-    constants: Mapping[str, Any] | None = None,
+    constants: Mapping[str, Constant] | None = None,
     state: Mapping[str, str] | None = None,
     stream_input: str | None = None,
     example: np.ndarray | None = None,
     warmup_runs: int = 2,
     emit: EventSink = log_event,
 ) -> Model:
-    """Build the session through the providers module, check the signature against the pipeline, warm up."""
-    path = Path(source) if not isinstance(source, bytes) else None
-    if path is not None and not path.is_file():
-        raise ModelError(f"model file {path} does not exist")
+    """Build the session through agent.device.session, check the signature against the pipeline, warm up."""
+    if not isinstance(source, bytes):
+        source = Path(source)
+        if not source.is_file():
+            raise ModelError(f"model file {source} does not exist")
+    path = source if isinstance(source, Path) else None
     name = name or (path.stem if path is not None else "model")
-    version = version or (
-        file_version(path) if path is not None else "sha256:" + hashlib.sha256(source).hexdigest()[:12]
-    )  # type: ignore[arg-type]
+    version = version or content_version(source)
     _check_loadable(source, name, version)
     try:
-        opened = open_session(source if isinstance(source, bytes) else path, runtime, state_dir, emit)  # type: ignore[arg-type]
+        opened = open_session(source, runtime, state_dir, emit)
     except Exception as exc:  # ORT's Fail/InvalidGraph derive from Exception
         raise ModelError(
             f"cannot load model {name} {version}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else exc}"
         ) from exc
-    model = Model(opened.session, opened.provider, name, version, constants, state, stream_input, path)
+    model = Model(opened.session, opened.provider, name, version, constants, state, stream_input)
     if warmup_runs:
         ms = model.warmup(example, warmup_runs)
         log.info("model warmed name=%s version=%s provider=%s warm_ms=%.1f", name, version, model.provider, ms)
@@ -255,8 +261,6 @@ def load_model(
 
 def _check_loadable(source: Path | bytes, name: str, version: str) -> None:
     """Refuse with the opset/IR reason before ONNX Runtime fails with its own cut-off message."""
-    from agent.device import compat
-
     try:
         header = compat.read_header(source)
     except Exception:  # noqa: BLE001 (not an ONNX protobuf, e.g. an .ort file: let the runtime judge)
@@ -267,34 +271,5 @@ def _check_loadable(source: Path | bytes, name: str, version: str) -> None:
 
 
 @functools.lru_cache(maxsize=1)
-def _runtime_caps() -> Any:
-    from agent.device import compat
-
+def _runtime_caps() -> compat.RuntimeCaps:
     return compat.installed_caps()
-
-
-def to_json(value: Any, digits: int | None = 6) -> Any:
-    """Model outputs as plain JSON: tensors as nested lists, ZipMap sequences of maps as objects."""
-    if isinstance(value, np.ndarray):
-        if value.dtype.kind == "f":
-            out = np.round(value.astype(np.float64), digits) if digits is not None else value
-            if not np.isfinite(out).all():  # NaN and infinity are not JSON: null, as JSON.stringify does
-                return np.where(np.isfinite(out), out, None).tolist()
-            return out.tolist()
-        return value.tolist()
-    if isinstance(value, dict):
-        return {str(k): to_json(v, digits) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [to_json(v, digits) for v in value]
-    if isinstance(value, (np.floating, float)):
-        if not np.isfinite(value):
-            return None
-        return round(float(value), digits) if digits is not None else float(value)
-    if isinstance(value, np.integer):
-        return int(value)
-    if isinstance(value, np.bool_):
-        return bool(value)
-    return value
-
-
-__all__ = ["Event", "Model", "ModelError", "ModelState", "TensorSpec", "load_model", "to_json", "file_version"]

@@ -25,13 +25,15 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 import threading
 import time
 import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+from agent.models.store import write_atomic
+from agent.util.timefmt import utc_iso
 
 log = logging.getLogger(__name__)
 
@@ -41,11 +43,6 @@ DEFAULT_LIMIT = 3
 # Tells this process's own attempts from those of a process that died: pids repeat (a container's
 # agent is pid 1 at every start), a random token does not.
 PROCESS_TOKEN = uuid.uuid4().hex
-
-
-def _utc_now() -> str:
-    now = time.time()
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now * 1000) % 1000:03d}Z"
 
 
 @dataclass(frozen=True)
@@ -100,7 +97,7 @@ class CrashGuard:
             )
             entry.setdefault("crashed", {})[version] = {
                 "reason": reason,
-                "at": _utc_now(),
+                "at": utc_iso(time.time()),
                 "previous": pending.previous,
             }
             entry.pop("pending", None)
@@ -120,7 +117,7 @@ class CrashGuard:
                 previous = previous if previous is not None else pending.previous
             else:
                 attempts = 1
-            attempt = Attempt(model, version, previous, attempts, os.getpid(), PROCESS_TOKEN, _utc_now())
+            attempt = Attempt(model, version, previous, attempts, os.getpid(), PROCESS_TOKEN, utc_iso(time.time()))
             entry["pending"] = {k: v for k, v in asdict(attempt).items() if k != "model"}
             self._write(state)
             if attempt.deaths:
@@ -212,24 +209,6 @@ class CrashGuard:
         return models if isinstance(models, dict) else {}
 
     def _write(self, models: dict[str, Any]) -> None:
-        # The record must survive the very crash it is about: temp file, fsync, rename, fsync the folder.
+        # The record must survive the very crash it is about: write_atomic fsyncs the file and the folder.
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        payload = json.dumps({"models": models}, indent=1, sort_keys=True).encode()
-        fd, tmp = tempfile.mkstemp(prefix=f".{FILE_NAME}.", dir=self.path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(payload)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-            raise
-        dir_fd = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        write_atomic(self.path, json.dumps({"models": models}, indent=1, sort_keys=True).encode())

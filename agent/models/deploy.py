@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
 from agent.models.manifest import NAME_PATTERN, VERSION_PATTERN
 from agent.models.signing import SignatureError, sign, verify
 
@@ -97,7 +99,7 @@ class DeployOrder:
     def to_bytes(self) -> bytes:
         return json.dumps(self.as_dict(), sort_keys=True, separators=(",", ":")).encode()
 
-    def event_fields(self) -> dict[str, Any]:
+    def event_fields(self) -> dict[str, str]:
         """What a device adds to every event about this order, so that `fleet deploy` can follow it."""
         return {"order": self.id, "model": self.model, "version": self.version}
 
@@ -151,14 +153,16 @@ def new_order(
     return order
 
 
-def sign_order(order: DeployOrder, private_key: Any) -> bytes:
+def sign_order(order: DeployOrder, private_key: Ed25519PrivateKey) -> bytes:
     """The retained payload: the order's exact bytes and an ed25519 signature over them."""
     data = order.to_bytes()
     envelope = {"order": data.decode(), "sig": json.loads(sign(private_key, data))}
     return json.dumps(envelope, separators=(",", ":")).encode()
 
 
-def parse_order(payload: bytes, public_keys: Mapping[str, Any], *, now: datetime | None = None) -> DeployOrder | None:
+def parse_order(
+    payload: bytes, public_keys: Mapping[str, Ed25519PublicKey], *, now: datetime | None = None
+) -> DeployOrder | None:
     """The verified order in a retained deploy payload; None for an empty payload (order withdrawn).
 
     Raises OrderError (one line) for anything a device must not act on: not JSON, not the envelope,
@@ -257,7 +261,7 @@ def _time(doc: dict[str, Any], key: str) -> datetime:
     return ts
 
 
-def _check(doc: Any) -> DeployOrder:
+def _check(doc: object) -> DeployOrder:
     if not isinstance(doc, dict):
         raise ValueError(f"expected a JSON object, got {type(doc).__name__}")
     unknown = sorted(set(doc) - set(_REQUIRED) - set(_OPTIONAL))

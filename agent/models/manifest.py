@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import json
 from datetime import datetime, timezone
-from typing import Any, Literal, TypeVar
+from pathlib import Path
+from typing import Any, Final, Literal, TypeVar
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-SCHEMA = 1
+from agent.util.hashing import sha256_file
+
+SCHEMA: Final = 1  # Final: mypy reads it as Literal[1], the type of the field it fills
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 # Versions name folders on the device: no separators, no leading dot, so never `..`.
 VERSION_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$"
@@ -38,6 +41,11 @@ class Blob(_Doc):
     @property
     def hex(self) -> str:
         return self.digest.split(":", 1)[1]
+
+
+def file_digest(path: Path | str) -> str:
+    """A file's digest as manifests and the store write it: `sha256:<hex>`."""
+    return "sha256:" + sha256_file(path)
 
 
 class TensorSpec(_Doc):
@@ -163,7 +171,11 @@ def utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
 
-def version_key(version: str) -> tuple[Any, ...]:
+# Each dot- or underscore-separated part: (0, number, "") or (1, 0, text); then the release rank.
+VersionKey = tuple[tuple[tuple[int, int, str], ...], tuple[int] | tuple[int, str]]
+
+
+def version_key(version: str) -> VersionKey:
     """Order versions the way people number them: 1.10.0 > 1.9.2, 1.0.0 > 1.0.0-rc1, 2026.11.25 > 2026.2.1."""
     import re
 

@@ -15,15 +15,14 @@ trusted, and most before anything is downloaded:
 4. the blob is downloaded into a resumable partial file (Range), never reading past the signed size,
    then its sha256 must match; the file's own header must agree with the manifest;
 5. the manifest's test vectors run on this device's chosen provider; only then does the store
-   commit the version and switch the active pointer (see agent.store).
+   commit the version and switch the active pointer (see agent.models.store).
+
+The HTTP side (retries, the conditional-GET cache, resumable downloads) is agent.models.fetch.
 """
 
 from __future__ import annotations
 
-import hashlib
-import logging
 import os
-import random
 import re
 import shutil
 import time
@@ -31,43 +30,39 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-import requests
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from agent.device import compat
+from agent.models.fetch import Fetcher, FetchError, Progress, RefusalError
 from agent.models.manifest import (
-    MAX_DOC_BYTES,
     NAME_PATTERN,
     VERSION_PATTERN,
     Blob,
     ChannelPointer,
     Manifest,
     ManifestError,
+    TestVector,
     Variant,
+    file_digest,
     parse_channel,
     parse_manifest,
     utcnow,
     version_key,
 )
 from agent.models.signing import SignatureError, load_public_keys, verify
-from agent.models.store import ActiveModel, Store, StoreError, sha256_file
+from agent.models.store import Installed, Store, StoreError
 from agent.transport.events import Event, EventSink, log_event
 
-log = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    from agent.config.profile import Profile, RuntimeConfig
+    from agent.device.session import OpenedSession
 
-CHUNK = 64 * 1024
 DISK_MARGIN = 16 * 1024 * 1024  # left free beyond the download, for the outbox and logs
-Progress = Callable[[int, int], None]
-
-
-class Refused(Exception):
-    """This version must not be used here; the message is the reason published in the event."""
-
-
-class FetchError(Exception):
-    """The registry could not be reached or did not answer usefully (worth retrying later)."""
+# agent.device.session.open_session, or a stand-in: (model, runtime, state_dir, emit) -> a proven session
+SessionOpener = Callable[[Path, "RuntimeConfig", Path, EventSink], "OpenedSession"]
 
 
 @dataclass(frozen=True)
@@ -84,17 +79,21 @@ class PullResult:
 
 def _check_name(value: str, pattern: str, what: str) -> None:
     if not re.match(pattern, value):
-        raise Refused(f"{what} {value!r} is not a safe name (letters, digits and _ . - only, not starting with a dot)")
+        raise RefusalError(
+            f"{what} {value!r} is not a safe name (letters, digits and _ . - only, not starting with a dot)"
+        )
 
 
 class RegistryClient:
+    """One registry, as this device trusts it (`keys`) and can run its models (`caps`, `providers`)."""
+
     def __init__(
         self,
         url: str,
-        public_keys: Path | dict[str, Any],
+        public_keys: Path | dict[str, Ed25519PublicKey],
         store: Store,
         *,
-        runtime: Any = None,
+        runtime: RuntimeConfig | None = None,
         caps: compat.RuntimeCaps | None = None,
         providers: tuple[str, ...] | None = None,
         emit: EventSink = log_event,
@@ -102,31 +101,25 @@ class RegistryClient:
         retries: int = 3,
         backoff: float = 0.5,
         progress: Progress | None = None,
-        open_session: Callable[..., Any] | None = None,
+        open_session: SessionOpener | None = None,
         now: Callable[[], datetime] = utcnow,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
-        self.url = url if url.endswith("/") else url + "/"
         self.keys = public_keys if isinstance(public_keys, dict) else load_public_keys(public_keys)
         self.store = store
         self._runtime = runtime
         self._caps = caps
         self._providers = providers
         self.emit = emit
-        self.timeout = timeout
-        self.retries = retries
-        self.backoff = backoff
         self.progress = progress
         self._open_session = open_session
         self.now = now
-        self.sleep = sleep
-        self.http = requests.Session()
-        self.http.headers["User-Agent"] = "edge-agent"
-        self.cache_dir = store.root.parent / "registry-cache"
+        cache_dir = store.root.parent / "registry-cache"
+        self.fetcher = Fetcher(url, cache_dir, timeout=timeout, retries=retries, backoff=backoff, sleep=sleep)
         self._raw: dict[tuple[str, str], tuple[bytes, bytes]] = {}
 
     @classmethod
-    def from_profile(cls, profile: Any, emit: EventSink = log_event, **kwargs: Any) -> RegistryClient:
+    def from_profile(cls, profile: Profile, emit: EventSink = log_event, **kwargs: Any) -> RegistryClient:
         if profile.registry is None:
             raise ValueError("the profile has no registry section")
         reg = profile.registry
@@ -165,67 +158,19 @@ class RegistryClient:
             if reason is None:
                 return variant
             reasons.append(reason)
-        raise Refused("; ".join(reasons) if len(reasons) == 1 else "no variant can run here: " + "; ".join(reasons))
+        raise RefusalError(
+            "; ".join(reasons) if len(reasons) == 1 else "no variant can run here: " + "; ".join(reasons)
+        )
 
     # --- HTTP -------------------------------------------------------------------------------
 
-    def _retrying(self, what: str, call: Callable[[], Any]) -> Any:
-        for attempt in range(self.retries + 1):
-            try:
-                return call()
-            except (requests.ConnectionError, requests.Timeout, FetchError) as exc:
-                if attempt == self.retries:
-                    raise FetchError(f"{what}: {exc}") from None
-                delay = self.backoff * (2**attempt) * random.uniform(0.5, 1.5)
-                log.info("%s failed (%s); retrying in %.1fs", what, exc, delay)
-                self.sleep(delay)
-        raise AssertionError("unreachable")
-
-    def fetch_document(self, path: str) -> bytes:
-        """A small registry file, through a conditional GET against the local cache."""
-        url = self.url + path
-        cache = self.cache_dir / hashlib.sha256(url.encode()).hexdigest()[:32]
-
-        def get() -> bytes:
-            headers, cached = {}, None
-            try:
-                # One file, "ETAG\nBODY", replaced by rename: a crash never pairs an ETag with another body.
-                etag_line, cached = cache.read_bytes().split(b"\n", 1)
-                headers["If-None-Match"] = etag_line.decode()
-            except (FileNotFoundError, ValueError, UnicodeDecodeError):
-                cached = None
-            with self.http.get(url, headers=headers, timeout=self.timeout, stream=True) as r:
-                if r.status_code == 304 and cached is not None:
-                    return cached
-                if r.status_code == 404:
-                    raise Refused(f"{path} is not on the registry (404)")
-                if r.status_code >= 500:
-                    raise FetchError(f"HTTP {r.status_code}")
-                if r.status_code != 200:
-                    raise Refused(f"{path}: the registry answered HTTP {r.status_code}")
-                body = bytearray()
-                for chunk in r.iter_content(CHUNK):
-                    body += chunk
-                    if len(body) > MAX_DOC_BYTES:
-                        raise Refused(f"{path} is larger than {MAX_DOC_BYTES} bytes; refused unread")
-                etag = r.headers.get("ETag")
-            data = bytes(body)
-            if etag and "\n" not in etag:
-                self.cache_dir.mkdir(parents=True, exist_ok=True)
-                tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
-                tmp.write_bytes(etag.encode() + b"\n" + data)
-                os.replace(tmp, cache)
-            return data
-
-        return self._retrying(f"GET {url}", get)
-
     def _signed(self, path: str) -> tuple[bytes, bytes]:
-        data = self.fetch_document(path)
-        sig = self.fetch_document(path + ".sig")
+        data = self.fetcher.document(path)
+        sig = self.fetcher.document(path + ".sig")
         try:
             verify(self.keys, data, sig, path)
         except SignatureError as exc:
-            raise Refused(str(exc)) from None
+            raise RefusalError(str(exc)) from None
         return data, sig
 
     def channel(self, model: str, channel: str) -> ChannelPointer:
@@ -235,11 +180,11 @@ class RegistryClient:
         try:
             pointer = parse_channel(self._signed(path)[0], path)
         except ManifestError as exc:
-            raise Refused(str(exc)) from None
+            raise RefusalError(str(exc)) from None
         if (pointer.model, pointer.channel) != (model, channel):
-            raise Refused(f"{path} is signed for {pointer.model}/{pointer.channel}, not {model}/{channel}")
+            raise RefusalError(f"{path} is signed for {pointer.model}/{pointer.channel}, not {model}/{channel}")
         if pointer.expires < self.now():
-            raise Refused(f"{path} expired at {pointer.expires.isoformat()}; the registry must re-sign it")
+            raise RefusalError(f"{path} expired at {pointer.expires.isoformat()}; the registry must re-sign it")
         return pointer
 
     def manifest(self, model: str, version: str) -> Manifest:
@@ -250,85 +195,13 @@ class RegistryClient:
         try:
             manifest = parse_manifest(data, path)
         except ManifestError as exc:
-            raise Refused(str(exc)) from None
+            raise RefusalError(str(exc)) from None
         self._raw[(model, version)] = (data, sig)
         if (manifest.model, manifest.version) != (model, version):
-            raise Refused(f"{path} is signed for {manifest.model} {manifest.version}, not {model} {version}")
+            raise RefusalError(f"{path} is signed for {manifest.model} {manifest.version}, not {model} {version}")
         if manifest.expires < self.now():
-            raise Refused(f"manifest of {model} {version} expired at {manifest.expires.isoformat()}")
+            raise RefusalError(f"manifest of {model} {version} expired at {manifest.expires.isoformat()}")
         return manifest
-
-    def download(self, blob: Blob, what: str, progress: Progress | None = None) -> Path:
-        """The blob in its partial file, complete and digest-checked; resumes what an earlier try left."""
-        part = self.store.partial_path(blob.digest)
-        url = self.url + f"blobs/sha256/{blob.hex}"
-        resumed = part.exists()
-        while True:
-            self._retrying(f"GET {url}", lambda: self._fetch_into(part, blob, url, what, progress))
-            if sha256_file(part) == blob.digest:
-                return part
-            part.unlink()
-            if resumed:
-                # A partial left by an earlier process may hold bytes a power cut never flushed: one clean try.
-                resumed = False
-                continue
-            raise Refused(f"{what} does not match its signed digest {blob.digest}")
-
-    def _fetch_into(self, part: Path, blob: Blob, url: str, what: str, progress: Progress | None) -> None:
-        have = part.stat().st_size if part.exists() else 0
-        if have > blob.size:
-            part.unlink()
-            have = 0
-        if have == blob.size:
-            return
-        headers = {"Range": f"bytes={have}-"} if have else {}
-        with self.http.get(url, headers=headers, timeout=self.timeout, stream=True) as r:
-            if r.status_code == 404:
-                raise Refused(f"{what} is not on the registry (404)")
-            if r.status_code == 416:
-                part.unlink(missing_ok=True)
-                raise Refused(
-                    f"{what} is truncated on the registry: it holds fewer than {have + 1} bytes, the manifest says {blob.size}"
-                )
-            if r.status_code >= 500:
-                raise FetchError(f"HTTP {r.status_code}")
-            if r.status_code == 206 and have:
-                start, total = _content_range(r.headers.get("Content-Range", ""))
-                if start != have:
-                    raise FetchError(f"asked for bytes from {have}, got a range from {start}")
-                mode = "ab"
-            elif r.status_code == 200:
-                have, total, mode = 0, _int(r.headers.get("Content-Length")), "wb"
-            else:
-                raise Refused(f"{what}: the registry answered HTTP {r.status_code}")
-            if total is not None and total > blob.size:
-                part.unlink(missing_ok=True)
-                raise Refused(f"{what} is {total} bytes on the registry; the signed size is {blob.size}")
-            if total is not None and total < blob.size:
-                part.unlink(missing_ok=True)
-                raise Refused(f"{what} is truncated on the registry: {total} bytes, the signed size is {blob.size}")
-            with open(part, mode) as f:
-                try:
-                    for chunk in r.iter_content(CHUNK):
-                        if have + len(chunk) > blob.size:
-                            # Endless data: stop at the signed size and never store the excess.
-                            f.close()
-                            part.unlink(missing_ok=True)
-                            raise Refused(f"{what} is larger than its signed size {blob.size}; stopped reading there")
-                        f.write(chunk)
-                        have += len(chunk)
-                        if progress:
-                            progress(have, blob.size)
-                except requests.exceptions.ChunkedEncodingError as exc:
-                    raise FetchError(
-                        f"connection broken at {have} of {blob.size} bytes ({exc.__class__.__name__})"
-                    ) from None
-                finally:
-                    if not f.closed:
-                        f.flush()
-                        os.fsync(f.fileno())
-        if have < blob.size:
-            raise FetchError(f"connection ended at {have} of {blob.size} bytes")
 
     # --- one update step --------------------------------------------------------------------
 
@@ -344,7 +217,7 @@ class RegistryClient:
             with self.store.lock():
                 self.store.recover()
                 return self._pull(model, target, allow_older, from_channel=version is None)
-        except Refused as exc:
+        except RefusalError as exc:
             self.emit(Event("model.refused", {"model": model, "version": target, "reason": str(exc)}))
             return PullResult(model, "refused", target, reason=str(exc))
         except (FetchError, StoreError, OSError) as exc:
@@ -370,7 +243,7 @@ class RegistryClient:
                 reason=f"{version} was rolled back; the channel must move on, or pull it by version",
             )
         if active is not None and version_key(version) < version_key(active.version) and not allow_older:
-            raise Refused(
+            raise RefusalError(
                 f"version {version} is older than the active {active.version}; "
                 "an older version is only installed on a rollback order"
             )
@@ -381,7 +254,7 @@ class RegistryClient:
 
         if version in self.store.versions(model):
             entry = self.store.installed(model, version)
-            if entry.digest == variant.blob.digest and sha256_file(entry.path) == entry.digest:
+            if entry.digest == variant.blob.digest and file_digest(entry.path) == entry.digest:
                 self.store.activate(model, version)
                 self.emit(Event("model.activated", {**fields, "provider": entry.provider, "previous": previous}))
                 return PullResult(model, "activated", version, variant.id, provider=entry.provider, previous=previous)
@@ -400,8 +273,8 @@ class RegistryClient:
                 {**fields, "bytes": variant.blob.size, "resume_from": self._partial_size(variant.blob)},
             )
         )
-        model_part = self.download(variant.blob, f"{model} {version} variant {variant.id}", self.progress)
-        extra = {b.digest: self.download(b, f"{model} {version} test data {b.digest[7:19]}") for b in blobs[1:]}
+        model_part = self._download(variant.blob, f"{model} {version} variant {variant.id}", self.progress)
+        extra = {b.digest: self._download(b, f"{model} {version} test data {b.digest[7:19]}") for b in blobs[1:]}
 
         self.emit(Event("model.verifying", fields))
         name = f"model.{variant.format}"
@@ -426,7 +299,7 @@ class RegistryClient:
         if manifest.labels:
             labels = "labels.txt"
             shutil.copyfile(stage / manifest.labels.hex, stage / labels)
-        info = {
+        info: Installed = {
             "variant": variant.id,
             "digest": variant.blob.digest,
             "file": name,
@@ -465,6 +338,9 @@ class RegistryClient:
         )
         return PullResult(model, "activated", entry.version, entry.variant.id, provider=entry.provider, previous=before)
 
+    def _download(self, blob: Blob, what: str, progress: Progress | None = None) -> Path:
+        return self.fetcher.download(blob, self.store.partial_path(blob.digest), what, progress)
+
     def _partial_size(self, blob: Blob) -> int:
         part = self.store.root / ".partial" / blob.hex
         return min(part.stat().st_size, blob.size) if part.exists() else 0
@@ -473,25 +349,28 @@ class RegistryClient:
         try:
             header = compat.read_header(path)
         except compat.ModelFormatError as exc:
-            raise Refused(f"variant {variant.id} is not a readable ONNX file: {exc}") from None
+            raise RefusalError(f"variant {variant.id} is not a readable ONNX file: {exc}") from None
         declared = {compat.normalize_domain(d): v for d, v in variant.opsets.items()}
         if header.ir_version != variant.ir_version or header.opsets != declared:
-            raise Refused(
+            raise RefusalError(
                 f"variant {variant.id}: the file says IR {header.ir_version} opsets {header.opsets}; "
                 f"the signed manifest says IR {variant.ir_version} opsets {declared}"
             )
 
-    def _run_tests(self, model_path: Path, stage: Path, tests: tuple[Any, ...], variant: Variant) -> str | None:
+    def _run_tests(self, model_path: Path, stage: Path, tests: tuple[TestVector, ...], variant: Variant) -> str:
         from agent.config.profile import RuntimeConfig
 
-        opener = self._open_session
-        if opener is None:
-            from agent.device.providers import open_session as opener
+        if self._open_session is not None:
+            opener = self._open_session
+        else:
+            from agent.device.session import open_session
+
+            opener = open_session
         runtime = self._runtime or RuntimeConfig()
         try:
             opened = opener(model_path, runtime, self.store.root.parent, self.emit)
         except Exception as exc:  # noqa: BLE001 (onnxruntime's errors derive from Exception only)
-            raise Refused(f"variant {variant.id} does not load here: {str(exc).splitlines()[0][:300]}") from None
+            raise RefusalError(f"variant {variant.id} does not load here: {str(exc).splitlines()[0][:300]}") from None
         for test in tests:
             with np.load(stage / test.inputs.hex, allow_pickle=False) as z:
                 feeds = {k: z[k] for k in z.files}
@@ -500,44 +379,22 @@ class RegistryClient:
             names = list(expected)
             try:
                 got = opened.session.run(names, feeds)
-            except Exception as exc:  # noqa: BLE001
-                raise Refused(
+            except Exception as exc:  # noqa: BLE001 (as above: a failed run is onnxruntime's plain Exception)
+                raise RefusalError(
                     f"test vector {test.name} does not run on {opened.provider}: {str(exc).splitlines()[0][:300]}"
                 ) from None
-            for name, actual in zip(names, got):
+            for name, actual in zip(names, got, strict=True):
                 want = expected[name]
                 actual = np.asarray(actual)
                 if actual.shape != want.shape:
-                    raise Refused(
+                    raise RefusalError(
                         f"test vector {test.name} failed on {opened.provider}: output {name!r} has shape "
                         f"{list(actual.shape)}, expected {list(want.shape)}"
                     )
                 if not np.allclose(actual, want, rtol=test.rtol, atol=test.atol, equal_nan=True):
                     err = float(np.max(np.abs(actual.astype(np.float64) - want.astype(np.float64))))
-                    raise Refused(
+                    raise RefusalError(
                         f"test vector {test.name} failed on {opened.provider}: output {name!r} differs by up to "
                         f"{err:.3g} (atol {test.atol:g}, rtol {test.rtol:g})"
                     )
         return opened.provider
-
-
-def _int(text: str | None) -> int | None:
-    try:
-        return int(text) if text is not None else None
-    except ValueError:
-        return None
-
-
-def _content_range(header: str) -> tuple[int | None, int | None]:
-    # "bytes START-END/TOTAL"
-    try:
-        unit, rest = header.split(" ", 1)
-        span, total = rest.split("/", 1)
-        return int(span.split("-", 1)[0]), (None if total == "*" else int(total))
-    except ValueError:
-        return None, None
-
-
-def active_model(state_dir: Path, model: str) -> ActiveModel | None:
-    """Shortcut for the daemon: the active version of `model`, or None."""
-    return Store(state_dir).active(model)

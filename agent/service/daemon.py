@@ -13,32 +13,53 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from agent import __version__
-from agent.config.profile import PipelineConfig, Profile, ProfileError, load_profile
+from agent.config.errors import ProfileError
+from agent.config.profile import PipelineConfig, Profile, load_profile
+from agent.device.hardware import Probe, probe
+from agent.inference.loader import open_pipelines
+from agent.inference.pipeline import Pipeline
+from agent.models.registry import RegistryClient
+from agent.models.store import Store
+from agent.models.updater import Updater, skip_crashing_versions
 from agent.service import notify
+from agent.service.commands.dispatch import CommandDispatcher
+from agent.service.commands.handlers import register_commands
+from agent.service.health import HealthReporter
+from agent.service.statuspage import ConnectionStatus, Frame, StatusServer, StatusSnapshot
+from agent.transport.connection import Connection
 from agent.transport.events import Event, Sink, log_event
+from agent.transport.outbox import Outbox, open_outbox
+from agent.transport.pump import OutboxPump
+from agent.transport.sinks.outbox import OutboxSink
+from agent.transport.sinks.stdout import StdoutSink
 
 log = logging.getLogger(__name__)
 
 FLUSH_TIMEOUT = 10.0  # on SIGTERM, how long queued results may take to reach the broker
 
 
+class DaemonError(RuntimeError):
+    """The daemon cannot serve at all (the CLI turns this into its failure exit code)."""
+
+
 @dataclass
 class Parts:
-    """What `start()` built; `stop()` closes it in reverse."""
+    """What `start()` built; `stop()` closes it in reverse. Without a broker `stdout` is the sink and
+    `connection`, `outbox` and `pump` are None."""
 
-    sink: Sink | None = None
-    closers: list[tuple[str, Callable[[], None]]] = field(default_factory=list)
-    connection: Any = None
-    outbox: Any = None
-    pump: Any = None
-    store: Any = None
-    registry: Any = None
-    health: Any = None
-    updater: Any = None
-    pipelines: dict[str, Any] = field(default_factory=dict)
+    sink: Sink
+    closers: list[tuple[str, Callable[[], None]]]
+    stdout: StdoutSink | None = None
+    connection: Connection | None = None
+    outbox: Outbox | None = None
+    pump: OutboxPump | None = None
+    store: Store | None = None
+    registry: RegistryClient | None = None
+    health: HealthReporter | None = None
+    updater: Updater | None = None
+    pipelines: dict[str, Pipeline] = field(default_factory=dict)
 
 
 class Daemon:
@@ -68,28 +89,21 @@ class Daemon:
         state_dir = Path(profile.device.state_dir)
         state_dir.mkdir(parents=True, exist_ok=True)
         notify.status("starting: probing hardware")
-        from agent.device.hardware import probe
-
-        self.probe = probe(state_dir=state_dir)
-        log.info(
-            "probe arch=%s cpu=%r accelerators=%d",
-            self.probe.cpu.arch,
-            self.probe.cpu.model,
-            len(self.probe.accelerators),
-        )
-        parts = self.parts = Parts()
-        parts.sink = self._open_sink(parts, state_dir)
+        found = probe(state_dir=state_dir)
+        log.info("probe arch=%s cpu=%r accelerators=%d", found.cpu.arch, found.cpu.model, len(found.accelerators))
+        parts = self.parts = self._open_transport(state_dir)
         self._open_registry(parts)
-        self._bring_models()
+        self._bring_models(parts)
         notify.status("starting: loading pipelines")
-        self._start_pipelines(profile.pipelines)
-        self._start_health()
-        self._start_commands()
-        self._start_updates()
-        self._start_status_page()
+        self.start_pipelines(profile.pipelines)
+        self._start_health(parts, found)
+        self._start_commands(parts)
+        self._start_updates(parts)
+        self._start_status_page(parts)
         self.watchdog.register("pipelines", self._pipelines_alive)
-        if parts.connection is not None:
-            self.watchdog.register("mqtt", lambda: None if parts.connection.alive else "the MQTT loop thread ended")
+        connection = parts.connection
+        if connection is not None:
+            self.watchdog.register("mqtt", lambda: None if connection.alive else "the MQTT loop thread ended")
         self.watchdog.start()
         notify.ready(self.status_line())
         self.emit(Event("agent.started", {"version": __version__, "pipelines": sorted(parts.pipelines)}))
@@ -112,17 +126,15 @@ class Daemon:
 
         Without a broker (results on stdout) the run ends by itself when every source was finite and
         has ended, or when stdout's reader went away; with a broker the daemon keeps serving commands
-        and updates even when no pipeline runs.
+        and updates even when no pipeline runs. DaemonError when there is nothing to serve.
         """
-        from agent.cli.errors import CliError
-
         reload = reload or threading.Event()
         self.start()
         parts = self.parts
-        assert parts is not None
+        assert parts is not None  # start() sets it
         try:
             if parts.connection is None and self.profile.pipelines and not parts.pipelines:
-                raise CliError("no pipeline could start (see the events above)")
+                raise DaemonError("no pipeline could start (see the events above)")
             while not stop.wait(0.5):
                 if reload.is_set():
                     reload.clear()
@@ -140,9 +152,9 @@ class Daemon:
 
     def _stdout_run_over(self) -> bool:
         parts = self.parts
-        if parts is None or parts.connection is not None:
+        if parts is None or parts.stdout is None:
             return False
-        if parts.sink.broken.is_set():  # the StdoutSink: its reader went away
+        if parts.stdout.broken.is_set():  # its reader went away
             log.info("stdout was closed by its reader: stopping")
             return True
         return bool(parts.pipelines) and all(p.finished for p in parts.pipelines.values())
@@ -175,21 +187,15 @@ class Daemon:
 
     # -- parts -----------------------------------------------------------------------------------
 
-    def _open_sink(self, parts: Parts, state_dir: Path) -> Sink:
+    def _open_transport(self, state_dir: Path) -> Parts:
+        """The sink every producer writes to: the outbox and its broker connection, or stdout."""
         mqtt = self.profile.mqtt
         if mqtt is None:
-            from agent.transport.sinks.stdout import StdoutSink
-
-            sink = StdoutSink(state_dir, emit=log_event)
-            parts.closers.append(("stdout", sink.close))
-            return sink
-        from agent.transport.mqtt import Connection, OutboxPump
-        from agent.transport.outbox import open_outbox
-        from agent.transport.sinks.outbox import OutboxSink
-
-        outbox = parts.outbox = open_outbox(state_dir, mqtt.outbox)
-        connection = parts.connection = Connection(mqtt, self.profile.device, agent_version=__version__)
-        pump = parts.pump = OutboxPump(connection, outbox)
+            stdout = StdoutSink(state_dir, emit=log_event)
+            return Parts(sink=stdout, stdout=stdout, closers=[("stdout", stdout.close)])
+        outbox = open_outbox(state_dir, mqtt.outbox)
+        connection = Connection(mqtt, self.profile.device, agent_version=__version__)
+        pump = OutboxPump(connection, outbox)
         sink = OutboxSink.for_profile(outbox, connection.topics, mqtt, self.profile.pipelines)
         sink.start()
         pump.start()
@@ -204,45 +210,40 @@ class Daemon:
             connection.stop()
             outbox.close()
 
-        parts.closers.append(("mqtt", close_mqtt))
-        return sink
+        return Parts(sink=sink, connection=connection, outbox=outbox, pump=pump, closers=[("mqtt", close_mqtt)])
 
     def _open_registry(self, parts: Parts) -> None:
         if self.profile.registry is None:
             return
-        from agent.models.registry import RegistryClient
+        registry = parts.registry = RegistryClient.from_profile(self.profile, emit=self.emit)
+        parts.store = registry.store
+        registry.store.recover()
 
-        parts.registry = RegistryClient.from_profile(self.profile, emit=self.emit)
-        parts.store = parts.registry.store
-        parts.store.recover()
-
-    def _bring_models(self) -> None:
+    def _bring_models(self, parts: Parts) -> None:
         """Registry models with nothing active yet are pulled before their pipelines start."""
-        parts = self.parts
-        assert parts is not None
         if parts.registry is None:
             return
+        store = parts.registry.store
         for config in self.profile.registry_pipelines:
-            if parts.store.active(config.model) is None:
+            if store.active(config.model) is None:
                 notify.status(f"starting: pulling {config.model}")
                 parts.registry.check_and_pull(config.model, config.channel, config.version)
-        from agent.models.updater import skip_crashing_versions
+        skip_crashing_versions(store, self.profile, self.emit)
 
-        skip_crashing_versions(parts.store, self.profile, self.emit)
-
-    def _start_pipelines(self, configs: tuple[PipelineConfig, ...]) -> None:
-        from agent.inference.pipeline import open_pipelines
-
+    def start_pipelines(self, configs: tuple[PipelineConfig, ...]) -> None:
+        """Open and start these pipelines; one that cannot start is an event (pipeline.failed), not an error."""
         parts = self.parts
-        assert parts is not None
+        if parts is None:
+            return
         subset = self.profile.model_copy(update={"pipelines": configs})
         resolve = parts.store.resolve if parts.store is not None else None
         for pipeline in open_pipelines(subset, parts.sink, emit=self.emit, resolve=resolve, mqtt=parts.connection):
             parts.pipelines[pipeline.name] = pipeline.start()
         if not any(name == "pipelines" for name, _ in parts.closers):
-            parts.closers.append(("pipelines", self._stop_pipelines))
+            parts.closers.append(("pipelines", self.stop_pipelines))
 
-    def _stop_pipelines(self, names: list[str] | None = None) -> None:
+    def stop_pipelines(self, names: list[str] | None = None) -> None:
+        """Stop these running pipelines (all when None); names not running are ignored."""
         parts = self.parts
         if parts is None:
             return
@@ -257,18 +258,14 @@ class Daemon:
         old = {p.name: p for p in self.profile.pipelines}
         fresh = {p.name: p for p in new.pipelines if p.enabled}
         changed = [n for n in old if n not in fresh or old[n] != fresh[n]]
-        self._stop_pipelines([n for n in changed if n in parts.pipelines])
+        self.stop_pipelines([n for n in changed if n in parts.pipelines])
         self.profile = new
-        self._start_pipelines(tuple(p for n, p in fresh.items() if n not in parts.pipelines))
+        self.start_pipelines(tuple(p for n, p in fresh.items() if n not in parts.pipelines))
 
-    def _start_health(self) -> None:
-        parts = self.parts
-        assert parts is not None
-        if parts.connection is None:
+    def _start_health(self, parts: Parts, found: Probe) -> None:
+        connection, outbox = parts.connection, parts.outbox
+        if connection is None or outbox is None:
             return
-        from agent.service.health import HealthReporter
-
-        connection = parts.connection
         health = HealthReporter(
             lambda payload: connection.publish_latest(connection.topics.health, payload),
             interval=self.profile.health.interval,
@@ -279,53 +276,42 @@ class Daemon:
         health.add_source("group", lambda: self.profile.device.group)
         health.add_source("pipelines", lambda: {n: p.stats() for n, p in list(parts.pipelines.items())})
         health.add_source("models", self._models_health)
-        health.add_source("outbox", lambda: parts.outbox.stats().as_dict())
+        health.add_source("outbox", lambda: outbox.stats().as_dict())
         health.add_source("connection", connection.health)
-        health.add_source("hardware", lambda: {"arch": self.probe.cpu.arch, "fingerprint": self.probe.fingerprint()})
+        health.add_source("hardware", lambda: {"arch": found.cpu.arch, "fingerprint": found.fingerprint()})
         parts.health = health.start()
         parts.closers.append(("health", health.stop))
 
-    def _start_commands(self) -> None:
-        parts = self.parts
-        assert parts is not None
+    def _start_commands(self, parts: Parts) -> None:
         if parts.connection is None:
             return
-        from agent.service.commands.dispatch import CommandDispatcher
-        from agent.service.commands.handlers import register_commands
-
         dispatcher = CommandDispatcher(self.profile.device.id, events=self.emit)
         register_commands(dispatcher, self)
         dispatcher.attach(parts.connection).start()
         parts.closers.append(("commands", dispatcher.stop))
 
-    def _start_updates(self) -> None:
-        parts = self.parts
-        assert parts is not None
+    def _start_updates(self, parts: Parts) -> None:
         if parts.registry is None:
             return
-        from agent.models.updater import Updater
+        updater = parts.updater = Updater(self).start()
+        parts.closers.append(("updates", updater.stop))
 
-        parts.updater = Updater(self).start()
-        parts.closers.append(("updates", parts.updater.stop))
-
-    def _start_status_page(self) -> None:
-        parts = self.parts
-        assert parts is not None
+    def _start_status_page(self, parts: Parts) -> None:
         if self.profile.runtime.http is None:
             return
-        from agent.service.statuspage import StatusServer
 
-        def snapshot() -> dict[str, Any]:
-            return {
-                "device": self.profile.device.id,
-                "agent_version": __version__,
-                "uptime_s": round(time.time() - self.started_at, 1),
-                "connection": parts.connection.health() if parts.connection is not None else None,
-                "outbox": parts.outbox.stats().as_dict() if parts.outbox is not None else None,
-                "pipelines": {n: p.stats() for n, p in list(parts.pipelines.items())},
-            }
+        def snapshot() -> StatusSnapshot:
+            connection, outbox = parts.connection, parts.outbox
+            return StatusSnapshot(
+                device=self.profile.device.id,
+                agent_version=__version__,
+                uptime_s=round(time.time() - self.started_at, 1),
+                connection=ConnectionStatus.from_health(connection.health()) if connection is not None else None,
+                outbox=outbox.stats() if outbox is not None else None,
+                pipelines=tuple(p.stats() for p in list(parts.pipelines.values())),
+            )
 
-        def frame(name: str) -> Any:
+        def frame(name: str) -> Frame | None:
             pipeline = parts.pipelines.get(name)
             return pipeline.latest_frame() if pipeline is not None else None
 
@@ -333,22 +319,27 @@ class Daemon:
         server.start()
         parts.closers.append(("status page", server.stop))
 
-    def _models_health(self) -> dict[str, Any]:
+    def _models_health(self) -> dict[str, dict[str, object]]:
         """Per model: the version really serving, its digest and the provider really running it."""
         parts = self.parts
-        out: dict[str, Any] = {}
+        out: dict[str, dict[str, object]] = {}
         if parts is None:
             return out
+        serving: dict[str, list[str]] = {}
         for pipeline in list(parts.pipelines.values()):
-            stats = pipeline.stats()
-            entry = out.setdefault(
-                stats["model"], {"version": stats["model_version"], "provider": stats["provider"], "pipelines": []}
-            )
-            entry["pipelines"].append(pipeline.name)
+            model = pipeline.model
+            if model.name not in out:
+                serving[model.name] = []
+                out[model.name] = {
+                    "version": model.version,
+                    "provider": model.provider,
+                    "pipelines": serving[model.name],
+                }
+            serving[model.name].append(pipeline.name)
             if parts.store is not None and not pipeline.config.model_is_file:
                 active = parts.store.active(pipeline.config.model)
                 if active is not None:
-                    entry["digest"] = active.digest
+                    out[model.name]["digest"] = active.digest
         return out
 
     def watchdog_problem(self) -> str | None:

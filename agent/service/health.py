@@ -29,6 +29,9 @@ from typing import Any
 
 import psutil
 
+from agent.util.timefmt import utc_iso
+from agent.util.worker import Worker
+
 log = logging.getLogger(__name__)
 
 # Keys whose value changing triggers an immediate report.
@@ -38,11 +41,8 @@ CHANGE_POLL = 1.0
 # Reports on change are at most this frequent, so a flapping source cannot flood the broker.
 MIN_GAP = 1.0
 
-Source = Callable[[], Any]
-
-
-def utc_iso(ts: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{int(ts * 1000) % 1000:03d}Z"
+# A source returns a JSON-able value (json.dumps turns anything else into its str()).
+Source = Callable[[], object]
 
 
 def system_health(state_dir: str | Path | None = None) -> dict[str, Any]:
@@ -96,7 +96,7 @@ def _temperatures() -> dict[str, float]:
     return temps
 
 
-def _fingerprint(value: Any, key: str | None = None) -> Any:
+def _fingerprint(value: object, key: str | None = None) -> object:
     """The state-like part of a report, for change detection."""
     if isinstance(value, dict):
         parts = {k: _fingerprint(v, k) for k, v in value.items()}
@@ -128,11 +128,10 @@ class HealthReporter:
         self._system = system or (lambda: system_health(state_dir))
         self._sources: dict[str, Source] = {}
         self._started_at = monotonic()
-        self._last_print: Any = None
+        self._last_print: object = None
         self._last_sent = float("-inf")
-        self._stop = threading.Event()
         self._poke = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._worker = Worker("health", self._run, wake=self._poke.set)
         self.reports = 0
         psutil.cpu_percent(interval=None)  # the first call only sets the baseline
 
@@ -154,7 +153,7 @@ class HealthReporter:
         for name, source in self._sources.items():
             try:
                 report[name] = source()
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:  # noqa: BLE001 (a broken source is reported in its place)
                 log.warning("health source %s failed: %s", name, exc)
                 report[name] = {"error": f"{type(exc).__name__}: {exc}"}
         return report
@@ -181,18 +180,11 @@ class HealthReporter:
         self._poke.set()
 
     def start(self) -> HealthReporter:
-        if self._thread is None:
-            self._stop.clear()
-            self._thread = threading.Thread(target=self._run, name="health", daemon=True)
-            self._thread.start()
+        self._worker.start()
         return self
 
     def stop(self) -> None:
-        self._stop.set()
-        self._poke.set()
-        if self._thread is not None:
-            self._thread.join(5)
-            self._thread = None
+        self._worker.stop()
 
     def _send(self, report: dict[str, Any]) -> None:
         self._last_print = _fingerprint(report)
@@ -204,7 +196,7 @@ class HealthReporter:
             log.exception("health: publish failed")
 
     def _run(self) -> None:
-        while not self._stop.is_set():
+        while not self._worker.stopping.is_set():
             try:
                 self.check()
             except Exception:

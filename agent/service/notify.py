@@ -34,6 +34,8 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 
+from agent.util.worker import Worker
+
 log = logging.getLogger(__name__)
 
 # A check answers None (or True) when its part is alive, else a reason (or False).
@@ -203,8 +205,8 @@ class Watchdog:
         self._checks: dict[str, Check] = {}
         self._lock = threading.Lock()
         self._failing: tuple[str, ...] = ()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        # No join timeout: once stop() returns, no ping can follow.
+        self._worker = Worker("systemd-watchdog", self._run, join_timeout=None)
         self.pings = 0
 
     @property
@@ -262,27 +264,23 @@ class Watchdog:
 
     def start(self) -> Watchdog:
         """Ping from a background thread; a no-op when systemd asked for no watchdog."""
-        if self.interval is None or self._thread is not None:
-            return self
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._run, name="systemd-watchdog", daemon=True)
-        self._thread.start()
+        if self.interval is not None:
+            self._worker.start()
         return self
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
+        self._worker.stop()
 
     def _run(self) -> None:
-        assert self.interval is not None
+        interval = self.interval
+        if interval is None:
+            return
         while True:
             try:
                 self.tick()
             except Exception:  # the pinger must outlive a bad check or a log handler
                 log.exception("watchdog tick failed")
-            if self._stop.wait(self.interval):
+            if self._worker.stopping.wait(interval):
                 return
 
     def __enter__(self) -> Watchdog:

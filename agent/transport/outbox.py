@@ -43,7 +43,10 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
+
+if TYPE_CHECKING:
+    from agent.config.profile import OutboxConfig
 
 log = logging.getLogger(__name__)
 
@@ -704,9 +707,9 @@ class Outbox:
             raise RuntimeError(f"outbox {self.dir} is closed")
 
 
-def open_outbox(state_dir: str | Path, config: object | None = None, **kwargs: object) -> Outbox:
-    """The outbox of a profile: `<state_dir>/outbox/`, bounded by `mqtt.outbox` (an OutboxConfig)."""
-    if config is not None:
-        kwargs.setdefault("max_bytes", config.max_bytes)
-        kwargs.setdefault("max_age", config.max_age)
-    return Outbox(Path(state_dir) / DIRNAME, **kwargs)  # type: ignore[arg-type]
+def open_outbox(state_dir: str | Path, config: OutboxConfig | None = None) -> Outbox:
+    """The outbox of a profile: `<state_dir>/outbox/`, bounded by `mqtt.outbox`."""
+    path = Path(state_dir) / DIRNAME
+    if config is None:
+        return Outbox(path)
+    return Outbox(path, max_bytes=config.max_bytes, max_age=config.max_age)

@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 def delay(attempt: int, first: float, cap: float, rng: Callable[[], float] = random.random) -> float:
     """The wait before retry number `attempt` (0-based)."""
-    return min(cap, first * (2 ** min(attempt, 30))) * (0.5 + 0.5 * rng())
+    return min(cap, first * (2.0 ** min(attempt, 30))) * (0.5 + 0.5 * rng())
 
 
 class Backoff:

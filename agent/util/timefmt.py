@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from datetime import datetime, timezone
 
 # The formatted second of the last call: results come many per second, strftime is the costly part.
 _cache: tuple[int, str] = (-1, "")
@@ -17,3 +18,13 @@ def utc_iso(ts: float) -> str:
         text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs))
         _cache = (secs, text)
     return f"{text}.{ms:03d}Z"
+
+
+def parse_utc_iso(text: str) -> datetime | None:
+    """The time a payload's stamp names (`Z`, an offset, or none for UTC); None when it is not ISO 8601.
+    Python 3.10's `fromisoformat` does not read the `Z` that `utc_iso` writes, hence the replace."""
+    try:
+        value = datetime.fromisoformat(text[:-1] + "+00:00" if text.endswith("Z") else text)
+    except ValueError:
+        return None
+    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)

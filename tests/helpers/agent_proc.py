@@ -17,8 +17,9 @@ from pathlib import Path
 
 from agent.config.profile import DeviceConfig, MqttConfig
 from agent.service.commands.dispatch import CommandDispatcher
-from agent.transport.mqtt import Connection, OutboxPump
+from agent.transport.connection import Connection
 from agent.transport.outbox import open_outbox
+from agent.transport.pump import OutboxPump
 from agent.transport.sinks.outbox import OutboxSink
 
 

@@ -1,6 +1,6 @@
 """A real registry on loopback for tests: a folder, a signing key, and the HTTP server in a thread.
 
-Nothing here needs the onnx package: tiny models are written by `agent.compat.probe_model`, so the
+Nothing here needs the onnx package: tiny models are written by `agent.device.onnxproto`, so the
 registry tests also run under aarch64 emulation. Faults a test needs (a connection cut half way, a
 stream that never ends) are injected by `FaultyHandler`; damaged files are made by editing the
 registry folder, exactly as a broken mirror would serve them.
@@ -21,7 +21,7 @@ import pytest
 
 from agent.cloud.publish import publish, put_blob, write_signed
 from agent.cloud.server import RegistryHandler, RegistryHTTPServer
-from agent.device import compat
+from agent.device.onnxproto import AI_ONNX, identity_model
 from agent.models.manifest import dumps, parse_manifest
 from agent.models.registry import RegistryClient
 from agent.models.signing import generate_keypair, load_private_key
@@ -29,11 +29,24 @@ from agent.models.store import Store
 from agent.transport.events import Event
 
 
+class FaultyServer(RegistryHTTPServer):
+    """The real server, with faults a test queues by file name: `faults[name]` is ("status", code),
+    answered once, or ("cut", n), n bytes of the body and then a dropped connection; `endless[name]`
+    serves that file over and over with no length."""
+
+    def __init__(self, root: Path, throttle_bps: float | None = None) -> None:
+        self.faults: dict[str, tuple[str, int]] = {}
+        self.endless: dict[str, bool] = {}
+        super().__init__(root, throttle_bps=throttle_bps, handler=FaultyHandler)
+
+
 class FaultyHandler(RegistryHandler):
-    """Serves like the real server, except for faults queued on the server by file name."""
+    """Serves like the real server, except for the faults queued on it."""
+
+    server: FaultyServer
 
     def send_body(self, path: Path, start: int, end: int) -> None:
-        fault = self.server.faults.pop(path.name, None)  # type: ignore[attr-defined]
+        fault = self.server.faults.pop(path.name, None)
         if fault is None:
             return super().send_body(path, start, end)
         kind, arg = fault
@@ -46,13 +59,13 @@ class FaultyHandler(RegistryHandler):
 
     def _serve(self, body: bool) -> None:
         path = self.resolve()
-        fault = self.server.faults.get(path.name) if path is not None else None  # type: ignore[attr-defined]
-        if fault is not None and fault[0] == "status":  # answer this status once, e.g. a 503 from a busy CDN
-            del self.server.faults[path.name]  # type: ignore[attr-defined,union-attr]
+        fault = self.server.faults.get(path.name) if path is not None else None
+        if path is not None and fault is not None and fault[0] == "status":  # once, e.g. a 503 from a busy CDN
+            del self.server.faults[path.name]
             self.server.record(self)
             self._status_only(fault[1])
             return
-        if body and path is not None and self.server.endless.get(path.name if path else ""):  # type: ignore[attr-defined]
+        if body and path is not None and self.server.endless.get(path.name):
             self.server.record(self)
             # No Content-Length: the body ends when the connection does, which it never does here.
             self.send_response(200)
@@ -74,7 +87,7 @@ class Registry:
     root: Path
     key: Path
     public_key: Path
-    server: RegistryHTTPServer
+    server: FaultyServer
     tmp: Path
     published: list[tuple[str, str]] = field(default_factory=list)
 
@@ -87,7 +100,7 @@ class Registry:
     ) -> Path:
         path = self.tmp / "models" / f"{name}.onnx"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(compat.probe_model(ir, {compat.AI_ONNX: opset, **(extra or {})}, doc=doc))
+        path.write_bytes(identity_model(ir, {AI_ONNX: opset, **(extra or {})}, doc=doc))
         return path
 
     def publish(self, model: str, version: str, file: Path, channel: str | None = "stable", **kwargs: Any) -> Any:
@@ -134,9 +147,7 @@ class Registry:
 def make_registry(tmp: Path, throttle_bps: float | None = None) -> Registry:
     keys = tmp / "keys"
     private, public = generate_keypair(keys)
-    server = RegistryHTTPServer(tmp / "registry", throttle_bps=throttle_bps, handler=FaultyHandler)
-    server.faults = {}  # type: ignore[attr-defined]
-    server.endless = {}  # type: ignore[attr-defined]
+    server = FaultyServer(tmp / "registry", throttle_bps=throttle_bps)
     (tmp / "registry").mkdir(exist_ok=True)
     server.start()
     return Registry(tmp / "registry", private, public, server, tmp)

@@ -7,7 +7,7 @@ implementation; importing numpy and OpenCV eagerly would add ~170 ms to each pro
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 
 class LazyModule:
@@ -21,5 +21,11 @@ class LazyModule:
         return getattr(module, attr)
 
 
-np: Any = LazyModule("numpy")
-cv2: Any = LazyModule("cv2")
+__all__ = ["LazyModule", "cv2", "np"]
+
+if TYPE_CHECKING:  # the type checker sees the modules themselves
+    import cv2
+    import numpy as np
+else:
+    np = LazyModule("numpy")
+    cv2 = LazyModule("cv2")

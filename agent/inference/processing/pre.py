@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 from pydantic import Field, model_validator
@@ -47,15 +49,11 @@ class PreprocessConfig(Strict):
 # ---------------------------------------------------------------------------------------------------
 # The implementation: one Preprocessor per pipeline, made once from the config and the model input.
 
-from collections.abc import Sequence  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-from typing import Any
-
 LETTERBOX_FILL = 114  # the grey YOLO-family models were trained with around letterboxed images
 _IMAGE_LAYOUTS = ("nchw", "nhwc")
 
 
-class FrameRejected(Exception):
+class FrameRejectedError(Exception):
     """This frame or window cannot be fed to the model; the reason goes into a frame.rejected event."""
 
 
@@ -79,9 +77,11 @@ class Geometry:
         """[x1, y1, x2, y2] in model pixels to integer source pixels, clipped to the frame."""
         x1, y1 = self.to_source(box[0], box[1])
         x2, y2 = self.to_source(box[2], box[3])
-        clip_x = lambda v: int(round(min(max(v, 0.0), self.src_w)))  # noqa: E731
-        clip_y = lambda v: int(round(min(max(v, 0.0), self.src_h)))  # noqa: E731
-        return [clip_x(x1), clip_y(y1), clip_x(x2), clip_y(y2)]
+        return [_clip(x1, self.src_w), _clip(y1, self.src_h), _clip(x2, self.src_w), _clip(y2, self.src_h)]
+
+
+def _clip(v: float, size: int) -> int:
+    return int(round(min(max(v, 0.0), size)))
 
 
 NUMPY_TYPES = {
@@ -97,7 +97,7 @@ NUMPY_TYPES = {
 }
 
 
-def _fixed(shape: Sequence[Any] | None) -> tuple[int | None, ...] | None:
+def _fixed(shape: Sequence[int | str | None] | None) -> tuple[int | None, ...] | None:
     if shape is None:
         return None
     return tuple(d if isinstance(d, int) and d > 0 else None for d in shape)
@@ -114,7 +114,10 @@ class Preprocessor:
     """
 
     def __init__(
-        self, config: PreprocessConfig, input_shape: Sequence[Any] | None = None, input_type: str | None = None
+        self,
+        config: PreprocessConfig,
+        input_shape: Sequence[int | str | None] | None = None,
+        input_type: str | None = None,
     ) -> None:
         self.config = config
         self.expected = _fixed(input_shape)
@@ -125,8 +128,8 @@ class Preprocessor:
         self._rows: list[np.ndarray] = []
         self._since_emit = 0
         self._hop = config.hop or config.window or 1
-        self._norm_cache: dict[int, tuple[Any, Any]] = {}
-        self._blob_params: dict[tuple[int, int], Any] = {}
+        self._norm_cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._blob_params: dict[tuple[int, int], cv2.dnn.Image2BlobParams] = {}
         # OpenCV's fused blob conversion (4.8+) when present; the numpy path is the reference.
         self.fast = hasattr(cv2, "dnn") and hasattr(cv2.dnn, "blobFromImageWithParams")
 
@@ -135,7 +138,7 @@ class Preprocessor:
     def image(self, img: np.ndarray) -> tuple[np.ndarray, Geometry]:
         cfg = self.config
         if img.dtype != np.uint8 or img.ndim not in (2, 3) or (img.ndim == 3 and img.shape[2] not in (1, 3, 4)):
-            raise FrameRejected(
+            raise FrameRejectedError(
                 f"expected an 8-bit grey or colour image, got {img.dtype} array of shape {list(img.shape)}"
             )
         src_h, src_w = img.shape[:2]
@@ -143,7 +146,7 @@ class Preprocessor:
         if cfg.crop is not None:
             crop_x, crop_y, cw, ch = cfg.crop
             if crop_x + cw > src_w or crop_y + ch > src_h:
-                raise FrameRejected(f"crop {list(cfg.crop)} does not fit in a {src_w}x{src_h} frame")
+                raise FrameRejectedError(f"crop {list(cfg.crop)} does not fit in a {src_w}x{src_h} frame")
             img = img[crop_y : crop_y + ch, crop_x : crop_x + cw]
         if img.ndim == 3 and img.shape[2] == 4:
             img = cv2.cvtColor(img, cv2.COLOR_BGRA2BGR)
@@ -226,7 +229,7 @@ class Preprocessor:
             mean = np.asarray(cfg.mean if cfg.mean is not None else (0.0,), dtype=np.float32)
             std = np.asarray(cfg.std if cfg.std is not None else (1.0,), dtype=np.float32)
             if mean.size not in (1, channels) or std.size not in (1, channels):
-                raise FrameRejected(
+                raise FrameRejectedError(
                     f"mean/std have {mean.size}/{std.size} values but the data has {channels} channel(s)"
                 )
             a = np.float32(cfg.scale) / std
@@ -246,7 +249,7 @@ class Preprocessor:
         values = np.asarray(values, dtype=np.float32)
         if cfg.window is not None:
             if self._rows and self._rows[-1].shape != values.shape:
-                raise FrameRejected(f"sample has {values.size} values, earlier samples had {self._rows[-1].size}")
+                raise FrameRejectedError(f"sample has {values.size} values, earlier samples had {self._rows[-1].size}")
             self._rows.append(values)
             self._since_emit += 1
             if len(self._rows) > cfg.window:
@@ -281,10 +284,6 @@ class Preprocessor:
         self._check(tensor)
         return tensor
 
-    def reset(self) -> None:
-        self._rows.clear()
-        self._since_emit = 0
-
     def __call__(self, data: np.ndarray) -> tuple[np.ndarray | None, Geometry | None]:
         if data.ndim == 1:
             return self.sensor(data), None
@@ -294,7 +293,9 @@ class Preprocessor:
         want = self.expected
         if want is None:
             return
-        if len(want) != tensor.ndim or any(w is not None and w != g for w, g in zip(want, tensor.shape)):
+        if len(want) != tensor.ndim or any(w is not None and w != g for w, g in zip(want, tensor.shape, strict=True)):
             shown = "[" + ", ".join("?" if w is None else str(w) for w in want) + "]"
             hint = " (set preprocess.resize to the model's size)" if tensor.ndim == 4 else ""
-            raise FrameRejected(f"the input tensor would be {list(tensor.shape)} but the model wants {shown}{hint}")
+            raise FrameRejectedError(
+                f"the input tensor would be {list(tensor.shape)} but the model wants {shown}{hint}"
+            )

@@ -26,10 +26,10 @@ import threading
 import time
 import wave
 from collections.abc import Iterator
-from typing import Any, BinaryIO
+from typing import BinaryIO
 
 from agent.inference.processing.lazy import np
-from agent.inference.sources.base import BaseSource, Pacer, SourceFailed, Window
+from agent.inference.sources.base import BaseSource, Pacer, SourceFailedError, Window
 
 READ_FRAMES = 4096
 
@@ -37,7 +37,7 @@ READ_FRAMES = 4096
 class _Reader:
     """Mono float32 samples in [-1, 1] from a WAV file or raw little-endian PCM, in chunks."""
 
-    def __init__(self, cfg: Any) -> None:
+    def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         self.wav: wave.Wave_read | None = None
         self.raw: BinaryIO | None = None
@@ -46,24 +46,24 @@ class _Reader:
             try:
                 self.wav = wave.open(str(cfg.path), "rb")
             except (wave.Error, EOFError) as exc:
-                raise SourceFailed(f"{cfg.path.name} is not a PCM WAV file ({exc})") from None
+                raise SourceFailedError(f"{cfg.path.name} is not a PCM WAV file ({exc})") from None
             if self.wav.getframerate() != cfg.sample_rate:
                 rate = self.wav.getframerate()
                 self.wav.close()
-                raise SourceFailed(
+                raise SourceFailedError(
                     f"{cfg.path.name} is sampled at {rate} Hz but the pipeline expects {cfg.sample_rate} Hz"
                 )
             self.width = self.wav.getsampwidth()
             self.channels = self.wav.getnchannels()
             if self.width not in (1, 2, 4):
-                raise SourceFailed(
+                raise SourceFailedError(
                     f"{cfg.path.name}: {8 * self.width}-bit samples are not supported (8, 16 or 32-bit PCM)"
                 )
         else:
             self.raw = open(cfg.path, "rb")
             self.width = 2 if cfg.format == "s16le" else 4
 
-    def read(self) -> Any:
+    def read(self) -> np.ndarray | None:
         if self.wav is not None:
             data = self.wav.readframes(READ_FRAMES)
         else:
@@ -91,7 +91,7 @@ class _Reader:
             self.raw.close()
 
 
-class Source(BaseSource):
+class Source(BaseSource[Config]):
     """Windows of `window` samples every `hop`, each with `context` samples before it prepended (as
     Silero VAD wants: 512 + 64 at 16 kHz). `t` is the window's start in seconds; the tail is padded
     with zeros so that the end of the stream is heard too."""
@@ -99,8 +99,8 @@ class Source(BaseSource):
     sensor = True
 
     @staticmethod
-    def example(cfg: Config) -> Any:
-        return np.zeros(cfg.window + cfg.context, dtype=np.float32)
+    def example(config: Config) -> np.ndarray | None:
+        return np.zeros(config.window + config.context, dtype=np.float32)
 
     def frames(self, stop: threading.Event) -> Iterator[Window]:
         cfg = self.config

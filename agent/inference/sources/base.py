@@ -9,18 +9,19 @@ waits and retries, or ends. An exception that does escape is caught by the pipel
 
 from __future__ import annotations
 
-import random
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, TypeVar
 
+from agent.config.base import PluginConfig
 from agent.transport.events import Event, EventSink, log_event
 
 if TYPE_CHECKING:
     import numpy as np
+
+    from agent.config.profile import MqttConfig
 
 
 @dataclass(frozen=True)
@@ -39,24 +40,38 @@ class Window(Frame):
     """One sensor sample (1-D values, one per channel) or one audio window (1-D samples, context first)."""
 
 
+class Message(Protocol):
+    """What a source reads of a message from the broker."""
+
+    @property
+    def payload(self) -> bytes: ...
+
+
+class Subscriptions(Protocol):
+    """The daemon's broker connection as a source sees it: subscriptions that survive reconnects."""
+
+    def subscribe(self, topic_filter: str, handler: Callable[[Message], None], qos: int = 1) -> None: ...
+
+
 @dataclass(frozen=True)
 class SourceContext:
-    """What a source may need beyond its own config: who to tell, where state lives, the broker."""
+    """What a source may need beyond its own config: who to tell, which device and pipeline, the broker."""
 
     pipeline: str = "pipeline"
     emit: EventSink = log_event
-    state_dir: Path | None = None
-    mqtt: Any = None  # agent.profile.MqttConfig for the mqtt source
-    connection: Any = None  # the daemon's agent.mqtt.Connection, shared by mqtt sources when given
+    mqtt: MqttConfig | None = None  # the profile's broker, for an mqtt source with a client of its own
+    connection: Subscriptions | None = None  # the daemon's connection, shared by mqtt sources when given
     device: str = "device"
-    clock: Callable[[], float] = time.time
 
 
-class SourceFailed(Exception):
+class SourceFailedError(Exception):
     """The source cannot work with this configuration (not a passing fault): reported once, not retried."""
 
 
-class BaseSource:
+ConfigT = TypeVar("ConfigT", bound=PluginConfig)
+
+
+class BaseSource(Generic[ConfigT]):
     """Base of every source plug-in.
 
     `live` sources (cameras) produce frames whether or not anyone keeps up: the pipeline keeps the
@@ -68,13 +83,13 @@ class BaseSource:
     # a hand-off per sample between threads would cost more than the sample's whole processing.
     sensor: ClassVar[bool] = False
 
-    def __init__(self, config: Any, ctx: SourceContext | None = None) -> None:
+    def __init__(self, config: ConfigT, ctx: SourceContext | None = None) -> None:
         self.config = config
         self.ctx = ctx or SourceContext()
         self.seq = 0
 
     @staticmethod
-    def example(config: Any) -> np.ndarray | None:
+    def example(config: ConfigT) -> np.ndarray | None:
         """A blank item shaped like what this source will produce, for warm-up; None when unknown."""
         return None
 
@@ -112,31 +127,3 @@ class Pacer:
             self.next = max(self.next, now - self.period)  # after a stall, do not burst to catch up
         self.next += self.period
         return not stop.is_set()
-
-
-class Backoff:
-    """Random, capped exponential delays between reconnect attempts (0.5 s, 1 s, 2 s ... `cap`)."""
-
-    def __init__(self, cap: float = 30.0, first: float = 0.5) -> None:
-        self.cap = cap
-        self.first = first
-        self.attempt = 0
-
-    def next_delay(self) -> float:
-        base = min(self.cap, self.first * (2**self.attempt))
-        self.attempt += 1
-        return base * random.uniform(0.5, 1.0)
-
-    def reset(self) -> None:
-        self.attempt = 0
-
-
-def source_class(config: Any) -> type[BaseSource]:
-    from agent.inference.sources import SOURCES
-
-    return SOURCES[config.type].Source
-
-
-def make_source(config: Any, ctx: SourceContext | None = None) -> BaseSource:
-    """The plug-in registered for `config.type`, built from its config."""
-    return source_class(config)(config, ctx)

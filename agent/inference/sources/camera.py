@@ -28,41 +28,39 @@ import os
 import threading
 import time
 import zlib
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Generator, Iterator
 
-from agent.inference.processing.lazy import cv2
-from agent.inference.sources.base import Backoff, BaseSource, Frame
+from agent.inference.processing.lazy import cv2, np
+from agent.inference.sources.base import BaseSource, Frame
+from agent.util.backoff import Backoff
 
 OPEN_TIMEOUT_MS = 10000  # network streams: give up an attempt after this long, then back off
 READ_TIMEOUT_MS = 10000
 
 
-def _target(device: str | int) -> Any:
+def _target(device: str | int) -> str | int:
     if isinstance(device, int):
         return device
     text = str(device)
     return int(text) if text.isdigit() else text
 
 
-def _fingerprint(img: Any) -> int:
+def _fingerprint(img: np.ndarray) -> int:
     """A cheap digest of a subsampled frame: equal digests over time mean a frozen feed."""
     return zlib.crc32(img[::8, ::8].tobytes())
 
 
-class Source(BaseSource):
+class Source(BaseSource[Config]):
     """A V4L2 device or a network stream. The newest frame wins (`live`). A device that cannot be
     opened or stops delivering is `source.lost`, retried with random capped backoff, and
     `source.recovered` when frames flow again; the same picture for `frozen_after` seconds is
     `source.frozen` (a stuck encoder or a covered lens is not "healthy at 5 fps")."""
 
     @staticmethod
-    def example(cfg: Config) -> Any:
-        if cfg.width is None or cfg.height is None:
+    def example(config: Config) -> np.ndarray | None:
+        if config.width is None or config.height is None:
             return None
-        import numpy as np
-
-        return np.zeros((cfg.height, cfg.width, 3), dtype=np.uint8)
+        return np.zeros((config.height, config.width, 3), dtype=np.uint8)
 
     live = True
 
@@ -91,7 +89,7 @@ class Source(BaseSource):
                 lost = True
                 stop.wait(backoff.next_delay())
 
-    def _open(self) -> tuple[Any, str]:
+    def _open(self) -> tuple[cv2.VideoCapture | None, str]:
         cfg = self.config
         target = _target(cfg.device)
         if isinstance(target, str) and target.startswith("/dev/") and not os.path.exists(target):
@@ -110,7 +108,8 @@ class Source(BaseSource):
                 cap.set(prop, float(value))
         return cap, ""
 
-    def _read(self, cap: Any, stop: threading.Event) -> Iterator[Frame]:
+    def _read(self, cap: cv2.VideoCapture, stop: threading.Event) -> Generator[Frame, None, str]:
+        """Frames until the device stops delivering (the reason is returned) or `stop` is set."""
         cfg = self.config
         last_print: int | None = None
         same_since = time.monotonic()

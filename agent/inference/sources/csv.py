@@ -29,34 +29,31 @@ class Config(Strict):
 import csv as _csv
 import threading
 from collections.abc import Iterator
-from typing import Any
 
 from agent.inference.processing.lazy import np
-from agent.inference.sources.base import BaseSource, Pacer, SourceFailed, Window
-from agent.inference.sources.lines import now, parse_time, read_lines
+from agent.inference.sources.base import BaseSource, Pacer, SourceFailedError, Window
+from agent.inference.sources.lines import Offsets, now, parse_time, passes
 
 
-class Source(BaseSource):
+class Source(BaseSource[Config]):
     """Each row is one sample: the value columns in order, as float. A row that does not parse is a
     `frame.rejected` event naming the line and column, and reading goes on."""
 
     sensor = True
 
     @staticmethod
-    def example(cfg: Config) -> Any:
-        return np.zeros(len(cfg.columns)) if cfg.columns else None
+    def example(config: Config) -> np.ndarray | None:
+        return np.zeros(len(config.columns)) if config.columns else None
 
     def frames(self, stop: threading.Event) -> Iterator[Window]:
         cfg = self.config
         pacer = Pacer(cfg.rate)
-        first_ts: float | None = None
-        while not stop.is_set():
-            if not cfg.path.is_file():
-                raise FileNotFoundError(f"{cfg.path} does not exist")
+        offset = Offsets(cfg.timestamp is not None)
+        for lines in passes(cfg.path, cfg.follow, stop):
             header: list[str] | None = None
             index: list[int] = []
             ts_index: int | None = None
-            for number, line in read_lines(cfg.path, cfg.follow, stop):
+            for number, line in lines:
                 if not line.strip():
                     continue
                 # str.split when nothing is quoted: a third of the cost of a csv.reader per line.
@@ -68,7 +65,7 @@ class Source(BaseSource):
                 if not index:  # all numeric columns: decided by the first data row
                     index = [i for i, c in enumerate(cells) if i != ts_index and _is_number(c)]
                     if not index:
-                        raise SourceFailed(f"{cfg.path.name}: no numeric columns in line {number}")
+                        raise SourceFailedError(f"{cfg.path.name}: no numeric columns in line {number}")
                 try:
                     values = self._values(cells, index, header)
                     ts = parse_time(cells[ts_index]) if ts_index is not None else now()
@@ -77,19 +74,14 @@ class Source(BaseSource):
                     continue
                 if not pacer.wait(stop):
                     return
-                if ts_index is not None and first_ts is None:
-                    first_ts = ts
-                t = ts - first_ts if first_ts is not None else None
-                yield Window(values, ts, self.next_seq(), t)
-            if not cfg.follow:
-                return
+                yield Window(values, ts, self.next_seq(), offset(ts))
 
     @staticmethod
-    def _columns(header: list[str], cfg: Any) -> tuple[list[int], int | None]:
+    def _columns(header: list[str], cfg: Config) -> tuple[list[int], int | None]:
         ts_index = None
         if cfg.timestamp is not None:
             if cfg.timestamp not in header:
-                raise SourceFailed(
+                raise SourceFailedError(
                     f"{cfg.path.name}: no timestamp column {cfg.timestamp!r} (columns: {', '.join(header)})"
                 )
             ts_index = header.index(cfg.timestamp)
@@ -97,11 +89,11 @@ class Source(BaseSource):
             return [], ts_index
         missing = [c for c in cfg.columns if c not in header]
         if missing:
-            raise SourceFailed(f"{cfg.path.name}: no column {missing[0]!r} (columns: {', '.join(header)})")
+            raise SourceFailedError(f"{cfg.path.name}: no column {missing[0]!r} (columns: {', '.join(header)})")
         return [header.index(c) for c in cfg.columns], ts_index
 
     @staticmethod
-    def _values(cells: list[str], index: list[int], header: list[str]) -> Any:
+    def _values(cells: list[str], index: list[int], header: list[str]) -> np.ndarray:
         out = np.empty(len(index), dtype=np.float64)
         for k, i in enumerate(index):
             if i >= len(cells):

@@ -25,7 +25,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from agent.inference.processing.lazy import np
-from agent.inference.sources.base import Backoff, BaseSource, Pacer, Window
+from agent.inference.sources.base import BaseSource, Pacer, Window
+from agent.util.backoff import Backoff
 
 
 def device_dir(root: Path, device: str) -> Path | None:
@@ -49,7 +50,7 @@ def _number(path: Path, default: float) -> float:
         return default
 
 
-class Source(BaseSource):
+class Source(BaseSource[Config]):
     """Channels read from sysfs at `rate`: value = (raw + offset) * scale, as the IIO ABI defines,
     with `<channel>_scale` or the shared `in_<type>_scale` when present. A device that goes away is
     `source.lost` and is looked for again with backoff."""
@@ -57,8 +58,8 @@ class Source(BaseSource):
     sensor = True
 
     @staticmethod
-    def example(cfg: Config) -> object:
-        return np.zeros(len(cfg.channels))
+    def example(config: Config) -> np.ndarray | None:
+        return np.zeros(len(config.channels))
 
     def frames(self, stop: threading.Event) -> Iterator[Window]:
         cfg = self.config
@@ -85,7 +86,7 @@ class Source(BaseSource):
                     lost = True
                 stop.wait(backoff.next_delay())
 
-    def _channels(self, folder: Path) -> tuple[object, object, list[Path]]:
+    def _channels(self, folder: Path) -> tuple[np.ndarray, np.ndarray, list[Path]]:
         cfg = self.config
         scales, offsets, raws = [], [], []
         for channel in cfg.channels:

@@ -30,7 +30,7 @@ from agent.inference.sources.base import BaseSource, Frame, Pacer
 WATCH_POLL_S = 0.5
 
 
-class Source(BaseSource):
+class Source(BaseSource[Config]):
     """Image files in name order; with `watch`, files that appear later too (once their size holds
     still for one poll, so a file being copied in is not read half-written). A file that is not an
     image is a `frame.rejected` event naming it, and reading goes on."""

@@ -23,14 +23,13 @@ class Config(Strict):
 import json
 import threading
 from collections.abc import Iterator
-from typing import Any
 
 from agent.inference.processing.lazy import np
 from agent.inference.sources.base import BaseSource, Pacer, Window
-from agent.inference.sources.lines import now, parse_time, read_lines
+from agent.inference.sources.lines import Offsets, now, parse_time, passes
 
 
-def values_from_object(obj: Any, fields: tuple[str, ...]) -> Any:
+def values_from_object(obj: object, fields: tuple[str, ...]) -> np.ndarray:
     """The named numeric fields of a JSON object, in order; ValueError with the reason otherwise."""
     if not isinstance(obj, dict):
         raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
@@ -45,21 +44,19 @@ def values_from_object(obj: Any, fields: tuple[str, ...]) -> Any:
     return out
 
 
-class Source(BaseSource):
+class Source(BaseSource[Config]):
     sensor = True
 
     @staticmethod
-    def example(cfg: Config) -> Any:
-        return np.zeros(len(cfg.fields))
+    def example(config: Config) -> np.ndarray | None:
+        return np.zeros(len(config.fields))
 
     def frames(self, stop: threading.Event) -> Iterator[Window]:
         cfg = self.config
         pacer = Pacer(cfg.rate)
-        first_ts: float | None = None
-        while not stop.is_set():
-            if not cfg.path.is_file():
-                raise FileNotFoundError(f"{cfg.path} does not exist")
-            for number, line in read_lines(cfg.path, cfg.follow, stop):
+        offset = Offsets(cfg.timestamp is not None)
+        for lines in passes(cfg.path, cfg.follow, stop):
+            for number, line in lines:
                 if not line.strip():
                     continue
                 try:
@@ -78,8 +75,4 @@ class Source(BaseSource):
                     continue
                 if not pacer.wait(stop):
                     return
-                if cfg.timestamp is not None and first_ts is None:
-                    first_ts = ts
-                yield Window(values, ts, self.next_seq(), ts - first_ts if first_ts is not None else None)
-            if not cfg.follow:
-                return
+                yield Window(values, ts, self.next_seq(), offset(ts))

@@ -5,10 +5,21 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 
 FOLLOW_POLL_S = 0.1
+
+
+def passes(path: Path, follow: bool, stop: threading.Event) -> Iterator[Iterator[tuple[int, str]]]:
+    """The file's lines once; with `follow`, again from the top after each rotation or truncation. A
+    missing file raises, so that the pipeline reports it and tries again with backoff."""
+    while not stop.is_set():
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} does not exist")
+        yield read_lines(path, follow, stop)
+        if not follow:
+            return
 
 
 def read_lines(path: Path, follow: bool, stop: threading.Event) -> Iterator[tuple[int, str]]:
@@ -55,11 +66,24 @@ def parse_time(value: object) -> float:
         text = text[:-1] + "+00:00"
     dt = datetime.fromisoformat(text)
     if dt.tzinfo is None:
-        from datetime import timezone
-
         dt = dt.replace(tzinfo=timezone.utc)
     return dt.timestamp()
 
 
 def now() -> float:
     return time.time()
+
+
+class Offsets:
+    """`t` of each row: seconds since the first row's own timestamp, None for rows stamped on arrival."""
+
+    def __init__(self, timed: bool) -> None:
+        self.timed = timed
+        self.first: float | None = None
+
+    def __call__(self, ts: float) -> float | None:
+        if not self.timed:
+            return None
+        if self.first is None:
+            self.first = ts
+        return ts - self.first

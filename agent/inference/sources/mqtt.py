@@ -24,16 +24,25 @@ import queue
 import ssl
 import threading
 import time
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
-from agent.inference.sources.base import BaseSource, SourceFailed, Window
+from agent.inference.processing.lazy import np
+from agent.inference.sources.base import BaseSource, Message, SourceFailedError, Window
 from agent.inference.sources.jsonl import values_from_object
 
+if TYPE_CHECKING:
+    import paho.mqtt.client as paho
+    from paho.mqtt.client import ConnectFlags, DisconnectFlags
+    from paho.mqtt.properties import Properties
+    from paho.mqtt.reasoncodes import ReasonCode
+
 INBOX = 10000  # messages held between the network thread and the pipeline
+Inbox = queue.Queue[tuple[float, bytes | bytearray]]  # (arrival time, payload)
+INBOX_POLL_S = 0.25
 
 
-class Source(BaseSource):
+class Source(BaseSource[Config]):
     """Values from JSON payloads on a topic of the profile's broker (a bare number works for one
     field). On the daemon's shared connection when it hands one in; otherwise on its own client
     (`<client_id>-src-<pipeline>`), whose network thread can wait for the pipeline (backpressure).
@@ -42,14 +51,8 @@ class Source(BaseSource):
     sensor = True
 
     @staticmethod
-    def example(cfg: Config) -> Any:
-        import numpy as np
-
-        return np.zeros(len(cfg.fields))
-
-    def __init__(self, config: Config, ctx: Any = None) -> None:
-        super().__init__(config, ctx)
-        self.client: Any = None
+    def example(config: Config) -> np.ndarray | None:
+        return np.zeros(len(config.fields))
 
     def frames(self, stop: threading.Event) -> Iterator[Window]:
         if self.ctx.connection is not None:
@@ -60,10 +63,13 @@ class Source(BaseSource):
     def _shared(self, stop: threading.Event) -> Iterator[Window]:
         """On the daemon's connection: its network thread serves commands and acknowledgements too,
         so the handler never blocks; a full inbox drops the message, counted in a source.overflow event."""
-        inbox: queue.Queue[tuple[float, bytes]] = queue.Queue(INBOX)
+        connection = self.ctx.connection
+        assert connection is not None
+        inbox: Inbox = queue.Queue(INBOX)
         dropped = [0]
+        reported = [0]
 
-        def handler(msg: Any) -> None:
+        def handler(msg: Message) -> None:
             if stop.is_set():
                 return  # subscriptions outlive a stopped pipeline until the daemon reconnects
             try:
@@ -71,24 +77,31 @@ class Source(BaseSource):
             except queue.Full:
                 dropped[0] += 1
 
-        self.ctx.connection.subscribe(self.config.topic, handler, qos=1)
-        reported = 0
-        while not stop.is_set():
-            if dropped[0] != reported:
+        def report_overflow() -> None:
+            if dropped[0] != reported[0]:
                 self.emit(
                     "source.overflow",
-                    reason=f"{dropped[0] - reported} message(s) on {self.config.topic} dropped: the pipeline fell behind",
+                    reason=f"{dropped[0] - reported[0]} message(s) on {self.config.topic} dropped: the pipeline fell behind",
                 )
-                reported = dropped[0]
+                reported[0] = dropped[0]
+
+        connection.subscribe(self.config.topic, handler, qos=1)
+        yield from self._drain(inbox, stop, report_overflow)
+
+    def _drain(self, inbox: Inbox, stop: threading.Event, idle: Callable[[], None] | None = None) -> Iterator[Window]:
+        """The inbox's payloads as windows until `stop`; `idle` runs before each wait."""
+        while not stop.is_set():
+            if idle is not None:
+                idle()
             try:
-                ts, payload = inbox.get(timeout=0.25)
+                ts, payload = inbox.get(timeout=INBOX_POLL_S)
             except queue.Empty:
                 continue
             window = self._parse(ts, payload)
             if window is not None:
                 yield window
 
-    def _parse(self, ts: float, payload: bytes) -> Window | None:
+    def _parse(self, ts: float, payload: bytes | bytearray) -> Window | None:
         try:
             obj = json.loads(payload)
             if isinstance(obj, (int, float)) and not isinstance(obj, bool) and len(self.config.fields) == 1:
@@ -100,18 +113,18 @@ class Source(BaseSource):
         return Window(values, ts, self.next_seq())
 
     def _own(self, stop: threading.Event) -> Iterator[Window]:
-        import paho.mqtt.client as mqtt
+        import paho.mqtt.client as paho
         from paho.mqtt.enums import CallbackAPIVersion
 
         settings = self.ctx.mqtt
         if settings is None:
-            raise SourceFailed("an mqtt source needs the profile's mqtt section")
-        inbox: queue.Queue[tuple[float, bytes]] = queue.Queue(INBOX)
+            raise SourceFailedError("an mqtt source needs the profile's mqtt section")
+        inbox: Inbox = queue.Queue(INBOX)
         client_id = f"{settings.client_id or self.ctx.device}-src-{self.ctx.pipeline}"
-        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id)
+        client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id)
         if settings.username:
             client.username_pw_set(settings.username, settings.secret())
-        if settings.secure:
+        if settings.secure and settings.tls is not None:
             tls = settings.tls
             client.tls_set(
                 ca_certs=str(tls.ca),
@@ -121,16 +134,20 @@ class Source(BaseSource):
             )
         topic = self.config.topic
 
-        def on_connect(c: Any, userdata: Any, flags: Any, reason: Any, props: Any = None) -> None:
+        def on_connect(
+            c: paho.Client, userdata: Any, flags: ConnectFlags, reason: ReasonCode, props: Properties | None = None
+        ) -> None:
             if not reason.is_failure:
                 c.subscribe(topic, qos=1)
                 self.emit("source.connected", topic=topic)
 
-        def on_disconnect(c: Any, userdata: Any, flags: Any, reason: Any, props: Any = None) -> None:
+        def on_disconnect(
+            c: paho.Client, userdata: Any, flags: DisconnectFlags, reason: ReasonCode, props: Properties | None = None
+        ) -> None:
             if not stop.is_set():
                 self.emit("source.lost", reason=f"broker connection lost ({reason})", topic=topic)
 
-        def on_message(c: Any, userdata: Any, msg: Any) -> None:
+        def on_message(c: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
             # Blocking here stalls reading from the socket: the broker holds the rest (backpressure).
             while not stop.is_set():
                 try:
@@ -143,16 +160,8 @@ class Source(BaseSource):
         client.reconnect_delay_set(1, 30)
         client.connect_async(settings.host, settings.port, keepalive=int(settings.keepalive))
         client.loop_start()
-        self.client = client
         try:
-            while not stop.is_set():
-                try:
-                    ts, payload = inbox.get(timeout=0.25)
-                except queue.Empty:
-                    continue
-                window = self._parse(ts, payload)
-                if window is not None:
-                    yield window
+            yield from self._drain(inbox, stop)
         finally:
             client.disconnect()
             client.loop_stop()

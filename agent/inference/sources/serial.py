@@ -24,12 +24,12 @@ import os
 import select
 import threading
 import time
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Generator, Iterator
 
 from agent.inference.processing.lazy import np
-from agent.inference.sources.base import Backoff, BaseSource, SourceFailed, Window
+from agent.inference.sources.base import BaseSource, SourceFailedError, Window
 from agent.inference.sources.jsonl import values_from_object
+from agent.util.backoff import Backoff
 
 POLL_S = 0.25
 MAX_LINE = 4096  # a line longer than this is noise on the wire, not a sample
@@ -42,7 +42,7 @@ def _configure(fd: int, baud: int) -> None:
 
     speed = getattr(termios, f"B{baud}", None)
     if speed is None:
-        raise SourceFailed(f"baud rate {baud} is not one this system supports")
+        raise SourceFailedError(f"baud rate {baud} is not one this system supports")
     tty.setraw(fd)
     attrs = termios.tcgetattr(fd)
     attrs[2] |= termios.CLOCAL | termios.CREAD
@@ -50,7 +50,7 @@ def _configure(fd: int, baud: int) -> None:
     termios.tcsetattr(fd, termios.TCSANOW, attrs)
 
 
-class Source(BaseSource):
+class Source(BaseSource[Config]):
     """Lines from a tty: comma-separated numbers (csv) or JSON objects (jsonl). A line that does not
     parse is `frame.rejected`; a port that disappears (USB unplugged) is `source.lost`, reopened with
     backoff, then `source.recovered`."""
@@ -58,13 +58,13 @@ class Source(BaseSource):
     sensor = True
 
     @staticmethod
-    def example(cfg: Config) -> Any:
-        return np.zeros(len(cfg.fields)) if cfg.fields else None
+    def example(config: Config) -> np.ndarray | None:
+        return np.zeros(len(config.fields)) if config.fields else None
 
     def frames(self, stop: threading.Event) -> Iterator[Window]:
         cfg = self.config
         if cfg.format == "jsonl" and not cfg.fields:
-            raise SourceFailed("a jsonl serial source needs fields (the numeric fields to read, in order)")
+            raise SourceFailedError("a jsonl serial source needs fields (the numeric fields to read, in order)")
         backoff = Backoff(30.0)
         lost = False
         while not stop.is_set():
@@ -91,7 +91,8 @@ class Source(BaseSource):
                 lost = True
                 stop.wait(backoff.next_delay())
 
-    def _lines(self, fd: int, stop: threading.Event) -> Iterator[Window]:
+    def _lines(self, fd: int, stop: threading.Event) -> Generator[Window, None, str]:
+        """Samples until the port fails (the reason is returned) or `stop` is set."""
         pending = b""
         first = True  # the first line may be the tail of one sent before we opened the port
         while not stop.is_set():
@@ -125,14 +126,14 @@ class Source(BaseSource):
                 yield Window(values, time.time(), self.next_seq())
         return ""
 
-    def _parse(self, text: str) -> Any:
+    def _parse(self, text: str) -> np.ndarray:
         cfg = self.config
         if cfg.format == "jsonl":
             try:
                 obj = json.loads(text)
             except json.JSONDecodeError as exc:
                 raise ValueError(f"not JSON ({exc.msg})") from None
-            return values_from_object(obj, cfg.fields)
+            return values_from_object(obj, cfg.fields or ())  # frames() refuses jsonl without fields
         cells = [c.strip() for c in text.split(",")]
         if cfg.fields is not None and len(cells) != len(cfg.fields):
             raise ValueError(f"{len(cells)} values, expected {len(cfg.fields)} ({', '.join(cfg.fields)})")

@@ -42,23 +42,12 @@ def text_layout(config: Config, seq: int) -> list[tuple[str, tuple[int, int], fl
     ]
 
 
-def text_boxes(config: Config, seq: int) -> list[list[int]]:
-    """The [x1, y1, x2, y2] box around the ink of each line of text on frame `seq` (ground truth for tests)."""
-    boxes = []
-    for text, origin, scale, thickness in text_layout(config, seq):
-        mask = np.zeros((config.height, config.width), dtype=np.uint8)
-        cv2.putText(mask, text, origin, FONT, scale, 255, thickness, cv2.LINE_AA)
-        x, y, w, h = cv2.boundingRect(cv2.findNonZero(mask))
-        boxes.append([x, y, x + w, y + h])
-    return boxes
-
-
-class Source(BaseSource):
+class Source(BaseSource[Config]):
     """Dark text on a light, slowly changing background with a moving block: deterministic per seq."""
 
     @staticmethod
-    def example(cfg: Config) -> object:
-        return np.zeros((cfg.height, cfg.width, 3), dtype=np.uint8)
+    def example(config: Config) -> np.ndarray | None:
+        return np.zeros((config.height, config.width, 3), dtype=np.uint8)
 
     def frames(self, stop: threading.Event) -> Iterator[Frame]:
         cfg = self.config

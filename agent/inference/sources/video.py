@@ -29,7 +29,7 @@ from agent.inference.sources.base import BaseSource, Frame, Pacer
 DEFAULT_FPS = 30.0
 
 
-class Source(BaseSource):
+class Source(BaseSource[Config]):
     """Frames of a file in order (backpressure: none dropped), `t` = frame index / the file's rate.
 
     A file OpenCV cannot open raises, so the pipeline reports `source.error` and tries again with

@@ -24,18 +24,23 @@ import base64
 import json
 import logging
 import queue
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from agent.transport.connection import Connection, reply_properties
 from agent.transport.events import Event, EventSink
+from agent.transport.subscriptions import Incoming
+from agent.util.timefmt import utc_iso
+from agent.util.worker import Worker
 
 log = logging.getLogger(__name__)
 
 # Requests waiting beyond this are refused (a flood of commands must not grow memory without bound).
 QUEUE_LIMIT = 100
+# How often the idle dispatcher thread looks at its stop flag.
+STOP_POLL_S = 0.2
 
 
 class CommandError(Exception):
@@ -51,7 +56,7 @@ class CommandError(Exception):
 class Arg:
     type: type | tuple[type, ...]
     required: bool = False
-    choices: tuple[Any, ...] = ()
+    choices: tuple[object, ...] = ()
     help: str = ""
 
     def describe(self) -> str:
@@ -98,12 +103,9 @@ SPECS: dict[str, CommandSpec] = {
     )
 }
 
-Handler = Callable[[dict[str, Any]], Any]
+# handler(arguments as checked against the command's spec) -> a JSON-able result
+Handler = Callable[[dict[str, Any]], object]
 Reply = Callable[[str, bytes, bytes | None], None]  # (topic, payload, correlation data)
-
-
-def _now_iso(ts: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{int(ts * 1000) % 1000:03d}Z"
 
 
 def check_args(spec: CommandSpec, args: dict[str, Any]) -> None:
@@ -137,8 +139,7 @@ class CommandDispatcher:
         self._queue: queue.Queue[tuple[str, bytes, str | None, bytes | None]] = queue.Queue(QUEUE_LIMIT)
         self._reply: Reply | None = None
         self._reply_topic: Callable[[str], str] | None = None
-        self._thread: threading.Thread | None = None
-        self._stop = threading.Event()
+        self._worker = Worker("commands", self._run)
         self.handled = 0
 
     def register(self, name: str, handler: Handler, spec: CommandSpec | None = None) -> None:
@@ -173,24 +174,22 @@ class CommandDispatcher:
             result = handler({k: v for k, v in args.items() if k != "id"})
             if isinstance(result, (bytes, bytearray)):
                 result = {"data_base64": base64.b64encode(bytes(result)).decode(), "bytes": len(result)}
-            reply.update(ok=True, ts=_now_iso(self._clock()), result=result)
+            reply.update(ok=True, ts=utc_iso(self._clock()), result=result)
         except CommandError as exc:
-            reply.update(ok=False, ts=_now_iso(self._clock()), error={"code": exc.code, "message": exc.message})
+            reply.update(ok=False, ts=utc_iso(self._clock()), error={"code": exc.code, "message": exc.message})
             self._event(name, exc.code, exc.message)
         except Exception as exc:  # a handler's bug is an error reply, never a crash
             log.exception("command %s failed", name)
             message = f"{type(exc).__name__}: {exc}"
-            reply.update(ok=False, ts=_now_iso(self._clock()), error={"code": "failed", "message": message})
+            reply.update(ok=False, ts=utc_iso(self._clock()), error={"code": "failed", "message": message})
             self._event(name, "failed", message)
         self.handled += 1
         return reply
 
     # ---- wiring to MQTT ----------------------------------------------------------------------
 
-    def attach(self, connection: Any) -> CommandDispatcher:
+    def attach(self, connection: Connection) -> CommandDispatcher:
         """Subscribe to `<prefix>/<device>/cmd/+` (again on every connect) and answer on the dispatcher thread."""
-        from agent.transport.mqtt import reply_properties
-
         topics = connection.topics
 
         def reply(topic: str, payload: bytes, correlation: bytes | None) -> None:
@@ -200,7 +199,7 @@ class CommandDispatcher:
         self._reply = reply
         self._reply_topic = topics.reply
 
-        def on_message(msg: Any) -> None:
+        def on_message(msg: Incoming) -> None:
             name = topics.command_name(msg.topic)
             if name is None:
                 return
@@ -213,22 +212,16 @@ class CommandDispatcher:
         return self.start()
 
     def start(self) -> CommandDispatcher:
-        if self._thread is None:
-            self._stop.clear()
-            self._thread = threading.Thread(target=self._run, name="commands", daemon=True)
-            self._thread.start()
+        self._worker.start()
         return self
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(5)
-            self._thread = None
+        self._worker.stop()
 
     def _run(self) -> None:
-        while not self._stop.is_set():
+        while not self._worker.stopping.is_set():
             try:
-                name, payload, response_topic, correlation = self._queue.get(timeout=0.2)
+                name, payload, response_topic, correlation = self._queue.get(timeout=STOP_POLL_S)
             except queue.Empty:
                 continue
             body = self.handle(name, payload)

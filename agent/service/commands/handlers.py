@@ -1,62 +1,68 @@
-"""The daemon's handlers for remote commands (the dispatcher in agent.commands owns parsing and replies)."""
+"""The daemon's handlers for remote commands (the dispatcher in dispatch.py owns parsing and replies)."""
 
 from __future__ import annotations
 
-from typing import Any
+import base64
+from typing import TYPE_CHECKING, Any
+
+import cv2
 
 from agent.service.commands.dispatch import CommandDispatcher, CommandError
 
+if TYPE_CHECKING:  # the daemon registers these handlers: a runtime import would be a cycle
+    from agent.models.updater import Updater
+    from agent.service.daemon import Daemon, Parts
 
-def register_commands(dispatcher: CommandDispatcher, daemon: Any) -> None:
-    def parts() -> Any:
+SNAPSHOT_JPEG_QUALITY = 85
+
+
+def register_commands(dispatcher: CommandDispatcher, daemon: Daemon) -> None:
+    def parts() -> Parts:
         if daemon.parts is None:
             raise CommandError("the agent is stopping", "failed")
         return daemon.parts
 
-    def updater() -> Any:
-        if parts().updater is None:
+    def updater() -> Updater:
+        running = parts().updater
+        if running is None:
             raise CommandError("this device has no registry section", "not_available")
-        return parts().updater
+        return running
 
-    def update(args: dict[str, Any]) -> Any:
+    def update(args: dict[str, Any]) -> object:
         return {"models": updater().update(only=args.get("model"))}
 
-    def rollback(args: dict[str, Any]) -> Any:
+    def rollback(args: dict[str, Any]) -> object:
         try:
             return updater().rollback(args["model"])
         except ValueError as exc:
             raise CommandError(str(exc), "bad_argument") from None
 
-    def reload(args: dict[str, Any]) -> Any:
+    def reload(args: dict[str, Any]) -> object:
         if not daemon.reload():
             raise CommandError(
                 "the profile on disk is invalid; the running profile stays (see the profile.invalid event)"
             )
         return {"pipelines": sorted(parts().pipelines)}
 
-    def pipeline(args: dict[str, Any]) -> Any:
+    def pipeline(args: dict[str, Any]) -> object:
         name, action = args["name"], args["action"]
         config = next((c for c in daemon.profile.pipelines if c.name == name), None)
         if config is None:
             known = ", ".join(c.name for c in daemon.profile.pipelines) or "none"
             raise CommandError(f"no pipeline named {name!r} (known: {known})", "bad_argument")
         if action in ("stop", "restart"):
-            daemon._stop_pipelines([name])
+            daemon.stop_pipelines([name])
         if action in ("start", "restart") and name not in parts().pipelines:
-            daemon._start_pipelines((config,))
+            daemon.start_pipelines((config,))
             if name not in parts().pipelines:
                 raise CommandError(f"pipeline {name!r} did not start (see the pipeline.failed event)")
         running = parts().pipelines.get(name)
         return {"pipeline": name, "state": running.stats()["state"] if running else "stopped"}
 
-    def config(args: dict[str, Any]) -> Any:
+    def config(args: dict[str, Any]) -> object:
         return daemon.profile.model_dump(mode="json")  # SecretStr values dump as '**********'
 
-    def snapshot(args: dict[str, Any]) -> Any:
-        import base64
-
-        import cv2
-
+    def snapshot(args: dict[str, Any]) -> object:
         running = parts().pipelines.get(args["pipeline"])
         if running is None:
             raise CommandError(f"no running pipeline named {args['pipeline']!r}", "bad_argument")
@@ -69,7 +75,7 @@ def register_commands(dispatcher: CommandDispatcher, daemon: Any) -> None:
             image = cv2.resize(
                 image, (width, round(image.shape[0] * width / image.shape[1])), interpolation=cv2.INTER_AREA
             )
-        ok, jpeg = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 85])
+        ok, jpeg = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, SNAPSHOT_JPEG_QUALITY])
         if not ok:
             raise CommandError("the frame could not be encoded as JPEG")
         return {

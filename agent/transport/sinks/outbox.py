@@ -1,6 +1,6 @@
 """The `Sink` that pipelines and the rest of the agent write to when a broker is configured.
 
-Every result and event becomes one message in the durable outbox; `OutboxPump` (agent.mqtt) takes it
+Every result and event becomes one message in the durable outbox; `OutboxPump` (agent.transport.pump) takes it
 from there. `seq` is assigned here, per pipeline (and one sequence for events), in the same transaction
 that stores the message, so it rises across restarts and a subscriber detects loss or duplicates from it.
 
@@ -16,12 +16,16 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent.transport.events import Event
-from agent.transport.mqtt import utc_iso
 from agent.transport.outbox import Outbox
 from agent.transport.topics import Topics
+from agent.util.timefmt import utc_iso
+from agent.util.worker import Worker
+
+if TYPE_CHECKING:
+    from agent.config.profile import MqttConfig, PipelineConfig
 
 log = logging.getLogger(__name__)
 
@@ -65,13 +69,14 @@ class OutboxSink:
         self._deadline: dict[str, float] = {}
         self._pending_qos: dict[str, int] = {}
         self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._worker = Worker("outbox-sink", self._run)
         self._dropped_reported = outbox.dropped
         self._last_drop_report = 0.0
 
     @classmethod
-    def for_profile(cls, outbox: Outbox, topics: Topics, mqtt: Any, pipelines: Iterable[Any]) -> OutboxSink:
+    def for_profile(
+        cls, outbox: Outbox, topics: Topics, mqtt: MqttConfig, pipelines: Iterable[PipelineConfig]
+    ) -> OutboxSink:
         """Batch sizes from each pipeline's `batch`, the default QoS from `mqtt.qos`."""
         batches = {p.name: (p.batch.size, p.batch.max_delay) for p in pipelines}
         return cls(outbox, topics, qos=mqtt.qos, batches=batches)
@@ -116,17 +121,11 @@ class OutboxSink:
     # ---- lifecycle ---------------------------------------------------------------------------
 
     def start(self) -> OutboxSink:
-        if self._thread is None:
-            self._stop.clear()
-            self._thread = threading.Thread(target=self._run, name="outbox-sink", daemon=True)
-            self._thread.start()
+        self._worker.start()
         return self
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(5)
-            self._thread = None
+        self._worker.stop()
         self.flush()
 
     def flush(self) -> None:
@@ -181,7 +180,7 @@ class OutboxSink:
         def build(first: int) -> bytes:
             results = []
             for i, item in enumerate(items):
-                body = {"seq": first + i}
+                body: dict[str, Any] = {"seq": first + i}
                 body.update(
                     {k: (_ts(v) if k == "ts" else v) for k, v in item.items() if k not in ("seq", "device", "pipeline")}
                 )
@@ -202,7 +201,7 @@ class OutboxSink:
         )
 
     def _run(self) -> None:
-        while not self._stop.wait(TICK):
+        while not self._worker.stopping.wait(TICK):
             try:
                 now = time.monotonic()
                 with self._lock:
@@ -212,4 +211,4 @@ class OutboxSink:
                 self.report_drops()
             except Exception:  # keep flushing after a bad moment, e.g. a full disk
                 log.exception("outbox sink: flush failed")
-                self._stop.wait(1.0)
+                self._worker.stopping.wait(1.0)

@@ -102,7 +102,7 @@ class StdoutSink:
 
 def _plain(value: Any) -> Any:
     """numpy values a post-processor plug-in left in its output, as plain JSON."""
-    from agent.inference.runtime import to_json
+    from agent.inference.processing.jsonvalues import to_json
 
     converted = to_json(value, None)
     if converted is value:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field
 
@@ -25,11 +25,14 @@ class Config(Strict):
 from agent.inference.processing.lazy import np
 from agent.inference.processing.post.base import BasePostprocessor, PostContext
 
+if TYPE_CHECKING:
+    from agent.inference.processing.post.base import Output, Outputs
 
-class Postprocessor(BasePostprocessor):
+
+class Postprocessor(BasePostprocessor[Config]):
     """A score per window: the model's own output, or an autoencoder's reconstruction error."""
 
-    def __call__(self, outputs: Any, ctx: PostContext) -> dict[str, Any] | None:
+    def __call__(self, outputs: Outputs, ctx: PostContext) -> Output | None:
         cfg = self.config
         value = np.asarray(outputs[self.output], dtype=np.float64)
         if cfg.method == "reconstruction":

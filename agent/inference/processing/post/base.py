@@ -10,12 +10,21 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+from agent.config.base import PluginConfig
 
 if TYPE_CHECKING:
+    from typing import TypeAlias
+
     import numpy as np
 
     from agent.inference.processing.pre import Geometry
+
+    # What ONNX Runtime returns for one output: a tensor, or a list of maps (scikit-learn's ZipMap).
+    OutputValue: TypeAlias = np.ndarray | list[dict[Any, float]]
+    Outputs: TypeAlias = Mapping[str, OutputValue]
+    Output: TypeAlias = dict[str, Any]  # a result's `output` object, as JSON will carry it
 
 
 @dataclass(frozen=True)
@@ -28,36 +37,38 @@ class PostContext:
     input: np.ndarray | None = None
 
 
-class BasePostprocessor:
-    def __init__(self, config: Any, output_names: Sequence[str], output_types: Mapping[str, str] | None = None) -> None:
+ConfigT = TypeVar("ConfigT", bound=PluginConfig)
+
+
+class BasePostprocessor(Generic[ConfigT]):
+    def __init__(
+        self, config: ConfigT, output_names: Sequence[str], output_types: Mapping[str, str] | None = None
+    ) -> None:
         self.config = config
         self.output_names = list(output_names)
         self.output_types = dict(output_types or {})
-        wanted = getattr(config, "output", None)
+        wanted = getattr(config, "output", None)  # the plug-ins that read one output name it `output`
         if wanted is not None and wanted not in self.output_names:
             raise ValueError(f"the model has no output {wanted!r} (outputs: {', '.join(self.output_names)})")
-        self.output = wanted if wanted is not None else self.default_output()
+        self.output: str = wanted if wanted is not None else self.default_output()
 
     def default_output(self) -> str:
         return self.output_names[0]
 
-    def __call__(self, outputs: Mapping[str, Any], ctx: PostContext) -> dict[str, Any] | None:  # pragma: no cover
+    def __call__(self, outputs: Outputs, ctx: PostContext) -> Output | None:  # pragma: no cover - interface
         raise NotImplementedError
 
-    def reset(self) -> None:
-        """Forget state carried across frames (called when the model is swapped or the stream restarts)."""
+
+def boxes_of(output: Output) -> list[dict[str, Any]]:
+    """The boxes of a detection or text-detection output, in the result's own form; [] for others."""
+    for key in ("boxes", "detections"):
+        value = output.get(key)
+        if isinstance(value, list):
+            return value
+    return []
 
 
 def read_labels(path: Path | None) -> list[str] | None:
     if path is None:
         return None
     return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
-def make_postprocessor(
-    config: Any, output_names: Sequence[str], output_types: Mapping[str, str] | None = None
-) -> BasePostprocessor:
-    """The plug-in registered for `config.type`, built for a model with these outputs."""
-    from agent.inference.processing.post import POSTPROCESSORS
-
-    return POSTPROCESSORS[config.type].Postprocessor(config, output_names, output_types)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field
 
@@ -20,14 +20,21 @@ class Config(Strict):
     labels: ProfilePath | None = Field(None, description="a text file with one label per line")
 
 
+from collections.abc import Mapping, Sequence
+
 from agent.inference.processing.lazy import np
 from agent.inference.processing.post.base import BasePostprocessor, PostContext, read_labels
 
+if TYPE_CHECKING:
+    from agent.inference.processing.post.base import Output, Outputs
 
-class Postprocessor(BasePostprocessor):
+
+class Postprocessor(BasePostprocessor[Config]):
     """Scores (a tensor [1, K], or the ZipMap map of a scikit-learn model) to the top-k classes."""
 
-    def __init__(self, config: Config, output_names: Any, output_types: Any = None) -> None:
+    def __init__(
+        self, config: Config, output_names: Sequence[str], output_types: Mapping[str, str] | None = None
+    ) -> None:
         super().__init__(config, output_names, output_types)
         self.labels = read_labels(config.labels)
 
@@ -39,7 +46,7 @@ class Postprocessor(BasePostprocessor):
                 return name
         return self.output_names[0]
 
-    def __call__(self, outputs: Any, ctx: PostContext) -> dict[str, Any]:
+    def __call__(self, outputs: Outputs, ctx: PostContext) -> Output:
         cfg = self.config
         value = outputs[self.output]
         if isinstance(value, list):  # ZipMap: [{label: probability}]

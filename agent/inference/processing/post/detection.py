@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field
 
@@ -22,19 +22,26 @@ class Config(Strict):
     classes: tuple[int, ...] | None = Field(None, description="only report these class ids")
 
 
+from collections.abc import Mapping, Sequence
+
 from agent.inference.processing.lazy import cv2, np
 from agent.inference.processing.post.base import BasePostprocessor, PostContext, read_labels
 
+if TYPE_CHECKING:
+    from agent.inference.processing.post.base import Output, Outputs, OutputValue
 
-class Postprocessor(BasePostprocessor):
+
+class Postprocessor(BasePostprocessor[Config]):
     """YOLOv8 ([1, 4+C, N]) or YOLOv5 ([1, N, 5+C]) rows to boxes, NMS per class, source pixels."""
 
-    def __init__(self, config: Config, output_names: Any, output_types: Any = None) -> None:
+    def __init__(
+        self, config: Config, output_names: Sequence[str], output_types: Mapping[str, str] | None = None
+    ) -> None:
         super().__init__(config, output_names, output_types)
         self.labels = read_labels(config.labels)
         self.keep = set(config.classes) if config.classes is not None else None
 
-    def decode(self, raw: Any) -> tuple[Any, Any, Any]:
+    def decode(self, raw: OutputValue) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Rows of (cx, cy, w, h) boxes, their confidences and class ids, before NMS."""
         pred = np.asarray(raw, dtype=np.float32)
         pred = pred[0] if pred.ndim == 3 else pred
@@ -52,7 +59,7 @@ class Postprocessor(BasePostprocessor):
         conf = cls_scores[np.arange(len(rows)), class_ids]
         return boxes, conf, class_ids
 
-    def __call__(self, outputs: Any, ctx: PostContext) -> dict[str, Any]:
+    def __call__(self, outputs: Outputs, ctx: PostContext) -> Output:
         cfg = self.config
         boxes, conf, class_ids = self.decode(outputs[self.output])
         mask = conf >= cfg.threshold

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field
 
@@ -24,14 +24,17 @@ class Config(Strict):
 from agent.inference.processing.lazy import cv2, np
 from agent.inference.processing.post.base import BasePostprocessor, PostContext
 
+if TYPE_CHECKING:
+    from agent.inference.processing.post.base import Output, Outputs
 
-class Postprocessor(BasePostprocessor):
+
+class Postprocessor(BasePostprocessor[Config]):
     """DB post-processing as PaddleOCR does it: binarise, contours, mean score inside, unclip.
 
     Boxes are axis-aligned `[x1, y1, x2, y2]` in source pixels, around the unclipped rotated box.
     """
 
-    def __call__(self, outputs: Any, ctx: PostContext) -> dict[str, Any]:
+    def __call__(self, outputs: Outputs, ctx: PostContext) -> Output:
         cfg = self.config
         prob = np.asarray(outputs[self.output])
         prob = prob.reshape(prob.shape[-2], prob.shape[-1]).astype(np.float32, copy=False)
@@ -59,7 +62,7 @@ class Postprocessor(BasePostprocessor):
             box = [max(0.0, float(x1)), max(0.0, float(y1)), min(float(w), float(x2)), min(float(h), float(y2))]
             found.append((score, box))
         found.sort(key=lambda f: -f[0])
-        boxes = []
+        boxes: list[dict[str, Any]] = []
         for score, box in found[: cfg.max_boxes]:
             boxes.append(
                 {
@@ -71,7 +74,7 @@ class Postprocessor(BasePostprocessor):
         return {"boxes": boxes}
 
     @staticmethod
-    def _mean_score(prob: Any, contour: Any, w: int, h: int) -> float:
+    def _mean_score(prob: np.ndarray, contour: np.ndarray, w: int, h: int) -> float:
         x, y, bw, bh = cv2.boundingRect(contour)
         x2, y2 = min(w, x + bw), min(h, y + bh)
         mask = np.zeros((y2 - y, x2 - x), dtype=np.uint8)

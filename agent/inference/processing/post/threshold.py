@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -29,30 +29,34 @@ class Config(Strict):
         return self
 
 
+from collections.abc import Mapping, Sequence
+
 from agent.inference.processing.lazy import np
 from agent.inference.processing.post.base import BasePostprocessor, PostContext
 
+if TYPE_CHECKING:
+    from agent.inference.processing.post.base import Output, Outputs
 
-class Postprocessor(BasePostprocessor):
+
+class Postprocessor(BasePostprocessor[Config]):
     """Hysteresis over a score: `open` when it reaches `threshold`, `close` once it has stayed under
     `off_threshold` for `min_off`. Only changes are published. Times are the stream offset `t` for
     file sources and capture time otherwise; a close reports when the score fell, not when the
     `min_off` wait ended, so that the event's span is the activity's span.
     """
 
-    def __init__(self, config: Config, output_names: Any, output_types: Any = None) -> None:
+    def __init__(
+        self, config: Config, output_names: Sequence[str], output_types: Mapping[str, str] | None = None
+    ) -> None:
         super().__init__(config, output_names, output_types)
         self.off = config.off_threshold if config.off_threshold is not None else config.threshold - 0.15
-        self.reset()
-
-    def reset(self) -> None:
         self.active = False  # an event is open (possibly not yet reported, waiting for min_on)
         self.reported = False
         self.start = 0.0
         self.low_since: float | None = None
         self.peak = 0.0
 
-    def __call__(self, outputs: Any, ctx: PostContext) -> dict[str, Any] | None:
+    def __call__(self, outputs: Outputs, ctx: PostContext) -> Output | None:
         cfg = self.config
         score = float(np.asarray(outputs[self.output]).reshape(-1)[0])
         now = ctx.t if ctx.t is not None else ctx.ts

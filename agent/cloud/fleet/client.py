@@ -1,0 +1,217 @@
+"""The cloud side's broker connection: one short-lived paho-mqtt 2 client per command.
+
+Unlike the device's connection (agent.transport), nothing here reconnects or keeps an outbox: a fleet
+command connects, reads what it needs, writes an order and ends, and any failure ends it with one line.
+Messages are queued by paho's network thread and taken on the caller's thread by `receive()`, so that
+everything that interprets them runs single-threaded.
+"""
+
+from __future__ import annotations
+
+import queue
+import ssl
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+CONNECT_TIMEOUT = 10.0
+SUBACK_TIMEOUT = 5.0
+PUBACK_TIMEOUT = 10.0
+KEEPALIVE = 30
+
+
+class FleetError(Exception):
+    """Ends a fleet command with a one-line message: code 1 for runtime failures, 2 for bad input."""
+
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True)
+class BrokerSettings:
+    url: str
+    username: str | None = None
+    password_file: Path | None = None
+    tls_ca: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+
+    def address(self) -> tuple[str, int, bool]:
+        """(host, port, TLS) from the URL; FleetError (code 2) for a URL the options cannot mean."""
+        parts = urlsplit(self.url)
+        if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
+            raise FleetError(f"--broker: expected mqtt://host[:port] or mqtts://host[:port], got {self.url!r}", 2)
+        try:
+            port = parts.port
+        except ValueError:
+            raise FleetError(f"--broker: the port in {self.url!r} is not a number from 1 to 65535", 2) from None
+        secure = parts.scheme == "mqtts"
+        if not secure and (self.tls_ca or self.tls_cert or self.tls_key):
+            raise FleetError("--tls-* given but --broker is mqtt://; use mqtts:// to connect with TLS", 2)
+        return parts.hostname, port or (8883 if secure else 1883), secure
+
+
+class BrokerClient:
+    """Connect or fail in one line; subscribe and publish retained, each waiting for the broker's ack."""
+
+    def __init__(
+        self,
+        settings: BrokerSettings,
+        *,
+        client_id: str | None = None,
+        protocol: MQTTProtocolVersion = MQTTProtocolVersion.MQTTv5,
+    ) -> None:
+        self.settings = settings
+        self.host, self.port, self.secure = settings.address()
+        self._queue: queue.Queue[tuple[str, bytes]] = queue.Queue()
+        self._connected = threading.Event()
+        self._connect_reason: ReasonCode | None = None
+        self._subacks: set[int] = set()
+        self._acked = threading.Condition()
+        self._pubacks: dict[int, ReasonCode] = {}
+        client = paho.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=client_id or f"edge-agent-fleet-{uuid.uuid4().hex[:10]}",
+            protocol=protocol,
+        )
+        if settings.username:
+            client.username_pw_set(settings.username, self._password())
+        elif settings.password_file is not None:
+            raise FleetError("--password-file needs --username", 2)
+        if self.secure:
+            try:
+                client.tls_set(
+                    ca_certs=str(settings.tls_ca) if settings.tls_ca else None,
+                    certfile=str(settings.tls_cert) if settings.tls_cert else None,
+                    keyfile=str(settings.tls_key) if settings.tls_key else None,
+                    cert_reqs=ssl.CERT_REQUIRED,
+                )
+            except (ssl.SSLError, OSError) as exc:
+                raise FleetError(f"--tls-*: cannot load the TLS files ({exc})", 2) from None
+        client.on_connect = self._on_connect
+        client.on_subscribe = self._on_subscribe
+        client.on_publish = self._on_publish
+        client.on_message = self._on_message
+        self.client = client
+
+    def _password(self) -> str | None:
+        path = self.settings.password_file
+        if path is None:
+            return None
+        try:
+            return path.read_text().strip()
+        except OSError as exc:
+            raise FleetError(f"--password-file: cannot read {path}: {exc.strerror or exc}", 2) from None
+
+    def connect(self, timeout: float = CONNECT_TIMEOUT) -> BrokerClient:
+        url = self.settings.url
+        self.client.connect_timeout = timeout
+        try:
+            self.client.connect(self.host, self.port, keepalive=KEEPALIVE)
+        except ssl.SSLError as exc:
+            raise FleetError(f"cannot connect to {url}: TLS: {exc.reason or exc}") from None
+        except OSError as exc:
+            raise FleetError(f"cannot connect to {url}: {exc.strerror or exc}") from None
+        self.client.loop_start()
+        if not self._connected.wait(timeout):
+            self.close()
+            raise FleetError(f"no answer from the broker at {url} within {timeout:g}s")
+        reason = self._connect_reason
+        if reason is not None and reason.is_failure:
+            self.close()
+            raise FleetError(
+                f"the broker at {url} refused the connection: {reason} "
+                "(check --username, --password-file and the broker's ACL)"
+            )
+        return self
+
+    def close(self) -> None:
+        try:
+            self.client.disconnect()
+        finally:
+            self.client.loop_stop()
+
+    def subscribe(self, *filters: str, timeout: float = SUBACK_TIMEOUT) -> None:
+        """Subscribe at QoS 1 and wait for the SUBACKs (retained messages follow them)."""
+        mids = []
+        for topic_filter in filters:
+            rc, mid = self.client.subscribe(topic_filter, qos=1)
+            if rc != paho.MQTT_ERR_SUCCESS:
+                raise FleetError(f"cannot subscribe to {topic_filter}: {paho.error_string(rc)}")
+            mids.append(mid)
+        deadline = time.monotonic() + timeout
+        with self._acked:
+            while not all(m in self._subacks for m in mids):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise FleetError(f"the broker did not acknowledge the subscriptions within {timeout:g}s")
+                self._acked.wait(left)
+
+    def publish_retained(self, topic: str, payload: bytes, timeout: float = PUBACK_TIMEOUT) -> None:
+        """Publish retained at QoS 1 and wait for the PUBACK; a refusal (MQTT 5 reason code) raises."""
+        info = self.client.publish(topic, payload, qos=1, retain=True)
+        if info.rc != paho.MQTT_ERR_SUCCESS:
+            raise FleetError(f"cannot publish to {topic}: {paho.error_string(info.rc)}")
+        deadline = time.monotonic() + timeout
+        with self._acked:
+            while info.mid not in self._pubacks:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise FleetError(f"the broker did not acknowledge the order on {topic} within {timeout:g}s")
+                self._acked.wait(left)
+            reason = self._pubacks.pop(info.mid)
+        if reason.is_failure:
+            raise FleetError(f"the broker refused the publish on {topic}: {reason} (check the ACL of this user)")
+
+    def receive(self, timeout: float) -> tuple[str, bytes] | None:
+        """The next (topic, payload), or None after `timeout` seconds."""
+        try:
+            return self._queue.get(timeout=max(0.0, timeout))
+        except queue.Empty:
+            return None
+
+    # ---- paho callbacks (network thread) ---------------------------------------------------------
+    # userdata is paho's own `Any`: this client never sets it.
+
+    def _on_connect(
+        self,
+        client: paho.Client,
+        userdata: Any,
+        flags: paho.ConnectFlags,
+        reason: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        self._connect_reason = reason
+        self._connected.set()
+
+    def _on_subscribe(
+        self,
+        client: paho.Client,
+        userdata: Any,
+        mid: int,
+        reasons: list[ReasonCode],
+        properties: Properties | None,
+    ) -> None:
+        with self._acked:
+            self._subacks.add(mid)
+            self._acked.notify_all()
+
+    def _on_publish(
+        self, client: paho.Client, userdata: Any, mid: int, reason: ReasonCode, properties: Properties
+    ) -> None:
+        with self._acked:
+            self._pubacks[mid] = reason
+            self._acked.notify_all()
+
+    def _on_message(self, client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
+        self._queue.put((message.topic, bytes(message.payload)))

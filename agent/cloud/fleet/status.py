@@ -1,0 +1,160 @@
+"""`fleet status`: read the retained status, health and deploy topics for a moment and tabulate them.
+
+`fleet_state()` is also what `--json` prints, so its keys are a contract: the TypedDicts below.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from typing import Any, TypedDict
+
+from agent.cloud.fleet.client import BrokerSettings
+from agent.cloud.fleet.inventory import SETTLE, Device, connected
+
+
+class DeviceState(TypedDict):
+    device: str
+    state: str | None
+    group: str | None
+    models: dict[str, dict[str, Any]]  # name -> version, provider, digest (as the device reports them)
+    providers: list[str]
+    health_ts: object  # as the device wrote it
+    health_age_s: float | None
+    outbox_depth: int | None
+    agent_version: object  # as the device wrote it
+
+
+class _OrderTopic(TypedDict):
+    topic: str
+
+
+class OrderState(_OrderTopic, total=False):
+    """A retained order as it says it is (its signature is the devices' business): either `error`,
+    or the order's fields as it wrote them, unchecked (and `canary` on a canary's device order)."""
+
+    error: str
+    id: object
+    model: object
+    version: object
+    target: object
+    issued: object
+    expires: object
+    canary: object
+
+
+class FleetState(TypedDict):
+    prefix: str
+    devices: list[DeviceState]
+    orders: list[OrderState]
+
+
+def fleet_state(
+    settings: BrokerSettings, prefix: str = "edge", group: str | None = None, settle: float = SETTLE
+) -> FleetState:
+    with connected(settings, prefix, ("status", "health", "deploy"), settle) as inventory:
+        pass  # what the retained topics held, read for `settle`
+    now = datetime.now(timezone.utc)
+    devices = [
+        _device_state(dev, now)
+        for dev in sorted(inventory.devices.values(), key=lambda d: d.id)
+        if group is None or dev.group == group
+    ]
+    orders = [_order_state(t, p) for t, p in sorted(inventory.orders.items())]
+    if group is not None:
+        targets = {f"group:{group}", *(f"device:{d['device']}" for d in devices)}
+        orders = [o for o in orders if o.get("target") in targets]
+    return {"prefix": prefix, "devices": devices, "orders": orders}
+
+
+def _device_state(dev: Device, now: datetime) -> DeviceState:
+    seen = dev.health_time()
+    return {
+        "device": dev.id,
+        "state": dev.state,
+        "group": dev.group,
+        "models": {
+            k: {f: v.get(f) for f in ("version", "provider", "digest") if f in v} for k, v in dev.models().items()
+        },
+        "providers": dev.providers(),
+        "health_ts": (dev.health or {}).get("ts"),
+        "health_age_s": None if seen is None else round((now - seen).total_seconds(), 1),
+        "outbox_depth": dev.outbox_depth(),
+        "agent_version": dev.status.get("version"),
+    }
+
+
+def _order_state(topic: str, payload: object) -> OrderState:
+    doc: object = None
+    if isinstance(payload, dict) and isinstance(payload.get("order"), str):
+        try:
+            doc = json.loads(payload["order"])
+        except ValueError:
+            doc = None
+    if not isinstance(doc, dict):
+        return {"topic": topic, "error": "not a deployment order"}
+    out: OrderState = {
+        "topic": topic,
+        "id": doc.get("id"),
+        "model": doc.get("model"),
+        "version": doc.get("version"),
+        "target": doc.get("target"),
+        "issued": doc.get("issued"),
+        "expires": doc.get("expires"),
+    }
+    if doc.get("canary"):
+        out["canary"] = doc["canary"]
+    return out
+
+
+def short_provider(provider: object) -> str:
+    """`CUDAExecutionProvider` -> `CUDA`: the table columns stay narrow."""
+    name = str(provider or "?")
+    return name.removesuffix("ExecutionProvider") or name
+
+
+def human_age(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    s = max(0, int(seconds))
+    if s < 120:
+        return f"{s}s ago"
+    if s < 7200:
+        return f"{s // 60}min ago"
+    if s < 172800:
+        return f"{s // 3600}h ago"
+    return f"{s // 86400}d ago"
+
+
+def render_status(state: FleetState) -> str:
+    rows = [("DEVICE", "STATE", "GROUP", "MODELS", "PROVIDER", "HEALTH", "OUTBOX")]
+    for d in state["devices"]:
+        models = ", ".join(f"{k} {v.get('version', '?')}" for k, v in sorted(d["models"].items())) or "-"
+        rows.append(
+            (
+                d["device"],
+                d["state"] or "?",
+                d["group"] or "?",
+                models,
+                ", ".join(short_provider(p) for p in d["providers"]) or "-",
+                human_age(d["health_age_s"]),
+                "-" if d["outbox_depth"] is None else str(d["outbox_depth"]),
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    if len(rows) == 1:
+        lines.append(f"(no device seen on {state['prefix']}/+/status or {state['prefix']}/+/health)")
+    if state["orders"]:
+        lines.append("")
+        lines.append("retained deployment orders (signatures are checked by the devices):")
+        for o in state["orders"]:
+            if "error" in o:
+                lines.append(f"  {o['topic']}: {o['error']}")
+            else:
+                canary = " (canary)" if o.get("canary") else ""
+                lines.append(
+                    f"  {o['topic']}: {o.get('model')} {o.get('version')} -> {o.get('target')}{canary}, "
+                    f"issued {o.get('issued')}, expires {o.get('expires')}, id {o.get('id')}"
+                )
+    return "\n".join(lines)

@@ -1,0 +1,127 @@
+"""One session on one ranked provider, and proof of what it really runs on.
+
+A CUDA or TensorRT session whose libraries are missing quietly becomes a CPU session, so every session
+is read back (`get_providers()`, and the graph assignment where the runtime records it) before anyone
+reports it as running on a provider.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnxruntime as ort
+
+from agent.device.providers import CPU, CUDA, OPENVINO, TENSORRT, Candidate
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Verification:
+    """What the session really runs on, read back from it."""
+
+    providers: tuple[str, ...]
+    assignment: dict[str, int] | None  # nodes per provider, where the runtime records it (1.24+)
+
+    def share(self, provider: str) -> float | None:
+        if not self.assignment:
+            return None
+        total = sum(self.assignment.values())
+        return self.assignment.get(provider, 0) / total if total else None
+
+
+def provider_options(candidate: Candidate, state_dir: Path, threads: int) -> dict[str, str]:
+    """The candidate's options over device defaults: caches under the state dir, threads, device 0."""
+    cache = Path(state_dir) / "cache"
+    defaults: dict[str, str] = {}
+    if candidate.provider == TENSORRT:
+        # Building an engine takes minutes on a Jetson: cache it, and the timing cache that speeds rebuilds.
+        defaults = {
+            "device_id": "0",
+            "trt_engine_cache_enable": "True",
+            "trt_engine_cache_path": str(cache / "tensorrt"),
+            "trt_timing_cache_enable": "True",
+            "trt_timing_cache_path": str(cache / "tensorrt"),
+        }
+    elif candidate.provider == CUDA:
+        defaults = {"device_id": "0"}
+    elif candidate.provider == OPENVINO:
+        defaults = {"device_type": "CPU", "cache_dir": str(cache / "openvino")}
+        if candidate.options.get("device_type", "CPU") == "CPU":
+            defaults["num_of_threads"] = str(threads)
+    return {**defaults, **candidate.options}
+
+
+def session_options(threads: int) -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    # Idle threads sleep instead of spinning: devices share their few cores with capture and MQTT.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    # Which nodes run where (1.24+); older runtimes ignore the key and we fall back to get_providers().
+    options.add_session_config_entry("session.record_ep_graph_assignment_info", "1")
+    return options
+
+
+def build_session(model: Path | bytes, candidate: Candidate, state_dir: Path, threads: int) -> ort.InferenceSession:
+    """One session on the candidate, with the CPU provider behind it for the ops it does not take."""
+    opts = provider_options(candidate, state_dir, threads)
+    for key in ("trt_engine_cache_path", "cache_dir"):
+        if key in opts:
+            Path(opts[key]).mkdir(parents=True, exist_ok=True)
+    chain: list[tuple[str, dict[str, str]]] = [(candidate.provider, opts)]
+    if candidate.provider == TENSORRT and CUDA in ort.get_available_providers():
+        chain.append((CUDA, {"device_id": opts.get("device_id", "0")}))
+    if candidate.provider != CPU:
+        chain.append((CPU, {}))
+    source = model if isinstance(model, bytes) else str(model)
+    with warnings.catch_warnings():
+        # onnxruntime only warns when a provider is not in the build; verify() turns that into a fallback event.
+        warnings.filterwarnings("ignore", message="Specified provider", category=UserWarning)
+        return ort.InferenceSession(
+            source,
+            sess_options=session_options(threads),
+            providers=[p for p, _ in chain],
+            provider_options=[o for _, o in chain],
+        )
+
+
+def verify(session: ort.InferenceSession) -> Verification:
+    """Read back the providers the session kept and, where recorded, how many nodes each runs."""
+    providers = tuple(session.get_providers())
+    assignment: dict[str, int] | None = None
+    getter = getattr(session, "get_provider_graph_assignment_info", None)
+    if getter is not None:
+        try:
+            info = getter()
+        except Exception as exc:  # noqa: BLE001 (optional diagnostics must never break a session)
+            log.debug("graph assignment info unavailable: %s", exc)
+            info = None
+        if info:
+            assignment = {}
+            for sub in info:
+                assignment[sub.ep_name] = assignment.get(sub.ep_name, 0) + len(sub.get_nodes())
+    return Verification(providers, assignment)
+
+
+def why_not(candidate: Candidate, check: Verification) -> str | None:
+    """None when the session really runs on the candidate; otherwise the reason, in one line."""
+    if candidate.provider not in check.providers:
+        return (
+            f"the session came up without it (runs on {', '.join(check.providers)}): "
+            "its libraries are missing or the device is not usable"
+        )
+    total = sum(check.assignment.values()) if check.assignment else 0
+    if check.assignment and total and not check.assignment.get(candidate.provider):
+        return f"it took none of the model's {total} nodes"
+    return None
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception as one line for an event's reason: onnxruntime's messages span many."""
+    text = " ".join(str(exc).split())
+    return f"{exc.__class__.__name__}: {text[:300]}" if text else exc.__class__.__name__

@@ -1,0 +1,146 @@
+"""A session on the best provider that proves to work here: rank, autotune, build, verify, fall back.
+
+This is where a model becomes a session (agent.inference.runtime and the registry's test vectors both
+come here): the ranking (agent.device.providers) says what to try, autotune (agent.device.autotune)
+may reorder it by measurement, and each candidate is built and read back (agent.device.build) until
+one really runs the model. Every step down the chain is a `provider.fallback` event with its reason.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from agent.config.profile import RuntimeConfig
+from agent.device import hardware
+from agent.device.autotune import tune
+from agent.device.build import build_session, one_line, provider_options, verify, why_not
+from agent.device.providers import CPU, Ranking, VariantTraits, rank, thread_count
+from agent.transport.events import Event, EventSink, log_event
+
+log = logging.getLogger(__name__)
+
+
+class ProviderError(Exception):
+    """No provider in the chain could run the model."""
+
+
+class AcceleratorUnavailableError(ProviderError):
+    """`runtime.require_accelerator` is set and only the CPU provider would run the model."""
+
+
+@dataclass
+class OpenedSession:
+    """A session and the provider proven to run it (read back from the session, never assumed)."""
+
+    session: ort.InferenceSession
+    provider: str
+    providers: tuple[str, ...]
+    notes: list[str] = field(default_factory=list)
+    options: dict[str, str] = field(default_factory=dict)
+    threads: int = 1
+    assignment: dict[str, int] | None = None
+    fallbacks: list[tuple[str, str]] = field(default_factory=list)  # (provider label, reason) for each step down
+    ranking: Ranking | None = None
+    autotuned: bool = False
+
+
+def open_session(
+    model: Path | bytes,
+    runtime: RuntimeConfig,
+    state_dir: Path,
+    emit: EventSink = log_event,
+    *,
+    probe: hardware.Probe | None = None,
+    variant: VariantTraits | None = None,
+    inputs: dict[str, np.ndarray] | None = None,
+) -> OpenedSession:
+    """A session on the best provider that proves to work here, falling back down the ranking.
+
+    Each step down emits a `provider.fallback` event with the reason. With `runtime.require_accelerator`
+    the CPU provider is not in the chain, and running out raises AcceleratorUnavailableError.
+    With `runtime.autotune` the chain starts with the measured fastest (see agent.device.autotune).
+    """
+    state_dir = Path(state_dir)
+    hw = probe if probe is not None else hardware.probe(state_dir=state_dir)
+    ranking = rank(runtime, hw, variant)
+    threads = thread_count(runtime, hw)
+    fallbacks: list[tuple[str, str]] = []
+    notes = list(ranking.notes)
+
+    def fall(label: str, reason: str, after: str | None) -> None:
+        fallbacks.append((label, reason))
+        log.warning("provider %s not used: %s", label, reason)
+        emit(Event("provider.fallback", {"provider": label, "reason": reason, "next": after}))
+
+    chain = list(ranking.kept)
+    if runtime.require_accelerator:
+        chain = [c for c in chain if c.provider != CPU]
+    for c in ranking.dropped:
+        if c.requested:
+            fall(c.label, c.reason, chain[0].label if chain else None)
+
+    autotuned = False
+    # One provider at a fixed thread count leaves nothing to choose between.
+    if runtime.autotune and chain and (len(chain) > 1 or runtime.threads == "auto"):
+        choice = tune(
+            model,
+            chain,
+            state_dir,
+            hw,
+            threads_options=None if runtime.threads == "auto" else [threads],
+            inputs=inputs,
+            emit=emit,
+        )
+        if choice is not None:
+            best = next(c for c in chain if c.label == choice.label)
+            chain = [best] + [c for c in chain if c is not best]
+            threads, autotuned = choice.threads, True
+            notes.append(
+                f"autotune chose {choice.label} with {choice.threads} threads "
+                f"({'cached' if choice.cached else 'measured'}: p50 {choice.p50_ms:.1f} ms)"
+            )
+
+    for i, candidate in enumerate(chain):
+        after = chain[i + 1].label if i + 1 < len(chain) else None
+        try:
+            session = build_session(model, candidate, state_dir, threads)
+        except Exception as exc:  # noqa: BLE001 (any provider failure is a reason to fall back, not to stop)
+            fall(candidate.label, f"session creation failed: {one_line(exc)}", after)
+            continue
+        check = verify(session)
+        why = why_not(candidate, check)
+        if why is not None:
+            fall(candidate.label, why, after)
+            continue
+        share = check.share(candidate.provider)
+        if share is not None and share < 1:
+            notes.append(
+                f"{candidate.provider} runs {share:.0%} of the nodes; the rest run on "
+                f"{', '.join(p for p in check.assignment or {} if p != candidate.provider)}"
+            )
+        return OpenedSession(
+            session,
+            candidate.provider,
+            check.providers,
+            notes,
+            options=provider_options(candidate, state_dir, threads),
+            threads=threads,
+            assignment=check.assignment,
+            fallbacks=fallbacks,
+            ranking=ranking,
+            autotuned=autotuned,
+        )
+
+    tried = "; ".join(f"{label}: {reason}" for label, reason in fallbacks) or "none was ranked: " + "; ".join(
+        f"{c.label}: {c.reason}" for c in ranking.dropped
+    )
+    if runtime.require_accelerator:
+        raise AcceleratorUnavailableError(
+            f"runtime.require_accelerator is true, but no accelerator runs this model here ({tried})"
+        )
+    raise ProviderError(f"no execution provider could open the model ({tried})")

@@ -1,0 +1,203 @@
+"""The registry's HTTP side: retried GETs, small documents through a conditional-GET cache, blobs into
+resumable partial files.
+
+Every read is bounded before it is trusted: a document stops at MAX_DOC_BYTES, a blob at its signed
+size (endless data), and a finished blob must match its signed digest. What goes wrong is one of two
+things, and the caller acts on which: `FetchError`, the registry could not be reached or answered
+unusably, worth retrying later; `RefusalError`, this version must not be used here, whatever a retry
+would say.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+import requests
+
+from agent.models.manifest import MAX_DOC_BYTES, Blob, file_digest
+from agent.util import backoff
+from agent.util.hashing import sha256_bytes
+
+log = logging.getLogger(__name__)
+
+CHUNK = 64 * 1024
+RETRY_CAP = 30.0  # seconds: the longest wait between two tries of one request
+Progress = Callable[[int, int], None]
+T = TypeVar("T")
+
+
+class RefusalError(Exception):
+    """This version must not be used here; the message is the reason published in the event."""
+
+
+class FetchError(Exception):
+    """The registry could not be reached or did not answer usefully (worth retrying later)."""
+
+
+class Fetcher:
+    """HTTP to one registry base URL; `cache_dir` keeps the last body and ETag of each document."""
+
+    def __init__(
+        self,
+        url: str,
+        cache_dir: Path,
+        *,
+        timeout: float,
+        retries: int,
+        backoff: float,
+        sleep: Callable[[float], None],
+    ) -> None:
+        self.url = url if url.endswith("/") else url + "/"
+        self.cache_dir = cache_dir
+        self.timeout = timeout
+        self.retries = retries
+        self.backoff = backoff
+        self.sleep = sleep
+        self.http = requests.Session()
+        self.http.headers["User-Agent"] = "edge-agent"
+
+    def _retrying(self, what: str, call: Callable[[], T]) -> T:
+        for attempt in range(self.retries + 1):
+            try:
+                return call()
+            except (requests.ConnectionError, requests.Timeout, FetchError) as exc:
+                if attempt == self.retries:
+                    raise FetchError(f"{what}: {exc}") from None
+                delay = backoff.delay(attempt, self.backoff, RETRY_CAP)
+                log.info("%s failed (%s); retrying in %.1fs", what, exc, delay)
+                self.sleep(delay)
+        raise AssertionError("unreachable")
+
+    def document(self, path: str) -> bytes:
+        """A small registry file, through a conditional GET against the local cache."""
+        url = self.url + path
+        cache = self.cache_dir / sha256_bytes(url.encode())[:32]
+
+        def get() -> bytes:
+            headers, cached = {}, None
+            try:
+                # One file, "ETAG\nBODY", replaced by rename: a crash never pairs an ETag with another body.
+                etag_line, cached = cache.read_bytes().split(b"\n", 1)
+                headers["If-None-Match"] = etag_line.decode()
+            except (FileNotFoundError, ValueError, UnicodeDecodeError):
+                cached = None
+            with self.http.get(url, headers=headers, timeout=self.timeout, stream=True) as r:
+                if r.status_code == 304 and cached is not None:
+                    return cached
+                if r.status_code == 404:
+                    raise RefusalError(f"{path} is not on the registry (404)")
+                if r.status_code >= 500:
+                    raise FetchError(f"HTTP {r.status_code}")
+                if r.status_code != 200:
+                    raise RefusalError(f"{path}: the registry answered HTTP {r.status_code}")
+                body = bytearray()
+                for chunk in r.iter_content(CHUNK):
+                    body += chunk
+                    if len(body) > MAX_DOC_BYTES:
+                        raise RefusalError(f"{path} is larger than {MAX_DOC_BYTES} bytes; refused unread")
+                etag = r.headers.get("ETag")
+            data = bytes(body)
+            if etag and "\n" not in etag:
+                self.cache_dir.mkdir(parents=True, exist_ok=True)
+                tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
+                tmp.write_bytes(etag.encode() + b"\n" + data)
+                os.replace(tmp, cache)
+            return data
+
+        return self._retrying(f"GET {url}", get)
+
+    def download(self, blob: Blob, part: Path, what: str, progress: Progress | None = None) -> Path:
+        """The blob in `part`, complete and digest-checked; resumes what an earlier try left there."""
+        url = self.url + f"blobs/sha256/{blob.hex}"
+        resumed = part.exists()
+        while True:
+            self._retrying(f"GET {url}", lambda: self._fetch_into(part, blob, url, what, progress))
+            if file_digest(part) == blob.digest:
+                return part
+            part.unlink()
+            if resumed:
+                # A partial left by an earlier process may hold bytes a power cut never flushed: one clean try.
+                resumed = False
+                continue
+            raise RefusalError(f"{what} does not match its signed digest {blob.digest}")
+
+    def _fetch_into(self, part: Path, blob: Blob, url: str, what: str, progress: Progress | None) -> None:
+        have = part.stat().st_size if part.exists() else 0
+        if have > blob.size:
+            part.unlink()
+            have = 0
+        if have == blob.size:
+            return
+        headers = {"Range": f"bytes={have}-"} if have else {}
+        with self.http.get(url, headers=headers, timeout=self.timeout, stream=True) as r:
+            if r.status_code == 404:
+                raise RefusalError(f"{what} is not on the registry (404)")
+            if r.status_code == 416:
+                part.unlink(missing_ok=True)
+                raise RefusalError(
+                    f"{what} is truncated on the registry: it holds fewer than {have + 1} bytes, the manifest says {blob.size}"
+                )
+            if r.status_code >= 500:
+                raise FetchError(f"HTTP {r.status_code}")
+            if r.status_code == 206 and have:
+                start, total = _content_range(r.headers.get("Content-Range", ""))
+                if start != have:
+                    raise FetchError(f"asked for bytes from {have}, got a range from {start}")
+                mode = "ab"
+            elif r.status_code == 200:
+                have, total, mode = 0, _int(r.headers.get("Content-Length")), "wb"
+            else:
+                raise RefusalError(f"{what}: the registry answered HTTP {r.status_code}")
+            if total is not None and total > blob.size:
+                part.unlink(missing_ok=True)
+                raise RefusalError(f"{what} is {total} bytes on the registry; the signed size is {blob.size}")
+            if total is not None and total < blob.size:
+                part.unlink(missing_ok=True)
+                raise RefusalError(
+                    f"{what} is truncated on the registry: {total} bytes, the signed size is {blob.size}"
+                )
+            with open(part, mode) as f:
+                try:
+                    for chunk in r.iter_content(CHUNK):
+                        if have + len(chunk) > blob.size:
+                            # Endless data: stop at the signed size and never store the excess.
+                            f.close()
+                            part.unlink(missing_ok=True)
+                            raise RefusalError(
+                                f"{what} is larger than its signed size {blob.size}; stopped reading there"
+                            )
+                        f.write(chunk)
+                        have += len(chunk)
+                        if progress:
+                            progress(have, blob.size)
+                except requests.exceptions.ChunkedEncodingError as exc:
+                    raise FetchError(
+                        f"connection broken at {have} of {blob.size} bytes ({exc.__class__.__name__})"
+                    ) from None
+                finally:
+                    if not f.closed:
+                        f.flush()
+                        os.fsync(f.fileno())
+        if have < blob.size:
+            raise FetchError(f"connection ended at {have} of {blob.size} bytes")
+
+
+def _int(text: str | None) -> int | None:
+    try:
+        return int(text) if text is not None else None
+    except ValueError:
+        return None
+
+
+def _content_range(header: str) -> tuple[int | None, int | None]:
+    # "bytes START-END/TOTAL"
+    try:
+        unit, rest = header.split(" ", 1)
+        span, total = rest.split("/", 1)
+        return int(span.split("-", 1)[0]), (None if total == "*" else int(total))
+    except ValueError:
+        return None, None
