@@ -5,7 +5,10 @@ the same run, in turns, and the time runs from the first result handed over unti
 PUBACK. Also measured: bytes written to the outbox files per result (records, checkpoints and the ack
 pointer, counted by the outbox: its records are stored through a memory mapping), the cost
 of fsync on every result, and the loss window when the process is killed (a child that puts results and
-reports each committed seq is killed with SIGKILL; the outbox is reopened and compared).
+reports each committed seq is killed with SIGKILL; the outbox is reopened and compared). The agent's path
+also runs with 1 MiB segments (max_bytes 8 MiB), so that segments roll during the run, and for each
+outbox path the longest `peek` or `ack` the network thread made is reported: a flush or preallocation
+under the outbox lock shows there.
 
     .venv/bin/python bench/bench_outbox.py [--results 20000] [--rounds 3]
 
@@ -25,7 +28,9 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -78,10 +83,32 @@ def bare(broker: Mosquitto, n: int) -> float:
     return elapsed
 
 
-def outbox(broker: Mosquitto, n: int, state: Path, fsync_interval: float) -> tuple[float, float]:
-    """The agent's path: sink -> outbox on disk -> pump -> paho, until the outbox is empty."""
+def longest_call(box: Outbox) -> list[float]:
+    """Time every peek and ack (the network thread's calls into the outbox); [longest seconds]."""
+    worst = [0.0]
+    for name in ("peek", "ack"):
+        real = getattr(box, name)
+
+        def timed(*args: Any, _real: Callable[..., Any] = real, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return _real(*args, **kwargs)
+            finally:
+                worst[0] = max(worst[0], time.perf_counter() - start)
+
+        setattr(box, name, timed)
+    return worst
+
+
+def outbox(
+    broker: Mosquitto, n: int, state: Path, fsync_interval: float, max_bytes: int = 256 * 1024**2
+) -> tuple[float, float, float]:
+    """The agent's path: sink -> outbox on disk -> pump -> paho, until the outbox is empty.
+
+    Returns (seconds, bytes written per result, the longest peek/ack in seconds)."""
     conn = Connection(MqttConfig(url=broker.url), DeviceConfig(id="bench", state_dir=state), reconnect_min=0.05)
-    box = Outbox(state / "outbox", fsync_interval=fsync_interval)
+    box = Outbox(state / "outbox", fsync_interval=fsync_interval, max_bytes=max_bytes)
+    worst = longest_call(box)
     pump = OutboxPump(conn, box).start()
     sink = OutboxSink(box, conn.topics)
     conn.start()
@@ -96,7 +123,7 @@ def outbox(broker: Mosquitto, n: int, state: Path, fsync_interval: float) -> tup
     per_result = (box.bytes_written - before) / n
     conn.stop()
     box.close()
-    return elapsed, per_result
+    return elapsed, per_result, worst[0]
 
 
 def outbox_phases(broker: Mosquitto, n: int, state: Path) -> tuple[float, float]:
@@ -164,21 +191,28 @@ def main() -> int:
             rows: dict[str, list[float]] = {
                 "bare": [],
                 "outbox": [],
+                "outbox_1MiB_segments": [],
                 "outbox_fsync_each": [],
                 "outbox_fill_only": [],
                 "outbox_drain_only": [],
             }
             per_result: list[float] = []
             per_result_fsync: list[float] = []
+            stalls: dict[str, list[float]] = {"outbox": [], "outbox_1MiB_segments": [], "outbox_fsync_each": []}
             for r in range(args.rounds):
                 rows["bare"].append(n / bare(broker, n))
-                t, w = outbox(broker, n, tmp / f"s{r}", 1.0)
+                t, w, stall = outbox(broker, n, tmp / f"s{r}", 1.0)
                 rows["outbox"].append(n / t)
                 per_result.append(w)
+                stalls["outbox"].append(stall)
+                t, _w, stall = outbox(broker, n, tmp / f"r{r}", 1.0, max_bytes=8 * 1024**2)
+                rows["outbox_1MiB_segments"].append(n / t)
+                stalls["outbox_1MiB_segments"].append(stall)
                 small = max(1000, n // 10)  # fsync per result is slow; fewer results suffice
-                t, w = outbox(broker, small, tmp / f"f{r}", 0.0)
+                t, w, stall = outbox(broker, small, tmp / f"f{r}", 0.0)
                 rows["outbox_fsync_each"].append(small / t)
                 per_result_fsync.append(w)
+                stalls["outbox_fsync_each"].append(stall)
                 fill, drain = outbox_phases(broker, n, tmp / f"p{r}")
                 rows["outbox_fill_only"].append(n / fill)
                 rows["outbox_drain_only"].append(n / drain)
@@ -199,6 +233,7 @@ def main() -> int:
         "ratio_outbox_to_bare": round(ratio, 3),
         "ratio_per_round": [round(r, 3) for r in paired],
         "ratio_per_round_median": round(statistics.median(paired), 3),
+        "longest_peek_or_ack_ms": {k: [round(x * 1000, 2) for x in v] for k, v in stalls.items()},
         "bytes_written_per_result": round(statistics.median(per_result), 1),
         "bytes_written_per_result_fsync_each": round(statistics.median(per_result_fsync), 1),
         "payload_bytes": len(
@@ -213,6 +248,10 @@ def main() -> int:
     print(
         f"ratio outbox/bare: {ratio:.2f} of medians, {statistics.median(paired):.2f} median of rounds "
         f"({', '.join(f'{r:.2f}' for r in paired)}); goal >= 1.2; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cpu"
+    )
+    print(
+        "longest peek/ack on the network thread, ms (rounds): "
+        + "; ".join(f"{k} {', '.join(f'{x * 1000:.1f}' for x in v)}" for k, v in stalls.items())
     )
     print(f"bytes written per result: {report['bytes_written_per_result']} (payload {report['payload_bytes']})")
     print(

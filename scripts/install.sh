@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install edge-agent as a systemd service: the `edge-agent` user, a virtualenv in /opt/edge-agent,
-# the package, a profile in /etc/edge-agent (an existing one is kept), the unit, enabled and started.
+# the package with the onnxruntime build this hardware wants (recorded, and kept by upgrades), a profile
+# in /etc/edge-agent (an existing one is kept), the unit, enabled and started.
 # Idempotent: a second run with the same sources changes nothing and does not restart the service.
 # See docs/systemd.md.
 set -euo pipefail
@@ -16,8 +17,15 @@ usage: scripts/install.sh [options]
   --root DIR       write the tree under DIR instead of /, for images and tests: files only; user,
                    ownership and systemctl commands are printed as "would run: ..." instead
   --python PY      the interpreter for the virtualenv (default: the newest python3 >= 3.10)
+  --runtime BUILD  the onnxruntime build: auto (what `edge-agent probe` says this hardware wants),
+                   cpu, openvino (x86-64), cuda (x86-64 with an NVIDIA GPU) or jetson (JetPack 6).
+                   Default: the build the last install recorded, else auto
+  --runtime-index URL
+                   the pip index to take the build from (default: NVIDIA's JetPack 6 index for jetson)
+  --wheels DIR     install from the wheels in DIR only, without a package index (devices offline)
   --no-deps        install edge-agent alone; its dependencies must come from elsewhere
-                   (for instance distribution packages with --system-site-packages)
+                   (for instance distribution packages with --system-site-packages); only a
+                   --runtime named now or recorded before is installed
   --system-site-packages
                    let the virtualenv see the interpreter's own packages
   --no-start       enable the service but do not start or restart it now
@@ -39,6 +47,9 @@ PYTHON=""
 DEPS=1
 SYSTEM_SITE=0
 START=1
+RUNTIME=""
+RUNTIME_INDEX=""
+WHEELS=""
 SERVICE=edge-agent.service
 USER_NAME=edge-agent
 # The unit's SupplementaryGroups=: systemd refuses to start a service whose group does not exist.
@@ -51,6 +62,9 @@ while [ $# -gt 0 ]; do
     --prefix) PREFIX="${2:?--prefix needs a directory}"; shift 2 ;;
     --root) ROOT="${2:?--root needs a directory}"; shift 2 ;;
     --python) PYTHON="${2:?--python needs an interpreter}"; shift 2 ;;
+    --runtime) RUNTIME="${2:?--runtime needs a build}"; shift 2 ;;
+    --runtime-index) RUNTIME_INDEX="${2:?--runtime-index needs a URL}"; shift 2 ;;
+    --wheels) WHEELS="${2:?--wheels needs a directory}"; shift 2 ;;
     --no-deps) DEPS=0; shift ;;
     --system-site-packages) SYSTEM_SITE=1; shift ;;
     --no-start) START=0; shift ;;
@@ -64,6 +78,9 @@ FROM="${FROM:-$REPO}"
 case "$PREFIX" in /?*) PREFIX="${PREFIX%/}" ;; *) die "--prefix must be an absolute path, got '$PREFIX'" 2 ;; esac
 [ -e "$FROM" ] || die "--from: $FROM does not exist" 2
 [ -z "$PROFILE" ] || [ -f "$PROFILE" ] || die "--profile: $PROFILE is not a file" 2
+[ -z "$WHEELS" ] || [ -d "$WHEELS" ] || die "--wheels: $WHEELS is not a directory" 2
+case "$RUNTIME" in ""|auto|cpu|openvino|cuda|jetson) ;; *) die "--runtime: unknown build '$RUNTIME' (auto, cpu, openvino, cuda, jetson)" 2 ;; esac
+[ "$DEPS" = 1 ] || [ "$RUNTIME" != auto ] || die "--runtime auto needs the dependencies (it asks the agent): name the build with --no-deps" 2
 if [ "$ROOT" = / ]; then
   [ "$(id -u)" = 0 ] || die "run as root (or with --root DIR to write the tree somewhere else)"
 else
@@ -155,22 +172,95 @@ ensure_venv() {
   CHANGED=1
 }
 
-# 3. The package: installed again only when the source differs from what was installed last.
+# 3. The package: installed again only when the source (or the onnxruntime build) differs from what was
+# installed last.
+BUILD_FILES=(agent pyproject.toml README.md)
+[ ! -f "$FROM/LICENSE" ] || BUILD_FILES+=(LICENSE)  # pyproject.toml's license-files
 source_digest() {
   if [ -f "$FROM" ]; then
     sha256sum "$FROM" | cut -c1-64
   else
-    (cd "$FROM" && find agent pyproject.toml README.md -type f ! -name '*.pyc' ! -path '*/__pycache__/*' -print0 \
+    (cd "$FROM" && find "${BUILD_FILES[@]}" -type f ! -name '*.pyc' ! -path '*/__pycache__/*' -print0 \
       | LC_ALL=C sort -z | xargs -0 sha256sum | sha256sum | cut -c1-64)
   fi
 }
 
+pip_install() {  # pip_install ARGS...: into the virtualenv, from --wheels only when given
+  local source=()
+  [ -z "$WHEELS" ] || source=(--no-index --find-links "$WHEELS")
+  "$VENV/bin/python" -m pip install --disable-pip-version-check --progress-bar off "${source[@]}" "$@" >&2
+}
+
+# The onnxruntime build and what goes with it, decided by the installed agent (agent/cli/probe.py:
+# install_plan; it needs only the standard library, so it runs before the dependencies are installed).
+PLAN_BUILD="" PLAN_REASON="" PLAN_REQUIREMENT="" PLAN_INDEX="" PLAN_DEPS=() PLAN_REMOVE=()
+plan() {  # plan BUILD|auto: sets the PLAN_* variables; fails with the agent's reason in $WORK/plan.err
+  local out key value line
+  out="$("$VENV/bin/python" -I -c 'import sys; from agent.cli.probe import print_install_plan as p; sys.exit(p(sys.argv[1:]))' \
+    "$1" 2>"$WORK/plan.err")" || return 1
+  PLAN_DEPS=() PLAN_REMOVE=()
+  while IFS= read -r line; do
+    key="${line%%=*}" value="${line#*=}"
+    case "$key" in
+      build) PLAN_BUILD="$value" ;;
+      reason) PLAN_REASON="$value" ;;
+      requirement) PLAN_REQUIREMENT="$value" ;;
+      index_url) PLAN_INDEX="${RUNTIME_INDEX:-$value}" ;;
+      dependency) PLAN_DEPS+=("$value") ;;
+      remove) PLAN_REMOVE+=("$value") ;;
+    esac
+  done <<< "$out"
+}
+
+install_runtime() {  # install_runtime BUILD|auto [WHY]: that onnxruntime build in place of any other (and,
+  # with the dependencies, the agent's other requirements in the same pip run); sets BUILT
+  local requested="$1" why="${2:-}" deps=() index=()
+  plan "$requested" || die "--runtime $requested: $(cat "$WORK/plan.err")" 2
+  if [ "$PLAN_BUILD" = jetson ] && [ -z "$PLAN_INDEX" ] && [ -z "$WHEELS" ]; then
+    die "--runtime jetson: no pip index known for this L4T release; give NVIDIA's with --runtime-index URL" 2
+  fi
+  if [ "${#PLAN_REMOVE[@]}" -gt 0 ]; then
+    say "removing ${PLAN_REMOVE[*]}: one onnxruntime build per virtualenv"
+    "$VENV/bin/python" -m pip uninstall -q -y "${PLAN_REMOVE[@]}" >&2
+  fi
+  [ "$DEPS" = 0 ] || deps=("${PLAN_DEPS[@]}")
+  if [ -n "$PLAN_INDEX" ] && [ -z "$WHEELS" ]; then
+    # The build's own index serves the build alone; everything else comes from the usual one.
+    [ "${#deps[@]}" = 0 ] || pip_install "${deps[@]}" || die "could not install the dependencies (above)"
+    deps=() index=(--index-url "$PLAN_INDEX")
+  fi
+  say "installing the onnxruntime build '$PLAN_BUILD' ($PLAN_REQUIREMENT): ${why:-$PLAN_REASON}"
+  [ "$PLAN_BUILD" = cpu ] || say "(pip's note that edge-agent requires onnxruntime is expected: $PLAN_REQUIREMENT provides it)"
+  if ! pip_install "${index[@]}" "${deps[@]}" "$PLAN_REQUIREMENT"; then
+    [ "$requested" = auto ] && [ "$PLAN_BUILD" != cpu ] || die "could not install $PLAN_REQUIREMENT (above)"
+    say "could not install $PLAN_REQUIREMENT (above); installing the CPU build instead"
+    plan cpu || die "$(cat "$WORK/plan.err")"
+    pip_install "${deps[@]}" "$PLAN_REQUIREMENT" || die "could not install $PLAN_REQUIREMENT (above)"
+  fi
+  BUILT="$PLAN_BUILD"
+}
+
+agent_runs() { "$VENV/bin/python" -I -c 'import agent' >/dev/null 2>&1; }
+
 ensure_package() {
-  local stamp_file stamp wheel
+  local stamp_file stamp wheel want why="" decided
   stamp_file="$(dest "$PREFIX/.installed")"
-  stamp="edge-agent source-sha256=$(source_digest) deps=$DEPS"
-  if [ -f "$stamp_file" ] && [ "$(cat "$stamp_file")" = "$stamp" ] && "$VENV/bin/python" -I -c 'import agent' >/dev/null 2>&1; then
-    say "edge-agent is installed from the same source already"
+  # The build: named now, else the one recorded (an upgrade keeps it), else auto (none with --no-deps).
+  # An install from before builds were recorded had the plain one: upgrades keep that too.
+  want="$RUNTIME"
+  if [ -z "$want" ] && [ -f "$stamp_file" ]; then
+    want="$(sed -n 's/.* runtime=\([a-z]*\).*/\1/p' "$stamp_file")"
+    [ -n "$want" ] || [ "$DEPS" = 0 ] || want=cpu
+    why="the build the last install recorded (--runtime auto decides again)"
+  fi
+  want="${want:-$([ "$DEPS" = 1 ] && echo auto || echo none)}"
+  decided="$want"
+  if [ "$want" = auto ] && agent_runs && plan auto; then
+    decided="$PLAN_BUILD"  # by the agent installed now, to compare with the stamp
+  fi
+  stamp="edge-agent source-sha256=$(source_digest) deps=$DEPS runtime=$decided"
+  if [ -f "$stamp_file" ] && [ "$(cat "$stamp_file")" = "$stamp" ] && agent_runs; then
+    say "edge-agent is installed from the same source already (onnxruntime build: $decided)"
     return
   fi
   if [ -f "$FROM" ]; then
@@ -179,18 +269,18 @@ ensure_package() {
     # Build from a copy, so that the checkout gets no build/ folder and no stale files ride along.
     [ -f "$FROM/pyproject.toml" ] || die "--from: $FROM has no pyproject.toml" 2
     mkdir -p "$WORK/src" "$WORK/wheel"
-    tar -C "$FROM" --exclude=__pycache__ --exclude='*.pyc' -cf - agent pyproject.toml README.md | tar -C "$WORK/src" -xf -
+    tar -C "$FROM" --exclude=__pycache__ --exclude='*.pyc' -cf - "${BUILD_FILES[@]}" | tar -C "$WORK/src" -xf -
     say "building the edge-agent wheel"
     "$VENV/bin/python" -m pip wheel -q --no-deps --disable-pip-version-check -w "$WORK/wheel" "$WORK/src" >&2
     wheel="$(ls "$WORK"/wheel/edge_agent-*.whl)"
   fi
   say "installing $(basename "$wheel")$([ "$DEPS" = 1 ] && echo ' and its dependencies')"
   # --force-reinstall: a rebuilt wheel keeps its version number, and pip would call it satisfied.
-  "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-deps --force-reinstall "$wheel" >&2
-  if [ "$DEPS" = 1 ]; then
-    "$VENV/bin/python" -m pip install --disable-pip-version-check --progress-bar off "$wheel" >&2
-  fi
-  printf '%s\n' "$stamp" > "$stamp_file"
+  # --no-deps: the dependencies come next, with the chosen onnxruntime build in place of the plain one.
+  pip_install -q --no-deps --force-reinstall "$wheel"
+  BUILT=none
+  [ "$want" = none ] || install_runtime "$want" "$why"
+  printf '%s\n' "edge-agent source-sha256=$(source_digest) deps=$DEPS runtime=$BUILT" > "$stamp_file"
   CHANGED=1
 }
 

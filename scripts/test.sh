@@ -11,6 +11,14 @@ ensure_mosquitto || say "Mosquitto is missing: broker tests will fail"
 command -v espeak-ng >/dev/null || apt_install espeak-ng || say "espeak-ng is missing: the speech test will be skipped"
 command -v chromium >/dev/null && command -v chromedriver >/dev/null \
   || apt_install chromium chromium-driver fonts-dejavu-core || say "chromium is missing: the status page browser test will be skipped"
+# The broker compatibility suite (tests/test_brokers.py) starts private RabbitMQ and ejabberd nodes of its own.
+[ -x /usr/lib/rabbitmq/bin/rabbitmq-server ] \
+  || apt_install rabbitmq-server || say "rabbitmq-server is missing: the RabbitMQ broker tests will be skipped"
+compgen -G "/usr/lib/*/ejabberd-*/ebin" >/dev/null \
+  || apt_install ejabberd || say "ejabberd is missing: the ejabberd broker tests will be skipped"
+# The registry behind a real web server (tests/test_registry_nginx.py); only the binary is used, with a
+# private configuration on a free port.
+command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || apt_install nginx || say "nginx is missing: the registry hosting tests will be skipped"
 
 say "static checks: ruff (lint and format) and mypy"
 "$VENV/bin/ruff" check agent tests bench scripts

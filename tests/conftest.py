@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers.broker import Mosquitto
+from tests.helpers.mqtt_client import VIOLATIONS
 
 REPO = Path(__file__).resolve().parent.parent
 # Fixtures defined beside their helpers, shared by every test module.
@@ -45,6 +46,21 @@ def fail_on_swallowed_exceptions(request: pytest.FixtureRequest) -> Iterator[Non
     if handler.records and request.node.get_closest_marker("logs_exception") is None:
         lines = [f"{r.name}: {r.getMessage()} ({r.exc_info[1]!r})" for r in handler.records if r.exc_info]
         pytest.fail("code under agent logged an exception it swallowed:\n" + "\n".join(lines), pytrace=False)
+
+
+@pytest.fixture(autouse=True)
+def fail_on_contract_violations() -> Iterator[None]:
+    """No event, health, status or reply that a test saw on the wire breaks the contract.
+
+    In the test's own process an event that does not match cannot be made (ContractError); what
+    subprocess agents publish is checked by the test subscribers (tests/helpers/mqtt_client.py), which
+    every real agent of tests/helpers/daemon_proc.py has, and collected here.
+    """
+    VIOLATIONS.take()  # late messages of an earlier test's agents are not this test's
+    yield
+    found = VIOLATIONS.take()
+    if found:
+        pytest.fail("messages that break the wire contract:\n" + "\n".join(found), pytrace=False)
 
 
 @pytest.fixture(scope="session")

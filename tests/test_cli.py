@@ -38,7 +38,7 @@ def test_no_verb_is_bad_usage() -> None:
 
 def test_check_every_example_profile() -> None:
     examples = sorted(str(p) for p in (REPO / "configs").glob("*.yaml"))
-    out = cli("check", *examples)
+    out = cli("check", "--no-files", *examples)  # they name files on a device (/etc/edge-agent/...)
     assert out.returncode == 0, out.stderr
     assert len(out.stdout.splitlines()) == len(examples) and all(
         ": ok (device " in line for line in out.stdout.splitlines()

@@ -1,6 +1,8 @@
 """`edge-agent fleet deploy|status` against a real Mosquitto, with fake devices that behave like agents:
 retained status and health (with their group), deploy orders verified with agent.deploy, and the
-model.* events a daemon publishes while it follows an order."""
+model.* events a daemon publishes while it follows an order. The fake devices build every message
+through the agent's wire contract (agent.transport.contract), so they cannot send what an agent would
+not; tests/test_fleet_outcomes.py runs the same commands against real agents."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import uuid
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import paho.mqtt.client as paho
 import pytest
@@ -22,6 +24,9 @@ from paho.mqtt.enums import CallbackAPIVersion
 from agent.cli import main
 from agent.models.deploy import DeployOrder, OrderError, applies_to, parse_order
 from agent.models.signing import generate_keypair, load_public_keys
+from agent.transport.contract import event_body, event_payload
+from agent.transport.contract.health import AgentHealth, HealthReport, Memory, ModelHealth, OutboxHealth, SystemHealth
+from agent.transport.contract.status import StatusMessage
 from agent.transport.topics import Topics
 from tests.helpers.broker import Mosquitto
 from tests.helpers.mqtt_client import Subscriber
@@ -56,15 +61,15 @@ class FakeDevice:
         self.device, self.group, self.keys, self.behaviour = device, group, keys, behaviour
         self.models = dict(models or {"text-detector": "1.4.0"})
         self.orders: list[DeployOrder | None] = []
+        self.seq = 0
         self.handled: set[str] = set()
         self.workers: list[threading.Thread] = []
         self.closed = False
         self.client = paho.Client(
             CallbackAPIVersion.VERSION2, client_id=f"fake-{device}-{uuid.uuid4().hex[:6]}", protocol=paho.MQTTv5
         )
-        self.client.will_set(
-            self.topics.status, json.dumps({"device": device, "state": "offline", "group": group}), 1, retain=True
-        )
+        will = StatusMessage(device=device, group=group, state="offline", reason="connection lost")
+        self.client.will_set(self.topics.status, will.model_dump_json(exclude_none=True), 1, retain=True)
         self.client.on_connect = self._on_connect
         self.client.on_message = self._on_message
         self._ready = threading.Event()
@@ -72,11 +77,8 @@ class FakeDevice:
         self.client.loop_start()
         assert self._ready.wait(10)
         if not online:  # a device that was seen, then went away
-            self._pub(
-                self.topics.status,
-                {"device": device, "state": "offline", "group": group, "reason": "stopped"},
-                retain=True,
-            )
+            gone = StatusMessage(device=device, group=group, state="offline", ts=iso(time.time()), reason="stopped")
+            self._pub(self.topics.status, gone.model_dump(exclude_none=True), retain=True)
             self.close()
 
     def _pub(self, topic: str, body: Any, retain: bool = False) -> None:
@@ -87,31 +89,47 @@ class FakeDevice:
                 raise
 
     def health(self) -> None:
-        self._pub(
-            self.topics.health,
-            {
-                "ts": iso(time.time()),
-                "device": self.device,
-                "group": self.group,
-                "agent": {"uptime_s": 12.0},
-                "outbox": {"depth": 3},
-                "models": {m: {"version": v, "provider": "CPUExecutionProvider"} for m, v in self.models.items()},
+        report = HealthReport(
+            ts=iso(time.time()),
+            device=self.device,
+            group=self.group,
+            agent=AgentHealth(uptime_s=12.0),
+            system=SystemHealth(
+                cpu_percent=5.0,
+                cpu_count=4,
+                memory=Memory(total_mb=4096, available_mb=2048, percent=50.0),
+                uptime_s=600,
+            ),
+            outbox=OutboxHealth(
+                depth=3,
+                bytes=4096,
+                max_bytes=2**28,
+                oldest_age_s=0.5,
+                dropped=0,
+                dropped_full=0,
+                dropped_age=0,
+                rejected=0,
+                acked=100,
+            ),
+            models={
+                m: ModelHealth(version=v, provider="CPUExecutionProvider", pipelines=["p"])
+                for m, v in self.models.items()
             },
-            retain=True,
         )
+        self._pub(self.topics.health, report.model_dump(mode="json", exclude_none=True), retain=True)
 
     def event(self, type_: str, **fields: Any) -> None:
-        self._pub(self.topics.events, {"device": self.device, "ts": iso(time.time()), "type": type_, **fields})
+        self.seq += 1
+        body = event_body(type_, fields)
+        self._pub(self.topics.events, event_payload(self.device, self.seq, iso(time.time()), body))
 
     def _on_connect(self, client: paho.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
         client.subscribe(self.topics.deploy, 1)
         client.subscribe(self.topics.fleet_deploy, 1)
-        client.publish(
-            self.topics.status,
-            json.dumps({"device": self.device, "state": "online", "group": self.group}),
-            1,
-            retain=True,
+        online = StatusMessage(
+            device=self.device, group=self.group, state="online", ts=iso(time.time()), protocol="5", version="0.1.0"
         )
+        client.publish(self.topics.status, online.model_dump_json(exclude_none=True), 1, retain=True)
         threading.Thread(target=self._ready_up, daemon=True).start()
 
     def _ready_up(self) -> None:
@@ -161,9 +179,10 @@ class FakeDevice:
             self.event(
                 "model.rolled_back",
                 model=order.model,
-                version=previous,
-                previous=order.version,
+                version=order.version,
+                to=previous,
                 reason=PROBATION_REASON,
+                cause="probation",
             )
             self.health()
 
@@ -327,14 +346,15 @@ def test_a_refusal_is_shown_with_its_reason_and_exits_1(
         "--to",
         "group:north",
         "--wait",
-        "15",
+        "6",
     )
     assert code == 1, out + err
     assert f"cam-2: refused: {OPSET_REASON}" in out
     assert "cam-1: active" in out and "cam-3: active (already runs text-detector 1.5.0)" in out
+    assert "cam-4: offline; waiting for it to come back and report" in out  # offline is no outcome: waited for
     assert "not done: 2/4 device(s) active" in out
     assert f"  cam-2: refused: {OPSET_REASON}" in out
-    assert "  cam-4: offline; the retained order applies when it reconnects" in out
+    assert "  cam-4: offline, no final report within 6s (the retained order applies when it reconnects)" in out
 
 
 def test_a_device_that_never_reports_runs_out_the_wait(
@@ -643,3 +663,83 @@ def test_fleet_commands_need_no_cloud_extra() -> None:
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=60)
     assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stdout + proc.stderr
+
+
+def test_a_device_whose_health_goes_back_is_rolled_back_and_its_event_gives_the_reason() -> None:
+    """The watch alone, fed the messages a device sends while its probation rolls a canary back."""
+    from agent.cloud.fleet.inventory import Inventory
+    from agent.cloud.fleet.watch import DeployWatch
+    from agent.models.deploy import new_order
+
+    inventory = Inventory(None, "edge")  # type: ignore[arg-type]  # absorb() needs no connection
+    order = new_order("m", "2.0.0", "device:cam-a")
+    watch = DeployWatch(inventory, order, "edge/cam-a/deploy", need_health=True)
+
+    def health(models: object) -> list[str]:
+        body = {"ts": iso(time.time()), "device": "cam-a", "group": "north", "agent": {"uptime_s": 1.0}}
+        body["system"] = {"error": "psutil failed"}
+        message = inventory.absorb("edge/cam-a/health", json.dumps({**body, "models": models}).encode())
+        assert message is not None and message.error is None, message
+        return watch.feed(message)
+
+    def served(version: str) -> dict[str, object]:
+        return {"m": {"version": version, "provider": "CPUExecutionProvider", "pipelines": ["p"]}}
+
+    assert health(served("2.0.0")) == ["cam-a: active (health reports 2.0.0 on CPUExecutionProvider)"]
+    assert health({"error": "the store could not be read"}) == []  # says nothing either way
+    assert watch.ok("cam-a") and not watch.failures()
+    assert health(served("1.0.0")) == ["cam-a: rolled-back: its health reports m 1.0.0 instead"]
+    assert watch.unexplained() and watch.failures() == [("cam-a", "rolled-back: its health reports m 1.0.0 instead")]
+    rolled = {"model": "m", "version": "2.0.0", "to": "1.0.0", "reason": PROBATION_REASON, "cause": "probation"}
+    event = event_payload("cam-a", 9, iso(time.time()), event_body("model.rolled_back", rolled))
+    message = inventory.absorb("edge/cam-a/events", json.dumps(event).encode())
+    assert message is not None and watch.feed(message) == [f"cam-a: rolled-back: {PROBATION_REASON}"]
+    assert not watch.unexplained() and watch.failures() == [("cam-a", f"rolled-back: {PROBATION_REASON}")]
+
+
+def test_a_device_that_goes_offline_is_waited_for_and_its_crash_guard_rollback_is_the_outcome() -> None:
+    """Issue 13: a canary killed while it loads the version goes offline, comes back on the old version
+    and says why (`model.rolled_back`, cause crash_guard). Offline is not an outcome: the watch waits."""
+    from agent.cloud.fleet.inventory import Inventory
+    from agent.cloud.fleet.watch import DeployWatch
+    from agent.models.deploy import new_order
+
+    inventory = Inventory(None, "edge")  # type: ignore[arg-type]  # absorb() needs no connection
+    order = new_order("m", "2.0.0", "device:cam-a")
+    watch = DeployWatch(inventory, order, "edge/cam-a/deploy", need_health=True)
+
+    def status(state: Literal["online", "offline"]) -> list[str]:
+        body = StatusMessage(device="cam-a", group="north", state=state, ts=iso(time.time()))
+        message = inventory.absorb("edge/cam-a/status", body.model_dump_json(exclude_none=True).encode())
+        assert message is not None and message.error is None, message
+        return watch.feed(message)
+
+    assert status("online") == []
+    for _ in range(3):  # killed while loading, restarted
+        assert status("offline") == ["cam-a: offline; waiting for it to come back and report"]
+        assert not watch.done() and not watch.failures()
+        assert status("online") == ["cam-a: back online"]
+    assert watch.summary(90) == ["  cam-a: no final report within 90s"]
+    reason = "model m version 2.0.0 was loading when the agent died 3 starts in a row; starting on 1.0.0 instead"
+    rolled = {"model": "m", "version": "2.0.0", "to": "1.0.0", "reason": reason, "cause": "crash_guard"}
+    event = event_payload("cam-a", 3, iso(time.time()), event_body("model.rolled_back", rolled))
+    message = inventory.absorb("edge/cam-a/events", json.dumps(event).encode())
+    assert message is not None and watch.feed(message) == [f"cam-a: rolled-back: {reason}"]
+    assert watch.done() and watch.failures() == [("cam-a", f"rolled-back: {reason}")]
+    assert status("offline") == []  # an outcome is kept
+
+
+def test_a_device_still_offline_when_the_wait_runs_out_is_named_offline() -> None:
+    from agent.cloud.fleet.inventory import Inventory
+    from agent.cloud.fleet.watch import DeployWatch
+    from agent.models.deploy import new_order
+
+    inventory = Inventory(None, "edge")  # type: ignore[arg-type]  # absorb() needs no connection
+    gone = StatusMessage(device="cam-a", group="north", state="offline", ts=iso(time.time()))
+    assert inventory.absorb("edge/cam-a/status", gone.model_dump_json(exclude_none=True).encode()) is not None
+    watch = DeployWatch(inventory, new_order("m", "2.0.0", "device:cam-a"), "edge/cam-a/deploy")
+    assert watch.seed() == ["cam-a: offline; waiting for it to come back and report"]
+    assert not watch.done()
+    assert watch.summary(30) == [
+        "  cam-a: offline, no final report within 30s (the retained order applies when it reconnects)"
+    ]

@@ -87,6 +87,14 @@ def test_probe_text_shows_hardware_ranking_and_reasons() -> None:
     out = cli("probe", "--root", str(FIXTURES / "x86-rtx3060"))
     assert out.returncode == 0, out.stderr
     assert "  gpu:          NVIDIA GeForce RTX 3060 (driver nvidia; 550.54.14; 12.0 GiB; /dev/nvidia0)" in out.stdout
+    assert f"  build:        cpu (onnxruntime {ort.__version__})\n" in out.stdout
+    assert (
+        "  wanted:       cuda: NVIDIA GeForce RTX 3060 (driver 550.54.14): onnxruntime-gpu has the CUDA" in out.stdout
+    )
+    assert (
+        "  to install:   sudo scripts/install.sh --runtime cuda; in a virtualenv: "
+        "pip uninstall -y onnxruntime && pip install 'onnxruntime-gpu>=1.18,<2'\n"
+    ) in out.stdout
     assert re.search(r"^  1\.  CPUExecutionProvider +kept: always present: 12 cores", out.stdout, re.M)
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         assert re.search(
@@ -94,6 +102,66 @@ def test_probe_text_shows_hardware_ranking_and_reasons() -> None:
             out.stdout,
             re.M,
         )
+
+
+# The onnxruntime build each captured device wants (docs/probe.md, "Which onnxruntime build").
+WANTED = {
+    "intel-nuc14": ("openvino", "Intel x86-64 CPU with avx2 and the Intel GPU and NPU, which only OpenVINO reaches"),
+    "jetson-agx-orin": ("jetson", "NVIDIA Jetson AGX Orin Developer Kit (L4T 36.3.0): NVIDIA's onnxruntime-gpu"),
+    "rpi4": ("cpu", "aarch64 Cortex-A72: the PyPI onnxruntime wheel (CPU provider)"),
+    "rpi5-hailo": ("cpu", "aarch64 Cortex-A76: the PyPI onnxruntime wheel (CPU provider)"),
+    "x86-rtx3060": ("cuda", "NVIDIA GeForce RTX 3060 (driver 550.54.14): onnxruntime-gpu"),
+}
+
+
+def test_every_captured_device_has_its_wanted_build() -> None:
+    assert sorted(WANTED) == sorted(p.name for p in FIXTURES.iterdir() if p.is_dir())
+
+
+@pytest.mark.parametrize("device", sorted(WANTED))
+def test_probe_says_which_onnxruntime_build_a_device_wants_and_how_to_install_it(
+    device: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = in_process(capsys, "probe", "--json", "--root", str(FIXTURES / device))
+    runtime = json.loads(out.stdout)["runtime"]
+    build, reason = WANTED[device]
+    wanted = runtime["wanted"]
+    assert wanted["build"] == build and wanted["reason"].startswith(reason)
+    assert wanted["install"] == f"sudo scripts/install.sh --runtime {build}"
+    # What is installed is this interpreter's build: the plain wheel of the project's .venv.
+    assert (runtime["build"], runtime["distributions"], runtime["recorded"]) == (
+        "cpu",
+        [f"onnxruntime {ort.__version__}"],
+        None,
+    )
+    swap = "" if build == "cpu" else "pip uninstall -y onnxruntime && "
+    index = " --index-url https://pypi.jetson-ai-lab.io/jp6/cu126" if build == "jetson" else ""
+    assert wanted["pip"].startswith(swap + "pip install 'onnxruntime") and wanted["pip"].endswith(f"'{index}")
+
+
+def test_the_install_plan_puts_the_build_in_place_of_onnxruntime_and_refuses_a_foreign_one() -> None:
+    """What scripts/install.sh and images/Dockerfile install (the plan needs only the standard library)."""
+    from agent.cli.probe import install_plan
+
+    def names(plan: dict) -> list[str]:
+        return [re.split(r"[<>=!~ ;\[]", d, maxsplit=1)[0] for d in plan["dependencies"]]
+
+    jetson = install_plan("auto", root=str(FIXTURES / "jetson-agx-orin"))
+    assert (jetson["build"], jetson["requirement"], jetson["index_url"]) == (
+        "jetson",
+        "onnxruntime-gpu>=1.18,<2",
+        "https://pypi.jetson-ai-lab.io/jp6/cu126",
+    )
+    assert "onnxruntime" not in names(jetson) and "numpy" in names(jetson) and "onnx" not in names(jetson)
+    assert jetson["remove"] == ["onnxruntime"]  # the plain build of this .venv goes first
+    cpu = install_plan("cpu", extras="cloud", root=str(FIXTURES / "rpi4"))
+    assert cpu["requirement"].startswith("onnxruntime") and cpu["remove"] == [] and "onnx" in names(cpu)
+    with pytest.raises(
+        ValueError, match=r"onnxruntime-openvino \(openvino\) has wheels for x86_64 only; this is aarch64"
+    ):
+        install_plan("openvino", root=str(FIXTURES / "rpi4"))
+    with pytest.raises(ValueError, match="unknown onnxruntime build 'tpu'"):
+        install_plan("tpu")
 
 
 def test_probe_verify_with_a_profile_that_forbids_cpu_fallback_fails_loudly(tmp_path: Path) -> None:
@@ -236,6 +304,9 @@ def test_probe_and_bench_with_openvino_report_the_verified_provider(
         True,
     )
     assert doc["verified"]["provider"] == "OpenVINOExecutionProvider" == doc["verified"]["providers"][0]
+    runtime = doc["runtime"]
+    assert runtime["build"] == "openvino" == runtime["wanted"]["build"]
+    assert runtime["distributions"] == [f"onnxruntime-openvino {runtime['version']}"]
     assert doc["verified"]["fallbacks"] == [] and doc["verified"]["options"]["cache_dir"].endswith("/cache/openvino")
 
     model = sample_model("ppocr-det")

@@ -12,6 +12,7 @@ import pytest
 import requests
 
 from agent.device.onnxproto import AI_ONNX, identity_model
+from tests.helpers.faulty_models import nan_model, sequence_model, zipmap_classifier
 from tests.helpers.registry import start_cli_server
 
 REPO = Path(__file__).resolve().parent.parent
@@ -26,6 +27,32 @@ def cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
 def tiny(path: Path, opset: int = 13, doc: bytes = b"") -> Path:
     path.write_bytes(identity_model(8, {AI_ONNX: opset}, doc=doc))
     return path
+
+
+def pull(url: str, keys: Path, model: str, state: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    """`models pull` of `model` from the registry at `url` into `state`."""
+    return cli(
+        "models", "pull", model, "--registry", url, "--public-key", keys / "registry.pub", "--state-dir", state, *extra
+    )
+
+
+def publish(root: Path, model: str, file: Path, keys: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    """`registry publish` of `file` as `model` 1.0.0."""
+    return cli(
+        "registry",
+        "publish",
+        "--root",
+        root,
+        "--model",
+        model,
+        "--version",
+        "1.0.0",
+        "--file",
+        file,
+        "--key",
+        keys / "registry.key",
+        *extra,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -113,8 +140,16 @@ def test_publish_serve_pull_list_rollback_inspect(keys: Path, served: tuple[Path
     )
 
     back = cli("models", "rollback", "m", "--state-dir", state)
-    assert back.returncode == 0 and back.stdout.strip() == "m: 1.1.0 -> 1.0.0 (variant fp32)"
-    assert json.loads(cli("models", "list", "--profile", profile, "--json").stdout)[0]["active"] == "1.0.0"
+    assert back.returncode == 0 and back.stdout.strip() == "m: 1.1.0 -> 1.0.0 (variant fp32); 1.1.0 is held"
+    listed = json.loads(cli("models", "list", "--profile", profile, "--json").stdout)[0]
+    assert listed["active"] == "1.0.0" and [h["version"] for h in listed["held"]] == ["1.1.0"]
+    assert "held: 1.1.0 since 20" in cli("models", "list", "--state-dir", state).stdout
+    # A second rollback never toggles forward to the version the first one left.
+    again = cli("models", "rollback", "m", "--state-dir", state)
+    assert again.returncode == 1 and "m has no earlier version to roll back to (active: 1.0.0" in again.stderr
+    forward = cli("models", "rollback", "m", "--version", "1.1.0", "--state-dir", state)
+    assert forward.stdout.strip() == "m: 1.0.0 -> 1.1.0 (variant fp32); 1.0.0 is held", forward.stderr
+    cli("models", "rollback", "m", "--version", "1.0.0", "--state-dir", state)
 
     inspect = cli("models", "inspect", "m", "--state-dir", state)
     assert inspect.returncode == 0, inspect.stderr
@@ -149,19 +184,7 @@ def test_pull_refused_for_an_old_runtime_is_one_line_and_exit_1(
         "--channel",
         "stable",
     )
-    out = cli(
-        "models",
-        "pull",
-        "m",
-        "--registry",
-        url,
-        "--public-key",
-        keys / "registry.pub",
-        "--state-dir",
-        tmp_path / "s",
-        "--target-ort",
-        "1.10",
-    )
+    out = pull(url, keys, "m", tmp_path / "s", "--target-ort", "1.10")
     assert out.returncode == 1
     assert out.stderr.strip() == (
         "edge-agent models: refused: m 1.0.0: variant fp32 needs ai.onnx opset 16; this runtime loads up to 15"
@@ -270,3 +293,29 @@ def test_inspect_a_real_model_without_onnx(sample_model: Callable[[str], Path]) 
         True,
     )
     assert [i["name"] for i in doc["inputs"]] == ["input", "sr", "state"] and doc["ops"]["If"] == 1
+
+
+def test_a_scikit_learn_zipmap_model_is_published_with_default_vectors_and_pulled(
+    keys: Path, served: tuple[Path, str], tmp_path: Path
+) -> None:
+    root, url = served
+    out = publish(root, "clf", zipmap_classifier(tmp_path / "clf.onnx"), keys, "--channel", "stable")
+    assert out.returncode == 0, out.stderr
+    pulled = pull(url, keys, "clf", tmp_path / "s", "--quiet")
+    assert pulled.returncode == 0, pulled.stderr
+    assert pulled.stdout.startswith("clf 1.0.0 activated (variant fp32, tested on CPUExecutionProvider")
+
+
+def test_a_model_whose_outputs_vectors_cannot_hold_is_refused_at_publish(keys: Path, tmp_path: Path) -> None:
+    out = publish(tmp_path / "r", "seq", sequence_model(tmp_path / "seq.onnx"), keys)
+    assert out.returncode == 2 and out.stderr.strip() == (
+        "edge-agent registry: seq.onnx: the test vectors cannot be stored: output 'seq' is a sequence of tensors; "
+        "test vectors hold tensors, maps and sequences of maps (give --no-tests to publish it untested)"
+    ), out.stderr
+    assert not (tmp_path / "r" / "models").exists()
+
+
+def test_default_vectors_of_a_model_that_outputs_only_nan_are_refused_at_publish(keys: Path, tmp_path: Path) -> None:
+    out = publish(tmp_path / "r", "nan", nan_model(tmp_path / "nan.onnx"), keys)
+    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert "nan.onnx: every value of output 'y' is NaN on the test inputs" in out.stderr

@@ -20,6 +20,7 @@ from agent.models.deploy import (
     parse_target,
     sign_order,
 )
+from agent.models.orders import OrderBook
 from agent.models.signing import generate_keypair, load_private_key, load_public_keys, sign
 
 pytestmark = pytest.mark.arm64
@@ -206,3 +207,29 @@ def _pub_of(private: Any, tmp_path: Path) -> Path:
     path = tmp_path / "k.pub"
     path.write_bytes(public_pem(private.public_key()))
     return path
+
+
+def test_the_order_book_follows_the_newest_order_per_model_and_forgets_withdrawn_ones(tmp_path: Path) -> None:
+    book = OrderBook(tmp_path, "cam-1", "north-gate")
+    group_v3 = order(target="group:north-gate", version="3.0", now=NOW)
+    device_v2 = order(target="device:cam-1", version="2.0", now=NOW + timedelta(minutes=1))
+    book.put("edge/fleet/north-gate/deploy", group_v3)
+    book.put("edge/cam-1/deploy", device_v2)
+    followed = book.effective("text-detector")
+    assert followed is not None and (followed["id"], followed["version"]) == (device_v2.id, "2.0")
+    again = OrderBook(tmp_path, "cam-1", "north-gate")  # kept across restarts
+    assert again.topics() == ["edge/cam-1/deploy", "edge/fleet/north-gate/deploy"]
+    withdrawn = again.withdraw("edge/cam-1/deploy")
+    assert withdrawn is not None and withdrawn["version"] == "2.0" and again.withdraw("edge/cam-1/deploy") is None
+    assert (again.effective("text-detector") or {}).get("version") == "3.0"
+    assert OrderBook(tmp_path, "cam-1", "south-gate").effective("text-detector") is None  # another group now
+    again.withdraw("edge/fleet/north-gate/deploy")
+    assert OrderBook(tmp_path, "cam-1", "north-gate").effective("text-detector") is None
+
+
+def test_the_order_book_reads_the_file_of_an_older_agent(tmp_path: Path) -> None:
+    (tmp_path / "orders.json").write_text('{"text-detector": {"id": "old-1", "version": "1.9"}}')
+    book = OrderBook(tmp_path, "cam-1", "north-gate")
+    assert (book.effective("text-detector") or {}).get("version") == "1.9"
+    book.put("edge/cam-1/deploy", order(target="device:cam-1", version="2.0"))  # supersedes it
+    assert book.topics() == ["edge/cam-1/deploy"]

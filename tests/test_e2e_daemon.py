@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 import requests
 
-from agent.cloud.publish import npz_bytes
 from agent.models.store import Store
+from agent.models.vectors import encode
 from agent.transport.outbox import open_outbox
 from tests.helpers.broker import Mosquitto, free_port
 from tests.helpers.daemon_proc import REPO, AgentProcess, heavy_linear, sensor_csv, slow_on_data
@@ -53,8 +53,9 @@ def results(sub: Subscriber, device: str) -> list[dict[str, Any]]:
 
 
 def deploy(
-    broker: Mosquitto, reg: Registry, version: str, target: str, wait: str = "60s"
+    broker: Mosquitto, reg: Registry, version: str, target: str, *extra: str, wait: str = "60s"
 ) -> subprocess.CompletedProcess[str]:
+    """`edge-agent fleet deploy` of model m, as an operator runs it (`extra`: more options)."""
     return subprocess.run(
         [
             sys.executable,
@@ -76,6 +77,7 @@ def deploy(
             wait,
             "--settle",
             "0.5s",
+            *extra,
         ],
         capture_output=True,
         text=True,
@@ -141,7 +143,7 @@ def test_group_deploy_activates_refuses_and_rolls_back(
 
         # v3 whose test vectors fail on the device: refused by both, v2 keeps serving.
         reg.publish("m", "3.0.0", linear(tmp_path, "v3", 3.0), channel=None)
-        wrong = reg.put(npz_bytes({"y": np.full((1, 1), 99.0, np.float32)}))
+        wrong = reg.put(encode({"y": np.full((1, 1), 99.0, np.float32)}))
         reg.resign("m", "3.0.0", lambda doc: doc["tests"][0].update(expected=wrong))
         out = deploy(own_broker, reg, "3.0.0", "group:g1")
         assert out.returncode == 1, out.stdout + out.stderr
@@ -375,8 +377,8 @@ def test_commands_and_reload_on_a_running_agent(
             ("cam", "running", "synthetic")
         ]
         metrics = requests.get(page + "metrics", timeout=5).text
-        assert 'edge_agent_mqtt_connected{state="online"} 1' in metrics
-        assert 'edge_agent_pipeline_up{pipeline="cam",state="running"} 1' in metrics
+        assert 'edge_agent_mqtt_state{edge_agent_mqtt_state="online"} 1.0' in metrics
+        assert 'edge_agent_pipeline_state{edge_agent_pipeline_state="running",pipeline="cam"} 1.0' in metrics
         frame = requests.get(page + "frame/cam.jpg", timeout=5)
         assert frame.status_code == 200 and frame.content[:2] == b"\xff\xd8"
 

@@ -4,11 +4,15 @@ would run on a real system, idempotency, and an installed unit that systemd-anal
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import platform
+import re
 import shutil
 import stat
 import subprocess
 import sys
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,7 +76,7 @@ class Installed:
 
 def copy_source(target: Path) -> Path:
     """A still copy of the checkout: others edit agent/ while tests run, and the script must see one source."""
-    for name in ("agent", "pyproject.toml", "README.md"):
+    for name in ("agent", "pyproject.toml", "README.md", "LICENSE"):
         src = REPO / name
         if src.is_dir():
             shutil.copytree(src, target / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
@@ -230,6 +234,21 @@ def test_bad_usage(tmp_path: Path) -> None:
     out = script("install.sh", "--root", tmp_path, "--from", tmp_path / "nothing-here")
     assert out.returncode == 2 and "does not exist" in out.stderr
     assert script("install.sh", "--help").stdout.startswith("usage: scripts/install.sh")
+    out = script("install.sh", "--root", tmp_path, "--runtime", "tpu")
+    assert out.returncode == 2 and "--runtime: unknown build 'tpu' (auto, cpu, openvino, cuda, jetson)" in out.stderr
+    out = script("install.sh", "--root", tmp_path, "--no-deps", "--runtime", "auto")
+    assert out.returncode == 2 and "--runtime auto needs the dependencies" in out.stderr
+
+
+def test_a_build_without_wheels_for_this_cpu_is_refused_by_the_agents_plan(
+    installed: Installed, tmp_path: Path
+) -> None:
+    root = copy_root(installed, tmp_path)
+    build, arch = ("openvino", "x86_64") if platform.machine() == "aarch64" else ("jetson", "aarch64")
+    out = script("install.sh", "--root", root, "--from", installed.source, "--no-deps", "--runtime", build)
+    assert out.returncode == 2, out.stderr
+    assert f"has wheels for {arch} only; this is {platform.machine()}" in out.stderr
+    assert (root / "opt/edge-agent/.installed").read_text().endswith(" runtime=none\n")  # as it was
 
 
 @pytest.mark.slow
@@ -247,9 +266,22 @@ def test_a_wheel_with_its_dependencies_under_another_prefix(installed: Installed
     profile = tmp_path / "gate.yaml"
     profile.write_text("device: {id: gate-cam-01, group: north-gate}\nhealth: {interval: 10s}\n")
     root = tmp_path / "root"
-    out = script("install.sh", "--root", root, "--from", wheel, "--prefix", "/srv/edge-agent", "--profile", profile)
+    out = script(
+        "install.sh",
+        "--root",
+        root,
+        "--from",
+        wheel,
+        "--prefix",
+        "/srv/edge-agent",
+        "--profile",
+        profile,
+        "--runtime",
+        "cpu",
+    )
     assert out.returncode == 0, out.stderr
     assert "and its dependencies" in out.stderr and "gate-cam-01, 0 pipeline(s)" in out.stderr
+    assert "installing the onnxruntime build 'cpu' (onnxruntime" in out.stderr
     assert (root / "etc/edge-agent/profile.yaml").read_text() == profile.read_text()
     unit = (root / "etc/systemd/system/edge-agent.service").read_text()
     service = parse_unit(unit)["Service"]
@@ -280,7 +312,133 @@ def test_a_wheel_with_its_dependencies_under_another_prefix(installed: Installed
     again = script("install.sh", "--root", root, "--from", wheel, "--prefix", "/srv/edge-agent")
     assert again.returncode == 0, again.stderr
     assert "installing edge_agent-" in again.stderr and would_run(again)[-1] == "systemctl restart edge-agent.service"
+    assert "installing the onnxruntime build 'cpu' (onnxruntime" in again.stderr  # recorded, and kept
+    assert "the build the last install recorded" in again.stderr
     note = subprocess.run(
         [python, "-I", "-c", "import agent; print(agent.RELEASE_NOTE)"], capture_output=True, text=True
     )
     assert note.stdout == "a new build\n", note.stderr
+
+
+# A Python warning printed by the build backend ("...: SetuptoolsDeprecationWarning: ...") and the "!!" frame
+# setuptools draws around its deprecation notices. pip's own notes ("WARNING: Location ... is ignored", a
+# machine's index configuration) and distutils' lower-case "warning: byte-compiling is disabled" (the
+# environment's choice) are not about this project's metadata.
+METADATA_WARNING = re.compile(r"\w+Warning: |^\s*!!\s*$")
+
+
+@pytest.mark.slow
+def test_installing_prints_no_warning_from_our_metadata(installed: Installed, tmp_path: Path) -> None:
+    """A fresh virtualenv, the project built from source with the build backend pyproject.toml asks for
+    (pip's isolated build), verbose so that the backend's warnings show: none of them may come from us."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, capture_output=True)
+    env = {**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
+    env.pop("VIRTUAL_ENV", None)
+    out = subprocess.run(
+        [venv / "bin/python", "-m", "pip", "install", "-v", "--no-deps", "--no-cache-dir", str(installed.source)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "setuptools" in out.stdout + out.stderr  # the backend's own output is in what was read
+    warnings = [line for line in (out.stdout + out.stderr).splitlines() if METADATA_WARNING.search(line)]
+    assert warnings == []
+
+    wheels = tmp_path / "wheels"
+    subprocess.run(
+        [venv / "bin/python", "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(wheels), str(installed.source)],
+        check=True,
+        capture_output=True,
+        env=env,
+    )
+    (wheel,) = wheels.glob("edge_agent-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        dist_info = next(n.split("/")[0] for n in archive.namelist() if n.endswith(".dist-info/METADATA"))
+        metadata = archive.read(f"{dist_info}/METADATA").decode()
+        license_text = archive.read(f"{dist_info}/licenses/LICENSE")
+    assert "License-Expression: Apache-2.0" in metadata.splitlines()
+    assert "License-File: LICENSE" in metadata.splitlines() and "Classifier: License" not in metadata
+    assert any(line.startswith("Project-URL: Homepage, https://") for line in metadata.splitlines())
+    assert license_text == (REPO / "LICENSE").read_bytes() and b"Apache License" in license_text
+
+
+# ---- the onnxruntime build: chosen, recorded, kept by upgrades -------------------------------------
+
+
+def openvino_wheels() -> Path:
+    """scripts/openvino-venv.sh's cached wheels (onnxruntime-openvino, onnxruntime, their dependencies),
+    so that these installs download nothing; a skip saying why there are none."""
+    if platform.machine() != "x86_64":
+        pytest.skip("onnxruntime-openvino has wheels for x86-64 only")
+    out = subprocess.run(
+        [str(REPO / "scripts" / "openvino-venv.sh"), "--wheels"], capture_output=True, text=True, timeout=600
+    )
+    if out.returncode != 0:
+        pytest.skip(f"no onnxruntime-openvino wheels: {out.stderr.strip().splitlines()[-1:]}")
+    return Path(out.stdout.strip())
+
+
+def builds_in(root: Path) -> dict[str, str]:
+    """The onnxruntime distributions in the installed virtualenv itself, and the build install.sh recorded
+    as the installed agent reads it."""
+    python = root / "opt/edge-agent/venv/bin/python"
+    code = (
+        "import json; from agent.cli.probe import installed_distributions as d, recorded_build as r; "
+        "print(json.dumps({**dict(d()), 'recorded': r()}))"
+    )
+    out = subprocess.run([python, "-I", "-c", code], capture_output=True, text=True, check=True)
+    return dict(json.loads(out.stdout))
+
+
+def providers_in(root: Path) -> list[str]:
+    python = root / "opt/edge-agent/venv/bin/python"
+    code = "import onnxruntime as o; print(' '.join(o.get_available_providers()))"
+    return subprocess.run([python, "-I", "-c", code], capture_output=True, text=True, check=True).stdout.split()
+
+
+@pytest.mark.slow
+def test_runtime_cpu_then_openvino_and_an_upgrade_keeps_the_build(installed: Installed, tmp_path: Path) -> None:
+    """--runtime swaps one build for the other in the virtualenv, records it, and a later install that
+    names none (an upgrade) installs the same build again."""
+    wheels = openvino_wheels()
+    root = copy_root(installed, tmp_path)
+    common = ("--root", root, "--no-deps", "--wheels", wheels)
+
+    cpu = script("install.sh", *common, "--from", installed.source, "--runtime", "cpu")
+    assert cpu.returncode == 0, cpu.stderr
+    found = builds_in(root)
+    assert found.keys() == {"onnxruntime", "recorded"} and found["recorded"] == "cpu"
+    assert "OpenVINOExecutionProvider" not in providers_in(root)
+
+    openvino = script("install.sh", *common, "--from", installed.source, "--runtime", "openvino")
+    assert openvino.returncode == 0, openvino.stderr
+    assert "removing onnxruntime: one onnxruntime build per virtualenv" in openvino.stderr
+    found = builds_in(root)
+    assert found.keys() == {"onnxruntime-openvino", "recorded"} and found["recorded"] == "openvino"
+    assert providers_in(root)[:1] == ["OpenVINOExecutionProvider"]
+    assert (root / "opt/edge-agent/.installed").read_text().endswith(" deps=0 runtime=openvino\n")
+
+    # An upgrade: a new build of the agent, no --runtime.
+    source = tmp_path / "src"
+    shutil.copytree(installed.source, source)
+    with open(source / "agent" / "__init__.py", "a") as f:
+        f.write("\nRELEASE_NOTE = 'a new build'\n")
+    upgrade = script("install.sh", *common, "--from", source)
+    assert upgrade.returncode == 0, upgrade.stderr
+    assert "installing the onnxruntime build 'openvino' (onnxruntime-openvino" in upgrade.stderr
+    assert "the build the last install recorded" in upgrade.stderr
+    assert builds_in(root).keys() == {"onnxruntime-openvino", "recorded"}
+    assert providers_in(root)[:1] == ["OpenVINOExecutionProvider"]
+    python = root / "opt/edge-agent/venv/bin/python"
+    note = subprocess.run(
+        [python, "-I", "-c", "import agent; print(agent.RELEASE_NOTE)"], capture_output=True, text=True
+    )
+    assert note.stdout == "a new build\n", note.stderr
+
+    again = script("install.sh", *common, "--from", source)
+    assert again.returncode == 0, again.stderr
+    assert "installed from the same source already (onnxruntime build: openvino)" in again.stderr
+    assert "nothing changed" in again.stderr

@@ -14,9 +14,7 @@ import pytest
 AGENT = Path(__file__).resolve().parent.parent / "agent"
 MAX_LINES = 500
 # Files over MAX_LINES that still hold one concept, and why they stay whole.
-ONE_CONCEPT: dict[str, str] = {
-    "agent/transport/outbox.py": "the durable outbox: record format, recovery, bound and reader share one segment state",
-}
+ONE_CONCEPT: dict[str, str] = {}
 
 
 def module_name(path: Path) -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -497,3 +499,103 @@ def test_unreadable_file(tmp_path: Path) -> None:
     with pytest.raises(ProfileError) as info:
         load_profile(tmp_path / "missing.yaml")
     assert str(info.value).endswith("missing.yaml:0: cannot read: No such file or directory")
+
+
+# -- files the profile names ------------------------------------------------------------------------
+
+FILES = """\
+device: {id: d}
+registry: {url: "http://127.0.0.1:8780", public_key: keys/registry.pub}
+mqtt:
+  url: "mqtts://broker:8883"
+  password_file: secrets/mqtt.password
+  tls: {ca: ca.pem}
+pipelines:
+  - name: gate
+    model: ./models/det.onnx
+    source: {type: synthetic}
+    postprocess: {type: classification, labels: labels.txt}
+"""
+
+
+def file_errors(tmp_path: Path, files: str) -> list[str]:
+    with pytest.raises(ProfileError) as info:
+        load_profile(write(tmp_path, FILES), environ={}, files=files)  # type: ignore[arg-type]
+    return [str(i).replace(str(tmp_path) + "/", "") for i in info.value.issues]
+
+
+def test_files_a_profile_names_are_not_looked_for_unless_asked(tmp_path: Path) -> None:
+    profile = load_profile(write(tmp_path, FILES), environ={})
+    assert profile.registry is not None and profile.registry.public_key == tmp_path / "keys/registry.pub"
+
+
+def test_every_missing_file_is_a_located_error(tmp_path: Path) -> None:
+    assert file_errors(tmp_path, "all") == [
+        "profile.yaml:2: registry.public_key: no such file: keys/registry.pub (the registry's public key)",
+        "profile.yaml:5: mqtt.password_file: no such file: secrets/mqtt.password (the broker password)",
+        "profile.yaml:6: mqtt.tls.ca: no such file: ca.pem (a TLS file)",
+        "profile.yaml:9: pipelines[0].model: no such file: models/det.onnx (the model file)",
+        "profile.yaml:11: pipelines[0].postprocess.labels: no such file: labels.txt (the labels file)",
+    ]
+
+
+def test_the_service_needs_its_own_files_and_leaves_model_files_to_each_pipeline(tmp_path: Path) -> None:
+    (tmp_path / "keys").mkdir()
+    (tmp_path / "keys/registry.pub").write_text("key")
+    (tmp_path / "secrets").mkdir()
+    (tmp_path / "secrets/mqtt.password").write_text("pw")
+    (tmp_path / "ca.pem").mkdir()  # a folder where a file belongs
+    assert file_errors(tmp_path, "service") == ["profile.yaml:6: mqtt.tls.ca: not a file: ca.pem (a TLS file)"]
+    (tmp_path / "ca.pem").rmdir()
+    (tmp_path / "ca.pem").write_text("ca")
+    assert load_profile(write(tmp_path, FILES), environ={}, files="service").pipelines[0].name == "gate"
+
+
+def run_cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "agent", *map(str, args)], capture_output=True, text=True, timeout=120)
+
+
+def test_check_and_run_refuse_a_missing_public_key_with_its_line(tmp_path: Path) -> None:
+    profile = write(tmp_path, 'device: {id: d}\nregistry: {url: "http://127.0.0.1:9", public_key: registry.pub}\n')
+    checked = run_cli("check", profile)
+    assert checked.returncode == 2
+    assert checked.stderr == (
+        f"{profile}:2: registry.public_key: no such file: {tmp_path / 'registry.pub'} (the registry's public key)\n"
+    )
+    assert run_cli("check", "--no-files", profile).returncode == 0
+    ran = run_cli("run", "--profile", profile)
+    assert ran.returncode == 2 and "Traceback" not in ran.stderr
+    assert f"{profile}:2: registry.public_key: no such file: " in ran.stderr
+
+
+# -- homeassistant --------------------------------------------------------------------------------
+
+
+def test_homeassistant_discovery_is_off_by_default(tmp_path: Path) -> None:
+    profile = load_profile(write(tmp_path, GOOD), environ={})
+    assert not profile.homeassistant.enabled and profile.homeassistant.discovery_prefix == "homeassistant"
+    on = load_profile(write(tmp_path, GOOD + "homeassistant: {enabled: true, discovery_prefix: site/ha}\n"), environ={})
+    assert on.homeassistant.enabled and on.homeassistant.discovery_prefix == "site/ha"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            "device: {id: d}\nhomeassistant: {enabled: true}\n",
+            "profile.yaml:2: homeassistant.enabled: Home Assistant discovery is published over MQTT: add the mqtt "
+            "section (the broker Home Assistant reads)",
+        ),
+        (
+            "device: {id: d}\nmqtt: {url: 'mqtt://b'}\nhomeassistant: {enabled: true, discovery_prefix: 'ha/#'}\n",
+            "profile.yaml:3: homeassistant.discovery_prefix: expected a topic level without spaces, '+' or '#', "
+            "got 'ha/#'",
+        ),
+        (
+            "device: {id: d}\nmqtt: {url: 'mqtt://b'}\nhomeassistant: {enable: true}\n",
+            "profile.yaml:3: homeassistant.enable: unknown key (did you mean 'enabled'?)",
+        ),
+    ],
+)
+def test_homeassistant_mistakes(tmp_path: Path, text: str, expected: str) -> None:
+    assert errors_of(tmp_path, text) == [expected]

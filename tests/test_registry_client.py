@@ -8,20 +8,25 @@ from __future__ import annotations
 
 import json
 import os
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
+from email.utils import format_datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+import requests
 
-from agent.cloud.publish import npz_bytes, write_signed
+from agent.cloud.publish import write_signed
+from agent.cloud.server import REQUESTS_KEPT
 from agent.device.compat import caps_for
+from agent.models.fetch import retry_after
 from agent.models.manifest import dumps
 from agent.models.signing import generate_keypair, load_private_key
 from agent.models.store import Store
+from agent.models.vectors import encode
 from agent.transport.events import Event
-from tests.helpers.registry import Registry
+from tests.helpers.registry import FaultyHandler, Registry
 
 pytestmark = pytest.mark.arm64
 
@@ -80,7 +85,7 @@ def test_update_keeps_previous_for_rollback(registry: Registry, tmp_path: Path) 
     result = client.check_and_pull("m")
     assert (result.status, result.version, result.previous) == ("activated", "1.1.0", "1.0.0")
     store = Store(tmp_path / "state")
-    assert store.rollback("m").version == "1.0.0"
+    assert store.rollback("m", reason="test").version == "1.0.0"
 
 
 @pytest.mark.parametrize("cap,want", [(None, "op18"), (17, "op16"), (16, "op16"), (15, "op15")])
@@ -299,7 +304,7 @@ def test_refused_digest_mismatch(registry: Registry, tmp_path: Path) -> None:
 
 def test_refused_failing_test_vectors(registry: Registry, tmp_path: Path) -> None:
     registry.publish("m", "1.0.0", registry.tiny("m"))
-    wrong = registry.put(npz_bytes({"y": np.full((1, 4), 7.0, np.float32)}))
+    wrong = registry.put(encode({"y": np.full((1, 4), 7.0, np.float32)}))
 
     def mutate(doc: dict[str, Any]) -> None:
         doc["tests"][0]["expected"] = wrong
@@ -409,25 +414,58 @@ def test_manifest_records_what_publish_read(registry: Registry) -> None:
     assert doc["tests"][0]["variant"] == "fp32" and doc["tests"][0]["atol"] == 1e-3
 
 
-def test_rollback_order_through_the_client(registry: Registry, tmp_path: Path) -> None:
+def test_a_rolled_back_version_is_held_whichever_path_asks_for_it(registry: Registry, tmp_path: Path) -> None:
     registry.publish("m", "1.0.0", registry.tiny("a"))
     events: list[Event] = []
     client = registry.client(tmp_path / "state", events, caps=CAPS)
-    assert client.rollback("m").status == "failed" and "m is not in the store" in events[-1].fields["reason"]
     client.check_and_pull("m")
     registry.publish("m", "1.1.0", registry.tiny("b", doc=b"b"))
     client.check_and_pull("m")
-    result = client.rollback("m")
-    assert (result.status, result.version, result.previous) == ("activated", "1.0.0", "1.1.0")
-    assert events[-1].type == "model.rolled_back" and events[-1].fields["version"] == "1.0.0"
-    # The channel still says 1.1.0: polling does not undo the rollback ...
-    held = client.check_and_pull("m")
-    assert (held.status, held.version) == ("held", "1.1.0") and "was rolled back" in (held.reason or "")
-    # ... until the channel moves on, or the version is asked for by name.
-    assert client.check_and_pull("m", version="1.1.0").status == "activated"
-    client.rollback("m")
+    store = Store(tmp_path / "state")
+    assert store.rollback("m", reason="probation failed: too slow").version == "1.0.0"
+    # The channel still says 1.1.0; an order or a profile pin names it: none of them installs it again ...
+    for asked in ({}, {"version": "1.1.0"}):
+        held = client.check_and_pull("m", **asked)
+        assert (held.status, held.version) == ("held", "1.1.0"), held
+        assert "1.1.0 is held on this device (probation failed: too slow)" in (held.reason or "")
+    assert store.active("m").version == "1.0.0" and types(events)[-1] == "model.activated"  # no event
+    # ... only an override does (a rollback order, a pull with --allow-older), and it lifts the hold.
+    assert client.check_and_pull("m", version="1.1.0", allow_older=True).status == "activated"
+    assert store.held("m") == []
+    store.rollback("m", reason="again")
     registry.publish("m", "1.2.0", registry.tiny("c", doc=b"c"))
-    assert client.check_and_pull("m").version == "1.2.0"
+    assert client.check_and_pull("m").version == "1.2.0"  # the channel moved on
+
+
+def test_a_version_refused_by_its_test_vectors_is_held_and_not_downloaded_again(
+    registry: Registry, tmp_path: Path
+) -> None:
+    registry.publish("m", "1.0.0", registry.tiny("m"))
+    wrong = registry.put(encode({"y": np.full((1, 4), 7.0, np.float32)}))
+    registry.resign("m", "1.0.0", lambda doc: doc["tests"][0].update(expected=wrong))
+    client = registry.client(tmp_path / "state", caps=CAPS)
+    refused = client.check_and_pull("m")
+    assert refused.status == "refused" and Store(tmp_path / "state").held_reason("m", "1.0.0") == refused.reason
+    fetched = len(registry.blob_requests())
+    again = client.check_and_pull("m", version="1.0.0")
+    assert again.status == "held" and len(registry.blob_requests()) == fetched
+
+
+def test_a_model_that_outputs_only_nan_fails_vectors_that_expect_numbers(registry: Registry, tmp_path: Path) -> None:
+    # The identity model given NaN outputs NaN: vectors that expect numbers there must fail, not compare
+    # NaN as equal to anything.
+    registry.publish("m", "1.0.0", registry.tiny("m"), no_tests=True)
+    inputs = registry.put(encode({"x": np.full((1, 4), np.nan, np.float32)}))
+    numbers = registry.put(encode({"y": np.ones((1, 4), np.float32)}))
+    test = {"name": "fp32-0", "variant": "fp32", "inputs": inputs, "expected": numbers, "rtol": 1e-3, "atol": 1e-3}
+    registry.resign("m", "1.0.0", lambda doc: doc.update(tests=[test]))
+    refuse(
+        registry,
+        tmp_path,
+        "test vector fp32-0 failed on CPUExecutionProvider: output 'y' is NaN at 4 of 4 positions where a number "
+        "is expected",
+        before_download=False,
+    )
 
 
 def test_a_busy_server_is_retried_with_backoff(registry: Registry, tmp_path: Path) -> None:
@@ -454,3 +492,88 @@ def test_publishing_the_same_file_again_re_signs_instead_of_adding_a_variant(reg
         "fp32",
         "fp32-op12",
     ]
+
+
+class RetryLaterHandler(FaultyHandler):
+    """Answers the statuses queued in `server.later[name]` first, each with its Retry-After header, as a
+    CDN's rate limit or a server in maintenance does."""
+
+    def _serve(self, body: bool) -> None:
+        path = self.resolve()
+        queued = self.server.later.get(path.name) if path is not None else None  # type: ignore[attr-defined]
+        if queued:
+            status, after = queued.pop(0)
+            self.server.record(self)
+            self._status_only(status, {"Retry-After": after})
+            return
+        super()._serve(body)
+
+
+def answering_later(registry: Registry, later: dict[str, list[tuple[int, str]]]) -> None:
+    registry.server.later = later  # type: ignore[attr-defined]
+    registry.server.RequestHandlerClass = RetryLaterHandler
+
+
+def test_429_and_503_are_retried_after_what_retry_after_says(registry: Registry, tmp_path: Path) -> None:
+    registry.publish("m", "1.0.0", registry.tiny("m"))
+    blob = registry.blob_path("m", "1.0.0").name
+    in_a_while = format_datetime(datetime.now(timezone.utc) + timedelta(seconds=40), usegmt=True)
+    answering_later(registry, {"stable.json": [(429, "7")], blob: [(503, in_a_while)]})
+    sleeps: list[float] = []
+    events: list[Event] = []
+    result = registry.client(tmp_path / "state", events, caps=CAPS, retries=2, sleep=sleeps.append).check_and_pull("m")
+    assert result.status == "activated", result.reason
+    assert sleeps[0] == 7.0 and 38 <= sleeps[1] <= 40  # seconds, then an HTTP date (to the second)
+    assert "model.refused" not in types(events)
+
+
+def test_a_retry_after_past_the_deadline_fails_this_poll_and_refuses_nothing(
+    registry: Registry, tmp_path: Path
+) -> None:
+    registry.publish("m", "1.0.0", registry.tiny("m"))
+    answering_later(registry, {"stable.json": [(429, "3600")]})
+    sleeps: list[float] = []
+    events: list[Event] = []
+    client = registry.client(tmp_path / "state", events, caps=CAPS, retries=5, sleep=sleeps.append)
+    failed = client.check_and_pull("m")
+    assert failed.status == "failed" and sleeps == []
+    assert "HTTP 429, Retry-After 3600 s" in (failed.reason or "") and "deadline" in (failed.reason or "")
+    assert types(events) == ["model.error"]
+    assert client.check_and_pull("m").status == "activated"  # the next poll: the model was never refused
+
+
+def test_a_truncated_document_is_never_trusted_and_is_fetched_again(registry: Registry, tmp_path: Path) -> None:
+    registry.publish("m", "1.0.0", registry.tiny("m"))
+    registry.server.faults["manifest.json"] = ("cut", 20)  # 20 bytes of a longer Content-Length, then gone
+    sleeps: list[float] = []
+    result = registry.client(tmp_path / "state", caps=CAPS, retries=1, sleep=sleeps.append).check_and_pull("m")
+    assert result.status == "activated", result.reason
+    manifests = [r for r in registry.server.requests if str(r["path"]).endswith("/manifest.json")]
+    assert len(manifests) == 2 and len(sleeps) == 1
+
+
+@pytest.mark.parametrize(
+    ("header", "seconds"),
+    [
+        ("120", 120.0),
+        (" 0 ", 0.0),
+        ("Wed, 21 Oct 2026 07:28:00 GMT", 30.0),  # now + 30 s
+        ("Wed, 21 Oct 2026 07:27:00 GMT", 0.0),  # already past
+        ("soon", None),
+        ("-5", None),
+        ("", None),
+        (None, None),
+    ],
+)
+def test_retry_after_header(header: str | None, seconds: float | None) -> None:
+    now = datetime(2026, 10, 21, 7, 27, 30, tzinfo=timezone.utc).timestamp()
+    assert retry_after(header, now) == seconds
+
+
+def test_the_development_server_keeps_only_the_newest_requests(registry: Registry) -> None:
+    registry.publish("m", "1.0.0", registry.tiny("m"))
+    with requests.Session() as http:
+        for _ in range(REQUESTS_KEPT + 50):
+            http.head(registry.url + "channels/m/stable.json", timeout=5)
+    kept = registry.server.requests
+    assert len(kept) == REQUESTS_KEPT and all(r["method"] == "HEAD" for r in kept)

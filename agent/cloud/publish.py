@@ -3,13 +3,13 @@
 The model is read with the same protobuf reader the device uses (agent.compat), so the manifest states
 exactly what the device will check; when the onnx package is installed (the `cloud` extra) the model
 is also run through onnx's checker first. Expected outputs of the test vectors come from onnxruntime's
-CPU provider. Publishing a second file under the same version adds a variant (fp16, int8, or a
+CPU provider and are stored without pickle (agent.models.vectors): a model whose outputs they cannot
+hold is refused here, with one line, rather than on every device. Publishing a second file under the same version adds a variant (fp16, int8, or a
 lower-opset export for old runtimes); variants are kept best first, which is the order devices try.
 """
 
 from __future__ import annotations
 
-import io
 import os
 import re
 import tempfile
@@ -37,6 +37,7 @@ from agent.models.manifest import (
     parse_manifest,
 )
 from agent.models.signing import load_private_key, sign
+from agent.models.vectors import VectorError, decode, encode
 from agent.util.hashing import sha256_bytes
 
 Precision = Literal["fp32", "fp16", "int8"]
@@ -106,13 +107,20 @@ def write_signed(path: Path, data: bytes, key: Ed25519PrivateKey) -> None:
     for target, content in ((path.with_name(path.name + ".sig"), sig), (path, data)):
         tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp")
         tmp.write_bytes(content)
+        _later_second(tmp, target)
         os.replace(tmp, target)
 
 
-def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
-    buf = io.BytesIO()
-    np.savez(buf, allow_pickle=False, **arrays)  # devices load without pickle: refuse object arrays here
-    return buf.getvalue()
+def _later_second(new: Path, old: Path) -> None:
+    """Give `new` an mtime in a later whole second than `old`'s: nginx's ETag is the mtime in seconds and
+    the size, so a document rewritten within the second it was written, at the same size (1.0.0 -> 1.1.0),
+    would keep its ETag, and a device that polled in between would be told 304 until the next change."""
+    try:
+        before = int(old.stat().st_mtime)
+    except FileNotFoundError:
+        return
+    if int(new.stat().st_mtime) <= before:
+        os.utime(new, (before + 1, before + 1))
 
 
 def detect_precision(summary: compat.ModelSummary) -> Precision:
@@ -145,14 +153,36 @@ def synthesize_inputs(inputs: tuple[compat.TensorInfo, ...], seed: int = 0) -> d
     return out
 
 
-def run_cpu(model: Path, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def run_cpu(model: Path, feeds: dict[str, np.ndarray]) -> dict[str, object]:
+    """Every output as onnxruntime returns it: arrays, and lists of maps for scikit-learn's ZipMap."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
     session = ort.InferenceSession(str(model), sess_options=options, providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
-    return dict(zip(names, (np.asarray(v) for v in session.run(names, feeds)), strict=True))
+    return dict(zip(names, session.run(names, feeds), strict=True))
+
+
+def vector_blobs(
+    root: Path, file: Path, feeds: dict[str, np.ndarray], expected: dict[str, object]
+) -> tuple[Blob, Blob]:
+    """The inputs and expected outputs of a test vector, stored as blobs; PublishError (one line) for
+    outputs test vectors cannot hold, and for an output that is NaN everywhere (a broken model, or inputs
+    that do not suit it: its vectors would pass a device that outputs nothing but NaN)."""
+    for name, value in expected.items():
+        if isinstance(value, np.ndarray) and value.dtype.kind == "f" and value.size and np.isnan(value).all():
+            raise PublishError(
+                f"{file.name}: every value of output {name!r} is NaN on the test inputs; the model is broken, "
+                "or the inputs do not suit it (give --test-inputs FILE.npz)"
+            )
+    try:
+        inputs, outputs = encode(feeds), encode(expected)
+    except VectorError as exc:
+        raise PublishError(
+            f"{file.name}: the test vectors cannot be stored: {exc} (give --no-tests to publish it untested)"
+        ) from None
+    return put_blob(root, inputs), put_blob(root, outputs)
 
 
 def onnx_check(path: Path) -> None:
@@ -301,15 +331,14 @@ def publish(
     variants = {v.id: v for v in old.variants} if old else {}
     tests = {t.name: t for t in old.tests} if old else {}
 
-    if test_inputs is not None:
-        with np.load(test_inputs, allow_pickle=False) as z:
-            feeds = {k: z[k] for k in z.files}
-    elif tests:
-        first = next(iter(tests.values()))
-        with np.load(io.BytesIO((root / "blobs" / "sha256" / first.inputs.hex).read_bytes()), allow_pickle=False) as z:
-            feeds = {k: z[k] for k in z.files}
-    else:
-        feeds = None
+    feeds: dict[str, np.ndarray] | None = None
+    try:
+        if test_inputs is not None:
+            feeds = decode(test_inputs)
+        elif tests:
+            feeds = decode(root / "blobs" / "sha256" / next(iter(tests.values())).inputs.hex)
+    except VectorError as exc:
+        raise PublishError(f"{test_inputs or 'the test inputs already published'}: {exc}") from None
 
     notes: list[str] = []
     made: list[Variant] = []
@@ -319,7 +348,7 @@ def publish(
             if kind != "int8":
                 raise PublishError(f"--derive {kind}: only int8 can be derived")
             files.append((derive_int8(file, Path(tmp)), None, "int8"))
-        reference: dict[str, np.ndarray] | None = None
+        reference: dict[str, object] | None = None
         for path, vid, prec in files:
             if vid is None:  # the same file published again re-signs its variant instead of adding a copy
                 digest = file_digest(path)
@@ -346,16 +375,16 @@ def publish(
             if reference is None:
                 reference = expected
             else:
-                common = [k for k in expected if k in reference and expected[k].shape == reference[k].shape]
-                if common:
-                    diff = max(float(np.max(np.abs(expected[k].astype(np.float64) - reference[k]))) for k in common)
+                diff = _largest_difference(expected, reference)
+                if diff is not None:
                     notes.append(f"variant {variant.id}: outputs differ from {files[0][0].name} by up to {diff:.3g}")
             default_rtol, default_atol = TOLERANCES[variant.precision]
+            inputs_blob, expected_blob = vector_blobs(root, path, feeds, expected)
             tests[f"{variant.id}-0"] = TestVector(
                 name=f"{variant.id}-0",
                 variant=variant.id,
-                inputs=put_blob(root, npz_bytes(feeds)),
-                expected=put_blob(root, npz_bytes(expected)),
+                inputs=inputs_blob,
+                expected=expected_blob,
                 rtol=rtol if rtol is not None else default_rtol,
                 atol=atol if atol is not None else default_atol,
             )
@@ -378,6 +407,21 @@ def publish(
     if channel:
         move_channel(root, model, channel, version, private, expires_days=expires_days, now=now)
     return Published(manifest, made[0], tuple(made[1:]), tuple(notes))
+
+
+def _largest_difference(expected: dict[str, object], reference: dict[str, object]) -> float | None:
+    """How far a derived variant's numeric outputs are from the first variant's, where shapes agree."""
+    diffs = [
+        float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64))))
+        for k, a in expected.items()
+        if isinstance(a, np.ndarray)
+        and isinstance(b := reference.get(k), np.ndarray)
+        and a.shape == b.shape
+        and a.size
+        and a.dtype.kind in "biuf"
+        and b.dtype.kind in "biuf"
+    ]
+    return max(diffs) if diffs else None
 
 
 def move_channel(

@@ -3,6 +3,9 @@
 It does what devices need from any production server (nginx, S3, a CDN): GET and HEAD, single byte
 ranges (resumed downloads), ETag with If-None-Match (cheap polling), and nothing outside the root.
 `throttle_bps` slows bodies down, to watch progress bars or to interrupt downloads on purpose.
+
+Its state is bounded: a thread per connection that ends with it, and the last REQUESTS_KEPT requests
+(what tests read), nothing that grows with the requests it has served.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections import deque
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -17,6 +21,7 @@ from typing import Any, Literal
 from urllib.parse import unquote, urlsplit
 
 CHUNK = 16 * 1024
+REQUESTS_KEPT = 1024  # the newest requests kept for `requests`; older ones are forgotten
 
 
 def parse_range(header: str | None, size: int) -> tuple[int, int] | None | Literal[False]:
@@ -150,7 +155,7 @@ class RegistryHTTPServer(ThreadingHTTPServer):
         self.root = Path(root).resolve()
         self.throttle_bps = throttle_bps
         self.quiet = quiet
-        self.requests: list[dict[str, str | None]] = []
+        self._requests: deque[dict[str, str | None]] = deque(maxlen=REQUESTS_KEPT)
         self._lock = threading.Lock()
         super().__init__((host, port), handler)
 
@@ -159,9 +164,15 @@ class RegistryHTTPServer(ThreadingHTTPServer):
         host, port = self.socket.getsockname()[:2]  # server_address, typed as bytes or str by typeshed
         return f"http://{host}:{port}/"
 
+    @property
+    def requests(self) -> list[dict[str, str | None]]:
+        """The newest requests served (up to REQUESTS_KEPT), oldest first: method, path, Range, If-None-Match."""
+        with self._lock:
+            return list(self._requests)
+
     def record(self, handler: RegistryHandler) -> None:
         with self._lock:
-            self.requests.append(
+            self._requests.append(
                 {
                     "method": handler.command,
                     "path": urlsplit(handler.path).path,

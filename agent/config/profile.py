@@ -14,7 +14,7 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
 from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, ValidationError, ValidationInfo, WithJsonSchema, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from agent.config.base import ProfilePath, Strict
@@ -28,7 +28,12 @@ from agent.config.checks import (
     problems_error,
     raise_problems,
 )
-from agent.config.errors import PATTERN_WORDS, Issue, ProfileError, did_you_mean, format_path, issues_from_validation
+from agent.config.errors import PATTERN_WORDS, Issue, ProfileError, format_path, issues_from_validation
+from agent.config.files import FileCheck, missing_files
+from agent.config.homeassistant import HomeAssistantConfig
+from agent.config.presets import PresetName
+from agent.config.runtime import Optimization
+from agent.config.runtime import RuntimeConfig as RuntimeConfig  # re-exported: every part looks for it here
 from agent.config.units import Duration, Size
 from agent.config.yamldoc import YamlDoc, YamlSyntaxError, expand_env, read_yaml
 from agent.inference.processing.post import POSTPROCESSORS
@@ -44,32 +49,6 @@ NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 TOPIC_PREFIX_PATTERN = r"^[^#+\s]+$"
 PATTERN_WORDS[NAME_PATTERN] = "a name of letters, digits, '_', '.' and '-' (up to 64, starting with a letter or digit)"
 PATTERN_WORDS[TOPIC_PREFIX_PATTERN] = "a topic level without spaces, '+' or '#'"
-HTTP_ADDRESS_PATTERN = r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9][A-Za-z0-9.-]*):[0-9]{1,5}$"
-PATTERN_WORDS[HTTP_ADDRESS_PATTERN] = "host:port such as 127.0.0.1:8790 (an IPv6 host in brackets: [::1]:8790)"
-
-# Short names people type, mapped to ONNX Runtime's provider names.
-PROVIDER_ALIASES = {
-    "cpu": "CPUExecutionProvider",
-    "cuda": "CUDAExecutionProvider",
-    "tensorrt": "TensorrtExecutionProvider",
-    "trt": "TensorrtExecutionProvider",
-    "openvino": "OpenVINOExecutionProvider",
-    "rocm": "ROCMExecutionProvider",
-    "migraphx": "MIGraphXExecutionProvider",
-    "coreml": "CoreMLExecutionProvider",
-    "directml": "DmlExecutionProvider",
-    "dml": "DmlExecutionProvider",
-    "qnn": "QNNExecutionProvider",
-    "xnnpack": "XnnpackExecutionProvider",
-    "acl": "ACLExecutionProvider",
-    "armnn": "ArmNNExecutionProvider",
-    "rknpu": "RknpuExecutionProvider",
-    "vitisai": "VitisAIExecutionProvider",
-    "nnapi": "NnapiExecutionProvider",
-    "webgpu": "WebGpuExecutionProvider",
-    "nv_tensorrt_rtx": "NvTensorRTRTXExecutionProvider",
-}
-KNOWN_PROVIDERS = tuple(sorted(set(PROVIDER_ALIASES.values())))
 
 
 class DeviceConfig(Strict):
@@ -151,6 +130,9 @@ class MqttConfig(Strict):
     outbox: OutboxConfig = Field(
         default_factory=OutboxConfig, description="the durable queue between producers and the broker"
     )
+    preset: PresetName | None = Field(
+        None, description="a managed broker whose unannounced limits the agent keeps to (see docs/brokers.md)"
+    )
 
     @field_validator("url")
     @classmethod
@@ -190,114 +172,6 @@ class MqttConfig(Strict):
         if self.password_file is not None:
             return self.password_file.read_text().strip()
         return None
-
-
-class ProviderChoice(Strict):
-    name: str = Field(description="an ONNX Runtime execution provider")
-    options: dict[str, str | int | float | bool] = Field(default_factory=dict, description="provider options")
-
-
-def _provider_choice(value: Any) -> Any:
-    # `cuda`, `CUDAExecutionProvider` and `{cuda: {device_id: 0}}` all mean the same provider.
-    if isinstance(value, str):
-        return {"name": value}
-    if isinstance(value, dict) and len(value) == 1 and "name" not in value:
-        ((name, options),) = value.items()
-        return {"name": name, "options": options if options is not None else {}}
-    return value
-
-
-_PROVIDER_NAME = {"type": "string", "enum": sorted(PROVIDER_ALIASES) + list(KNOWN_PROVIDERS)}
-_PROVIDER_OPTIONS = {"type": "object", "additionalProperties": {"type": ["string", "number", "boolean"]}}
-_PROVIDERS_SCHEMA = {
-    "anyOf": [
-        {"const": "auto"},
-        {
-            "type": "array",
-            "minItems": 1,
-            "items": {
-                "anyOf": [
-                    _PROVIDER_NAME,
-                    {
-                        "type": "object",
-                        "minProperties": 1,
-                        "maxProperties": 1,
-                        "propertyNames": _PROVIDER_NAME,
-                        "additionalProperties": {"anyOf": [_PROVIDER_OPTIONS, {"type": "null"}]},
-                    },
-                    {
-                        "type": "object",
-                        "required": ["name"],
-                        "additionalProperties": False,
-                        "properties": {"name": _PROVIDER_NAME, "options": _PROVIDER_OPTIONS},
-                    },
-                ]
-            },
-        },
-    ],
-    "default": "auto",
-    "description": "auto (ranked from the hardware) or an ordered list of providers: a name, {name: options}, or {name, options}",
-}
-
-
-class RuntimeConfig(Strict):
-    providers: Annotated[Literal["auto"] | tuple[ProviderChoice, ...], WithJsonSchema(_PROVIDERS_SCHEMA)] = Field(
-        "auto",
-        description="auto (ranked from the hardware) or an ordered list of providers, each optionally with options",
-    )
-    threads: Literal["auto"] | int = Field(
-        "auto", description="intra-op threads: auto (physical cores) or a number > 0"
-    )
-    autotune: bool = Field(
-        False, description="time each usable provider and thread count on the model and keep the fastest"
-    )
-    require_accelerator: bool = Field(False, description="fail instead of falling back to the CPU provider")
-    http: str | None = Field(
-        None,
-        pattern=HTTP_ADDRESS_PATTERN,
-        description="host:port to serve /healthz, /metrics and a status page on, e.g. 127.0.0.1:8790; off when unset",
-    )
-
-    @field_validator("providers", mode="before")
-    @classmethod
-    def _providers(cls, value: Any) -> Any:
-        if isinstance(value, list):
-            if not value:
-                raise ValueError("expected auto or a list of at least one provider, got an empty list")
-            return tuple(_provider_choice(v) for v in value)
-        return value
-
-    @field_validator("providers")
-    @classmethod
-    def _known(
-        cls, value: Literal["auto"] | tuple[ProviderChoice, ...]
-    ) -> Literal["auto"] | tuple[ProviderChoice, ...]:
-        if value == "auto":
-            return value
-        out: list[ProviderChoice] = []
-        problems: list[Problem] = []
-        for i, choice in enumerate(value):
-            name = PROVIDER_ALIASES.get(choice.name.lower(), choice.name)
-            if name not in KNOWN_PROVIDERS:
-                hint = did_you_mean(choice.name, list(PROVIDER_ALIASES) + list(KNOWN_PROVIDERS))
-                problems.append(((i,), f"unknown execution provider {choice.name!r}{hint}"))
-            out.append(ProviderChoice(name=name, options=choice.options))
-        raise_problems(problems)
-        return tuple(out)
-
-    @field_validator("threads")
-    @classmethod
-    def _threads(cls, value: Literal["auto"] | int) -> Literal["auto"] | int:
-        if value != "auto" and value < 1:
-            raise ValueError(f"expected auto or a number > 0, got {value!r}")
-        return value
-
-    @field_validator("http")
-    @classmethod
-    def _http(cls, value: str | None) -> str | None:
-        if value is not None and not 1 <= int(value.rsplit(":", 1)[1]) <= 65535:
-            raise ValueError(f"the port in {value!r} is not a number from 1 to 65535")
-        return value
 
 
 class HealthConfig(Strict):
@@ -349,6 +223,9 @@ class PipelineConfig(Strict):
     )
     qos: Literal[0, 1] | None = Field(None, description="QoS for this pipeline's results; mqtt.qos when unset")
     batch: BatchConfig = Field(default_factory=BatchConfig, description="send several results in one message")
+    optimization: Optimization | None = Field(
+        None, description="graph optimisation level for this pipeline's model; runtime.optimization when unset"
+    )
     enabled: bool = Field(True, description="start this pipeline with the daemon")
 
     @property
@@ -385,6 +262,9 @@ class Profile(Strict):
     mqtt: MqttConfig | None = Field(None, description="the broker; results go to stdout as JSON lines when unset")
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig, description="ONNX Runtime settings")
     health: HealthConfig = Field(default_factory=HealthConfig, description="health reporting")
+    homeassistant: HomeAssistantConfig = Field(
+        default_factory=HomeAssistantConfig, description="Home Assistant MQTT discovery (off by default)"
+    )
     pipelines: tuple[PipelineConfig, ...] = Field((), description="inference loops")
 
     @property
@@ -421,8 +301,9 @@ class Profile(Strict):
         return profile
 
 
-def load_profile(path: str | Path, environ: dict[str, str] | None = None) -> Profile:
-    """Read, expand and validate a profile; raise ProfileError with every located problem."""
+def load_profile(path: str | Path, environ: dict[str, str] | None = None, files: FileCheck = "none") -> Profile:
+    """Read, expand and validate a profile; raise ProfileError with every located problem (with `files`,
+    also each file it names that this machine lacks: agent.config.files)."""
     path = Path(path)
     name = str(path)
     try:
@@ -433,10 +314,12 @@ def load_profile(path: str | Path, environ: dict[str, str] | None = None) -> Pro
         raise ProfileError([Issue(name, 1, "", "not a text file (expected UTF-8 YAML)")]) from None
     except YamlSyntaxError as exc:
         raise ProfileError([Issue(name, exc.line, "", f"YAML syntax: {exc.message}")]) from None
-    return validate_document(doc, name, base_dir=path.resolve().parent, environ=environ)
+    return validate_document(doc, name, base_dir=path.resolve().parent, environ=environ, files=files)
 
 
-def validate_document(doc: YamlDoc, name: str, base_dir: Path, environ: dict[str, str] | None = None) -> Profile:
+def validate_document(
+    doc: YamlDoc, name: str, base_dir: Path, environ: dict[str, str] | None = None, files: FileCheck = "none"
+) -> Profile:
     issues = [
         Issue(name, line, format_path(p), "duplicate key; each key may appear once") for p, line in doc.duplicates
     ]
@@ -456,6 +339,8 @@ def validate_document(doc: YamlDoc, name: str, base_dir: Path, environ: dict[str
     except ValidationError as exc:
         issues.extend(issues_from_validation(exc, Profile, doc, name, expanded.secret_paths))
         profile = None
+    if profile is not None:
+        issues += [Issue(name, doc.line_of(p), format_path(p), m) for p, m in missing_files(profile, files)]
     if issues:
         raise ProfileError(sorted(issues, key=lambda i: i.line))
     assert profile is not None

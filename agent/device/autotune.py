@@ -25,7 +25,7 @@ import onnxruntime as ort
 
 from agent.device.build import build_session, one_line, verify, why_not
 from agent.device.hardware import Probe
-from agent.device.providers import CPU, OPENVINO, Candidate
+from agent.device.providers import CPU, OPENVINO, Candidate, core_budget
 from agent.transport.events import Event, EventSink, log_event
 from agent.util.hashing import sha256_bytes, sha256_file
 from agent.util.timefmt import utc_iso
@@ -147,8 +147,8 @@ def cpu_bound(candidate: Candidate) -> bool:
 
 
 def thread_options(probe: Probe) -> list[int]:
-    """1, half and all physical cores: enough to see where adding threads stops paying."""
-    cores = max(1, probe.cpu.physical_cores)
+    """1, half and all of the thread budget: enough to see where adding threads stops paying."""
+    cores = core_budget(probe)
     return sorted({1, max(1, cores // 2), cores})
 
 
@@ -297,6 +297,10 @@ def _write_cache(path: Path, choice: Choice, digest: str, probe: Probe) -> None:
         "measured_at": utc_iso(time.time()),
         **{k: v for k, v in asdict(choice).items() if k not in ("key", "cached")},
     }
+    _write_json(path, data)
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     # Written whole or not at all: a torn cache file would pin a wrong choice.
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
@@ -305,3 +309,67 @@ def _write_cache(path: Path, choice: Choice, digest: str, probe: Probe) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+# ---- dynamic batching: does a batch pay here? -------------------------------------------------------
+
+BATCH_GAIN = 0.9  # a batch must cost under 90% per frame of single runs: below that it is noise
+BATCH_ROUNDS = 3
+
+
+@dataclass(frozen=True)
+class BatchVerdict:
+    """Per-frame cost of a batch of `size` against `size` single runs, on this device."""
+
+    size: int
+    single_ms: float
+    batch_ms: float
+    cached: bool = False
+
+    @property
+    def pays(self) -> bool:
+        return self.batch_ms < BATCH_GAIN * self.single_ms
+
+    def describe(self) -> str:
+        verdict = "pays" if self.pays else "does not pay"
+        return (
+            f"{verdict}: a batch of {self.size} costs {self.batch_ms:.1f} ms per frame, single runs "
+            f"{self.single_ms:.1f} ms ({'cached' if self.cached else 'measured'})"
+        )
+
+
+def batch_cache_path(state_dir: Path, digest: str, probe: Probe, provider: str) -> Path:
+    version = probe.runtime.version.replace("/", "_")
+    name = f"batch-{digest[:32]}-{probe.fingerprint()}-ort{version}-{provider.removesuffix('ExecutionProvider')}"
+    return Path(state_dir) / "autotune" / f"{name}.json"
+
+
+def judge_batching(
+    session: ort.InferenceSession, name: str, example: np.ndarray, size: int, path: Path
+) -> BatchVerdict:
+    """Time `size` single runs and one batch of `size` in turns (medians of BATCH_ROUNDS), or read the
+    verdict cached at `path`. The batch runs give their arena growth back, so that a batch that does not
+    pay leaves no memory behind."""
+    try:
+        data = json.loads(path.read_text())
+        if data.get("version") == CACHE_VERSION and int(data["size"]) == size:
+            return BatchVerdict(size, float(data["single_ms"]), float(data["batch_ms"]), cached=True)
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    shrink = ort.RunOptions()
+    shrink.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+    batch = np.concatenate([example] * size, axis=0)
+    session.run(None, {name: batch}, shrink)  # the first run of a new shape allocates: not timed
+    singles: list[float] = []
+    batches: list[float] = []
+    for _ in range(BATCH_ROUNDS):
+        start = time.perf_counter()
+        for _ in range(size):
+            session.run(None, {name: example})
+        singles.append((time.perf_counter() - start) * 1000 / size)
+        start = time.perf_counter()
+        session.run(None, {name: batch}, shrink)
+        batches.append((time.perf_counter() - start) * 1000 / size)
+    verdict = BatchVerdict(size, statistics.median(singles), statistics.median(batches))
+    _write_json(path, {"version": CACHE_VERSION, "measured_at": utc_iso(time.time()), **asdict(verdict)})
+    return verdict

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import onnxruntime as ort
 
+from agent.device.graphcache import GraphCache
 from agent.device.providers import CPU, CUDA, OPENVINO, TENSORRT, Candidate
 
 log = logging.getLogger(__name__)
@@ -55,10 +56,19 @@ def provider_options(candidate: Candidate, state_dir: Path, threads: int) -> dic
     return {**defaults, **candidate.options}
 
 
-def session_options(threads: int) -> ort.SessionOptions:
+LEVELS = {
+    "disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+
+
+def session_options(threads: int, level: str = "all") -> ort.SessionOptions:
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
+    options.graph_optimization_level = LEVELS[level]
     # Idle threads sleep instead of spinning: devices share their few cores with capture and MQTT.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.add_session_config_entry("session.inter_op.allow_spinning", "0")
@@ -67,8 +77,55 @@ def session_options(threads: int) -> ort.SessionOptions:
     return options
 
 
-def build_session(model: Path | bytes, candidate: Candidate, state_dir: Path, threads: int) -> ort.InferenceSession:
+def build_session(
+    model: Path | bytes, candidate: Candidate, state_dir: Path, threads: int, *, level: str = "all"
+) -> ort.InferenceSession:
     """One session on the candidate, with the CPU provider behind it for the ops it does not take."""
+    return _session(model, candidate, state_dir, threads, level)
+
+
+def build_cached(
+    model: Path | bytes, candidate: Candidate, state_dir: Path, threads: int, level: str, cache: GraphCache | None
+) -> tuple[ort.InferenceSession, str]:
+    """`build_session` through the optimised model cache, and what the cache did: "hit", "written" or "off".
+
+    A verified cached model is loaded without optimising again; otherwise the session is built from the
+    model and writes its optimised graph into the entry for the next start. A cached model that fails to
+    load is dropped and the session is built from the model itself.
+    """
+    if cache is None:
+        return _session(model, candidate, state_dir, threads, level), "off"
+    cached = cache.verified()
+    if cached is not None:
+        try:
+            return _session(cached, candidate, state_dir, threads, "disabled"), "hit"
+        except Exception as exc:  # noqa: BLE001 (a bad entry is rebuilt from the model, never fatal)
+            log.warning(
+                "optimised model cache entry does not load, rebuilding key=%s reason=%s", cache.key, one_line(exc)
+            )
+            cache.drop()
+    staged = cache.staging()
+    try:
+        session = _session(model, candidate, state_dir, threads, level, staged)
+    except BaseException:
+        staged.unlink(missing_ok=True)
+        raise
+    try:
+        cache.keep(staged, _label(model))
+    except OSError as exc:  # a full or read-only disk costs the next start its speed, nothing else
+        log.warning("optimised model not cached key=%s reason=%s", cache.key, one_line(exc))
+        staged.unlink(missing_ok=True)
+        return session, "off"
+    return session, "written"
+
+
+def _label(model: Path | bytes) -> str:
+    return f"{len(model)} bytes" if isinstance(model, bytes) else str(model)
+
+
+def _session(
+    model: Path | bytes, candidate: Candidate, state_dir: Path, threads: int, level: str, save_to: Path | None = None
+) -> ort.InferenceSession:
     opts = provider_options(candidate, state_dir, threads)
     for key in ("trt_engine_cache_path", "cache_dir"):
         if key in opts:
@@ -78,13 +135,18 @@ def build_session(model: Path | bytes, candidate: Candidate, state_dir: Path, th
         chain.append((CUDA, {"device_id": opts.get("device_id", "0")}))
     if candidate.provider != CPU:
         chain.append((CPU, {}))
+    options = session_options(threads, level)
+    if save_to is not None:
+        options.optimized_model_filepath = str(save_to)
+        # Saving at level `all` warns that the file suits only this hardware: the cache key holds its fingerprint.
+        options.log_severity_level = 3
     source = model if isinstance(model, bytes) else str(model)
     with warnings.catch_warnings():
         # onnxruntime only warns when a provider is not in the build; verify() turns that into a fallback event.
         warnings.filterwarnings("ignore", message="Specified provider", category=UserWarning)
         return ort.InferenceSession(
             source,
-            sess_options=session_options(threads),
+            sess_options=options,
             providers=[p for p, _ in chain],
             provider_options=[o for _, o in chain],
         )

@@ -9,6 +9,8 @@ onnxruntime build has no file: it is passed in, or read from the imported onnxru
 from __future__ import annotations
 
 import json
+import math
+import os
 import platform
 import re
 import shutil
@@ -77,6 +79,17 @@ class Cpu:
 
 
 @dataclass(frozen=True)
+class CpuBudget:
+    """The CPUs this process may really use, which thread pools are sized to: the affinity mask (taskset,
+    cpuset) and the cgroup's CPU quota (a container's `--cpus`), not the host's core count."""
+
+    usable: int  # whole CPUs, at least 1: the device's one thread budget
+    affinity: int | None  # CPUs in the affinity mask; None when unknown
+    quota: float | None  # CPUs the cgroup quota allows (quota / period); None when unlimited
+    limited_by: str  # "affinity", "cgroup quota" or "online CPUs"
+
+
+@dataclass(frozen=True)
 class Memory:
     total_bytes: int
     available_bytes: int
@@ -126,6 +139,7 @@ class Probe:
     accelerators: tuple[Accelerator, ...]
     jetson: Jetson | None
     runtime: RuntimeInfo
+    budget: CpuBudget | None = None  # left out of the fingerprint: a quota is not the silicon
 
     def fingerprint(self) -> str:
         """Stable across reboots and load; changes when the silicon, drivers or runtime build change."""
@@ -166,7 +180,63 @@ def probe(root: str | Path = "/", state_dir: str | Path | None = None, runtime: 
         accelerators=tuple(accelerators.find(fs, jetson)),
         jetson=jetson,
         runtime=runtime if runtime is not None else runtime_info(),
+        budget=cpu_budget(fs, cpu.logical_cores),
     )
+
+
+def cpu_budget(fs: SysRoot | None = None, online: int | None = None) -> CpuBudget:
+    """The CPUs this process may use: the fewest of the online CPUs, the affinity mask and the cgroup
+    quota (v2 `cpu.max` or v1 `cpu.cfs_quota_us`, the tightest along the cgroup's ancestors). A
+    fractional quota rounds down (at least 1): a pool one thread wider than the quota is throttled in
+    every period, which costs more latency than the thread gains."""
+    fs = fs if fs is not None else SysRoot("/")
+    if online is None:
+        online = _online_cpus(fs) or os.cpu_count() or 1
+    affinity = _affinity(fs)
+    quota = _cgroup_quota(fs)
+    usable, limited_by = online, "online CPUs"
+    if affinity is not None and affinity < usable:
+        usable, limited_by = affinity, "affinity"
+    if quota is not None and max(1, math.floor(quota)) < usable:
+        usable, limited_by = max(1, math.floor(quota)), "cgroup quota"
+    return CpuBudget(usable=max(1, usable), affinity=affinity, quota=quota, limited_by=limited_by)
+
+
+def _affinity(fs: SysRoot) -> int | None:
+    if str(fs.root) == "/" and hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    for raw in (fs.text("/proc/self/status") or "").splitlines():
+        if raw.startswith("Cpus_allowed_list:"):
+            return len(_cpu_range(raw.split(":", 1)[1])) or None
+    return None
+
+
+def _ancestors(path: str) -> list[str]:
+    """`/a/b` -> [`/a/b`, `/a`, ``]: a container sees its own cgroup at the mount's root, whatever
+    /proc/self/cgroup names, so every level that exists is read and the tightest wins."""
+    parts = [p for p in path.split("/") if p]
+    return ["/" + "/".join(parts[:i]) if i else "" for i in range(len(parts), -1, -1)]
+
+
+def _cgroup_quota(fs: SysRoot) -> float | None:
+    found: list[float] = []
+    for raw in (fs.text("/proc/self/cgroup") or "").splitlines():
+        hierarchy, _, rest = raw.partition(":")
+        controllers, _, path = rest.partition(":")
+        if hierarchy == "0" and not controllers:  # v2: mounted at /sys/fs/cgroup, or .../unified in hybrid mode
+            mount = "/sys/fs/cgroup" if fs.exists("/sys/fs/cgroup/cgroup.controllers") else "/sys/fs/cgroup/unified"
+            for level in _ancestors(path):
+                fields = (fs.line(f"{mount}{level}/cpu.max") or "max").split()
+                if len(fields) == 2 and fields[0].isdigit() and fields[1].isdigit() and int(fields[1]) > 0:
+                    found.append(int(fields[0]) / int(fields[1]))
+        elif "cpu" in controllers.split(","):
+            for mount in {f"/sys/fs/cgroup/{controllers}", "/sys/fs/cgroup/cpu", "/sys/fs/cgroup/cpu,cpuacct"}:
+                for level in _ancestors(path):
+                    quota = fs.line(f"{mount}{level}/cpu.cfs_quota_us")
+                    period = fs.line(f"{mount}{level}/cpu.cfs_period_us")
+                    if quota and period and quota.isdigit() and period.isdigit() and int(period) > 0:
+                        found.append(int(quota) / int(period))  # -1 (unlimited) is not all digits
+    return min(found) if found else None
 
 
 def runtime_info() -> RuntimeInfo:

@@ -15,9 +15,9 @@ from typing import Any, Protocol
 import psutil
 
 from agent.config.errors import did_you_mean
-from agent.config.profile import KNOWN_PROVIDERS, PROVIDER_ALIASES, ProviderChoice, RuntimeConfig
+from agent.config.runtime import KNOWN_PROVIDERS, PROVIDER_ALIASES, ProviderChoice, RuntimeConfig
 from agent.device.accelerators import Accelerator
-from agent.device.hardware import Probe
+from agent.device.hardware import Probe, cpu_budget
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
@@ -88,12 +88,16 @@ def canonical_provider(name: str) -> str:
 
 
 def thread_count(runtime: RuntimeConfig, probe: Probe | None = None) -> int:
-    """Threads sized to physical cores: hyperthreads share one core's vector units."""
-    if runtime.threads != "auto":
-        return int(runtime.threads)
-    if probe is not None:
-        return max(1, probe.cpu.physical_cores)
-    return psutil.cpu_count(logical=False) or psutil.cpu_count() or 1
+    """Intra-op threads: the profile's number, or the device's thread budget (`core_budget`)."""
+    return int(runtime.threads) if runtime.threads != "auto" else core_budget(probe)
+
+
+def core_budget(probe: Probe | None = None) -> int:
+    """The device's one thread budget: physical cores (hyperthreads share one core's vector units), and
+    never more than the CPUs this process may use (affinity, cgroup quota: see `hardware.cpu_budget`)."""
+    budget = probe.budget if probe is not None and probe.budget is not None else cpu_budget()
+    cores = probe.cpu.physical_cores if probe is not None else psutil.cpu_count(logical=False) or budget.usable
+    return max(1, min(cores, budget.usable))
 
 
 # ---- ranking ---------------------------------------------------------------------------------------

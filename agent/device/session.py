@@ -15,10 +15,11 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from agent.config.profile import RuntimeConfig
+from agent.config.runtime import Optimization, RuntimeConfig
 from agent.device import hardware
-from agent.device.autotune import tune
-from agent.device.build import build_session, one_line, provider_options, verify, why_not
+from agent.device.autotune import model_digest, tune
+from agent.device.build import build_cached, one_line, provider_options, verify, why_not
+from agent.device.graphcache import graph_cache
 from agent.device.providers import CPU, Ranking, VariantTraits, rank, thread_count
 from agent.transport.events import Event, EventSink, log_event
 
@@ -47,6 +48,7 @@ class OpenedSession:
     fallbacks: list[tuple[str, str]] = field(default_factory=list)  # (provider label, reason) for each step down
     ranking: Ranking | None = None
     autotuned: bool = False
+    cache: str = "off"  # the optimised model: "hit" (loaded from the cache), "written", or "off"
 
 
 def open_session(
@@ -58,12 +60,17 @@ def open_session(
     probe: hardware.Probe | None = None,
     variant: VariantTraits | None = None,
     inputs: dict[str, np.ndarray] | None = None,
+    optimization: Optimization | None = None,
+    digest: str | None = None,
 ) -> OpenedSession:
     """A session on the best provider that proves to work here, falling back down the ranking.
 
     Each step down emits a `provider.fallback` event with the reason. With `runtime.require_accelerator`
     the CPU provider is not in the chain, and running out raises AcceleratorUnavailableError.
     With `runtime.autotune` the chain starts with the measured fastest (see agent.device.autotune).
+    `optimization` (a pipeline's own level) overrides `runtime.optimization`; with `runtime.cache` the
+    optimised model is kept under the state dir (agent.device.graphcache). `digest` saves hashing the
+    model again when the caller has it.
     """
     state_dir = Path(state_dir)
     hw = probe if probe is not None else hardware.probe(state_dir=state_dir)
@@ -105,10 +112,18 @@ def open_session(
                 f"({'cached' if choice.cached else 'measured'}: p50 {choice.p50_ms:.1f} ms)"
             )
 
+    level = optimization or runtime.optimization
     for i, candidate in enumerate(chain):
         after = chain[i + 1].label if i + 1 < len(chain) else None
+        cache = None
+        if runtime.cache:
+            digest = digest or model_digest(model)
+            options = provider_options(candidate, state_dir, threads)
+            cache = graph_cache(
+                state_dir, model, digest, candidate.provider, options, level, hw.fingerprint(), ort.__version__
+            )
         try:
-            session = build_session(model, candidate, state_dir, threads)
+            session, cached = build_cached(model, candidate, state_dir, threads, level, cache)
         except Exception as exc:  # noqa: BLE001 (any provider failure is a reason to fall back, not to stop)
             fall(candidate.label, f"session creation failed: {one_line(exc)}", after)
             continue
@@ -134,6 +149,7 @@ def open_session(
             fallbacks=fallbacks,
             ranking=ranking,
             autotuned=autotuned,
+            cache=cached,
         )
 
     tried = "; ".join(f"{label}: {reason}" for label, reason in fallbacks) or "none was ranked: " + "; ".join(

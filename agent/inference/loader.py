@@ -3,7 +3,7 @@ store resolved), warmed on an input shaped like its frames, and wired to its sou
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from agent.config.profile import MqttConfig, PipelineConfig, Profile, RuntimeConfig
@@ -45,7 +45,8 @@ def open_pipeline(
     )
     example = example_input(config, model)
     if example is not None:
-        model.warmup(example)
+        # One run allocates and proves the model takes these frames; a second would only delay the first result.
+        model.warmup(example, runs=1)
     else:
         model.warmup_if_possible()
     return Pipeline(
@@ -68,8 +69,9 @@ def open_pipelines(
     emit: EventSink = log_event,
     resolve: Resolver | None = None,
     mqtt: Subscriptions | None = None,
-) -> list[Pipeline]:
-    """Every enabled pipeline of a profile whose model loads; the others are reported and skipped.
+) -> Iterator[Pipeline]:
+    """Every enabled pipeline of a profile whose model loads, each as soon as it has loaded (so that the
+    first one can start serving while the next one loads); the others are reported and skipped.
 
     `resolve` maps a registry model name to (file or bytes, version): the store's job. Without it only
     file models run. `mqtt` is the daemon's broker connection, which mqtt sources then share; without it
@@ -78,7 +80,6 @@ def open_pipelines(
     """
     state_dir = Path(profile.device.state_dir)
     default_qos = profile.mqtt.qos if profile.mqtt is not None else 1
-    pipelines = []
     for config in profile.pipelines:
         if not config.enabled:
             continue
@@ -90,21 +91,20 @@ def open_pipelines(
                 path, version = resolve(config)
             else:
                 raise ModelError(f"model {config.model!r} comes from the registry, and no model store is wired here")
-            pipelines.append(
-                open_pipeline(
-                    config,
-                    sink,
-                    device=profile.device.id,
-                    runtime=profile.runtime,
-                    state_dir=state_dir,
-                    emit=emit,
-                    model_path=path,
-                    model_version=version,
-                    qos=default_qos,
-                    mqtt=profile.mqtt,
-                    connection=mqtt,
-                )
+            pipeline = open_pipeline(
+                config,
+                sink,
+                device=profile.device.id,
+                runtime=profile.runtime,
+                state_dir=state_dir,
+                emit=emit,
+                model_path=path,
+                model_version=version,
+                qos=default_qos,
+                mqtt=profile.mqtt,
+                connection=mqtt,
             )
         except (ModelError, OSError, ValueError) as exc:
             emit(Event("pipeline.failed", {"pipeline": config.name, "model": config.model, "reason": str(exc)}))
-    return pipelines
+            continue
+        yield pipeline

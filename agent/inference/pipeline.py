@@ -37,12 +37,13 @@ from agent.inference.processing.pre import FrameRejectedError, Geometry, Preproc
 from agent.inference.runtime import Model, ModelError, ModelState
 from agent.inference.sources import make_source
 from agent.inference.sources.base import BaseSource, Frame, SourceContext, SourceFailedError, Subscriptions, Window
-from agent.inference.stats import PipelineState, PipelineStats, RateMeter, Timings, zero_counts
+from agent.inference.stats import PipelineState, PipelineStats, RateMeter, Timings, has_nan, zero_counts
 from agent.inference.throttle import EventThrottle
 from agent.inference.warmup import example_input, load_pipeline_model
 from agent.transport.events import Event, EventSink, Sink, log_event
 from agent.util.backoff import Backoff
 from agent.util.timefmt import utc_iso
+from agent.util.timeline import START
 
 if TYPE_CHECKING:
     from agent.inference.processing.post.base import OutputValue
@@ -124,9 +125,9 @@ class Pipeline:
         self._infer_thread: threading.Thread | None = None
         size = SENSOR_QUEUE_SIZE if self.source.sensor else QUEUE_SIZE
         self._in: Inbox[Frame] = Inbox(self.live, size)
-        # A live frame waits at most one inference before it runs: stale frames are worse than dropped ones.
+        # A live frame waits at most one inference, then one post-processing: stale frames are worse than dropped.
         self._to_infer: queue.Queue[Work | End] = queue.Queue(1 if self.live else size)
-        self._to_post: queue.Queue[Work | End] = queue.Queue(size)
+        self._to_post: queue.Queue[Work | End] = queue.Queue(1 if self.live else size)
         self.timings = Timings(("pre", "infer", "post", "total"))
         self._counts = zero_counts()
         self._results_rate = RateMeter()
@@ -203,7 +204,7 @@ class Pipeline:
             )
         elif example is not None:
             model.warmup(example, runs=1)
-        self._make_post(model)  # the new outputs must suit the post-processor before the switch
+        self._make_post(model, discard=True)  # the new outputs must suit the post-processor before the switch
         done = threading.Event()
         with self._swap_lock:
             self._pending = (model, done)
@@ -224,7 +225,7 @@ class Pipeline:
         return self._latest
 
     def stats(self) -> PipelineStats:
-        """A snapshot for health: counters, per-stage p50/p95 in ms, rate, model and state."""
+        """A snapshot for health: counters, per-stage p50/p95 in ms, rate, model, state and memory."""
         busy = self._busy_since
         return {
             "pipeline": self.name,
@@ -239,6 +240,7 @@ class Pipeline:
             "inference_running_s": round(time.monotonic() - busy, 3) if busy is not None else 0.0,
             "latency_ms": self.timings.snapshot(),
             "last_error": self._last_error,
+            **self.model.memory_share(),
         }
 
     # -- stages ----------------------------------------------------------------------------------
@@ -257,12 +259,14 @@ class Pipeline:
                     break  # the source ended (a finite file) or we were stopped
                 except SourceFailedError as exc:
                     self._counts["source_errors"] += 1
-                    self._error("source.error", str(exc), retry=False)
+                    self._error("source.error", str(exc), source=self.config.source.type, retry=False)
                     break
                 except Exception as exc:  # a source bug or a device error must not end the daemon
                     self._counts["source_errors"] += 1
                     delay = backoff.next_delay()
-                    self._error("source.error", _reason(exc), retry_in_s=round(delay, 2))
+                    self._error(
+                        "source.error", _reason(exc), source=self.config.source.type, retry_in_s=round(delay, 2)
+                    )
                     log.debug("source failed", exc_info=True)
                     self._stop.wait(delay)
         finally:
@@ -329,6 +333,7 @@ class Pipeline:
                 break
         if self._pending is not None:
             self._apply_swap()
+        self.model.close()  # no run is left: the shared session is freed once no pipeline holds it
         self._to_post.put(END)
 
     def _run(self, model: Model, batch: list[Work]) -> None:
@@ -369,6 +374,7 @@ class Pipeline:
                 break
             frame, model = work.frame, work.model
             assert model is not None and work.post is not None
+            self._counts["nan_outputs"] += has_nan(work.outputs)
             started = time.perf_counter()
             try:
                 output = work.post(work.outputs, PostContext(work.geometry, frame.t, frame.ts, work.tensor))
@@ -405,6 +411,8 @@ class Pipeline:
                 self._folded("sink.error", reason=_reason(exc))
                 continue
             self._counts["results"] += 1
+            if self._counts["results"] == 1:
+                START.first_result(name)
             self._results_rate.mark(time.monotonic())
             if frame.data.ndim >= 2:
                 self._latest = (frame.data, boxes_of(output))
@@ -431,18 +439,23 @@ class Pipeline:
         self.pre.expected = model.stream_spec.shape
         self._model_state = model.new_state()
         self.model = model
+        if old is not model:
+            old.close()
+        self.timings.restart("infer")  # a probation compares the versions' own latencies, never a mix
         self._counts["swaps"] += 1
         done.set()
         self.emit(
             "model.swapped", model=model.name, version=model.version, previous=old.version, provider=model.provider
         )
 
-    def _make_post(self, model: Model) -> Postprocessor:
+    def _make_post(self, model: Model, *, discard: bool = False) -> Postprocessor:
         try:
             return make_postprocessor(
                 self.config.postprocess, model.output_names, {k: v.type for k, v in model.outputs.items()}
             )
         except ValueError as exc:
+            if discard:
+                model.close()
             raise ModelError(f"pipeline {self.name}: {exc}") from exc
 
     def _guard(self, stage: str, target: Callable[[], None]) -> Callable[[], None]:

@@ -1,5 +1,6 @@
-"""A loaded model: its session (always built through `agent.device.session.open_session`), its input and
-output signature, warm-up, and runs with constant inputs and recurrent state.
+"""A loaded model: its session (shared between the pipelines that run it, see `sessions`; always built
+through `agent.device.session.open_session`), its input and output signature, warm-up, and runs with
+constant inputs and recurrent state.
 
 The pipeline owns one `Model` at a time and a `ModelState` beside it; a hot swap loads and warms a
 second `Model` while the first keeps serving, then the pipeline replaces both between two frames.
@@ -10,19 +11,23 @@ from __future__ import annotations
 import functools
 import logging
 import time
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from agent.config.profile import Constant, RuntimeConfig
+from agent.config.profile import Constant
+from agent.config.runtime import Optimization, RuntimeConfig
 from agent.device import compat
-from agent.device.session import open_session
 from agent.inference.processing.pre import NUMPY_TYPES
+from agent.inference.sessions import POOL, NodeArg, Session, SessionPool, SharedSession
+from agent.inference.stats import MemoryShare
 from agent.transport.events import EventSink, log_event
 from agent.util.hashing import sha256_bytes, sha256_file
+from agent.util.timeline import START
 
 if TYPE_CHECKING:
     from agent.inference.processing.post.base import OutputValue
@@ -36,25 +41,6 @@ WARMUP_SPATIAL = 64
 
 class ModelError(Exception):
     """The model cannot serve this pipeline: it failed to load, to warm up, or its signature misses a name."""
-
-
-class NodeArg(Protocol):
-    """One input or output of an ONNX Runtime session, as `get_inputs()` describes it."""
-
-    @property
-    def name(self) -> str: ...
-    @property
-    def shape(self) -> list[int | str | None] | None: ...
-    @property
-    def type(self) -> str: ...
-
-
-class Session(Protocol):
-    """What a `Model` uses of an `onnxruntime.InferenceSession` (which ships no type hints)."""
-
-    def get_inputs(self) -> Sequence[NodeArg]: ...
-    def get_outputs(self) -> Sequence[NodeArg]: ...
-    def run(self, output_names: Sequence[str] | None, input_feed: Mapping[str, np.ndarray]) -> list[OutputValue]: ...
 
 
 @dataclass(frozen=True)
@@ -115,27 +101,41 @@ class ModelState:
 
 
 class Model:
-    """A session ready to serve one pipeline's stream input, constants and state."""
+    """One pipeline's view of a shared session (agent.inference.sessions): its stream input, constants and
+    state. `close()` (or garbage collection) gives the session back to the pool."""
 
     def __init__(
         self,
-        session: Session,
-        provider: str,
+        shared: SharedSession,
         name: str,
         version: str,
         constants: Mapping[str, Constant] | None = None,
         state: Mapping[str, str] | None = None,
         stream_input: str | None = None,
+        pool: SessionPool = POOL,
     ) -> None:
-        self.session = session
-        self.provider = provider
+        self.shared = shared
+        self.session: Session = shared.session
+        self.provider = shared.provider
         self.name = name
         self.version = version
-        self.inputs = {a.name: _spec(a) for a in session.get_inputs()}
-        self.outputs = {a.name: _spec(a) for a in session.get_outputs()}
+        self.inputs = {a.name: _spec(a) for a in self.session.get_inputs()}
+        self.outputs = {a.name: _spec(a) for a in self.session.get_outputs()}
         self.output_names = list(self.outputs)
-        state = dict(state or {})
-        constants = dict(constants or {})
+        # The lease ends with close() or when the model is collected, whichever comes first.
+        self._lease = weakref.finalize(self, pool.release, shared)
+        self._streaming: weakref.finalize[[], Model] | None = None
+        try:
+            self._check_signature(dict(constants or {}), dict(state or {}), stream_input)
+        except ModelError:
+            self.close()
+            raise
+        if self.batchable:
+            shared.join_stream()
+            self._streaming = weakref.finalize(self, shared.leave_stream)
+
+    def _check_signature(self, constants: dict[str, Constant], state: dict[str, str], stream_input: str | None) -> None:
+        name = self.name
         for input_name in list(constants) + list(state):
             if input_name not in self.inputs:
                 raise ModelError(f"model {name} has no input {input_name!r} (inputs: {', '.join(self.inputs)})")
@@ -173,17 +173,38 @@ class Model:
             )
         )
 
+    def memory_share(self) -> MemoryShare:
+        """This pipeline's share of its session's memory (MiB): weights, arena and pool belong to the
+        session, not to one pipeline, so a shared session is split evenly."""
+        figures = self.shared.figures()
+        if figures.rss_mb is None:
+            return {"memory_mb": None, "memory_basis": "not measured (the process's memory could not be read)"}
+        users = max(1, figures.pipelines)
+        basis = f"the session's {figures.rss_mb:.1f} MiB (process growth over its load and first warm-up)"
+        if users > 1:
+            basis += f", split evenly between the {users} pipelines sharing it"
+        return {"memory_mb": round(figures.rss_mb / users, 1), "memory_basis": basis}
+
+    def close(self) -> None:
+        """Give the session back: the pool frees it when no pipeline holds it any more."""
+        if self._streaming is not None:
+            self._streaming()
+        self._lease()
+
     def new_state(self) -> ModelState:
         return ModelState({k: self.inputs[k].example() for k in self.state_map})
 
     def run(self, x: np.ndarray, state: ModelState | None = None) -> dict[str, OutputValue]:
-        feeds = {self.stream_input: x}
-        if self.constants:
-            feeds.update(self.constants)
-        if self.state_map:
-            assert state is not None, "a model with state needs a ModelState"
-            feeds.update(state.values)
-        values = self.session.run(None, feeds)
+        if self.batchable:
+            values = self.shared.run_stream(self.stream_input, x)
+        else:
+            feeds = {self.stream_input: x}
+            if self.constants:
+                feeds.update(self.constants)
+            if self.state_map:
+                assert state is not None, "a model with state needs a ModelState"
+                feeds.update(state.values)
+            values = self.shared.run(feeds)
         out = dict(zip(self.output_names, values, strict=True))
         if self.state_map:
             assert state is not None
@@ -193,7 +214,7 @@ class Model:
     def run_batch(self, xs: Sequence[np.ndarray]) -> list[dict[str, OutputValue]]:
         """Several stream inputs (each with a batch dimension of 1) in one run, split back per input."""
         n = len(xs)
-        values = self.session.run(None, {self.stream_input: np.concatenate(xs, axis=0)})
+        values = self.shared.run_stream(self.stream_input, np.concatenate(xs, axis=0))
         per_item: list[dict[str, OutputValue]] = [{} for _ in range(n)]
         for name, value in zip(self.output_names, values, strict=True):
             if len(value) != n:
@@ -212,7 +233,12 @@ class Model:
                 self.run(x, state)
         except Exception as exc:  # ORT raises its own classes, not RuntimeError
             raise ModelError(f"model {self.name} {self.version} failed its warm-up run: {exc}") from exc
-        return (time.perf_counter() - started) * 1000 / runs
+        ms = (time.perf_counter() - started) * 1000 / runs
+        START.mark(f"model {self.name} warmed ({runs} run{'s' if runs > 1 else ''})")
+        self.shared.settle_memory()
+        if self.batchable:
+            self.shared.judge(self.stream_input, x)
+        return ms
 
     def warmup_if_possible(self) -> None:
         """Warm with zeros when no real input shape is known; a model whose dynamic dimensions reject
@@ -236,8 +262,10 @@ def load_model(
     example: np.ndarray | None = None,
     warmup_runs: int = 2,
     emit: EventSink = log_event,
+    optimization: Optimization | None = None,
 ) -> Model:
-    """Build the session through agent.device.session, check the signature against the pipeline, warm up."""
+    """Lease the model's shared session (opened through agent.device.session on first use), check the
+    signature against the pipeline, warm up."""
     if not isinstance(source, bytes):
         source = Path(source)
         if not source.is_file():
@@ -247,14 +275,20 @@ def load_model(
     version = version or content_version(source)
     _check_loadable(source, name, version)
     try:
-        opened = open_session(source, runtime, state_dir, emit)
+        shared = POOL.acquire(source, runtime, state_dir, optimization=optimization, emit=emit)
     except Exception as exc:  # ORT's Fail/InvalidGraph derive from Exception
         raise ModelError(
             f"cannot load model {name} {version}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else exc}"
         ) from exc
-    model = Model(opened.session, opened.provider, name, version, constants, state, stream_input)
+    model = Model(shared, name, version, constants, state, stream_input)
+    how = "shared session" if shared.users > 1 else f"optimised model cache: {shared.opened.cache}"
+    START.mark(f"model {name} {version} on {model.provider} ({how})")
     if warmup_runs:
-        ms = model.warmup(example, warmup_runs)
+        try:
+            ms = model.warmup(example, warmup_runs)
+        except ModelError:
+            model.close()
+            raise
         log.info("model warmed name=%s version=%s provider=%s warm_ms=%.1f", name, version, model.provider, ms)
     return model
 

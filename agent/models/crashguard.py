@@ -1,12 +1,14 @@
 """Remembering a model that crashes the process while it loads.
 
-Some models take the whole process down on load or on their first run: a provider's native code
+Some models take the whole process down on load or on their warm-up run: a provider's native code
 segfaults, the OOM killer strikes, a driver hangs until systemd's watchdog kills the service. No
 exception handler sees that, so the evidence lives on disk: before loading a new version the daemon
-records the attempt (fsync'd), and clears it once the model has run. A start that finds an attempt
-recorded by another process knows that process died in the middle. After `limit` such deaths in a row
-with the same version, the version is marked as crashing, and `should_skip` tells the daemon to start
-on the previous version, with a reason to publish as an event.
+records the attempt (fsync'd), and clears it as soon as the model is loaded and warmed up (the warm-up
+runs it on an input shaped like the pipeline's frames) or its load failed with a handled error. A start
+that finds an attempt recorded by another process knows that process died in the middle of that load.
+A death after it (the model served, or waits for data that has not come: a power cut) is not counted.
+After `limit` such deaths in a row with the same version, the version is marked as crashing, and
+`should_skip` tells the daemon to start on the previous version, with a reason to publish as an event.
 
 The daemon's side, per model, at start and on every swap:
 
@@ -16,7 +18,7 @@ The daemon's side, per model, at start and on every swap:
         ...
     else:
         guard.begin(model, new_version, previous=old_version)
-        ...load, warm up, run the first inference...
+        ...load and warm up...
         guard.succeeded(model, new_version)  # or guard.abandon(...) after a handled load error
 """
 

@@ -206,7 +206,12 @@ def parse_order(
 
 def applies_to(order: DeployOrder, device_id: str, group: str) -> bool:
     """Is this device the order's target (itself, or its group)?"""
-    kind, name = order.target_kind, order.target_name
+    return target_applies(order.target, device_id, group)
+
+
+def target_applies(target: str, device_id: str, group: str) -> bool:
+    """Is this device the target `device:ID` or `group:NAME`?"""
+    kind, _, name = target.partition(":")
     return (kind == "device" and name == device_id) or (kind == "group" and name == group)
 
 

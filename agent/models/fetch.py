@@ -6,12 +6,19 @@ size (endless data), and a finished blob must match its signed digest. What goes
 things, and the caller acts on which: `FetchError`, the registry could not be reached or answered
 unusably, worth retrying later; `RefusalError`, this version must not be used here, whatever a retry
 would say.
+
+A server that asks to come back later (429 Too Many Requests from a CDN's rate limit, 503 Service
+Unavailable) is retried after the wait its `Retry-After` names (seconds or an HTTP date), within the
+request's DEADLINE: a wait past it ends the request as a `FetchError` (the next poll tries again), never as
+a refusal of the model.
 """
 
 from __future__ import annotations
 
+import email.utils
 import logging
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
@@ -25,17 +32,59 @@ from agent.util.hashing import sha256_bytes
 log = logging.getLogger(__name__)
 
 CHUNK = 64 * 1024
-RETRY_CAP = 30.0  # seconds: the longest wait between two tries of one request
+RETRY_CAP = 30.0  # seconds: the longest backoff between two tries of one request
+# Seconds one request may take, tries and waits together: a Retry-After that reaches past it ends the
+# request now rather than holding the updater (or the daemon's start) for as long as a server asks.
+DEADLINE = 300.0
+RETRY_LATER = (429, 503)  # "come back later": answers a CDN or a busy server gives, with a Retry-After
 Progress = Callable[[int, int], None]
 T = TypeVar("T")
 
 
 class RefusalError(Exception):
-    """This version must not be used here; the message is the reason published in the event."""
+    """This version must not be used here; the message is the reason published in the event.
+
+    `hold`: the version was downloaded and tried here (its test vectors failed, it did not load): the
+    store holds it, so that no poll downloads it again until an operator overrides the hold."""
+
+    def __init__(self, message: str, *, hold: bool = False) -> None:
+        super().__init__(message)
+        self.hold = hold
 
 
 class FetchError(Exception):
     """The registry could not be reached or did not answer usefully (worth retrying later)."""
+
+
+class RetryLaterError(FetchError):
+    """The server asked to come back later; `after` is its Retry-After in seconds, None when it named none."""
+
+    def __init__(self, message: str, after: float | None) -> None:
+        super().__init__(message)
+        self.after = after
+
+    @classmethod
+    def of(cls, response: requests.Response) -> RetryLaterError:
+        after = retry_after(response.headers.get("Retry-After"), time.time())
+        asked = f", Retry-After {after:.0f} s" if after is not None else ""
+        return cls(f"HTTP {response.status_code}{asked}", after)
+
+
+def retry_after(header: str | None, now: float) -> float | None:
+    """A Retry-After header as seconds from `now` (RFC 9110, 10.2.3: delay-seconds or an HTTP date); None
+    when absent or unreadable, 0 for a date already past."""
+    if header is None or not header.strip():
+        return None
+    text = header.strip()
+    if text.isdigit():
+        return float(text)
+    try:
+        when = email.utils.parsedate_to_datetime(text)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:  # an HTTP date is always GMT; one without a zone is not one
+        return None
+    return max(0.0, when.timestamp() - now)
 
 
 class Fetcher:
@@ -50,6 +99,8 @@ class Fetcher:
         retries: int,
         backoff: float,
         sleep: Callable[[float], None],
+        deadline: float = DEADLINE,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.url = url if url.endswith("/") else url + "/"
         self.cache_dir = cache_dir
@@ -57,17 +108,25 @@ class Fetcher:
         self.retries = retries
         self.backoff = backoff
         self.sleep = sleep
+        self.deadline = deadline
+        self.clock = clock
         self.http = requests.Session()
         self.http.headers["User-Agent"] = "edge-agent"
 
     def _retrying(self, what: str, call: Callable[[], T]) -> T:
+        ends = self.clock() + self.deadline
         for attempt in range(self.retries + 1):
             try:
                 return call()
             except (requests.ConnectionError, requests.Timeout, FetchError) as exc:
                 if attempt == self.retries:
                     raise FetchError(f"{what}: {exc}") from None
-                delay = backoff.delay(attempt, self.backoff, RETRY_CAP)
+                asked = exc.after if isinstance(exc, RetryLaterError) else None
+                delay = asked if asked is not None else backoff.delay(attempt, self.backoff, RETRY_CAP)
+                if self.clock() + delay > ends:
+                    raise FetchError(
+                        f"{what}: {exc}; waiting {delay:.0f} s would pass this request's {self.deadline:.0f} s deadline"
+                    ) from None
                 log.info("%s failed (%s); retrying in %.1fs", what, exc, delay)
                 self.sleep(delay)
         raise AssertionError("unreachable")
@@ -90,15 +149,21 @@ class Fetcher:
                     return cached
                 if r.status_code == 404:
                     raise RefusalError(f"{path} is not on the registry (404)")
+                if r.status_code in RETRY_LATER:
+                    raise RetryLaterError.of(r)
                 if r.status_code >= 500:
                     raise FetchError(f"HTTP {r.status_code}")
                 if r.status_code != 200:
                     raise RefusalError(f"{path}: the registry answered HTTP {r.status_code}")
                 body = bytearray()
-                for chunk in r.iter_content(CHUNK):
-                    body += chunk
-                    if len(body) > MAX_DOC_BYTES:
-                        raise RefusalError(f"{path} is larger than {MAX_DOC_BYTES} bytes; refused unread")
+                try:
+                    for chunk in r.iter_content(CHUNK):
+                        body += chunk
+                        if len(body) > MAX_DOC_BYTES:
+                            raise RefusalError(f"{path} is larger than {MAX_DOC_BYTES} bytes; refused unread")
+                except requests.exceptions.ChunkedEncodingError as exc:
+                    # Fewer bytes than the Content-Length promised: never parsed, never cached.
+                    raise FetchError(f"{path}: truncated after {len(body)} bytes ({exc.__class__.__name__})") from None
                 etag = r.headers.get("ETag")
             data = bytes(body)
             if etag and "\n" not in etag:
@@ -141,6 +206,8 @@ class Fetcher:
                 raise RefusalError(
                     f"{what} is truncated on the registry: it holds fewer than {have + 1} bytes, the manifest says {blob.size}"
                 )
+            if r.status_code in RETRY_LATER:
+                raise RetryLaterError.of(r)
             if r.status_code >= 500:
                 raise FetchError(f"HTTP {r.status_code}")
             if r.status_code == 206 and have:

@@ -9,13 +9,16 @@ trusted, and most before anything is downloaded:
    backoff) and their ed25519 signatures checked over the exact bytes with the profile's keys;
 2. the manifest is parsed strictly, must name the model and version asked for (mix-and-match), must
    not have expired (freeze) and must not be older than the active version unless a rollback was
-   ordered (rollback attack);
+   ordered (rollback attack); a version this device held (it was refused after a try, or rolled back)
+   is not installed again, whichever path asks for it, unless the request overrides holds
+   (`allow_older`: a rollback order, or an operator's pull naming the version);
 3. a variant this runtime, architecture and provider set can load is chosen from the signed opsets
    and IR version (refusing the others with their reasons) - before any download;
 4. the blob is downloaded into a resumable partial file (Range), never reading past the signed size,
    then its sha256 must match; the file's own header must agree with the manifest;
-5. the manifest's test vectors run on this device's chosen provider; only then does the store
-   commit the version and switch the active pointer (see agent.models.store).
+5. the manifest's test vectors (agent.models.vectors: stored without pickle) run on this device's
+   chosen provider; only then does the store commit the version and switch the active pointer (see
+   agent.models.store). A version whose vectors fail, or that does not load, is held with the reason.
 
 The HTTP side (retries, the conditional-GET cache, resumable downloads) is agent.models.fetch.
 """
@@ -32,7 +35,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from agent.device import compat
@@ -54,6 +56,7 @@ from agent.models.manifest import (
 )
 from agent.models.signing import SignatureError, load_public_keys, verify
 from agent.models.store import Installed, Store, StoreError
+from agent.models.vectors import VectorError, decode, mismatch
 from agent.transport.events import Event, EventSink, log_event
 
 if TYPE_CHECKING:
@@ -206,9 +209,19 @@ class RegistryClient:
     # --- one update step --------------------------------------------------------------------
 
     def check_and_pull(
-        self, model: str, channel: str | None = "stable", version: str | None = None, allow_older: bool = False
+        self,
+        model: str,
+        channel: str | None = "stable",
+        version: str | None = None,
+        allow_older: bool = False,
+        override_hold: bool | None = None,
     ) -> PullResult:
-        """Bring `model` to the channel's (or the pinned) version; emit events; never raise for refusals."""
+        """Bring `model` to the channel's (or the pinned) version; emit events; never raise for refusals.
+
+        `allow_older`: a version older than the active one may be installed. `override_hold`: a held
+        version may be installed (the request names it on purpose); by default as `allow_older`, which
+        an operator's rollback order or `models pull --allow-older` sets."""
+        override = allow_older if override_hold is None else override_hold
         target = version
         try:
             _check_name(model, NAME_PATTERN, "model")
@@ -216,8 +229,11 @@ class RegistryClient:
                 target = self.channel(model, channel or "stable").version
             with self.store.lock():
                 self.store.recover()
-                return self._pull(model, target, allow_older, from_channel=version is None)
+                return self._pull(model, target, allow_older, override, from_channel=version is None)
         except RefusalError as exc:
+            if exc.hold and target is not None:
+                with self.store.lock():
+                    self.store.hold(model, target, str(exc))
             self.emit(Event("model.refused", {"model": model, "version": target, "reason": str(exc)}))
             return PullResult(model, "refused", target, reason=str(exc))
         except (FetchError, StoreError, OSError) as exc:
@@ -229,18 +245,23 @@ class RegistryClient:
             self.emit(Event("model.error", {"model": model, "version": target, "reason": reason}))
             return PullResult(model, "failed", target, reason=reason)
 
-    def _pull(self, model: str, version: str, allow_older: bool, from_channel: bool = False) -> PullResult:
+    def _pull(
+        self, model: str, version: str, allow_older: bool, override_hold: bool, from_channel: bool = False
+    ) -> PullResult:
         active = self.store.active(model)
         if active is not None and active.version == version:
             return PullResult(model, "current", version, active.variant.id, provider=active.provider)
-        if from_channel and active is not None and self.store.pointer(model)["held"] == version:
+        held = self.store.held_reason(model, version)
+        if held is not None and not override_hold:
+            where = "the channel names it" if from_channel else "asked for by version"
             return PullResult(
                 model,
                 "held",
                 version,
-                active.variant.id,
-                provider=active.provider,
-                reason=f"{version} was rolled back; the channel must move on, or pull it by version",
+                active.variant.id if active else None,
+                provider=active.provider if active else None,
+                reason=f"{version} is held on this device ({held}); {where}, but only an override "
+                "installs it again (a rollback order, or a pull with --allow-older)",
             )
         if active is not None and version_key(version) < version_key(active.version) and not allow_older:
             raise RefusalError(
@@ -321,23 +342,6 @@ class RegistryClient:
             downloaded_bytes=variant.blob.size,
         )
 
-    def rollback(self, model: str) -> PullResult:
-        """Make the previous version active again (a rollback order); emits model.rolled_back."""
-        try:
-            with self.store.lock():
-                before = self.store.pointer(model)["active"]
-                entry = self.store.rollback(model)
-        except StoreError as exc:
-            self.emit(Event("model.error", {"model": model, "reason": str(exc)}))
-            return PullResult(model, "failed", reason=str(exc))
-        self.emit(
-            Event(
-                "model.rolled_back",
-                {"model": model, "version": entry.version, "variant": entry.variant.id, "previous": before},
-            )
-        )
-        return PullResult(model, "activated", entry.version, entry.variant.id, provider=entry.provider, previous=before)
-
     def _download(self, blob: Blob, what: str, progress: Progress | None = None) -> Path:
         return self.fetcher.download(blob, self.store.partial_path(blob.digest), what, progress)
 
@@ -370,31 +374,22 @@ class RegistryClient:
         try:
             opened = opener(model_path, runtime, self.store.root.parent, self.emit)
         except Exception as exc:  # noqa: BLE001 (onnxruntime's errors derive from Exception only)
-            raise RefusalError(f"variant {variant.id} does not load here: {str(exc).splitlines()[0][:300]}") from None
+            reason = f"variant {variant.id} does not load here: {str(exc).splitlines()[0][:300]}"
+            raise RefusalError(reason, hold=True) from None
         for test in tests:
-            with np.load(stage / test.inputs.hex, allow_pickle=False) as z:
-                feeds = {k: z[k] for k in z.files}
-            with np.load(stage / test.expected.hex, allow_pickle=False) as z:
-                expected = {k: z[k] for k in z.files}
+            try:
+                feeds = decode(stage / test.inputs.hex)
+                expected = decode(stage / test.expected.hex)
+            except VectorError as exc:  # signed and verified, yet unreadable: the publisher's fault, not ours
+                raise RefusalError(f"test vector {test.name}: {exc}") from None
             names = list(expected)
             try:
                 got = opened.session.run(names, feeds)
             except Exception as exc:  # noqa: BLE001 (as above: a failed run is onnxruntime's plain Exception)
-                raise RefusalError(
-                    f"test vector {test.name} does not run on {opened.provider}: {str(exc).splitlines()[0][:300]}"
-                ) from None
+                reason = f"test vector {test.name} does not run on {opened.provider}: {str(exc).splitlines()[0][:300]}"
+                raise RefusalError(reason, hold=True) from None
             for name, actual in zip(names, got, strict=True):
-                want = expected[name]
-                actual = np.asarray(actual)
-                if actual.shape != want.shape:
-                    raise RefusalError(
-                        f"test vector {test.name} failed on {opened.provider}: output {name!r} has shape "
-                        f"{list(actual.shape)}, expected {list(want.shape)}"
-                    )
-                if not np.allclose(actual, want, rtol=test.rtol, atol=test.atol, equal_nan=True):
-                    err = float(np.max(np.abs(actual.astype(np.float64) - want.astype(np.float64))))
-                    raise RefusalError(
-                        f"test vector {test.name} failed on {opened.provider}: output {name!r} differs by up to "
-                        f"{err:.3g} (atol {test.atol:g}, rtol {test.rtol:g})"
-                    )
+                why = mismatch(name, actual, expected[name], rtol=test.rtol, atol=test.atol)
+                if why is not None:
+                    raise RefusalError(f"test vector {test.name} failed on {opened.provider}: {why}", hold=True)
         return opened.provider

@@ -3,7 +3,8 @@
 ```
 state_dir/models/<model>/<version>/       a complete, verified version: the model file, its signed
                                           manifest and installed.json (variant, digest, provider)
-state_dir/models/<model>/pointer.json     {"active": VERSION, "previous": VERSION | null}
+state_dir/models/<model>/pointer.json     {"active": VERSION, "previous": VERSION | null,
+                                           "history": [VERSION, ...], "held": [{version, reason, since}]}
 state_dir/models/<model>/.stage-*         a version being assembled (deleted on recovery)
 state_dir/models/.partial/<sha256 hex>    downloads in progress, kept so that they resume
 ```
@@ -14,6 +15,11 @@ pointer moves only to such a folder, by writing a temporary file, fsyncing it, r
 pointer.json and fsyncing the folder. Active and previous live in one file, so one rename switches
 both. A kill -9 at any moment therefore leaves the old pointer (and its complete folder) or the new
 one; leftovers are staging folders and partial downloads, which `recover()` clears or resumes.
+
+`history` lists the versions that were active before, oldest first: a rollback goes to the newest of
+them that is on disk and not held, so repeated rollbacks walk back and never toggle forward. `held`
+lists the versions this device refused or rolled back, each with its reason: no channel, order, pin or
+command installs them again until an operator overrides the hold by name (see agent.models.registry).
 """
 
 from __future__ import annotations
@@ -23,13 +29,15 @@ import fcntl
 import json
 import os
 import shutil
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, TypedDict
+from typing import TYPE_CHECKING, Any, TypedDict
 
 from agent.models.manifest import Manifest, ManifestError, Variant, file_digest, parse_manifest, version_key
+from agent.util.timefmt import utc_iso
 
 if TYPE_CHECKING:
     from agent.config.profile import PipelineConfig
@@ -37,18 +45,29 @@ if TYPE_CHECKING:
 POINTER = "pointer.json"
 INSTALLED = "installed.json"
 MANIFEST = "manifest.json"
+MAX_HELD = 32  # held versions remembered per model, newest kept: the pointer file stays small
+MAX_HISTORY = 32  # earlier versions remembered per model for rollbacks (only those on disk can serve)
 
 
 class StoreError(Exception):
     """The store cannot do what was asked; the message says why in one line."""
 
 
+class HeldVersion(TypedDict):
+    """A version this device will not install again on its own, and why."""
+
+    version: str
+    reason: str
+    since: str  # UTC ISO 8601
+
+
 class Pointer(TypedDict):
-    """pointer.json: which version serves, which one a rollback returns to, which one was rolled back."""
+    """pointer.json: which version serves, the versions before it, and the versions held back."""
 
     active: str | None
-    previous: str | None
-    held: str | None
+    previous: str | None  # the newest of `history`: what the version before this one was
+    history: list[str]  # versions active before, oldest first
+    held: list[HeldVersion]
 
 
 class Installed(TypedDict):
@@ -123,10 +142,29 @@ class Store:
         try:
             doc = json.loads(path.read_bytes())
         except FileNotFoundError:
-            return {"active": None, "previous": None, "held": None}
+            return {"active": None, "previous": None, "history": [], "held": []}
         except ValueError as exc:
             raise StoreError(f"{path} is not valid JSON ({exc}); the store is damaged") from None
-        return {"active": doc.get("active"), "previous": doc.get("previous"), "held": doc.get("held")}
+        if not isinstance(doc, dict):
+            raise StoreError(f"{path} is not a JSON object; the store is damaged")
+        history = doc.get("history")
+        if not isinstance(history, list):  # written by an agent that kept one previous version only
+            history = [doc["previous"]] if isinstance(doc.get("previous"), str) else []
+        history = [v for v in history if isinstance(v, str)]
+        return {
+            "active": doc.get("active"),
+            "previous": history[-1] if history else None,
+            "history": history,
+            "held": _held_list(doc.get("held")),
+        }
+
+    def held(self, model: str) -> list[HeldVersion]:
+        """The versions of `model` held on this device, oldest hold first."""
+        return self.pointer(model)["held"]
+
+    def held_reason(self, model: str, version: str) -> str | None:
+        """Why `version` is held, or None when it is not."""
+        return next((h["reason"] for h in self.held(model) if h["version"] == version), None)
 
     def versions(self, model: str) -> list[str]:
         """Complete versions on disk, oldest first."""
@@ -244,37 +282,71 @@ class Store:
         return target
 
     def activate(self, model: str, version: str) -> ActiveModel:
-        """Make an installed version active; the one active before becomes previous."""
+        """Make an installed version active (lifting any hold on it); the one active before joins the history."""
         entry = self.installed(model, version)
         current = self.pointer(model)
-        if current["active"] == version:
+        held = [h for h in current["held"] if h["version"] != version]
+        if current["active"] == version and held == current["held"]:
             return entry
-        self._write_pointer(model, version, current["active"])
+        history = [v for v in current["history"] if v not in (version, current["active"])]
+        if current["active"] is not None and current["active"] != version:
+            history.append(current["active"])
+        self._write_pointer(model, version, history, held)
         return entry
 
-    def rollback(self, model: str) -> ActiveModel:
-        """Swap active and previous; the version rolled back from is held (see `held`)."""
+    def rollback(self, model: str, to: str | None = None, *, reason: str) -> ActiveModel:
+        """Back to `to`, or else to the newest earlier version on disk that is not held; the version
+        left is held with `reason`. Naming a held version lifts its hold (the operator asked for it)."""
         current = self.pointer(model)
-        if current["active"] is None:
+        active = current["active"]
+        if active is None:
             raise StoreError(f"{model} is not in the store")
-        previous = current["previous"]
-        if previous is None or not (self.root / model / previous / INSTALLED).exists():
-            raise StoreError(f"{model} has no previous version to roll back to (active: {current['active']})")
-        entry = self.installed(model, previous)
-        self._write_pointer(model, previous, current["active"], held=current["active"])
+        on_disk = self.versions(model)
+        if to is None:
+            held_now = {h["version"] for h in current["held"]}
+            to = next((v for v in reversed(current["history"]) if v in on_disk and v not in held_now), None)
+            if to is None:
+                raise StoreError(
+                    f"{model} has no earlier version to roll back to (active: {active}; "
+                    f"on disk: {', '.join(on_disk) or 'none'}; held: {', '.join(sorted(held_now)) or 'none'})"
+                )
+        elif to == active:
+            raise StoreError(f"{model} {to} is already active")
+        elif to not in on_disk:
+            raise StoreError(f"{model} {to} is not on this device (on disk: {', '.join(on_disk) or 'none'})")
+        entry = self.installed(model, to)
+        history = current["history"]
+        history = history[: history.index(to)] if to in history else history  # what came after `to` is left
+        held = _with_hold(current["held"], active, reason)
+        self._write_pointer(model, to, history, [h for h in held if h["version"] != to])
         return entry
 
-    def _write_pointer(self, model: str, active: str, previous: str | None, held: str | None = None) -> None:
-        # `held`: the version a rollback left; following a channel does not reinstall it (it was rolled
-        # back for a reason) until the channel moves on or that version is asked for by name.
-        doc = {"active": active, "previous": previous, "held": held}
+    def hold(self, model: str, version: str, reason: str) -> None:
+        """Hold `version` (refused here, or rolled back) with `reason`; a version never installed may be held."""
+        current = self.pointer(model)
+        self._write_pointer(model, current["active"], current["history"], _with_hold(current["held"], version, reason))
+
+    def _write_pointer(self, model: str, active: str | None, history: list[str], held: list[HeldVersion]) -> None:
+        history = history[-MAX_HISTORY:]
+        doc = {
+            "active": active,
+            "previous": history[-1] if history else None,  # read by agents that knew one previous version
+            "history": history,
+            "held": held[-MAX_HELD:],
+        }
+        (self.root / model).mkdir(parents=True, exist_ok=True)
         write_atomic(self.root / model / POINTER, (json.dumps(doc, sort_keys=True) + "\n").encode())
 
     def collect(self, model: str) -> list[str]:
-        """Delete versions beyond keep_versions (never the active or previous); return those deleted."""
+        """Delete versions beyond keep_versions, keeping the active one, then the newest of its history
+        that are not held (what rollbacks go back to), then the newest others; return those deleted."""
         pointer = self.pointer(model)
-        keep = {v for v in (pointer["active"], pointer["previous"]) if v}
-        others = [v for v in reversed(self.versions(model)) if v not in keep]
+        held = {h["version"] for h in pointer["held"]}
+        on_disk = self.versions(model)
+        keep = [pointer["active"]] if pointer["active"] in on_disk else []
+        keep += [v for v in reversed(pointer["history"]) if v in on_disk and v not in held and v not in keep]
+        keep = keep[: self.keep_versions]
+        others = [v for v in reversed(on_disk) if v not in keep]
         room = max(0, self.keep_versions - len(keep))
         doomed = others[room:]
         for version in doomed:
@@ -313,3 +385,23 @@ class Store:
     def free_bytes(self) -> int:
         self.root.mkdir(parents=True, exist_ok=True)
         return shutil.disk_usage(self.root).free
+
+
+def _held_list(raw: Any) -> list[HeldVersion]:
+    """The held list as stored, or the one version an older agent held (a plain string)."""
+    if isinstance(raw, str):
+        return [{"version": raw, "reason": "rolled back", "since": ""}]
+    if not isinstance(raw, list):
+        return []
+    return [
+        {"version": h["version"], "reason": str(h.get("reason", "")), "since": str(h.get("since", ""))}
+        for h in raw
+        if isinstance(h, dict) and isinstance(h.get("version"), str)
+    ]
+
+
+def _with_hold(held: list[HeldVersion], version: str, reason: str) -> list[HeldVersion]:
+    """`held` with `version` held (again) for `reason`, as the newest hold."""
+    return [h for h in held if h["version"] != version] + [
+        {"version": version, "reason": reason, "since": utc_iso(time.time())}
+    ]

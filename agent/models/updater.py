@@ -4,22 +4,28 @@ Sources of an update: the channel poll (every `registry.poll_interval`), a deplo
 cloud (retained on the deploy topics), or the `update` command. Each ends in the same steps: the
 registry client pulls, verifies and tests the version into the store, then every pipeline serving the
 model swaps to it between two frames. A version that fails to load is rolled back at once; one that
-loads is on probation: worse latency or more errors than the version before roll it back.
-A version that killed the process while loading is remembered by the crash guard and skipped.
+loads is on probation (agent.models.probation): worse latency, more errors or NaN outputs than the
+version before roll it back. A version that killed the process while it loaded or warmed up is
+remembered by the crash guard and rolled back at the next start.
+
+Every version a rollback leaves, and every version refused after a try, is held by the store: no
+channel poll, order, profile pin or `update` command installs it again, until an operator overrides
+the hold by naming it (an order with `allow_older`, the `rollback` command with its `version`).
+Withdrawing an order (an empty retained payload) forgets it, and the model follows the profile again.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
-from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Literal, TypedDict
 
 from agent.models.crashguard import CrashGuard
-from agent.models.store import Store, StoreError, write_atomic
+from agent.models.orders import OrderBook
+from agent.models.probation import Probation
+from agent.models.store import Store, StoreError
+from agent.transport.contract.events import RollbackCause
 from agent.transport.events import Event, EventSink
 from agent.util.worker import Worker
 
@@ -32,13 +38,9 @@ if TYPE_CHECKING:  # the daemon builds the updater and hands itself over: a runt
 log = logging.getLogger(__name__)
 
 JOIN_TIMEOUT = 30.0  # an update step in progress (a download, a swap) finishes before stop returns
-
-
-class OrderRecord(TypedDict):
-    """orders.json, per model: the deployment order being followed, so that a restart keeps following it."""
-
-    id: str
-    version: str
+# After the broker acknowledged the subscriptions of a connection, how long its retained orders may take to
+# arrive: a saved order whose topic sent nothing by then was withdrawn while the device was away.
+RETAINED_GRACE = 10.0
 
 
 class UpdateSummary(TypedDict):
@@ -49,16 +51,6 @@ class UpdateSummary(TypedDict):
     status: Literal["activated", "current", "held", "refused", "failed", "active", "rolled-back"]
     version: str | None
     reason: str | None
-
-
-@dataclass
-class Probation:
-    model: str
-    version: str
-    previous: str | None
-    until: float
-    baseline_p95: float | None
-    baseline_counts: dict[str, tuple[int, int]]  # pipeline -> (inferences, errors) at the swap
 
 
 def skip_crashing_versions(store: Store, profile: Profile, emit: EventSink) -> None:
@@ -72,19 +64,30 @@ def skip_crashing_versions(store: Store, profile: Profile, emit: EventSink) -> N
         reason = guard.should_skip(model, active.version)
         if reason:
             try:
-                restored = store.rollback(model)
+                restored = store.rollback(model, reason=reason)
             except (StoreError, OSError) as exc:  # nothing older on disk: serve it and say so
                 emit(
                     Event(
                         "model.rollback_failed",
-                        {"model": model, "version": active.version, "reason": f"{reason}; {exc}"},
+                        {
+                            "model": model,
+                            "version": active.version,
+                            "reason": f"{reason}; {exc}",
+                            "cause": "crash_guard",
+                        },
                     )
                 )
                 continue
             emit(
                 Event(
                     "model.rolled_back",
-                    {"model": model, "version": active.version, "to": restored.version, "reason": reason},
+                    {
+                        "model": model,
+                        "version": active.version,
+                        "to": restored.version,
+                        "reason": reason,
+                        "cause": "crash_guard",
+                    },
                 )
             )
             continue
@@ -105,8 +108,11 @@ class Updater:
         self.registry = parts.registry
         self.store = parts.store
         self.guard = CrashGuard(self.profile.device.state_dir)
-        self.orders_file = Path(self.profile.device.state_dir) / "orders.json"
-        self._orders: dict[str, OrderRecord] = self._load_orders()
+        device = self.profile.device
+        self.orders = OrderBook(device.state_dir, device.id, device.group)
+        self._heard: dict[str, int] = {}  # deploy topic -> the connection (its `connects` count) it was heard on
+        self._retained_check: tuple[int, float] | None = None  # (connection, when its subscriptions were seen acked)
+        self._checked_connection = 0
         self._probation: dict[str, Probation] = {}
         self._lock = threading.RLock()
         self._wake = threading.Event()
@@ -115,6 +121,7 @@ class Updater:
     # -- lifecycle -----------------------------------------------------------------------------
 
     def start(self) -> Updater:
+        self.settle_loads()
         self._subscribe_orders()
         self._worker.start()
         return self
@@ -136,6 +143,7 @@ class Updater:
                     self.update()
                     next_poll = time.monotonic() + interval
                 self._judge_probation()
+                self._forget_orders_withdrawn_while_away()
             except Exception as exc:  # the update loop must outlive one bad update
                 log.exception("update step failed")
                 self.daemon.emit(Event("update.error", {"reason": f"{type(exc).__name__}: {exc}"}))
@@ -146,10 +154,8 @@ class Updater:
         """model -> (channel, pinned version): a deployment order's version beats the profile's channel."""
         out: dict[str, tuple[str | None, str | None]] = {}
         for config in self.profile.registry_pipelines:
-            out[config.model] = (config.channel, config.version)
-        for model, order in self._orders.items():
-            if model in out:
-                out[model] = (None, order["version"])
+            order = self.orders.effective(config.model)
+            out[config.model] = (None, order["version"]) if order else (config.channel, config.version)
         return out
 
     def update(self, only: str | None = None) -> list[UpdateSummary]:
@@ -163,15 +169,34 @@ class Updater:
         return summaries
 
     def _pull_and_swap(
-        self, model: str, channel: str | None, version: str | None, allow_older: bool, order: str | None = None
+        self,
+        model: str,
+        channel: str | None,
+        version: str | None,
+        allow_older: bool,
+        order: str | None = None,
+        override_hold: bool = False,
     ) -> UpdateSummary:
+        """One update step. `override_hold`: the request names a version on purpose (an order with
+        `allow_older`), so a hold on it, and a crash mark, are lifted."""
         before = self.store.active(model)
-        if version is not None:
+        if version is not None and override_hold:
+            self.guard.forget(model, version)
+        elif version is not None:
             reason = self.guard.should_skip(model, version)
             if reason:
-                self.daemon.emit(Event("model.refused", {"model": model, "version": version, "reason": reason}))
+                if order is not None:
+                    self.daemon.emit(
+                        Event("model.refused", {"model": model, "version": version, "reason": reason, "order": order})
+                    )
                 return {"model": model, "status": "refused", "version": version, "reason": reason}
-        result = self.registry.check_and_pull(model, channel, version, allow_older=allow_older)
+        result = self.registry.check_and_pull(
+            model, channel, version, allow_older=allow_older, override_hold=override_hold
+        )
+        if result.status == "held" and order is not None:  # polls stay quiet; an order gets its answer
+            self.daemon.emit(
+                Event("model.refused", {"model": model, "version": version, "reason": result.reason, "order": order})
+            )
         summary: UpdateSummary = {
             "model": model,
             "status": result.status,
@@ -201,18 +226,20 @@ class Updater:
         if active is None:
             return
         pipelines = self.pipelines_of(model)
-        baseline = self._p95(pipelines)
-        counts = {p.name: (p.stats()["inferences"], p.stats()["inference_errors"]) for p in pipelines}
+        probation = self.settings.probation
+        trial = Probation.begin(
+            model, active.version, previous, probation.duration, {p.name: p.stats() for p in pipelines}, order
+        )
         self.guard.begin(model, active.version, previous=previous)
         try:
             for pipeline in pipelines:
                 pipeline.swap(active.path, version=active.version, name=model)
         except (ModelError, OSError) as exc:
             self.guard.abandon(model, active.version)
-            self._roll_back(model, active.version, f"the new version did not load in a pipeline: {exc}")
+            self._roll_back(model, active.version, f"the new version did not load in a pipeline: {exc}", "load", order)
             return
-        if not pipelines:
-            self.guard.succeeded(model, active.version)
+        # Loaded and warmed up in every pipeline: from here on a death is not this version's doing.
+        self.guard.succeeded(model, active.version)
         self.daemon.emit(
             Event(
                 "model.active",
@@ -225,21 +252,30 @@ class Updater:
                 },
             )
         )
-        probation = self.settings.probation
         if pipelines and previous is not None and probation.duration > 0:
-            self._probation[model] = Probation(
-                model, active.version, previous, time.monotonic() + probation.duration, baseline, counts
-            )
+            self._probation[model] = trial
 
-    def _roll_back(self, model: str, bad: str, reason: str) -> None:
+    def _roll_back(
+        self, model: str, bad: str, reason: str, cause: RollbackCause, order: str | None = None, to: str | None = None
+    ) -> None:
+        """Back from `bad` to `to` (or the version before it), which the store then holds with `reason`."""
         self._probation.pop(model, None)
         try:
-            restored = self.store.rollback(model)
-        except (StoreError, OSError) as exc:  # nothing to go back to: say so and keep serving
+            restored = self.store.rollback(model, to, reason=reason)
+        except (StoreError, OSError) as exc:
+            if cause == "command":  # the operator's request: an error reply, not an event
+                raise ValueError(str(exc)) from None
+            # Nothing to go back to: say so and keep serving.
             self.daemon.emit(
                 Event(
                     "model.rollback_failed",
-                    {"model": model, "version": bad, "reason": f"{reason}; rollback failed: {exc}"},
+                    {
+                        "model": model,
+                        "version": bad,
+                        "reason": f"{reason}; rollback failed: {exc}",
+                        "cause": cause,
+                        **({"order": order} if order else {}),
+                    },
                 )
             )
             return
@@ -247,84 +283,62 @@ class Updater:
             if pipeline.stats()["model_version"] != restored.version:
                 pipeline.swap(restored.path, version=restored.version, name=model)
         self.daemon.emit(
-            Event("model.rolled_back", {"model": model, "version": bad, "to": restored.version, "reason": reason})
+            Event(
+                "model.rolled_back",
+                {
+                    "model": model,
+                    "version": bad,
+                    "to": restored.version,
+                    "reason": reason,
+                    "cause": cause,
+                    **({"order": order} if order else {}),
+                },
+            )
         )
 
-    def rollback(self, model: str) -> dict[str, str | None]:
-        """The operator's rollback (command): back to the previous version, held there."""
+    def rollback(self, model: str, version: str | None = None) -> dict[str, str | None]:
+        """The operator's rollback (command): to `version`, or one step back in the model's history; the
+        version left is held. ValueError (one line) when there is nowhere to go."""
         with self._lock:
             current = self.store.active(model)
             if current is None:
                 raise ValueError(f"model {model!r} has no active version")
-            self._roll_back(model, current.version, "ordered by the rollback command")
+            reason = "rolled back by the rollback command" + (f" (to {version})" if version else "")
+            self._roll_back(model, current.version, reason, "command", to=version)
             return {"model": model, "version": self._active_version(model), "from": current.version}
 
-    # -- probation -----------------------------------------------------------------------------
+    # -- the crash guard and probation -----------------------------------------------------------
 
-    @staticmethod
-    def _p95(pipelines: list[Pipeline]) -> float | None:
-        stages = [p.stats()["latency_ms"].get("infer") for p in pipelines]
-        values = [t["p95"] for t in stages if t is not None and t["p95"]]
-        return max(values) if values else None
-
-    def confirm_running(self) -> None:
-        """A new version that produced results has survived its load: clear the crash guard."""
-        for model in {c.model for c in self.profile.registry_pipelines}:
+    def settle_loads(self) -> None:
+        """At start, once the pipelines are up: every load the crash guard watched has ended in this
+        process, loaded or failed with a handled error. Neither is a death, and a power cut from now on
+        (before any data arrives, say) must not count as one."""
+        for model in sorted({c.model for c in self.profile.registry_pipelines}):
             attempt = self.guard.pending(model)
-            if attempt is None:
+            if attempt is None or not attempt.mine:
                 continue
-            serving = [p for p in self.pipelines_of(model) if p.stats()["model_version"] == attempt.version]
-            if serving and all(p.stats()["inferences"] > 0 for p in serving):
+            if any(p.stats()["model_version"] == attempt.version for p in self.pipelines_of(model)):
                 self.guard.succeeded(model, attempt.version)
+            else:
+                self.guard.abandon(model, attempt.version)
 
     def _judge_probation(self) -> None:
-        limits = self.settings.probation
         for model, trial in list(self._probation.items()):
-            pipelines = self.pipelines_of(model)
-            reason = None
-            for p in pipelines:
-                s = p.stats()
-                runs0, errors0 = trial.baseline_counts.get(p.name, (0, 0))
-                runs, errors = s["inferences"] - runs0, s["inference_errors"] - errors0
-                if runs + errors >= 5 and errors / (runs + errors) > limits.max_error_rate:
-                    reason = f"pipeline {p.name}: error rate {errors / (runs + errors):.0%} is above {limits.max_error_rate:.0%}"
-            p95 = self._p95(pipelines)
-            enough = (
-                sum(p.stats()["inferences"] - trial.baseline_counts.get(p.name, (0, 0))[0] for p in pipelines)
-                >= limits.min_inferences
+            reason, enough = trial.verdict(
+                {p.name: p.stats() for p in self.pipelines_of(model)}, self.settings.probation
             )
-            if (
-                reason is None
-                and enough
-                and trial.baseline_p95
-                and p95
-                and p95 > trial.baseline_p95 * limits.max_latency_ratio
-            ):
-                reason = (
-                    f"inference p95 {p95:.1f} ms is {p95 / trial.baseline_p95:.1f}x the previous version's "
-                    f"{trial.baseline_p95:.1f} ms (allowed {limits.max_latency_ratio}x)"
-                )
             if reason:
-                self._roll_back(model, trial.version, f"probation failed: {reason}")
+                self._roll_back(model, trial.version, f"probation failed: {reason}", "probation", trial.order)
             elif time.monotonic() >= trial.until and enough:
                 self._probation.pop(model)
-                self.daemon.emit(Event("model.probation_passed", {"model": model, "version": trial.version}))
+                self.daemon.emit(
+                    Event(
+                        "model.probation_passed",
+                        {"model": model, "version": trial.version, **({"order": trial.order} if trial.order else {})},
+                    )
+                )
 
     # -- deployment orders -----------------------------------------------------------------------
-
-    def _load_orders(self) -> dict[str, OrderRecord]:
-        try:
-            doc = json.loads(self.orders_file.read_text())
-        except (OSError, ValueError):
-            return {}
-        return {
-            model: {"id": str(order["id"]), "version": str(order["version"])}
-            for model, order in (doc.items() if isinstance(doc, dict) else ())
-            if isinstance(order, dict) and {"id", "version"} <= order.keys()
-        }
-
-    def _save_orders(self) -> None:
-        write_atomic(self.orders_file, json.dumps(self._orders, indent=1).encode())
 
     def _subscribe_orders(self) -> None:
         connection = self.parts.connection
@@ -335,6 +349,8 @@ class Updater:
 
     def _on_order(self, message: Incoming) -> None:
         # On the network thread: hand the work to a thread of its own, never block paho's loop.
+        if self.parts.connection is not None:
+            self._heard[message.topic] = self.parts.connection.connects
         threading.Thread(
             target=self._apply_order, args=(message.topic, message.payload), name="deploy", daemon=True
         ).start()
@@ -347,9 +363,12 @@ class Updater:
         except OrderError as exc:
             self.daemon.emit(Event("deploy.refused", {"topic": topic, "order": exc.order_id, "reason": str(exc)}))
             return
+        if order is None:
+            self._withdraw(topic)
+            return
         device = self.profile.device
-        if order is None or not applies_to(order, device.id, device.group):
-            return  # withdrawn, or for another device: keep serving what is active
+        if not applies_to(order, device.id, device.group):
+            return  # for another device
         served = {c.model for c in self.profile.registry_pipelines}
         if order.model not in served:
             self.daemon.emit(
@@ -360,9 +379,62 @@ class Updater:
             )
             return
         with self._lock:
-            known = self._orders.get(order.model)
-            if known is not None and known["id"] == order.id and self._active_version(order.model) == order.version:
-                return  # a retained order already carried out
-            self._orders[order.model] = {"id": order.id, "version": order.version}
-            self._save_orders()
-            self._pull_and_swap(order.model, None, order.version, allow_older=order.allow_older, order=order.id)
+            known = self.orders.get(topic)
+            self.orders.put(topic, order)
+            followed = self.orders.effective(order.model)
+            if followed is None or followed["id"] != order.id:
+                return  # an older order, delivered again: a newer one for this model is followed
+            if (
+                known is not None
+                and known["id"] == order.id
+                and (
+                    self._active_version(order.model) == order.version
+                    or self.store.held_reason(order.model, order.version) is not None
+                )
+            ):
+                return  # a retained order already carried out, or already answered with a refusal
+            self._pull_and_swap(
+                order.model,
+                None,
+                order.version,
+                allow_older=order.allow_older,
+                order=order.id,
+                override_hold=order.allow_older,
+            )
+
+    def _forget_orders_withdrawn_while_away(self) -> None:
+        """An order withdrawn while the device was offline leaves nothing retained, so no empty payload
+        ever reaches it: once a connection's subscriptions are acknowledged and RETAINED_GRACE has passed,
+        a saved order whose topic sent nothing on that connection is withdrawn."""
+        connection = self.parts.connection
+        if connection is None or connection.connects == self._checked_connection or not connection.wait_online(0):
+            return
+        current = connection.connects
+        if self._retained_check is None or self._retained_check[0] != current:
+            self._retained_check = (current, time.monotonic())
+            return
+        if time.monotonic() - self._retained_check[1] < RETAINED_GRACE:
+            return
+        self._checked_connection = current
+        for topic in self.orders.topics():
+            if self._heard.get(topic) != current:
+                self._withdraw(topic)
+
+    def _withdraw(self, topic: str) -> None:
+        """An empty retained payload: forget the topic's order; the model follows what is left (another
+        order, else the profile's channel or pin, older than the active version or not)."""
+        with self._lock:
+            gone = self.orders.withdraw(topic)
+            if gone is None:
+                return
+            model = gone["model"]
+            self.daemon.emit(
+                Event(
+                    "deploy.withdrawn",
+                    {"model": model, "version": gone["version"], "order": gone["id"], "topic": topic},
+                )
+            )
+            if model not in {c.model for c in self.profile.registry_pipelines}:
+                return
+            channel, version = self.targets()[model]
+            self._pull_and_swap(model, channel, version, allow_older=True)

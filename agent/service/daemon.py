@@ -1,7 +1,8 @@
 """The daemon: builds the parts in order, runs until told to stop, stops them in reverse.
 
-Order: profile (given) -> probe -> store and registry -> sink (outbox + MQTT, or stdout) -> models ->
-pipelines -> health -> commands -> updates -> systemd READY. Stop: pipelines finish the frame in hand,
+Order: profile (given) -> sink (outbox + MQTT, or stdout) -> store and registry -> models -> pipelines
+(each starts as soon as its model is loaded) -> probe -> health -> commands -> updates -> status page ->
+systemd READY: nothing that the first result need not wait for runs before the pipelines. Stop: pipelines finish the frame in hand,
 the outbox is flushed to the broker for a bounded time, `offline` is published, then everything closes.
 """
 
@@ -13,27 +14,31 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from agent import __version__
 from agent.config.errors import ProfileError
 from agent.config.profile import PipelineConfig, Profile, load_profile
-from agent.device.hardware import Probe, probe
 from agent.inference.loader import open_pipelines
 from agent.inference.pipeline import Pipeline
-from agent.models.registry import RegistryClient
-from agent.models.store import Store
-from agent.models.updater import Updater, skip_crashing_versions
 from agent.service import notify
-from agent.service.commands.dispatch import CommandDispatcher
-from agent.service.commands.handlers import register_commands
-from agent.service.health import HealthReporter
-from agent.service.statuspage import ConnectionStatus, Frame, StatusServer, StatusSnapshot
-from agent.transport.connection import Connection
 from agent.transport.events import Event, Sink, log_event
-from agent.transport.outbox import Outbox, open_outbox
-from agent.transport.pump import OutboxPump
-from agent.transport.sinks.outbox import OutboxSink
 from agent.transport.sinks.stdout import StdoutSink
+from agent.util.timeline import START
+
+if TYPE_CHECKING:
+    # The parts a profile may not use (a broker, a registry, the status page) are imported where they are
+    # built: a start pays nothing for what it does not run, and nothing before its first result (issue 15).
+    from agent.device.hardware import Probe
+    from agent.models.registry import RegistryClient
+    from agent.models.store import Store
+    from agent.models.updater import Updater
+    from agent.service.health import HealthReporter
+    from agent.service.homeassistant import HomeAssistantDiscovery
+    from agent.service.statuspage import Frame, StatusSnapshot
+    from agent.transport.connection import Connection
+    from agent.transport.outbox import Outbox
+    from agent.transport.pump import OutboxPump
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +64,7 @@ class Parts:
     registry: RegistryClient | None = None
     health: HealthReporter | None = None
     updater: Updater | None = None
+    discovery: HomeAssistantDiscovery | None = None
     pipelines: dict[str, Pipeline] = field(default_factory=dict)
 
 
@@ -88,16 +94,22 @@ class Daemon:
         profile = self.profile
         state_dir = Path(profile.device.state_dir)
         state_dir.mkdir(parents=True, exist_ok=True)
-        notify.status("starting: probing hardware")
-        found = probe(state_dir=state_dir)
-        log.info("probe arch=%s cpu=%r accelerators=%d", found.cpu.arch, found.cpu.model, len(found.accelerators))
         parts = self.parts = self._open_transport(state_dir)
+        START.mark("results sink open")
         self._open_registry(parts)
         self._bring_models(parts)
         notify.status("starting: loading pipelines")
         self.start_pipelines(profile.pipelines)
+        START.mark("pipelines started")
+        # What no result waits for comes after the pipelines (cold start): the probe for health, health,
+        # commands, updates and the status page.
+        from agent.device.hardware import probe
+
+        found = probe(state_dir=state_dir)
+        log.info("probe arch=%s cpu=%r accelerators=%d", found.cpu.arch, found.cpu.model, len(found.accelerators))
         self._start_health(parts, found)
         self._start_commands(parts)
+        self._start_homeassistant(parts)
         self._start_updates(parts)
         self._start_status_page(parts)
         self.watchdog.register("pipelines", self._pipelines_alive)
@@ -106,6 +118,7 @@ class Daemon:
             self.watchdog.register("mqtt", lambda: None if connection.alive else "the MQTT loop thread ended")
         self.watchdog.start()
         notify.ready(self.status_line())
+        START.mark("daemon ready")
         self.emit(Event("agent.started", {"version": __version__, "pipelines": sorted(parts.pipelines)}))
 
     def stop(self) -> None:
@@ -139,7 +152,6 @@ class Daemon:
                 if reload.is_set():
                     reload.clear()
                     self.reload()
-                self._check_crash_guard()
                 if self._stdout_run_over():
                     break
                 notify.status(self.watchdog_problem() or self.status_line())
@@ -164,7 +176,7 @@ class Daemon:
         if self.profile_path is None:
             return False
         try:
-            new = load_profile(self.profile_path)
+            new = load_profile(self.profile_path, files="service")
         except ProfileError as exc:
             first = exc.issues[0]
             self.emit(Event("profile.invalid", {"reason": str(first), "errors": len(exc.issues)}))
@@ -176,6 +188,8 @@ class Daemon:
         same_base = new.model_dump(exclude={"pipelines"}) == self.profile.model_dump(exclude={"pipelines"})
         if same_base and self.parts is not None:
             self._restart_changed_pipelines(new)
+            if self.parts.discovery is not None:
+                self.parts.discovery.publish(new.pipelines)  # a pipeline gone takes its entities with it
         else:
             self.stop()
             self.profile = new
@@ -193,6 +207,11 @@ class Daemon:
         if mqtt is None:
             stdout = StdoutSink(state_dir, emit=log_event)
             return Parts(sink=stdout, stdout=stdout, closers=[("stdout", stdout.close)])
+        from agent.transport.connection import Connection
+        from agent.transport.outbox import open_outbox
+        from agent.transport.pump import OutboxPump
+        from agent.transport.sinks.outbox import OutboxSink
+
         outbox = open_outbox(state_dir, mqtt.outbox)
         connection = Connection(mqtt, self.profile.device, agent_version=__version__)
         pump = OutboxPump(connection, outbox)
@@ -215,6 +234,8 @@ class Daemon:
     def _open_registry(self, parts: Parts) -> None:
         if self.profile.registry is None:
             return
+        from agent.models.registry import RegistryClient
+
         registry = parts.registry = RegistryClient.from_profile(self.profile, emit=self.emit)
         parts.store = registry.store
         registry.store.recover()
@@ -223,6 +244,8 @@ class Daemon:
         """Registry models with nothing active yet are pulled before their pipelines start."""
         if parts.registry is None:
             return
+        from agent.models.updater import skip_crashing_versions
+
         store = parts.registry.store
         for config in self.profile.registry_pipelines:
             if store.active(config.model) is None:
@@ -266,6 +289,8 @@ class Daemon:
         connection, outbox = parts.connection, parts.outbox
         if connection is None or outbox is None:
             return
+        from agent.service.health import HealthReporter
+
         health = HealthReporter(
             lambda payload: connection.publish_latest(connection.topics.health, payload),
             interval=self.profile.health.interval,
@@ -285,30 +310,46 @@ class Daemon:
     def _start_commands(self, parts: Parts) -> None:
         if parts.connection is None:
             return
+        from agent.service.commands.dispatch import CommandDispatcher
+        from agent.service.commands.handlers import register_commands
+
         dispatcher = CommandDispatcher(self.profile.device.id, events=self.emit)
         register_commands(dispatcher, self)
         dispatcher.attach(parts.connection).start()
         parts.closers.append(("commands", dispatcher.stop))
 
+    def _start_homeassistant(self, parts: Parts) -> None:
+        if parts.connection is None or not self.profile.homeassistant.enabled:
+            return
+        from agent.service.homeassistant import HomeAssistantDiscovery
+
+        discovery = HomeAssistantDiscovery(self.profile.homeassistant, parts.connection, __version__)
+        parts.discovery = discovery.start(self.profile.pipelines)
+
     def _start_updates(self, parts: Parts) -> None:
         if parts.registry is None:
             return
+        from agent.models.updater import Updater
+
         updater = parts.updater = Updater(self).start()
         parts.closers.append(("updates", updater.stop))
 
     def _start_status_page(self, parts: Parts) -> None:
         if self.profile.runtime.http is None:
             return
+        from agent.service.statuspage import ConnectionStatus, StatusServer, StatusSnapshot
 
         def snapshot() -> StatusSnapshot:
             connection, outbox = parts.connection, parts.outbox
+            pipelines = list(parts.pipelines.values())
             return StatusSnapshot(
                 device=self.profile.device.id,
                 agent_version=__version__,
                 uptime_s=round(time.time() - self.started_at, 1),
                 connection=ConnectionStatus.from_health(connection.health()) if connection is not None else None,
                 outbox=outbox.stats() if outbox is not None else None,
-                pipelines=tuple(p.stats() for p in list(parts.pipelines.values())),
+                pipelines=tuple(p.stats() for p in pipelines),
+                latency={p.name: p.timings.histograms() for p in pipelines},
             )
 
         def frame(name: str) -> Frame | None:
@@ -320,7 +361,8 @@ class Daemon:
         parts.closers.append(("status page", server.stop))
 
     def _models_health(self) -> dict[str, dict[str, object]]:
-        """Per model: the version really serving, its digest and the provider really running it."""
+        """Per model: the version really serving, its digest and the provider really running it, and the
+        versions the store holds back (refused or rolled back), each with its reason."""
         parts = self.parts
         out: dict[str, dict[str, object]] = {}
         if parts is None:
@@ -340,6 +382,7 @@ class Daemon:
                 active = parts.store.active(pipeline.config.model)
                 if active is not None:
                     out[model.name]["digest"] = active.digest
+                out[model.name]["held"] = parts.store.held(pipeline.config.model)
         return out
 
     def watchdog_problem(self) -> str | None:
@@ -357,10 +400,6 @@ class Daemon:
             if busy is not None and busy > self.profile.health.stuck_after:
                 return f"pipeline {name}: one inference has run for {busy:.0f} s"
         return None
-
-    def _check_crash_guard(self) -> None:
-        if self.parts is not None and self.parts.updater is not None:
-            self.parts.updater.confirm_running()
 
     def status_line(self) -> str:
         parts = self.parts

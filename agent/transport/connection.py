@@ -6,9 +6,11 @@ mqtts:// (CA, client certificate and key), a password read from its file at each
 `offline` Last Will and a retained `online` birth message, reconnects with capped, jittered backoff
 (agent.util.backoff), and re-subscribes on every connect (agent/transport/subscriptions.py). A refused
 connection (bad credentials, not authorised, a certificate the other side rejects) sets the state
-`refused` with one clear error (agent/transport/refusals.py), logged once. Its network thread
-(agent/transport/netloop.py) is the only one that writes the socket; the pump (agent/transport/pump.py)
-runs on it as a loop hook.
+`refused` with one clear error (agent/transport/refusals.py), logged once. What the broker cannot do (MQTT
+5, retained messages, QoS 1, large packets; a preset's rate) is read at connect and said in one line
+(agent/transport/limits.py): a refused retained Will is sent again unretained, publishes keep to the
+rest. Its network thread (agent/transport/netloop.py) is the only one that writes the socket; the pump
+(agent/transport/pump.py) runs on it as a loop hook.
 """
 
 from __future__ import annotations
@@ -28,7 +30,9 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
+from agent.config.presets import PRESETS
 from agent.transport import pahopatch, refusals
+from agent.transport.limits import Limits, Negotiation
 from agent.transport.netloop import NetworkLoop
 from agent.transport.subscriptions import Handler, Subscriptions
 from agent.transport.topics import Topics
@@ -45,8 +49,6 @@ log = logging.getLogger(__name__)
 # broker at once does not come back at once.
 RECONNECT_MIN = 0.5
 RECONNECT_MAX = 60.0
-# paho's own default; a broker's Receive Maximum (MQTT 5 CONNACK) replaces it.
-DEFAULT_INFLIGHT = 20
 # The longest the network thread waits in select() before its hooks (the pump) run again (a put wakes
 # it sooner when it is idle).
 LOOP_TIMEOUT = 0.1
@@ -94,8 +96,8 @@ class Connection:
         self.agent_version = agent_version
         self.reconnect_min, self.reconnect_max = reconnect_min, reconnect_max
         self._rng, self._clock = rng, clock
-        self._protocol = paho.MQTTv311 if config.protocol == "3.1.1" else paho.MQTTv5
-        self._protocol_known = config.protocol != "auto"
+        self._neg = Negotiation(config.protocol, PRESETS.get(config.preset) if config.preset else None)
+        self.rate = self.limits.rate_limit()  # publishes per second, shared with the pump
         self._lock = threading.RLock()
         self._netloop = NetworkLoop()
         self._worker = Worker("mqtt-connection", self._run, wake=self._netloop.wake)
@@ -108,7 +110,6 @@ class Connection:
         self.state: State = STOPPED
         self.error: str | None = None
         self.generation = 0
-        self.inflight_limit = DEFAULT_INFLIGHT
         self.connected_since: float | None = None
         self.connects = 0
         self._attempt_log: str | None = None
@@ -121,7 +122,17 @@ class Connection:
 
     @property
     def protocol(self) -> Literal["5", "3.1.1"]:
-        return "5" if self._protocol == paho.MQTTv5 else "3.1.1"
+        return self._neg.protocol
+
+    @property
+    def limits(self) -> Limits:
+        """What the broker takes, as of the last CONNACK (and the preset)."""
+        return self._neg.limits
+
+    @property
+    def inflight_limit(self) -> int:
+        """paho's in-flight window: the broker's Receive Maximum once one was announced."""
+        return self._neg.inflight
 
     @property
     def online(self) -> bool:
@@ -144,9 +155,7 @@ class Connection:
         if not self._worker.started:
             return
         if self.online:
-            info = self._client.publish(
-                self.topics.status, self._status_payload(OFFLINE, "stopped"), qos=1, retain=True
-            )
+            info = self._publish_retained(self._client, self.topics.status, self._status_payload(OFFLINE, "stopped"))
             deadline = time.monotonic() + OFFLINE_TIMEOUT
             try:
                 while self.online and not info.is_published() and time.monotonic() < deadline:
@@ -181,10 +190,19 @@ class Connection:
     def publish(
         self, topic: str, payload: bytes | str, qos: int = 1, retain: bool = False, properties: Properties | None = None
     ) -> int | None:
-        """Publish now if online and return the mid; None when offline (nothing is queued)."""
+        """Publish now if online and return the mid; None when offline (nothing is queued) or too large here."""
         if not self.online:
             return None
-        info = self._client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
+        data = payload.encode() if isinstance(payload, str) else payload
+        too_large = self.limits.too_large(topic, len(data), qos)
+        if too_large:
+            log.warning("mqtt: not publishing to %s: %s", topic, too_large)
+            return None
+        if self.rate is not None:
+            self.rate.record(len(data))
+        info = self._client.publish(
+            topic, data, qos=self.limits.qos(qos), retain=retain and self.limits.retain, properties=properties
+        )
         if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
             log.warning("publish to %s failed: %s", topic, paho.error_string(info.rc))
             return None
@@ -236,15 +254,18 @@ class Connection:
         client = pahopatch.CLIENT_CLASS(
             CallbackAPIVersion.VERSION2,
             client_id=self.client_id,
-            protocol=self._protocol,
+            protocol=paho.MQTTv5 if self._neg.mqtt5 else paho.MQTTv311,
             reconnect_on_failure=False,
             # MQTT 5 asks for a clean start at connect(); 3.1.1 sets it here.
-            clean_session=None if self._protocol == paho.MQTTv5 else True,
+            clean_session=None if self._neg.mqtt5 else True,
         )
         client.connect_timeout = CONNECT_TIMEOUT
         client.max_queued_messages_set(0)
         client.max_inflight_messages_set(self.inflight_limit)
-        client.will_set(self.topics.status, self._status_payload(OFFLINE, "connection lost"), qos=1, retain=True)
+        will_qos, will_retain = self._neg.will
+        client.will_set(
+            self.topics.status, self._status_payload(OFFLINE, "connection lost"), qos=will_qos, retain=will_retain
+        )
         if self.config.secure:
             tls = self.config.tls
             try:
@@ -336,7 +357,7 @@ class Connection:
         # the network thread's calls).
         client.on_log = self._on_log
         try:
-            if self._protocol == paho.MQTTv5:
+            if self._neg.mqtt5:
                 client.connect(config.host, config.port, int(config.keepalive), clean_start=True)
             else:
                 client.connect(config.host, config.port, int(config.keepalive))
@@ -384,15 +405,12 @@ class Connection:
         rejected = refusals.rejected_certificate(detail)
         if rejected:
             self._set_state(REFUSED, rejected)
-            return
-        if not self._protocol_known and self.connects == 0:
-            self._switch_protocol()
-        self._set_state(OFFLINE, f"no CONNACK from {self.config.host}:{self.config.port}: {detail}")
-
-    def _switch_protocol(self) -> None:
-        self._protocol = paho.MQTTv311 if self._protocol == paho.MQTTv5 else paho.MQTTv5
-        log.info("mqtt: trying MQTT %s", self.protocol)
-        self._replace_client()
+        elif self._neg.may_switch(self.connects == 0):
+            self._neg.switch()  # the broker may not take MQTT 5; the line at connect will say
+            self._replace_client()
+            self._set_state(CONNECTING, None)
+        else:
+            self._set_state(OFFLINE, f"no CONNACK from {self.config.host}:{self.config.port}: {detail}")
 
     def _went_offline(self) -> None:
         self._subscriptions.acknowledged.clear()
@@ -418,46 +436,34 @@ class Connection:
         self._got_connack = True
         client.on_log = None
         if reason.is_failure:
-            code = refusals.connack_code(reason.value, self._protocol == paho.MQTTv5)
-            if code == refusals.UNSUPPORTED_PROTOCOL and not self._protocol_known and self.connects == 0:
-                self._switch_protocol()
-                self._set_state(OFFLINE, "the broker refused MQTT 5; trying 3.1.1")
-                return
-            self._set_state(REFUSED, refusals.connack_refusal(code, reason))
+            code = refusals.connack_code(reason.value, self._neg.mqtt5)
+            if self._neg.after_refusal(code, first=self.connects == 0):
+                self._rebuild = True  # MQTT 5 refused: 3.1.1 next; a Will the broker cannot keep: one without it
+                self._set_state(CONNECTING, None)
+            else:
+                self._set_state(REFUSED, refusals.connack_refusal(code, reason))
             return
-        if not self._adopt_receive_maximum(client, properties):
+        if not self._neg.adopt_window(client, properties):
+            self._rebuild = True  # a fresh client with the broker's window connects again at once
+            client.disconnect()
             return
-        self._protocol_known = True
+        self._neg.connected(properties, f"{self.config.host}:{self.config.port}")
         self.connects += 1
         self.connected_since = self._clock()
-        client.publish(self.topics.status, self._status_payload(ONLINE), qos=1, retain=True)
+        self._publish_retained(client, self.topics.status, self._status_payload(ONLINE))
         self._subscriptions.subscribe_all(client)
         with self._lock:
             latest = list(self._latest.items())
         for topic, payload in latest:
-            client.publish(topic, payload, qos=1, retain=True)
+            self._publish_retained(client, topic, payload)
         self._online.set()
         self._set_state(ONLINE, None)
 
-    def _adopt_receive_maximum(self, client: paho.Client, properties: Properties | None) -> bool:
-        """paho's in-flight window becomes the broker's Receive Maximum; False when this needs a new client.
-
-        A client that sends more than the broker's Receive Maximum gets disconnected (MQTT 5, 3.3.4).
-        """
-        limit = DEFAULT_INFLIGHT
-        if properties is not None and hasattr(properties, "ReceiveMaximum"):
-            limit = int(properties.ReceiveMaximum)
-        current = client.max_inflight_messages
-        if limit != current and not pahopatch.adopt_receive_maximum(client, limit) and limit < current:
-            # Stock paho cannot lower its window on a live connection: a fresh client built with the
-            # broker's limit connects again at once.
-            log.info("mqtt: the broker takes %d messages in flight; connecting again with that window", limit)
-            self.inflight_limit = limit
-            self._rebuild = True
-            client.disconnect()
-            return False
-        self.inflight_limit = client.max_inflight_messages
-        return True
+    def _publish_retained(self, client: paho.Client, topic: str, payload: bytes) -> paho.MQTTMessageInfo:
+        """Status and health: retained where the broker keeps them, counted against the rate."""
+        if self.rate is not None:
+            self.rate.record(len(payload))
+        return client.publish(topic, payload, qos=self.limits.qos(1), retain=self.limits.retain)
 
     def _on_disconnect(
         self,

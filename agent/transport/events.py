@@ -3,6 +3,9 @@
 Producers (pipelines, the model store, provider selection, commands) never talk to MQTT or stdout
 directly: they hand results and events to a `Sink`. The daemon wires the sink: the durable outbox when a
 broker is configured, JSON lines on stdout otherwise.
+
+An event is checked against its type's model in `agent.transport.contract` when it is made: a
+producer cannot emit an event the contract does not have (ContractError names the type and the field).
 """
 
 from __future__ import annotations
@@ -12,6 +15,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
+
+from agent.transport.contract import EventBody, event_body
+from agent.transport.contract.wire import fields_of
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +29,14 @@ class Event:
     type: str
     fields: dict[str, Any] = field(default_factory=dict)
     ts: float = field(default_factory=time.time)
+    body: EventBody = field(init=False, repr=False, compare=False)  # `fields`, validated
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "body", event_body(self.type, self.fields))
+
+    def payload(self) -> dict[str, object]:
+        """The event's own fields as the wire carries them (the sink adds the envelope)."""
+        return fields_of(self.body)
 
 
 EventSink = Callable[[Event], None]
@@ -38,4 +52,4 @@ class Sink(Protocol):
 
 def log_event(event: Event) -> None:
     """The fallback event sink: events still reach the journal when nothing else listens."""
-    log.info("event type=%s %s", event.type, " ".join(f"{k}={v!r}" for k, v in event.fields.items()))
+    log.info("event type=%s %s", event.type, " ".join(f"{k}={v!r}" for k, v in event.payload().items()))

@@ -4,6 +4,11 @@
 from the outbox only when its PUBACK arrives. Nothing that matters is published straight from a
 producer: results and events go through the outbox; only things whose latest value is all that counts
 (status, health, command replies) are published directly.
+
+It keeps to what the broker takes (agent/transport/limits.py): QoS lowered to the broker's maximum, retain
+dropped where it keeps nothing, a message too large for it refused (acknowledged as rejected, counted and
+logged: sent, it would get the connection closed), and, under a preset's publish rate, no more publishes
+in any second than the rate allows (direct publishes count too; the rest waits its turn in the outbox).
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 
 from agent.transport.connection import Connection
 from agent.transport.outbox import Outbox
@@ -44,9 +50,16 @@ class OutboxPump:
     """
 
     def __init__(
-        self, connection: Connection, outbox: Outbox, *, window: int = PUMP_WINDOW, batch: int = PEEK_BATCH
+        self,
+        connection: Connection,
+        outbox: Outbox,
+        *,
+        window: int = PUMP_WINDOW,
+        batch: int = PEEK_BATCH,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.connection, self.outbox = connection, outbox
+        self._clock = clock
         self.window = window
         self.batch = batch
         self._acks: deque[tuple[int, bool]] = deque()
@@ -115,28 +128,41 @@ class OutboxPump:
         online = conn.online
         if online and not self._was_online and self._inflight:
             # paho resends what it holds on reconnect; give those a fresh deadline.
-            now = time.monotonic()
+            now = self._clock()
             self._inflight = {mid: (msg_id, now) for mid, (msg_id, _sent) in self._inflight.items()}
         self._was_online = online
         if not online:
             self._idle = True
             return
         self._resend_stale()
-        while len(self._inflight) < self.window and self.outbox.last_id > self._cursor:
+        limits, rate = conn.limits, conn.rate
+        paced = False
+        while not paced and len(self._inflight) < self.window and self.outbox.last_id > self._cursor:
             messages = self.outbox.peek(self._cursor, min(self.batch, self.window - len(self._inflight)))
             if not messages:
                 self._cursor = self.outbox.last_id
                 break
-            now = time.monotonic()
+            now = self._clock()
             qos0: list[int] = []
+            refused: list[int] = []
             # On the network thread paho only queues these; they are written at the next turn (netloop).
             for msg in messages:
-                mid, accepted = conn.publish_raw(msg.topic, msg.payload, msg.qos, msg.retain)
+                qos = limits.qos(msg.qos)
+                too_large = limits.too_large(msg.topic, len(msg.payload), qos)
+                if too_large:
+                    log.error("outbox: a message to %s is %s: refused and counted", msg.topic, too_large)
+                    refused.append(msg.id)
+                    self._cursor = msg.id
+                    continue
+                if rate is not None and not rate.allow(len(msg.payload)):
+                    paced = True  # the rest goes out in a later second
+                    break
+                mid, accepted = conn.publish_raw(msg.topic, msg.payload, qos, msg.retain and limits.retain)
                 if not accepted:
                     break
                 self._cursor = msg.id
                 self.published += 1
-                if msg.qos == 0:
+                if qos == 0:
                     # QoS 0 has no acknowledgement: handed over (written on the next turn of the loop) is as
                     # delivered as it gets.
                     qos0.append(msg.id)
@@ -144,6 +170,9 @@ class OutboxPump:
                     self._inflight[mid] = (msg.id, now)
             if qos0:
                 self.outbox.ack(qos0)
+            if refused:
+                self.rejected += len(refused)
+                self.outbox.ack(refused, rejected=len(refused))
         self._idle = not self._inflight and self.outbox.last_id <= self._cursor
 
     def _drain_acks(self) -> None:
@@ -169,7 +198,7 @@ class OutboxPump:
         if not self._inflight:
             return
         _id, oldest = next(iter(self._inflight.values()))
-        if time.monotonic() - oldest > RESEND_AFTER:
+        if self._clock() - oldest > RESEND_AFTER:
             log.warning(
                 "outbox: %d message(s) unacknowledged for %.0f s; publishing them again",
                 len(self._inflight),

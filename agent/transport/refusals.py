@@ -21,6 +21,9 @@ _HINTS = {
 }
 _V311_TO_V5 = {1: 0x84, 2: 0x85, 3: 0x88, 4: 0x86, 5: 0x87}
 UNSUPPORTED_PROTOCOL = 0x84
+# A broker that keeps no retained messages, or takes QoS 0 only, refuses a Will that asks for them.
+RETAIN_NOT_SUPPORTED = 0x9A
+QOS_NOT_SUPPORTED = 0x9B
 
 
 def connack_code(value: int, mqtt5: bool) -> int:

@@ -1,4 +1,9 @@
-"""Real `edge-agent run` processes for end-to-end tests: a profile written for them, stderr kept in a file."""
+"""Real `edge-agent run` processes for end-to-end tests: a profile written for them, stderr kept in a file.
+
+While an agent runs, a subscriber of its own (`tests.helpers.mqtt_client`) reads everything it
+publishes on its events, health, status and reply topics and checks it against the wire contract, so
+that every test with a real agent also tests what the agent sends (see `fail_on_contract_violations`).
+"""
 
 from __future__ import annotations
 
@@ -9,10 +14,14 @@ import subprocess
 import sys
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
+from paho.mqtt.client import MQTTv5, MQTTv311
+
+from tests.helpers.mqtt_client import Subscriber
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -76,8 +85,11 @@ class AgentProcess:
         model: str = "m",
         csv: Path | None = None,
         rate: float = 50,
+        mqtt5: bool = True,
         **extra: Any,
     ) -> None:
+        """`mqtt5`: whether the broker speaks MQTT 5 (the contract watcher then does; else 3.1.1). `extra`:
+        sections merged into the profile."""
         self.dir = root / device
         self.dir.mkdir(parents=True, exist_ok=True)
         self.device = device
@@ -100,8 +112,31 @@ class AgentProcess:
         self.profile.write_text(json.dumps(profile))
         self.log = self.dir / "agent.log"
         self.proc: subprocess.Popen[bytes] | None = None
+        self.mqtt: dict[str, Any] = profile["mqtt"]
+        self.mqtt5 = mqtt5
+        self._watch: Subscriber | None = None
+
+    def watch_contract(self) -> None:
+        """Read what this agent publishes, checked against the contract, until `stop()`: with the agent's
+        own credentials, in the MQTT version the broker speaks. Left out for TLS (this subscriber has none)."""
+        url = urlsplit(self.mqtt["url"])
+        if self._watch is not None or url.scheme != "mqtt":
+            return
+        password = self.mqtt.get("password")
+        if password is None and self.mqtt.get("password_file"):
+            password = Path(self.mqtt["password_file"]).read_text().strip()
+        base = f"{self.mqtt.get('topic_prefix', 'edge')}/{self.device}"
+        topics = [f"{base}/{kind}" for kind in ("events", "health", "status", "cmd/+/reply")]
+        self._watch = Subscriber(
+            url.port or 1883,
+            *topics,
+            username=self.mqtt.get("username"),
+            password=password,
+            protocol=MQTTv5 if self.mqtt5 else MQTTv311,
+        )
 
     def start(self, env: dict[str, str] | None = None) -> AgentProcess:
+        self.watch_contract()
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "agent", "run", "--profile", str(self.profile)],
@@ -126,6 +161,9 @@ class AgentProcess:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(10)
+        if self._watch is not None:
+            self._watch.close()
+            self._watch = None
 
     def stderr(self) -> str:
         return self.log.read_text(errors="replace")

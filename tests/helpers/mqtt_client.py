@@ -1,4 +1,9 @@
-"""A plain paho-mqtt subscriber for tests: connected straight to the broker, it records what arrives."""
+"""A plain paho-mqtt subscriber for tests: connected straight to the broker, it records what arrives.
+
+Every device message it receives (events, health, status, command replies) is also checked against the
+wire contract (`agent.transport.contract`); a message that does not match is recorded in `VIOLATIONS`,
+and the autouse fixture `fail_on_contract_violations` (tests/conftest.py) fails the test that saw it.
+"""
 
 from __future__ import annotations
 
@@ -14,17 +19,66 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from agent.transport.contract import ContractError
+from agent.transport.contract.wire import PARSERS, Kind
 from tests.helpers.waiting import wait_for
 
 
+def contract_kind(topic: str) -> Kind | None:
+    """Which contract a device topic's messages follow: `<prefix>/<device>/events|health|status` and
+    `<prefix>/<device>/cmd/<name>/reply`; None for results, orders, requests and anything else."""
+    levels = topic.split("/")
+    if len(levels) >= 4 and levels[-1] == "reply" and levels[-3] == "cmd":
+        return "reply"
+    if len(levels) >= 3 and levels[-2] != "cmd":
+        return _DEVICE_TOPICS.get(levels[-1])
+    return None
+
+
+_DEVICE_TOPICS: dict[str, Kind] = {"events": "events", "health": "health", "status": "status"}
+
+
+class ContractViolations:
+    """Device messages that did not match the contract, as "topic: error", until a test takes them."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._found: list[str] = []
+
+    def check(self, topic: str, payload: bytes) -> None:
+        kind = contract_kind(topic)
+        if kind is None or not payload:  # an empty retained payload clears the topic
+            return
+        try:
+            PARSERS[kind](payload)
+        except ContractError as exc:
+            with self._lock:
+                self._found.append(f"{topic}: {exc}")
+
+    def take(self) -> list[str]:
+        with self._lock:
+            found, self._found = self._found, []
+        return found
+
+
+VIOLATIONS = ContractViolations()
+
+
 class Subscriber:
-    def __init__(self, port: int, *topics: str, username: str | None = None, password: str | None = None) -> None:
+    def __init__(
+        self,
+        port: int,
+        *topics: str,
+        username: str | None = None,
+        password: str | None = None,
+        protocol: int = paho.MQTTv5,
+    ) -> None:
         self.messages: list[paho.MQTTMessage] = []
         self._lock = threading.Lock()
         self._topics = topics
         self._connected = threading.Event()
         self.client = paho.Client(
-            CallbackAPIVersion.VERSION2, client_id=f"test-{uuid.uuid4().hex[:8]}", protocol=paho.MQTTv5
+            CallbackAPIVersion.VERSION2, client_id=f"test-{uuid.uuid4().hex[:8]}", protocol=protocol
         )
         if username:
             self.client.username_pw_set(username, password)
@@ -42,6 +96,7 @@ class Subscriber:
         self._connected.set()
 
     def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
+        VIOLATIONS.check(msg.topic, bytes(msg.payload))
         with self._lock:
             self.messages.append(msg)
 

@@ -46,9 +46,8 @@ EVENT_TEXT: dict[str, Callable[[dict[str, Any]], str]] = {
         f"{_model(d)} serves every pipeline that uses it" + _previous(d, " (previous {}, kept for rollback)")
     ),
     "model.probation_passed": lambda d: f"{_model(d)} passed its probation",
-    "model.rolled_back": lambda d: (
-        f"{_model(d)} rolled back to {d.get('to') or d.get('previous')}"
-        + (f": {d['reason']}" if d.get("reason") else "")
+    "model.rolled_back": lambda d: (  # `to`: the version active now (agent/transport/contract/events.py)
+        f"{_model(d)} rolled back" + (f" to {d['to']}" if d.get("to") else "") + f": {d.get('reason')}"
     ),
     "model.refused": lambda d: f"{_model(d)} refused: {d.get('reason')}",
     "agent.started": lambda d: (

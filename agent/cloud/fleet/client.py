@@ -2,6 +2,8 @@
 
 Unlike the device's connection (agent.transport), nothing here reconnects or keeps an outbox: a fleet
 command connects, reads what it needs, writes an order and ends, and any failure ends it with one line.
+A broker that refuses MQTT 5, or closes the connection before answering it (RabbitMQ 3.10, amqtt), gets
+one more try with MQTT 3.1.1.
 Messages are queued by paho's network thread and taken on the caller's thread by `receive()`, so that
 everything that interprets them runs single-threaded.
 """
@@ -27,6 +29,7 @@ CONNECT_TIMEOUT = 10.0
 SUBACK_TIMEOUT = 5.0
 PUBACK_TIMEOUT = 10.0
 KEEPALIVE = 30
+UNSUPPORTED_PROTOCOL = 0x84  # CONNACK: the broker does not speak this MQTT version
 
 
 class FleetError(Exception):
@@ -61,6 +64,10 @@ class BrokerSettings:
         return parts.hostname, port or (8883 if secure else 1883), secure
 
 
+class _Mqtt5RefusedError(Exception):
+    """The broker refused MQTT 5 (or closed the connection before any CONNACK): 3.1.1 is worth a try."""
+
+
 class BrokerClient:
     """Connect or fail in one line; subscribe and publish retained, each waiting for the broker's ack."""
 
@@ -74,16 +81,18 @@ class BrokerClient:
         self.settings = settings
         self.host, self.port, self.secure = settings.address()
         self._queue: queue.Queue[tuple[str, bytes]] = queue.Queue()
-        self._connected = threading.Event()
-        self._connect_reason: ReasonCode | None = None
         self._subacks: set[int] = set()
         self._acked = threading.Condition()
         self._pubacks: dict[int, ReasonCode] = {}
-        client = paho.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=client_id or f"edge-agent-fleet-{uuid.uuid4().hex[:10]}",
-            protocol=protocol,
-        )
+        self._client_id = client_id or f"edge-agent-fleet-{uuid.uuid4().hex[:10]}"
+        self.client = self._make_client(protocol)
+
+    def _make_client(self, protocol: MQTTProtocolVersion) -> paho.Client:
+        settings = self.settings
+        self.protocol = protocol
+        self._connected = threading.Event()
+        self._connect_reason: ReasonCode | None = None
+        client = paho.Client(CallbackAPIVersion.VERSION2, client_id=self._client_id, protocol=protocol)
         if settings.username:
             client.username_pw_set(settings.username, self._password())
         elif settings.password_file is not None:
@@ -99,10 +108,11 @@ class BrokerClient:
             except (ssl.SSLError, OSError) as exc:
                 raise FleetError(f"--tls-*: cannot load the TLS files ({exc})", 2) from None
         client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
         client.on_subscribe = self._on_subscribe
         client.on_publish = self._on_publish
         client.on_message = self._on_message
-        self.client = client
+        return client
 
     def _password(self) -> str | None:
         path = self.settings.password_file
@@ -114,6 +124,13 @@ class BrokerClient:
             raise FleetError(f"--password-file: cannot read {path}: {exc.strerror or exc}", 2) from None
 
     def connect(self, timeout: float = CONNECT_TIMEOUT) -> BrokerClient:
+        try:
+            return self._connect(timeout)
+        except _Mqtt5RefusedError:
+            self.client = self._make_client(MQTTProtocolVersion.MQTTv311)
+            return self._connect(timeout)
+
+    def _connect(self, timeout: float) -> BrokerClient:
         url = self.settings.url
         self.client.connect_timeout = timeout
         try:
@@ -127,6 +144,9 @@ class BrokerClient:
             self.close()
             raise FleetError(f"no answer from the broker at {url} within {timeout:g}s")
         reason = self._connect_reason
+        if self.protocol == MQTTProtocolVersion.MQTTv5 and (reason is None or reason.value == UNSUPPORTED_PROTOCOL):
+            self.close()
+            raise _Mqtt5RefusedError
         if reason is not None and reason.is_failure:
             self.close()
             raise FleetError(
@@ -193,6 +213,11 @@ class BrokerClient:
     ) -> None:
         self._connect_reason = reason
         self._connected.set()
+
+    def _on_disconnect(
+        self, client: paho.Client, userdata: Any, flags: Any, reason: ReasonCode, properties: Properties | None
+    ) -> None:
+        self._connected.set()  # before any CONNACK: the broker closed the connection (`_connect_reason` None)
 
     def _on_subscribe(
         self,

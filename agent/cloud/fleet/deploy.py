@@ -2,8 +2,9 @@
 
 The order goes to `<prefix>/<device>/deploy` or `<prefix>/fleet/<group>/deploy`. With a canary, N
 online devices of the group get their own device orders first; the group order is written only once
-they all report active and healthy (and stay so through the probation); otherwise the canary orders
-are withdrawn, so that a refusing device does not retry at every restart, and nothing else is written.
+they all report active and healthy (and stay so through the probation: a rollback by the device's own
+probation, in an event or in its health, fails the canary); otherwise the canary orders are withdrawn,
+so that a refusing device does not retry at every restart, and nothing else is written.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent.cloud.fleet.client import BrokerSettings, FleetError
 from agent.cloud.fleet.inventory import SETTLE, Inventory, connected
-from agent.cloud.fleet.watch import Combined, DeployWatch, follow, pump
+from agent.cloud.fleet.watch import Combined, DeployWatch, explain, follow, pump
 from agent.models.deploy import Canary, DeployOrder, new_order, parse_target, sign_order
 
 MakeOrder = Callable[[str, Canary | None], DeployOrder]
@@ -87,6 +88,7 @@ def _write_and_follow(
     if wait <= 0:
         return 0
     follow(inventory, watch, wait, out)
+    explain(inventory, watch, out)
     return _verdict(watch, wait, out)
 
 
@@ -152,6 +154,7 @@ def _canary_run(
     if not combined.failures() and probation > 0 and combined.all_ok():
         _say(out, f"canary: active and healthy; watching for {probation:g}s of probation")
         pump(inventory, combined, probation, out, until=lambda: bool(combined.failures()))
+    explain(inventory, combined, out)
     failures = combined.failures()
     if failures or not combined.all_ok():
         for topic in written:  # withdraw: a refusing canary would otherwise retry at every restart

@@ -3,7 +3,9 @@
 A device is known from its retained status or health; the group it belongs to is the `"group"` either
 reports. `Inventory.poll()` takes the next message off the broker connection, updates the table and
 hands the message on (a deploy watch reads the events too). Payloads come from devices and stay
-hostile: decoded JSON is checked field by field, never trusted to have a shape.
+hostile: status, health and events are parsed with the agent's own contract
+(`agent.transport.contract`), and a message that does not match it is handed on as an `error`, never
+read field by field.
 """
 
 from __future__ import annotations
@@ -12,12 +14,15 @@ import json
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Literal
+from typing import Literal
 
 from agent.cloud.fleet.client import BrokerClient, BrokerSettings, FleetError
 from agent.models.deploy import DeployOrder
+from agent.transport.contract import ContractError, WireEvent, parse_event, parse_health, parse_status
+from agent.transport.contract.health import HealthReport, ModelHealth, OutboxHealth
+from agent.transport.contract.status import StatusMessage
 from agent.transport.topics import Topics, check_level
 from agent.util.timefmt import parse_utc_iso
 
@@ -32,39 +37,46 @@ class Device:
     """What the retained topics say about one device."""
 
     id: str
-    state: str | None = None  # online | offline | None (no status seen)
-    group: str | None = None
-    status: dict[str, Any] = field(default_factory=dict)  # the last retained status, as decoded
-    health: dict[str, Any] | None = None  # the last retained health, as decoded
+    status: StatusMessage | None = None  # the last retained status
+    health: HealthReport | None = None  # the last retained health
 
-    def models(self) -> dict[str, dict[str, Any]]:
-        models = (self.health or {}).get("models")
-        return {k: v for k, v in models.items() if isinstance(v, dict)} if isinstance(models, dict) else {}
+    @property
+    def state(self) -> str | None:
+        """online | offline | None (no status seen)."""
+        return self.status.state if self.status is not None else None
+
+    @property
+    def group(self) -> str | None:
+        if self.status is not None:
+            return self.status.group
+        group = self.health.group if self.health is not None else None
+        return group if isinstance(group, str) and group else None
+
+    def models(self) -> dict[str, ModelHealth]:
+        return self.health.model_versions() if self.health is not None else {}
 
     def model_version(self, model: str) -> str | None:
-        version = self.models().get(model, {}).get("version")
-        return version if isinstance(version, str) else None
+        found = self.models().get(model)
+        return found.version if found is not None else None
 
     def providers(self) -> list[str]:
-        seen = [m.get("provider") for m in self.models().values()]
-        return sorted({p for p in seen if isinstance(p, str) and p})
+        return sorted({m.provider for m in self.models().values()})
 
     def health_time(self) -> datetime | None:
-        ts = (self.health or {}).get("ts")
-        return parse_utc_iso(ts) if isinstance(ts, str) else None
+        return parse_utc_iso(self.health.ts) if self.health is not None else None
 
     def outbox_depth(self) -> int | None:
-        outbox = (self.health or {}).get("outbox")
-        depth = outbox.get("depth") if isinstance(outbox, dict) else None
-        return depth if isinstance(depth, int) else None
+        outbox = self.health.outbox if self.health is not None else None
+        return outbox.depth if isinstance(outbox, OutboxHealth) else None
 
 
 @dataclass(frozen=True)
 class Message:
     kind: MessageKind
     device: str | None  # None for a group deploy topic
-    payload: dict[str, Any] | None  # decoded JSON object; None for an empty payload or anything else
     topic: str
+    event: WireEvent | None = None  # an event, as the contract reads it
+    error: str | None = None  # what the contract found wrong with a device's message
 
 
 class Inventory:
@@ -116,47 +128,40 @@ class Inventory:
         if not topic.startswith(head):
             return None
         levels = topic[len(head) :].split("/")
+        if len(levels) == 3 and levels[0] == "fleet" and levels[2] == "deploy":
+            self._order(topic, raw)
+            return Message("deploy", None, topic)
+        kind = _DEVICE_KINDS.get(levels[1]) if len(levels) == 2 else None
+        if kind is None:
+            return None
+        device_id = levels[0]
+        if kind == "deploy":
+            self._order(topic, raw)
+            return Message("deploy", device_id, topic)
+        if not raw:
+            return None  # a retained message cleared: nothing to read
+        try:
+            if kind == "events":
+                return Message(kind, device_id, topic, event=parse_event(raw))
+            if kind == "status":
+                self.device(device_id).status = parse_status(raw)
+            else:
+                self.device(device_id).health = parse_health(raw)
+        except ContractError as exc:
+            return Message(kind, device_id, topic, error=str(exc))
+        return Message(kind, device_id, topic)
+
+    def _order(self, topic: str, raw: bytes) -> None:
         payload: object = None
         if raw:
             try:
                 payload = json.loads(raw)
             except (ValueError, UnicodeDecodeError):
                 payload = None
-        body = payload if isinstance(payload, dict) else None
-        if len(levels) == 3 and levels[0] == "fleet" and levels[2] == "deploy":
-            self._order(topic, payload)
-            return Message("deploy", None, body, topic)
-        kind = _DEVICE_KINDS.get(levels[1]) if len(levels) == 2 else None
-        if kind is None:
-            return None
-        device_id = levels[0]
-        if kind == "deploy":
-            self._order(topic, payload)
-            return Message("deploy", device_id, body, topic)
-        if kind != "events" and body is None and raw:
-            return None  # garbage on a retained topic: not a device
-        dev = self.device(device_id)
-        if kind == "status" and body is not None:
-            dev.status = body
-            state = body.get("state")
-            dev.state = state if isinstance(state, str) else None
-            _take_group(dev, body)
-        elif kind == "health" and body is not None:
-            dev.health = body
-            _take_group(dev, body)
-        return Message(kind, device_id, body, topic)
-
-    def _order(self, topic: str, payload: object) -> None:
         if payload is None:
             self.orders.pop(topic, None)
         else:
             self.orders[topic] = payload
-
-
-def _take_group(dev: Device, payload: dict[str, Any]) -> None:
-    group = payload.get("group")
-    if isinstance(group, str) and group:
-        dev.group = group
 
 
 @contextmanager

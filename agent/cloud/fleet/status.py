@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 from datetime import datetime, timezone
-from typing import Any, TypedDict
+from typing import TypedDict
 
 from agent.cloud.fleet.client import BrokerSettings
 from agent.cloud.fleet.inventory import SETTLE, Device, connected
@@ -17,12 +17,12 @@ class DeviceState(TypedDict):
     device: str
     state: str | None
     group: str | None
-    models: dict[str, dict[str, Any]]  # name -> version, provider, digest (as the device reports them)
+    models: dict[str, dict[str, str]]  # name -> version, provider, digest (as the device reports them)
     providers: list[str]
-    health_ts: object  # as the device wrote it
+    health_ts: str | None  # as the device wrote it
     health_age_s: float | None
     outbox_depth: int | None
-    agent_version: object  # as the device wrote it
+    agent_version: str | None  # as the device's status says
 
 
 class _OrderTopic(TypedDict):
@@ -74,13 +74,14 @@ def _device_state(dev: Device, now: datetime) -> DeviceState:
         "state": dev.state,
         "group": dev.group,
         "models": {
-            k: {f: v.get(f) for f in ("version", "provider", "digest") if f in v} for k, v in dev.models().items()
+            name: {"version": m.version, "provider": m.provider, **({"digest": m.digest} if m.digest else {})}
+            for name, m in dev.models().items()
         },
         "providers": dev.providers(),
-        "health_ts": (dev.health or {}).get("ts"),
+        "health_ts": dev.health.ts if dev.health is not None else None,
         "health_age_s": None if seen is None else round((now - seen).total_seconds(), 1),
         "outbox_depth": dev.outbox_depth(),
-        "agent_version": dev.status.get("version"),
+        "agent_version": dev.status.version if dev.status is not None else None,
     }
 
 

@@ -1,9 +1,14 @@
 """Following one deployment order: each targeted device's progress, from its events and its health.
 
-A device moves pending -> downloading -> verifying -> active, or ends refused or rolled back; `error`
-is a step it retries. Events that name the order decide by its id; events from a daemon that does not
-add `order` decide by model and version. A device whose retained health already reports the version is
-active from the start. Pure logic fed with the inventory's messages: no I/O but the progress lines.
+A device moves pending -> downloading -> verifying -> active, or ends refused, rolled back or with a
+failed rollback; `error` is a step it retries. Events are read through the agent's contract
+(`agent.transport.contract`): an event that names an order decides by its id; one without (a channel
+pull serving the same version) decides by model and version, which for a rollback is the version rolled
+back from. A device whose retained health already reports the version is active from the start, and
+one whose health goes back to another version after reporting this one was rolled back. A device that is
+or goes offline has not ended anything: the crash guard's rollback, for one, is reported by the device
+when it comes back. It is waited for, and named offline only when the wait runs out. Pure logic fed with
+the inventory's messages: no I/O but the progress lines.
 """
 
 from __future__ import annotations
@@ -11,31 +16,52 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Final, Literal, Protocol, TextIO
+from typing import Final, Literal, Protocol, TextIO
 
 from agent.cloud.fleet.inventory import Inventory, Message
 from agent.models.deploy import DeployOrder
+from agent.transport.contract.events import (
+    DeployRefused,
+    EventBody,
+    ModelActivated,
+    ModelDownloading,
+    ModelErrorEvent,
+    ModelEvent,
+    ModelRefused,
+    ModelRollbackFailed,
+    ModelRolledBack,
+    ModelVerifying,
+)
 
-DeployState = Literal["pending", "downloading", "verifying", "active", "refused", "rolled-back", "error"]
+DeployState = Literal[
+    "pending", "downloading", "verifying", "active", "refused", "rolled-back", "rollback-failed", "error"
+]
 PENDING: Final = "pending"
 DOWNLOADING: Final = "downloading"
 VERIFYING: Final = "verifying"
 ACTIVE: Final = "active"
 REFUSED: Final = "refused"
 ROLLED_BACK: Final = "rolled-back"
+ROLLBACK_FAILED: Final = "rollback-failed"  # the device judged the version bad and had nothing to go back to
 ERROR: Final = "error"
-TERMINAL: frozenset[DeployState] = frozenset({ACTIVE, REFUSED, ROLLED_BACK})
-FAILED: frozenset[DeployState] = frozenset({REFUSED, ROLLED_BACK})
-EVENT_STATE: dict[str, DeployState] = {
-    "model.downloading": DOWNLOADING,
-    "model.verifying": VERIFYING,
-    "model.activated": ACTIVE,
-    "model.refused": REFUSED,
-    "model.rolled_back": ROLLED_BACK,
-    "model.error": ERROR,
-    "deploy.refused": REFUSED,
+TERMINAL: frozenset[DeployState] = frozenset({ACTIVE, REFUSED, ROLLED_BACK, ROLLBACK_FAILED})
+FAILED: frozenset[DeployState] = frozenset({REFUSED, ROLLED_BACK, ROLLBACK_FAILED})
+AFTER_ACTIVE: frozenset[DeployState] = frozenset({ROLLED_BACK, ROLLBACK_FAILED})  # what may undo "active"
+EVENT_STATE: dict[type[EventBody], DeployState] = {
+    ModelDownloading: DOWNLOADING,
+    ModelVerifying: VERIFYING,
+    ModelActivated: ACTIVE,
+    ModelRefused: REFUSED,
+    ModelRolledBack: ROLLED_BACK,
+    ModelRollbackFailed: ROLLBACK_FAILED,
+    ModelErrorEvent: ERROR,
+    DeployRefused: REFUSED,
 }
+# An offline device ends nothing (a crash guard's rollback is reported once the device is back).
+OFFLINE_WAIT = "offline; waiting for it to come back and report"
 POLL = 0.5  # the longest a follow loop waits for one message before it checks its deadline
+# Health is published at once, events through the device's outbox: the event with the reason follows.
+EXPLAIN_WAIT = 3.0
 
 
 @dataclass
@@ -43,48 +69,36 @@ class Progress:
     state: DeployState = PENDING
     reason: str | None = None
     healthy: bool = False  # its health reports the order's version
-    via: Literal["", "event", "health"] = ""  # what made it active
+    offline: bool = False  # said to be offline, and not back since
+    via: Literal["", "event", "health"] = ""  # what made it active (or rolled back)
 
 
-def event_matches(event: dict[str, Any], order: DeployOrder, topic: str) -> bool:
-    """Is this device event about this order? Events that name the order decide by id; others (from a
-    daemon that does not add `order`) by model and version (for a rollback: the version rolled back from)."""
-    etype = event.get("type")
-    if etype not in EVENT_STATE:
+def event_matches(event: EventBody, order: DeployOrder, topic: str) -> bool:
+    """Is this device event about this order? One that names an order decides by its id; one that does
+    not by model and version (for a rollback: the version rolled back from)."""
+    if isinstance(event, DeployRefused):
+        return event.order == order.id or (event.order is None and event.topic == topic)
+    if type(event) not in EVENT_STATE or not isinstance(event, ModelEvent):
         return False
-    if etype == "deploy.refused":
-        return event.get("order") == order.id or (event.get("order") is None and event.get("topic") == topic)
-    if event.get("order") is not None:
-        return bool(event["order"] == order.id)
-    if event.get("model") != order.model:
-        return False
-    if etype == "model.rolled_back":
-        return event.get("previous") == order.version or event.get("from") == order.version
-    return bool(event.get("version") == order.version)
+    if event.order is not None:
+        return event.order == order.id
+    return event.model == order.model and event.version == order.version
 
 
-def _mb(n: object) -> str:
-    return f"{n / 1e6:.1f} MB" if isinstance(n, (int, float)) and not isinstance(n, bool) else "?"
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"
 
 
-def describe(state: DeployState, event: dict[str, Any]) -> str:
-    reason = event.get("reason") or "no reason given"
-    if state == DOWNLOADING:
-        resume = event.get("resume_from")
-        more = f", resuming at {_mb(resume)}" if isinstance(resume, int) and resume > 0 else ""
-        variant = f"variant {event['variant']}, " if event.get("variant") else ""
-        return f"downloading ({variant}{_mb(event.get('bytes'))}{more})"
-    if state == ACTIVE:
-        bits = [
-            f"variant {event['variant']}" if event.get("variant") else "",
-            f"on {event['provider']}" if event.get("provider") else "",
-        ]
-        detail = " ".join(b for b in bits if b)
-        return f"active ({detail})" if detail else "active"
-    if state in FAILED:
-        return f"{state}: {reason}"
-    if state == ERROR:
-        return f"error: {reason} (the device retries)"
+def describe(state: DeployState, event: EventBody) -> str:
+    if isinstance(event, ModelDownloading):
+        more = f", resuming at {_mb(event.resume_from)}" if event.resume_from > 0 else ""
+        return f"downloading (variant {event.variant}, {_mb(event.bytes)}{more})"
+    if isinstance(event, ModelActivated):
+        return f"active (variant {event.variant} on {event.provider})"
+    if isinstance(event, (ModelRefused, ModelRolledBack, ModelRollbackFailed, DeployRefused)):
+        return f"{state}: {event.reason}"
+    if isinstance(event, ModelErrorEvent):
+        return f"error: {event.reason} (the device retries)"
     return state
 
 
@@ -98,6 +112,7 @@ class Followed(Protocol):
     def done(self) -> bool: ...
     def all_ok(self) -> bool: ...
     def failures(self) -> list[tuple[str, str]]: ...
+    def unexplained(self) -> bool: ...
     def summary(self, waited: float) -> list[str]: ...
 
 
@@ -116,6 +131,7 @@ class DeployWatch:
         self.inventory, self.order, self.topic, self.need_health = inventory, order, topic, need_health
         self.fixed = targets
         self.progress: dict[str, Progress] = {}
+        self.unreadable: set[tuple[str, str]] = set()
         self.started = time.monotonic()
 
     def targets(self) -> list[str]:
@@ -131,7 +147,8 @@ class DeployWatch:
         return self.progress.setdefault(device, Progress())
 
     def seed(self) -> list[str]:
-        """Devices whose retained health already reports the version: nothing left to do there."""
+        """Devices whose retained health already reports the version (nothing left to do there), and those
+        offline now (waited for)."""
         lines = []
         for device in self.targets():
             dev = self.inventory.devices.get(device)
@@ -139,49 +156,80 @@ class DeployWatch:
                 p = self._p(device)
                 p.state, p.healthy, p.via = ACTIVE, True, "health"
                 lines.append(f"{device}: active (already runs {self.order.model} {self.order.version})")
+            elif dev is not None and dev.state == "offline":
+                self._p(device).offline = True
+                lines.append(f"{device}: {OFFLINE_WAIT}")
         return lines
 
     def feed(self, msg: Message) -> list[str]:
-        if msg.device is None or msg.payload is None:
+        if msg.device is None:
             return []
-        if msg.kind == "events":
-            return self._event(msg.device, msg.payload)
+        if msg.error is not None:
+            return self._unreadable(msg.device, msg.kind, msg.error)
+        if msg.event is not None:
+            return self._event(msg.device, msg.event.body)
         if msg.kind == "health" and msg.device in self.targets():
             return self._health(msg.device)
         if msg.kind == "status" and msg.device in self.targets():
-            dev = self.inventory.devices[msg.device]
-            p = self.progress.get(msg.device)
-            if dev.state == "offline" and (p is None or p.state not in TERMINAL):
-                return [f"{msg.device}: offline (the retained order applies when it reconnects)"]
+            return self._status(msg.device)
         return []
 
-    def _event(self, device: str, event: dict[str, Any]) -> list[str]:
+    def _status(self, device: str) -> list[str]:
+        """Offline is no outcome: the device is waited for, and said to be back when it is."""
+        p = self._p(device)
+        if self.settled(device):
+            return []
+        offline = self.inventory.devices[device].state == "offline"
+        if offline == p.offline:
+            return []
+        p.offline = offline
+        return [f"{device}: {OFFLINE_WAIT if offline else 'back online'}"]
+
+    def _unreadable(self, device: str, kind: str, error: str) -> list[str]:
+        """A target's message that the contract cannot read: said once per device and kind."""
+        if device not in self.targets() or (device, kind) in self.unreadable:
+            return []
+        self.unreadable.add((device, kind))
+        return [f"{device}: sent {kind} this agent cannot read ({error})"]
+
+    def _event(self, device: str, event: EventBody) -> list[str]:
         if not event_matches(event, self.order, self.topic):
             return []
         if self.fixed is not None and device not in self.fixed:
             return []
-        state = EVENT_STATE[event["type"]]
+        state = EVENT_STATE[type(event)]
         p = self._p(device)
-        if p.state in TERMINAL and not (state == ROLLED_BACK and p.state == ACTIVE):
+        undoes = state in AFTER_ACTIVE and p.state == ACTIVE
+        explains = state in AFTER_ACTIVE and p.state in AFTER_ACTIVE and p.via == "health"  # the device's reason
+        if p.state in TERMINAL and not (undoes or explains):
             return []
         text = describe(state, event)
         changed = (p.state, p.reason) != (state, text)
         p.state, p.reason, p.via = state, text, "event"
-        if state == ROLLED_BACK:
+        if state in AFTER_ACTIVE:
             p.healthy = False
         return [f"{device}: {text}"] if changed else []
 
     def _health(self, device: str) -> list[str]:
         dev = self.inventory.devices[device]
-        if dev.model_version(self.order.model) != self.order.version:
-            return []
+        if dev.health is None or not isinstance(dev.health.models, dict):
+            return []  # no models section, or its source failed this time: it says nothing either way
+        version = dev.model_version(self.order.model)
         p = self._p(device)
+        if version != self.order.version:
+            if not (p.healthy and p.state == ACTIVE):
+                return []
+            # It reported this version, and now another: it went back, whatever its events said.
+            now = f"{self.order.model} {version}" if version else f"no {self.order.model}"
+            p.state, p.healthy, p.via = ROLLED_BACK, False, "health"
+            p.reason = f"{ROLLED_BACK}: its health reports {now} instead"
+            return [f"{device}: {p.reason}"]
         first = not p.healthy
         p.healthy = True
         if p.state not in TERMINAL:
             p.state, p.via = ACTIVE, "health"
-            provider = dev.models().get(self.order.model, {}).get("provider")
-            on = f" on {provider}" if provider else ""
+            serving = dev.models().get(self.order.model)
+            on = f" on {serving.provider}" if serving is not None else ""
             return [f"{device}: active (health reports {self.order.version}{on})"]
         if first and self.need_health and p.state == ACTIVE:
             return [f"{device}: healthy (health reports {self.order.version})"]
@@ -192,14 +240,16 @@ class DeployWatch:
         return p is not None and p.state == ACTIVE and (p.healthy or not self.need_health)
 
     def settled(self, device: str) -> bool:
+        """Whether the device reached its outcome (an offline one has not: it is waited for)."""
         p = self.progress.get(device)
-        if (p is not None and p.state in FAILED) or self.ok(device):
-            return True
-        dev = self.inventory.devices.get(device)
-        return dev is not None and dev.state == "offline"
+        return (p is not None and p.state in FAILED) or self.ok(device)
 
     def failures(self) -> list[tuple[str, str]]:
         return [(d, p.reason or p.state) for d, p in sorted(self.progress.items()) if p.state in FAILED]
+
+    def unexplained(self) -> bool:
+        """A failure seen in health only: the device's event with its reason is usually a moment behind."""
+        return any(p.state in FAILED and p.via == "health" for p in self.progress.values())
 
     def done(self) -> bool:
         targets = self.targets()
@@ -220,7 +270,10 @@ class DeployWatch:
             if p.state in FAILED:
                 lines.append(f"  {d}: {p.reason}")
             elif dev is not None and dev.state == "offline":
-                lines.append(f"  {d}: offline; the retained order applies when it reconnects")
+                lines.append(
+                    f"  {d}: offline, no final report within {waited:g}s (the retained order applies when it "
+                    "reconnects)"
+                )
             elif p.state == ACTIVE:
                 lines.append(f"  {d}: active, but no health report with {self.order.version} within {waited:g}s")
             else:
@@ -251,6 +304,9 @@ class Combined:
     def failures(self) -> list[tuple[str, str]]:
         return [f for w in self.watches for f in w.failures()]
 
+    def unexplained(self) -> bool:
+        return any(w.unexplained() for w in self.watches)
+
     def summary(self, waited: float) -> list[str]:
         return [line for w in self.watches for line in w.summary(waited)]
 
@@ -262,6 +318,12 @@ def follow(
     for line in watch.seed():
         say(out, watch, line)
     pump(inventory, watch, wait, out, lambda: watch.done() or (stop is not None and stop()))
+
+
+def explain(inventory: Inventory, watch: Followed, out: TextIO) -> None:
+    """Give a failure seen in health a moment for the device's own event, which says why."""
+    if watch.unexplained():
+        pump(inventory, watch, EXPLAIN_WAIT, out, lambda: not watch.unexplained())
 
 
 def pump(inventory: Inventory, watch: Followed, seconds: float, out: TextIO, until: Callable[[], bool]) -> None:

@@ -130,8 +130,9 @@ class Preprocessor:
         self._hop = config.hop or config.window or 1
         self._norm_cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self._blob_params: dict[tuple[int, int], cv2.dnn.Image2BlobParams] = {}
-        # OpenCV's fused blob conversion (4.8+) when present; the numpy path is the reference.
-        self.fast = hasattr(cv2, "dnn") and hasattr(cv2.dnn, "blobFromImageWithParams")
+        # OpenCV's fused blob conversion (4.8+) when present; the numpy path is the reference. Looked up at
+        # the first image: a sensor pipeline never imports OpenCV.
+        self.fast: bool | None = None
 
     # -- images ------------------------------------------------------------------------------------
 
@@ -166,6 +167,8 @@ class Preprocessor:
             elif (tw, th) != (w, h):
                 img = cv2.resize(img, (tw, th), interpolation=cv2.INTER_LINEAR)
                 sx, sy = tw / w, th / h
+        if self.fast is None:
+            self.fast = hasattr(cv2, "dnn") and hasattr(cv2.dnn, "blobFromImageWithParams")
         tensor = self._blob(img) if self.fast and img.ndim == 3 and img.shape[2] == 3 else None
         if tensor is None:
             img = self._color(img)

@@ -72,12 +72,12 @@ class Source(BaseSource[Config]):
             cap, reason = self._open()
             if cap is None:
                 if not lost:
-                    self.emit("source.lost", reason=reason, device=str(cfg.device))
+                    self.emit("source.lost", reason=reason)
                     lost = True
                 stop.wait(backoff.next_delay())
                 continue
             if lost:
-                self.emit("source.recovered", device=str(cfg.device))
+                self.emit("source.recovered")
                 lost = False
             backoff.reset()
             try:
@@ -85,7 +85,7 @@ class Source(BaseSource[Config]):
             finally:
                 cap.release()
             if reason and not stop.is_set():
-                self.emit("source.lost", reason=reason, device=str(cfg.device))
+                self.emit("source.lost", reason=reason)
                 lost = True
                 stop.wait(backoff.next_delay())
 
@@ -125,11 +125,9 @@ class Source(BaseSource[Config]):
                 last_print, same_since = fp, mono
                 if frozen:
                     frozen = False
-                    self.emit("source.unfrozen", device=str(cfg.device))
+                    self.emit("source.unfrozen")
             elif not frozen and mono - same_since >= cfg.frozen_after:
                 frozen = True
-                self.emit(
-                    "source.frozen", reason=f"the same picture for {mono - same_since:.0f} s", device=str(cfg.device)
-                )
+                self.emit("source.frozen", reason=f"the same picture for {mono - same_since:.0f} s")
             yield Frame(img, ts, self.next_seq(), None, {"frozen": True} if frozen else {})
         return ""

@@ -72,7 +72,7 @@ class Source(BaseSource[Config]):
                     raise FileNotFoundError(f"no IIO device {cfg.device!r} under {cfg.root}")
                 scales, offsets, raws = self._channels(folder)
                 if lost:
-                    self.emit("source.recovered", device=cfg.device)
+                    self.emit("source.recovered")
                     lost = False
                 backoff.reset()
                 pacer = Pacer(cfg.rate)
@@ -82,7 +82,7 @@ class Source(BaseSource[Config]):
                 return
             except (OSError, ValueError) as exc:
                 if not lost:
-                    self.emit("source.lost", reason=str(exc), device=cfg.device)
+                    self.emit("source.lost", reason=str(exc))
                     lost = True
                 stop.wait(backoff.next_delay())
 

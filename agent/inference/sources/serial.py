@@ -72,7 +72,7 @@ class Source(BaseSource[Config]):
                 fd = os.open(cfg.device, os.O_RDONLY | os.O_NOCTTY | os.O_NONBLOCK)
             except OSError as exc:
                 if not lost:
-                    self.emit("source.lost", reason=f"cannot open {cfg.device}: {exc.strerror}", device=cfg.device)
+                    self.emit("source.lost", reason=f"cannot open {cfg.device}: {exc.strerror}")
                     lost = True
                 stop.wait(backoff.next_delay())
                 continue
@@ -80,14 +80,14 @@ class Source(BaseSource[Config]):
                 if os.isatty(fd):
                     _configure(fd, cfg.baud)
                 if lost:
-                    self.emit("source.recovered", device=cfg.device)
+                    self.emit("source.recovered")
                     lost = False
                 backoff.reset()
                 reason = yield from self._lines(fd, stop)
             finally:
                 os.close(fd)
             if reason and not stop.is_set():
-                self.emit("source.lost", reason=reason, device=cfg.device)
+                self.emit("source.lost", reason=reason)
                 lost = True
                 stop.wait(backoff.next_delay())
 

@@ -194,7 +194,7 @@ class CommandDispatcher:
 
         def reply(topic: str, payload: bytes, correlation: bytes | None) -> None:
             if connection.publish(topic, payload, qos=1, properties=reply_properties(correlation)) is None:
-                log.warning("command reply to %s not sent: offline", topic)
+                log.warning("command reply to %s not sent: %s", topic, _not_sent(connection, topic, payload))
 
         self._reply = reply
         self._reply_topic = topics.reply
@@ -255,3 +255,10 @@ class CommandDispatcher:
                 self.events(Event("command.error", {"command": name, "code": code, "message": message}))
             except Exception:
                 log.exception("command event failed")
+
+
+def _not_sent(connection: Connection, topic: str, payload: bytes) -> str:
+    """Why the connection did not take a reply: offline, or too large for this broker (the limit it broke)."""
+    if not connection.online:
+        return "offline"
+    return connection.limits.too_large(topic, len(payload), 1) or "the MQTT client refused it (see the line before)"

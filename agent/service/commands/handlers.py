@@ -33,7 +33,7 @@ def register_commands(dispatcher: CommandDispatcher, daemon: Daemon) -> None:
 
     def rollback(args: dict[str, Any]) -> object:
         try:
-            return updater().rollback(args["model"])
+            return updater().rollback(args["model"], args.get("version"))
         except ValueError as exc:
             raise CommandError(str(exc), "bad_argument") from None
 

@@ -1,34 +1,57 @@
-"""The status snapshot as Prometheus text exposition (version 0.0.4): every family with # HELP and
-# TYPE, label values escaped, unknown values left out rather than reported as zero."""
+"""The status snapshot as Prometheus metrics, written by prometheus_client: latency as histograms,
+states as state sets (every state a series of its own, 0 or 1), counters that never carry a rate beside
+them, the process collector's `process_start_time_seconds` instead of an uptime, and unknown values
+left out rather than reported as zero.
+
+A scrape renders the snapshot it is handed; nothing is kept between scrapes, so a pipeline that goes
+away takes its series with it.
+"""
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable
-from typing import Literal
+from collections.abc import Callable, Iterable, Mapping
+from typing import get_args
 
-from agent.inference.stats import PipelineStats, StageTimes
-from agent.service.statuspage.snapshot import StatusSnapshot
+from prometheus_client import ProcessCollector, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    InfoMetricFamily,
+    StateSetMetricFamily,
+)
+from prometheus_client.metrics_core import Metric
+
+from agent.inference.stats import LATENCY_BUCKETS_MS, LatencyHistogram, PipelineState, PipelineStats
+from agent.service.statuspage.snapshot import CONNECTION_STATES, StatusSnapshot
 from agent.transport.outbox import OutboxStats
 
-Kind = Literal["counter", "gauge"]
-Number = int | float | bool | None
-
+# The text format generate_latest writes; Prometheus asks for it by this name.
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
-# (metric, help, value); the pipeline label is added to each.
+PIPELINE_STATES: tuple[PipelineState, ...] = get_args(PipelineState)
+LATENCY_BUCKETS_S = tuple(ms / 1000.0 for ms in LATENCY_BUCKETS_MS)
+# Without a registry of its own: the collector is read by render_metrics alone, never by a global one.
+PROCESS = ProcessCollector(registry=None)
+
+# (metric without _total, help, value); the pipeline label is added to each.
 PIPELINE_COUNTERS: tuple[tuple[str, str, Callable[[PipelineStats], int]], ...] = (
-    ("edge_agent_pipeline_frames_total", "frames the source delivered", lambda s: s["frames"]),
+    ("edge_agent_pipeline_frames", "frames (or sensor windows) the source delivered", lambda s: s["frames"]),
     (
-        "edge_agent_pipeline_dropped_frames_total",
+        "edge_agent_pipeline_dropped_frames",
         "camera frames replaced by a newer one before inference",
         lambda s: s["dropped"],
     ),
-    ("edge_agent_pipeline_skipped_frames_total", "frames skipped to keep the pipeline's rate", lambda s: s["skipped"]),
-    ("edge_agent_pipeline_rejected_frames_total", "frames the preprocessor could not use", lambda s: s["rejected"]),
-    ("edge_agent_pipeline_inferences_total", "inferences run", lambda s: s["inferences"]),
-    ("edge_agent_pipeline_results_total", "results handed to the outbox", lambda s: s["results"]),
-    ("edge_agent_pipeline_model_swaps_total", "model versions swapped in while running", lambda s: s["swaps"]),
+    ("edge_agent_pipeline_skipped_frames", "frames skipped to keep the pipeline's rate", lambda s: s["skipped"]),
+    ("edge_agent_pipeline_rejected_frames", "frames the preprocessor could not use", lambda s: s["rejected"]),
+    ("edge_agent_pipeline_inferences", "inferences run", lambda s: s["inferences"]),
+    ("edge_agent_pipeline_results", "results handed to the outbox", lambda s: s["results"]),
+    ("edge_agent_pipeline_model_swaps", "model versions swapped in while running", lambda s: s["swaps"]),
+    (
+        "edge_agent_pipeline_nan_outputs",
+        "inferences with a NaN or an infinity in an output (probation rolls such a version back)",
+        lambda s: s["nan_outputs"],
+    ),
 )
 # (kind label, value)
 PIPELINE_ERRORS: tuple[tuple[str, Callable[[PipelineStats], int]], ...] = (
@@ -37,8 +60,8 @@ PIPELINE_ERRORS: tuple[tuple[str, Callable[[PipelineStats], int]], ...] = (
     ("sink", lambda s: s["sink_errors"]),
     ("source", lambda s: s["source_errors"]),
 )
-# (metric, help, value)
-OUTBOX_GAUGES: tuple[tuple[str, str, Callable[[OutboxStats], Number]], ...] = (
+# (metric, help, value); None (unknown) leaves the sample out.
+OUTBOX_GAUGES: tuple[tuple[str, str, Callable[[OutboxStats], float | None]], ...] = (
     (
         "edge_agent_outbox_messages",
         "messages waiting in the outbox for the broker's acknowledgement",
@@ -48,142 +71,107 @@ OUTBOX_GAUGES: tuple[tuple[str, str, Callable[[OutboxStats], Number]], ...] = (
     ("edge_agent_outbox_max_bytes", "disk the outbox may use", lambda o: o.max_bytes),
     ("edge_agent_outbox_oldest_age_seconds", "age of the oldest message waiting", lambda o: o.oldest_age_s),
 )
-OUTBOX_COUNTERS: tuple[tuple[str, str, Callable[[OutboxStats], int]], ...] = (
-    (
-        "edge_agent_outbox_dropped_total",
-        "messages dropped because the outbox was full or they were too old",
-        lambda o: o.dropped,
-    ),
-    ("edge_agent_outbox_acked_total", "messages the broker acknowledged", lambda o: o.acked),
+# Every way a message leaves the outbox without reaching a subscriber: (reason label, count).
+OUTBOX_DROPS: tuple[tuple[str, Callable[[OutboxStats], int]], ...] = (
+    ("full", lambda o: o.dropped_full),  # the outbox reached mqtt.outbox.max_bytes: the oldest went
+    ("age", lambda o: o.dropped_age),  # older than mqtt.outbox.max_age
+    ("rejected", lambda o: o.rejected),  # the broker refused it (a PUBACK with a failure reason code)
 )
-QUANTILES: tuple[tuple[str, Callable[[StageTimes], float | None]], ...] = (
-    ("0.5", lambda q: q["p50"]),
-    ("0.95", lambda q: q["p95"]),
-)
-
-
-class _Exposition:
-    def __init__(self) -> None:
-        self._families: dict[str, tuple[Kind, str, list[str]]] = {}
-
-    def add(self, name: str, kind: Kind, help_text: str, value: Number, /, **labels: str | None) -> None:
-        """One sample; the family is declared even when its value is unknown (None)."""
-        family = self._families.setdefault(name, (kind, help_text, []))
-        if value is None:
-            return
-        label_text = ",".join(f'{k}="{_escape_label(v)}"' for k, v in labels.items() if v is not None)
-        number = _number(value)
-        family[2].append(f"{name}{{{label_text}}} {number}" if label_text else f"{name} {number}")
-
-    def text(self) -> str:
-        lines: list[str] = []
-        for name, (kind, help_text, samples) in self._families.items():
-            help_text = help_text.replace("\\", "\\\\").replace("\n", "\\n")
-            lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", *samples]
-        return "\n".join(lines) + "\n"
-
-
-def _escape_label(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
-def _number(value: int | float | bool) -> str:
-    if isinstance(value, bool):
-        return "1" if value else "0"
-    if isinstance(value, int):
-        return str(value)
-    if math.isnan(value):
-        return "NaN"
-    if math.isinf(value):
-        return "+Inf" if value > 0 else "-Inf"
-    return repr(value)
 
 
 def render_metrics(snapshot: StatusSnapshot) -> str:
-    """The snapshot as Prometheus text."""
-    out = _Exposition()
-    out.add(
-        "edge_agent_info",
-        "gauge",
-        "the agent: device id and agent version",
-        1,
-        device=snapshot.device,
-        version=snapshot.agent_version,
-    )
-    out.add("edge_agent_uptime_seconds", "gauge", "seconds since the agent started", snapshot.uptime_s)
+    """The snapshot (and this process) as Prometheus text."""
+    return generate_latest(_Families([*_agent(snapshot), *PROCESS.collect()])).decode()
+
+
+class _Families:
+    """What generate_latest reads: anything with collect()."""
+
+    def __init__(self, families: Iterable[Metric]) -> None:
+        self._families = list(families)
+
+    def collect(self) -> list[Metric]:
+        return self._families
+
+
+def _agent(snapshot: StatusSnapshot) -> list[Metric]:
+    info = InfoMetricFamily("edge_agent", "the agent: device id and agent version")
+    info.add_metric([], {"device": snapshot.device, "version": snapshot.agent_version})
+    families: list[Metric] = [info]
     connection = snapshot.connection
     if connection is not None:
-        out.add(
-            "edge_agent_mqtt_connected",
-            "gauge",
-            "1 while the broker connection is up",
-            connection.up,
-            state=connection.state,
+        state = StateSetMetricFamily(
+            "edge_agent_mqtt_state", "the broker connection's state: 1 for the current one, 0 for the others"
         )
-        out.add(
-            "edge_agent_mqtt_connects_total", "counter", "successful connections to the broker", connection.connects
-        )
+        state.add_metric([], {s: s == connection.state for s in CONNECTION_STATES})
+        connects = CounterMetricFamily("edge_agent_mqtt_connects", "successful connections to the broker")
+        connects.add_metric([], connection.connects)
+        families += [state, connects]
     if snapshot.outbox is not None:
-        _outbox(out, snapshot.outbox)
-    for stats in snapshot.pipelines:
-        _pipeline(out, stats)
-    return out.text()
+        families += _outbox(snapshot.outbox)
+    families += _pipelines(snapshot.pipelines, snapshot.latency)
+    return families
 
 
-def _outbox(out: _Exposition, stats: OutboxStats) -> None:
+def _outbox(stats: OutboxStats) -> list[Metric]:
+    families: list[Metric] = []
     for name, help_text, gauge in OUTBOX_GAUGES:
-        out.add(name, "gauge", help_text, gauge(stats))
-    for name, help_text, counter in OUTBOX_COUNTERS:
-        out.add(name, "counter", help_text, counter(stats))
+        family = GaugeMetricFamily(name, help_text)
+        value = gauge(stats)
+        if value is not None:
+            family.add_metric([], value)
+        families.append(family)
+    dropped = CounterMetricFamily(
+        "edge_agent_outbox_dropped",
+        "messages that left the outbox without reaching the broker, by reason",
+        labels=["reason"],
+    )
+    for reason, count in OUTBOX_DROPS:
+        dropped.add_metric([reason], count(stats))
+    acked = CounterMetricFamily("edge_agent_outbox_acked", "messages the broker acknowledged")
+    acked.add_metric([], stats.acked)
+    return [*families, dropped, acked]
 
 
-def _pipeline(out: _Exposition, stats: PipelineStats) -> None:
-    pipeline = stats["pipeline"]
-    out.add(
-        "edge_agent_pipeline_fps",
-        "gauge",
-        "results per second over the last few seconds",
-        stats["results_per_s"],
-        pipeline=pipeline,
+def _pipelines(
+    pipelines: Iterable[PipelineStats], latency: Mapping[str, Mapping[str, LatencyHistogram]]
+) -> list[Metric]:
+    state = StateSetMetricFamily(
+        "edge_agent_pipeline_state",
+        "each pipeline's state: 1 for the current one, 0 for the others",
+        labels=["pipeline"],
     )
-    out.add(
-        "edge_agent_pipeline_up",
-        "gauge",
-        "1 while the pipeline is running",
-        stats["state"] == "running",
-        pipeline=pipeline,
-        state=stats["state"],
+    counters = [(CounterMetricFamily(n, h, labels=["pipeline"]), of) for n, h, of in PIPELINE_COUNTERS]
+    errors = CounterMetricFamily("edge_agent_pipeline_errors", "errors per stage", labels=["pipeline", "kind"])
+    seconds = HistogramMetricFamily(
+        "edge_agent_pipeline_latency_seconds",
+        "latency per stage (pre, infer, post, total) since the pipeline started",
+        labels=["pipeline", "stage"],
     )
-    for stage, latency in sorted(stats["latency_ms"].items()):
-        for quantile, of in QUANTILES:
-            ms = of(latency)
-            out.add(
-                "edge_agent_pipeline_latency_seconds",
-                "gauge",
-                "recent latency per stage (pre, infer, post, total)",
-                None if ms is None else round(ms / 1000.0, 7),
-                pipeline=pipeline,
-                stage=stage,
-                quantile=quantile,
-            )
-    for name, help_text, counter in PIPELINE_COUNTERS:
-        out.add(name, "counter", help_text, counter(stats), pipeline=pipeline)
-    for kind, errors in PIPELINE_ERRORS:
-        out.add(
-            "edge_agent_pipeline_errors_total",
-            "counter",
-            "errors per stage",
-            errors(stats),
-            pipeline=pipeline,
-            kind=kind,
+    model = InfoMetricFamily(
+        "edge_agent_model", "the model each pipeline serves: name, version and execution provider", labels=["pipeline"]
+    )
+    for stats in pipelines:
+        name = stats["pipeline"]
+        state.add_metric([name], {s: s == stats["state"] for s in PIPELINE_STATES})
+        for family, of in counters:
+            family.add_metric([name], of(stats))
+        for kind, count in PIPELINE_ERRORS:
+            errors.add_metric([name, kind], count(stats))
+        for stage, histogram in sorted(latency.get(name, {}).items()):
+            if histogram.count:  # no duration yet: left out, not a histogram of zeros
+                seconds.add_metric([name, stage], _buckets(histogram), histogram.sum_ms / 1000.0)
+        model.add_metric(
+            [name], {"model": stats["model"], "version": stats["model_version"], "provider": stats["provider"]}
         )
-    out.add(
-        "edge_agent_model_info",
-        "gauge",
-        "the model each pipeline serves: name, version and execution provider",
-        1,
-        pipeline=pipeline,
-        model=stats["model"],
-        version=stats["model_version"],
-        provider=stats["provider"],
-    )
+    return [state, *(family for family, _ in counters), errors, seconds, model]
+
+
+def _buckets(histogram: LatencyHistogram) -> list[tuple[str, float]]:
+    """Cumulative counts per upper bound, as the exposition format has them, ending with +Inf."""
+    out: list[tuple[str, float]] = []
+    total = 0
+    for bound, count in zip((*LATENCY_BUCKETS_S, float("inf")), histogram.counts, strict=True):
+        total += count
+        out.append(("+Inf" if bound == float("inf") else repr(bound), total))
+    return out

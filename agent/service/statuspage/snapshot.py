@@ -10,10 +10,10 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, get_args
 
-from agent.inference.stats import PipelineStats
+from agent.inference.stats import LatencyHistogram, PipelineStats
 from agent.transport.connection import State as ConnectionState
 from agent.transport.outbox import OutboxStats
 
@@ -59,11 +59,13 @@ class StatusSnapshot:
     connection: ConnectionStatus | None
     outbox: OutboxStats | None
     pipelines: tuple[PipelineStats, ...]
+    # Per pipeline and stage, every duration since it started (for /metrics; the page reads percentiles).
+    latency: Mapping[str, Mapping[str, LatencyHistogram]] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         """As plain JSON values; NaN and infinities become null (JSON has no spelling for them and
         browsers reject the document)."""
-        doc: dict[str, Any] = _finite(dataclasses.asdict(self))
+        doc: dict[str, Any] = _finite({k: v for k, v in dataclasses.asdict(self).items() if k != "latency"})
         return doc
 
 

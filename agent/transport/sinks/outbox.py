@@ -1,12 +1,18 @@
 """The `Sink` that pipelines and the rest of the agent write to when a broker is configured.
 
-Every result and event becomes one message in the durable outbox; `OutboxPump` (agent.transport.pump) takes it
+Every result and event becomes one message in the durable outbox (an event serialized through its
+contract, `agent.transport.contract`); `OutboxPump` (agent.transport.pump) takes it
 from there. `seq` is assigned here, per pipeline (and one sequence for events), in the same transaction
 that stores the message, so it rises across restarts and a subscriber detects loss or duplicates from it.
 
 Batching (pipeline `batch: {size: N, max_delay: T}`) gathers up to N results, or what arrived within T,
 into one message; results waiting for their batch live in memory, so a process crash can lose at most
 one unfinished batch per pipeline (T seconds). The default, size 1, writes each result through at once.
+
+Under a managed broker's limits (`mqtt.preset`, agent/config/presets.py) every pipeline is batched, so that
+results stay under the broker's publish rate however fast they come (several results to a message), and
+no message exceeds its payload limit: an oversized batch is split, a single oversized result refused with
+a `sink.error` event (before it takes a seq, so `seq` shows no gap for it).
 """
 
 from __future__ import annotations
@@ -18,7 +24,11 @@ import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
+from agent.config.presets import PRESETS
+from agent.config.units import format_size
+from agent.transport.contract.wire import event_payload
 from agent.transport.events import Event
+from agent.transport.limits import RATE_SAFETY
 from agent.transport.outbox import Outbox
 from agent.transport.topics import Topics
 from agent.util.timefmt import utc_iso
@@ -34,6 +44,14 @@ TICK = 0.02
 # Drops are reported as an event at most this often, so a full outbox is not flooded with its own news.
 DROP_REPORT_INTERVAL = 10.0
 EVENTS_STREAM = "events"
+# Under a preset's publish rate: the share of the rate results may take (events, health and replies have
+# the rest), and the most results in one message (the payload limit splits it further).
+RESULTS_SHARE = 0.5 * RATE_SAFETY
+PRESET_BATCH = 1000
+
+
+class PayloadTooLargeError(ValueError):
+    """A message over the broker's payload limit: refused before it is stored."""
 
 
 # One encoder for every message: json.dumps with any option builds a new JSONEncoder per call (a
@@ -59,9 +77,11 @@ class OutboxSink:
         *,
         qos: int = 1,
         batches: dict[str, tuple[int, float]] | None = None,
+        max_payload: int | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.outbox, self.topics, self.default_qos = outbox, topics, qos
+        self.max_payload = max_payload
         self.batches = {name: (size, delay) for name, (size, delay) in (batches or {}).items() if size > 1}
         self._clock = clock
         self._routes: dict[str, tuple[str, str]] = {}  # pipeline -> (seq stream, topic)
@@ -77,9 +97,15 @@ class OutboxSink:
     def for_profile(
         cls, outbox: Outbox, topics: Topics, mqtt: MqttConfig, pipelines: Iterable[PipelineConfig]
     ) -> OutboxSink:
-        """Batch sizes from each pipeline's `batch`, the default QoS from `mqtt.qos`."""
+        """Batch sizes from each pipeline's `batch` (or the preset's rate), the default QoS from `mqtt.qos`."""
+        preset = PRESETS.get(mqtt.preset) if mqtt.preset else None
         batches = {p.name: (p.batch.size, p.batch.max_delay) for p in pipelines}
-        return cls(outbox, topics, qos=mqtt.qos, batches=batches)
+        if preset is None:
+            return cls(outbox, topics, qos=mqtt.qos, batches=batches)
+        # One message per pipeline every `delay` at most: together, their share of the rate.
+        delay = len(batches) / (preset.publish_rate * RESULTS_SHARE)
+        batches = {name: (max(size, PRESET_BATCH), max(wait, delay)) for name, (size, wait) in batches.items()}
+        return cls(outbox, topics, qos=mqtt.qos, batches=batches, max_payload=preset.max_payload)
 
     # ---- the Sink protocol -------------------------------------------------------------------
 
@@ -91,7 +117,7 @@ class OutboxSink:
             if route is None:
                 route = self._routes[pipeline] = (f"results/{pipeline}", self.topics.results(pipeline))
             self.outbox.put_sequenced(
-                route[0], route[1], lambda seq: _dumps(self._stamp(pipeline, payload, seq)), qos=qos
+                route[0], route[1], lambda seq: self._fit(_dumps(self._stamp(pipeline, payload, seq))), qos=qos
             )
             return
         size, delay = batch
@@ -107,14 +133,7 @@ class OutboxSink:
 
     def event(self, event: Event) -> None:
         def build(seq: int) -> bytes:
-            body: dict[str, Any] = {
-                "device": self.topics.device,
-                "seq": seq,
-                "ts": utc_iso(event.ts),
-                "type": event.type,
-            }
-            body.update({k: v for k, v in event.fields.items() if k not in body})
-            return _dumps(body)
+            return _dumps(event_payload(self.topics.device, seq, utc_iso(event.ts), event.body))
 
         self.outbox.put_sequenced(EVENTS_STREAM, self.topics.events, build, qos=1)
 
@@ -169,13 +188,24 @@ class OutboxSink:
             body["ts"] = _ts(ts)
         return body
 
+    def _fit(self, data: bytes) -> bytes:
+        if self.max_payload is not None and len(data) > self.max_payload:
+            raise PayloadTooLargeError(
+                f"a result of {len(data)} bytes is over the {format_size(self.max_payload)} payloads the broker "
+                "takes (mqtt.preset); it is dropped"
+            )
+        return data
+
     def _flush_pipeline(self, pipeline: str) -> None:
         with self._lock:
             items = self._pending.pop(pipeline, [])
             qos = self._pending_qos.pop(pipeline, self.default_qos)
             self._deadline.pop(pipeline, None)
-        if not items:
-            return
+        if items:
+            self._put_batch(pipeline, items, qos)
+
+    def _put_batch(self, pipeline: str, items: list[dict[str, Any]], qos: int) -> None:
+        """One message of `items`; halves of it, each its own message, when that is over the payload limit."""
 
         def build(first: int) -> bytes:
             results = []
@@ -186,19 +216,29 @@ class OutboxSink:
                 )
                 body.setdefault("ts", utc_iso(self._clock()))
                 results.append(body)
-            return _dumps(
-                {
-                    "device": self.topics.device,
-                    "pipeline": pipeline,
-                    "seq": first,
-                    "count": len(items),
-                    "results": results,
-                }
+            return self._fit(
+                _dumps(
+                    {
+                        "device": self.topics.device,
+                        "pipeline": pipeline,
+                        "seq": first,
+                        "count": len(items),
+                        "results": results,
+                    }
+                )
             )
 
-        self.outbox.put_sequenced(
-            f"results/{pipeline}", self.topics.results(pipeline), build, count=len(items), qos=qos
-        )
+        try:
+            self.outbox.put_sequenced(
+                f"results/{pipeline}", self.topics.results(pipeline), build, count=len(items), qos=qos
+            )
+        except PayloadTooLargeError as exc:
+            if len(items) == 1:
+                self.event(Event("sink.error", {"pipeline": pipeline, "reason": str(exc)}))
+                return
+            half = len(items) // 2
+            self._put_batch(pipeline, items[:half], qos)
+            self._put_batch(pipeline, items[half:], qos)
 
     def _run(self) -> None:
         while not self._worker.stopping.wait(TICK):

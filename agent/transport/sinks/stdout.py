@@ -3,7 +3,8 @@
 `seq` is per pipeline, monotonic, and survives restarts: the last value handed out is written to
 `<state_dir>/seq/<pipeline>` on every result with one pwrite (a kill -9 loses nothing; a power cut
 may lose what the page cache held, so the file is fsynced every `FSYNC_EVERY` results and on close).
-Events go to the log on stderr so that stdout holds only results.
+Events go to the log on stderr so that stdout holds only results, with their fields as the wire contract
+serializes them (`Event.payload()`).
 """
 
 from __future__ import annotations

@@ -1,0 +1,368 @@
+"""One session per model and provider, shared by every pipeline that runs that model.
+
+Four cameras on one detector hold one copy of its weights, one arena and one thread pool sized to the
+device's budget, instead of four of each. A shared session serves its pipelines in *lanes*: on CPU
+providers up to one run per core of the budget at once (a run alone still has the whole pool), one at a
+time on accelerators, which batch instead.
+
+Dynamic batching: when several pipelines have frames waiting on a model that takes a batch (a free
+first dimension, no recurrent state, no constants), the first one to run takes the others' frames along
+as one batch, after waiting at most `runtime.batching.latency_budget` for the pipelines not yet waiting.
+`auto` batches only where a measurement on this device says a batch costs less per frame than single
+runs (agent.device.autotune.judge_batching, cached): on a 2-core EPYC a batch of 4 PP-OCR frames costs
+more per frame than 4 single runs, while a GPU gains several times.
+
+A hot swap stays per pipeline: a new version is a new key, each pipeline switches between two of its
+frames, and the old session is freed when the last pipeline lets go of it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+import numpy as np
+import psutil
+
+from agent.config.runtime import BatchingConfig, Optimization, RuntimeConfig
+from agent.device import hardware
+from agent.device.autotune import batch_cache_path, cpu_bound, judge_batching, model_digest
+from agent.device.providers import Candidate, core_budget
+from agent.device.session import OpenedSession, open_session
+from agent.transport.events import EventSink, log_event
+
+if TYPE_CHECKING:
+    from agent.inference.processing.post.base import OutputValue
+
+log = logging.getLogger(__name__)
+
+
+class NodeArg(Protocol):
+    """One input or output of an ONNX Runtime session, as `get_inputs()` describes it."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def shape(self) -> list[int | str | None] | None: ...
+    @property
+    def type(self) -> str: ...
+
+
+class Session(Protocol):
+    """What a `Model` uses of an `onnxruntime.InferenceSession` (which ships no type hints)."""
+
+    def get_inputs(self) -> Sequence[NodeArg]: ...
+    def get_outputs(self) -> Sequence[NodeArg]: ...
+    def run(self, output_names: Sequence[str] | None, input_feed: Mapping[str, np.ndarray]) -> list[OutputValue]: ...
+
+
+class _Request:
+    """Rows of one pipeline's stream input, waiting to run alone or in another pipeline's batch."""
+
+    __slots__ = ("done", "error", "outputs", "taken", "x")
+
+    def __init__(self, x: np.ndarray) -> None:
+        self.x = x
+        self.taken = False
+        self.done = threading.Event()
+        self.outputs: list[OutputValue] | None = None
+        self.error: BaseException | None = None
+
+    def fits(self, other: _Request) -> bool:
+        return self.x.shape[1:] == other.x.shape[1:] and self.x.dtype == other.x.dtype
+
+
+@dataclass(frozen=True)
+class SessionKey:
+    """What makes two pipelines' sessions the same: the model's bytes, the runtime settings, the level."""
+
+    digest: str
+    runtime: str  # RuntimeConfig as JSON: its option dicts make it unhashable as it is
+    optimization: str
+    state_dir: str
+
+
+@dataclass(frozen=True)
+class SessionFigures:
+    """A shared session in health: who shares it, how it ran, and the memory it took when it loaded."""
+
+    provider: str
+    pipelines: int
+    lanes: int
+    runs: int
+    batches: int  # runs that carried frames of more than one pipeline
+    batched_frames: int
+    batching: str  # "off", "on", "auto: pays", "auto: does not pay (...)", "auto: not measured yet"
+    rss_mb: float | None
+
+
+class SharedSession:
+    """An ONNX Runtime session and the pipelines that lease it; `run` and `run_stream` are thread-safe."""
+
+    def __init__(
+        self, key: SessionKey, opened: OpenedSession, batching: BatchingConfig, lanes: int, rss_before: int | None
+    ) -> None:
+        self.key = key
+        self.opened = opened
+        self.session: Session = opened.session
+        self.provider = opened.provider
+        self.batching = batching
+        self.lanes = max(1, lanes)
+        self._rss_before = rss_before  # the process's RSS before the load; cleared once settled
+        self.rss_bytes: int | None = None
+        self.settle_memory(final=False)
+        self.users = 0
+        self.stream_users = 0  # users whose frames may join a batch
+        self.batch_pays: bool | None = None if batching.mode == "auto" else batching.mode == "on"
+        self._verdict = ""
+        self._cond = threading.Condition()
+        self._running = 0
+        self._collecting = False
+        self._waiting: deque[_Request] = deque()  # frames that may join a batch, oldest first
+        self._line: deque[object] = deque()  # callers waiting for a lane, served first come first served
+        self.runs = self.batches = self.batched_frames = 0
+
+    # -- running -----------------------------------------------------------------------------------
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> list[OutputValue]:
+        """One run of these feeds in a free lane (waiting for one)."""
+        with self._lane():
+            return self.session.run(None, feeds)
+
+    def run_stream(self, name: str, x: np.ndarray) -> list[OutputValue]:
+        """The stream input `x` (rows along its first axis) run, together with the rows other pipelines
+        have waiting when batching is on; the outputs hold `x`'s rows only."""
+        if not self.batch_pays or self.stream_users < 2:
+            return self.run({name: x})
+        request = _Request(x)
+        batch: list[_Request] = []
+        with self._cond:
+            self._waiting.append(request)
+            self._line.append(request)
+            self._cond.notify_all()  # a leader collecting a batch takes this one along now
+            while not request.taken and (self._collecting or not self._lane_free(request)):
+                self._cond.wait()
+            if not request.taken:  # this thread leads: it runs its frames and those it takes along
+                self._take_lane()
+                self._collecting = True
+                batch = self._collect(request)
+        if batch:
+            try:
+                self._run_batch(name, batch)
+            finally:
+                with self._cond:
+                    self._running -= 1
+                    self.runs += 1
+                    if len(batch) > 1:
+                        self.batches += 1
+                        self.batched_frames += sum(len(r.x) for r in batch)
+                    self._cond.notify_all()
+                for taken in batch:
+                    taken.done.set()
+        else:
+            request.done.wait()
+        if request.error is not None:
+            raise request.error
+        assert request.outputs is not None
+        return request.outputs
+
+    def _collect(self, leader: _Request) -> list[_Request]:
+        """The leader's request, then the fitting ones waiting, up to `max_size` rows in all; waits up to the
+        latency budget for the stream users not waiting yet. Called holding the lock."""
+        self._waiting.remove(leader)
+        leader.taken = True
+        batch = [leader]
+        rows = len(leader.x)
+        deadline = time.monotonic() + self.batching.latency_budget
+        while True:
+            for request in list(self._waiting):
+                if request.fits(leader) and rows + len(request.x) <= self.batching.max_size:
+                    self._waiting.remove(request)
+                    self._line.remove(request)
+                    request.taken = True
+                    batch.append(request)
+                    rows += len(request.x)
+            remaining = deadline - time.monotonic()
+            if len(batch) >= self.stream_users or rows >= self.batching.max_size or remaining <= 0:
+                break
+            self._cond.wait(remaining)
+        self._collecting = False
+        self._cond.notify_all()
+        return batch
+
+    def _run_batch(self, name: str, batch: list[_Request]) -> None:
+        try:
+            if len(batch) == 1:
+                batch[0].outputs = self.session.run(None, {name: batch[0].x})
+                return
+            values = self.session.run(None, {name: np.concatenate([r.x for r in batch], axis=0)})
+            rows = sum(len(r.x) for r in batch)
+            if any(len(v) != rows for v in values):
+                raise ValueError(f"an output does not have one row per input row ({rows})")
+            start = 0
+            for request in batch:
+                end = start + len(request.x)
+                request.outputs = [v[start:end] for v in values]
+                start = end
+        except Exception as exc:  # noqa: BLE001 (ORT's errors derive from Exception: each frame is run alone)
+            if len(batch) == 1:
+                batch[0].error = exc
+                return
+            log.warning("batched run failed, batching stops for this model reason=%s", str(exc).strip()[:200])
+            self.batch_pays, self._verdict = False, "off: a batched run failed"
+            for request in batch:
+                try:
+                    request.outputs = self.session.run(None, {name: request.x})
+                except Exception as single:  # noqa: BLE001 (as above: the frame's own error goes to its pipeline)
+                    request.error = single
+
+    def _lane_free(self, ticket: object) -> bool:
+        """A lane is free and `ticket` is first in line: no caller overtakes one that waits longer (with
+        more pipelines than lanes, a pipeline that just ran would otherwise win every race)."""
+        return self._running < self.lanes and self._line[0] is ticket
+
+    def _take_lane(self) -> None:
+        self._line.popleft()
+        self._running += 1
+        self._cond.notify_all()  # the next in line may find a lane free too
+
+    @contextmanager
+    def _lane(self) -> Iterator[None]:
+        ticket = object()
+        with self._cond:
+            self._line.append(ticket)
+            while not self._lane_free(ticket):
+                self._cond.wait()
+            self._take_lane()
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._running -= 1
+                self.runs += 1
+                self._cond.notify_all()
+
+    def join_stream(self) -> None:
+        """A pipeline whose frames may join batches: leaders wait for up to this many."""
+        with self._cond:
+            self.stream_users += 1
+
+    def leave_stream(self) -> None:
+        with self._cond:
+            self.stream_users -= 1
+            self._cond.notify_all()  # a leader waiting for this pipeline's frames stops waiting
+
+    # -- batching ----------------------------------------------------------------------------------
+
+    def judge(self, name: str, example: np.ndarray) -> None:
+        """With `auto`, measure once (per model and device, cached) whether a batch of the stream users'
+        frames runs cheaper per frame than single runs; only once two pipelines stream into this session."""
+        if self.batching.mode != "auto" or self.batch_pays is not None or self.stream_users < 2:
+            return
+        size = min(self.stream_users, self.batching.max_size)
+        path = batch_cache_path(Path(self.key.state_dir), self.key.digest, hardware.probe(), self.provider)
+        with self._lane():
+            verdict = judge_batching(self.session, name, example[:1], size, path)
+        self.batch_pays = verdict.pays
+        self._verdict = verdict.describe()
+        log.info("batching %s provider=%s %s", "on" if verdict.pays else "off", self.provider, self._verdict)
+
+    def settle_memory(self, final: bool = True) -> None:
+        """The session's memory: what the process grew by from before its load (weights, pool) to the end
+        of its first warm-up (the arena), measured once; pipelines apportion it evenly."""
+        before, now = self._rss_before, _rss()
+        if before is not None and now is not None:
+            self.rss_bytes = max(0, now - before)
+        if final:
+            self._rss_before = None
+
+    # -- figures -----------------------------------------------------------------------------------
+
+    def figures(self) -> SessionFigures:
+        mode = self.batching.mode
+        if mode == "auto":
+            batching = f"auto: {self._verdict}" if self._verdict else "auto: not measured yet"
+        else:
+            batching = self._verdict or mode
+        return SessionFigures(
+            provider=self.provider,
+            pipelines=self.users,
+            lanes=self.lanes,
+            runs=self.runs,
+            batches=self.batches,
+            batched_frames=self.batched_frames,
+            batching=batching,
+            rss_mb=round(self.rss_bytes / 2**20, 1) if self.rss_bytes is not None else None,
+        )
+
+
+class SessionPool:
+    """The shared sessions of one process, by key; a session lives while a pipeline leases it."""
+
+    def __init__(self) -> None:
+        # Re-entrant: a model collected while this thread holds the lock gives its lease back through it.
+        self._lock = threading.RLock()
+        self._sessions: dict[SessionKey, SharedSession] = {}
+        self._loading: dict[SessionKey, threading.Lock] = {}
+
+    def acquire(
+        self,
+        source: Path | bytes,
+        runtime: RuntimeConfig,
+        state_dir: Path,
+        *,
+        optimization: Optimization | None = None,
+        emit: EventSink = log_event,
+    ) -> SharedSession:
+        """The session for this model and settings, opened now or shared with the pipelines holding it;
+        pair each acquire with one `release`."""
+        digest = model_digest(source)
+        level = optimization or runtime.optimization
+        key = SessionKey(digest, runtime.model_dump_json(), level, str(Path(state_dir).absolute()))
+        with self._lock:
+            loading = self._loading.setdefault(key, threading.Lock())
+        with loading:  # a second pipeline on the same model waits for the first one's load, then shares it
+            with self._lock:
+                shared = self._sessions.get(key)
+                if shared is not None:
+                    shared.users += 1
+                    return shared
+            before = _rss()
+            try:
+                opened = open_session(source, runtime, Path(state_dir), emit, optimization=level, digest=digest)
+            finally:
+                with self._lock:
+                    self._loading.pop(key, None)
+            lanes = core_budget() if cpu_bound(Candidate(opened.provider, opened.options, True, "")) else 1
+            shared = SharedSession(key, opened, runtime.batching, lanes, before)
+            with self._lock:
+                self._sessions[key] = shared
+                shared.users += 1
+            return shared
+
+    def release(self, shared: SharedSession) -> None:
+        with self._lock:
+            shared.users -= 1
+            if shared.users <= 0 and self._sessions.get(shared.key) is shared:
+                del self._sessions[shared.key]
+
+    def sessions(self) -> Sequence[SharedSession]:
+        with self._lock:
+            return list(self._sessions.values())
+
+
+def _rss() -> int | None:
+    try:
+        return int(psutil.Process().memory_info().rss)
+    except (psutil.Error, OSError):
+        return None
+
+
+POOL = SessionPool()  # the process's pool: every pipeline of a daemon shares through it

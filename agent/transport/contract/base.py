@@ -1,0 +1,57 @@
+"""What every wire model shares: strict, closed and immutable, and the one error a violation raises."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, TypeVar
+
+from pydantic import BaseModel, ConfigDict, StringConstraints, TypeAdapter, ValidationError
+
+# Every payload stamps its time as `agent.util.timefmt.utc_iso` writes it: UTC, milliseconds, `Z`.
+Timestamp = Annotated[str, StringConstraints(pattern=r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z$")]
+Text = Annotated[str, StringConstraints(min_length=1)]  # a name or a reason: never empty
+
+W = TypeVar("W")
+
+
+class ContractError(Exception):
+    """A payload that does not match its contract; the message names what, and the field.
+
+    Not a ValueError on purpose: producers catch ValueError for bad input, and a producer that builds
+    a wrong event has a bug that must not pass as bad input."""
+
+    def __init__(self, what: str, message: str, field: str | None = None) -> None:
+        self.what, self.field = what, field
+        super().__init__(f"{what}: field {field!r}: {message}" if field else f"{what}: {message}")
+
+
+class Wire(BaseModel):
+    """Unknown keys are errors, no value is coerced into another type, nothing changes after validation."""
+
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
+
+
+def check(adapter: TypeAdapter[W], data: object, what: str) -> W:
+    """`data` validated (ContractError naming the first wrong field)."""
+    try:
+        return adapter.validate_python(data)
+    except ValidationError as exc:
+        raise _contract_error(exc, what) from None
+
+
+def decode(raw: bytes | str, what: str) -> dict[str, object]:
+    """A payload as the JSON object every message is (ContractError otherwise)."""
+    try:
+        doc = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ContractError(what, f"not JSON ({exc})") from None
+    if not isinstance(doc, dict):
+        raise ContractError(what, f"expected a JSON object, got {type(doc).__name__}")
+    return doc
+
+
+def _contract_error(exc: ValidationError, what: str) -> ContractError:
+    first = exc.errors(include_url=False)[0]
+    field = ".".join(str(part) for part in first["loc"]) or None
+    got = f" (got {first['input']!r})" if first["type"] not in ("missing", "extra_forbidden") else ""
+    return ContractError(what, f"{first['msg']}{got}"[:300], field)

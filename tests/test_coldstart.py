@@ -1,0 +1,90 @@
+"""Cold start: the timeline `run --log-level debug` prints, and what a start does not load before its first result."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.helpers.models import linear_model, save
+from tests.test_pipeline import pool_model
+
+REPO = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.arm64
+
+IN_PROCESS = """
+import sys
+from agent.cli import main
+code = main(["run", "--profile", sys.argv[1]])
+print("MODULES", " ".join(sorted(m for m in sys.modules if m.split(".")[0] in ("cv2", "paho", "requests", "agent"))),
+      file=sys.stderr)
+sys.exit(code)
+"""
+
+
+def write_profile(tmp_path: Path, pipeline: dict[str, object]) -> Path:
+    path = tmp_path / "profile.json"
+    path.write_text(
+        json.dumps({"device": {"id": "cold", "state_dir": str(tmp_path / "state")}, "pipelines": [pipeline]})
+    )
+    return path
+
+
+def camera(tmp_path: Path) -> Path:
+    model = save(pool_model(), tmp_path / "pool.onnx")
+    source = {"type": "synthetic", "width": 64, "height": 48, "frames": 2, "fps": 50}
+    return write_profile(
+        tmp_path, {"name": "cam", "model": str(model), "source": source, "preprocess": {"resize": [32, 24]}}
+    )
+
+
+def run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=REPO, timeout=120)
+
+
+def timeline(stderr: str) -> list[str]:
+    return [m.group(1) for m in re.finditer(r"start \+[0-9.]+ s \([+-][0-9.]+ s\) (.*)", stderr)]
+
+
+def test_run_at_debug_level_prints_the_start_timeline_up_to_the_first_result(tmp_path: Path) -> None:
+    prof = camera(tmp_path)
+    first = run("-m", "agent", "--log-level", "debug", "run", "--profile", str(prof))
+    assert first.returncode == 0, first.stderr
+    steps = timeline(first.stderr)
+    assert steps[:3] == ["command line parsed", "daemon imported", "profile loaded"], steps
+    assert any(
+        re.fullmatch(r"model pool \S+ on CPUExecutionProvider \(optimised model cache: written\)", s) for s in steps
+    )
+    assert "model pool warmed (1 run)" in steps
+    ordered = [s for s in steps if s in ("pipelines started", "first result (cam)")]
+    assert ordered[0] == "pipelines started" and "first result (cam)" in ordered
+    assert re.search(r"start: first result [0-9.]+ s after the process started", first.stderr)
+    second = run("-m", "agent", "--log-level", "debug", "run", "--profile", str(prof))
+    assert any(s.endswith("(optimised model cache: hit)") for s in timeline(second.stderr)), second.stderr
+    quiet = run("-m", "agent", "run", "--profile", str(prof))
+    assert timeline(quiet.stderr) == []  # info level: no timeline
+
+
+def test_a_start_without_broker_or_registry_never_loads_their_libraries(tmp_path: Path) -> None:
+    out = run("-c", IN_PROCESS, str(camera(tmp_path)))
+    assert out.returncode == 0, out.stderr
+    loaded = set(out.stderr.split("MODULES", 1)[1].split())
+    assert not {m for m in loaded if m.split(".")[0] in ("paho", "requests")}, loaded
+    assert not {"agent.models.registry", "agent.transport.connection", "agent.service.statuspage"} & loaded
+
+
+def test_a_sensor_only_device_never_imports_opencv(tmp_path: Path) -> None:
+    model = save(linear_model(np.ones((3, 1))), tmp_path / "sum.onnx")
+    csv = tmp_path / "s.csv"
+    csv.write_text("a,b,c\n1,2,3\n4,5,6\n")
+    prof = write_profile(tmp_path, {"name": "vib", "model": str(model), "source": {"type": "csv", "path": str(csv)}})
+    out = run("-c", IN_PROCESS, str(prof))
+    assert out.returncode == 0, out.stderr
+    assert [json.loads(line)["output"]["y"] for line in out.stdout.splitlines()] == [[[6.0]], [[15.0]]]
+    loaded = set(out.stderr.split("MODULES", 1)[1].split())
+    assert "cv2" not in loaded and "agent.inference.processing.pre" in loaded
