@@ -743,3 +743,5 @@ def test_a_device_still_offline_when_the_wait_runs_out_is_named_offline() -> Non
     assert watch.summary(30) == [
         "  cam-a: offline, no final report within 30s (the retained order applies when it reconnects)"
     ]
+    canary = DeployWatch(inventory, new_order("m", "2.0.0", "device:cam-a"), "edge/cam-a/deploy", targets=["cam-a"])
+    assert canary.summary(30) == ["  cam-a: offline, no final report within 30s"]  # its order is withdrawn

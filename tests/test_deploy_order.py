@@ -21,7 +21,7 @@ from agent.models.deploy import (
     sign_order,
 )
 from agent.models.orders import OrderBook
-from agent.models.signing import generate_keypair, load_private_key, load_public_keys, sign
+from agent.models.signing import ORDER, generate_keypair, load_private_key, load_public_keys, sign
 
 pytestmark = pytest.mark.arm64
 
@@ -46,7 +46,7 @@ def order(**kw: Any) -> DeployOrder:
 def envelope(doc: dict[str, Any], private: Any) -> bytes:
     """An order signed exactly as written, for documents new_order would not make."""
     text = json.dumps(doc)
-    return json.dumps({"order": text, "sig": json.loads(sign(private, text.encode()))}).encode()
+    return json.dumps({"order": text, "sig": json.loads(sign(private, text.encode(), ORDER))}).encode()
 
 
 def good_doc(**changes: Any) -> dict[str, Any]:
@@ -68,7 +68,9 @@ def test_a_signed_order_round_trips(keys: Any) -> None:
     o = order(canary=Canary("north-gate", ("cam-1", "cam-2")), allow_older=True, expires_in=timedelta(hours=1))
     payload = sign_order(o, private)
     env = json.loads(payload)
-    assert set(env) == {"order", "sig"} and env["sig"]["alg"] == "ed25519" and len(env["sig"]["key"]) == 16
+    assert set(env) == {"order", "sig"} and env["sig"]["type"] == ORDER
+    (signature,) = env["sig"]["signatures"]
+    assert signature["alg"] == "ed25519" and len(signature["key"]) == 16
     assert json.loads(env["order"])["target"] == "group:north-gate"
     got = parse_order(payload, public, now=NOW)
     assert got == o
@@ -101,7 +103,7 @@ def test_refusals_say_why_in_one_line(keys: Any) -> None:
     assert f"deployment order {o.id} is signed by unknown key" in msg and "trusted: " in msg
 
     bad_sig = json.loads(payload)
-    bad_sig["sig"] = {"alg": "rsa", "key": "x", "sig": ""}
+    bad_sig["sig"] = {"type": ORDER, "signatures": [{"alg": "rsa", "key": "x", "sig": ""}]}
     assert (
         refusal(json.dumps(bad_sig).encode(), public)
         == f"signature of deployment order {o.id} uses 'rsa'; only ed25519 is accepted"
@@ -159,7 +161,7 @@ def test_a_missing_key_and_a_non_object_order(keys: Any) -> None:
     del doc["version"]
     assert refusal(envelope(doc, private), public).endswith(": required key 'version' is missing")
     text = "[1, 2]"
-    payload = json.dumps({"order": text, "sig": json.loads(sign(private, text.encode()))}).encode()
+    payload = json.dumps({"order": text, "sig": json.loads(sign(private, text.encode(), ORDER))}).encode()
     assert refusal(payload, public) == "deployment order: expected a JSON object, got list"
 
 
@@ -215,21 +217,57 @@ def test_the_order_book_follows_the_newest_order_per_model_and_forgets_withdrawn
     device_v2 = order(target="device:cam-1", version="2.0", now=NOW + timedelta(minutes=1))
     book.put("edge/fleet/north-gate/deploy", group_v3)
     book.put("edge/cam-1/deploy", device_v2)
-    followed = book.effective("text-detector")
+    followed = book.effective("text-detector", now=NOW)
     assert followed is not None and (followed["id"], followed["version"]) == (device_v2.id, "2.0")
+    assert book.superseded_by(group_v3, NOW) == followed and book.superseded_by(device_v2, NOW) is None
     again = OrderBook(tmp_path, "cam-1", "north-gate")  # kept across restarts
     assert again.topics() == ["edge/cam-1/deploy", "edge/fleet/north-gate/deploy"]
     withdrawn = again.withdraw("edge/cam-1/deploy")
     assert withdrawn is not None and withdrawn["version"] == "2.0" and again.withdraw("edge/cam-1/deploy") is None
-    assert (again.effective("text-detector") or {}).get("version") == "3.0"
-    assert OrderBook(tmp_path, "cam-1", "south-gate").effective("text-detector") is None  # another group now
+    assert (again.effective("text-detector", now=NOW) or {}).get("version") == "3.0"
+    assert OrderBook(tmp_path, "cam-1", "south-gate").effective("text-detector", now=NOW) is None  # another group now
     again.withdraw("edge/fleet/north-gate/deploy")
-    assert OrderBook(tmp_path, "cam-1", "north-gate").effective("text-detector") is None
+    assert OrderBook(tmp_path, "cam-1", "north-gate").effective("text-detector", now=NOW) is None
+
+
+def test_an_expired_order_is_no_longer_followed_and_is_dropped(tmp_path: Path) -> None:
+    book = OrderBook(tmp_path, "cam-1", "north-gate")
+    short = order(target="device:cam-1", version="2.0", expires_in=timedelta(hours=1))
+    book.put("edge/cam-1/deploy", short)
+    assert book.effective("text-detector", now=NOW + timedelta(minutes=59)) is not None
+    assert book.effective("text-detector", now=NOW + timedelta(hours=1)) is None
+    assert book.expire(NOW + timedelta(minutes=59)) == []
+    (gone,) = book.expire(NOW + timedelta(hours=2))
+    assert gone[0] == "edge/cam-1/deploy" and gone[1]["id"] == short.id
+    assert OrderBook(tmp_path, "cam-1", "north-gate").topics() == []
+
+
+def test_an_older_order_or_a_withdrawn_one_published_again_is_a_replay(tmp_path: Path) -> None:
+    topic = "edge/cam-1/deploy"
+    book = OrderBook(tmp_path, "cam-1", "north-gate")
+    old = order(target="device:cam-1", version="1.0", now=NOW)
+    new = order(target="device:cam-1", version="2.0", now=NOW + timedelta(minutes=5))
+    assert book.replay(topic, old) is None
+    book.saw(topic, old)
+    assert book.replay(topic, old) is None  # the retained order again, at a reconnect
+    book.saw(topic, new)
+    reason = OrderBook(tmp_path, "cam-1", "north-gate").replay(topic, old)  # remembered across restarts
+    assert reason == (
+        f"deployment order {old.id} was issued before order {new.id} already seen on {topic}; "
+        "an older order published again is not followed (replay refused)"
+    )
+    assert book.replay("edge/fleet/north-gate/deploy", old) is None  # another topic keeps its own
+    book.withdraw(topic)
+    assert book.replay(topic, new) == (
+        f"deployment order {new.id} was withdrawn from {topic}; published again, it is not followed (replay refused)"
+    )
+    newest = order(target="device:cam-1", version="3.0", now=NOW + timedelta(minutes=9))
+    assert book.replay(topic, newest) is None
 
 
 def test_the_order_book_reads_the_file_of_an_older_agent(tmp_path: Path) -> None:
     (tmp_path / "orders.json").write_text('{"text-detector": {"id": "old-1", "version": "1.9"}}')
     book = OrderBook(tmp_path, "cam-1", "north-gate")
-    assert (book.effective("text-detector") or {}).get("version") == "1.9"
+    assert (book.effective("text-detector") or {}).get("version") == "1.9"  # no expiry known: kept
     book.put("edge/cam-1/deploy", order(target="device:cam-1", version="2.0"))  # supersedes it
     assert book.topics() == ["edge/cam-1/deploy"]

@@ -22,7 +22,7 @@ from agent.cloud.server import REQUESTS_KEPT
 from agent.device.compat import caps_for
 from agent.models.fetch import retry_after
 from agent.models.manifest import dumps
-from agent.models.signing import generate_keypair, load_private_key
+from agent.models.signing import CHANNEL, generate_keypair, load_private_key
 from agent.models.store import Store
 from agent.models.vectors import encode
 from agent.transport.events import Event
@@ -73,7 +73,8 @@ def test_pull_activates_and_a_second_poll_is_a_conditional_get(registry: Registr
     again = registry.client(tmp_path / "state", events, caps=CAPS).check_and_pull("m")
     assert again.status == "current" and types(events)[-1] == "model.activated"
     polls = registry.server.requests[n:]
-    assert [r["path"] for r in polls] == ["/channels/m/stable.json", "/channels/m/stable.json.sig"]
+    # The root of trust first (docs/trust.md), then the channel: each a conditional GET.
+    assert [r["path"] for r in polls] == ["/keys/root.json", "/channels/m/stable.json", "/channels/m/stable.json.sig"]
     assert all(r["if_none_match"] for r in polls)
 
 
@@ -242,7 +243,7 @@ def test_refused_path_traversal_in_a_signed_channel(registry: Registry, tmp_path
         "updated": "2026-11-25T00:00:00Z",
         "expires": "2099-01-01T00:00:00Z",
     }
-    write_signed(registry.root / "channels" / "m" / "stable.json", dumps(doc), load_private_key(registry.key))
+    write_signed(registry.root / "channels" / "m" / "stable.json", dumps(doc), load_private_key(registry.key), CHANNEL)
     refuse(registry, tmp_path, f"channels/m/stable.json: version: {pointer_version!r} is not a safe name")
 
 

@@ -19,7 +19,7 @@ import requests
 from agent.cloud.publish import write_signed
 from agent.device.compat import caps_for
 from agent.models.registry import RegistryClient
-from agent.models.signing import load_private_key
+from agent.models.signing import CHANNEL, load_private_key
 from agent.models.store import Store
 from agent.transport.events import Event
 from tests.helpers.nginx import Nginx, nginx_binary
@@ -215,7 +215,7 @@ def test_a_document_rewritten_within_the_second_gets_a_new_etag(registry: Regist
     first = requests.get(nginx.url + "channels/m/stable.json", timeout=5)
     data = first.content.replace(b'"1.0.0"', b'"1.1.0"')
     assert len(data) == len(first.content)
-    write_signed(channel, data, load_private_key(registry.key))
+    write_signed(channel, data, load_private_key(registry.key), CHANNEL)
     assert int(time.time()) == second, "the rewrite took longer than the rest of the second"
     again = requests.get(
         nginx.url + "channels/m/stable.json", headers={"If-None-Match": first.headers["ETag"]}, timeout=5

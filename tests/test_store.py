@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from agent.models.manifest import dumps
-from agent.models.store import Store, StoreError, write_atomic
+from agent.models.store import Store, StoreError
+from agent.util.files import write_atomic
 
 pytestmark = pytest.mark.arm64
 

@@ -28,7 +28,11 @@ def _broker_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tls-cert", type=Path, metavar="FILE", help="client certificate (mqtts://)")
     g.add_argument("--tls-key", type=Path, metavar="FILE", help="client key (mqtts://)")
     g.add_argument(
-        "--settle", default="1s", metavar="DURATION", help="how long to read the retained topics first (default: 1s)"
+        "--settle",
+        default="0s",
+        metavar="DURATION",
+        help="how long to go on reading once every retained message is in (the end of the retained burst is "
+        "known exactly, from a marker this command sends itself; default: 0s)",
     )
 
 
@@ -92,10 +96,13 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     s = actions.add_parser(
         "status",
         help="every device on the retained topics: state, group, models, health",
-        description="Read the retained status, health and deploy topics for a moment and print a table.",
+        description="Read every retained status, health, report and deploy message (until a marker this command "
+        "sends itself comes back: the retained burst is then complete) and print a table per device, per group and "
+        "model, and per model version.",
     )
     s.add_argument("--group", metavar="NAME", help="only the devices of this group")
     s.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    s.add_argument("--html", type=Path, metavar="FILE", help="also write the state as a static HTML page to FILE")
     _broker_options(s)
     s.set_defaults(handler=status)
 
@@ -172,5 +179,12 @@ def status(args: argparse.Namespace) -> int:
         state = fleet_state(_settings(args), args.topic_prefix, args.group, settle)
     except FleetError as exc:
         raise CliError(str(exc), exc.code) from None
+    if args.html is not None:
+        from agent.cloud.fleet.page import render_page
+
+        try:
+            args.html.write_text(render_page(state))
+        except OSError as exc:
+            raise CliError(f"--html: cannot write {args.html}: {exc.strerror or exc}") from None
     print(json.dumps(state, indent=2) if args.json else render_status(state))
     return 0

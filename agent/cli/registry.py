@@ -1,10 +1,11 @@
-"""`edge-agent registry keygen|publish|serve|sample`: the cloud side of the model registry."""
+"""`edge-agent registry keygen|publish|serve|sample`: the cloud side of the model registry (its keys: registry_keys)."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
+from agent.cli import registry_keys
 from agent.cli.errors import USAGE, CliError
 from agent.config.units import parse_duration
 
@@ -21,11 +22,13 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     k = actions.add_parser(
         "keygen",
         help="make an ed25519 signing key pair",
-        description="Write NAME.key (private, mode 0600) and NAME.pub (give it to devices as registry.public_key).",
+        description="Write NAME.key (private, mode 0600) and NAME.pub: a root key (kept offline), an online key "
+        "(manifests, channels, orders), or the one key of a single-key registry. See docs/trust.md.",
     )
     k.add_argument("--out", required=True, type=Path, metavar="DIR", help="folder for the key pair")
     k.add_argument("--name", default="registry", help="file name stem (default: registry)")
     k.set_defaults(handler=keygen)
+    registry_keys.add_parsers(actions)
 
     pub = actions.add_parser(
         "publish",
@@ -46,6 +49,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         help="private key (default: ROOT/../keys/registry.key or $EDGE_AGENT_REGISTRY_KEY)",
     )
     pub.add_argument("--channel", metavar="NAME", help="move this channel (e.g. stable) to the version")
+    pub.add_argument(
+        "--channel-key", type=Path, metavar="KEY", help="the key that signs the channel pointer (default: --key)"
+    )
     pub.add_argument(
         "--test-inputs",
         type=Path,
@@ -118,7 +124,8 @@ def keygen(args: argparse.Namespace) -> int:
         raise CliError(str(exc), USAGE) from None
     (kid,) = load_public_keys(public)
     print(
-        f"private key: {private} (keep it off devices)\npublic key:  {public} (key id {kid}; devices: registry.public_key)"
+        f"private key: {private} (keep it off devices)\npublic key:  {public} (key id {kid}; devices pin the root "
+        "key, or a single-key registry's key, as registry.public_key: docs/trust.md)"
     )
     return 0
 
@@ -132,7 +139,7 @@ def publish(args: argparse.Namespace) -> int:
         raise CliError(
             f"no signing key at {key}; make one with `edge-agent registry keygen --out DIR` and pass --key", USAGE
         )
-    for path in (args.file, args.test_inputs, args.labels):
+    for path in (args.file, args.test_inputs, args.labels, args.channel_key):
         if path is not None and not path.is_file():
             raise CliError(f"{path}: no such file", USAGE)
     try:
@@ -148,6 +155,7 @@ def publish(args: argparse.Namespace) -> int:
             key,
             variant_id=args.variant,
             channel=args.channel,
+            channel_key=args.channel_key,
             test_inputs=args.test_inputs,
             labels=args.labels,
             derive=tuple(args.derive),

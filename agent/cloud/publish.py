@@ -22,6 +22,8 @@ from typing import Literal
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from agent.cloud.roots import KeysError, check_signing_key
+from agent.cloud.writes import write_signed
 from agent.device import compat
 from agent.models.manifest import (
     NAME_PATTERN,
@@ -36,7 +38,7 @@ from agent.models.manifest import (
     file_digest,
     parse_manifest,
 )
-from agent.models.signing import load_private_key, sign
+from agent.models.signing import CHANNEL, MANIFEST, load_private_key
 from agent.models.vectors import VectorError, decode, encode
 from agent.util.hashing import sha256_bytes
 
@@ -97,30 +99,6 @@ def put_blob(root: Path, data: bytes | Path) -> Blob:
         tmp.write_bytes(data)
         os.replace(tmp, target)
     return Blob(digest=f"sha256:{hexdigest}", size=len(data))
-
-
-def write_signed(path: Path, data: bytes, key: Ed25519PrivateKey) -> None:
-    """Document and signature; the signature lands first so that a reader never sees new bytes with an old one
-    for long (a device that catches the instant between the renames refuses, and retries at its next poll)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sig = sign(key, data)
-    for target, content in ((path.with_name(path.name + ".sig"), sig), (path, data)):
-        tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp")
-        tmp.write_bytes(content)
-        _later_second(tmp, target)
-        os.replace(tmp, target)
-
-
-def _later_second(new: Path, old: Path) -> None:
-    """Give `new` an mtime in a later whole second than `old`'s: nginx's ETag is the mtime in seconds and
-    the size, so a document rewritten within the second it was written, at the same size (1.0.0 -> 1.1.0),
-    would keep its ETag, and a device that polled in between would be told 304 until the next change."""
-    try:
-        before = int(old.stat().st_mtime)
-    except FileNotFoundError:
-        return
-    if int(new.stat().st_mtime) <= before:
-        os.utime(new, (before + 1, before + 1))
 
 
 def detect_precision(summary: compat.ModelSummary) -> Precision:
@@ -299,6 +277,7 @@ def publish(
     *,
     variant_id: str | None = None,
     channel: str | None = None,
+    channel_key: Path | None = None,
     test_inputs: Path | None = None,
     labels: Path | None = None,
     derive: tuple[str, ...] = (),
@@ -311,7 +290,9 @@ def publish(
     no_tests: bool = False,
     now: datetime | None = None,
 ) -> Published:
-    """Add `file` as a variant of model/version (creating the version if new), sign, move the channel."""
+    """Add `file` as a variant of model/version (creating the version if new), sign, move the channel.
+    `key` signs the manifest, `channel_key` (default: `key`) the channel pointer; in a registry with signing
+    roles each must be a key its root trusts for that role."""
     root, file = Path(root), Path(file)
     if not re.match(NAME_PATTERN, model):
         raise PublishError(f"model {model!r} is not a name (letters, digits, _ . -; up to 64)")
@@ -326,6 +307,10 @@ def publish(
     if file.suffix == ".ort":
         raise PublishError(f"{file}: publishing .ort files is not supported yet; publish the .onnx file")
     private = load_private_key(key)
+    channel_private = load_private_key(channel_key) if channel_key is not None else private
+    _check_role(root, private, "manifests")
+    if channel:
+        _check_role(root, channel_private, "channels")
     now = now or datetime.now(timezone.utc).replace(microsecond=0)
     old = _existing(root, model, version)
     variants = {v.id: v for v in old.variants} if old else {}
@@ -403,10 +388,17 @@ def publish(
         labels=labels_blob,
         metadata=metadata,
     )
-    write_signed(root / "models" / model / version / "manifest.json", manifest.to_bytes(), private)
+    write_signed(root / "models" / model / version / "manifest.json", manifest.to_bytes(), private, MANIFEST)
     if channel:
-        move_channel(root, model, channel, version, private, expires_days=expires_days, now=now)
+        move_channel(root, model, channel, version, channel_private, expires_days=expires_days, now=now)
     return Published(manifest, made[0], tuple(made[1:]), tuple(notes))
+
+
+def _check_role(root: Path, private: Ed25519PrivateKey, role: Literal["manifests", "channels"]) -> None:
+    try:
+        check_signing_key(root, private, role)
+    except KeysError as exc:
+        raise PublishError(str(exc)) from None
 
 
 def _largest_difference(expected: dict[str, object], reference: dict[str, object]) -> float | None:
@@ -439,5 +431,5 @@ def move_channel(
     pointer = ChannelPointer(
         model=model, channel=channel, version=version, updated=now, expires=now + timedelta(days=expires_days)
     )
-    write_signed(root / "channels" / model / f"{channel}.json", pointer.to_bytes(), private)
+    write_signed(root / "channels" / model / f"{channel}.json", pointer.to_bytes(), private, CHANNEL)
     return pointer

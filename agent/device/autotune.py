@@ -314,21 +314,20 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
 # ---- dynamic batching: does a batch pay here? -------------------------------------------------------
 
 BATCH_GAIN = 0.9  # a batch must cost under 90% per frame of single runs: below that it is noise
-BATCH_ROUNDS = 3
+BATCH_ROUNDS = 5
 
 
 @dataclass(frozen=True)
 class BatchVerdict:
-    """Per-frame cost of a batch of `size` against `size` single runs, on this device."""
+    """Per-frame cost of a batch of `size` against `size` single runs, on this device (medians); `pays`
+    only when the batch won by the margin in every round, so that a burst of load elsewhere cannot turn
+    on batching that costs memory (an arena the batch's size) and speed."""
 
     size: int
     single_ms: float
     batch_ms: float
+    pays: bool
     cached: bool = False
-
-    @property
-    def pays(self) -> bool:
-        return self.batch_ms < BATCH_GAIN * self.single_ms
 
     def describe(self) -> str:
         verdict = "pays" if self.pays else "does not pay"
@@ -347,13 +346,13 @@ def batch_cache_path(state_dir: Path, digest: str, probe: Probe, provider: str) 
 def judge_batching(
     session: ort.InferenceSession, name: str, example: np.ndarray, size: int, path: Path
 ) -> BatchVerdict:
-    """Time `size` single runs and one batch of `size` in turns (medians of BATCH_ROUNDS), or read the
-    verdict cached at `path`. The batch runs give their arena growth back, so that a batch that does not
+    """Time `size` single runs and one batch of `size` in turns, BATCH_ROUNDS times, or read the verdict
+    cached at `path`. The batch runs give their arena growth back, so that a batch that does not
     pay leaves no memory behind."""
     try:
         data = json.loads(path.read_text())
         if data.get("version") == CACHE_VERSION and int(data["size"]) == size:
-            return BatchVerdict(size, float(data["single_ms"]), float(data["batch_ms"]), cached=True)
+            return BatchVerdict(size, float(data["single_ms"]), float(data["batch_ms"]), bool(data["pays"]), True)
     except (OSError, ValueError, KeyError, TypeError):
         pass
     shrink = ort.RunOptions()
@@ -370,6 +369,7 @@ def judge_batching(
         start = time.perf_counter()
         session.run(None, {name: batch}, shrink)
         batches.append((time.perf_counter() - start) * 1000 / size)
-    verdict = BatchVerdict(size, statistics.median(singles), statistics.median(batches))
+    pays = all(b < BATCH_GAIN * one for one, b in zip(singles, batches, strict=True))
+    verdict = BatchVerdict(size, statistics.median(singles), statistics.median(batches), pays)
     _write_json(path, {"version": CACHE_VERSION, "measured_at": utc_iso(time.time()), **asdict(verdict)})
     return verdict

@@ -125,9 +125,9 @@ class Pipeline:
         self._infer_thread: threading.Thread | None = None
         size = SENSOR_QUEUE_SIZE if self.source.sensor else QUEUE_SIZE
         self._in: Inbox[Frame] = Inbox(self.live, size)
-        # A live frame waits at most one inference, then one post-processing: stale frames are worse than dropped.
+        # A live frame waits at most one inference before it runs: stale frames are worse than dropped ones.
         self._to_infer: queue.Queue[Work | End] = queue.Queue(1 if self.live else size)
-        self._to_post: queue.Queue[Work | End] = queue.Queue(1 if self.live else size)
+        self._to_post: queue.Queue[Work | End] = queue.Queue(size)
         self.timings = Timings(("pre", "infer", "post", "total"))
         self._counts = zero_counts()
         self._results_rate = RateMeter()

@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from agent.models.store import write_atomic
+from agent.util.files import write_atomic
 from agent.util.timefmt import utc_iso
 
 log = logging.getLogger(__name__)

@@ -28,7 +28,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from agent.models.manifest import NAME_PATTERN, VERSION_PATTERN
-from agent.models.signing import SignatureError, sign, verify
+from agent.models.signing import ORDER, SignatureError, sign, verify
 
 SCHEMA = 1
 MAX_ORDER_BYTES = 64 * 1024
@@ -156,7 +156,7 @@ def new_order(
 def sign_order(order: DeployOrder, private_key: Ed25519PrivateKey) -> bytes:
     """The retained payload: the order's exact bytes and an ed25519 signature over them."""
     data = order.to_bytes()
-    envelope = {"order": data.decode(), "sig": json.loads(sign(private_key, data))}
+    envelope = {"order": data.decode(), "sig": json.loads(sign(private_key, data, ORDER))}
     return json.dumps(envelope, separators=(",", ":")).encode()
 
 
@@ -186,7 +186,7 @@ def parse_order(
     claimed = _claimed_id(text)
     what = f"{WHAT} {claimed}" if claimed else WHAT
     try:
-        verify(dict(public_keys), text.encode(), json.dumps(envelope["sig"]).encode(), what)
+        verify(public_keys, text.encode(), json.dumps(envelope["sig"]).encode(), what, ORDER)
     except SignatureError as exc:
         raise OrderError(str(exc), claimed) from None
     try:

@@ -52,6 +52,10 @@ class RefusalError(Exception):
         self.hold = hold
 
 
+class MissingError(RefusalError):
+    """The registry has no such file (404)."""
+
+
 class FetchError(Exception):
     """The registry could not be reached or did not answer usefully (worth retrying later)."""
 
@@ -148,7 +152,7 @@ class Fetcher:
                 if r.status_code == 304 and cached is not None:
                     return cached
                 if r.status_code == 404:
-                    raise RefusalError(f"{path} is not on the registry (404)")
+                    raise MissingError(f"{path} is not on the registry (404)")
                 if r.status_code in RETRY_LATER:
                     raise RetryLaterError.of(r)
                 if r.status_code >= 500:

@@ -30,11 +30,13 @@ class ManifestError(ValueError):
     """A manifest or channel pointer that cannot be trusted; the message names the field."""
 
 
-class _Doc(BaseModel):
+class StrictDoc(BaseModel):
+    """A signed document's shape: unknown keys, wrong types and changes after parsing are all refused."""
+
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True, populate_by_name=True)
 
 
-class Blob(_Doc):
+class Blob(StrictDoc):
     digest: str = Field(pattern=DIGEST_PATTERN, description="sha256:<hex> of the file")
     size: int = Field(ge=0, le=MAX_BLOB_BYTES, description="exact size in bytes")
 
@@ -48,13 +50,13 @@ def file_digest(path: Path | str) -> str:
     return "sha256:" + sha256_file(path)
 
 
-class TensorSpec(_Doc):
+class TensorSpec(StrictDoc):
     name: str = Field(min_length=1, max_length=512)
     type: str = Field(min_length=1, max_length=32, description="float32, int64, ...")
     shape: tuple[int | str | None, ...] | None = Field(None, description="dims; a string or null is dynamic")
 
 
-class Variant(_Doc):
+class Variant(StrictDoc):
     id: str = Field(pattern=NAME_PATTERN, description="fp32, fp16, int8, op15, ...")
     blob: Blob
     format: Literal["onnx", "ort"] = "onnx"
@@ -68,7 +70,7 @@ class Variant(_Doc):
     min_runtime: str | None = Field(None, pattern=r"^\d+(\.\d+)*$", description="oldest onnxruntime that loads it")
 
 
-class TestVector(_Doc):
+class TestVector(StrictDoc):
     name: str = Field(pattern=NAME_PATTERN)
     variant: str = Field(pattern=NAME_PATTERN)
     inputs: Blob = Field(description=".npz of named input tensors")
@@ -77,7 +79,7 @@ class TestVector(_Doc):
     atol: float = Field(ge=0)
 
 
-class Manifest(_Doc):
+class Manifest(StrictDoc):
     schema_version: Literal[1] = Field(SCHEMA, alias="schema")
     model: str = Field(pattern=NAME_PATTERN)
     version: str = Field(pattern=VERSION_PATTERN)
@@ -116,7 +118,7 @@ class Manifest(_Doc):
         return dumps(self.model_dump(mode="json", by_alias=True, exclude_none=True))
 
 
-class ChannelPointer(_Doc):
+class ChannelPointer(StrictDoc):
     model: str = Field(pattern=NAME_PATTERN)
     channel: str = Field(pattern=NAME_PATTERN)
     version: str = Field(pattern=VERSION_PATTERN)
@@ -146,18 +148,18 @@ def _one_line(exc: ValidationError, what: str) -> str:
     return f"{what}: {where + ': ' if where else ''}{msg}{more}"
 
 
-_D = TypeVar("_D", bound=_Doc)
+_DocT = TypeVar("_DocT", bound=StrictDoc)
 
 
 def parse_manifest(data: bytes, what: str = "manifest") -> Manifest:
-    return _parse(Manifest, data, what)
+    return parse_doc(Manifest, data, what)
 
 
 def parse_channel(data: bytes, what: str = "channel") -> ChannelPointer:
-    return _parse(ChannelPointer, data, what)
+    return parse_doc(ChannelPointer, data, what)
 
 
-def _parse(kind: type[_D], data: bytes, what: str) -> _D:
+def parse_doc(kind: type[_DocT], data: bytes, what: str) -> _DocT:
     """Strict parsing of a signed document, bounded in size, with a one-line error."""
     if len(data) > MAX_DOC_BYTES:
         raise ManifestError(f"{what} is {len(data)} bytes; larger than {MAX_DOC_BYTES}")

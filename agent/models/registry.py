@@ -5,8 +5,10 @@ events (model.downloading, model.verifying, model.activated, model.refused with 
 and as a `PullResult`. Every check that can refuse a version runs before the bytes it guards are
 trusted, and most before anything is downloaded:
 
-1. the channel pointer and the manifest are fetched (conditional GETs, bounded size, retries with
-   backoff) and their ed25519 signatures checked over the exact bytes with the profile's keys;
+1. the registry's keys are brought up to date (agent.models.trust: the root chain from the pinned root
+   key, so that a revoked key is known before anything it signed is read); the channel pointer and the
+   manifest are fetched (conditional GETs, bounded size, retries with backoff) and their ed25519
+   signatures, bound to their payload type, checked over the exact bytes with the keys of their role;
 2. the manifest is parsed strictly, must name the model and version asked for (mix-and-match), must
    not have expired (freeze) and must not be older than the active version unless a rollback was
    ordered (rollback attack); a version this device held (it was refused after a try, or rolled back)
@@ -38,7 +40,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from agent.device import compat
-from agent.models.fetch import Fetcher, FetchError, Progress, RefusalError
+from agent.models.fetch import Fetcher, FetchError, MissingError, Progress, RefusalError
 from agent.models.manifest import (
     NAME_PATTERN,
     VERSION_PATTERN,
@@ -54,8 +56,18 @@ from agent.models.manifest import (
     utcnow,
     version_key,
 )
-from agent.models.signing import SignatureError, load_public_keys, verify
+from agent.models.signing import (
+    CHANNEL,
+    MANIFEST,
+    ORDER,
+    Keyring,
+    PayloadType,
+    SignatureError,
+    load_public_keys,
+    verify,
+)
 from agent.models.store import Installed, Store, StoreError
+from agent.models.trust import Trust, TrustError
 from agent.models.vectors import VectorError, decode, mismatch
 from agent.transport.events import Event, EventSink, log_event
 
@@ -88,7 +100,8 @@ def _check_name(value: str, pattern: str, what: str) -> None:
 
 
 class RegistryClient:
-    """One registry, as this device trusts it (`keys`) and can run its models (`caps`, `providers`)."""
+    """One registry, as this device trusts it (`trust`: the pinned root key(s) and the root chain followed
+    since) and can run its models (`caps`, `providers`)."""
 
     def __init__(
         self,
@@ -108,7 +121,8 @@ class RegistryClient:
         now: Callable[[], datetime] = utcnow,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
-        self.keys = public_keys if isinstance(public_keys, dict) else load_public_keys(public_keys)
+        pinned = public_keys if isinstance(public_keys, dict) else load_public_keys(public_keys)
+        self.trust = Trust(pinned, store.root.parent, now=now)
         self.store = store
         self._runtime = runtime
         self._caps = caps
@@ -167,11 +181,38 @@ class RegistryClient:
 
     # --- HTTP -------------------------------------------------------------------------------
 
-    def _signed(self, path: str) -> tuple[bytes, bytes]:
+    def refresh_trust(self) -> None:
+        """Follow the registry's root chain now (RefusalError for a root that must not be trusted,
+        FetchError when the registry cannot say)."""
+        try:
+            self.trust.refresh(self._document_or_none)
+        except TrustError as exc:
+            raise RefusalError(str(exc)) from None
+
+    def keyring(self, payload_type: PayloadType) -> Keyring:
+        """The keys trusted for documents of this kind, as the last refresh left them."""
+        try:
+            return self.trust.keyring(payload_type)
+        except TrustError as exc:
+            raise RefusalError(str(exc)) from None
+
+    def order_keys(self) -> Keyring:
+        """The keys that sign deployment orders, fresh from the registry: an order is checked against the
+        keys of now, never against those of the last poll (a revoked key is refused at once)."""
+        self.refresh_trust()
+        return self.keyring(ORDER)
+
+    def _document_or_none(self, path: str) -> bytes | None:
+        try:
+            return self.fetcher.document(path)
+        except MissingError:
+            return None
+
+    def _signed(self, path: str, payload_type: PayloadType) -> tuple[bytes, bytes]:
         data = self.fetcher.document(path)
         sig = self.fetcher.document(path + ".sig")
         try:
-            verify(self.keys, data, sig, path)
+            verify(self.keyring(payload_type), data, sig, path, payload_type)
         except SignatureError as exc:
             raise RefusalError(str(exc)) from None
         return data, sig
@@ -181,7 +222,7 @@ class RegistryClient:
         _check_name(channel, NAME_PATTERN, "channel")
         path = f"channels/{model}/{channel}.json"
         try:
-            pointer = parse_channel(self._signed(path)[0], path)
+            pointer = parse_channel(self._signed(path, CHANNEL)[0], path)
         except ManifestError as exc:
             raise RefusalError(str(exc)) from None
         if (pointer.model, pointer.channel) != (model, channel):
@@ -194,7 +235,7 @@ class RegistryClient:
         _check_name(model, NAME_PATTERN, "model")
         _check_name(version, VERSION_PATTERN, "version")
         path = f"models/{model}/{version}/manifest.json"
-        data, sig = self._signed(path)
+        data, sig = self._signed(path, MANIFEST)
         try:
             manifest = parse_manifest(data, path)
         except ManifestError as exc:
@@ -225,6 +266,11 @@ class RegistryClient:
         target = version
         try:
             _check_name(model, NAME_PATTERN, "model")
+            if version is not None:
+                _check_name(version, VERSION_PATTERN, "version")
+            elif channel:
+                _check_name(channel, NAME_PATTERN, "channel")
+            self.refresh_trust()
             if target is None:
                 target = self.channel(model, channel or "stable").version
             with self.store.lock():

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypedDict
 
 from agent.models.manifest import Manifest, ManifestError, Variant, file_digest, parse_manifest, version_key
+from agent.util.files import fsync_path, write_atomic
 from agent.util.timefmt import utc_iso
 
 if TYPE_CHECKING:
@@ -97,30 +98,6 @@ class ActiveModel:
     @property
     def directory(self) -> Path:
         return self.path.parent
-
-
-def fsync_path(path: Path) -> None:
-    """fsync a file, or a folder: a folder's fsync is what makes a rename in it survive a power cut."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Replace `path` with `data` so that a crash leaves the old or the new content, never a mix."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_path(path.parent)
 
 
 class Store:

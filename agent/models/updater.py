@@ -12,6 +12,9 @@ Every version a rollback leaves, and every version refused after a try, is held 
 channel poll, order, profile pin or `update` command installs it again, until an operator overrides
 the hold by naming it (an order with `allow_older`, the `rollback` command with its `version`).
 Withdrawing an order (an empty retained payload) forgets it, and the model follows the profile again.
+An order is believed only under the registry's keys of the moment (the root chain is followed first,
+so a revoked key is refused even by a device back from days offline), and it is recorded only once
+carried out (agent.models.orders): a refused or replayed order never changes what the device follows.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import time
 from typing import TYPE_CHECKING, Literal, TypedDict
 
 from agent.models.crashguard import CrashGuard
+from agent.models.fetch import FetchError, RefusalError
 from agent.models.orders import OrderBook
 from agent.models.probation import Probation
 from agent.models.store import Store, StoreError
@@ -114,6 +118,9 @@ class Updater:
         self._retained_check: tuple[int, float] | None = None  # (connection, when its subscriptions were seen acked)
         self._checked_connection = 0
         self._probation: dict[str, Probation] = {}
+        # Deploy topic -> its latest payload not carried out yet (the registry was unreachable, or a newer
+        # order was followed): tried again at each poll and on a withdrawal, checked again each time.
+        self._pending: dict[str, bytes] = {}
         self._lock = threading.RLock()
         self._wake = threading.Event()
         self._worker = Worker("updater", self._run, join_timeout=JOIN_TIMEOUT, wake=self._wake.set)
@@ -162,6 +169,11 @@ class Updater:
         """Check the registry now; swap pipelines to what it activated. Returns one summary per model."""
         summaries: list[UpdateSummary] = []
         with self._lock:
+            for topic, gone in self.orders.expire():
+                log.info(
+                    "deployment order %s on %s expired; %s follows its profile again", gone["id"], topic, gone["model"]
+                )
+            self._retry_pending()
             for model, (channel, version) in self.targets().items():
                 if only is not None and model != only:
                     continue
@@ -358,14 +370,23 @@ class Updater:
     def _apply_order(self, topic: str, payload: bytes) -> None:
         from agent.models.deploy import OrderError, applies_to, parse_order
 
-        try:
-            order = parse_order(payload, self.registry.keys)
-        except OrderError as exc:
-            self.daemon.emit(Event("deploy.refused", {"topic": topic, "order": exc.order_id, "reason": str(exc)}))
-            return
-        if order is None:
+        with self._lock:
+            self._pending.pop(topic, None)
+        if not payload:
             self._withdraw(topic)
             return
+        try:
+            order = parse_order(payload, self.registry.order_keys())
+        except (OrderError, RefusalError) as exc:
+            order_id = exc.order_id if isinstance(exc, OrderError) else None
+            self.daemon.emit(Event("deploy.refused", {"topic": topic, "order": order_id, "reason": str(exc)}))
+            return
+        except FetchError as exc:  # the registry's keys are not known now: believe nothing yet
+            log.info("deployment order on %s waits for the registry (%s)", topic, exc)
+            with self._lock:
+                self._pending[topic] = payload
+            return
+        assert order is not None  # an empty payload was handled above
         device = self.profile.device
         if not applies_to(order, device.id, device.group):
             return  # for another device
@@ -379,11 +400,15 @@ class Updater:
             )
             return
         with self._lock:
+            replay = self.orders.replay(topic, order)
+            if replay is not None:
+                self.daemon.emit(Event("deploy.refused", {"topic": topic, "order": order.id, "reason": replay}))
+                return
+            self.orders.saw(topic, order)
             known = self.orders.get(topic)
-            self.orders.put(topic, order)
-            followed = self.orders.effective(order.model)
-            if followed is None or followed["id"] != order.id:
-                return  # an older order, delivered again: a newer one for this model is followed
+            if self.orders.superseded_by(order) is not None:
+                self._pending[topic] = payload  # followed should the newer order be withdrawn
+                return
             if (
                 known is not None
                 and known["id"] == order.id
@@ -393,7 +418,7 @@ class Updater:
                 )
             ):
                 return  # a retained order already carried out, or already answered with a refusal
-            self._pull_and_swap(
+            done = self._pull_and_swap(
                 order.model,
                 None,
                 order.version,
@@ -401,6 +426,16 @@ class Updater:
                 order=order.id,
                 override_hold=order.allow_older,
             )
+            if done["status"] in ("active", "current"):  # carried out: only now is it followed
+                self.orders.put(topic, order)
+            elif done["status"] == "failed":  # the registry or the disk failed: tried again at the next poll
+                self._pending[topic] = payload
+
+    def _retry_pending(self) -> None:
+        with self._lock:
+            waiting = list(self._pending.items())
+            for topic, payload in waiting:
+                self._apply_order(topic, payload)
 
     def _forget_orders_withdrawn_while_away(self) -> None:
         """An order withdrawn while the device was offline leaves nothing retained, so no empty payload
@@ -434,6 +469,7 @@ class Updater:
                     {"model": model, "version": gone["version"], "order": gone["id"], "topic": topic},
                 )
             )
+            self._retry_pending()  # an order the withdrawn one had superseded, if the broker still holds one
             if model not in {c.model for c in self.profile.registry_pipelines}:
                 return
             channel, version = self.targets()[model]

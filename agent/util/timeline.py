@@ -17,15 +17,17 @@ log = logging.getLogger(__name__)
 
 
 def process_start() -> float:
-    """When this process started (epoch seconds, to the kernel's clock tick), or now when unknown."""
+    """When this process started (epoch seconds, to the kernel's clock tick), or now when unknown.
+
+    /proc/self/stat counts the start in ticks since boot; the time since boot comes from CLOCK_BOOTTIME
+    (/proc/stat's `btime` is whole seconds: a second of error)."""
     try:
         with open("/proc/self/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
-        ticks = int(fields[19])  # field 22 of stat(5), counted after the command name
-        with open("/proc/stat") as f:
-            boot = next(int(line.split()[1]) for line in f if line.startswith("btime "))
-        return boot + ticks / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError, StopIteration):
+        started = int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22 of stat(5), counted after the name
+        age = time.clock_gettime(time.CLOCK_BOOTTIME) - started
+        return time.time() - max(0.0, age)
+    except (OSError, ValueError, IndexError, AttributeError):  # no /proc, or no CLOCK_BOOTTIME (not Linux)
         return time.time()
 
 

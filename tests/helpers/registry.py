@@ -1,4 +1,9 @@
-"""A real registry on loopback for tests: a folder, a signing key, and the HTTP server in a thread.
+"""A real registry on loopback for tests: a folder, its keys, and the HTTP server in a thread.
+
+The registry has signing roles (docs/trust.md): an offline root key (`root_key`; devices pin
+`public_key`, its public half) signs keys/1.root.json, which names one online key (`key`) for
+manifests, channels and orders. `make_registry(..., roles=False)` makes a single-key registry instead,
+as earlier releases did (`public_key` is then the online key's public half).
 
 Nothing here needs the onnx package: tiny models are written by `agent.device.onnxproto`, so the
 registry tests also run under aarch64 emulation. Faults a test needs (a connection cut half way, a
@@ -14,18 +19,22 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from agent.cloud.publish import publish, put_blob, write_signed
+from agent.cloud.publish import publish, put_blob
+from agent.cloud.roots import Change, current, first, following, install, sign_draft, write_draft
 from agent.cloud.server import RegistryHandler, RegistryHTTPServer
+from agent.cloud.writes import write_signed
 from agent.device.onnxproto import AI_ONNX, identity_model
 from agent.models.manifest import dumps, parse_manifest
 from agent.models.registry import RegistryClient
-from agent.models.signing import generate_keypair, load_private_key
+from agent.models.signing import MANIFEST, generate_keypair, load_private_key, load_public_keys
 from agent.models.store import Store
+from agent.models.trust import ROLES, Root
 from agent.transport.events import Event
 
 
@@ -89,6 +98,7 @@ class Registry:
     public_key: Path
     server: FaultyServer
     tmp: Path
+    root_key: Path | None = None  # None: a single-key registry
     published: list[tuple[str, str]] = field(default_factory=list)
 
     @property
@@ -108,6 +118,20 @@ class Registry:
         self.published.append((model, version))
         return result
 
+    def next_root(self, change: Change, *signers: Path) -> Root:
+        """Root version N+1 with `change`, signed by `signers` (default: the root key) and installed."""
+        cur = current(self.root)
+        assert cur is not None, "a single-key registry has no root"
+        return self.install_root(following(cur, change), *signers)
+
+    def install_root(self, root: Root, *signers: Path) -> Root:
+        """Draft, sign (offline, as `registry keys sign` does) and install `root`."""
+        drafts = self.tmp / "drafts"
+        draft = write_draft(root, drafts)
+        for key in signers or ((self.root_key,) if self.root_key else ()):
+            sign_draft(draft, load_private_key(key))
+        return install(self.root, draft)
+
     def manifest_path(self, model: str, version: str) -> Path:
         return self.root / "models" / model / version / "manifest.json"
 
@@ -118,7 +142,7 @@ class Registry:
         path = self.manifest_path(model, version)
         doc = json.loads(path.read_bytes())
         mutate(doc)
-        write_signed(path, dumps(doc), load_private_key(key or self.key))
+        write_signed(path, dumps(doc), load_private_key(key or self.key), MANIFEST)
 
     def put(self, data: bytes) -> dict[str, Any]:
         blob = put_blob(self.root, data)
@@ -144,13 +168,22 @@ class Registry:
         )
 
 
-def make_registry(tmp: Path, throttle_bps: float | None = None) -> Registry:
+def make_registry(tmp: Path, throttle_bps: float | None = None, roles: bool = True) -> Registry:
     keys = tmp / "keys"
     private, public = generate_keypair(keys)
-    server = FaultyServer(tmp / "registry", throttle_bps=throttle_bps)
     (tmp / "registry").mkdir(exist_ok=True)
+    server = FaultyServer(tmp / "registry", throttle_bps=throttle_bps)
     server.start()
-    return Registry(tmp / "registry", private, public, server, tmp)
+    if not roles:
+        return Registry(tmp / "registry", private, public, server, tmp)
+    root_private, root_public = generate_keypair(tmp / "offline", "root")
+    registry = Registry(tmp / "registry", private, root_public, server, tmp, root_key=root_private)
+    online = load_public_keys(public)
+    # A century: tests that move the clock years ahead test what they name, not the root's expiry.
+    century = timedelta(days=36500)
+    roots = load_public_keys(root_public)
+    registry.install_root(first(roots, 1, dict.fromkeys(ROLES, online), expires=century, key_expires=century))
+    return registry
 
 
 @pytest.fixture

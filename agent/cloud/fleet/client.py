@@ -81,7 +81,7 @@ class BrokerClient:
         self.settings = settings
         self.host, self.port, self.secure = settings.address()
         self._queue: queue.Queue[tuple[str, bytes]] = queue.Queue()
-        self._subacks: set[int] = set()
+        self._subacks: dict[int, list[ReasonCode]] = {}
         self._acked = threading.Condition()
         self._pubacks: dict[int, ReasonCode] = {}
         self._client_id = client_id or f"edge-agent-fleet-{uuid.uuid4().hex[:10]}"
@@ -161,25 +161,38 @@ class BrokerClient:
         finally:
             self.client.loop_stop()
 
-    def subscribe(self, *filters: str, timeout: float = SUBACK_TIMEOUT) -> None:
-        """Subscribe at QoS 1 and wait for the SUBACKs (retained messages follow them)."""
-        mids = []
-        for topic_filter in filters:
-            rc, mid = self.client.subscribe(topic_filter, qos=1)
-            if rc != paho.MQTT_ERR_SUCCESS:
-                raise FleetError(f"cannot subscribe to {topic_filter}: {paho.error_string(rc)}")
-            mids.append(mid)
+    def subscribe(self, *filters: str | tuple[str, int], qos: int = 1, timeout: float = SUBACK_TIMEOUT) -> None:
+        """Subscribe to every filter (a topic filter at `qos`, or a (filter, QoS) pair) in ONE packet, and
+        wait for its SUBACK: the broker answers before it sends the retained messages of any of them, where
+        a second packet's SUBACK would wait behind the first one's retained burst.
+
+        Read retained state at QoS 0: Mosquitto holds a QoS 1 subscriber's backlog to `max_queued_messages`
+        (1000 by default) and drops the rest of a retained burst, silently; a QoS 0 subscriber gets it all."""
+        pairs = [f if isinstance(f, tuple) else (f, qos) for f in filters]
+        rc, mid = self.client.subscribe(pairs)
+        if rc != paho.MQTT_ERR_SUCCESS or mid is None:
+            raise FleetError(f"cannot subscribe to {', '.join(f for f, _ in pairs)}: {paho.error_string(rc)}")
         deadline = time.monotonic() + timeout
         with self._acked:
-            while not all(m in self._subacks for m in mids):
+            while mid not in self._subacks:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise FleetError(f"the broker did not acknowledge the subscriptions within {timeout:g}s")
                 self._acked.wait(left)
+            codes = self._subacks.pop(mid)
+        for (topic_filter, _), code in zip(pairs, codes, strict=False):
+            if code.is_failure:
+                raise FleetError(
+                    f"the broker refused the subscription to {topic_filter}: {code} (check the ACL of this user)"
+                )
 
     def publish_retained(self, topic: str, payload: bytes, timeout: float = PUBACK_TIMEOUT) -> None:
         """Publish retained at QoS 1 and wait for the PUBACK; a refusal (MQTT 5 reason code) raises."""
-        info = self.client.publish(topic, payload, qos=1, retain=True)
+        self.publish(topic, payload, retain=True, timeout=timeout)
+
+    def publish(self, topic: str, payload: bytes, *, retain: bool = False, timeout: float = PUBACK_TIMEOUT) -> None:
+        """Publish at QoS 1 and wait for the PUBACK; a refusal (MQTT 5 reason code) raises."""
+        info = self.client.publish(topic, payload, qos=1, retain=retain)
         if info.rc != paho.MQTT_ERR_SUCCESS:
             raise FleetError(f"cannot publish to {topic}: {paho.error_string(info.rc)}")
         deadline = time.monotonic() + timeout
@@ -187,11 +200,16 @@ class BrokerClient:
             while info.mid not in self._pubacks:
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise FleetError(f"the broker did not acknowledge the order on {topic} within {timeout:g}s")
+                    what = "the order" if retain else "the message"
+                    raise FleetError(f"the broker did not acknowledge {what} on {topic} within {timeout:g}s")
                 self._acked.wait(left)
             reason = self._pubacks.pop(info.mid)
         if reason.is_failure:
             raise FleetError(f"the broker refused the publish on {topic}: {reason} (check the ACL of this user)")
+
+    @property
+    def client_id(self) -> str:
+        return self._client_id
 
     def receive(self, timeout: float) -> tuple[str, bytes] | None:
         """The next (topic, payload), or None after `timeout` seconds."""
@@ -228,7 +246,7 @@ class BrokerClient:
         properties: Properties | None,
     ) -> None:
         with self._acked:
-            self._subacks.add(mid)
+            self._subacks[mid] = reasons
             self._acked.notify_all()
 
     def _on_publish(

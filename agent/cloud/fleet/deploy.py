@@ -58,7 +58,9 @@ def deploy(
             raise FleetError(str(exc), 2) from None
 
     order = make(to)  # checks every name before anything touches the broker
-    with connected(settings, prefix, ("status", "health", "events"), settle) as inventory:
+    # An order to one device, not followed, needs nothing retained (a device's own user may try, and be refused).
+    need_state = canary is not None or kind == "group" or wait > 0
+    with connected(settings, prefix, ("status", "health"), settle, live=("events",), sync=need_state) as inventory:
         if canary is not None:
             code = _canary_run(inventory, order, make, name, canary, wait, probation, private_key, out)
             if code is not None:

@@ -3,15 +3,21 @@
 A device is known from its retained status or health; the group it belongs to is the `"group"` either
 reports. `Inventory.poll()` takes the next message off the broker connection, updates the table and
 hands the message on (a deploy watch reads the events too). Payloads come from devices and stay
-hostile: status, health and events are parsed with the agent's own contract
+hostile: status, health, reports and events are parsed with the agent's own contract
 (`agent.transport.contract`), and a message that does not match it is handed on as an `error`, never
-read field by field.
+read field by field (a report's signature is the controller's business: `agent.cloud.fleet.reports`).
+
+When the retained burst is in: the broker delivers a connection's messages in order, so a marker this
+client publishes to itself after its subscriptions were acknowledged arrives after every retained
+message they matched (`Inventory.sync`). No settle time is guessed: at 10,000 devices a fixed second
+read 7,000 of them, silently.
 """
 
 from __future__ import annotations
 
 import json
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -22,14 +28,32 @@ from agent.cloud.fleet.client import BrokerClient, BrokerSettings, FleetError
 from agent.models.deploy import DeployOrder
 from agent.transport.contract import ContractError, WireEvent, parse_event, parse_health, parse_status
 from agent.transport.contract.health import HealthReport, ModelHealth, OutboxHealth
+from agent.transport.contract.report import DeviceReport, parse_report_text, split_signed
 from agent.transport.contract.status import StatusMessage
 from agent.transport.topics import Topics, check_level
 from agent.util.timefmt import parse_utc_iso
 
-SETTLE = 1.0  # how long retained messages are read before acting on them
+SETTLE = 0.0  # how long to go on reading once the retained burst is in (the marker says when it is)
+SYNC_TIMEOUT = 60.0  # the longest a retained burst may take to arrive (10,000 devices: about 4 s here)
 
-MessageKind = Literal["status", "health", "events", "deploy"]
-_DEVICE_KINDS: dict[str, MessageKind] = {"status": "status", "health": "health", "events": "events", "deploy": "deploy"}
+MessageKind = Literal["status", "health", "events", "deploy", "report"]
+_DEVICE_KINDS: dict[str, MessageKind] = {
+    "status": "status",
+    "health": "health",
+    "events": "events",
+    "deploy": "deploy",
+    "report": "report",
+}
+
+
+@dataclass(frozen=True)
+class SignedReport:
+    """A device's retained report as it arrived: its exact text and signature (checked by whoever counts
+    it), and the report read from that text."""
+
+    text: bytes
+    sig: bytes
+    report: DeviceReport
 
 
 @dataclass
@@ -39,6 +63,7 @@ class Device:
     id: str
     status: StatusMessage | None = None  # the last retained status
     health: HealthReport | None = None  # the last retained health
+    report: SignedReport | None = None  # the last report (signature not checked here)
 
     @property
     def state(self) -> str | None:
@@ -77,6 +102,7 @@ class Message:
     topic: str
     event: WireEvent | None = None  # an event, as the contract reads it
     error: str | None = None  # what the contract found wrong with a device's message
+    report: SignedReport | None = None  # a report, as it arrived
 
 
 class Inventory:
@@ -112,10 +138,44 @@ class Inventory:
         return None if received is None else self.absorb(*received)
 
     def settle(self, seconds: float) -> None:
-        """Read what arrives for `seconds` (retained messages right after subscribing)."""
+        """Read what arrives for `seconds`."""
         deadline = time.monotonic() + seconds
         while (left := deadline - time.monotonic()) > 0:
             self.poll(left)
+
+    def subscribe(self, kinds: tuple[MessageKind, ...], live: tuple[MessageKind, ...] = ()) -> None:
+        """One SUBSCRIBE: `kinds` (retained state) at QoS 0, `live` kinds at QoS 1, and the marker."""
+        self.client.subscribe(
+            *((f, 0) for f in self.filters(*kinds)), *((f, 1) for f in self.filters(*live)), (self.marker_topic(), 0)
+        )
+
+    def marker_topic(self) -> str:
+        return f"{self.prefix}/fleet/marker/{check_level(self.client.client_id, 'client id')}"
+
+    def sync(self, timeout: float = SYNC_TIMEOUT) -> list[Message]:
+        """Read until every retained message of the subscription (made with `subscribe`, which adds the
+        marker's own filter) is in: a marker published to this client itself arrives after them. Returns
+        what was read (FleetError after `timeout`)."""
+        marker, nonce = self.marker_topic(), uuid.uuid4().hex.encode()
+        self.client.publish(marker, nonce)  # QoS 1: an ACL that refuses it says so (MQTT 5) instead of a timeout
+        read: list[Message] = []
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            received = self.client.receive(left)
+            if received is None:
+                break
+            topic, raw = received
+            if topic == marker:
+                if raw == nonce:
+                    return read
+                continue
+            msg = self.absorb(topic, raw)
+            if msg is not None:
+                read.append(msg)
+        raise FleetError(
+            f"the broker did not deliver this client's own marker on {marker} within {timeout:g}s: the retained "
+            "messages cannot be known to be complete (the ACL must let the fleet user write and read it)"
+        )
 
     def device(self, device_id: str) -> Device:
         return self.devices.setdefault(device_id, Device(device_id))
@@ -143,6 +203,11 @@ class Inventory:
         try:
             if kind == "events":
                 return Message(kind, device_id, topic, event=parse_event(raw))
+            if kind == "report":
+                text, sig = split_signed(raw)
+                signed = SignedReport(text, sig, parse_report_text(text))
+                self.device(device_id).report = signed
+                return Message(kind, device_id, topic, report=signed)
             if kind == "status":
                 self.device(device_id).status = parse_status(raw)
             else:
@@ -166,15 +231,24 @@ class Inventory:
 
 @contextmanager
 def connected(
-    settings: BrokerSettings, prefix: str, kinds: tuple[MessageKind, ...], settle: float = SETTLE
+    settings: BrokerSettings,
+    prefix: str,
+    kinds: tuple[MessageKind, ...],
+    settle: float = SETTLE,
+    live: tuple[MessageKind, ...] = (),
+    sync: bool = True,
 ) -> Iterator[Inventory]:
-    """An inventory subscribed to `kinds` that has read the retained messages for `settle` seconds; the
-    connection is closed on the way out (what was read stays readable)."""
+    """An inventory subscribed to `kinds` that has read every retained message they match (then `settle`
+    seconds more); the connection is closed on the way out (what was read stays readable). Retained
+    state is read at QoS 0 (see `BrokerClient.subscribe`); `live` kinds, the messages a command follows
+    as they come, at QoS 1. `sync=False`: nothing retained is needed (the subscriptions are made all the same)."""
     client = BrokerClient(settings)
     inventory = Inventory(client, prefix)
     client.connect()
     try:
-        client.subscribe(*inventory.filters(*kinds))
+        inventory.subscribe(kinds, live)
+        if sync:
+            inventory.sync()
         inventory.settle(settle)
         yield inventory
     finally:

@@ -1,16 +1,20 @@
-"""`fleet status`: read the retained status, health and deploy topics for a moment and tabulate them.
+"""`fleet status`: read every retained status, health, report and deploy message, and tabulate them.
 
-`fleet_state()` is also what `--json` prints, so its keys are a contract: the TypedDicts below.
+The read ends when the retained burst is in (`Inventory.sync`), not after a guessed time. `fleet_state()`
+is also what `--json` prints, so its keys are a contract: the TypedDicts below (and those of
+`agent.cloud.fleet.summary` for the tables per group and per version).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from datetime import datetime, timezone
 from typing import TypedDict
 
 from agent.cloud.fleet.client import BrokerSettings
 from agent.cloud.fleet.inventory import SETTLE, Device, connected
+from agent.cloud.fleet.summary import GroupModel, VersionVitals, group_table, version_table
 
 
 class DeviceState(TypedDict):
@@ -23,6 +27,7 @@ class DeviceState(TypedDict):
     health_age_s: float | None
     outbox_depth: int | None
     agent_version: str | None  # as the device's status says
+    report: dict[str, object] | None  # the device's last report (its signature is not checked here)
 
 
 class _OrderTopic(TypedDict):
@@ -47,24 +52,35 @@ class FleetState(TypedDict):
     prefix: str
     devices: list[DeviceState]
     orders: list[OrderState]
+    groups: list[GroupModel]
+    versions: list[VersionVitals]
 
 
 def fleet_state(
     settings: BrokerSettings, prefix: str = "edge", group: str | None = None, settle: float = SETTLE
 ) -> FleetState:
-    with connected(settings, prefix, ("status", "health", "deploy"), settle) as inventory:
-        pass  # what the retained topics held, read for `settle`
+    with connected(settings, prefix, ("status", "health", "report", "deploy"), settle) as inventory:
+        pass  # every retained message, read until the marker came back
     now = datetime.now(timezone.utc)
-    devices = [
-        _device_state(dev, now)
-        for dev in sorted(inventory.devices.values(), key=lambda d: d.id)
-        if group is None or dev.group == group
+    chosen = [
+        dev for dev in sorted(inventory.devices.values(), key=lambda d: d.id) if group is None or dev.group == group
     ]
     orders = [_order_state(t, p) for t, p in sorted(inventory.orders.items())]
     if group is not None:
-        targets = {f"group:{group}", *(f"device:{d['device']}" for d in devices)}
+        targets = {f"group:{group}", *(f"device:{d.id}" for d in chosen)}
         orders = [o for o in orders if o.get("target") in targets]
-    return {"prefix": prefix, "devices": devices, "orders": orders}
+    group_orders = {
+        (str(o["target"]).removeprefix("group:"), str(o.get("model"))): str(o.get("version"))
+        for o in orders
+        if "error" not in o and str(o.get("target", "")).startswith("group:")
+    }
+    return {
+        "prefix": prefix,
+        "devices": [_device_state(dev, now) for dev in chosen],
+        "orders": orders,
+        "groups": group_table(chosen, group_orders),
+        "versions": version_table(chosen),
+    }
 
 
 def _device_state(dev: Device, now: datetime) -> DeviceState:
@@ -82,6 +98,7 @@ def _device_state(dev: Device, now: datetime) -> DeviceState:
         "health_age_s": None if seen is None else round((now - seen).total_seconds(), 1),
         "outbox_depth": dev.outbox_depth(),
         "agent_version": dev.status.version if dev.status is not None else None,
+        "report": dev.report.report.model_dump(mode="json", exclude_none=True) if dev.report is not None else None,
     }
 
 
@@ -127,6 +144,61 @@ def human_age(seconds: float | None) -> str:
     return f"{s // 86400}d ago"
 
 
+def table(rows: Sequence[Sequence[str]]) -> list[str]:
+    """Columns padded to their widest cell."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+def render_summary(state: FleetState) -> list[str]:
+    """The tables per group and model, and per model version."""
+    lines: list[str] = []
+    if state["groups"]:
+        rows = [
+            ("GROUP", "MODEL", "LATEST", "DEVICES", "ON-LATEST", "IN-PROGRESS", "HELD", "FAILED", "OFFLINE", "BEHIND")
+        ]
+        rows += [
+            (
+                g["group"],
+                g["model"],
+                g["latest"],
+                str(g["devices"]),
+                str(g["on_latest"]),
+                str(g["in_progress"]),
+                str(g["held"]),
+                str(g["failed"]),
+                str(g["offline"]),
+                str(g["behind"]),
+            )
+            for g in state["groups"]
+        ]
+        lines += ["", *table(rows)]
+    if state["versions"]:
+        vrows: list[tuple[str, ...]] = [
+            ("MODEL", "VERSION", "DEVICES", "ERROR-FREE-H", "P95-MS", "P95-MS(P95)", "FALLBACKS", "DROPS", "ERRORS")
+        ]
+        vrows += [
+            (
+                v["model"],
+                v["version"],
+                str(v["devices"]),
+                f"{v['error_free_h']:.1f}",
+                _ms(v["p95_ms_median"]),
+                _ms(v["p95_ms_p95"]),
+                str(v["fallbacks"]),
+                str(v["drops"]),
+                str(v["errors"]),
+            )
+            for v in state["versions"]
+        ]
+        lines += ["", *table(vrows)]
+    return lines
+
+
 def render_status(state: FleetState) -> str:
     rows = [("DEVICE", "STATE", "GROUP", "MODELS", "PROVIDER", "HEALTH", "OUTBOX")]
     for d in state["devices"]:
@@ -142,10 +214,10 @@ def render_status(state: FleetState) -> str:
                 "-" if d["outbox_depth"] is None else str(d["outbox_depth"]),
             )
         )
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    lines = table(rows)
     if len(rows) == 1:
         lines.append(f"(no device seen on {state['prefix']}/+/status or {state['prefix']}/+/health)")
+    lines += render_summary(state)
     if state["orders"]:
         lines.append("")
         lines.append("retained deployment orders (signatures are checked by the devices):")

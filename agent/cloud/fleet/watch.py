@@ -270,10 +270,9 @@ class DeployWatch:
             if p.state in FAILED:
                 lines.append(f"  {d}: {p.reason}")
             elif dev is not None and dev.state == "offline":
-                lines.append(
-                    f"  {d}: offline, no final report within {waited:g}s (the retained order applies when it "
-                    "reconnects)"
-                )
+                # A canary's order is withdrawn when it fails; any other stays retained.
+                stays = " (the retained order applies when it reconnects)" if self.fixed is None else ""
+                lines.append(f"  {d}: offline, no final report within {waited:g}s{stays}")
             elif p.state == ACTIVE:
                 lines.append(f"  {d}: active, but no health report with {self.order.version} within {waited:g}s")
             else:

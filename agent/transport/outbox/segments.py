@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
+from agent.util.files import fsync_path
+
 # Room kept under the bound for the small files beside the segments (acked, counters.json).
 RESERVE = 16 * 1024  # also covers block rounding of the segment files
 
@@ -97,14 +99,6 @@ def finish(seg: Segment, sync: bool) -> None:
         os.close(seg.fd)
         seg.fd = None
         seg.capacity = 0
-
-
-def fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class SegmentFiles:
@@ -302,7 +296,7 @@ class SegmentFiles:
                 # fdatasync, not mmap.flush: msync would hold the interpreter lock for the whole flush.
                 os.fdatasync(work.active_fd)
             if work.dir_dirty:
-                fsync_dir(self.dir)
+                fsync_path(self.dir)
         except OSError:
             if work.dir_dirty:
                 with self.lock:
