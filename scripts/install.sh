@@ -334,6 +334,24 @@ check_profile() {
   fi
 }
 
+# 4b. The device's identity key (docs/fleet.md, "The inventory"), made now so that its public half can
+# be enrolled before the first start (the agent makes it at its first start otherwise).
+enroll_identity() {
+  [ "$DEPS" = 1 ] && [ "$ROOT" = / ] || return 0
+  local out key
+  if ! out="$("$VENV/bin/python" -I -m agent fleet enroll --profile "$(dest /etc/edge-agent/profile.yaml)" 2>&1)"; then
+    say "no identity key made now (the agent makes it at its first start): $out"
+    return 0
+  fi
+  key="$(printf '%s\n' "$out" | sed -n 's/^# identity key: //p')"
+  if [ -n "$key" ] && [ -f "$key" ]; then
+    own "$USER_NAME:$USER_NAME" "$(dirname "$key")"
+    own "$USER_NAME:$USER_NAME" "$key"
+  fi
+  say "this device's entry for the fleet inventory (add it to the file the rollout controller reads):"
+  printf '%s\n' "$out" | grep -v '^#' >&2
+}
+
 # 5. systemd: reload, enable, and start (restart only when something changed).
 activate() {
   local verb=start
@@ -357,5 +375,6 @@ ensure_package
 relocate_venv
 install_files
 check_profile
+enroll_identity
 activate
 if [ "$CHANGED" = 0 ]; then say "nothing changed"; else say "edge-agent is installed in $PREFIX"; fi

@@ -628,8 +628,6 @@ def test_the_documented_acl_lets_the_fleet_user_deploy_and_nobody_else(
     base = [
         "fleet",
         "deploy",
-        "--broker",
-        mosq.url,
         "--settle",
         "0.2",
         "--key",
@@ -643,14 +641,16 @@ def test_the_documented_acl_lets_the_fleet_user_deploy_and_nobody_else(
         "--wait",
         "0",
     ]
-    assert main([*base, "--username", "fleet", "--password-file", str(tmp_path / "fleet.pw")]) == 0
+    # The fleet user on the cloud's listener, a device on the devices' (docs/mqtt.md).
+    fleet, device = ["--broker", mosq.fleet_url, "--username", "fleet"], ["--broker", mosq.url, "--username", "dev-a"]
+    assert main([*base, *fleet, "--password-file", str(tmp_path / "fleet.pw")]) == 0
     assert "written to edge/dev-b/deploy" in capsys.readouterr().out
 
-    assert main([*base, "--username", "dev-a", "--password-file", str(tmp_path / "dev-a.pw")]) == 1
+    assert main([*base, *device, "--password-file", str(tmp_path / "dev-a.pw")]) == 1
     err = capsys.readouterr().err
     assert "the broker refused the publish on edge/dev-b/deploy: Not authorized (check the ACL of this user)" in err
 
-    assert main([*base, "--username", "fleet", "--password-file", str(tmp_path / "dev-a.pw")]) == 1
+    assert main([*base, *fleet, "--password-file", str(tmp_path / "dev-a.pw")]) == 1
     err = capsys.readouterr().err
     assert "refused the connection: Not authorized (check --username, --password-file" in err
 

@@ -222,8 +222,10 @@ def test_the_order_book_follows_the_newest_order_per_model_and_forgets_withdrawn
     assert book.superseded_by(group_v3, NOW) == followed and book.superseded_by(device_v2, NOW) is None
     again = OrderBook(tmp_path, "cam-1", "north-gate")  # kept across restarts
     assert again.topics() == ["edge/cam-1/deploy", "edge/fleet/north-gate/deploy"]
-    withdrawn = again.withdraw("edge/cam-1/deploy")
-    assert withdrawn is not None and withdrawn["version"] == "2.0" and again.withdraw("edge/cam-1/deploy") is None
+    withdrawn, _ = again.withdraw("edge/cam-1/deploy")
+    assert (
+        withdrawn is not None and withdrawn["version"] == "2.0" and again.withdraw("edge/cam-1/deploy") == (None, None)
+    )
     assert (again.effective("text-detector", now=NOW) or {}).get("version") == "3.0"
     assert OrderBook(tmp_path, "cam-1", "south-gate").effective("text-detector", now=NOW) is None  # another group now
     again.withdraw("edge/fleet/north-gate/deploy")
@@ -257,7 +259,10 @@ def test_an_older_order_or_a_withdrawn_one_published_again_is_a_replay(tmp_path:
         "an older order published again is not followed (replay refused)"
     )
     assert book.replay("edge/fleet/north-gate/deploy", old) is None  # another topic keeps its own
-    book.withdraw(topic)
+    gone, seen = book.withdraw(topic)  # seen there, never carried out
+    assert (
+        gone is None and seen is not None and (seen["id"], seen["version"], seen["withdrawn"]) == (new.id, "2.0", True)
+    )
     assert book.replay(topic, new) == (
         f"deployment order {new.id} was withdrawn from {topic}; published again, it is not followed (replay refused)"
     )

@@ -351,7 +351,8 @@ BAD_CASES = [
     pytest.param(
         "device: {id: d}\nregistry: {url: 'https://models'}\n",
         [
-            "profile.yaml:2: registry.public_key: required key missing: the registry's ed25519 public key (PEM) that signs manifests"
+            "profile.yaml:2: registry.public_key: required key missing: the registry's root public key(s) (PEM), pinned at "
+            "install (docs/trust.md); for a registry without signing roles, the key that signs manifests"
         ],
         id="registry-without-key",
     ),

@@ -122,9 +122,13 @@ class FakeSession:
                 self.running -= 1
 
 
-def shared_session(fake: FakeSession, lanes: int, batching: BatchingConfig, stream_users: int = 0) -> SharedSession:
+def shared_session(
+    fake: FakeSession, lanes: int, batching: BatchingConfig, stream_users: int = 0, users: int = 0
+) -> SharedSession:
+    """A session leased by `users` pipelines (at least the streaming ones)."""
     opened = OpenedSession(fake, "CPUExecutionProvider", ("CPUExecutionProvider",))
     shared = SharedSession(SessionKey("d", "{}", "all", "/tmp"), opened, batching, lanes, None)
+    shared.users = max(users, stream_users)
     for _ in range(stream_users):
         shared.join_stream()
     return shared
@@ -147,7 +151,7 @@ def in_threads(count: int, target: Any) -> list[Any]:
 @pytest.mark.parametrize("lanes", [1, 2])
 def test_runs_on_a_shared_session_never_exceed_its_lanes(lanes: int) -> None:
     fake = FakeSession()
-    shared = shared_session(fake, lanes, BatchingConfig(mode="off"))
+    shared = shared_session(fake, lanes, BatchingConfig(mode="off"), users=4)
     outputs = in_threads(4, lambda i: shared.run({"x": np.full((1, 2), i, np.float32)}))
     assert [o[0].tolist() for o in outputs] == [[[2 * i] * 2] for i in range(4)]
     assert fake.most_at_once == lanes and shared.figures().runs == 4
@@ -155,7 +159,7 @@ def test_runs_on_a_shared_session_never_exceed_its_lanes(lanes: int) -> None:
 
 def test_lanes_go_to_the_callers_in_the_order_they_came_so_no_pipeline_starves() -> None:
     fake = FakeSession(delay=0.01)
-    shared = shared_session(fake, 1, BatchingConfig(mode="off"))
+    shared = shared_session(fake, 1, BatchingConfig(mode="off"), users=3)
     order: list[int] = []
 
     def pipeline(i: int) -> None:

@@ -2,6 +2,9 @@
 
 Exit codes: 0 ok, 1 runtime failure, 2 bad usage or bad input. Errors are one line on stderr; a
 traceback only with --debug.
+
+A command line that names its verb loads that verb's module only: `edge-agent run` is a daemon's cold
+start, and the other verbs' imports (the registry's keys, the fleet's client) are no part of it.
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ VERBS = ("run", "check", "probe", "models", "bench", "registry", "fleet", "demo"
 log = logging.getLogger(__name__)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(verbs: Sequence[str] = VERBS) -> argparse.ArgumentParser:
+    """The command's parser, with these verbs' sub-commands (all of them unless told)."""
     parser = argparse.ArgumentParser(
         prog="edge-agent",
         description="Edge inference agent: keeps ONNX models up to date from a signed registry, runs them on "
@@ -38,13 +42,26 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-format", default="text", choices=("text", "json"), help="log line format on stderr")
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
     sub.required = True
-    for verb in VERBS:
+    for verb in verbs:
         importlib.import_module(f"agent.cli.{verb}").add_parser(sub)
     return parser
 
 
+def named_verb(argv: Sequence[str]) -> str | None:
+    """The verb a command line names, when it names one before any `-h`; no option of the command itself
+    takes a verb's name as its value."""
+    for arg in argv:
+        if arg in ("-h", "--help"):
+            return None
+        if arg in VERBS:
+            return arg
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    verb = named_verb(argv)
+    parser = build_parser((verb,) if verb is not None else VERBS)
     args = parser.parse_args(argv)
     level = "debug" if args.debug else (args.log_level or getattr(args, "default_log_level", "warning"))
     setup_logging(level, args.log_format)

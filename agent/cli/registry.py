@@ -1,4 +1,4 @@
-"""`edge-agent registry keygen|publish|serve|sample`: the cloud side of the model registry (its keys: registry_keys)."""
+"""`edge-agent registry keygen/publish/serve/sample`: the cloud side of the model registry (its keys: registry_keys)."""
 
 from __future__ import annotations
 

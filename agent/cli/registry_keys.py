@@ -1,4 +1,4 @@
-"""`edge-agent registry keys|rotate|revoke|resign`: the registry's root of trust, with the root key offline.
+"""`edge-agent registry keys/rotate/revoke/resign`: the registry's root of trust, with the root key offline.
 
 Drafts are made on the publishing machine, signed where the root key(s) live (`keys sign` reads only
 the draft and the key), and installed back on the publishing machine: only the draft and its signature

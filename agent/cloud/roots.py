@@ -178,8 +178,9 @@ def following(cur: Root, change: Change, now: datetime | None = None) -> Root:
 
 
 def write_draft(root: Root, out: Path) -> Path:
-    """The draft's exact bytes, and an empty signature file beside it (a draft signed anew starts over)."""
-    if out.is_dir():
+    """The draft's exact bytes (`out`: a file, or a folder for `<N>.root.json`); a signature file left
+    beside it by an earlier draft is removed (a draft signed anew starts over)."""
+    if out.suffix != ".json":
         out = out / root_path(root.version).split("/")[-1]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_bytes(root.to_bytes())

@@ -80,7 +80,10 @@ class ProbationConfig(Strict):
 
 class RegistryConfig(Strict):
     url: str = Field(description="base URL of the model registry (http:// or https://)")
-    public_key: ProfilePath = Field(description="the registry's ed25519 public key (PEM) that signs manifests")
+    public_key: ProfilePath = Field(
+        description="the registry's root public key(s) (PEM), pinned at install (docs/trust.md); for a registry "
+        "without signing roles, the key that signs manifests"
+    )
     poll_interval: Duration = Field(300.0, gt=0, description="how often channels are checked for new versions")
     timeout: Duration = Field(30.0, gt=0, description="network timeout per request")
     keep_versions: int = Field(

@@ -1,4 +1,4 @@
-"""Deployment orders: "run model M at version V", signed by the registry key, retained on MQTT.
+"""Deployment orders: "run model M at version V", signed by an orders key of the registry, retained on MQTT.
 
 `edge-agent fleet deploy` writes an order to `<prefix>/<device>/deploy` (target `device:ID`) or to
 `<prefix>/fleet/<group>/deploy` (target `group:NAME`), retained, so that a device that connects later
@@ -6,11 +6,13 @@ still finds it. The payload is one JSON object:
 
     {"order": "<the order's JSON text>", "sig": {"alg": "ed25519", "key": KEYID, "sig": BASE64}}
 
-The order travels as a string so that the signature covers its exact bytes (the same ed25519 envelope
-as `manifest.json.sig`, from `agent.signing`), with no canonical-JSON rules for other tools to get
-right. An empty retained payload means the order was withdrawn.
+The order travels as a string so that the signature covers its exact bytes (the same signature file as
+`manifest.json.sig`, from `agent.models.signing`, bound to the order payload type so that no other
+signed document passes for an order), with no canonical-JSON rules for other tools to get right. An
+empty retained payload means the order was withdrawn.
 
-A device trusts an order exactly as far as it trusts a manifest: signature first, then a strict parse
+A device trusts an order exactly as far as it trusts a manifest: signature first (by a key its
+registry's root trusts for orders now: agent.models.trust), then a strict parse
 (unknown keys, wrong types, names that fail the registry's name patterns are refused), then expiry.
 Every refusal is one line, fit for a `deploy.refused` event.
 """

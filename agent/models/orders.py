@@ -47,6 +47,8 @@ class Seen(TypedDict):
     """The newest verified order seen on a topic: what an older one arriving there is measured against."""
 
     id: str
+    model: str
+    version: str
     issued: str
     withdrawn: bool
 
@@ -72,6 +74,10 @@ class OrderBook:
     def topics(self) -> list[str]:
         return sorted(self._orders)
 
+    def live_topics(self) -> list[str]:
+        """The topics whose last order is not withdrawn: carried out from, or seen there."""
+        return sorted({*self._orders, *(t for t, seen in self._seen.items() if not seen["withdrawn"])})
+
     def put(self, topic: str, order: DeployOrder) -> None:
         """Record `order`, carried out, as the one followed from `topic` (an agent's older file named no
         topic: such a record of the same model is dropped, the new order supersedes it)."""
@@ -83,17 +89,20 @@ class OrderBook:
             self._orders[topic] = saved
             self._save()
 
-    def withdraw(self, topic: str) -> SavedOrder | None:
-        """Forget the order on `topic` (an empty retained payload); the order withdrawn, or None when none
-        was recorded. The order last seen there counts as withdrawn: published again, it is a replay."""
+    def withdraw(self, topic: str) -> tuple[SavedOrder | None, Seen | None]:
+        """Forget the order on `topic` (an empty retained payload). Returns the order recorded from it (None
+        when none was carried out) and the order last seen there, if this withdraws it: published again,
+        that one is a replay."""
         seen = self._seen.get(topic)
         if seen is not None and not seen["withdrawn"]:
-            self._seen[topic] = {**seen, "withdrawn": True}
+            seen = self._seen[topic] = {**seen, "withdrawn": True}
             self._save_seen()
+        else:
+            seen = None
         gone = self._orders.pop(topic, None)
         if gone is not None:
             self._save()
-        return gone
+        return gone, seen
 
     def expire(self, now: datetime | None = None) -> list[tuple[str, SavedOrder]]:
         """Drop the recorded orders that have expired; (topic, order) of each dropped."""
@@ -135,7 +144,13 @@ class OrderBook:
 
     def saw(self, topic: str, order: DeployOrder) -> None:
         """`order` is the newest verified order on `topic` (call after `replay` said it is not one)."""
-        mark: Seen = {"id": order.id, "issued": _utc(order.issued), "withdrawn": False}
+        mark: Seen = {
+            "id": order.id,
+            "model": order.model,
+            "version": order.version,
+            "issued": _utc(order.issued),
+            "withdrawn": False,
+        }
         current = self._seen.get(topic)
         if current is not None and (current["id"], current["issued"]) == (mark["id"], mark["issued"]):
             return  # the retained order delivered again at a reconnect
@@ -168,7 +183,13 @@ class OrderBook:
 
     def _load_seen(self) -> dict[str, Seen]:
         return {
-            topic: {"id": str(raw["id"]), "issued": str(raw["issued"]), "withdrawn": bool(raw.get("withdrawn"))}
+            topic: {
+                "id": str(raw["id"]),
+                "model": str(raw.get("model", "")),
+                "version": str(raw.get("version", "")),
+                "issued": str(raw["issued"]),
+                "withdrawn": bool(raw.get("withdrawn")),
+            }
             for topic, raw in _read(self.seen_path).items()
             if isinstance(raw, dict) and {"id", "issued"} <= raw.keys()
         }

@@ -29,6 +29,7 @@ from agent.models.fetch import FetchError, RefusalError
 from agent.models.orders import OrderBook
 from agent.models.probation import Probation
 from agent.models.store import Store, StoreError
+from agent.service.reporter import reporter_for
 from agent.transport.contract.events import RollbackCause
 from agent.transport.events import Event, EventSink
 from agent.util.worker import Worker
@@ -124,6 +125,12 @@ class Updater:
         self._lock = threading.RLock()
         self._wake = threading.Event()
         self._worker = Worker("updater", self._run, join_timeout=JOIN_TIMEOUT, wake=self._wake.set)
+        self.reporter = reporter_for(self)  # signed reports on deployment orders (with a broker only)
+
+    def observe(self, event: Event) -> None:
+        """Every event the daemon emits: the reporter turns those about the order it follows into reports."""
+        if self.reporter is not None:
+            self.reporter.observe(event)
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -151,6 +158,8 @@ class Updater:
                     next_poll = time.monotonic() + interval
                 self._judge_probation()
                 self._forget_orders_withdrawn_while_away()
+                if self.reporter is not None:
+                    self.reporter.tick()
             except Exception as exc:  # the update loop must outlive one bad update
                 log.exception("update step failed")
                 self.daemon.emit(Event("update.error", {"reason": f"{type(exc).__name__}: {exc}"}))
@@ -418,6 +427,8 @@ class Updater:
                 )
             ):
                 return  # a retained order already carried out, or already answered with a refusal
+            if self.reporter is not None:
+                self.reporter.begin(order, self._active_version(order.model))
             done = self._pull_and_swap(
                 order.model,
                 None,
@@ -426,6 +437,8 @@ class Updater:
                 order=order.id,
                 override_hold=order.allow_older,
             )
+            if done["status"] == "current" and self.reporter is not None:
+                self.reporter.current(order)
             if done["status"] in ("active", "current"):  # carried out: only now is it followed
                 self.orders.put(topic, order)
             elif done["status"] == "failed":  # the registry or the disk failed: tried again at the next poll
@@ -440,7 +453,7 @@ class Updater:
     def _forget_orders_withdrawn_while_away(self) -> None:
         """An order withdrawn while the device was offline leaves nothing retained, so no empty payload
         ever reaches it: once a connection's subscriptions are acknowledged and RETAINED_GRACE has passed,
-        a saved order whose topic sent nothing on that connection is withdrawn."""
+        an order (carried out, or only seen) whose topic sent nothing on that connection is withdrawn."""
         connection = self.parts.connection
         if connection is None or connection.connects == self._checked_connection or not connection.wait_online(0):
             return
@@ -451,7 +464,7 @@ class Updater:
         if time.monotonic() - self._retained_check[1] < RETAINED_GRACE:
             return
         self._checked_connection = current
-        for topic in self.orders.topics():
+        for topic in self.orders.live_topics():
             if self._heard.get(topic) != current:
                 self._withdraw(topic)
 
@@ -459,16 +472,19 @@ class Updater:
         """An empty retained payload: forget the topic's order; the model follows what is left (another
         order, else the profile's channel or pin, older than the active version or not)."""
         with self._lock:
-            gone = self.orders.withdraw(topic)
-            if gone is None:
+            gone, seen = self.orders.withdraw(topic)
+            last = gone or seen  # the order carried out from the topic, else the one last heard there
+            if last is None:
                 return
-            model = gone["model"]
+            model = last["model"]
             self.daemon.emit(
                 Event(
                     "deploy.withdrawn",
-                    {"model": model, "version": gone["version"], "order": gone["id"], "topic": topic},
+                    {"model": model, "version": last["version"], "order": last["id"], "topic": topic},
                 )
             )
+            if gone is None:
+                return  # never carried out: what the device follows does not change
             self._retry_pending()  # an order the withdrawn one had superseded, if the broker still holds one
             if model not in {c.model for c in self.profile.registry_pipelines}:
                 return

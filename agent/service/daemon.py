@@ -87,6 +87,8 @@ class Daemon:
                 log.exception("event not queued type=%s", event.type)
         if self.parts is not None and self.parts.health is not None:
             self.parts.health.poke()
+        if self.parts is not None and self.parts.updater is not None:
+            self.parts.updater.observe(event)  # the signed report on a deployment order
 
     # -- lifecycle -----------------------------------------------------------------------------
 

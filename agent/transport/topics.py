@@ -8,6 +8,7 @@
 <prefix>/<device>/cmd/<name>             commands in
 <prefix>/<device>/cmd/<name>/reply       replies out (unless the request names an MQTT 5 response topic)
 <prefix>/<device>/deploy                 retained deployment order for this device
+<prefix>/<device>/report                 retained, the device's signed report on the order it follows
 <prefix>/fleet/<group>/deploy            retained deployment order for a group
 ```
 """
@@ -87,6 +88,10 @@ class Topics:
     @property
     def deploy(self) -> str:
         return f"{self.base}/deploy"
+
+    @property
+    def report(self) -> str:
+        return f"{self.base}/report"
 
     @property
     def fleet_deploy(self) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import socket
@@ -11,10 +12,37 @@ import time
 from pathlib import Path
 
 
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+_EPHEMERAL_LOW = _ephemeral_low()
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port no one listens on, picked BELOW the kernel's ephemeral range.
+
+    A port from bind(0) comes from the ephemeral range, which outgoing connections draw from too: a
+    broker that boots for seconds (RabbitMQ, ejabberd) found its port taken by some client's socket
+    meanwhile (eaddrinuse). Ports below that range are only ever taken by listeners that ask for them.
+    """
+    low = max(1024, min(20000, _EPHEMERAL_LOW - 2000))
+    for _ in range(200):
+        port = random.randrange(low, _EPHEMERAL_LOW)
+        if port in _handed_out:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    raise RuntimeError(f"no free port in {low}-{_EPHEMERAL_LOW - 1}")
 
 
 def wait_port(port: int, timeout: float = 10.0, host: str = "127.0.0.1") -> None:
@@ -36,7 +64,9 @@ def mosquitto_binary() -> str:
 
 
 class Mosquitto:
-    """One broker process; `extra_conf` adds lines (listeners, TLS, ACL) to its config."""
+    """One broker process; `extra_conf` adds lines (listeners, TLS, ACL) to its config. Setting `conf`
+    before `start()` replaces the listener and security lines with it (a documented configuration that
+    must come first, as `per_listener_settings` does); logging and persistence are still added."""
 
     def __init__(self, workdir: Path, port: int | None = None, extra_conf: str = "", anonymous: bool = True) -> None:
         self.workdir = workdir
@@ -45,6 +75,7 @@ class Mosquitto:
         self.anonymous = anonymous
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = workdir / "mosquitto.log"
+        self.conf: str | None = None
 
     @property
     def url(self) -> str:
@@ -53,10 +84,11 @@ class Mosquitto:
     def _write_conf(self) -> Path:
         self.workdir.mkdir(parents=True, exist_ok=True)
         conf = self.workdir / "mosquitto.conf"
+        security = self.conf or (
+            f"listener {self.port} 127.0.0.1\nallow_anonymous {'true' if self.anonymous else 'false'}\n"
+        )
         conf.write_text(
-            f"listener {self.port} 127.0.0.1\n"
-            f"allow_anonymous {'true' if self.anonymous else 'false'}\n"
-            "persistence false\n"
+            security + "persistence false\n"
             f"log_dest file {self.log}\n"
             "log_type error\nlog_type warning\nlog_type notice\n"
             "max_queued_messages 100000\n" + self.extra_conf

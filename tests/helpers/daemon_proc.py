@@ -126,7 +126,7 @@ class AgentProcess:
         if password is None and self.mqtt.get("password_file"):
             password = Path(self.mqtt["password_file"]).read_text().strip()
         base = f"{self.mqtt.get('topic_prefix', 'edge')}/{self.device}"
-        topics = [f"{base}/{kind}" for kind in ("events", "health", "status", "cmd/+/reply")]
+        topics = [f"{base}/{kind}" for kind in ("events", "health", "status", "report", "cmd/+/reply")]
         self._watch = Subscriber(
             url.port or 1883,
             *topics,

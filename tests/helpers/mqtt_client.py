@@ -26,7 +26,7 @@ from tests.helpers.waiting import wait_for
 
 def contract_kind(topic: str) -> Kind | None:
     """Which contract a device topic's messages follow: `<prefix>/<device>/events|health|status` and
-    `<prefix>/<device>/cmd/<name>/reply`; None for results, orders, requests and anything else."""
+    `<prefix>/<device>/cmd/<name>/reply` (and `report`); None for results, orders, requests and anything else."""
     levels = topic.split("/")
     if len(levels) >= 4 and levels[-1] == "reply" and levels[-3] == "cmd":
         return "reply"
@@ -35,7 +35,7 @@ def contract_kind(topic: str) -> Kind | None:
     return None
 
 
-_DEVICE_TOPICS: dict[str, Kind] = {"events": "events", "health": "health", "status": "status"}
+_DEVICE_TOPICS: dict[str, Kind] = {"events": "events", "health": "health", "status": "status", "report": "report"}
 
 
 class ContractViolations:

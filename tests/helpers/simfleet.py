@@ -18,6 +18,7 @@ import argparse
 import hashlib
 import http.client
 import json
+import queue
 import selectors
 import sys
 import threading
@@ -34,7 +35,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.models.deploy import DeployOrder, OrderError, applies_to, parse_order
 from agent.models.manifest import parse_manifest
-from agent.models.signing import load_public_keys, verify
+from agent.models.signing import MANIFEST, load_public_keys, verify
 from agent.service.identity import enrollment_entry, sign_report
 from agent.transport.contract.report import DeviceReport, Vitals
 from agent.transport.contract.status import StatusMessage
@@ -52,9 +53,13 @@ def device_key(seed: str, device: str) -> Ed25519PrivateKey:
     return Ed25519PrivateKey.from_private_bytes(hashlib.sha256(f"{seed}/{device}".encode()).digest())
 
 
-def regresses(device: str, fraction: float) -> bool:
-    """Whether this device regresses, spread evenly by the hash of its id."""
-    return int(hashlib.sha256(device.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF < fraction
+def regression(device: str, mode: str, fraction: float) -> str | None:
+    """How this device regresses (`p95`, `cpu`, or for `mixed` either, half each), or None: a share
+    `fraction` of the devices, spread evenly by the hash of their ids."""
+    digest = int(hashlib.sha256(device.encode()).hexdigest()[:8], 16)
+    if digest / 0xFFFFFFFF >= fraction:
+        return None
+    return mode if mode != "mixed" else ("p95", "cpu")[digest % 2]
 
 
 @dataclass
@@ -133,6 +138,10 @@ class SimFleet:
         self.refused: list[str] = []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.held: set[str] = set()  # devices that sit on their orders until `release`
+        self._waiting: list[tuple[SimDevice, DeployOrder]] = []
+        self._calls: queue.Queue[Callable[[], None]] = queue.Queue()  # run on the loop thread
+        self.received: dict[str, list[str]] = {}  # device -> every order id it acted on, in order
 
     # ---- the loop ----------------------------------------------------------------------------
 
@@ -163,6 +172,8 @@ class SimFleet:
                     client.loop_read(100)
                 if mask & selectors.EVENT_WRITE:
                     client.loop_write()
+            while not self._calls.empty():
+                self._calls.get_nowait()()
             if time.monotonic() - last_misc > 5:
                 last_misc = time.monotonic()
                 for dev in self.devices:
@@ -222,21 +233,44 @@ class SimFleet:
         if newest is None or newest.id in dev.handled or newest.model != dev.model:
             return
         dev.handled.add(newest.id)
+        if dev.id in self.held:
+            self._waiting.append((dev, newest))
+            return
         self._follow(client, dev, newest)
 
+    def release(self, *devices: str) -> None:
+        """Let held devices act on the orders they sit on (from any thread)."""
+
+        def run() -> None:
+            self.held.difference_update(devices)
+            waiting, self._waiting = self._waiting, []
+            for dev, order in waiting:
+                if dev.id in self.held:
+                    self._waiting.append((dev, order))
+                elif dev.client is not None:
+                    self._follow(dev.client, dev, order)
+
+        self._calls.put(run)
+
+    def call(self, fn: Callable[[], None]) -> None:
+        """Run `fn` on the loop thread (paho clients are not thread-safe)."""
+        self._calls.put(fn)
+
     def _follow(self, client: paho.Client, dev: SimDevice, order: DeployOrder) -> None:
+        self.received.setdefault(dev.id, []).append(order.id)
+        if order.version == dev.version:
+            return  # already runs it: an agent's pull is `current`, and says nothing
         try:
             manifest = self._manifest(order.model, order.version)
         except (OSError, ValueError) as exc:
             self._report(client, dev, order, "error", reason=f"manifest: {exc}")
             return
         variant = manifest.variants[0]
-        if order.version != dev.version:
-            dev.previous, dev.previous_provider = dev.version, dev.running_provider
-            dev.version = order.version
-            mode = dev.regress.get(order.version)
-            dev.p95 = dev.base_p95 * (3.0 if mode == "p95" else 1.0)
-            dev.running_provider = "CPUExecutionProvider" if mode == "cpu" else dev.provider
+        dev.previous, dev.previous_provider = dev.version, dev.running_provider
+        dev.version = order.version
+        mode = dev.regress.get(order.version)
+        dev.p95 = dev.base_p95 * (3.0 if mode == "p95" else 1.0)
+        dev.running_provider = "CPUExecutionProvider" if mode == "cpu" else dev.provider
         fallback = dev.running_provider != (dev.previous_provider or dev.running_provider)
         vitals = Vitals(
             inferences=200, errors=0, nan=0, drops=0, p95_ms=round(dev.p95, 2),
@@ -253,13 +287,13 @@ class SimFleet:
             schema=1, device=dev.id, order=order.id, ts=utc_iso(time.time()), model=order.model, version=order.version,
             state=state, running=dev.version, previous=dev.previous, previous_provider=dev.previous_provider, **fields,
         )  # fmt: skip
-        client.publish(dev.topics.base + "/report", sign_report(dev.key, report), 1, retain=True)
+        client.publish(dev.topics.report, sign_report(dev.key, report), 1, retain=True)
 
     def _manifest(self, model: str, version: str) -> Any:
         """GET the manifest and its signature (every device asks: that is the registry's load), verify, parse."""
         base = f"{self.http_base}/models/{model}/{version}/manifest.json"
         data, sig = self._get(base), self._get(base + ".sig")
-        verify(self.keys, data, sig, f"manifest of {model} {version}")
+        verify(self.keys, data, sig, f"manifest of {model} {version}", MANIFEST)
         return parse_manifest(data)
 
     def _get(self, path: str) -> bytes:
@@ -286,11 +320,12 @@ class SimFleet:
 def make_devices(
     n: int, *, start: int = 0, group: str, model: str, version: str, seed: str, regress: dict[str, tuple[str, float]]
 ) -> list[SimDevice]:
-    """Devices dev-00000.. spread over architectures and providers; `regress`: version -> (mode, fraction)."""
+    """Devices dev-00000.. spread over architectures and providers; `regress`: version -> (mode, fraction),
+    mode `p95` (x3), `cpu` (a fall back to CPUExecutionProvider) or `mixed`."""
     out = []
     for i in range(start, start + n):
         name = f"dev-{i:05d}"
-        modes = {v: mode for v, (mode, fraction) in regress.items() if regresses(name, fraction)}
+        modes = {v: m for v, (mode, fraction) in regress.items() if (m := regression(name, mode, fraction))}
         out.append(
             SimDevice(
                 name,

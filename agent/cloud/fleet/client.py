@@ -10,7 +10,9 @@ everything that interprets them runs single-threaded.
 
 from __future__ import annotations
 
+import contextlib
 import queue
+import socket
 import ssl
 import threading
 import time
@@ -24,11 +26,13 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
+from paho.mqtt.subscribeoptions import SubscribeOptions
 
 CONNECT_TIMEOUT = 10.0
 SUBACK_TIMEOUT = 5.0
 PUBACK_TIMEOUT = 10.0
 KEEPALIVE = 30
+RECEIVE_BUFFER = 4 * 1024 * 1024  # bytes; the kernel caps it at net.core.rmem_max
 UNSUPPORTED_PROTOCOL = 0x84  # CONNACK: the broker does not speak this MQTT version
 
 
@@ -107,6 +111,7 @@ class BrokerClient:
                 )
             except (ssl.SSLError, OSError) as exc:
                 raise FleetError(f"--tls-*: cannot load the TLS files ({exc})", 2) from None
+        client.on_socket_open = self._on_socket_open
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_subscribe = self._on_subscribe
@@ -161,17 +166,24 @@ class BrokerClient:
         finally:
             self.client.loop_stop()
 
-    def subscribe(self, *filters: str | tuple[str, int], qos: int = 1, timeout: float = SUBACK_TIMEOUT) -> None:
-        """Subscribe to every filter (a topic filter at `qos`, or a (filter, QoS) pair) in ONE packet, and
-        wait for its SUBACK: the broker answers before it sends the retained messages of any of them, where
-        a second packet's SUBACK would wait behind the first one's retained burst.
+    def subscribe(
+        self, *filters: str | tuple[str, int] | tuple[str, int, bool], qos: int = 1, timeout: float = SUBACK_TIMEOUT
+    ) -> None:
+        """Subscribe to every filter (a topic filter at `qos`, or (filter, QoS), or (filter, QoS, retained)) in
+        ONE packet, and wait for its SUBACK: the broker answers before it sends the retained messages of any
+        of them, where a second packet's SUBACK would wait behind the first one's retained burst.
 
-        Read retained state at QoS 0: Mosquitto holds a QoS 1 subscriber's backlog to `max_queued_messages`
-        (1000 by default) and drops the rest of a retained burst, silently; a QoS 0 subscriber gets it all."""
-        pairs = [f if isinstance(f, tuple) else (f, qos) for f in filters]
-        rc, mid = self.client.subscribe(pairs)
+        `retained` False (MQTT 5 only; 3.1.1 has no way to say it): live messages only, no retained burst.
+        See `agent.cloud.fleet.inventory` for why a large retained burst is read in batches."""
+        subs = [(f, qos, True) if isinstance(f, str) else (f[0], f[1], f[2] if len(f) == 3 else True) for f in filters]
+        v5 = self.protocol == MQTTProtocolVersion.MQTTv5
+        request: list[tuple[str, Any]] = [
+            (f, SubscribeOptions(q, retainHandling=0 if keep else SubscribeOptions.RETAIN_DO_NOT_SEND) if v5 else q)
+            for f, q, keep in subs
+        ]
+        rc, mid = self.client.subscribe(request)
         if rc != paho.MQTT_ERR_SUCCESS or mid is None:
-            raise FleetError(f"cannot subscribe to {', '.join(f for f, _ in pairs)}: {paho.error_string(rc)}")
+            raise FleetError(f"cannot subscribe to {', '.join(f for f, _, _ in subs)}: {paho.error_string(rc)}")
         deadline = time.monotonic() + timeout
         with self._acked:
             while mid not in self._subacks:
@@ -180,11 +192,17 @@ class BrokerClient:
                     raise FleetError(f"the broker did not acknowledge the subscriptions within {timeout:g}s")
                 self._acked.wait(left)
             codes = self._subacks.pop(mid)
-        for (topic_filter, _), code in zip(pairs, codes, strict=False):
+        for (topic_filter, _, _), code in zip(subs, codes, strict=False):
             if code.is_failure:
                 raise FleetError(
                     f"the broker refused the subscription to {topic_filter}: {code} (check the ACL of this user)"
                 )
+
+    def unsubscribe(self, *filters: str) -> None:
+        """Unsubscribe, not waiting for the broker's answer (nothing depends on when it comes)."""
+        rc, _ = self.client.unsubscribe(list(filters))
+        if rc != paho.MQTT_ERR_SUCCESS:
+            raise FleetError(f"cannot unsubscribe: {paho.error_string(rc)}")
 
     def publish_retained(self, topic: str, payload: bytes, timeout: float = PUBACK_TIMEOUT) -> None:
         """Publish retained at QoS 1 and wait for the PUBACK; a refusal (MQTT 5 reason code) raises."""
@@ -207,6 +225,43 @@ class BrokerClient:
         if reason.is_failure:
             raise FleetError(f"the broker refused the publish on {topic}: {reason} (check the ACL of this user)")
 
+    def publish_many(self, items: list[tuple[str, bytes]], timeout: float = PUBACK_TIMEOUT) -> None:
+        """Publish each (topic, payload) retained at QoS 1, then wait for every PUBACK (a wave's orders:
+        thousands, so not one round trip each); the first refusal raises."""
+        mids = {}
+        for topic, payload in items:
+            info = self.client.publish(topic, payload, qos=1, retain=True)
+            if info.rc != paho.MQTT_ERR_SUCCESS:
+                raise FleetError(f"cannot publish to {topic}: {paho.error_string(info.rc)}")
+            mids[info.mid] = topic
+        deadline = time.monotonic() + timeout + len(items) / 1000
+        with self._acked:
+            while not all(m in self._pubacks for m in mids):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    missing = sum(m not in self._pubacks for m in mids)
+                    raise FleetError(f"the broker did not acknowledge {missing} of {len(mids)} publishes in time")
+                self._acked.wait(left)
+            reasons = {m: self._pubacks.pop(m) for m in mids}
+        for mid, reason in reasons.items():
+            if reason.is_failure:
+                raise FleetError(
+                    f"the broker refused the publish on {mids[mid]}: {reason} (check the ACL of this user)"
+                )
+
+    def send(self, topic: str, payload: bytes) -> int:
+        """Publish at QoS 1 without waiting: the mid, whose answer `refusal()` tells once it came."""
+        info = self.client.publish(topic, payload, qos=1)
+        if info.rc != paho.MQTT_ERR_SUCCESS:
+            raise FleetError(f"cannot publish to {topic}: {paho.error_string(info.rc)}")
+        return info.mid
+
+    def refusal(self, mid: int) -> ReasonCode | None:
+        """The broker's refusal of a `send()`, once its PUBACK came (None: accepted, or not answered yet)."""
+        with self._acked:
+            reason = self._pubacks.get(mid)
+        return reason if reason is not None and reason.is_failure else None
+
     @property
     def client_id(self) -> str:
         return self._client_id
@@ -220,6 +275,12 @@ class BrokerClient:
 
     # ---- paho callbacks (network thread) ---------------------------------------------------------
     # userdata is paho's own `Any`: this client never sets it.
+
+    def _on_socket_open(self, client: paho.Client, userdata: Any, sock: Any) -> None:
+        # A retained burst arrives faster than Python parses it: room in the kernel keeps it off the broker's
+        # per-client queue (Mosquitto drops beyond `max_queued_messages` packets waiting there, QoS 0 too).
+        with contextlib.suppress(OSError, AttributeError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
 
     def _on_connect(
         self,

@@ -18,11 +18,13 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Literal
+
+from paho.mqtt.enums import MQTTProtocolVersion
 
 from agent.cloud.fleet.client import BrokerClient, BrokerSettings, FleetError
 from agent.models.deploy import DeployOrder
@@ -34,6 +36,8 @@ from agent.transport.topics import Topics, check_level
 from agent.util.timefmt import parse_utc_iso
 
 SETTLE = 0.0  # how long to go on reading once the retained burst is in (the marker says when it is)
+BATCH = 400  # devices whose own retained topics are read at once: 2 x 400 messages stay under 1000
+PER_DEVICE: tuple[MessageKind, ...] = ("health", "report")  # read per device, in batches
 SYNC_TIMEOUT = 60.0  # the longest a retained burst may take to arrive (10,000 devices: about 4 s here)
 
 MessageKind = Literal["status", "health", "events", "deploy", "report"]
@@ -116,6 +120,7 @@ class Inventory:
                 raise FleetError(f"--topic-prefix: {exc}", 2) from None
         self.client, self.prefix = client, prefix
         self.devices: dict[str, Device] = {}
+        self.other: Callable[[str, bytes], None] | None = None  # topics not read here (the controller's lease)
         self.orders: dict[str, object] = {}  # deploy topic -> decoded payload (any JSON: checked when shown)
 
     # ---- topics ----------------------------------------------------------------------------------
@@ -143,27 +148,55 @@ class Inventory:
         while (left := deadline - time.monotonic()) > 0:
             self.poll(left)
 
-    def subscribe(self, kinds: tuple[MessageKind, ...], live: tuple[MessageKind, ...] = ()) -> None:
-        """One SUBSCRIBE: `kinds` (retained state) at QoS 0, `live` kinds at QoS 1, and the marker."""
-        self.client.subscribe(
-            *((f, 0) for f in self.filters(*kinds)), *((f, 1) for f in self.filters(*live)), (self.marker_topic(), 0)
-        )
+    def load(self, kinds: tuple[MessageKind, ...], live: tuple[MessageKind, ...] = ()) -> None:
+        """Subscribe to `kinds` and read every retained message they match; `live` kinds (QoS 1) are followed
+        from now on. Statuses and group orders come in one burst, then each device's health and report in
+        batches of its own topics, each batch small enough for Mosquitto's default per-client queue
+        (`max_queued_messages` 1000 packets, beyond which it drops, QoS 0 included: with a Python reader a
+        wildcard burst of 10,000 devices' health lost a third of them here), then the device orders in one
+        burst (small messages; an order may name a device never seen). The wildcard subscriptions that
+        follow health and reports afterwards ask for no retained messages (MQTT 5); under 3.1.1 they are
+        made last, and their burst only repeats what the batches read."""
+        per_device = [k for k in kinds if k in PER_DEVICE]
+        v5 = self.client.protocol == MQTTProtocolVersion.MQTTv5
+        wild = [(f"{self.prefix}/+/{k}", 1 if k in live else 0, False) for k in (*per_device, *live)]
+        first: list[tuple[str, int, bool]] = [(f"{self.prefix}/+/status", 0, True)] if "status" in kinds else []
+        if "deploy" in kinds:
+            first.append((f"{self.prefix}/fleet/+/deploy", 0, True))
+        self.client.subscribe(*first, *(wild if v5 else ()), (self.marker_topic(), 0, True))
+        self.sync()
+        ids = sorted(self.devices)
+        for i in range(0, len(ids), BATCH):
+            topics = [f"{self.prefix}/{d}/{k}" for d in ids[i : i + BATCH] for k in per_device]
+            self.client.subscribe(*((t, 0, True) for t in topics))
+            self.sync()
+            self.client.unsubscribe(*topics)
+        if "deploy" in kinds:
+            self.client.subscribe((f"{self.prefix}/+/deploy", 0, True))
+            self.sync()
+        if not v5 and wild:
+            self.client.subscribe(*wild)
 
     def marker_topic(self) -> str:
         return f"{self.prefix}/fleet/marker/{check_level(self.client.client_id, 'client id')}"
 
     def sync(self, timeout: float = SYNC_TIMEOUT) -> list[Message]:
-        """Read until every retained message of the subscription (made with `subscribe`, which adds the
-        marker's own filter) is in: a marker published to this client itself arrives after them. Returns
-        what was read (FleetError after `timeout`)."""
+        """Read until every retained message of the subscriptions made so far is in (`load` subscribes to the
+        marker's topic): a marker published to this client itself arrives after them. Returns what was
+        read (FleetError after `timeout`)."""
         marker, nonce = self.marker_topic(), uuid.uuid4().hex.encode()
-        self.client.publish(marker, nonce)  # QoS 1: an ACL that refuses it says so (MQTT 5) instead of a timeout
+        # QoS 1: an ACL that refuses it says so (MQTT 5) instead of a timeout; its PUBACK comes after the
+        # burst, so it is not waited for.
+        mid = self.client.send(marker, nonce)
         read: list[Message] = []
         deadline = time.monotonic() + timeout
         while (left := deadline - time.monotonic()) > 0:
-            received = self.client.receive(left)
+            received = self.client.receive(min(left, 0.5))
+            refused = self.client.refusal(mid)
+            if refused is not None:
+                raise FleetError(f"the broker refused the publish on {marker}: {refused} (check the ACL of this user)")
             if received is None:
-                break
+                continue
             topic, raw = received
             if topic == marker:
                 if raw == nonce:
@@ -193,6 +226,8 @@ class Inventory:
             return Message("deploy", None, topic)
         kind = _DEVICE_KINDS.get(levels[1]) if len(levels) == 2 else None
         if kind is None:
+            if self.other is not None:
+                self.other(topic, raw)
             return None
         device_id = levels[0]
         if kind == "deploy":
@@ -246,9 +281,10 @@ def connected(
     inventory = Inventory(client, prefix)
     client.connect()
     try:
-        inventory.subscribe(kinds, live)
         if sync:
-            inventory.sync()
+            inventory.load(kinds, live)
+        else:
+            client.subscribe(*inventory.filters(*kinds, *live))
         inventory.settle(settle)
         yield inventory
     finally:

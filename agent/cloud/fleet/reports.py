@@ -64,8 +64,9 @@ class ReportChecker:
 
 
 def _key_id(signature: bytes) -> str | None:
+    """The key that made a signature file's first signature (a device signs with one key)."""
     try:
-        kid = json.loads(signature).get("key")
-    except (ValueError, AttributeError):
+        kid = json.loads(signature)["signatures"][0]["key"]
+    except (ValueError, KeyError, IndexError, TypeError):
         return None
     return kid if isinstance(kid, str) else None

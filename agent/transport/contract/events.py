@@ -11,9 +11,7 @@ from __future__ import annotations
 
 from typing import ClassVar, Literal
 
-from pydantic import TypeAdapter
-
-from agent.transport.contract.base import ContractError, Text, Wire, check
+from agent.transport.contract.base import ContractError, Text, Wire, check_model
 
 # Why a version was rolled back: its probation failed, it killed the process while loading (the crash
 # guard), an operator asked (the rollback command or a rollback order), or it did not load in a pipeline.
@@ -383,12 +381,11 @@ def _concrete(base: type[EventBody]) -> list[type[EventBody]]:
 
 # Every event type, by its `type`: what a producer may emit and what the fleet side can read.
 EVENTS: dict[str, type[EventBody]] = {cls.TYPE: cls for cls in _concrete(EventBody)}
-_ADAPTERS: dict[str, TypeAdapter[EventBody]] = {t: TypeAdapter(cls) for t, cls in EVENTS.items()}
 
 
 def event_body(type_: str, fields: object) -> EventBody:
     """The fields of an event of `type_`, validated; ContractError naming the type and the field."""
-    adapter = _ADAPTERS.get(type_)
-    if adapter is None:
+    model = EVENTS.get(type_)
+    if model is None:
         raise ContractError(f"event {type_!r}", "not an event type of the contract (agent.transport.contract)")
-    return check(adapter, fields, f"event {type_}")
+    return check_model(model, fields, f"event {type_}")

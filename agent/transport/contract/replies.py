@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from pydantic import Field, JsonValue, TypeAdapter, model_validator
 
-from agent.transport.contract.base import Text, Timestamp, Wire, check
+from agent.transport.contract.base import Text, Timestamp, Wire, check, check_model
 
 ErrorCode = Literal["bad_json", "bad_argument", "unknown_command", "not_available", "failed"]
 
@@ -93,12 +93,11 @@ RESULTS: dict[str, TypeAdapter[Any]] = {
     "config": TypeAdapter(dict[str, JsonValue]),  # the effective profile, secrets redacted
     "snapshot": TypeAdapter(SnapshotResult),
 }
-_REPLY = TypeAdapter(CommandReply)
 
 
 def check_reply(doc: object) -> CommandReply:
     """A reply, its result checked against its command's model; ContractError naming the field."""
-    reply = check(_REPLY, doc, "reply")
+    reply = check_model(CommandReply, doc, "reply")
     adapter = RESULTS.get(reply.command)
     if reply.ok and adapter is not None:
         check(adapter, reply.result, f"reply to {reply.command}: result")

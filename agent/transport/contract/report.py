@@ -17,9 +17,9 @@ from __future__ import annotations
 import json
 from typing import Literal
 
-from pydantic import Field, TypeAdapter
+from pydantic import Field
 
-from agent.transport.contract.base import ContractError, Text, Timestamp, Wire, check, decode
+from agent.transport.contract.base import ContractError, Text, Timestamp, Wire, check_model, decode
 
 SCHEMA = 1
 MAX_REPORT_BYTES = 16 * 1024
@@ -37,8 +37,8 @@ class Vitals(Wire):
     errors: int  # failed inferences since the swap
     nan: int  # inferences with a NaN or an infinity in an output, since the swap
     drops: int  # frames dropped since the swap
-    p95_ms: float | None  # this version's inference p95 (None before enough runs)
-    baseline_p95_ms: float | None  # the previous version's own p95 on this device, taken just before the swap
+    p95_ms: float | None = None  # this version's inference p95 (None before enough runs)
+    baseline_p95_ms: float | None = None  # the previous version's own p95 on this device, taken just before the swap
     active_s: float  # seconds since the swap
 
 
@@ -63,9 +63,6 @@ class DeviceReport(Wire):
     vitals: Vitals | None = None
 
 
-_REPORT = TypeAdapter(DeviceReport)
-
-
 def report_text(report: DeviceReport) -> bytes:
     """The exact bytes a device signs."""
     return report.model_dump_json(by_alias=True, exclude_none=True).encode()
@@ -73,7 +70,7 @@ def report_text(report: DeviceReport) -> bytes:
 
 def parse_report_text(text: bytes | str) -> DeviceReport:
     """A report's JSON text, strictly (ContractError naming the field)."""
-    return check(_REPORT, decode(text, "report"), "report")
+    return check_model(DeviceReport, decode(text, "report"), "report")
 
 
 def split_signed(raw: bytes) -> tuple[bytes, bytes]:

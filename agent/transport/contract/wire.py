@@ -10,12 +10,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
-from pydantic import Field, TypeAdapter
+from pydantic import Field
 
-from agent.transport.contract.base import Text, Timestamp, Wire, check, decode
+from agent.transport.contract.base import Text, Timestamp, Wire, check_model, decode
 from agent.transport.contract.events import EventBody, event_body
 from agent.transport.contract.health import HealthReport
 from agent.transport.contract.replies import CommandReply, check_reply
+from agent.transport.contract.report import DeviceReport, parse_report_text, split_signed
 from agent.transport.contract.status import StatusMessage
 
 
@@ -29,9 +30,6 @@ class Envelope(Wire):
 
 
 ENVELOPE = frozenset(Envelope.model_fields)
-_ENVELOPE = TypeAdapter(Envelope)
-_HEALTH = TypeAdapter(HealthReport)
-_STATUS = TypeAdapter(StatusMessage)
 
 
 @dataclass(frozen=True)
@@ -53,33 +51,40 @@ def fields_of(body: EventBody) -> dict[str, object]:
 
 def event_payload(device: str, seq: int, ts: str, body: EventBody) -> dict[str, object]:
     """The message an event is on the wire: the envelope, then the type's fields."""
-    head = check(_ENVELOPE, {"device": device, "seq": seq, "ts": ts, "type": body.TYPE}, f"event {body.TYPE}")
+    head = check_model(Envelope, {"device": device, "seq": seq, "ts": ts, "type": body.TYPE}, f"event {body.TYPE}")
     return {**head.model_dump(), **fields_of(body)}
 
 
 def parse_event(raw: bytes | str) -> WireEvent:
     doc = decode(raw, "event")
-    head = check(_ENVELOPE, {k: v for k, v in doc.items() if k in ENVELOPE}, "event")
+    head = check_model(Envelope, {k: v for k, v in doc.items() if k in ENVELOPE}, "event")
     body = event_body(head.type, {k: v for k, v in doc.items() if k not in ENVELOPE})
     return WireEvent(head, body)
 
 
 def parse_health(raw: bytes | str) -> HealthReport:
-    return check(_HEALTH, decode(raw, "health"), "health")
+    return check_model(HealthReport, decode(raw, "health"), "health")
 
 
 def parse_status(raw: bytes | str) -> StatusMessage:
-    return check(_STATUS, decode(raw, "status"), "status")
+    return check_model(StatusMessage, decode(raw, "status"), "status")
 
 
 def parse_reply(raw: bytes | str) -> CommandReply:
     return check_reply(decode(raw, "reply"))
 
 
-Kind = Literal["events", "health", "status", "reply"]
+def parse_report(raw: bytes | str) -> DeviceReport:
+    """A report as it travels (its text and signature; the signature is the reader's to check)."""
+    text, _ = split_signed(raw.encode() if isinstance(raw, str) else raw)
+    return parse_report_text(text)
+
+
+Kind = Literal["events", "health", "status", "reply", "report"]
 PARSERS: dict[Kind, Callable[[bytes | str], object]] = {
     "events": parse_event,
     "health": parse_health,
     "status": parse_status,
     "reply": parse_reply,
+    "report": parse_report,
 }

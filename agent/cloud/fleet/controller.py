@@ -1,0 +1,228 @@
+"""`edge-agent fleet controller`: the service that drives every rollout, from the broker and one state file.
+
+It holds the leases (`agent.cloud.fleet.lease`), reads every device's retained status, health and
+signed report (`Inventory.load`), then loops: the devices' messages as they come, and every `TICK` the
+rollouts in the state file (new ones are planned, operators' requests applied, each driven a step by
+`agent.cloud.fleet.rollout.Driver`). A report counts only when it verifies against the inventory of
+enrolled devices (`agent.cloud.fleet.reports`); one that does not, and a live report that answers an
+older order than the one the device was sent, are ignored and recorded as fleet events (the state
+file's `events`, shown by `fleet rollout status`, and the log).
+
+Live messages are read at QoS 0 and can be dropped by a broker whose per-client queue is full; the
+reports are retained, so every `RESYNC` seconds the controller reads back the reports of the devices it
+is still waiting for.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from agent.cloud.fleet.client import BrokerClient, BrokerSettings, FleetError
+from agent.cloud.fleet.enrollment import EnrollmentError, load_enrollment
+from agent.cloud.fleet.inventory import BATCH, Inventory, SignedReport
+from agent.cloud.fleet.lease import Leases, owner_id
+from agent.cloud.fleet.reports import ReportChecker
+from agent.cloud.fleet.rollout import Driver
+from agent.cloud.fleet.state import ACTIVE_STATES, StateDB
+
+log = logging.getLogger(__name__)
+
+TICK = 0.25  # seconds between two steps of the rollouts
+RESYNC = 10.0  # seconds between two read-backs of the reports still awaited
+STANDBY_POLL = 2.0  # how often a controller without the lease looks again
+
+
+class Controller:
+    def __init__(
+        self,
+        settings: BrokerSettings,
+        db_path: Path,
+        key: Ed25519PrivateKey,
+        enrollment: Path,
+        *,
+        prefix: str = "edge",
+        name: str = "controller",
+        lease_ttl: float = 15.0,
+    ) -> None:
+        self.settings, self.key, self.enrollment_path, self.prefix = settings, key, enrollment, prefix
+        self.db = StateDB(db_path)
+        self.owner = owner_id(name)
+        self.lease_ttl = lease_ttl
+        self.drivers: dict[str, Driver] = {}
+        self.checker = ReportChecker({})
+        self._enrolled_mtime: float | None = None
+        self._reported: set[tuple[str, bytes, bytes]] = set()  # (device, text, signature) recorded as rejected
+
+    # ---- the service --------------------------------------------------------------------------------
+
+    def run(self, stop: threading.Event) -> int:
+        self._load_enrollment()
+        client = BrokerClient(self.settings, client_id=f"edge-agent-{self.owner.replace('@', '-').replace(':', '-')}")
+        client.connect()
+        inventory = Inventory(client, self.prefix)
+        leases = Leases(self.db, inventory, self.owner, self.lease_ttl)
+        inventory.other = leases.note
+        try:
+            client.subscribe((leases.topic, 1, True), (inventory.marker_topic(), 0, True))
+            inventory.sync()
+            while not stop.is_set():
+                holder = leases.acquire()
+                if holder is None:
+                    break
+                log.info("standby: the lease is held by %s", holder)
+                stop.wait(STANDBY_POLL)
+                inventory.sync()
+            if stop.is_set():
+                return 0
+            log.info("controller %s holds the lease; reading the fleet", self.owner)
+            started = time.monotonic()
+            inventory.load(("status", "health", "report"))
+            log.info("fleet read devices=%d in %.1fs", len(inventory.devices), time.monotonic() - started)
+            self._refresh(inventory)
+            for device in sorted(inventory.devices):
+                signed = inventory.devices[device].report
+                if signed is not None:
+                    self._report(device, signed, live=False)
+            for driver in self.drivers.values():
+                driver.republish(client.publish_many)  # what was written ahead and maybe never sent
+            self._loop(inventory, leases, stop)
+        finally:
+            try:
+                leases.release()
+            except FleetError as exc:
+                log.warning("lease not released: %s", exc)
+            client.close()
+        return 0
+
+    def _loop(self, inventory: Inventory, leases: Leases, stop: threading.Event) -> None:
+        client = inventory.client
+        next_tick = next_resync = time.monotonic()
+        while not stop.is_set():
+            msg = inventory.poll(max(0.0, min(TICK, next_tick - time.monotonic())))
+            if msg is not None and msg.report is not None and msg.device is not None:
+                self._report(msg.device, msg.report, live=True)
+            if time.monotonic() < next_tick:
+                continue
+            next_tick = time.monotonic() + TICK
+            if not leases.renew():
+                raise FleetError("another controller holds the lease now; stopping (see the log)")
+            self._load_enrollment()
+            self._refresh(inventory)
+            for driver in list(self.drivers.values()):
+                driver.tick(client.publish_many)
+            if time.monotonic() >= next_resync:
+                next_resync = time.monotonic() + RESYNC
+                self._resync(inventory)
+
+    # ---- rollouts -------------------------------------------------------------------------------------
+
+    def _refresh(self, inventory: Inventory) -> None:
+        """New rollouts are planned, finished ones dropped, operators' requests picked up."""
+        for rollout in self.db.rollouts(ACTIVE_STATES):
+            driver = self.drivers.get(rollout.id)
+            if driver is None:
+                driver = self.drivers[rollout.id] = Driver(self.db, rollout, self.key, self.prefix)
+            else:
+                driver.r.request = rollout.request
+            if driver.r.state == "pending":
+                if driver.r.request == "abort":
+                    with self.db.tx() as db:
+                        self.db.update_rollout(db, rollout.id, state="aborted", reason="aborted before it started")
+                    driver.r.state = "aborted"
+                else:
+                    driver.plan(self._members(inventory, driver))
+        for rid in [rid for rid, d in self.drivers.items() if d.r.state not in ACTIVE_STATES]:
+            del self.drivers[rid]
+
+    def _members(self, inventory: Inventory, driver: Driver) -> dict[str, tuple[str, str | None]]:
+        spec = driver.spec
+        members: dict[str, tuple[str, str | None]] = {}
+        unenrolled = []
+        for device_id in inventory.group_members(spec.group):
+            if device_id not in self.checker.enrolled:
+                unenrolled.append(device_id)
+                continue
+            dev = inventory.devices[device_id]
+            hardware = dev.health.hardware if dev.health is not None else None
+            arch = getattr(hardware, "arch", "?")
+            serving = dev.models().get(spec.model)
+            kind = f"{arch}/{serving.provider if serving is not None else '?'}"
+            members[device_id] = (kind, serving.version if serving is not None else None)
+        if unenrolled:
+            self._event(
+                driver.r.id,
+                None,
+                "rollout.unenrolled",
+                f"{len(unenrolled)} device(s) of group {spec.group} are not enrolled and not in the plan "
+                f"(they get the version with the group order): {', '.join(unenrolled[:10])}",
+            )
+        return members
+
+    # ---- reports --------------------------------------------------------------------------------------
+
+    def _report(self, device: str, signed: SignedReport, live: bool) -> None:
+        rejected = self.checker.check(device, signed)
+        if rejected is not None:
+            self._reject(device, signed, rejected.type, rejected.reason)
+            return
+        report = signed.report
+        targeted = False
+        for driver in self.drivers.values():
+            expected = driver.expects(device)
+            targeted = targeted or bool(expected)
+            if report.order in expected:
+                driver.on_report(report)
+                return
+        if live and targeted:
+            self._reject(
+                device,
+                signed,
+                "report.replayed",
+                f"report of {device} answers order {report.order}, not one it was sent",
+            )
+
+    def _reject(self, device: str, signed: SignedReport, type_: str, reason: str) -> None:
+        if (device, signed.text, signed.sig) in self._reported:
+            return
+        self._reported.add((device, signed.text, signed.sig))
+        rollout = next((d.r.id for d in self.drivers.values() if device in d.targets), None)
+        self._event(rollout, device, type_, reason)
+
+    def _event(self, rollout: str | None, device: str | None, type_: str, reason: str) -> None:
+        log.warning("fleet event type=%s device=%s rollout=%s %s", type_, device, rollout, reason)
+        self.db.event(rollout, device, type_, reason)
+
+    def _resync(self, inventory: Inventory) -> None:
+        """Read back the retained reports of the devices still awaited (a live report may have been dropped)."""
+        waiting = sorted(
+            {t.device for d in self.drivers.values() for t in d.targets.values() if t.state == "ordered"}
+            | {t.device for d in self.drivers.values() for t in d.targets.values() if t.rb_state == "ordered"}
+        )
+        for i in range(0, len(waiting), BATCH * 2):
+            topics = [f"{self.prefix}/{device}/report" for device in waiting[i : i + BATCH * 2]]
+            inventory.client.subscribe(*((t, 0, True) for t in topics))
+            for msg in inventory.sync():
+                if msg.report is not None and msg.device is not None:
+                    self._report(msg.device, msg.report, live=False)
+            inventory.client.unsubscribe(*topics)
+
+    def _load_enrollment(self) -> None:
+        try:
+            mtime = self.enrollment_path.stat().st_mtime
+        except OSError as exc:
+            raise FleetError(f"--inventory: cannot read {self.enrollment_path}: {exc.strerror or exc}") from None
+        if mtime == self._enrolled_mtime:
+            return
+        try:
+            self.checker = ReportChecker(load_enrollment(self.enrollment_path))
+        except EnrollmentError as exc:
+            if self._enrolled_mtime is None:
+                raise FleetError(str(exc), 2) from None
+            log.error("inventory not reloaded (the previous one stays): %s", exc)
+        self._enrolled_mtime = mtime
+        log.info("inventory loaded devices=%d", len(self.checker.enrolled))
