@@ -2,12 +2,16 @@
 behind nginx (or the project's server), and the real rollout controller (`edge-agent fleet controller`).
 
 Measured side by side in one run:
-- `fleet status`: the wall time of the real command line, and how many devices it printed;
+- `fleet status`: the wall time of the real command line, and how many devices it printed; again once
+  the rollouts left their orders retained, one per device (`--json`: devices, orders, the table per group);
 - a rollout in four waves with no soak: from `fleet rollout start` to completed, every device counted
   only on its signed report; the controller's peak RSS; the broker's messages per second;
 - a rollout whose version regresses on 10% of the devices (p95 x3 or a CPU fallback): when it aborts,
   in which wave, and whether every device that took the version was rolled back (and no device of a
-  later wave saw it).
+  later wave saw it), as the simulated devices themselves say at the end (what they run, what they ran).
+
+The registry has signing roles (docs/trust.md): the devices pin its root key and verify orders and
+manifests with the online keys its keys/root.json names.
 
 Prints a table, writes bench/results/fleet.json. The broker runs with Mosquitto's defaults (only a
 listener and $SYS every second), as operators run it: `max_queued_messages` 1000 included.
@@ -37,9 +41,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from agent.cloud.fleet.state import StateDB
 from agent.cloud.publish import publish
+from agent.cloud.roots import first, install, sign_draft, write_draft
 from agent.cloud.server import RegistryHTTPServer
 from agent.device.onnxproto import AI_ONNX, identity_model
-from agent.models.signing import generate_keypair
+from agent.models.signing import generate_keypair, load_private_key, load_public_keys
+from agent.models.trust import ROLES
 from tests.helpers.broker import Mosquitto
 from tests.helpers.mqtt_client import Subscriber
 from tests.helpers.nginx import Nginx, nginx_binary
@@ -96,6 +102,17 @@ def broker_counts(port: int) -> tuple[int, int]:
         sub.close()
 
 
+def registry_with_roles(work: Path) -> tuple[Path, Path, Path]:
+    """(registry folder, the online key that signs manifests and orders, the root public key devices pin)."""
+    key, public = generate_keypair(work / "keys")
+    root_key, root_public = generate_keypair(work / "offline", "root")
+    online = load_public_keys(public)
+    draft = write_draft(first(load_public_keys(root_public), 1, dict.fromkeys(ROLES, online)), work / "drafts")
+    sign_draft(draft, load_private_key(root_key))
+    install(work / "registry", draft)
+    return work / "registry", key, root_public
+
+
 def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "agent", *args], capture_output=True, text=True, cwd=REPO, timeout=timeout
@@ -146,6 +163,34 @@ def rollout(db_path: Path, version: str, waves: str, port: int, pid: int, timeou
     }
 
 
+def status_after(url: str) -> dict[str, Any]:
+    """`fleet status --json` once the rollouts left their orders retained (a device order each, the group's):
+    its time, and what it counted."""
+    started = time.monotonic()
+    run = cli("fleet", "status", "--broker", url, "--json")
+    seconds = round(time.monotonic() - started, 2)
+    if run.returncode != 0:
+        raise SystemExit(f"fleet status failed: {run.stderr}")
+    state = json.loads(run.stdout)
+    return {"seconds": seconds, "devices": len(state["devices"]), "orders": len(state["orders"]),
+            "groups": state["groups"], "versions": state["versions"]}  # fmt: skip
+
+
+def devices_say(procs: list[subprocess.Popen[str]]) -> dict[str, Any]:
+    """End the simulated devices' processes and add up what each says: registry GETs, the devices per
+    version they run now and per version they ever ran."""
+    total: dict[str, Any] = {"gets": 0, "running": {}, "ran": {}}
+    for proc in procs:
+        assert proc.stdin is not None and proc.stdout is not None
+        proc.stdin.close()
+        said = json.loads(proc.stdout.readline())
+        total["gets"] += said["gets"]
+        for key in ("running", "ran"):
+            for version, count in said[key].items():
+                total[key][version] = total[key].get(version, 0) + count
+    return total
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--devices", type=int, default=10000)
@@ -161,17 +206,17 @@ def main() -> None:
     server: Nginx | RegistryHTTPServer | None = None
     broker = Broker(work / "mosquitto")
     try:
-        key, public = generate_keypair(work / "keys")
+        registry, key, pinned = registry_with_roles(work)
         model = work / "m.onnx"
         model.write_bytes(identity_model(8, {AI_ONNX: 13}))
         for version in ("1.0.0", "2.0.0", "3.0.0"):
-            publish(work / "registry", "m", version, model, key, channel="stable" if version == "1.0.0" else None,
+            publish(registry, "m", version, model, key, channel="stable" if version == "1.0.0" else None,
                     no_tests=True)  # fmt: skip
         if nginx_binary() is not None:
-            server = Nginx(work / "registry", work / "nginx").start()
+            server = Nginx(registry, work / "nginx").start()
             registry_url, served_by = server.url, "nginx"
         else:
-            server = RegistryHTTPServer(work / "registry")
+            server = RegistryHTTPServer(registry)
             threading.Thread(target=server.serve_forever, daemon=True).start()
             registry_url, served_by = server.url, "edge-agent registry server"
         broker.start()
@@ -190,7 +235,7 @@ def main() -> None:
                         "--registry",
                         registry_url,
                         "--registry-key",
-                        str(public),
+                        str(pinned),
                         "--start",
                         str(k * per),
                         "--count",
@@ -224,7 +269,7 @@ def main() -> None:
         log = (work / "controller.log").open("w")
         controller = subprocess.Popen(
             [sys.executable, "-m", "agent", "fleet", "controller", "--broker", broker.url, "--db", str(db_path),
-             "--key", str(key), "--inventory", str(inventory)],
+             "--key", str(key), "--registry", registry_url, "--inventory", str(inventory)],
             stdout=subprocess.DEVNULL, stderr=log, cwd=REPO,
         )  # fmt: skip
         deadline = time.monotonic() + 120
@@ -236,7 +281,13 @@ def main() -> None:
         bad = rollout(db_path, "3.0.0", "25%,50%,75%,100%", broker.port, controller.pid, 300)
         controller.terminate()
         controller.wait(30)
-        gets = sum(1 for r in server.log() if r.method == "GET") if isinstance(server, Nginx) else None
+        after = status_after(broker.url)
+        devices = devices_say(procs)
+        sent = sum(n for w in bad["waves"] for state, n in w["states"].items() if state != "planned")
+        bad["devices_sent_the_version"] = sent
+        bad["devices_that_ran_it"] = devices["ran"].get("3.0.0", 0)
+        bad["devices_running_now"] = devices["running"]
+        gets = sum(1 for r in server.log() if r.method == "GET") if isinstance(server, Nginx) else devices["gets"]
         result = {
             "devices": n,
             "processes": args.processes,
@@ -244,10 +295,12 @@ def main() -> None:
             "connect_s": connect_s,
             "status_s": status_s,
             "status_devices": status_rows,
+            "status_after_rollouts": after,
             "rollout": good,
             "regressing_rollout": bad,
             "registry_gets": gets,
             "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+            "command": " ".join([".venv/bin/python", "bench/bench_fleet.py", *sys.argv[1:]]),
         }
     finally:
         for proc in procs:
@@ -277,6 +330,18 @@ def print_table(r: dict[str, Any]) -> None:
             f"{r['devices']} in {r['processes']} processes, up in {r['connect_s']} s",
         ),
         ("fleet status: devices printed / time", f"{r['status_devices']} / {r['status_s']} s (bound: 5 s)"),
+        (
+            "  again after the rollouts: devices / orders / time",
+            f"{r['status_after_rollouts']['devices']} / {r['status_after_rollouts']['orders']} / "
+            f"{r['status_after_rollouts']['seconds']} s",
+        ),
+        (
+            "  per group: on latest / devices",
+            ", ".join(
+                f"{g['group']} {g['model']} {g['latest']}: {g['on_latest']} / {g['devices']}"
+                for g in r["status_after_rollouts"]["groups"]
+            ),
+        ),  # fmt: skip
         ("rollout 4 waves, no soak: state / time", f"{good['state']} / {good['seconds']} s (bound: 60 s)"),
         ("  devices passed on a signed report", str(good["states"].get("passed", 0))),
         ("  controller peak RSS", f"{good['controller_rss_mb']} MiB"),
@@ -285,6 +350,10 @@ def print_table(r: dict[str, Any]) -> None:
         ("  why", str(bad["reason"])),
         ("  waves reached", ", ".join(f"{w['wave'] + 1}: {w['states']}" for w in bad["waves"])),
         ("  rollback orders", str(bad["rollback"])),
+        (
+            "  devices sent it / ran it / run now",
+            f"{bad['devices_sent_the_version']} / {bad['devices_that_ran_it']} / {bad['devices_running_now']}",
+        ),
         ("registry GETs (manifest + signature)", str(r["registry_gets"])),
     ]
     width = max(len(a) for a, _ in rows)

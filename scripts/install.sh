@@ -293,10 +293,12 @@ relocate_venv() {
   done
 }
 
-# 4. The unit, the profile, the documentation.
+# 4. The unit and its restart drop-in, the profile, the documentation.
 install_files() {
   sed "s#/opt/edge-agent#$PREFIX#g" "$REPO/systemd/edge-agent.service" > "$WORK/edge-agent.service"
   put "$WORK/edge-agent.service" "$(dest /etc/systemd/system/$SERVICE)" 0644
+  # Spaced restarts of a crash loop (systemd 254+; older ones warn once per reload and ignore it).
+  put "$REPO/systemd/$SERVICE.d/restart-backoff.conf" "$(dest /etc/systemd/system/$SERVICE.d/restart-backoff.conf)" 0644
   put "$REPO/docs/systemd.md" "$(dest "$PREFIX/share/doc/systemd.md")" 0644
 
   local etc profile

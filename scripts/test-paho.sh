@@ -25,5 +25,6 @@ ensure_mosquitto || say "Mosquitto is missing: broker tests will fail"
 
 say "broker-facing tests on paho-mqtt $PAHO_LOW"
 PYTHONPATH="$LOW${PYTHONPATH:+:$PYTHONPATH}" EDGE_AGENT_EXPECT_PAHO="$PAHO_LOW" "$VENV/bin/python" -m pytest -p no:cacheprovider -q \
+  -n "${EDGE_AGENT_TEST_WORKERS:-3}" \
   tests/test_mqtt.py tests/test_mqtt_acl.py tests/test_mqtt_tls.py tests/test_outbox.py \
   tests/test_commands.py tests/test_sources.py tests/test_cli_fleet.py tests/test_e2e_daemon.py "$@"

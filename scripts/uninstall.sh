@@ -67,8 +67,13 @@ if systemd_here && { [ -e "$unit" ] || [ "$ROOT" != / ]; }; then
   # disable --now stops it too: SIGTERM, so the agent flushes its outbox and publishes offline.
   system systemctl disable --now "$SERVICE"
 fi
-remove /etc/systemd/system/$SERVICE
-[ "$PURGE" = 0 ] || remove /etc/systemd/system/$SERVICE.d
+remove /etc/systemd/system/$SERVICE /etc/systemd/system/$SERVICE.d/restart-backoff.conf
+# The drop-in folder goes with --purge, or when install.sh's was the only drop-in in it.
+if [ "$PURGE" = 1 ]; then
+  remove /etc/systemd/system/$SERVICE.d
+else
+  rmdir "$(dest /etc/systemd/system/$SERVICE.d)" 2>/dev/null || true
+fi
 if systemd_here; then
   system systemctl daemon-reload
   if [ "$ROOT" = / ]; then systemctl reset-failed "$SERVICE" 2>/dev/null || true; fi

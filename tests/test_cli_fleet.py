@@ -745,3 +745,40 @@ def test_a_device_still_offline_when_the_wait_runs_out_is_named_offline() -> Non
     ]
     canary = DeployWatch(inventory, new_order("m", "2.0.0", "device:cam-a"), "edge/cam-a/deploy", targets=["cam-a"])
     assert canary.summary(30) == ["  cam-a: offline, no final report within 30s"]  # its order is withdrawn
+
+
+def test_a_key_the_registry_does_not_name_for_orders_is_refused_before_any_order(
+    broker: Mosquitto, prefix: str, capsys: Any, tmp_path: Path
+) -> None:
+    """Since signing roles, devices trust orders signed by an orders key of the registry's root only:
+    `fleet deploy` and `fleet controller` refuse any other key in one line when they know the registry
+    (a folder or its URL), and write nothing; the orders key itself passes."""
+    from tests.helpers.registry import make_registry
+
+    registry = make_registry(tmp_path / "reg")
+    url = registry.url
+    stranger, _ = generate_keypair(tmp_path / "other")
+    deploy = ["deploy", "--model", "m", "--version", "1.0.0", "--to", "device:cam-9", "--wait", "0"]
+    try:
+        for where in (str(registry.root), registry.url):
+            code, out, err = run_fleet(capsys, broker, prefix, stranger, *deploy, "--registry", where)
+            assert code == 2 and out == "", out
+            (line,) = err.strip().splitlines()
+            assert "is not an orders key of" in line and "root version 1" in line and "which it does not know" in line
+        assert registry.root_key is not None
+        code, _, err = run_fleet(capsys, broker, prefix, registry.root_key, *deploy, "--registry", registry.url)
+        assert code == 2 and "trusts for root, not for orders" in err, err
+        inventory = tmp_path / "inventory.yaml"
+        inventory.write_text("devices: {}\n")
+        controller = ["controller", "--inventory", str(inventory), "--db", str(tmp_path / "c.db")]
+        code, _, err = run_fleet(capsys, broker, prefix, stranger, *controller, "--registry", registry.url)
+        assert code == 2 and "is not an orders key of" in err and not (tmp_path / "c.db").exists()
+        assert retained(broker, f"{prefix}/cam-9/deploy") == []
+
+        code, out, err = run_fleet(capsys, broker, prefix, registry.key, *deploy, "--registry", registry.url)
+        assert code == 0 and f"written to {prefix}/cam-9/deploy" in out and err == "", err
+    finally:
+        registry.server.stop()
+    # The registry unreachable: a warning, and the order is written (the devices still check it).
+    code, out, err = run_fleet(capsys, broker, prefix, stranger, *deploy, "--registry", url)
+    assert code == 0 and err.startswith("warning: cannot read the registry's keys document"), err

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,6 +15,8 @@ import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from agent.cloud.roots import Change
+from agent.models.signing import key_id, load_public_keys
 from agent.service.identity import sign_report
 from agent.transport.contract.report import DeviceReport, parse_report_text, split_signed
 from agent.util.timefmt import utc_iso
@@ -23,6 +26,7 @@ from tests.helpers.fleet_rig import ControllerProcess, Rig, make_rig
 from tests.helpers.models import linear_model, save
 from tests.helpers.mqtt_client import Subscriber
 from tests.helpers.registry import make_registry
+from tests.helpers.simfleet import SimFleet, make_devices, write_inventory
 from tests.helpers.waiting import wait_for
 
 pytestmark = pytest.mark.slow
@@ -214,3 +218,39 @@ def test_real_agents_roll_forward_then_a_slow_version_aborts_and_rolls_the_wave_
         for agent in agents:
             agent.stop()
         registry.server.stop()
+
+
+def test_a_device_that_joins_the_group_mid_rollout_gets_the_version_only_once_it_completed(rig: Rig) -> None:
+    """A dynamic group: the plan is the group as it stood at the start; a device that connects later is
+    sent nothing by the waves, and follows the group order the completion writes."""
+    rig.fleet.held.update(d.id for d in rig.fleet.devices)  # the first wave sits on its orders
+    rig.controller.start()
+    rollout_id = rig.start_rollout("2.0.0", "--waves", "50%,100%")
+    assert wait_for(lambda: len(rig.fleet._waiting) == 6, 30)
+    (late,) = make_devices(1, start=50, group="g", model="m", version="1.0.0", seed="test", regress={})
+    write_inventory(rig.inventory, [*rig.fleet.devices, late])  # enrolled, too: the plan is what decides
+    joined = SimFleet([late], rig.broker.port, rig.registry.url, load_public_keys(rig.registry.public_key)).start()
+    try:
+        assert wait_for(lambda: joined.online() == 1, 30)
+        time.sleep(2)  # a few of the controller's steps while it is in the group
+        assert joined.received == {} and late.version == "1.0.0"
+        assert late.id not in {t.device for t in rig.targets(rollout_id)}
+        rig.fleet.release(*(d.id for d in rig.fleet.devices))
+        rig.wait_state(rollout_id, "completed")
+        assert wait_for(lambda: late.version == "2.0.0", 30), joined.received
+        assert joined.received == {late.id: [f"{rollout_id}.group"]}
+    finally:
+        joined.stop()
+
+
+def test_a_rollout_is_not_started_once_the_registry_no_longer_names_the_key_for_orders(rig: Rig) -> None:
+    """The registry's root moves orders to another key while the controller runs: the next rollout would
+    write orders every device refuses, so it is aborted unsent, with the reason."""
+    rig.controller.start()
+    new = Ed25519PrivateKey.generate()
+    rig.registry.next_root(Change(role="orders", keys={key_id(new.public_key()): new.public_key()}))
+    rollout_id = rig.start_rollout("2.0.0", "--waves", "100%")
+    aborted = rig.wait_state(rollout_id, "aborted")
+    assert "is not an orders key of" in (aborted.reason or "") and "root version 2" in (aborted.reason or ""), aborted
+    assert rig.targets(rollout_id) == [] and rig.fleet.received == {}
+    assert "rollout " + rollout_id + " not started" in rig.controller.text()

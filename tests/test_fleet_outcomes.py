@@ -243,7 +243,7 @@ def test_a_canary_that_dies_warming_the_version_up_stops_the_rollout_and_its_cra
         assert rolled and rolled[0]["cause"] == "crash_guard" and rolled[0]["version"] == NEW, fleet.logs()
         # Its canary order was withdrawn once the rollback was reported: the device forgets it.
         forgot = wait_for(lambda: [e for e in sub.payloads("edge/dev-a/events") if e["type"] == "deploy.withdrawn"], 30)
-        assert forgot and forgot[0]["version"] == NEW, fleet.logs()
+        assert forgot and forgot[0]["version"] == NEW, f"{run.stdout}\n{run.stderr}\n{fleet.logs()}"
         assert "dev-a: offline; waiting for it to come back and report" in run.stdout, run.stdout
         assert_canary_stopped(
             fleet,

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_systemd_unit import parse_unit, verify
+from tests.test_systemd_unit import DROP_IN, assert_clean_but_for_old_systemd, parse_unit, verify
 
 REPO = Path(__file__).resolve().parent.parent
 VENV_PREFIX = "opt/edge-agent/venv/"
@@ -107,6 +107,7 @@ def test_the_tree(installed: Installed) -> None:
     root = installed.root
     assert files_outside_venv(root) == {
         "etc/systemd/system/edge-agent.service": 0o644,
+        "etc/systemd/system/edge-agent.service.d/restart-backoff.conf": 0o644,
         "etc/edge-agent/profile.yaml": 0o640,
         "etc/edge-agent/profile.schema.json": 0o644,
         "opt/edge-agent/.installed": 0o644,
@@ -115,6 +116,7 @@ def test_the_tree(installed: Installed) -> None:
     assert (root / "etc/systemd/system/edge-agent.service").read_text() == (
         REPO / "systemd/edge-agent.service"
     ).read_text()
+    assert (root / "etc/systemd/system/edge-agent.service.d/restart-backoff.conf").read_text() == DROP_IN.read_text()
     assert (root / "opt/edge-agent/share/doc/systemd.md").read_text() == (REPO / "docs/systemd.md").read_text()
     assert (root / "etc/edge-agent/profile.schema.json").read_bytes() == (
         REPO / "configs/profile.schema.json"
@@ -163,6 +165,23 @@ def test_the_installed_unit_verifies(installed: Installed, tmp_path: Path) -> No
     program = "/opt/edge-agent/venv/bin/edge-agent"
     out = verify(unit, tmp_path, executables={program: installed.root / program.lstrip("/")})
     assert out.returncode == 0 and out.stdout + out.stderr == "", out.stdout + out.stderr
+    # With the restart drop-in install.sh put beside it, read by systemd from where it was installed.
+    drop_ins = {p.name: p.read_text() for p in (installed.root / "etc/systemd/system/edge-agent.service.d").iterdir()}
+    assert set(drop_ins) == {"restart-backoff.conf"}
+    out = verify(unit, tmp_path / "with-drop-in", {program: installed.root / program.lstrip("/")}, drop_ins)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert_clean_but_for_old_systemd(out, "edge-agent.service.d/restart-backoff.conf")
+
+
+def test_uninstall_keeps_a_drop_in_of_the_operator(installed: Installed, tmp_path: Path) -> None:
+    """install.sh's drop-in goes with the unit; one made with `systemctl edit` stays without --purge."""
+    root = copy_root(installed, tmp_path)
+    mine = root / "etc/systemd/system/edge-agent.service.d/override.conf"
+    mine.write_text("[Service]\nDeviceAllow=char-mydriver rw\n")
+    out = script("uninstall.sh", "--root", root)
+    assert out.returncode == 0, out.stderr
+    assert [p.name for p in mine.parent.iterdir()] == ["override.conf"]
+    assert "removed /etc/systemd/system/edge-agent.service.d/restart-backoff.conf" in out.stderr
 
 
 def test_a_second_run_changes_nothing(installed: Installed, tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ import pytest
 
 from agent.config.profile import Profile, ProfileError, load_profile
 from agent.config.units import format_duration, format_size, parse_duration, parse_size
+from agent.models.signing import generate_keypair
 
 pytestmark = pytest.mark.arm64
 
@@ -541,8 +542,7 @@ def test_every_missing_file_is_a_located_error(tmp_path: Path) -> None:
 
 
 def test_the_service_needs_its_own_files_and_leaves_model_files_to_each_pipeline(tmp_path: Path) -> None:
-    (tmp_path / "keys").mkdir()
-    (tmp_path / "keys/registry.pub").write_text("key")
+    generate_keypair(tmp_path / "keys")  # run parses the key: a real one (tests/test_hostile_profile.py: bad ones)
     (tmp_path / "secrets").mkdir()
     (tmp_path / "secrets/mqtt.password").write_text("pw")
     (tmp_path / "ca.pem").mkdir()  # a folder where a file belongs

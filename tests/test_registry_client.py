@@ -64,6 +64,7 @@ def test_pull_activates_and_a_second_poll_is_a_conditional_get(registry: Registr
         "variant": "fp32",
         "provider": "CPUExecutionProvider",
         "previous": None,
+        "preference": "fp32 first on CPU",  # agent.models.variants: why this variant for this provider
     }
     active = Store(tmp_path / "state").active("m")
     assert active is not None and active.path.read_bytes() == registry.tiny("m1").read_bytes()

@@ -60,6 +60,10 @@ def test_the_gates_judge_the_new_version_against_the_same_devices_previous_one()
     slow = Vitals(inferences=100, errors=0, nan=0, drops=0, p95_ms=30.0, baseline_p95_ms=10.0, active_s=5)
     verdict, why = judge(report("o", vitals=slow), SPEC)
     assert verdict == "fail" and "3.0x the previous version's 10.0 ms (allowed 1.5x)" in why
+    jitter = Vitals(inferences=100, errors=0, nan=0, drops=0, p95_ms=0.4, baseline_p95_ms=0.2, active_s=5)
+    assert judge(report("o", vitals=jitter), SPEC) == ("pass", "active and healthy")  # 2x, but 0.2 ms: jitter
+    tiny_but_slow = Vitals(inferences=100, errors=0, nan=0, drops=0, p95_ms=1.6, baseline_p95_ms=0.2, active_s=5)
+    assert judge(report("o", vitals=tiny_but_slow), SPEC)[0] == "fail"
     fell = report("o", fallback=True, previous_provider="CUDAExecutionProvider")
     assert judge(fell, SPEC) == ("fail", "provider fell back from CUDAExecutionProvider to CPUExecutionProvider")
     errors = Vitals(inferences=100, errors=5, nan=0, drops=0, p95_ms=10.0, baseline_p95_ms=10.0, active_s=5)

@@ -11,6 +11,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 UNIT = REPO / "systemd" / "edge-agent.service"
+DROP_IN = REPO / "systemd" / "edge-agent.service.d" / "restart-backoff.conf"
 EXEC_START = "/opt/edge-agent/venv/bin/edge-agent run --profile /etc/edge-agent/profile.yaml"
 HOST_UNITS = Path("/usr/lib/systemd/system")
 
@@ -43,11 +44,15 @@ def one(section: list[tuple[str, str]], key: str) -> str:
 
 
 def verify(
-    unit_text: str, tmp_path: Path, executables: dict[str, Path] | None = None
+    unit_text: str,
+    tmp_path: Path,
+    executables: dict[str, Path] | None = None,
+    drop_ins: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """`systemd-analyze verify` on a unit as installed, in a scratch root that holds the host's
-    units (the targets it orders against), /bin/kill for ExecReload, and the given executables
-    at their paths (by default a stand-in for the ExecStart program)."""
+    units (the targets it orders against), /bin/kill for ExecReload, the given executables
+    at their paths (by default a stand-in for the ExecStart program) and drop-ins (name: text) in
+    the unit's `.d` folder, where systemd reads them."""
     analyze = shutil.which("systemd-analyze")
     if analyze is None or not HOST_UNITS.is_dir():
         pytest.skip("systemd-analyze is not installed (apt-get install systemd)")
@@ -68,6 +73,9 @@ def verify(
     unit = root / "etc/systemd/system/edge-agent.service"
     unit.parent.mkdir(parents=True)
     unit.write_text(unit_text)
+    for name, text in (drop_ins or {}).items():
+        (unit.parent / f"{unit.name}.d").mkdir(exist_ok=True)
+        (unit.parent / f"{unit.name}.d" / name).write_text(text)
     return subprocess.run(
         [analyze, "verify", "--man=no", f"--root={root}", str(unit)], capture_output=True, text=True, timeout=120
     )
@@ -102,13 +110,42 @@ def test_service_contract() -> None:
     assert one(unit["Install"], "WantedBy") == "multi-user.target"
 
 
-def test_start_limit_is_in_unit_where_systemd_reads_it() -> None:
+def test_a_crash_loop_never_leaves_the_device_down_for_good() -> None:
+    """Issue 17, item 11: StartLimitBurst=5 in 10 minutes stopped the service for good. The start limit is
+    off (in [Unit], where systemd reads it) and every failure restarts after a pause."""
     unit = parse_unit(UNIT.read_text())
-    burst = int(one(unit["Unit"], "StartLimitBurst"))
-    assert one(unit["Unit"], "StartLimitIntervalSec")
+    assert one(unit["Unit"], "StartLimitIntervalSec") == "0"
+    assert not values(unit["Unit"], "StartLimitBurst"), "a burst without an interval is dead configuration"
     assert not values(unit["Service"], "StartLimitBurst") and not values(unit["Service"], "StartLimitIntervalSec")
-    # The crash guard needs three deaths and then one more start to fall back to the previous model.
-    assert burst >= 4
+    assert one(unit["Service"], "Restart") in ("on-failure", "always")
+    assert re.fullmatch(r"[1-9]\d*s", one(unit["Service"], "RestartSec"))  # spaced, never a tight loop
+    docs = (REPO / "docs" / "systemd.md").read_text()
+    assert "`StartLimitIntervalSec=0`" in docs and "restart-backoff.conf" in docs
+
+
+def systemd_version() -> int:
+    out = subprocess.run(["systemctl", "--version"], capture_output=True, text=True, timeout=30).stdout
+    return int(out.split()[1])
+
+
+def assert_clean_but_for_old_systemd(out: subprocess.CompletedProcess[str], where: str) -> None:
+    """On systemd 254+ `verify` found nothing; on an older one only RestartSteps= and RestartMaxDelaySec=
+    are unknown, in `where` (the file systemd read them from)."""
+    complaints = [line for line in (out.stdout + out.stderr).splitlines() if line.strip()]
+    if systemd_version() >= 254:
+        assert complaints == []
+    else:
+        assert len(complaints) == 2 and all("Unknown key" in c and where in c for c in complaints), complaints
+        assert "RestartSteps" in complaints[0] + complaints[1] and "RestartMaxDelaySec" in complaints[0] + complaints[1]
+
+
+def test_restart_backoff_drop_in_verifies_or_is_only_unknown_to_old_systemd(tmp_path: Path) -> None:
+    """RestartSteps=/RestartMaxDelaySec= (systemd 254+) live in a drop-in: on 254+ `verify` is clean; on an
+    older systemd its only complaints are those two unknown keys, and the unit itself stays clean."""
+    service = parse_unit(DROP_IN.read_text())["Service"]
+    assert one(service, "RestartSteps") == "8" and one(service, "RestartMaxDelaySec") == "5min"
+    out = verify(UNIT.read_text(), tmp_path, drop_ins={DROP_IN.name: DROP_IN.read_text()})
+    assert_clean_but_for_old_systemd(out, f"edge-agent.service.d/{DROP_IN.name}")
 
 
 def test_hardening_keeps_devices_reachable() -> None:

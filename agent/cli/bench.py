@@ -58,6 +58,13 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     )
     p.add_argument("--json", dest="json_out", metavar="FILE", help="also write the results as JSON")
     p.add_argument("--state-dir", metavar="DIR", help="where provider caches go (default: a temporary dir)")
+    p.add_argument(
+        "--profile",
+        type=Path,
+        metavar="FILE",
+        help="also register this profile's runtime.custom_ops libraries (those installed beside a registry "
+        "model always are)",
+    )
     p.set_defaults(handler=run)
 
 
@@ -90,16 +97,45 @@ def parse_providers(names: list[str]) -> RuntimeConfig:
     return RuntimeConfig(providers=tuple(choices))
 
 
-def _inputs(model: Path, shapes: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
+def _libraries(model: Path, profile: Path | None) -> tuple[Path, ...]:
+    """The custom-op libraries a session for `model` registers (agent.device.customops), proven here: those
+    installed with a registry model, and the profile's `runtime.custom_ops`; a model whose custom domains
+    none of them provides is refused with the reason the agent gives."""
+    from agent.config.errors import ProfileError
+    from agent.config.profile import load_profile
+    from agent.device import compat, customops
+
+    try:
+        listed = load_profile(profile).runtime.custom_ops if profile is not None else ()
+    except ProfileError as exc:
+        raise CliError(str(exc).splitlines()[0], USAGE) from None
+    try:
+        libraries = customops.session_libraries(model, listed)
+        header = compat.read_header(model)
+    except customops.CustomOpsError as exc:
+        raise CliError(f"--model {model}: {exc}", USAGE) from None
+    except compat.ModelFormatError:  # not an ONNX protobuf (an .ort file): the preflight load judges
+        return libraries
+    caps = customops.loadable_caps(compat.installed_caps(), model, listed)
+    reason = compat.refusal(caps, model.name, header.ir_version, header.opsets)
+    if reason:
+        raise CliError(f"--model {model}: {reason}", USAGE)
+    return libraries
+
+
+def _inputs(model: Path, shapes: dict[str, tuple[int, ...]], libraries: tuple[Path, ...]) -> dict[str, np.ndarray]:
     """Preflight: the model must load on the CPU provider, or it is bad input rather than a provider problem."""
     import numpy as np
     import onnxruntime as ort
 
     from agent.device.autotune import synth_inputs
     from agent.device.build import one_line
+    from agent.device.customops import register
 
+    options = ort.SessionOptions()
+    register(options, libraries)
     try:
-        session = ort.InferenceSession(str(model), providers=[CPU])
+        session = ort.InferenceSession(str(model), options, providers=[CPU])
     except Exception as exc:  # noqa: BLE001 (onnxruntime's load errors derive from Exception only)
         raise CliError(f"{model}: not a model this onnxruntime can load ({one_line(exc)})", USAGE) from None
     names = {i.name for i in session.get_inputs()}
@@ -139,22 +175,28 @@ def run(args: argparse.Namespace) -> int:
     if not usable:
         raise CliError("none of the providers asked for is usable here", FAILURE)
     threads = args.threads or thread_options(found)
-    inputs = _inputs(model, shapes)
+    libraries = _libraries(model, args.profile)
+    inputs = _inputs(model, shapes, libraries)
     shapes_text = ", ".join(f"{k} {'x'.join(map(str, v.shape))}" for k, v in inputs.items())
     print(
         f"bench: {model.name} ({shapes_text}) on onnxruntime {found.runtime.version}, {found.cpu.model} "
         f"({found.cpu.physical_cores} cores), {args.warmup} warm-up + {args.runs} timed runs each, in turns",
         file=sys.stderr,
     )
+    for library in libraries:
+        print(f"bench: custom-op library {library}", file=sys.stderr)
     with tempfile.TemporaryDirectory(prefix="edge-agent-bench-") as tmp:
         state_dir = Path(args.state_dir) if args.state_dir else Path(tmp)
         # Thread counts matter to CPU-bound providers only; a GPU provider is timed once.
         configs = [(c, t) for c in usable for t in (threads if cpu_bound(c) else [max(threads)])]
         started = time.monotonic()
         bar = ProgressBar("bench")
-        trials = measure(model, configs, state_dir, inputs, runs=args.runs, warmup=args.warmup, progress=bar)
+        trials = measure(
+            model, configs, state_dir, inputs, runs=args.runs, warmup=args.warmup, progress=bar, libraries=libraries
+        )
     print_table(trials)
     doc = results(model, found, inputs, trials, args, time.monotonic() - started)
+    doc["custom_ops"] = [str(library) for library in libraries]
     if args.json_out:
         Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json_out).write_text(json.dumps(doc, indent=2) + "\n")

@@ -19,6 +19,16 @@ if TYPE_CHECKING:
     from agent.cloud.fleet.state import StateDB
 
 
+def _registry_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--registry",
+        default=os.environ.get("EDGE_AGENT_REGISTRY"),
+        metavar="URL|DIR",
+        help="the registry (a folder or an http(s) URL): --key is refused unless its keys/root.json names it for "
+        "the orders role (default: $EDGE_AGENT_REGISTRY; unset: not checked)",
+    )
+
+
 def _broker_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("broker")
     g.add_argument("--broker", required=True, metavar="URL", help="mqtt://host[:port] or mqtts://host[:port]")
@@ -51,7 +61,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     d = actions.add_parser(
         "deploy",
         help="write a signed, retained deployment order and follow the devices' progress",
-        description="Write a deployment order, signed with the registry key, retained on <prefix>/<device>/deploy or "
+        description="Write a deployment order, signed with an orders key of the registry (docs/trust.md), retained on "
+        "<prefix>/<device>/deploy or "
         "<prefix>/fleet/<group>/deploy, then show each targeted device's progress (downloading, verifying, active, "
         "refused, rolled-back, rollback-failed) until all have reported or --wait runs out. Exit 0 when every "
         "targeted device went active, 1 otherwise, 2 for bad input.",
@@ -60,8 +71,13 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     d.add_argument("--version", required=True, metavar="VER", help="the version to run, e.g. 1.5.0")
     d.add_argument("--to", required=True, metavar="TARGET", help="device:ID or group:NAME")
     d.add_argument(
-        "--key", type=Path, metavar="KEY", help="the registry's private key (default: $EDGE_AGENT_REGISTRY_KEY)"
+        "--key",
+        type=Path,
+        metavar="KEY",
+        help="the private key that signs orders: one the registry's keys/root.json names for the orders role "
+        "(default: $EDGE_AGENT_REGISTRY_KEY)",
     )
+    _registry_option(d)
     d.add_argument(
         "--canary",
         type=int,
@@ -146,6 +162,9 @@ def _rollout_parsers(actions: argparse._SubParsersAction[argparse.ArgumentParser
     st.add_argument("--abort-min", type=int, default=1, help="failures before the percentage applies (default: 1)")
     st.add_argument("--abort-count", type=int, help="abort at this many failures, whatever the share")
     st.add_argument("--max-p95-ratio", type=float, default=1.5, help="p95 against the previous version (1.5)")
+    st.add_argument(
+        "--min-p95-increase", type=float, default=1.0, metavar="MS", help="...and slower by at least (ms, 1.0)"
+    )
     st.add_argument("--max-error-rate", type=float, default=0.01, help="failed or NaN inferences (default: 0.01)")
     st.add_argument("--max-drop-rate", type=float, default=0.05, help="dropped frames (default: 0.05)")
     st.add_argument("--min-inferences", type=int, default=20, help="before a device's vitals count (default: 20)")
@@ -178,7 +197,10 @@ def _rollout_parsers(actions: argparse._SubParsersAction[argparse.ArgumentParser
         description="Drive every rollout in the state file: waves of signed device orders, gated on the devices' "
         "signed reports; abort and roll back; one controller at a time (a lease in the state file and on the broker).",
     )
-    c.add_argument("--key", type=Path, metavar="KEY", help="the registry's private key (or $EDGE_AGENT_REGISTRY_KEY)")
+    c.add_argument(
+        "--key", type=Path, metavar="KEY", help="the key that signs orders (an orders key; or $EDGE_AGENT_REGISTRY_KEY)"
+    )
+    _registry_option(c)
     c.add_argument("--inventory", type=Path, required=True, metavar="FILE", help="the enrolled devices (YAML)")
     c.add_argument("--name", default="controller", help="this controller's name in the lease")
     c.add_argument("--lease", default="15s", metavar="DURATION", help="the lease's lifetime (default: 15s)")
@@ -216,20 +238,35 @@ def _settings(args: argparse.Namespace) -> BrokerSettings:
     return BrokerSettings(args.broker, args.username, args.password_file, args.tls_ca, args.tls_cert, args.tls_key)
 
 
-def _private_key(path: Path | None) -> Ed25519PrivateKey:
+def _private_key(path: Path | None, registry: str | None = None) -> Ed25519PrivateKey:
+    """The order-signing key; with `registry`, refused unless the registry's keys document lists it for orders."""
+    import sys
+
+    from agent.cloud.fleet.client import FleetError
+    from agent.cloud.fleet.orderkey import check_order_key
     from agent.models.signing import load_private_key
 
     key_path = path or (
         Path(os.environ["EDGE_AGENT_REGISTRY_KEY"]) if os.environ.get("EDGE_AGENT_REGISTRY_KEY") else None
     )
     if key_path is None:
-        raise CliError("no signing key: pass --key (the registry's private key) or set EDGE_AGENT_REGISTRY_KEY", USAGE)
+        raise CliError(
+            "no signing key: pass --key (an orders key of the registry) or set EDGE_AGENT_REGISTRY_KEY", USAGE
+        )
     if not key_path.is_file():
         raise CliError(f"--key: {key_path}: no such file", USAGE)
     try:
-        return load_private_key(key_path)
+        key = load_private_key(key_path)
     except ValueError as exc:
         raise CliError(str(exc), USAGE) from None
+    if registry:
+        try:
+            warning = check_order_key(registry, key)
+        except FleetError as exc:
+            raise CliError(str(exc), exc.code) from None
+        if warning is not None:
+            print(f"warning: {warning}", file=sys.stderr)
+    return key
 
 
 def deploy(args: argparse.Namespace) -> int:
@@ -240,7 +277,7 @@ def deploy(args: argparse.Namespace) -> int:
     expires, settle = _duration(args.expires, "--expires"), _duration(args.settle, "--settle")
     if expires <= 0:
         raise CliError("--expires: expected a duration > 0", USAGE)
-    key = _private_key(args.key)
+    key = _private_key(args.key, args.registry)
     try:
         return do_deploy(
             _settings(args),
@@ -321,6 +358,7 @@ def rollout_start(args: argparse.Namespace) -> int:
         abort_min=args.abort_min,
         abort_count=args.abort_count,
         max_p95_ratio=args.max_p95_ratio,
+        min_p95_increase_ms=args.min_p95_increase,
         allow_fallback=args.allow_fallback,
         max_error_rate=args.max_error_rate,
         max_drop_rate=args.max_drop_rate,
@@ -392,7 +430,7 @@ def controller(args: argparse.Namespace) -> int:
     from agent.cloud.fleet.client import FleetError
     from agent.cloud.fleet.controller import Controller
 
-    key = _private_key(args.key)
+    key = _private_key(args.key, args.registry)
     if not args.inventory.is_file():
         raise CliError(f"--inventory: {args.inventory}: no such file", USAGE)
     lease = _duration(args.lease, "--lease")
@@ -401,7 +439,14 @@ def controller(args: argparse.Namespace) -> int:
         signal.signal(sig, lambda *_: stop.set())
     try:
         service = Controller(
-            _settings(args), args.db, key, args.inventory, prefix=args.topic_prefix, name=args.name, lease_ttl=lease
+            _settings(args),
+            args.db,
+            key,
+            args.inventory,
+            prefix=args.topic_prefix,
+            name=args.name,
+            lease_ttl=lease,
+            registry=args.registry,
         )
         return service.run(stop)
     except FleetError as exc:

@@ -33,7 +33,11 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
     ls = actions.add_parser("list", help="models in the store, their active and previous versions")
     _store_args(ls)
-    ls.add_argument("--verify", action="store_true", help="re-hash active files and report damage (exit 1)")
+    ls.add_argument(
+        "--verify",
+        action="store_true",
+        help="re-hash active files (models and their custom-op libraries) and report damage (exit 1)",
+    )
     ls.add_argument("--json", action="store_true", help="print JSON")
     ls.set_defaults(handler=list_models)
 
@@ -92,6 +96,13 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "--top", type=int, default=25, metavar="N", help="operators shown in the histogram (default 25; 0: all)"
     )
     ins.add_argument("--json", action="store_true", help="print JSON")
+    ins.add_argument(
+        "--view",
+        action="store_true",
+        help="then show the graph in Netron (the cloud extra) on a loopback port until Ctrl-C",
+    )
+    ins.add_argument("--port", type=int, default=0, metavar="N", help="Netron's port with --view (default: a free one)")
+    ins.add_argument("--no-browser", action="store_true", help="with --view, print the URL without opening a browser")
     ins.set_defaults(handler=inspect)
 
 
@@ -263,7 +274,8 @@ def _shape(shape: tuple[int | str | None, ...] | None) -> str:
 
 
 def inspect(args: argparse.Namespace) -> int:
-    from agent.device import compat
+    from agent.device import compat, customops
+    from agent.models.customops import describe
     from agent.models.manifest import file_digest
     from agent.models.store import StoreError
 
@@ -285,8 +297,10 @@ def inspect(args: argparse.Namespace) -> int:
     except compat.ModelFormatError as exc:
         raise CliError(f"{path}: {exc}", USAGE) from None
     h = summary.header
-    caps = compat.installed_caps()
+    libraries = profile.runtime.custom_ops if (profile := _profile(args)) is not None else ()
+    caps = customops.loadable_caps(compat.installed_caps(), path, libraries)
     reason = compat.refusal(caps, path.name, h.ir_version, h.opsets)
+    custom = describe(h.opsets, caps, path, libraries, entry.variant if entry else None)
     size = path.stat().st_size
     digest = entry.digest if entry else file_digest(path)
     min_runtime = compat.min_runtime(h.ir_version, h.opsets)
@@ -304,6 +318,7 @@ def inspect(args: argparse.Namespace) -> int:
         "inputs": [i.to_json() for i in summary.inputs],
         "outputs": [o.to_json() for o in summary.outputs],
         "ops": dict(summary.ops.most_common()),
+        "custom_domains": custom,
     }
     if entry:
         doc.update(
@@ -324,6 +339,11 @@ def inspect(args: argparse.Namespace) -> int:
         f"loads on onnxruntime >= {min_runtime or '? (newer than any release known here)'}; "
         + (f"this runtime ({caps.ort_version}) loads it" if reason is None else f"not here: {reason}")
     )
+    for domain, info in custom.items():
+        found = info["libraries"] or ["none here (publish it with --custom-ops, or set runtime.custom_ops)"]
+        print(f"custom domain {domain} opset {info['opset']}: library {'; '.join(found)}")
+        if info["published_for"]:
+            print(f"  published libraries: {'; '.join(info['published_for'])}")
     for k, v in h.metadata.items():
         print(f"metadata {k}: {v[:100]}")
     for kind, items in (("inputs", summary.inputs), ("outputs", summary.outputs)):
@@ -339,4 +359,8 @@ def inspect(args: argparse.Namespace) -> int:
         print(f"  {op:<{width}}  {n:>5}  {'#' * max(1, round(40 * n / max(shown[0][1], 1)))}")
     if len(shown) < len(summary.ops):
         print(f"  ... {len(summary.ops) - len(shown)} more kinds (--top 0 shows all)")
+    if args.view:
+        from agent.cli.models_view import view
+
+        return view(path, args.port, browser=not args.no_browser)
     return 0

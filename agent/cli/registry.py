@@ -71,6 +71,13 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     )
     pub.add_argument("--arch", nargs="+", default=[], metavar="ARCH", help="architectures it suits (default: any)")
     pub.add_argument("--precision", choices=("fp32", "fp16", "int8"), help="override the detected precision")
+    pub.add_argument(
+        "--accuracy-loss",
+        type=float,
+        metavar="FRACTION",
+        help="accuracy this variant loses against the reference one (e.g. 0.004), as you measured it; devices "
+        "with int8 kernels prefer an int8 variant when it is within their registry.max_accuracy_loss",
+    )
     pub.add_argument("--expires", default="365d", metavar="DURATION", help="manifest validity (default: 365d)")
     pub.add_argument("--rtol", type=float, help="relative tolerance of the test vectors")
     pub.add_argument("--atol", type=float, help="absolute tolerance of the test vectors")
@@ -78,6 +85,26 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "--no-tests",
         action="store_true",
         help="publish without test vectors (models with custom ops this machine's onnxruntime cannot run)",
+    )
+    pub.add_argument(
+        "--custom-ops",
+        action="append",
+        default=[],
+        metavar="[PLATFORM=]LIB",
+        help="a custom-op library the model needs, stored as a signed blob (repeat: one per platform, e.g. "
+        "linux-x86_64=PATH linux-aarch64=PATH; the platform is read from the file). See docs/custom-ops.md",
+    )
+    pub.add_argument(
+        "--custom-domain",
+        action="append",
+        default=[],
+        metavar="DOMAIN=VERSION",
+        help="a domain and opset version the libraries provide (default: the model's custom domains)",
+    )
+    pub.add_argument(
+        "--custom-ops-runtime",
+        metavar="VERSION",
+        help="the oldest onnxruntime the libraries load on (default: this machine's, which proves them)",
     )
     pub.set_defaults(handler=publish)
 
@@ -146,6 +173,7 @@ def publish(args: argparse.Namespace) -> int:
         expires = parse_duration(args.expires)
     except ValueError as exc:
         raise CliError(f"--expires: {exc}", USAGE) from None
+    libraries, domains = _custom_ops(args)
     try:
         result = do_publish(
             args.root,
@@ -162,10 +190,14 @@ def publish(args: argparse.Namespace) -> int:
             providers=tuple(args.providers),
             architectures=tuple(args.arch),
             precision=args.precision,
+            accuracy_loss=args.accuracy_loss,
             expires_days=expires / 86400,
             rtol=args.rtol,
             atol=args.atol,
             no_tests=args.no_tests,
+            custom_ops=libraries,
+            custom_domains=domains,
+            custom_ops_runtime=args.custom_ops_runtime,
         )
     except PublishError as exc:
         raise CliError(str(exc), USAGE) from None
@@ -178,6 +210,12 @@ def publish(args: argparse.Namespace) -> int:
             f"{m.model} {m.version} variant {v.id}: {v.precision}, IR {v.ir_version}, {opsets}, "
             f"{v.blob.size} bytes, onnxruntime >= {v.min_runtime or '?'}, {v.blob.digest[:19]}"
         )
+        for lib in v.custom_ops or ():
+            provides = ", ".join(f"{d} {n}" for d, n in lib.domains.items())
+            print(
+                f"  custom-op library for {lib.platform}: {provides}, onnxruntime >= {lib.min_runtime or '?'}, "
+                f"{lib.blob.size} bytes, {lib.blob.digest[:19]}"
+            )
     for note in result.notes:
         print(note)
     print(
@@ -187,6 +225,30 @@ def publish(args: argparse.Namespace) -> int:
     if args.channel:
         print(f"channel {args.channel} -> {m.version}")
     return 0
+
+
+def _custom_ops(args: argparse.Namespace) -> tuple[tuple[tuple[str | None, Path], ...], dict[str, int] | None]:
+    """--custom-ops and --custom-domain, read and checked (exit 2 naming the flag)."""
+    import re
+
+    from agent.cloud.customops import parse_spec
+    from agent.device import compat
+
+    libraries = tuple(parse_spec(text) for text in args.custom_ops)
+    for _, path in libraries:
+        if not path.is_file():
+            raise CliError(f"--custom-ops {path}: no such file", USAGE)
+    domains: dict[str, int] = {}
+    for text in args.custom_domain:
+        m = re.fullmatch(r"([A-Za-z0-9_.-]{1,128})=(\d{1,4})", text)
+        if m is None:
+            raise CliError(f"--custom-domain {text!r}: expected DOMAIN=VERSION, e.g. ai.onnx.contrib=1", USAGE)
+        domains[m.group(1)] = int(m.group(2))
+    if (domains or args.custom_ops_runtime) and not libraries:
+        raise CliError("--custom-domain and --custom-ops-runtime describe --custom-ops libraries; give one", USAGE)
+    if args.custom_ops_runtime and not compat.parse_version(args.custom_ops_runtime):
+        raise CliError(f"--custom-ops-runtime {args.custom_ops_runtime!r} is not a version like 1.17", USAGE)
+    return libraries, domains or None
 
 
 def serve(args: argparse.Namespace) -> int:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import threading
 from pathlib import Path
@@ -12,6 +11,7 @@ from agent.cli.errors import FAILURE, USAGE, CliError
 from agent.config.errors import ProfileError
 from agent.config.profile import load_profile
 from agent.util.malloc import return_large_blocks
+from agent.util.pools import limit_library_pools
 from agent.util.timeline import START
 
 
@@ -27,9 +27,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 def run(args: argparse.Namespace) -> int:
     START.mark("command line parsed")
-    # numpy's BLAS would start a pool of its own, a thread per core, that nothing in the agent uses: the
-    # device has one thread budget (the sessions'). Set before numpy loads; an operator's setting wins.
-    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    limit_library_pools()  # numpy's and OpenCV's own pools: the device has one thread budget (the sessions')
     return_large_blocks()  # freed tensors go back to the kernel instead of staying in per-thread arenas
     # The CLI imports every verb at start: the daemon's parts (onnxruntime, OpenCV, paho) load only here.
     from agent.service.daemon import Daemon, DaemonError

@@ -22,12 +22,11 @@ from typing import Literal
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from agent.cloud.customops import LibraryError, library_entries, prove
 from agent.cloud.roots import KeysError, check_signing_key
 from agent.cloud.writes import write_signed
 from agent.device import compat
 from agent.models.manifest import (
-    NAME_PATTERN,
-    VERSION_PATTERN,
     Blob,
     ChannelPointer,
     Manifest,
@@ -41,6 +40,7 @@ from agent.models.manifest import (
 from agent.models.signing import CHANNEL, MANIFEST, load_private_key
 from agent.models.vectors import VectorError, decode, encode
 from agent.util.hashing import sha256_bytes
+from agent.util.names import NAME_PATTERN, VERSION_PATTERN
 
 Precision = Literal["fp32", "fp16", "int8"]
 
@@ -131,12 +131,15 @@ def synthesize_inputs(inputs: tuple[compat.TensorInfo, ...], seed: int = 0) -> d
     return out
 
 
-def run_cpu(model: Path, feeds: dict[str, np.ndarray]) -> dict[str, object]:
-    """Every output as onnxruntime returns it: arrays, and lists of maps for scikit-learn's ZipMap."""
+def run_cpu(model: Path, feeds: dict[str, np.ndarray], library: Path | None = None) -> dict[str, object]:
+    """Every output as onnxruntime returns it: arrays, and lists of maps for scikit-learn's ZipMap.
+    `library`: the model's custom-op library for this machine."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    if library is not None:
+        options.register_custom_ops_library(str(library))
     session = ort.InferenceSession(str(model), sess_options=options, providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
     return dict(zip(names, session.run(names, feeds), strict=True))
@@ -284,15 +287,21 @@ def publish(
     providers: tuple[str, ...] = (),
     architectures: tuple[str, ...] = (),
     precision: Precision | None = None,
+    accuracy_loss: float | None = None,
     expires_days: float = 365.0,
     rtol: float | None = None,
     atol: float | None = None,
     no_tests: bool = False,
+    custom_ops: tuple[tuple[str | None, Path], ...] = (),
+    custom_domains: dict[str, int] | None = None,
+    custom_ops_runtime: str | None = None,
     now: datetime | None = None,
 ) -> Published:
     """Add `file` as a variant of model/version (creating the version if new), sign, move the channel.
     `key` signs the manifest, `channel_key` (default: `key`) the channel pointer; in a registry with signing
-    roles each must be a key its root trusts for that role."""
+    roles each must be a key its root trusts for that role. `custom_ops`: (platform or None, library) pairs
+    stored as signed blobs beside the variant (agent.cloud.customops); the one for this machine must load
+    the model and computes its test vectors."""
     root, file = Path(root), Path(file)
     if not re.match(NAME_PATTERN, model):
         raise PublishError(f"model {model!r} is not a name (letters, digits, _ . -; up to 64)")
@@ -304,6 +313,8 @@ def publish(
         raise PublishError(f"channel {channel!r} is not a name")
     if not file.is_file():
         raise PublishError(f"{file}: no such file")
+    if accuracy_loss is not None and not 0 <= accuracy_loss <= 1:
+        raise PublishError(f"--accuracy-loss {accuracy_loss}: expected a fraction from 0 to 1 (0.004 for 0.4%)")
     if file.suffix == ".ort":
         raise PublishError(f"{file}: publishing .ort files is not supported yet; publish the .onnx file")
     private = load_private_key(key)
@@ -327,6 +338,16 @@ def publish(
 
     notes: list[str] = []
     made: list[Variant] = []
+    try:
+        libraries, local_library = (
+            library_entries(lambda path: put_blob(root, path), custom_ops, file, custom_domains, custom_ops_runtime)
+            if custom_ops
+            else ((), None)
+        )
+        if local_library is not None:
+            prove(file, local_library)
+    except LibraryError as exc:
+        raise PublishError(str(exc)) from None
     with tempfile.TemporaryDirectory() as tmp:
         files: list[tuple[Path, str | None, Precision | None]] = [(file, variant_id, precision)]
         for kind in derive:
@@ -340,6 +361,10 @@ def publish(
                 vid = next((v.id for v in variants.values() if v.blob.digest == digest), None)
             taken = set(variants) - ({vid} if vid else set())
             variant, summary = _variant(root, path, vid, taken, providers, architectures, prec)
+            if libraries:  # entries checked one per platform by library_entries
+                variant = variant.model_copy(update={"custom_ops": libraries})
+            if accuracy_loss is not None and path == file:  # the publisher's own measurement of this file
+                variant = variant.model_copy(update={"accuracy_loss": accuracy_loss})
             for name in [n for n, t in tests.items() if t.variant == variant.id]:
                 del tests[name]
             variants[variant.id] = variant
@@ -351,7 +376,7 @@ def publish(
             if feeds is None:
                 feeds = synthesize_inputs(summary.inputs)
             try:
-                expected = run_cpu(path, feeds)
+                expected = run_cpu(path, feeds, local_library)
             except Exception as exc:  # noqa: BLE001 (onnxruntime's errors derive from Exception only)
                 raise PublishError(
                     f"{path.name}: cannot compute test vectors with onnxruntime "

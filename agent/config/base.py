@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Protocol
+from typing import Annotated, Literal, Protocol
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationInfo, WithJsonSchema
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, WithJsonSchema
 
 
 class Strict(BaseModel):
@@ -30,6 +30,16 @@ def _resolve_path(value: object, info: ValidationInfo) -> object:
     if not path.is_absolute() and base is not None:
         path = Path(base) / path
     return path
+
+
+# What a sensor source does with NaN, infinity and numbers beyond float range (docs/sources.md).
+InvalidValues = Annotated[
+    Literal["reject", "pass"],
+    Field(
+        description="NaN, infinity and out-of-range values: reject (a frame.rejected event naming the value "
+        "and line) or pass them to the model"
+    ),
+]
 
 
 # A path in a profile is relative to the profile's own folder, as users expect when they keep a

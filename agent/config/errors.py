@@ -34,10 +34,17 @@ class Issue:
         return f"{self.file}:{self.line}: {where}{self.message}"
 
 
+MAX_ISSUES = 100  # printed of one profile: a hostile one can have thousands
+
+
 class ProfileError(Exception):
     """A profile that cannot be used; carries every problem found, each located."""
 
     def __init__(self, issues: list[Issue]) -> None:
+        if len(issues) > MAX_ISSUES:  # a hostile profile can have thousands: the first ones and a count
+            last = issues[MAX_ISSUES - 1]
+            more = Issue(last.file, last.line, "", f"... and {len(issues) - MAX_ISSUES + 1} more problems")
+            issues = issues[: MAX_ISSUES - 1] + [more]
         super().__init__("\n".join(str(i) for i in issues))
         self.issues = issues
 

@@ -28,6 +28,7 @@ from agent.config.checks import (
     problems_error,
     raise_problems,
 )
+from agent.config.endpoint import EndpointConfig
 from agent.config.errors import PATTERN_WORDS, Issue, ProfileError, format_path, issues_from_validation
 from agent.config.files import FileCheck, missing_files
 from agent.config.homeassistant import HomeAssistantConfig
@@ -39,15 +40,17 @@ from agent.config.yamldoc import YamlDoc, YamlSyntaxError, expand_env, read_yaml
 from agent.inference.processing.post import POSTPROCESSORS
 from agent.inference.processing.pre import PreprocessConfig
 from agent.inference.sources import SOURCES
+from agent.util import names, redact
+from agent.util.names import NAME_PATTERN, NAME_WORDS
 
 if TYPE_CHECKING:
     from typing import TypeAlias
 
     from agent.config.base import PluginConfig
 
-NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 TOPIC_PREFIX_PATTERN = r"^[^#+\s]+$"
-PATTERN_WORDS[NAME_PATTERN] = "a name of letters, digits, '_', '.' and '-' (up to 64, starting with a letter or digit)"
+MAX_PIPELINES = 256  # one device runs a handful; the bound keeps a hostile profile's errors few
+PATTERN_WORDS[NAME_PATTERN] = NAME_WORDS
 PATTERN_WORDS[TOPIC_PREFIX_PATTERN] = "a topic level without spaces, '+' or '#'"
 
 
@@ -89,6 +92,13 @@ class RegistryConfig(Strict):
     keep_versions: int = Field(
         3, ge=2, description="versions of each model kept on disk (the active one and rollbacks)"
     )
+    max_accuracy_loss: float = Field(
+        0.01,
+        ge=0,
+        le=1,
+        description="prefer an int8 variant (on a provider with int8 kernels) only when its manifest says it "
+        "loses at most this share of accuracy",
+    )
     probation: ProbationConfig = Field(
         default_factory=ProbationConfig, description="health-gated rollback after an update"
     )
@@ -113,7 +123,11 @@ class TlsConfig(Strict):
 
 
 class OutboxConfig(Strict):
-    max_bytes: Size = Field(256 * 1024**2, gt=0, description="disk the outbox may use; the oldest messages go first")
+    max_bytes: Size = Field(
+        256 * 1024**2,
+        ge=64 * 1024,  # four of the smallest segments (agent.transport.outbox.bound): Outbox refuses less
+        description="disk the outbox may use; the oldest messages go first",
+    )
     max_age: Duration = Field(7 * 86400.0, gt=0, description="messages older than this are dropped and counted")
 
 
@@ -171,10 +185,13 @@ class MqttConfig(Strict):
     def secret(self) -> str | None:
         """The password, read from its file at the moment it is needed, never stored in logs."""
         if self.password is not None:
-            return self.password.get_secret_value()
-        if self.password_file is not None:
-            return self.password_file.read_text().strip()
-        return None
+            secret = self.password.get_secret_value()
+        elif self.password_file is not None:
+            secret = self.password_file.read_text().strip()
+        else:
+            return None
+        redact.remember(secret)  # masked wherever it might be echoed from now on
+        return secret
 
 
 class HealthConfig(Strict):
@@ -253,6 +270,10 @@ class PipelineConfig(Strict):
     def _check(self) -> PipelineConfig:
         if self.model_is_file and self.version is not None:
             raise ValueError(f"pipeline {self.name!r}: version pins a registry model, but model is a file path")
+        if not self.model_is_file:  # a registry model's name and version become folders of the store
+            names.check(self.model, f"pipeline {self.name!r}: model")
+        if self.version is not None:
+            names.check(self.version, f"pipeline {self.name!r}: version", names.VERSION_PATTERN)
         clash = set(self.inputs) & set(self.state)
         if clash:
             raise ValueError(f"pipeline {self.name!r}: input {sorted(clash)[0]!r} is both a constant and a state")
@@ -268,7 +289,10 @@ class Profile(Strict):
     homeassistant: HomeAssistantConfig = Field(
         default_factory=HomeAssistantConfig, description="Home Assistant MQTT discovery (off by default)"
     )
-    pipelines: tuple[PipelineConfig, ...] = Field((), description="inference loops")
+    endpoint: EndpointConfig = Field(
+        default_factory=EndpointConfig, description="the KServe v2 inference endpoint (off by default)"
+    )
+    pipelines: tuple[PipelineConfig, ...] = Field((), max_length=MAX_PIPELINES, description="inference loops")
 
     @property
     def registry_pipelines(self) -> tuple[PipelineConfig, ...]:
@@ -278,6 +302,8 @@ class Profile(Strict):
     @field_validator("pipelines", mode="before")
     @classmethod
     def _none_is_empty(cls, value: Any) -> Any:
+        if isinstance(value, (list, tuple)) and len(value) > MAX_PIPELINES:  # before each is validated
+            raise ValueError(f"{len(value)} pipelines; at most {MAX_PIPELINES}")
         return () if value is None else value
 
     @model_validator(mode="wrap")
@@ -333,6 +359,11 @@ def validate_document(
             + [Issue(name, 1, "", f"expected a mapping of profile sections (device, mqtt, pipelines, ...), got {got}")]
         )
     expanded = expand_env(doc.data, environ)
+    for key_path in expanded.secret_paths:  # a ${VAR} named like a secret is masked in replies, events, logs
+        template: Any = doc.data
+        for part in key_path:
+            template = template[part]
+        redact.remember_expanded(template, str(key_path[-1]) if key_path else "", dict(environ or os.environ))
     for key_path, var in expanded.missing:
         issues.append(
             Issue(name, doc.line_of(key_path), format_path(key_path), f"environment variable {var} is not set")

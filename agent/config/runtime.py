@@ -3,11 +3,13 @@ cache, dynamic batching across pipelines, and the status page's address."""
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, WithJsonSchema, field_validator
+from pydantic import BeforeValidator, Field, WithJsonSchema, field_validator
 
-from agent.config.base import Strict
+from agent.config.base import ProfilePath, Strict
 from agent.config.checks import Problem, raise_problems
 from agent.config.errors import PATTERN_WORDS, did_you_mean
 from agent.config.units import Duration
@@ -90,6 +92,50 @@ _PROVIDERS_SCHEMA = {
 
 Optimization = Literal["disabled", "basic", "extended", "all"]  # ONNX Runtime's graph optimisation levels
 
+CUSTOM_DOMAIN_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$"
+PATTERN_WORDS[CUSTOM_DOMAIN_PATTERN] = "an operator domain such as ai.onnx.contrib (1 to 128 letters, digits, `_ . -`)"
+CustomDomain = Annotated[str, Field(pattern=CUSTOM_DOMAIN_PATTERN)]
+
+
+class LocalLibrary(Strict):
+    """A custom-op library already on the device (`runtime.custom_ops`), and what it says it provides."""
+
+    path: ProfilePath = Field(description="the library file (.so), relative to the profile's folder")
+    domains: dict[CustomDomain, Annotated[int, Field(ge=1, le=1000)]] | None = Field(
+        None,
+        min_length=1,
+        max_length=64,
+        description="custom domain -> highest opset version it provides, e.g. {ai.onnx.contrib: 1}: a model "
+        "that needs another domain or a newer opset is refused before any download or load; unset: it may "
+        "provide any custom domain, and loading the model decides",
+    )
+
+    @field_validator("domains", mode="before")
+    @classmethod
+    def _domains(cls, value: Any) -> Any:
+        # Before pydantic's own checks, so that each message names the domain (theirs name a dict key).
+        if not isinstance(value, dict):
+            return value
+        if not 1 <= len(value) <= 64:
+            raise ValueError(f"expected 1 to 64 domains, got {len(value)}")
+        for domain, version in value.items():
+            if not isinstance(domain, str) or not re.fullmatch(CUSTOM_DOMAIN_PATTERN, domain):
+                raise ValueError(f"expected {PATTERN_WORDS[CUSTOM_DOMAIN_PATTERN]}, got {domain!r}")
+            if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= 1000:
+                raise ValueError(
+                    f"{domain}: expected the highest opset version it provides (1 to 1000), got {version!r}"
+                )
+        return value
+
+
+def _local_library(value: Any) -> Any:
+    # A plain path is a library that declares nothing: the form profiles had first.
+    if isinstance(value, (str, Path)):
+        return {"path": value}
+    if not isinstance(value, dict):
+        raise ValueError("expected a library path, or {path, domains}")
+    return value
+
 
 class BatchingConfig(Strict):
     mode: Literal["auto", "on", "off"] = Field(
@@ -125,6 +171,21 @@ class RuntimeConfig(Strict):
     )
     batching: BatchingConfig = Field(
         default_factory=BatchingConfig, description="dynamic batching across the pipelines that share a model"
+    )
+    custom_ops: tuple[
+        Annotated[
+            LocalLibrary,
+            BeforeValidator(_local_library),
+            WithJsonSchema({"anyOf": [{"type": "string", "minLength": 1}, LocalLibrary.model_json_schema()]}),
+        ],
+        ...,
+    ] = Field(
+        (),
+        max_length=16,
+        description="custom-op libraries (.so) on this device that every session registers, for models whose "
+        "opsets name a custom domain (e.g. onnxruntime-extensions' library): a path, or {path, domains} to "
+        "declare the custom domains and highest opsets it provides; each must be a shared library for this "
+        "machine (checked at start). Registry models bring their own: docs/custom-ops.md",
     )
     http: str | None = Field(
         None,

@@ -25,6 +25,11 @@ _SIZE_UNITS = {
 }
 _NUMBER_UNIT = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
 
+# Bounds that keep every duration a valid thread wait and every size a sane count (threading refuses
+# waits beyond ~292 years with OverflowError, deep in a worker thread).
+MAX_DURATION = 100 * 365 * 86400.0
+MAX_SIZE = 1 << 50
+
 DURATION_PATTERN = r"^\s*\d+(\.\d+)?\s*(ms|s|sec|m|min|h|d)?\s*$"
 SIZE_PATTERN = r"^\s*\d+(\.\d+)?\s*([kKmMgGtT]i?[bB]|[bB])?\s*$"
 
@@ -41,8 +46,8 @@ def parse_duration(value: object) -> float:
         if not match or (unit and unit not in _DURATION_UNITS):
             raise ValueError("expected a duration like 30s or 5min")
         seconds = float(match.group(1)) * _DURATION_UNITS.get(unit or "s", 1.0)
-    if seconds < 0:
-        raise ValueError("expected a duration >= 0")
+    if not 0 <= seconds <= MAX_DURATION:  # NaN fails too
+        raise ValueError("expected a duration >= 0" if seconds < 0 else "expected a duration up to 100 years")
     return seconds
 
 
@@ -51,13 +56,18 @@ def parse_size(value: object) -> int:
     if isinstance(value, bool):
         raise ValueError("expected a size like 64MiB or 1GB")
     if isinstance(value, (int, float)):
+        if not 0 <= value <= MAX_SIZE:  # before int(): infinity would raise OverflowError
+            raise ValueError("expected a size >= 0" if value < 0 else "expected a size up to 1 PiB")
         size = int(value)
     else:
         match = _NUMBER_UNIT.match(str(value))
         unit = match.group(2).lower() if match else None
         if not match or (unit and unit not in _SIZE_UNITS):
             raise ValueError("expected a size like 64MiB or 1GB")
-        size = int(float(match.group(1)) * _SIZE_UNITS.get(unit or "b", 1))
+        size_f = float(match.group(1)) * _SIZE_UNITS.get(unit or "b", 1)
+        if size_f > MAX_SIZE:
+            raise ValueError("expected a size up to 1 PiB")
+        size = int(size_f)
     if size < 0:
         raise ValueError("expected a size >= 0")
     return size

@@ -1,7 +1,9 @@
 """YAML read with positions, so that every profile error can name its line.
 
 PyYAML's composer keeps a mark on each node; walking the node tree along an error's key path gives the
-line. Duplicate keys, which PyYAML silently resolves to the last one, are reported instead.
+line. Duplicate keys, which PyYAML silently resolves to the last one, are reported instead. Aliases are
+bounded before anything walks the data: a few lines of nested aliases ("billion laughs") would expand to
+millions of nodes, and a recursive alias to an endless one; both are located errors instead.
 """
 
 from __future__ import annotations
@@ -16,6 +18,14 @@ import yaml
 
 Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 KeyPath = tuple[str | int, ...]
+
+# A real profile has a few hundred nodes; 10,000 leaves room for generous use of anchors.
+MAX_EXPANDED_NODES = 10_000
+MAX_DEPTH = 64  # profiles nest 5-6 levels; the bound keeps every walk below Python's recursion limit
+MAX_BYTES = 1 << 20
+# Python refuses to read longer integers (ValueError from inside PyYAML, with no line); no profile needs one.
+MAX_INT_DIGITS = 100
+INT_TAG = "tag:yaml.org,2002:int"  # profiles are hand-written; a megabyte is far beyond any real one
 
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
@@ -72,22 +82,79 @@ def _find_duplicates(node: yaml.Node | None, path: KeyPath, out: list[tuple[KeyP
             _find_duplicates(item, path + (i,), out)
 
 
+def _check_expansion(root: yaml.Node) -> None:
+    """Raise a located YamlSyntaxError when aliases make the document recursive or too large once expanded.
+
+    Sizes are memoised per node, so this costs one visit per distinct node however the aliases multiply."""
+    sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()
+    aliased = False  # a node met twice: only an alias shares one
+
+    def size(node: yaml.Node, depth: int) -> int:
+        nonlocal aliased
+        key = id(node)
+        if key in sizes:
+            aliased = True
+            return sizes[key]
+        line = node.start_mark.line + 1
+        if depth > MAX_DEPTH:
+            raise YamlSyntaxError(line, f"nested deeper than {MAX_DEPTH} levels")
+        if key in open_nodes:
+            raise YamlSyntaxError(line, "recursive alias: the node anchored on this line contains itself")
+        if isinstance(node, yaml.ScalarNode) and node.tag == INT_TAG and len(node.value) > MAX_INT_DIGITS:
+            raise YamlSyntaxError(line, f"a number of {len(node.value)} digits (at most {MAX_INT_DIGITS})")
+        children: list[yaml.Node] = []
+        if isinstance(node, yaml.MappingNode):
+            children = [n for pair in node.value for n in pair]
+        elif isinstance(node, yaml.SequenceNode):
+            children = list(node.value)
+        open_nodes.add(key)
+        total = 1
+        for child in children:
+            total += size(child, depth + 1)
+            if total > MAX_EXPANDED_NODES:
+                raise YamlSyntaxError(
+                    line,
+                    f"aliases expand this node to more than {MAX_EXPANDED_NODES} nodes "
+                    "(nested aliases, a 'billion laughs'); write the values out or use fewer aliases"
+                    if aliased
+                    else f"more than {MAX_EXPANDED_NODES} keys and values; a profile is a short hand-written file",
+                )
+        open_nodes.discard(key)
+        sizes[key] = total
+        return total
+
+    size(root, 0)
+
+
 def parse_yaml(text: str) -> YamlDoc:
+    if len(text) > MAX_BYTES:
+        raise YamlSyntaxError(1, f"larger than {MAX_BYTES} bytes; a profile is a short hand-written file")
     loader = Loader(text)
     try:
         root = loader.get_single_node()
+        if root is not None:
+            _check_expansion(root)
         data = loader.construct_document(root) if root is not None else None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark else 1
-        raise YamlSyntaxError(line, f"{exc.problem or exc.context}") from None
+        raise YamlSyntaxError(line, _one_line(str(exc.problem or exc.context))) from None
     except yaml.YAMLError as exc:
-        raise YamlSyntaxError(1, str(exc)) from None
+        raise YamlSyntaxError(1, _one_line(str(exc))) from None
+    except (ValueError, OverflowError, TypeError) as exc:  # a scalar PyYAML's constructors cannot build
+        raise YamlSyntaxError(1, f"a value that cannot be read ({_one_line(str(exc))})") from None
     finally:
         loader.dispose()
     doc = YamlDoc(data, root)
     _find_duplicates(root, (), doc.duplicates)
     return doc
+
+
+def _one_line(text: str) -> str:
+    """A parser's message as one bounded line: it may quote the input over several lines."""
+    text = " ".join(text.split())
+    return text if len(text) <= 200 else text[:197] + "..."
 
 
 def read_yaml(path: Path) -> YamlDoc:

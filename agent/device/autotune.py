@@ -160,6 +160,7 @@ def measure(
     runs: int = 20,
     warmup: int = 3,
     progress: Progress | None = None,
+    libraries: Sequence[Path] = (),
 ) -> list[Trial]:
     """Time each (candidate, threads) warm, in turns; a config that fails or falls back is kept with its reason."""
     sessions: list[tuple[Candidate, int, ort.InferenceSession | None, str | None, str | None]] = []
@@ -170,7 +171,7 @@ def measure(
         if progress:
             progress(done, total, f"opening {label}")
         try:
-            session = build_session(model, candidate, state_dir, threads)
+            session = build_session(model, candidate, state_dir, threads, libraries=libraries)
         except Exception as exc:  # noqa: BLE001 (a provider that cannot open is a row with its reason)
             sessions.append((candidate, threads, None, None, f"session creation failed: {one_line(exc)}"))
             done += warmup + runs
@@ -242,6 +243,7 @@ def tune(
     runs: int = 20,
     warmup: int = 3,
     progress: Progress | None = None,
+    libraries: Sequence[Path] = (),
 ) -> Choice | None:
     """The fastest (candidate, threads) for this model here, from the cache or measured now."""
     digest = model_digest(model)
@@ -252,7 +254,7 @@ def tune(
     if cached is not None and cached.label in labels and cached.threads in threads_list:
         return cached
     configs = [(c, t) for c in chain for t in (threads_list if cpu_bound(c) else [max(threads_list)])]
-    trials = measure(model, configs, state_dir, inputs, runs, warmup, progress)
+    trials = measure(model, configs, state_dir, inputs, runs, warmup, progress, libraries)
     good = [t for t in trials if t.ok]
     for t in trials:
         log.info("autotune %s x%d: %s", t.label, t.threads, f"p50 {t.p50_ms:.2f} ms" if t.ok else t.error)

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import onnxruntime as ort
 
+from agent.device.customops import register
 from agent.device.graphcache import GraphCache
 from agent.device.providers import CPU, CUDA, OPENVINO, TENSORRT, Candidate
 
@@ -64,8 +66,10 @@ LEVELS = {
 }
 
 
-def session_options(threads: int, level: str = "all") -> ort.SessionOptions:
+def session_options(threads: int, level: str = "all", libraries: Sequence[Path] = ()) -> ort.SessionOptions:
+    """`libraries`: custom-op libraries, already proven by agent.device.customops.session_libraries."""
     options = ort.SessionOptions()
+    register(options, libraries)
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.graph_optimization_level = LEVELS[level]
@@ -78,45 +82,61 @@ def session_options(threads: int, level: str = "all") -> ort.SessionOptions:
 
 
 def build_session(
-    model: Path | bytes, candidate: Candidate, state_dir: Path, threads: int, *, level: str = "all"
+    model: Path | bytes,
+    candidate: Candidate,
+    state_dir: Path,
+    threads: int,
+    *,
+    level: str = "all",
+    libraries: Sequence[Path] = (),
 ) -> ort.InferenceSession:
     """One session on the candidate, with the CPU provider behind it for the ops it does not take."""
-    return _session(model, candidate, state_dir, threads, level)
+    return _session(model, candidate, state_dir, threads, level, libraries=libraries)
 
 
 def build_cached(
-    model: Path | bytes, candidate: Candidate, state_dir: Path, threads: int, level: str, cache: GraphCache | None
+    model: Path | bytes,
+    candidate: Candidate,
+    state_dir: Path,
+    threads: int,
+    level: str,
+    cache: GraphCache | None,
+    libraries: Sequence[Path] = (),
 ) -> tuple[ort.InferenceSession, str]:
     """`build_session` through the optimised model cache, and what the cache did: "hit", "written" or "off".
 
     A verified cached model is loaded without optimising again; otherwise the session is built from the
     model and writes its optimised graph into the entry for the next start. A cached model that fails to
-    load is dropped and the session is built from the model itself.
+    load is dropped and the session is built from the model itself. A disk that takes no cache file (full,
+    read-only) costs the start its speed, never the session: it is built without `optimized_model_filepath`.
     """
     if cache is None:
-        return _session(model, candidate, state_dir, threads, level), "off"
+        return _session(model, candidate, state_dir, threads, level, libraries=libraries), "off"
     cached = cache.verified()
     if cached is not None:
         try:
-            return _session(cached, candidate, state_dir, threads, "disabled"), "hit"
+            return _session(cached, candidate, state_dir, threads, "disabled", libraries=libraries), "hit"
         except Exception as exc:  # noqa: BLE001 (a bad entry is rebuilt from the model, never fatal)
             log.warning(
                 "optimised model cache entry does not load, rebuilding key=%s reason=%s", cache.key, one_line(exc)
             )
             cache.drop()
-    staged = cache.staging()
+    staged: Path | None = None
     try:
-        session = _session(model, candidate, state_dir, threads, level, staged)
-    except BaseException:
-        staged.unlink(missing_ok=True)
-        raise
-    try:
-        cache.keep(staged, _label(model))
-    except OSError as exc:  # a full or read-only disk costs the next start its speed, nothing else
-        log.warning("optimised model not cached key=%s reason=%s", cache.key, one_line(exc))
-        staged.unlink(missing_ok=True)
+        staged = cache.staging()
+        session = _session(model, candidate, state_dir, threads, level, staged, libraries)
+    except BaseException as exc:
+        if staged is not None:
+            staged.unlink(missing_ok=True)
+        if not isinstance(exc, Exception):
+            raise
+        # onnxruntime fails the whole session when it cannot write the optimised model (a disk without a
+        # free block: InvalidProtobuf "Protobuf serialization failed"): built again without the file; a
+        # model that fails again fails for its own reasons, raised from here.
+        session = _session(model, candidate, state_dir, threads, level, libraries=libraries)
+        cache.not_written(one_line(exc))
         return session, "off"
-    return session, "written"
+    return session, "written" if cache.keep(staged, _label(model)) else "off"
 
 
 def _label(model: Path | bytes) -> str:
@@ -124,7 +144,13 @@ def _label(model: Path | bytes) -> str:
 
 
 def _session(
-    model: Path | bytes, candidate: Candidate, state_dir: Path, threads: int, level: str, save_to: Path | None = None
+    model: Path | bytes,
+    candidate: Candidate,
+    state_dir: Path,
+    threads: int,
+    level: str,
+    save_to: Path | None = None,
+    libraries: Sequence[Path] = (),
 ) -> ort.InferenceSession:
     opts = provider_options(candidate, state_dir, threads)
     for key in ("trt_engine_cache_path", "cache_dir"):
@@ -135,7 +161,7 @@ def _session(
         chain.append((CUDA, {"device_id": opts.get("device_id", "0")}))
     if candidate.provider != CPU:
         chain.append((CPU, {}))
-    options = session_options(threads, level)
+    options = session_options(threads, level, libraries)
     if save_to is not None:
         options.optimized_model_filepath = str(save_to)
         # Saving at level `all` warns that the file suits only this hardware: the cache key holds its fingerprint.

@@ -112,8 +112,11 @@ class RuntimeCaps:
     ir_version: int
     opsets: dict[str, int]
     arch: str = field(default_factory=lambda: normalize_arch(platform.machine()))
-    custom_domains: frozenset[str] = frozenset()
+    custom_domains: frozenset[str] = frozenset()  # provided by custom-op libraries registered here
     verified: bool = False
+    # Libraries whose domains nobody declared (the profile's runtime.custom_ops) are registered here: any
+    # custom domain may be theirs, and loading the model proves it.
+    undeclared_custom_ops: bool = False
 
     def with_limits(self, ai_onnx: int | None = None, ir_version: int | None = None) -> RuntimeCaps:
         """A copy capped lower (tests, or `--target-ort`): what an older runtime would accept."""
@@ -200,7 +203,7 @@ def refusal(
         domain = normalize_domain(domain)
         limit = caps.opsets.get(domain)
         if limit is None:
-            if domain in caps.custom_domains:
+            if domain in caps.custom_domains or caps.undeclared_custom_ops:
                 continue
             return (
                 f"variant {label} needs custom domain {domain!r} (opset {version}); "

@@ -10,6 +10,7 @@ themselves (TensorRT, OpenVINO) keep their own caches and are not cached here.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -27,6 +28,7 @@ CACHE_VERSION = 1
 KEPT = 8  # entries kept, most recently used first: every model version updated in leaves one behind
 CACHEABLE = frozenset({CPU, CUDA})  # providers whose optimised graph is still a plain ONNX model
 ORT_FORMAT_ID = b"ORTM"  # an .ort (flatbuffer) model: already optimised, nothing to cache
+_NOT_WRITTEN: set[str] = set()  # entries already reported as not written in this process
 
 
 @dataclass(frozen=True)
@@ -60,20 +62,46 @@ class GraphCache:
         os.close(fd)
         return Path(name)
 
-    def keep(self, staged: Path, source: str) -> None:
-        """Make a fully written optimised model the entry: the file first, then its record (both atomic)."""
-        if not staged.exists() or staged.stat().st_size == 0:
+    def keep(self, staged: Path, source: str) -> bool:
+        """Make a fully written optimised model the entry: the file first, then its record (both atomic).
+
+        False when the disk refuses (full, read-only): a full disk costs the next start its speed, nothing
+        else, and nothing of the entry is left behind for a later start to trust or to fill the disk with.
+        """
+        tmp: str | None = None
+        try:
+            if staged.stat().st_size == 0:
+                raise OSError(errno.EIO, "onnxruntime wrote an empty optimised model")
+            digest = sha256_file(staged)
+            os.replace(staged, self.model)
+            fd, tmp = tempfile.mkstemp(dir=self.record.parent, prefix=".tmp-", suffix=".json")
+            with os.fdopen(fd, "w") as f:
+                json.dump({"version": CACHE_VERSION, "sha256": digest, "key": self.key, "source": source}, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.record)
+        except OSError as exc:
             staged.unlink(missing_ok=True)
-            return
-        digest = sha256_file(staged)
-        os.replace(staged, self.model)
-        fd, tmp = tempfile.mkstemp(dir=self.record.parent, prefix=".tmp-", suffix=".json")
-        with os.fdopen(fd, "w") as f:
-            json.dump({"version": CACHE_VERSION, "sha256": digest, "key": self.key, "source": source}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.record)
+            if tmp is not None:
+                Path(tmp).unlink(missing_ok=True)
+            self.drop()
+            self.not_written(f"{exc.__class__.__name__}: {exc}")
+            return False
         self._prune()
+        return True
+
+    def not_written(self, reason: str) -> None:
+        """Say once per entry (per process) that the session runs without the cache, and why."""
+        if self.key in _NOT_WRITTEN:
+            log.debug("optimised model not cached key=%s reason=%s", self.key, reason)
+            return
+        _NOT_WRITTEN.add(self.key)
+        log.warning(
+            "optimised model not cached key=%s reason=%s; the session runs without it (the next start "
+            "optimises the model again)",
+            self.key,
+            reason,
+        )
 
     def _prune(self) -> None:
         """Beyond KEPT entries, the least recently used go (with files a crash left half-written)."""

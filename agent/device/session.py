@@ -19,6 +19,7 @@ from agent.config.runtime import Optimization, RuntimeConfig
 from agent.device import hardware
 from agent.device.autotune import model_digest, tune
 from agent.device.build import build_cached, one_line, provider_options, verify, why_not
+from agent.device.customops import session_libraries
 from agent.device.graphcache import graph_cache
 from agent.device.providers import CPU, Ranking, VariantTraits, rank, thread_count
 from agent.transport.events import Event, EventSink, log_event
@@ -70,8 +71,10 @@ def open_session(
     With `runtime.autotune` the chain starts with the measured fastest (see agent.device.autotune).
     `optimization` (a pipeline's own level) overrides `runtime.optimization`; with `runtime.cache` the
     optimised model is kept under the state dir (agent.device.graphcache). `digest` saves hashing the
-    model again when the caller has it.
+    model again when the caller has it. Custom-op libraries (the profile's `runtime.custom_ops`, and those
+    a registry model was installed with) are proven before any is registered: CustomOpsError otherwise.
     """
+    libraries = session_libraries(model, runtime.custom_ops)
     state_dir = Path(state_dir)
     hw = probe if probe is not None else hardware.probe(state_dir=state_dir)
     ranking = rank(runtime, hw, variant)
@@ -102,6 +105,7 @@ def open_session(
             threads_options=None if runtime.threads == "auto" else [threads],
             inputs=inputs,
             emit=emit,
+            libraries=libraries,
         )
         if choice is not None:
             best = next(c for c in chain if c.label == choice.label)
@@ -119,11 +123,13 @@ def open_session(
         if runtime.cache:
             digest = digest or model_digest(model)
             options = provider_options(candidate, state_dir, threads)
+            # An optimised graph is only valid with the same libraries (their kernels, their fusions).
+            options.update({f"custom_ops.{i}": model_digest(p) for i, p in enumerate(libraries)})
             cache = graph_cache(
                 state_dir, model, digest, candidate.provider, options, level, hw.fingerprint(), ort.__version__
             )
         try:
-            session, cached = build_cached(model, candidate, state_dir, threads, level, cache)
+            session, cached = build_cached(model, candidate, state_dir, threads, level, cache, libraries)
         except Exception as exc:  # noqa: BLE001 (any provider failure is a reason to fall back, not to stop)
             fall(candidate.label, f"session creation failed: {one_line(exc)}", after)
             continue

@@ -69,6 +69,11 @@ class LatestSlot(Generic[T]):
             item, self._item = self._item, END
             return item
 
+    def waiting(self) -> bool:
+        """`get` would not wait: an item is there, or the slot is closed."""
+        with self._cond:
+            return self._item is not END or self._closed
+
 
 class Inbox(Generic[T]):
     """What the capture thread hands on: the newest item only (`live`), or all of them, waiting for room."""
@@ -104,3 +109,7 @@ class Inbox(Generic[T]):
 
     def get(self) -> T | End:
         return self._slot.get() if self._slot is not None else self._queue.get()
+
+    def waiting(self) -> bool:
+        """`get` would not wait (for a stage pool's worker, which must never block on a source)."""
+        return self._slot.waiting() if self._slot is not None else not self._queue.empty()

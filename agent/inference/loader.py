@@ -1,5 +1,13 @@
 """Pipelines from the profile: each one's model loaded (a file from the profile, or the version the model
-store resolved), warmed on an input shaped like its frames, and wired to its source and sink."""
+store resolved) and wired to its source and sink.
+
+At start the first frame is the warm-up: a warm-up run on a blank frame before it would cost one more
+inference on the way to the first result (the first run is the slow one: it allocates the arena), and
+a model that cannot take the frames fails on the first one as it would on the blank (`inference.error`,
+and no result from it). A hot swap still warms the new model before it serves (`Pipeline.swap`), and so
+does a start on a version still on trial (the crash guard watches its load): a death while it warms up
+must count as one, and a death after the pipelines are up must not.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +16,15 @@ from pathlib import Path
 
 from agent.config.profile import MqttConfig, PipelineConfig, Profile, RuntimeConfig
 from agent.inference.pipeline import Pipeline
+from agent.inference.processing.lazy import preload_opencv
 from agent.inference.runtime import ModelError
+from agent.inference.sources import source_class
 from agent.inference.sources.base import Subscriptions
 from agent.inference.warmup import example_input, load_pipeline_model
 from agent.transport.events import Event, EventSink, Sink, log_event
 
+# (model, version) -> whether that version is on trial: the crash guard watches its load and warm-up.
+OnTrial = Callable[[str, str], bool]
 # A pipeline's registry model -> (its active file or bytes, version): the model store's `resolve`.
 Resolver = Callable[[PipelineConfig], tuple[Path | bytes, str | None]]
 
@@ -31,8 +43,12 @@ def open_pipeline(
     qos: int = 1,
     mqtt: MqttConfig | None = None,
     connection: Subscriptions | None = None,
+    warm: bool = False,
 ) -> Pipeline:
-    """Load the pipeline's model (a file from the profile, or what the store resolved) and build it."""
+    """Load the pipeline's model (a file from the profile, or what the store resolved) and build it;
+    `warm`: run it once on a blank frame before it serves (a version on trial)."""
+    if not source_class(config.source).sensor:
+        preload_opencv()
     model = load_pipeline_model(
         config,
         model_path if model_path is not None else Path(config.model),
@@ -43,12 +59,8 @@ def open_pipeline(
         warmup_runs=0,
         emit=emit,
     )
-    example = example_input(config, model)
-    if example is not None:
-        # One run allocates and proves the model takes these frames; a second would only delay the first result.
-        model.warmup(example, runs=1)
-    else:
-        model.warmup_if_possible()
+    if warm:
+        model.warmup(example_input(config, model), runs=1)
     return Pipeline(
         config,
         model,
@@ -69,6 +81,7 @@ def open_pipelines(
     emit: EventSink = log_event,
     resolve: Resolver | None = None,
     mqtt: Subscriptions | None = None,
+    on_trial: OnTrial | None = None,
 ) -> Iterator[Pipeline]:
     """Every enabled pipeline of a profile whose model loads, each as soon as it has loaded (so that the
     first one can start serving while the next one loads); the others are reported and skipped.
@@ -103,6 +116,7 @@ def open_pipelines(
                 qos=default_qos,
                 mqtt=profile.mqtt,
                 connection=mqtt,
+                warm=version is not None and on_trial is not None and on_trial(config.model, version),
             )
         except (ModelError, OSError, ValueError) as exc:
             emit(Event("pipeline.failed", {"pipeline": config.name, "model": config.model, "reason": str(exc)}))

@@ -1,5 +1,9 @@
-"""One inference loop: source -> preprocess -> infer -> postprocess -> sink, on four threads joined by
-bounded hand-offs (`handoff`), so that capture, preprocessing and publishing overlap inference.
+"""One inference loop: source -> preprocess -> infer -> postprocess -> sink, in stages joined by bounded
+hand-offs (`handoff`), so that capture, preprocessing and publishing overlap inference.
+
+- Each stage of a sensor or file pipeline has a thread of its own. A camera pipeline has only its capture
+  thread: its other stages run on the process's shared workers (`stagepool`), so that N cameras cost
+  N threads plus a pool sized from the device's cores, not 4N.
 
 - Live sources (cameras) never wait: the newest frame wins and the ones replaced are counted as dropped.
   Every other source waits for the pipeline (backpressure): nothing is dropped.
@@ -22,31 +26,29 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from agent.config.base import PluginConfig
 from agent.config.profile import MqttConfig, PipelineConfig, RuntimeConfig
 from agent.inference.handoff import END, End, Inbox, take_waiting
+from agent.inference.pooled import PooledStages
 from agent.inference.processing.post import make_postprocessor
-from agent.inference.processing.post.base import BasePostprocessor, PostContext, boxes_of
-from agent.inference.processing.pre import FrameRejectedError, Geometry, Preprocessor
+from agent.inference.processing.post.base import PostContext, boxes_of
+from agent.inference.processing.pre import FrameRejectedError, Preprocessor
 from agent.inference.runtime import Model, ModelError, ModelState
 from agent.inference.sources import make_source
 from agent.inference.sources.base import BaseSource, Frame, SourceContext, SourceFailedError, Subscriptions, Window
+from agent.inference.stagepool import STAGES, Stage
 from agent.inference.stats import PipelineState, PipelineStats, RateMeter, Timings, has_nan, zero_counts
 from agent.inference.throttle import EventThrottle
 from agent.inference.warmup import example_input, load_pipeline_model
+from agent.inference.work import Postprocessor, Work, result_payload
 from agent.transport.events import Event, EventSink, Sink, log_event
 from agent.util.backoff import Backoff
-from agent.util.timefmt import utc_iso
 from agent.util.timeline import START
-
-if TYPE_CHECKING:
-    from agent.inference.processing.post.base import OutputValue
 
 log = logging.getLogger(__name__)
 
@@ -56,25 +58,8 @@ MAX_BATCH = 64  # sensor samples run together when several are waiting and the m
 SOURCE_BACKOFF_CAP = 30.0
 IDLE_POLL_S = 0.05  # how often an idle inference thread looks for a pending swap
 
-Postprocessor = BasePostprocessor[PluginConfig]
 
-
-@dataclass
-class Work:
-    """One frame on its way through the stages, with what each stage added."""
-
-    frame: Frame
-    tensor: np.ndarray
-    geometry: Geometry | None
-    pre_ms: float
-    started: float  # perf_counter when preprocessing began
-    infer_ms: float = 0.0
-    outputs: dict[str, OutputValue] = field(default_factory=dict)
-    model: Model | None = None
-    post: Postprocessor | None = None
-
-
-class Pipeline:
+class Pipeline(PooledStages):
     """Build with a loaded `Model` (see `loader.open_pipeline` to load from the profile), then `start()`."""
 
     def __init__(
@@ -112,6 +97,14 @@ class Pipeline:
             ),
         )
         self.live = self.source.live
+        # A camera's stages run on the shared workers; sensors keep theirs (a tiny model runs thousands of
+        # times a second, and a hand-off through the pool would cost it more than the run).
+        self.pooled = self.live
+        self._stages: list[Stage] = []
+        self._wake: Callable[[], None] = STAGES.kick if self.pooled else _nothing
+        self._period = 1.0 / config.rate if config.rate else 0.0
+        self._next_slot = 0.0
+        self._pre_ended = self._infer_ended = False
         self.model = model
         self._model_state: ModelState = model.new_state()
         self.pre = Preprocessor(config.preprocess, model.stream_spec.shape, model.stream_spec.type)
@@ -121,7 +114,7 @@ class Pipeline:
         self._last_input: np.ndarray | None = None
         self._stop = threading.Event()
         self._finished = threading.Event()
-        self._threads: list[threading.Thread] = []  # capture, pre, infer, post
+        self._threads: list[threading.Thread] = []  # capture, and pre, infer, post unless pooled
         self._infer_thread: threading.Thread | None = None
         size = SENSOR_QUEUE_SIZE if self.source.sensor else QUEUE_SIZE
         self._in: Inbox[Frame] = Inbox(self.live, size)
@@ -142,12 +135,11 @@ class Pipeline:
         if self._threads:
             raise RuntimeError(f"pipeline {self.name} already started")
         self._state = "running"
-        for name, target in (
-            ("capture", self._capture),
-            ("pre", self._preprocess),
-            ("infer", self._infer),
-            ("post", self._postprocess),
-        ):
+        if self.pooled:
+            self._stages = self._pooled_stages()
+            STAGES.attach(self._stages)
+        threads = (("pre", self._preprocess), ("infer", self._infer), ("post", self._postprocess))
+        for name, target in (("capture", self._capture), *(() if self.pooled else threads)):
             thread = threading.Thread(target=self._guard(name, target), name=f"{self.name}-{name}", daemon=True)
             self._threads.append(thread)
             if name == "infer":
@@ -165,10 +157,13 @@ class Pipeline:
     def stop(self, timeout: float = 30.0) -> None:
         """End the source; finish and publish the frame in hand; join the threads."""
         self._stop.set()
+        self._wake()
         deadline = time.monotonic() + timeout
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
         alive = [t.name for t in self._threads if t.is_alive()]
+        if self._stages and not self._finished.wait(max(0.0, deadline - time.monotonic())):
+            alive.append(f"{self.name} stages")
         if alive:
             log.warning("pipeline threads still running after stop name=%s threads=%s", self.name, alive)
         if self._state == "running":
@@ -208,7 +203,8 @@ class Pipeline:
         done = threading.Event()
         with self._swap_lock:
             self._pending = (model, done)
-        if self._infer_thread is None or not self._infer_thread.is_alive():  # nobody to switch between frames
+        self._wake()
+        if not self._infer_alive():  # nobody to switch between frames
             self._apply_swap()
         elif not done.wait(timeout):
             raise ModelError(f"pipeline {self.name}: the swap to {model.version} did not happen within {timeout:.0f} s")
@@ -253,6 +249,7 @@ class Pipeline:
                     for frame in self.source.frames(self._stop):
                         self._counts["frames"] += 1
                         self._in.put(frame, self._nobody_reads)
+                        self._wake()
                         backoff.reset()
                         if self._stop.is_set():
                             break
@@ -275,41 +272,47 @@ class Pipeline:
             except Exception:
                 log.debug("source close failed", exc_info=True)
             self._in.close()
+            self._wake()
 
     def _nobody_reads(self) -> bool:
         """Backpressure waits, but lets stop() through when the stages downstream have ended."""
         return self._stop.is_set() and not any(t.is_alive() for t in self._threads[1:])
 
     def _preprocess(self) -> None:
-        period = 1.0 / self.config.rate if self.config.rate else 0.0
-        next_slot = 0.0
-        while True:
-            frame = self._in.get()
-            if frame is END:
-                break
-            if period:
-                now = time.monotonic()
-                if now < next_slot:
-                    if self.live:  # cameras: frames between two slots are skipped and counted
-                        self._counts["skipped"] += 1
-                        continue
-                    self._stop.wait(next_slot - now)  # sensors: wait, nothing is dropped
-                    now = time.monotonic()
-                # Drift-free, but after a stall at most one slot is caught up, never a burst.
-                next_slot = max(next_slot, now - period) + period
-            started = time.perf_counter()
-            try:
-                tensor, geometry = self.pre(frame.data)
-            except Exception as exc:  # noqa: BLE001 (any failure to prepare one frame rejects that frame only)
-                self._counts["rejected"] += 1
-                reason = str(exc) if isinstance(exc, FrameRejectedError) else _reason(exc)
-                self._folded("frame.rejected", reason=reason, source_seq=frame.seq)
-                continue
-            if tensor is None:  # a sensor window still filling
-                continue
-            pre_ms = (time.perf_counter() - started) * 1000
-            self._to_infer.put(Work(frame, tensor, geometry, pre_ms, started))
+        while (frame := self._in.get()) is not END:
+            self._prepare(frame)
         self._to_infer.put(END)
+
+    def _prepare(self, frame: Frame) -> None:
+        """One frame preprocessed and handed to inference, unless skipped (rate), rejected or a window filling."""
+        period = self._period
+        if period:
+            now = time.monotonic()
+            if now < self._next_slot:
+                if self.live:  # cameras: frames between two slots are skipped and counted
+                    self._counts["skipped"] += 1
+                    return
+                self._stop.wait(self._next_slot - now)  # sensors: wait, nothing is dropped
+                now = time.monotonic()
+            # Drift-free, but after a stall at most one slot is caught up, never a burst.
+            self._next_slot = max(self._next_slot, now - period) + period
+        started = time.perf_counter()
+        try:
+            tensor, geometry = self.pre(frame.data)
+        except Exception as exc:  # noqa: BLE001 (any failure to prepare one frame rejects that frame only)
+            self._counts["rejected"] += 1
+            reason = str(exc) if isinstance(exc, FrameRejectedError) else _reason(exc)
+            self._folded("frame.rejected", reason=reason, source_seq=frame.seq)
+            return
+        if tensor is None:  # a sensor window still filling
+            return
+        pre_ms = (time.perf_counter() - started) * 1000
+        self._to_infer.put(Work(frame, tensor, geometry, pre_ms, started))
+
+    def _infer_alive(self) -> bool:
+        if self.pooled:
+            return bool(self._stages) and not self._infer_ended and not self._finished.is_set()
+        return self._infer_thread is not None and self._infer_thread.is_alive()
 
     def _infer(self) -> None:
         while True:
@@ -331,8 +334,12 @@ class Pipeline:
             self._run(model, batch)
             if end_after:
                 break
+        self._end_inference()
+
+    def _end_inference(self) -> None:
         if self._pending is not None:
             self._apply_swap()
+        self._infer_ended = True
         self.model.close()  # no run is left: the shared session is freed once no pipeline holds it
         self._to_post.put(END)
 
@@ -342,7 +349,8 @@ class Pipeline:
         self._busy_since = time.monotonic()
         try:
             if len(batch) == 1:
-                outputs = [model.run(batch[0].tensor, self._model_state)]
+                company = STAGES.inference_slots if self.pooled else None
+                outputs = [model.run(batch[0].tensor, self._model_state, company)]
             else:
                 try:
                     outputs = model.run_batch([w.tensor for w in batch])
@@ -367,56 +375,42 @@ class Pipeline:
             self._to_post.put(work)
 
     def _postprocess(self) -> None:
-        name, device = self.name, self.device
-        while True:
-            work = self._to_post.get()
-            if work is END:
-                break
-            frame, model = work.frame, work.model
-            assert model is not None and work.post is not None
-            self._counts["nan_outputs"] += has_nan(work.outputs)
-            started = time.perf_counter()
-            try:
-                output = work.post(work.outputs, PostContext(work.geometry, frame.t, frame.ts, work.tensor))
-            except Exception as exc:  # noqa: BLE001 (a plug-in's failure on one output is an event, not the end)
-                self._counts["post_errors"] += 1
-                self._folded("postprocess.error", reason=_reason(exc), source_seq=frame.seq)
-                continue
-            post_ms = (time.perf_counter() - started) * 1000
-            self.timings.add("pre", work.pre_ms)
-            self.timings.add("post", post_ms)
-            if output is None:
-                continue
-            payload: dict[str, Any] = {
-                "device": device,
-                "pipeline": name,
-                "ts": utc_iso(frame.ts),
-                "source_seq": frame.seq,
-                "model": model.name,
-                "model_version": model.version,
-                "provider": model.provider,
-                "latency_ms": {
-                    "pre": round(work.pre_ms, 3),
-                    "infer": round(work.infer_ms, 3),
-                    "post": round(post_ms, 3),
-                },
-                "output": output,
-            }
-            if frame.t is not None:
-                payload["t"] = round(frame.t, 3)
-            try:
-                self.sink.result(name, payload, self.qos)
-            except Exception as exc:  # noqa: BLE001 (the sink's failure is counted and reported; the loop goes on)
-                self._counts["sink_errors"] += 1
-                self._folded("sink.error", reason=_reason(exc))
-                continue
-            self._counts["results"] += 1
-            if self._counts["results"] == 1:
-                START.first_result(name)
-            self._results_rate.mark(time.monotonic())
-            if frame.data.ndim >= 2:
-                self._latest = (frame.data, boxes_of(output))
-            self.timings.add("total", (time.perf_counter() - work.started) * 1000)
+        while (work := self._to_post.get()) is not END:
+            self._publish(work)
+        self._finish()
+
+    def _publish(self, work: Work) -> None:
+        """One frame's outputs post-processed and handed to the sink as its result."""
+        frame, model = work.frame, work.model
+        assert model is not None and work.post is not None
+        self._counts["nan_outputs"] += has_nan(work.outputs)
+        started = time.perf_counter()
+        try:
+            output = work.post(work.outputs, PostContext(work.geometry, frame.t, frame.ts, work.tensor))
+        except Exception as exc:  # noqa: BLE001 (a plug-in's failure on one output is an event, not the end)
+            self._counts["post_errors"] += 1
+            self._folded("postprocess.error", reason=_reason(exc), source_seq=frame.seq)
+            return
+        post_ms = (time.perf_counter() - started) * 1000
+        self.timings.add("pre", work.pre_ms)
+        self.timings.add("post", post_ms)
+        if output is None:
+            return
+        try:
+            self.sink.result(self.name, result_payload(self.device, self.name, work, model, output, post_ms), self.qos)
+        except Exception as exc:  # noqa: BLE001 (the sink's failure is counted and reported; the loop goes on)
+            self._counts["sink_errors"] += 1
+            self._folded("sink.error", reason=_reason(exc))
+            return
+        self._counts["results"] += 1
+        if self._counts["results"] == 1:
+            START.first_result(self.name)
+        self._results_rate.mark(time.monotonic())
+        if frame.data.ndim >= 2:
+            self._latest = (frame.data, boxes_of(output))
+        self.timings.add("total", (time.perf_counter() - work.started) * 1000)
+
+    def _finish(self) -> None:
         self._finished.set()
         if self._state == "running":
             self._state = "finished" if not self._stop.is_set() else "stopped"
@@ -467,6 +461,7 @@ class Pipeline:
                 self._error("pipeline.failed", f"{stage}: {_reason(exc)}")
                 log.exception("pipeline stage failed name=%s stage=%s", self.name, stage)
                 self._stop.set()
+                STAGES.detach(self._stages)
                 self._finished.set()
 
         return run
@@ -493,6 +488,10 @@ class Pipeline:
     def _error(self, type_: str, reason: str, **fields: Any) -> None:
         self._last_error = f"{type_}: {reason}"
         self._folded(type_, reason=reason, **fields)
+
+
+def _nothing() -> None:
+    """A threaded pipeline's stages wait on their queues: nobody needs waking."""
 
 
 def _reason(exc: BaseException) -> str:

@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from agent.config.profile import Constant
-from agent.config.runtime import Optimization, RuntimeConfig
-from agent.device import compat
+from agent.config.runtime import LocalLibrary, Optimization, RuntimeConfig
+from agent.device import compat, customops
 from agent.inference.processing.pre import NUMPY_TYPES
 from agent.inference.sessions import POOL, NodeArg, Session, SessionPool, SharedSession
 from agent.inference.stats import MemoryShare
@@ -124,6 +124,7 @@ class Model:
         self.output_names = list(self.outputs)
         # The lease ends with close() or when the model is collected, whichever comes first.
         self._lease = weakref.finalize(self, pool.release, shared)
+        self._warm = False  # until the first run (a warm-up's, or the first frame's) is done
         self._streaming: weakref.finalize[[], Model] | None = None
         try:
             self._check_signature(dict(constants or {}), dict(state or {}), stream_input)
@@ -194,9 +195,10 @@ class Model:
     def new_state(self) -> ModelState:
         return ModelState({k: self.inputs[k].example() for k in self.state_map})
 
-    def run(self, x: np.ndarray, state: ModelState | None = None) -> dict[str, OutputValue]:
+    def run(self, x: np.ndarray, state: ModelState | None = None, company: int | None = None) -> dict[str, OutputValue]:
+        """One run of the stream input `x`; `company` as in `SharedSession.run_stream`."""
         if self.batchable:
-            values = self.shared.run_stream(self.stream_input, x)
+            values = self.shared.run_stream(self.stream_input, x, company)
         else:
             feeds = {self.stream_input: x}
             if self.constants:
@@ -209,6 +211,8 @@ class Model:
         if self.state_map:
             assert state is not None
             state.values = {k: np.asarray(out[v]) for k, v in self.state_map.items()}
+        if not self._warm:
+            self._warmed(x, "1 run: the first frame")
         return out
 
     def run_batch(self, xs: Sequence[np.ndarray]) -> list[dict[str, OutputValue]]:
@@ -221,6 +225,8 @@ class Model:
                 raise ModelError(f"output {name} has {len(value)} rows for a batch of {n}")
             for i in range(n):
                 per_item[i][name] = value[i : i + 1]
+        if not self._warm:
+            self._warmed(xs[0], f"1 run: the first {n} frames")
         return per_item
 
     def warmup(self, example: np.ndarray | None = None, runs: int = 2) -> float:
@@ -228,25 +234,23 @@ class Model:
         x = example if example is not None else self.stream_spec.example()
         started = time.perf_counter()
         state = self.new_state()
+        self._warm = True  # these runs are the warm-up: no first-run bookkeeping inside them
         try:
             for _ in range(runs):
                 self.run(x, state)
         except Exception as exc:  # ORT raises its own classes, not RuntimeError
             raise ModelError(f"model {self.name} {self.version} failed its warm-up run: {exc}") from exc
         ms = (time.perf_counter() - started) * 1000 / runs
-        START.mark(f"model {self.name} warmed ({runs} run{'s' if runs > 1 else ''})")
+        self._warmed(x, f"{runs} run{'s' if runs > 1 else ''}")
+        return ms
+
+    def _warmed(self, x: np.ndarray, how: str) -> None:
+        """After the first run: the session's memory is settled, and whether batching pays is judged."""
+        self._warm = True
+        START.mark(f"model {self.name} warmed ({how})")
         self.shared.settle_memory()
         if self.batchable:
             self.shared.judge(self.stream_input, x)
-        return ms
-
-    def warmup_if_possible(self) -> None:
-        """Warm with zeros when no real input shape is known; a model whose dynamic dimensions reject
-        the guess is warmed by its first frame instead (and checked there)."""
-        try:
-            self.warmup(None, runs=1)
-        except ModelError as exc:
-            log.debug("warm-up deferred to the first frame name=%s reason=%s", self.name, exc)
 
 
 def load_model(
@@ -273,7 +277,7 @@ def load_model(
     path = source if isinstance(source, Path) else None
     name = name or (path.stem if path is not None else "model")
     version = version or content_version(source)
-    _check_loadable(source, name, version)
+    _check_loadable(source, name, version, runtime.custom_ops)
     try:
         shared = POOL.acquire(source, runtime, state_dir, optimization=optimization, emit=emit)
     except Exception as exc:  # ORT's Fail/InvalidGraph derive from Exception
@@ -293,13 +297,15 @@ def load_model(
     return model
 
 
-def _check_loadable(source: Path | bytes, name: str, version: str) -> None:
-    """Refuse with the opset/IR reason before ONNX Runtime fails with its own cut-off message."""
+def _check_loadable(source: Path | bytes, name: str, version: str, libraries: Sequence[LocalLibrary] = ()) -> None:
+    """Refuse with the opset/IR reason before ONNX Runtime fails with its own cut-off message; custom
+    domains count as registered where the model's or the profile's custom-op libraries provide them."""
     try:
         header = compat.read_header(source)
     except Exception:  # noqa: BLE001 (not an ONNX protobuf, e.g. an .ort file: let the runtime judge)
         return
-    reason = compat.refusal(_runtime_caps(), name, header.ir_version, header.opsets)
+    caps = customops.loadable_caps(_runtime_caps(), source, libraries)
+    reason = compat.refusal(caps, name, header.ir_version, header.opsets)
     if reason:
         raise ModelError(f"cannot load model {name} {version}: {reason}")
 

@@ -34,6 +34,7 @@ import psutil
 from agent.config.runtime import BatchingConfig, Optimization, RuntimeConfig
 from agent.device import hardware
 from agent.device.autotune import batch_cache_path, cpu_bound, judge_batching, model_digest
+from agent.device.customops import library_digests
 from agent.device.providers import Candidate, core_budget
 from agent.device.session import OpenedSession, open_session
 from agent.transport.events import EventSink, log_event
@@ -81,12 +82,14 @@ class _Request:
 
 @dataclass(frozen=True)
 class SessionKey:
-    """What makes two pipelines' sessions the same: the model's bytes, the runtime settings, the level."""
+    """What makes two pipelines' sessions the same: the model's bytes, the runtime settings, the level, and
+    the custom-op libraries registered with it (two versions of identical bytes may bring other ones)."""
 
     digest: str
     runtime: str  # RuntimeConfig as JSON: its option dicts make it unhashable as it is
     optimization: str
     state_dir: str
+    libraries: tuple[str, ...] = ()  # sha256 of each custom-op library (agent.device.customops.library_digests)
 
 
 @dataclass(frozen=True)
@@ -141,9 +144,13 @@ class SharedSession:
         with self._lane():
             return self.session.run(None, feeds)
 
-    def run_stream(self, name: str, x: np.ndarray) -> list[OutputValue]:
+    def run_stream(self, name: str, x: np.ndarray, company: int | None = None) -> list[OutputValue]:
         """The stream input `x` (rows along its first axis) run, together with the rows other pipelines
-        have waiting when batching is on; the outputs hold `x`'s rows only."""
+        have waiting when batching is on; the outputs hold `x`'s rows only.
+
+        `company`: how many pipelines' frames (this one's included) can be here at once, when fewer than
+        the stream users; a leader never waits for frames that cannot come (camera pipelines on the
+        shared workers run as many inferences at once as the workers allow)."""
         if not self.batch_pays or self.stream_users < 2:
             return self.run({name: x})
         request = _Request(x)
@@ -157,7 +164,7 @@ class SharedSession:
             if not request.taken:  # this thread leads: it runs its frames and those it takes along
                 self._take_lane()
                 self._collecting = True
-                batch = self._collect(request)
+                batch = self._collect(request, company)
         if batch:
             try:
                 self._run_batch(name, batch)
@@ -178,7 +185,7 @@ class SharedSession:
         assert request.outputs is not None
         return request.outputs
 
-    def _collect(self, leader: _Request) -> list[_Request]:
+    def _collect(self, leader: _Request, company: int | None) -> list[_Request]:
         """The leader's request, then the fitting ones waiting, up to `max_size` rows in all; waits up to the
         latency budget for the stream users not waiting yet. Called holding the lock."""
         self._waiting.remove(leader)
@@ -187,6 +194,7 @@ class SharedSession:
         rows = len(leader.x)
         deadline = time.monotonic() + self.batching.latency_budget
         while True:
+            wanted = min(self.stream_users, company or self.stream_users)
             for request in list(self._waiting):
                 if request.fits(leader) and rows + len(request.x) <= self.batching.max_size:
                     self._waiting.remove(request)
@@ -195,7 +203,7 @@ class SharedSession:
                     batch.append(request)
                     rows += len(request.x)
             remaining = deadline - time.monotonic()
-            if len(batch) >= self.stream_users or rows >= self.batching.max_size or remaining <= 0:
+            if len(batch) >= wanted or rows >= self.batching.max_size or remaining <= 0:
                 break
             self._cond.wait(remaining)
         self._collecting = False
@@ -330,7 +338,8 @@ class SessionPool:
         pair each acquire with one `release`."""
         digest = model_digest(source)
         level = optimization or runtime.optimization
-        key = SessionKey(digest, runtime.model_dump_json(), level, str(Path(state_dir).absolute()))
+        libraries = library_digests(source, runtime.custom_ops)
+        key = SessionKey(digest, runtime.model_dump_json(), level, str(Path(state_dir).absolute()), libraries)
         with self._lock:
             loading = self._loading.setdefault(key, threading.Lock())
         with loading:  # a second pipeline on the same model waits for the first one's load, then shares it

@@ -1,6 +1,6 @@
-"""A pipeline's model: loaded with the profile's constants and recurrent state wired, and warmed on an
-input shaped like what the pipeline's source and preprocessing will produce, so that the first real
-frame is not the slow one (and a model that cannot take those frames fails before it serves)."""
+"""A pipeline's model: loaded with the profile's constants and recurrent state wired, and (for a hot swap)
+warmed on an input shaped like what the pipeline's source and preprocessing will produce, so that the
+first real frame is not the slow one and a model that cannot take those frames fails before it serves."""
 
 from __future__ import annotations
 

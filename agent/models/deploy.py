@@ -29,8 +29,9 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from agent.models.manifest import NAME_PATTERN, VERSION_PATTERN
 from agent.models.signing import ORDER, SignatureError, sign, verify
+from agent.util import jsonlimits
+from agent.util.names import NAME_PATTERN, VERSION_PATTERN
 
 SCHEMA = 1
 MAX_ORDER_BYTES = 64 * 1024
@@ -123,7 +124,7 @@ def parse_target(target: str) -> tuple[str, str]:
     kind, sep, name = target.partition(":") if isinstance(target, str) else ("", "", "")
     if not sep or kind not in ("device", "group"):
         raise ValueError(f"target {target!r} must be device:ID or group:NAME")
-    if not _NAME.match(name):
+    if not _NAME.fullmatch(name):
         raise ValueError(f"{kind} {name!r} in target {target!r} is not a name ({_NAME_WORDS})")
     return kind, name
 
@@ -174,8 +175,8 @@ def parse_order(
     if len(payload) > MAX_ORDER_BYTES:
         raise OrderError(f"{WHAT} is {len(payload)} bytes; the limit is {MAX_ORDER_BYTES}")
     try:
-        envelope = json.loads(payload)
-    except (ValueError, UnicodeDecodeError) as exc:
+        envelope = jsonlimits.loads(payload, max_bytes=MAX_ORDER_BYTES)
+    except ValueError as exc:
         raise OrderError(f"{WHAT} is not JSON ({_first_line(exc)})") from None
     if (
         not isinstance(envelope, dict)
@@ -192,7 +193,7 @@ def parse_order(
     except SignatureError as exc:
         raise OrderError(str(exc), claimed) from None
     try:
-        doc = json.loads(text)
+        doc = jsonlimits.loads(text, max_bytes=MAX_ORDER_BYTES)
     except ValueError as exc:
         raise OrderError(f"{what} is not JSON ({_first_line(exc)})", claimed) from None
     try:
@@ -237,10 +238,10 @@ def _first_line(exc: Exception) -> str:
 def _claimed_id(text: str) -> str | None:
     """The id an unverified order claims, for error messages only."""
     try:
-        value = json.loads(text).get("id")
+        value = jsonlimits.loads(text, max_bytes=MAX_ORDER_BYTES).get("id")
     except (ValueError, AttributeError):
         return None
-    return value if isinstance(value, str) and _NAME.match(value) else None
+    return value if isinstance(value, str) and _NAME.fullmatch(value) else None
 
 
 def _string(doc: dict[str, Any], key: str) -> str:
@@ -252,7 +253,7 @@ def _string(doc: dict[str, Any], key: str) -> str:
 
 def _name(doc: dict[str, Any], key: str, pattern: re.Pattern[str] = _NAME, words: str = _NAME_WORDS) -> str:
     value = _string(doc, key)
-    if not pattern.match(value):
+    if not pattern.fullmatch(value):
         raise ValueError(f"{key}: {value!r} is not a name ({words})")
     return value
 
@@ -297,7 +298,7 @@ def _check(doc: object) -> DeployOrder:
             raise ValueError('canary: expected {"group": NAME, "devices": [ID, ...]}')
         group = _name(raw, "group")
         devices = raw["devices"]
-        if not isinstance(devices, list) or not all(isinstance(d, str) and _NAME.match(d) for d in devices):
+        if not isinstance(devices, list) or not all(isinstance(d, str) and _NAME.fullmatch(d) for d in devices):
             raise ValueError("canary.devices: expected a list of device ids")
         canary = Canary(group, tuple(devices))
     return DeployOrder(order_id, model, version, target, issued, expires, allow_older, canary)

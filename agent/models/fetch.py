@@ -11,19 +11,28 @@ A server that asks to come back later (429 Too Many Requests from a CDN's rate l
 Unavailable) is retried after the wait its `Retry-After` names (seconds or an HTTP date), within the
 request's DEADLINE: a wait past it ends the request as a `FetchError` (the next poll tries again), never as
 a refusal of the model.
+
+A server can also answer too slowly to be any use: `timeout` bounds each read, so one byte every few
+seconds would never end a fetch. Every body therefore has an overall deadline derived from what is
+expected, `timeout + expected bytes / min_rate` (the signed size left of a blob; a document's
+Content-Length, else MAX_DOC_BYTES): a fetch behind it ends as a `StalledError` (a FetchError, so
+`model.error` with the reason, and the next poll resumes the partial file).
 """
 
 from __future__ import annotations
 
+import contextlib
 import email.utils
+import fcntl
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
 import requests
+import urllib3.exceptions
 
 from agent.models.manifest import MAX_DOC_BYTES, Blob, file_digest
 from agent.util import backoff
@@ -36,6 +45,9 @@ RETRY_CAP = 30.0  # seconds: the longest backoff between two tries of one reques
 # Seconds one request may take, tries and waits together: a Retry-After that reaches past it ends the
 # request now rather than holding the updater (or the daemon's start) for as long as a server asks.
 DEADLINE = 300.0
+# Bytes per second below which a fetch is stalled rather than slow: 64 kbit/s, the slowest mobile links
+# still in use. A blob of the signed size S may take `timeout + S / MIN_RATE` seconds in all.
+MIN_RATE = 8 * 1024
 RETRY_LATER = (429, 503)  # "come back later": answers a CDN or a busy server gives, with a Retry-After
 Progress = Callable[[int, int], None]
 T = TypeVar("T")
@@ -58,6 +70,10 @@ class MissingError(RefusalError):
 
 class FetchError(Exception):
     """The registry could not be reached or did not answer usefully (worth retrying later)."""
+
+
+class StalledError(FetchError):
+    """A body arrived slower than the minimum rate and missed its overall deadline."""
 
 
 class RetryLaterError(FetchError):
@@ -104,6 +120,7 @@ class Fetcher:
         backoff: float,
         sleep: Callable[[float], None],
         deadline: float = DEADLINE,
+        min_rate: float = MIN_RATE,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.url = url if url.endswith("/") else url + "/"
@@ -113,6 +130,7 @@ class Fetcher:
         self.backoff = backoff
         self.sleep = sleep
         self.deadline = deadline
+        self.min_rate = min_rate
         self.clock = clock
         self.http = requests.Session()
         self.http.headers["User-Agent"] = "edge-agent"
@@ -148,6 +166,7 @@ class Fetcher:
                 headers["If-None-Match"] = etag_line.decode()
             except (FileNotFoundError, ValueError, UnicodeDecodeError):
                 cached = None
+            started = self.clock()
             with self.http.get(url, headers=headers, timeout=self.timeout, stream=True) as r:
                 if r.status_code == 304 and cached is not None:
                     return cached
@@ -160,8 +179,9 @@ class Fetcher:
                 if r.status_code != 200:
                     raise RefusalError(f"{path}: the registry answered HTTP {r.status_code}")
                 body = bytearray()
+                expected = min(_int(r.headers.get("Content-Length")) or MAX_DOC_BYTES, MAX_DOC_BYTES)
                 try:
-                    for chunk in r.iter_content(CHUNK):
+                    for chunk in self._body(r, path, started, expected):
                         body += chunk
                         if len(body) > MAX_DOC_BYTES:
                             raise RefusalError(f"{path} is larger than {MAX_DOC_BYTES} bytes; refused unread")
@@ -182,6 +202,10 @@ class Fetcher:
     def download(self, blob: Blob, part: Path, what: str, progress: Progress | None = None) -> Path:
         """The blob in `part`, complete and digest-checked; resumes what an earlier try left there."""
         url = self.url + f"blobs/sha256/{blob.hex}"
+        with _partials_locked(part.parent):
+            return self._download(blob, part, url, what, progress)
+
+    def _download(self, blob: Blob, part: Path, url: str, what: str, progress: Progress | None) -> Path:
         resumed = part.exists()
         while True:
             self._retrying(f"GET {url}", lambda: self._fetch_into(part, blob, url, what, progress))
@@ -202,6 +226,7 @@ class Fetcher:
         if have == blob.size:
             return
         headers = {"Range": f"bytes={have}-"} if have else {}
+        started, expected = self.clock(), blob.size - have
         with self.http.get(url, headers=headers, timeout=self.timeout, stream=True) as r:
             if r.status_code == 404:
                 raise RefusalError(f"{what} is not on the registry (404)")
@@ -233,7 +258,7 @@ class Fetcher:
                 )
             with open(part, mode) as f:
                 try:
-                    for chunk in r.iter_content(CHUNK):
+                    for chunk in self._body(r, what, started, expected):
                         if have + len(chunk) > blob.size:
                             # Endless data: stop at the signed size and never store the excess.
                             f.close()
@@ -255,6 +280,42 @@ class Fetcher:
                         os.fsync(f.fileno())
         if have < blob.size:
             raise FetchError(f"connection ended at {have} of {blob.size} bytes")
+
+    def _body(self, r: requests.Response, what: str, started: float, expected: int) -> Iterator[bytes]:
+        """The body as it arrives (read1: whatever one read brings, so that a trickle is seen trickling);
+        StalledError once it falls behind `timeout + expected / min_rate` from `started`. The errors of
+        urllib3 become the ones requests' own iter_content raises, which the callers handle."""
+        ends = started + self.timeout + expected / self.min_rate
+        got = 0
+        while True:
+            try:
+                chunk = r.raw.read1(CHUNK, decode_content=True)
+            except urllib3.exceptions.ReadTimeoutError as exc:
+                raise requests.Timeout(str(exc)) from None
+            except (urllib3.exceptions.ProtocolError, urllib3.exceptions.DecodeError) as exc:
+                raise requests.exceptions.ChunkedEncodingError(str(exc)) from None
+            if not chunk:
+                return
+            got += len(chunk)
+            yield chunk
+            if self.clock() > ends:
+                raise StalledError(
+                    f"{what}: stalled: {got} of {expected} bytes in {self.clock() - started:.0f} s, slower than "
+                    f"the minimum rate of {self.min_rate:.0f} bytes/s (deadline {ends - started:.0f} s)"
+                )
+
+
+@contextlib.contextmanager
+def _partials_locked(folder: Path) -> Iterator[None]:
+    """One download at a time into a store's partial files: the store's own lock is not held across the
+    network (a stalled pull must not hold up a rollback), yet a `models pull` and the daemon must never
+    append to the same partial file. Released on kill -9 too (flock)."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def _int(text: str | None) -> int | None:

@@ -15,11 +15,10 @@ from typing import Any, Final, Literal, TypeVar
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from agent.util.hashing import sha256_file
+from agent.util.names import NAME_PATTERN, VERSION_PATTERN
 
 SCHEMA: Final = 1  # Final: mypy reads it as Literal[1], the type of the field it fills
-NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
-# Versions name folders on the device: no separators, no leading dot, so never `..`.
-VERSION_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$"
+# Versions name folders on the device: no separators, no leading dot, so never `..` (agent.util.names).
 DIGEST_PATTERN = r"^sha256:[0-9a-f]{64}$"
 MAX_BLOB_BYTES = 1 << 40
 MAX_DOC_BYTES = 1 << 20  # manifests and channel pointers; anything larger is refused unread
@@ -56,6 +55,27 @@ class TensorSpec(StrictDoc):
     shape: tuple[int | str | None, ...] | None = Field(None, description="dims; a string or null is dynamic")
 
 
+PLATFORM_PATTERN = r"^[a-z0-9]{1,16}-[a-z0-9_]{1,16}$"  # linux-x86_64, linux-aarch64
+
+
+class CustomOpLibrary(StrictDoc):
+    """A custom-op library a variant needs, for one platform: a blob like the model's, and what it provides."""
+
+    blob: Blob
+    platform: str = Field(pattern=PLATFORM_PATTERN, description="os-architecture it is built for: linux-x86_64")
+    domains: dict[str, int] = Field(
+        min_length=1, max_length=64, description="custom domain -> highest opset version it provides"
+    )
+    min_runtime: str | None = Field(None, pattern=r"^\d+(\.\d+)*$", description="oldest onnxruntime that loads it")
+
+    @model_validator(mode="after")
+    def _check(self) -> CustomOpLibrary:
+        for domain, version in self.domains.items():
+            if not 0 < len(domain) <= 128 or not 1 <= version <= 1000:
+                raise ValueError(f"domain {domain[:128]!r} opset {version}: expected a name and a version 1 to 1000")
+        return self
+
+
 class Variant(StrictDoc):
     id: str = Field(pattern=NAME_PATTERN, description="fp32, fp16, int8, op15, ...")
     blob: Blob
@@ -65,9 +85,28 @@ class Variant(StrictDoc):
     inputs: tuple[TensorSpec, ...] = ()
     outputs: tuple[TensorSpec, ...] = ()
     precision: Literal["fp32", "fp16", "int8"] = "fp32"
+    accuracy_loss: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="accuracy this variant loses against the reference one, as a fraction, measured by the "
+        "publisher; a device prefers an int8 variant only when this is within its registry.max_accuracy_loss",
+    )
     providers: tuple[str, ...] = Field((), description="providers this variant suits; empty: any")
     architectures: tuple[str, ...] = Field((), description="machine architectures (x86_64, aarch64); empty: any")
     min_runtime: str | None = Field(None, pattern=r"^\d+(\.\d+)*$", description="oldest onnxruntime that loads it")
+    # None rather than empty: manifests without libraries keep the bytes (and keys) older agents parse.
+    custom_ops: tuple[CustomOpLibrary, ...] | None = Field(
+        None, max_length=16, description="custom-op libraries it needs, one per platform"
+    )
+
+    @model_validator(mode="after")
+    def _one_per_platform(self) -> Variant:
+        platforms = [lib.platform for lib in self.custom_ops or ()]
+        dup = {p for p in platforms if platforms.count(p) > 1}
+        if dup:
+            raise ValueError(f"variant {self.id}: two custom-op libraries for {sorted(dup)[0]}")
+        return self
 
 
 class TestVector(StrictDoc):

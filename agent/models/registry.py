@@ -27,12 +27,13 @@ The HTTP side (retries, the conditional-GET cache, resumable downloads) is agent
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -40,15 +41,14 @@ from typing import TYPE_CHECKING, Any, Literal
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from agent.device import compat
+from agent.device.customops import write_sidecar
+from agent.models import customops, variants
 from agent.models.fetch import Fetcher, FetchError, MissingError, Progress, RefusalError
 from agent.models.manifest import (
-    NAME_PATTERN,
-    VERSION_PATTERN,
     Blob,
     ChannelPointer,
     Manifest,
     ManifestError,
-    TestVector,
     Variant,
     file_digest,
     parse_channel,
@@ -56,6 +56,7 @@ from agent.models.manifest import (
     utcnow,
     version_key,
 )
+from agent.models.registry_verify import Fetched, SessionOpener, blobs_of, check_header, run_vectors
 from agent.models.signing import (
     CHANNEL,
     MANIFEST,
@@ -68,16 +69,14 @@ from agent.models.signing import (
 )
 from agent.models.store import Installed, Store, StoreError
 from agent.models.trust import Trust, TrustError
-from agent.models.vectors import VectorError, decode, mismatch
 from agent.transport.events import Event, EventSink, log_event
+from agent.util.names import NAME_PATTERN, VERSION_PATTERN
 
 if TYPE_CHECKING:
     from agent.config.profile import Profile, RuntimeConfig
-    from agent.device.session import OpenedSession
+    from agent.config.runtime import LocalLibrary
 
 DISK_MARGIN = 16 * 1024 * 1024  # left free beyond the download, for the outbox and logs
-# agent.device.session.open_session, or a stand-in: (model, runtime, state_dir, emit) -> a proven session
-SessionOpener = Callable[[Path, "RuntimeConfig", Path, EventSink], "OpenedSession"]
 
 
 @dataclass(frozen=True)
@@ -93,7 +92,7 @@ class PullResult:
 
 
 def _check_name(value: str, pattern: str, what: str) -> None:
-    if not re.match(pattern, value):
+    if not re.fullmatch(pattern, value):
         raise RefusalError(
             f"{what} {value!r} is not a safe name (letters, digits and _ . - only, not starting with a dot)"
         )
@@ -134,6 +133,8 @@ class RegistryClient:
         cache_dir = store.root.parent / "registry-cache"
         self.fetcher = Fetcher(url, cache_dir, timeout=timeout, retries=retries, backoff=backoff, sleep=sleep)
         self._raw: dict[tuple[str, str], tuple[bytes, bytes]] = {}
+        self.max_accuracy_loss = variants.DEFAULT_MAX_ACCURACY_LOSS
+        self._preference: dict[tuple[str, str], str] = {}  # (model, version) -> why its variant, for the events
 
     @classmethod
     def from_profile(cls, profile: Profile, emit: EventSink = log_event, **kwargs: Any) -> RegistryClient:
@@ -141,7 +142,9 @@ class RegistryClient:
             raise ValueError("the profile has no registry section")
         reg = profile.registry
         store = kwargs.pop("store", None) or Store(profile.device.state_dir, keep_versions=reg.keep_versions)
-        return cls(reg.url, reg.public_key, store, runtime=profile.runtime, emit=emit, timeout=reg.timeout, **kwargs)
+        client = cls(reg.url, reg.public_key, store, runtime=profile.runtime, emit=emit, timeout=reg.timeout, **kwargs)
+        client.max_accuracy_loss = reg.max_accuracy_loss
+        return client
 
     # --- what this device can run -----------------------------------------------------------
 
@@ -159,25 +162,38 @@ class RegistryClient:
             self._providers = tuple(ort.get_available_providers())
         return self._providers
 
+    def _profile_libraries(self) -> tuple[LocalLibrary, ...]:
+        return self._runtime.custom_ops if self._runtime is not None else ()
+
     def variant_refusal(self, variant: Variant) -> str | None:
+        choice = customops.choose(variant, self.caps, self._profile_libraries())
+        if choice.refusal is not None:
+            return choice.refusal
+        caps = self.caps
+        if choice.library is not None or self._profile_libraries():
+            provided = choice.library.domains if choice.library is not None else {}
+            caps = replace(
+                caps,
+                custom_domains=caps.custom_domains | frozenset(provided),
+                undeclared_custom_ops=bool(self._profile_libraries()),
+            )
         reason = compat.refusal(
-            self.caps, variant.id, variant.ir_version, variant.opsets, variant.architectures, variant.min_runtime
+            caps, variant.id, variant.ir_version, variant.opsets, variant.architectures, variant.min_runtime
         )
         if reason is None and variant.providers and not set(variant.providers) & set(self.providers):
             reason = f"variant {variant.id} suits {', '.join(variant.providers)}; this device has {', '.join(self.providers)}"
         return reason
 
+    @functools.cached_property
+    def target_provider(self) -> str:
+        return variants.target_provider(self._runtime, self.providers)
+
     def choose_variant(self, manifest: Manifest) -> Variant:
-        """The first variant (the publisher lists them best first) this device can run."""
-        reasons = []
-        for variant in manifest.variants:
-            reason = self.variant_refusal(variant)
-            if reason is None:
-                return variant
-            reasons.append(reason)
-        raise RefusalError(
-            "; ".join(reasons) if len(reasons) == 1 else "no variant can run here: " + "; ".join(reasons)
-        )
+        return self.preferred(manifest).variant
+
+    def preferred(self, manifest: Manifest) -> variants.Preference:
+        """The variant this device prefers for its provider among those it can run (agent.models.variants)."""
+        return variants.choose(manifest.variants, self.target_provider, self.variant_refusal, self.max_accuracy_loss)
 
     # --- HTTP -------------------------------------------------------------------------------
 
@@ -273,9 +289,17 @@ class RegistryClient:
             self.refresh_trust()
             if target is None:
                 target = self.channel(model, channel or "stable").version
+            # The store's lock is held only to decide and to install, never across the network: a stalled
+            # download must not hold up a rollback or `models list` (issue 17, item 1).
             with self.store.lock():
                 self.store.recover()
-                return self._pull(model, target, allow_older, override, from_channel=version is None)
+                settled = self._settled(model, target, allow_older, override, from_channel=version is None)
+            if settled is not None:
+                return settled
+            fetched = self._fetch(model, target)
+            with self.store.lock():
+                settled = self._settled(model, target, allow_older, override, from_channel=version is None)
+                return settled if settled is not None else self._install(model, target, fetched)
         except RefusalError as exc:
             if exc.hold and target is not None:
                 with self.store.lock():
@@ -291,9 +315,10 @@ class RegistryClient:
             self.emit(Event("model.error", {"model": model, "version": target, "reason": reason}))
             return PullResult(model, "failed", target, reason=reason)
 
-    def _pull(
-        self, model: str, version: str, allow_older: bool, override_hold: bool, from_channel: bool = False
-    ) -> PullResult:
+    def _settled(
+        self, model: str, version: str, allow_older: bool, override_hold: bool, from_channel: bool
+    ) -> PullResult | None:
+        """The answer when nothing is to be fetched (current, held), RefusalError for an older version."""
         active = self.store.active(model)
         if active is not None and active.version == version:
             return PullResult(model, "current", version, active.variant.id, provider=active.provider)
@@ -314,45 +339,94 @@ class RegistryClient:
                 f"version {version} is older than the active {active.version}; "
                 "an older version is only installed on a rollback order"
             )
-        manifest = self.manifest(model, version)
-        variant = self.choose_variant(manifest)
-        fields = {"model": model, "version": version, "variant": variant.id}
-        previous = active.version if active else None
+        return None
 
+    def _fetch(self, model: str, version: str) -> Fetched:
+        """The signed manifest, the variant for this device and its blobs downloaded (none when the store
+        holds the version intact already). Runs without the store's lock: only partial files change."""
+        manifest = self.manifest(model, version)
+        preference = self.preferred(manifest)
+        variant = preference.variant
+        self._preference[(model, version)] = preference.reason
         if version in self.store.versions(model):
             entry = self.store.installed(model, version)
             if entry.digest == variant.blob.digest and file_digest(entry.path) == entry.digest:
-                self.store.activate(model, version)
-                self.emit(Event("model.activated", {**fields, "provider": entry.provider, "previous": previous}))
-                return PullResult(model, "activated", version, variant.id, provider=entry.provider, previous=previous)
-
-        tests = manifest.tests_for(variant.id)
-        blobs = [variant.blob] + [b for t in tests for b in (t.inputs, t.expected)]
-        blobs += [manifest.labels] if manifest.labels else []
+                return Fetched(manifest, variant, None, {})
+        library = customops.choose(variant, self.caps, self._profile_libraries()).library
+        blobs = blobs_of(manifest, variant, library)
         need = sum(b.size for b in blobs) - sum(self._partial_size(b) for b in blobs)
         free = self.store.free_bytes()
         if need + DISK_MARGIN > free:
             raise FetchError(f"not enough disk for {model} {version}: needs {need + DISK_MARGIN} bytes, {free} free")
 
+        fields = {"model": model, "version": version, "variant": variant.id}
         self.emit(
             Event(
                 "model.downloading",
-                {**fields, "bytes": variant.blob.size, "resume_from": self._partial_size(variant.blob)},
+                {
+                    **fields,
+                    "bytes": variant.blob.size,
+                    "resume_from": self._partial_size(variant.blob),
+                    "preference": self._preference.get((model, version)),
+                },
             )
         )
         model_part = self._download(variant.blob, f"{model} {version} variant {variant.id}", self.progress)
-        extra = {b.digest: self._download(b, f"{model} {version} test data {b.digest[7:19]}") for b in blobs[1:]}
+        # A custom-op library comes through the same bounded, digest-checked fetch as the model: bytes that
+        # differ from what the manifest signed are refused here, never placed where a session would load them.
+        extra = {
+            b.digest: self._download(
+                b,
+                f"{model} {version} custom-op library for {library.platform}"
+                if library is not None and b is library.blob
+                else f"{model} {version} test data {b.digest[7:19]}",
+            )
+            for b in blobs[1:]
+        }
+        return Fetched(manifest, variant, model_part, extra)
 
-        self.emit(Event("model.verifying", fields))
+    def _install(self, model: str, version: str, fetched: Fetched) -> PullResult:
+        """Verify, test, commit and activate what `_fetch` brought (under the store's lock)."""
+        manifest, variant, model_part, extra = fetched
+        active = self.store.active(model)
+        previous = active.version if active else None
+        fields = {
+            "model": model,
+            "version": version,
+            "variant": variant.id,
+            "preference": self._preference.pop((model, version), None),
+        }
+        if model_part is None:
+            entry = self.store.activate(model, version)
+            self.emit(Event("model.activated", {**fields, "provider": entry.provider, "previous": previous}))
+            return PullResult(model, "activated", version, variant.id, provider=entry.provider, previous=previous)
+        tests = manifest.tests_for(variant.id)
+        library = customops.choose(variant, self.caps, self._profile_libraries()).library
+        blobs = blobs_of(manifest, variant, library)
+        self.emit(Event("model.verifying", {k: v for k, v in fields.items() if k != "preference"}))
         name = f"model.{variant.format}"
         stage = self.store.stage(model)
         try:
             if variant.format == "onnx":
-                self._check_header(model_part, variant)
+                check_header(model_part, variant)
             os.replace(model_part, stage / name)
+            if library is not None:  # beside the model, named in its sidecar: session building registers it
+                placed = customops.installed(library, stage)
+                placed.path.parent.mkdir()
+                os.replace(extra.pop(library.blob.digest), placed.path)
+                write_sidecar(stage / name, [placed])
             for digest, path in extra.items():
                 os.replace(path, stage / digest[7:])
-            provider = self._run_tests(stage / name, stage, tests, variant)
+            provider = run_vectors(
+                self._open_session,
+                self._runtime,
+                self.store.root.parent,
+                self.emit,
+                stage / name,
+                stage,
+                tests,
+                variant,
+            )
         except BaseException:
             # Refused (or killed): nothing of this version stays, not even its partial download.
             shutil.rmtree(stage, ignore_errors=True)
@@ -394,48 +468,3 @@ class RegistryClient:
     def _partial_size(self, blob: Blob) -> int:
         part = self.store.root / ".partial" / blob.hex
         return min(part.stat().st_size, blob.size) if part.exists() else 0
-
-    def _check_header(self, path: Path, variant: Variant) -> None:
-        try:
-            header = compat.read_header(path)
-        except compat.ModelFormatError as exc:
-            raise RefusalError(f"variant {variant.id} is not a readable ONNX file: {exc}") from None
-        declared = {compat.normalize_domain(d): v for d, v in variant.opsets.items()}
-        if header.ir_version != variant.ir_version or header.opsets != declared:
-            raise RefusalError(
-                f"variant {variant.id}: the file says IR {header.ir_version} opsets {header.opsets}; "
-                f"the signed manifest says IR {variant.ir_version} opsets {declared}"
-            )
-
-    def _run_tests(self, model_path: Path, stage: Path, tests: tuple[TestVector, ...], variant: Variant) -> str:
-        from agent.config.profile import RuntimeConfig
-
-        if self._open_session is not None:
-            opener = self._open_session
-        else:
-            from agent.device.session import open_session
-
-            opener = open_session
-        runtime = self._runtime or RuntimeConfig()
-        try:
-            opened = opener(model_path, runtime, self.store.root.parent, self.emit)
-        except Exception as exc:  # noqa: BLE001 (onnxruntime's errors derive from Exception only)
-            reason = f"variant {variant.id} does not load here: {str(exc).splitlines()[0][:300]}"
-            raise RefusalError(reason, hold=True) from None
-        for test in tests:
-            try:
-                feeds = decode(stage / test.inputs.hex)
-                expected = decode(stage / test.expected.hex)
-            except VectorError as exc:  # signed and verified, yet unreadable: the publisher's fault, not ours
-                raise RefusalError(f"test vector {test.name}: {exc}") from None
-            names = list(expected)
-            try:
-                got = opened.session.run(names, feeds)
-            except Exception as exc:  # noqa: BLE001 (as above: a failed run is onnxruntime's plain Exception)
-                reason = f"test vector {test.name} does not run on {opened.provider}: {str(exc).splitlines()[0][:300]}"
-                raise RefusalError(reason, hold=True) from None
-            for name, actual in zip(names, got, strict=True):
-                why = mismatch(name, actual, expected[name], rtol=test.rtol, atol=test.atol)
-                if why is not None:
-                    raise RefusalError(f"test vector {test.name} failed on {opened.provider}: {why}", hold=True)
-        return opened.provider

@@ -33,6 +33,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from agent.util import jsonlimits
+
 MAX_SIG_BYTES = 16 * 1024  # room for a threshold of root signatures; anything larger is not a signature file
 
 # Every signed kind, in one place: a signature binds one of these.
@@ -176,8 +178,8 @@ def _entries(signature: bytes, what: str, payload_type: PayloadType) -> list[dic
     if len(signature) > MAX_SIG_BYTES:
         raise SignatureError(f"signature of {what} is {len(signature)} bytes; not a signature file")
     try:
-        doc = json.loads(signature)
-    except (ValueError, UnicodeDecodeError):
+        doc = jsonlimits.loads(signature, max_bytes=MAX_SIG_BYTES)
+    except ValueError:
         raise SignatureError(f"signature of {what} is malformed") from None
     if isinstance(doc, dict) and "signatures" not in doc and {"alg", "key", "sig"} <= doc.keys():
         raise SignatureError(

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypedDict
 
+from agent.device import customops
 from agent.models.manifest import Manifest, ManifestError, Variant, file_digest, parse_manifest, version_key
 from agent.util.files import fsync_path, write_atomic
 from agent.util.timefmt import utc_iso
@@ -195,7 +196,8 @@ class Store:
         return entry.path, entry.version
 
     def check(self, model: str, deep: bool = True) -> list[str]:
-        """Problems with a model's store (empty when consistent); deep re-hashes the active file."""
+        """Problems with a model's store (empty when consistent); deep re-hashes the active file and the
+        custom-op libraries installed with it."""
         problems = []
         try:
             pointer = self.pointer(model)
@@ -218,6 +220,7 @@ class Store:
                 )
             elif deep and role == "active" and file_digest(entry.path) != entry.digest:
                 problems.append(f"{role}: {entry.path} does not match its digest {entry.digest}")
+            problems += [f"{role}: {why}" for why in customops.damage(entry.path, deep and role == "active")]
         return problems
 
     # --- writing ----------------------------------------------------------------------------

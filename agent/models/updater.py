@@ -28,14 +28,13 @@ from agent.models.crashguard import CrashGuard
 from agent.models.fetch import FetchError, RefusalError
 from agent.models.orders import OrderBook
 from agent.models.probation import Probation
-from agent.models.store import Store, StoreError
+from agent.models.store import StoreError
 from agent.service.reporter import reporter_for
 from agent.transport.contract.events import RollbackCause
-from agent.transport.events import Event, EventSink
+from agent.transport.events import Event
 from agent.util.worker import Worker
 
 if TYPE_CHECKING:  # the daemon builds the updater and hands itself over: a runtime import would be a cycle
-    from agent.config.profile import Profile
     from agent.inference.pipeline import Pipeline
     from agent.service.daemon import Daemon
     from agent.transport.subscriptions import Incoming
@@ -56,49 +55,6 @@ class UpdateSummary(TypedDict):
     status: Literal["activated", "current", "held", "refused", "failed", "active", "rolled-back"]
     version: str | None
     reason: str | None
-
-
-def skip_crashing_versions(store: Store, profile: Profile, emit: EventSink) -> None:
-    """At start, before any model loads: a version that killed the last starts is rolled back; a version
-    whose load was never confirmed counts this start as one more attempt."""
-    guard = CrashGuard(profile.device.state_dir)
-    for model in sorted({c.model for c in profile.registry_pipelines}):
-        active = store.active(model)
-        if active is None:
-            continue
-        reason = guard.should_skip(model, active.version)
-        if reason:
-            try:
-                restored = store.rollback(model, reason=reason)
-            except (StoreError, OSError) as exc:  # nothing older on disk: serve it and say so
-                emit(
-                    Event(
-                        "model.rollback_failed",
-                        {
-                            "model": model,
-                            "version": active.version,
-                            "reason": f"{reason}; {exc}",
-                            "cause": "crash_guard",
-                        },
-                    )
-                )
-                continue
-            emit(
-                Event(
-                    "model.rolled_back",
-                    {
-                        "model": model,
-                        "version": active.version,
-                        "to": restored.version,
-                        "reason": reason,
-                        "cause": "crash_guard",
-                    },
-                )
-            )
-            continue
-        pending = guard.pending(model)
-        if pending is not None and pending.version == active.version:
-            guard.begin(model, active.version, previous=pending.previous)
 
 
 class Updater:
@@ -122,7 +78,11 @@ class Updater:
         # Deploy topic -> its latest payload not carried out yet (the registry was unreachable, or a newer
         # order was followed): tried again at each poll and on a withdrawal, checked again each time.
         self._pending: dict[str, bytes] = {}
+        # `_lock` orders the pulls (polls, orders, `update`): held across the network. `_swap_lock` guards
+        # what a rollback changes (the active version, the pipelines, probation) and is never held across
+        # the network, so that an operator's rollback is answered while a pull is stuck (issue 17, item 1).
         self._lock = threading.RLock()
+        self._swap_lock = threading.RLock()
         self._wake = threading.Event()
         self._worker = Worker("updater", self._run, join_timeout=JOIN_TIMEOUT, wake=self._wake.set)
         self.reporter = reporter_for(self)  # signed reports on deployment orders (with a broker only)
@@ -241,6 +201,10 @@ class Updater:
 
     def swap_pipelines(self, model: str, previous: str | None, order: str | None = None) -> None:
         """Swap every pipeline serving `model` to the store's active version; roll back if one fails."""
+        with self._swap_lock:
+            self._swap(model, previous, order)
+
+    def _swap(self, model: str, previous: str | None, order: str | None) -> None:
         from agent.inference.runtime import ModelError
 
         active = self.store.active(model)
@@ -280,9 +244,16 @@ class Updater:
         self, model: str, bad: str, reason: str, cause: RollbackCause, order: str | None = None, to: str | None = None
     ) -> None:
         """Back from `bad` to `to` (or the version before it), which the store then holds with `reason`."""
+        with self._swap_lock:
+            self._roll_back_now(model, bad, reason, cause, order, to)
+
+    def _roll_back_now(
+        self, model: str, bad: str, reason: str, cause: RollbackCause, order: str | None, to: str | None
+    ) -> None:
         self._probation.pop(model, None)
         try:
-            restored = self.store.rollback(model, to, reason=reason)
+            with self.store.lock():  # held briefly by a pull: only to decide and to install
+                restored = self.store.rollback(model, to, reason=reason)
         except (StoreError, OSError) as exc:
             if cause == "command":  # the operator's request: an error reply, not an event
                 raise ValueError(str(exc)) from None
@@ -319,9 +290,12 @@ class Updater:
 
     def rollback(self, model: str, version: str | None = None) -> dict[str, str | None]:
         """The operator's rollback (command): to `version`, or one step back in the model's history; the
-        version left is held. ValueError (one line) when there is nowhere to go."""
-        with self._lock:
-            current = self.store.active(model)
+        version left is held. ValueError (one line) when there is nowhere to go. Never waits for a pull."""
+        with self._swap_lock:
+            try:
+                current = self.store.active(model)
+            except StoreError as exc:  # a damaged pointer or version: the operator's answer, not a crash
+                raise ValueError(str(exc)) from None
             if current is None:
                 raise ValueError(f"model {model!r} has no active version")
             reason = "rolled back by the rollback command" + (f" (to {version})" if version else "")

@@ -1,20 +1,21 @@
 """The daemon: builds the parts in order, runs until told to stop, stops them in reverse.
 
-Order: profile (given) -> sink (outbox + MQTT, or stdout) -> store and registry -> models -> pipelines
-(each starts as soon as its model is loaded) -> probe -> health -> commands -> updates -> status page ->
-systemd READY: nothing that the first result need not wait for runs before the pipelines. Stop: pipelines finish the frame in hand,
+Order: profile (given) -> sink (outbox + MQTT with the commands subscribed, or stdout) -> store and registry -> models -> pipelines
+(each starts as soon as its model is loaded) -> probe -> health -> commands -> updates -> endpoint ->
+status page -> systemd READY: nothing that the first result need not wait for runs before the pipelines. Stop: pipelines finish the frame in hand,
 the outbox is flushed to the broker for a bounded time, `offline` is published, then everything closes.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from agent import __version__
 from agent.config.errors import ProfileError
@@ -22,17 +23,22 @@ from agent.config.profile import PipelineConfig, Profile, load_profile
 from agent.inference.loader import open_pipelines
 from agent.inference.pipeline import Pipeline
 from agent.service import notify
+from agent.service.serving import models_health
 from agent.transport.events import Event, Sink, log_event
 from agent.transport.sinks.stdout import StdoutSink
+from agent.util import redact
 from agent.util.timeline import START
 
 if TYPE_CHECKING:
     # The parts a profile may not use (a broker, a registry, the status page) are imported where they are
     # built: a start pays nothing for what it does not run, and nothing before its first result (issue 15).
     from agent.device.hardware import Probe
+    from agent.inference.runtime import Model
     from agent.models.registry import RegistryClient
     from agent.models.store import Store
     from agent.models.updater import Updater
+    from agent.service.commands.dispatch import CommandDispatcher
+    from agent.service.endpoint.server import InferenceEndpoint
     from agent.service.health import HealthReporter
     from agent.service.homeassistant import HomeAssistantDiscovery
     from agent.service.statuspage import Frame, StatusSnapshot
@@ -65,7 +71,19 @@ class Parts:
     health: HealthReporter | None = None
     updater: Updater | None = None
     discovery: HomeAssistantDiscovery | None = None
+    endpoint: InferenceEndpoint | None = None
+    commands: CommandDispatcher | None = None
     pipelines: dict[str, Pipeline] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Reloaded:
+    """What a reload did: `scope` "nothing" (the file is unchanged), "pipelines" (those in `changed`
+    restarted) or "agent" (sections in `changed` differ: every part restarts); `pipelines` run after it."""
+
+    scope: Literal["nothing", "pipelines", "agent"]
+    changed: list[str]
+    pipelines: list[str]
 
 
 class Daemon:
@@ -73,12 +91,18 @@ class Daemon:
         self.profile = profile
         self.profile_path = profile_path
         self.parts: Parts | None = None
+        # A restart a command asked for: done by the thread in `run`, never by the command thread, which
+        # the restart stops (issue 17, item 7).
+        self._restart_with: Profile | None = None
         self.started_at = time.time()
         self.watchdog = notify.Watchdog()
 
     # -- events --------------------------------------------------------------------------------
 
     def emit(self, event: Event) -> None:
+        masked = redact.doc(event.fields)
+        if masked != event.fields:  # a camera URL's password in source.lost, say
+            event = Event(event.type, masked, event.ts)
         log_event(event)
         if self.parts is not None and self.parts.sink is not None:
             try:
@@ -97,6 +121,7 @@ class Daemon:
         state_dir = Path(profile.device.state_dir)
         state_dir.mkdir(parents=True, exist_ok=True)
         parts = self.parts = self._open_transport(state_dir)
+        self._listen_for_commands(parts)
         START.mark("results sink open")
         self._open_registry(parts)
         self._bring_models(parts)
@@ -113,6 +138,7 @@ class Daemon:
         self._start_commands(parts)
         self._start_homeassistant(parts)
         self._start_updates(parts)
+        self._start_endpoint(parts)
         self._start_status_page(parts)
         self.watchdog.register("pipelines", self._pipelines_alive)
         connection = parts.connection
@@ -154,6 +180,9 @@ class Daemon:
                 if reload.is_set():
                     reload.clear()
                     self.reload()
+                restart, self._restart_with = self._restart_with, None
+                if restart is not None:
+                    self._restart(restart)
                 if self._stdout_run_over():
                     break
                 notify.status(self.watchdog_problem() or self.status_line())
@@ -173,33 +202,47 @@ class Daemon:
             return True
         return bool(parts.pipelines) and all(p.finished for p in parts.pipelines.values())
 
-    def reload(self) -> bool:
-        """Re-read the profile; an invalid one is an event and the running one stays."""
+    def reload(self, defer_restart: bool = False) -> Reloaded | None:
+        """Re-read the profile; an invalid one is an event (None) and the running one stays.
+        `defer_restart`: a change outside `pipelines` restarts the agent from `run`'s thread, after
+        this returns (a command's thread must reply, and the restart stops it)."""
         if self.profile_path is None:
-            return False
+            return None
         try:
             new = load_profile(self.profile_path, files="service")
         except ProfileError as exc:
             first = exc.issues[0]
             self.emit(Event("profile.invalid", {"reason": str(first), "errors": len(exc.issues)}))
-            return False
+            return None
         notify.reloading("reloading the profile")
         if new == self.profile:
             notify.ready(self.status_line())
-            return True
-        same_base = new.model_dump(exclude={"pipelines"}) == self.profile.model_dump(exclude={"pipelines"})
-        if same_base and self.parts is not None:
-            self._restart_changed_pipelines(new)
-            if self.parts.discovery is not None:
-                self.parts.discovery.publish(new.pipelines)  # a pipeline gone takes its entities with it
-        else:
-            self.stop()
-            self.profile = new
-            self.start()
+            return Reloaded("nothing", [], sorted(self.parts.pipelines) if self.parts else [])
+        old, fresh = self.profile.model_dump(exclude={"pipelines"}), new.model_dump(exclude={"pipelines"})
+        sections = sorted(k for k in fresh if fresh[k] != old.get(k))
+        if sections or self.parts is None:
+            running = sorted(p.name for p in new.pipelines if p.enabled)
+            if defer_restart:
+                self._restart_with = new
+            else:
+                self._restart(new)
+            return Reloaded("agent", sections, running)
+        changed = self._restart_changed_pipelines(new)
+        if self.parts.discovery is not None:
+            self.parts.discovery.publish(new.pipelines)  # a pipeline gone takes its entities with it
+        self._reloaded()
+        return Reloaded("pipelines", changed, sorted(self.parts.pipelines))
+
+    def _restart(self, new: Profile) -> None:
+        """Every part stopped and started again under `new` (a change outside `pipelines`)."""
+        self.stop()
         self.profile = new
+        self.start()
+        self._reloaded()
+
+    def _reloaded(self) -> None:
         self.emit(Event("profile.reloaded", {"pipelines": sorted(self.parts.pipelines) if self.parts else []}))
         notify.ready(self.status_line())
-        return True
 
     # -- parts -----------------------------------------------------------------------------------
 
@@ -246,7 +289,7 @@ class Daemon:
         """Registry models with nothing active yet are pulled before their pipelines start."""
         if parts.registry is None:
             return
-        from agent.models.updater import skip_crashing_versions
+        from agent.models.startguard import skip_crashing_versions
 
         store = parts.registry.store
         for config in self.profile.registry_pipelines:
@@ -262,7 +305,15 @@ class Daemon:
             return
         subset = self.profile.model_copy(update={"pipelines": configs})
         resolve = parts.store.resolve if parts.store is not None else None
-        for pipeline in open_pipelines(subset, parts.sink, emit=self.emit, resolve=resolve, mqtt=parts.connection):
+        trial = None
+        if parts.registry is not None:
+            from agent.models.startguard import versions_on_trial
+
+            trial = versions_on_trial(self.profile)
+        pipelines = open_pipelines(
+            subset, parts.sink, emit=self.emit, resolve=resolve, mqtt=parts.connection, on_trial=trial
+        )
+        for pipeline in pipelines:
             parts.pipelines[pipeline.name] = pipeline.start()
         if not any(name == "pipelines" for name, _ in parts.closers):
             parts.closers.append(("pipelines", self.stop_pipelines))
@@ -277,7 +328,8 @@ class Daemon:
             if pipeline is not None:
                 pipeline.stop()
 
-    def _restart_changed_pipelines(self, new: Profile) -> None:
+    def _restart_changed_pipelines(self, new: Profile) -> list[str]:
+        """The pipelines that differ stopped and started under `new`; returns their names (new ones too)."""
         parts = self.parts
         assert parts is not None
         old = {p.name: p for p in self.profile.pipelines}
@@ -286,6 +338,7 @@ class Daemon:
         self.stop_pipelines([n for n in changed if n in parts.pipelines])
         self.profile = new
         self.start_pipelines(tuple(p for n, p in fresh.items() if n not in parts.pipelines))
+        return sorted(set(changed) | (set(fresh) - set(old)))
 
     def _start_health(self, parts: Parts, found: Probe) -> None:
         connection, outbox = parts.connection, parts.outbox
@@ -301,7 +354,8 @@ class Daemon:
             agent_version=__version__,
         )
         health.add_source("group", lambda: self.profile.device.group)
-        health.add_source("pipelines", lambda: {n: p.stats() for n, p in list(parts.pipelines.items())})
+        # A pipeline's stats name its source (a camera URL): masked like everything else that leaves
+        health.add_source("pipelines", lambda: redact.doc({n: p.stats() for n, p in list(parts.pipelines.items())}))
         health.add_source("models", self._models_health)
         health.add_source("outbox", lambda: outbox.stats().as_dict())
         health.add_source("connection", connection.health)
@@ -309,15 +363,24 @@ class Daemon:
         parts.health = health.start()
         parts.closers.append(("health", health.stop))
 
-    def _start_commands(self, parts: Parts) -> None:
+    def _listen_for_commands(self, parts: Parts) -> None:
+        """Subscribe to the commands with the connection, before anything else starts: a command sent as
+        soon as the first result shows waits in the dispatcher's queue instead of being lost while the
+        pipelines start (the handlers answer once `_start_commands` has run)."""
         if parts.connection is None:
             return
         from agent.service.commands.dispatch import CommandDispatcher
+
+        parts.commands = CommandDispatcher(self.profile.device.id, events=self.emit).attach(parts.connection)
+
+    def _start_commands(self, parts: Parts) -> None:
+        dispatcher = parts.commands
+        if dispatcher is None:
+            return
         from agent.service.commands.handlers import register_commands
 
-        dispatcher = CommandDispatcher(self.profile.device.id, events=self.emit)
         register_commands(dispatcher, self)
-        dispatcher.attach(parts.connection).start()
+        dispatcher.start()
         parts.closers.append(("commands", dispatcher.stop))
 
     def _start_homeassistant(self, parts: Parts) -> None:
@@ -350,8 +413,9 @@ class Daemon:
                 uptime_s=round(time.time() - self.started_at, 1),
                 connection=ConnectionStatus.from_health(connection.health()) if connection is not None else None,
                 outbox=outbox.stats() if outbox is not None else None,
-                pipelines=tuple(p.stats() for p in pipelines),
+                pipelines=tuple(redact.doc(p.stats()) for p in pipelines),
                 latency={p.name: p.timings.histograms() for p in pipelines},
+                endpoint=parts.endpoint.stats.figures() if parts.endpoint is not None else None,
             )
 
         def frame(name: str) -> Frame | None:
@@ -362,30 +426,31 @@ class Daemon:
         server.start()
         parts.closers.append(("status page", server.stop))
 
+    def _start_endpoint(self, parts: Parts) -> None:
+        """The KServe v2 endpoint: it serves each model in the session its pipelines run, as of each request."""
+        if not self.profile.endpoint.enabled:
+            return
+        from agent.service.endpoint.server import EndpointError, InferenceEndpoint
+
+        def models() -> dict[str, Model]:
+            served: dict[str, Model] = {}
+            for pipeline in list(parts.pipelines.values()):
+                served.setdefault(pipeline.model.name, pipeline.model)
+            return served
+
+        def ready() -> str | None:
+            return self.watchdog_problem() or (None if parts.pipelines else "no pipeline is serving a model")
+
+        try:
+            endpoint = InferenceEndpoint(self.profile.endpoint, models=models, ready=ready, environ=os.environ)
+            parts.endpoint = endpoint.start()
+        except EndpointError as exc:
+            raise DaemonError(str(exc)) from None
+        parts.closers.append(("endpoint", endpoint.stop))
+
     def _models_health(self) -> dict[str, dict[str, object]]:
-        """Per model: the version really serving, its digest and the provider really running it, and the
-        versions the store holds back (refused or rolled back), each with its reason."""
         parts = self.parts
-        out: dict[str, dict[str, object]] = {}
-        if parts is None:
-            return out
-        serving: dict[str, list[str]] = {}
-        for pipeline in list(parts.pipelines.values()):
-            model = pipeline.model
-            if model.name not in out:
-                serving[model.name] = []
-                out[model.name] = {
-                    "version": model.version,
-                    "provider": model.provider,
-                    "pipelines": serving[model.name],
-                }
-            serving[model.name].append(pipeline.name)
-            if parts.store is not None and not pipeline.config.model_is_file:
-                active = parts.store.active(pipeline.config.model)
-                if active is not None:
-                    out[model.name]["digest"] = active.digest
-                out[model.name]["held"] = parts.store.held(pipeline.config.model)
-        return out
+        return models_health(list(parts.pipelines.values()), parts.store) if parts is not None else {}
 
     def watchdog_problem(self) -> str | None:
         problems = self.watchdog.problems()

@@ -6,6 +6,7 @@ import json
 import logging
 import sys
 
+from agent.util import redact
 from agent.util.timefmt import utc_iso
 
 
@@ -18,7 +19,7 @@ class _JsonFormatter(logging.Formatter):
             "msg": record.getMessage(),
         }
         if record.exc_info:
-            entry["exc"] = self.formatException(record.exc_info)
+            entry["exc"] = record.exc_text or self.formatException(record.exc_info)
         return json.dumps(entry)
 
 
@@ -29,6 +30,7 @@ def setup_logging(level: str = "warning", fmt: str = "text") -> None:
         handler.setFormatter(_JsonFormatter())
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(redact.LogFilter())  # secrets masked in every line (agent.util.redact)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

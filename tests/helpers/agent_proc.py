@@ -60,7 +60,7 @@ class InProcessAgent:
         self.outbox = open_outbox(state_dir, self.mqtt.outbox)
         self.pump = OutboxPump(self.conn, self.outbox).start()
         self.sink = OutboxSink(self.outbox, self.conn.topics).start()
-        self.commands = CommandDispatcher(device, events=self.sink.event).attach(self.conn)
+        self.commands = CommandDispatcher(device, events=self.sink.event).attach(self.conn).start()
         self.topics = self.conn.topics
         if start:
             self.conn.start()

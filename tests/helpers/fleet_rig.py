@@ -22,10 +22,14 @@ VERSIONS = ("1.0.0", "2.0.0", "3.0.0")
 class ControllerProcess:
     """`edge-agent fleet controller` in a subprocess, its log in a file."""
 
-    def __init__(self, tmp: Path, broker: Mosquitto, key: Path, inventory: Path, name: str = "c1") -> None:
+    def __init__(
+        self, tmp: Path, broker: Mosquitto, key: Path, inventory: Path, name: str = "c1", registry: str | None = None
+    ) -> None:
         self.tmp, self.db = tmp, tmp / "controller.db"
         self.argv = [sys.executable, "-m", "agent", "fleet", "controller", "--broker", broker.url, "--db", str(self.db),
                      "--key", str(key), "--inventory", str(inventory), "--lease", "3s", "--name", name]  # fmt: skip
+        if registry is not None:
+            self.argv += ["--registry", registry]  # the key is checked against its keys/root.json
         self.log = tmp / f"controller-{name}.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -117,8 +121,7 @@ def make_rig(tmp: Path, broker: Mosquitto, n: int = 8, regress: dict[str, tuple[
     devices = make_devices(n, group="g", model="m", version="1.0.0", seed="test", regress=regress or {})
     inventory = tmp / "inventory.yaml"
     write_inventory(inventory, devices)
-    keys = load_public_keys(registry.key.with_suffix(".pub"))
-    fleet = SimFleet(devices, broker.port, registry.url, keys).start()
+    fleet = SimFleet(devices, broker.port, registry.url, load_public_keys(registry.public_key)).start()
     assert wait_for(lambda: fleet.online() == n, 30)
-    controller = ControllerProcess(tmp, broker, registry.key, inventory)
+    controller = ControllerProcess(tmp, broker, registry.key, inventory, registry=registry.url)
     return Rig(tmp, broker, registry, fleet, inventory, controller)

@@ -41,11 +41,13 @@ from agent.transport.events import Event
 class FaultyServer(RegistryHTTPServer):
     """The real server, with faults a test queues by file name: `faults[name]` is ("status", code),
     answered once, or ("cut", n), n bytes of the body and then a dropped connection; `endless[name]`
-    serves that file over and over with no length."""
+    serves that file over and over with no length; `trickle[name]` sends its body one byte every that
+    many seconds (a server too slow to be of use, yet never silent long enough for a read timeout)."""
 
     def __init__(self, root: Path, throttle_bps: float | None = None) -> None:
         self.faults: dict[str, tuple[str, int]] = {}
         self.endless: dict[str, bool] = {}
+        self.trickle: dict[str, float] = {}
         super().__init__(root, throttle_bps=throttle_bps, handler=FaultyHandler)
 
 
@@ -55,6 +57,17 @@ class FaultyHandler(RegistryHandler):
     server: FaultyServer
 
     def send_body(self, path: Path, start: int, end: int) -> None:
+        every = self.server.trickle.get(path.name)
+        if every is not None:
+            data = path.read_bytes()[start : end + 1]
+            try:
+                for i in range(len(data)):
+                    self.wfile.write(data[i : i + 1])
+                    self.wfile.flush()
+                    time.sleep(every)
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+            return
         fault = self.server.faults.pop(path.name, None)
         if fault is None:
             return super().send_body(path, start, end)

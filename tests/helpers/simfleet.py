@@ -1,9 +1,12 @@
 """Simulated devices for the fleet bench and tests: real MQTT clients that speak the agent's protocol.
 
 Each device is its own paho client (its own connection, client id, Last Will and subscriptions), and
-does what an agent does around a deployment: it verifies the signed order with the registry's keys,
-fetches and verifies the signed manifest over HTTP, switches, and publishes its retained health and a
-report signed with its own identity key (through the agent's own contract and signing code). It runs
+does what an agent does around a deployment: it verifies the signed order with the key the registry's
+root names for orders (`agent.models.trust`: the pinned root key, then keys/root.json over HTTP, read
+once per process and shared by its devices), fetches the signed manifest and its signature over HTTP
+(every device: that is the registry's load; the check of the exact bytes served is done once per
+process, as its result cannot differ), switches, and publishes its retained health and a report signed with its own identity key (through the
+agent's own contract and signing code). It runs
 no model: its latency figures are made up, and a device can be told to regress on a version (p95 x3,
 or a fall back to the CPU provider) to test the rollout gates.
 
@@ -34,8 +37,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.models.deploy import DeployOrder, OrderError, applies_to, parse_order
-from agent.models.manifest import parse_manifest
-from agent.models.signing import MANIFEST, load_public_keys, verify
+from agent.models.manifest import Manifest, parse_manifest
+from agent.models.signing import MANIFEST, ORDER, load_public_keys, verify
+from agent.models.trust import Trust, TrustError
 from agent.service.identity import enrollment_entry, sign_report
 from agent.transport.contract.report import DeviceReport, Vitals
 from agent.transport.contract.status import StatusMessage
@@ -77,6 +81,7 @@ class SimDevice:
     previous_provider: str | None = None
     p95: float = 10.0
     running_provider: str = ""
+    ran: set[str] = field(default_factory=set)  # every version it ever ran
     handled: set[str] = field(default_factory=set)
     orders: dict[str, DeployOrder | None] = field(default_factory=dict)
     topics: Topics = field(init=False)
@@ -87,6 +92,7 @@ class SimDevice:
         self.topics = Topics("edge", self.id, self.group)
         self.running_provider = self.running_provider or self.provider
         self.p95 = self.base_p95
+        self.ran.add(self.version)
 
     def health(self) -> bytes:
         p95 = round(self.p95, 2)
@@ -121,10 +127,12 @@ class SimFleet:
         devices: list[SimDevice],
         broker_port: int,
         registry_url: str,
-        registry_keys: dict[str, Ed25519PublicKey],
+        pinned: dict[str, Ed25519PublicKey],
         on_note: Callable[[str], None] | None = None,
     ) -> None:
-        self.devices, self.port, self.keys = devices, broker_port, registry_keys
+        """`pinned`: the registry key(s) a device is installed with (`registry.public_key`: the root key of
+        a registry with signing roles)."""
+        self.devices, self.port = devices, broker_port
         url = urlsplit(registry_url)
         self.http_host, self.http_port, self.http_base = (
             url.hostname or "127.0.0.1",
@@ -132,6 +140,8 @@ class SimFleet:
             url.path.rstrip("/"),
         )
         self._http: http.client.HTTPConnection | None = None
+        self.trust = Trust(pinned, None)
+        self._manifests: dict[tuple[bytes, bytes], Manifest] = {}  # (bytes, signature) -> verified manifest
         self.sel = selectors.DefaultSelector()
         self.note = on_note or (lambda line: None)
         self.gets = 0
@@ -146,6 +156,7 @@ class SimFleet:
     # ---- the loop ----------------------------------------------------------------------------
 
     def start(self) -> SimFleet:
+        self.trust.refresh(self._doc)  # before any order: the keys of each role, as an agent's first poll
         self._thread = threading.Thread(target=self._run, name="simfleet", daemon=True)
         self._thread.start()
         return self
@@ -223,8 +234,8 @@ class SimFleet:
 
     def _on_message(self, client: paho.Client, dev: SimDevice, msg: paho.MQTTMessage) -> None:
         try:
-            order = parse_order(msg.payload, self.keys)
-        except OrderError as exc:
+            order = parse_order(msg.payload, self.trust.keyring(ORDER))
+        except (OrderError, TrustError) as exc:
             self.refused.append(f"{dev.id}: {exc}")
             return
         dev.orders[msg.topic] = order
@@ -268,6 +279,7 @@ class SimFleet:
         variant = manifest.variants[0]
         dev.previous, dev.previous_provider = dev.version, dev.running_provider
         dev.version = order.version
+        dev.ran.add(order.version)
         mode = dev.regress.get(order.version)
         dev.p95 = dev.base_p95 * (3.0 if mode == "p95" else 1.0)
         dev.running_provider = "CPUExecutionProvider" if mode == "cpu" else dev.provider
@@ -289,14 +301,22 @@ class SimFleet:
         )  # fmt: skip
         client.publish(dev.topics.report, sign_report(dev.key, report), 1, retain=True)
 
-    def _manifest(self, model: str, version: str) -> Any:
+    def _manifest(self, model: str, version: str) -> Manifest:
         """GET the manifest and its signature (every device asks: that is the registry's load), verify, parse."""
         base = f"{self.http_base}/models/{model}/{version}/manifest.json"
         data, sig = self._get(base), self._get(base + ".sig")
-        verify(self.keys, data, sig, f"manifest of {model} {version}", MANIFEST)
-        return parse_manifest(data)
+        assert data is not None and sig is not None  # a 404 raised
+        known = self._manifests.get((data, sig))
+        if known is None:
+            verify(self.trust.keyring(MANIFEST), data, sig, f"manifest of {model} {version}", MANIFEST)
+            known = self._manifests[(data, sig)] = parse_manifest(data)
+        return known
 
-    def _get(self, path: str) -> bytes:
+    def _doc(self, path: str) -> bytes | None:
+        """A registry document by its path from the root, or None for a 404 (`agent.models.trust.Getter`)."""
+        return self._get(f"{self.http_base}/{path}", missing_ok=True)
+
+    def _get(self, path: str, missing_ok: bool = False) -> bytes | None:
         for attempt in (1, 2):
             if self._http is None:
                 self._http = http.client.HTTPConnection(self.http_host, self.http_port, timeout=10)
@@ -311,6 +331,8 @@ class SimFleet:
                     raise
                 continue
             self.gets += 1
+            if response.status == 404 and missing_ok:
+                return None
             if response.status != 200:
                 raise OSError(f"GET {path}: HTTP {response.status}")
             return body
@@ -321,11 +343,14 @@ def make_devices(
     n: int, *, start: int = 0, group: str, model: str, version: str, seed: str, regress: dict[str, tuple[str, float]]
 ) -> list[SimDevice]:
     """Devices dev-00000.. spread over architectures and providers; `regress`: version -> (mode, fraction),
-    mode `p95` (x3), `cpu` (a fall back to CPUExecutionProvider) or `mixed`."""
+    mode `p95` (x3), `cpu` (a fall back to CPUExecutionProvider) or `mixed`. A device that runs on the CPU
+    already cannot fall back: it regresses on p95 instead, so that the share that regresses is `fraction`."""
     out = []
     for i in range(start, start + n):
         name = f"dev-{i:05d}"
         modes = {v: m for v, (mode, fraction) in regress.items() if (m := regression(name, mode, fraction))}
+        if PROVIDERS[i % 3] == "CPUExecutionProvider":
+            modes = dict.fromkeys(modes, "p95")
         out.append(
             SimDevice(
                 name,
@@ -347,12 +372,13 @@ def write_inventory(path: Path, devices: list[SimDevice]) -> None:
 
 
 def main() -> None:
-    """One process of simulated devices, for the bench: prints `online N` when all are connected, then
-    `gets N` and exits when stdin closes."""
+    """One process of simulated devices, for the bench: prints `online N` when all are connected, then, when
+    stdin closes, one JSON line (registry GETs, the devices per version they run now and per version they
+    ever ran) and exits."""
     p = argparse.ArgumentParser()
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--registry", required=True)
-    p.add_argument("--registry-key", type=Path, required=True)
+    p.add_argument("--registry-key", type=Path, required=True, help="the pinned key (a root key, or a single key)")
     p.add_argument("--start", type=int, default=0)
     p.add_argument("--count", type=int, required=True)
     p.add_argument("--group", default="g")
@@ -371,8 +397,14 @@ def main() -> None:
         time.sleep(0.1)
     print(f"online {len(devices)}", flush=True)
     sys.stdin.read()
-    print(f"gets {fleet.gets}", flush=True)
     fleet.stop()
+    now: dict[str, int] = {}
+    ever: dict[str, int] = {}
+    for dev in devices:
+        now[dev.version] = now.get(dev.version, 0) + 1
+        for version in dev.ran:
+            ever[version] = ever.get(version, 0) + 1
+    print(json.dumps({"gets": fleet.gets, "running": now, "ran": ever}), flush=True)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,9 @@ rollouts in the state file (new ones are planned, operators' requests applied, e
 `agent.cloud.fleet.rollout.Driver`). A report counts only when it verifies against the inventory of
 enrolled devices (`agent.cloud.fleet.reports`); one that does not, and a live report that answers an
 older order than the one the device was sent, are ignored and recorded as fleet events (the state
-file's `events`, shown by `fleet rollout status`, and the log).
+file's `events`, shown by `fleet rollout status`, and the log). With `registry` known, a rollout is
+planned only while the registry's keys document names the controller's key for orders
+(`agent.cloud.fleet.orderkey`): one that would write orders every device refuses is aborted unsent.
 
 Live messages are read at QoS 0 and can be dropped by a broker whose per-client queue is full; the
 reports are retained, so every `RESYNC` seconds the controller reads back the reports of the devices it
@@ -26,6 +28,7 @@ from agent.cloud.fleet.client import BrokerClient, BrokerSettings, FleetError
 from agent.cloud.fleet.enrollment import EnrollmentError, load_enrollment
 from agent.cloud.fleet.inventory import BATCH, Inventory, SignedReport
 from agent.cloud.fleet.lease import Leases, owner_id
+from agent.cloud.fleet.orderkey import check_order_key
 from agent.cloud.fleet.reports import ReportChecker
 from agent.cloud.fleet.rollout import Driver
 from agent.cloud.fleet.state import ACTIVE_STATES, StateDB
@@ -48,8 +51,10 @@ class Controller:
         prefix: str = "edge",
         name: str = "controller",
         lease_ttl: float = 15.0,
+        registry: str | None = None,
     ) -> None:
         self.settings, self.key, self.enrollment_path, self.prefix = settings, key, enrollment, prefix
+        self.registry = registry
         self.db = StateDB(db_path)
         self.owner = owner_id(name)
         self.lease_ttl = lease_ttl
@@ -134,10 +139,28 @@ class Controller:
                     with self.db.tx() as db:
                         self.db.update_rollout(db, rollout.id, state="aborted", reason="aborted before it started")
                     driver.r.state = "aborted"
+                elif (refused := self._key_refused()) is not None:
+                    with self.db.tx() as db:
+                        self.db.update_rollout(db, rollout.id, state="aborted", reason=refused)
+                    driver.r.state = "aborted"
+                    log.error("rollout %s not started: %s", rollout.id, refused)
                 else:
                     driver.plan(self._members(inventory, driver))
         for rid in [rid for rid, d in self.drivers.items() if d.r.state not in ACTIVE_STATES]:
             del self.drivers[rid]
+
+    def _key_refused(self) -> str | None:
+        """Why the registry's keys document no longer names this controller's key for orders (None: it does,
+        or the registry is unknown or unreachable, which is logged)."""
+        if not self.registry:
+            return None
+        try:
+            warning = check_order_key(self.registry, self.key)
+        except FleetError as exc:
+            return str(exc)
+        if warning is not None:
+            log.warning("%s", warning)
+        return None
 
     def _members(self, inventory: Inventory, driver: Driver) -> dict[str, tuple[str, str | None]]:
         spec = driver.spec
@@ -166,19 +189,19 @@ class Controller:
     # ---- reports --------------------------------------------------------------------------------------
 
     def _report(self, device: str, signed: SignedReport, live: bool) -> None:
+        waiting = [(driver, ids) for driver in self.drivers.values() if (ids := driver.expects(device))]
+        if not waiting:
+            return  # no rollout was sent to this device: nothing counts the report (its signature is not checked)
         rejected = self.checker.check(device, signed)
         if rejected is not None:
             self._reject(device, signed, rejected.type, rejected.reason)
             return
         report = signed.report
-        targeted = False
-        for driver in self.drivers.values():
-            expected = driver.expects(device)
-            targeted = targeted or bool(expected)
+        for driver, expected in waiting:
             if report.order in expected:
                 driver.on_report(report)
                 return
-        if live and targeted:
+        if live:
             self._reject(
                 device,
                 signed,

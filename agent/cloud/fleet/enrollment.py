@@ -22,9 +22,9 @@ from pathlib import Path
 import yaml
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from agent.models.manifest import NAME_PATTERN
 from agent.models.signing import key_id
 from agent.service.identity import parse_public_text
+from agent.util.names import NAME_PATTERN
 
 _NAME = re.compile(NAME_PATTERN)
 _SafeLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # the C loader reads 10,000 entries in a blink
@@ -57,7 +57,7 @@ def load_enrollment(path: Path) -> dict[str, Enrolled]:
         raise EnrollmentError(f"{path}: expected a mapping `devices: {{ID: {{key: ed25519:..., group: NAME}}}}`")
     out: dict[str, Enrolled] = {}
     for device, entry in devices.items():
-        if not isinstance(device, str) or not _NAME.match(device):
+        if not isinstance(device, str) or not _NAME.fullmatch(device):
             raise EnrollmentError(f"{path}: device {device!r} is not a device id")
         if not isinstance(entry, dict) or "key" not in entry or set(entry) - {"key", "group"}:
             raise EnrollmentError(f"{path}: devices.{device}: expected {{key: ed25519:..., group: NAME}}")

@@ -2,7 +2,8 @@
 
 A device passes when its report says the version is active and its vitals, once it ran
 `min_inferences` on it, stay within the spec's limits against the same device's previous version: the
-inference p95 ratio, no fall back to a lesser provider, the error and NaN rates, the drop rate. It fails
+inference p95 ratio (once the version is also `min_p95_increase_ms` slower: on a tiny model a 0.2 ms
+p95 that doubles is scheduling jitter, not a regression), no fall back to a lesser provider, the error and NaN rates, the drop rate. It fails
 when it refused the version, rolled it back (its own probation, its crash guard), or its vitals break a
 limit; until then it is waited for, up to the per-device timeout. A device that passed may still fail
 later (a rollback during the soak): the latest report decides.
@@ -45,7 +46,7 @@ def judge(report: DeviceReport, spec: RolloutSpec) -> tuple[Verdict, str]:
         return "fail", f"drop rate {vitals.drops / frames:.1%} is above {spec.max_drop_rate:.1%}"
     if vitals.p95_ms and vitals.baseline_p95_ms:
         ratio = vitals.p95_ms / vitals.baseline_p95_ms
-        if ratio > spec.max_p95_ratio:
+        if ratio > spec.max_p95_ratio and vitals.p95_ms - vitals.baseline_p95_ms >= spec.min_p95_increase_ms:
             return "fail", (
                 f"inference p95 {vitals.p95_ms:.1f} ms is {ratio:.1f}x the previous version's "
                 f"{vitals.baseline_p95_ms:.1f} ms (allowed {spec.max_p95_ratio}x)"

@@ -36,7 +36,8 @@ class RolloutSpec:
     abort_percent: float = 5.0  # abort when more than this share of the devices reached failed...
     abort_min: int = 1  # ...once at least this many were reached
     abort_count: int | None = None  # or when this many failed, whatever the share
-    max_p95_ratio: float = 1.5  # inference p95 against the same device's previous version
+    max_p95_ratio: float = 1.5  # inference p95 against the same device's previous version...
+    min_p95_increase_ms: float = 1.0  # ...and at least this much slower: sub-ms jitter is no regression
     allow_fallback: bool = False  # a provider that ranks below the previous version's on the device fails
     max_error_rate: float = 0.01  # failed inferences, and NaN outputs, per inference
     max_drop_rate: float = 0.05  # dropped frames per frame
@@ -64,6 +65,8 @@ def check_spec(spec: RolloutSpec) -> None:
         raise ValueError("--abort-percent: expected 0 to 100")
     if spec.max_p95_ratio <= 1:
         raise ValueError("--max-p95-ratio: expected a ratio above 1")
+    if not 0 <= spec.min_p95_increase_ms < 1e6:
+        raise ValueError("--min-p95-increase: expected milliseconds, 0 or more")
     if spec.device_timeout_s <= 0 or spec.soak_s < 0:
         raise ValueError("--device-timeout must be > 0 and --soak >= 0")
 

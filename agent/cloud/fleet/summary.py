@@ -15,6 +15,7 @@ own inference p95, the devices whose report says the provider fell back, and the
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Iterable
 from typing import TypedDict
@@ -57,7 +58,7 @@ def percentile(values: list[float], q: float) -> float | None:
     if not values:
         return None
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q * len(ordered) + 0.5) - 1))]
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
 
 
 def _pipelines(dev: Device, model: str) -> list[PipelineHealth]:
@@ -91,7 +92,7 @@ def group_table(devices: Iterable[Device], group_orders: dict[tuple[str, str], s
             members[(dev.group or "?", model)].append(dev)
     rows: list[GroupModel] = []
     for (group, model), devs in sorted(members.items()):
-        latest = group_orders.get((group, model)) or max((dev.models()[model].version for dev in devs), key=version_key)
+        latest = group_orders.get((group, model)) or max({dev.models()[model].version for dev in devs}, key=version_key)
         counts = dict.fromkeys(COLUMNS, 0)
         for dev in devs:
             counts[column(dev, model, latest)] += 1

@@ -7,6 +7,7 @@ implementation; importing numpy and OpenCV eagerly would add ~170 ms to each pro
 from __future__ import annotations
 
 import importlib
+import threading
 from collections.abc import Callable
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
@@ -26,7 +27,7 @@ class LazyModule:
         return getattr(module, attr)
 
 
-__all__ = ["LazyModule", "cv2", "np"]
+__all__ = ["LazyModule", "cv2", "np", "preload_opencv"]
 
 if TYPE_CHECKING:  # the type checker sees the modules themselves
     import cv2
@@ -41,3 +42,14 @@ else:
 
     np = LazyModule("numpy")
     cv2 = LazyModule("cv2", _one_thread)
+
+
+def preload_opencv() -> None:
+    """Import OpenCV now on a short-lived thread of its own: an image pipeline needs it for its first
+    frame, and onnxruntime releases the interpreter while it builds the model's session, so the import
+    runs beside the load instead of after it (on the way to the first result)."""
+    threading.Thread(target=_touch_opencv, name="import-opencv", daemon=True).start()
+
+
+def _touch_opencv() -> None:
+    _ = cv2.resize

@@ -28,7 +28,7 @@ import os
 import threading
 import time
 import zlib
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
 
 from agent.inference.processing.lazy import cv2, np
 from agent.inference.sources.base import BaseSource, Frame
@@ -36,6 +36,9 @@ from agent.util.backoff import Backoff
 
 OPEN_TIMEOUT_MS = 10000  # network streams: give up an attempt after this long, then back off
 READ_TIMEOUT_MS = 10000
+# A stream must deliver this long before its backoff resets: one that opens and closes at once (a
+# camera rebooting, a proxy without upstream) otherwise reconnected, and reported it, twice a second.
+STABLE_S = 10.0
 
 
 def _target(device: str | int) -> str | int:
@@ -48,6 +51,34 @@ def _target(device: str | int) -> str | int:
 def _fingerprint(img: np.ndarray) -> int:
     """A cheap digest of a subsampled frame: equal digests over time mean a frozen feed."""
     return zlib.crc32(img[::8, ::8].tobytes())
+
+
+class _Link:
+    """The camera's connection state: `source.lost` once when it goes, `source.recovered` once a frame
+    arrives again (with the attempts that failed meanwhile folded into `failed_attempts`), and a backoff
+    that resets only after the stream has stayed up for STABLE_S."""
+
+    def __init__(self, source: Source, backoff: Backoff) -> None:
+        self.source = source
+        self.backoff = backoff
+        self.lost = False
+        self.failures = 0
+        self.opened = time.monotonic()
+
+    def failed(self, reason: str) -> float:
+        """Report the loss (once) and return how long to wait before the next attempt."""
+        if not self.lost:
+            self.source.emit("source.lost", reason=reason)
+            self.lost, self.failures = True, 0
+        self.failures += 1
+        return self.backoff.next_delay()
+
+    def delivered(self) -> None:
+        if self.lost:  # an open that fails at once, before a frame, is not a recovery
+            self.source.emit("source.recovered", failed_attempts=self.failures)
+            self.lost = False
+        if time.monotonic() - self.opened >= STABLE_S:
+            self.backoff.reset()  # only a stream that stayed up earns quick reconnects again
 
 
 class Source(BaseSource[Config]):
@@ -65,29 +96,17 @@ class Source(BaseSource[Config]):
     live = True
 
     def frames(self, stop: threading.Event) -> Iterator[Frame]:
-        cfg = self.config
-        backoff = Backoff(cfg.reconnect_max)
-        lost = False
+        link = _Link(self, Backoff(self.config.reconnect_max))
         while not stop.is_set():
             cap, reason = self._open()
-            if cap is None:
-                if not lost:
-                    self.emit("source.lost", reason=reason)
-                    lost = True
-                stop.wait(backoff.next_delay())
-                continue
-            if lost:
-                self.emit("source.recovered")
-                lost = False
-            backoff.reset()
-            try:
-                reason = yield from self._read(cap, stop)
-            finally:
-                cap.release()
+            if cap is not None:
+                link.opened = time.monotonic()
+                try:
+                    reason = yield from self._read(cap, stop, link.delivered)
+                finally:
+                    cap.release()
             if reason and not stop.is_set():
-                self.emit("source.lost", reason=reason)
-                lost = True
-                stop.wait(backoff.next_delay())
+                stop.wait(link.failed(reason))
 
     def _open(self) -> tuple[cv2.VideoCapture | None, str]:
         cfg = self.config
@@ -108,8 +127,11 @@ class Source(BaseSource[Config]):
                 cap.set(prop, float(value))
         return cap, ""
 
-    def _read(self, cap: cv2.VideoCapture, stop: threading.Event) -> Generator[Frame, None, str]:
-        """Frames until the device stops delivering (the reason is returned) or `stop` is set."""
+    def _read(
+        self, cap: cv2.VideoCapture, stop: threading.Event, delivered: Callable[[], None]
+    ) -> Generator[Frame, None, str]:
+        """Frames until the device stops delivering (the reason is returned) or `stop` is set; `delivered`
+        is called for each frame before it is handed on."""
         cfg = self.config
         last_print: int | None = None
         same_since = time.monotonic()
@@ -118,6 +140,7 @@ class Source(BaseSource[Config]):
             ok, img = cap.read()
             if not ok or img is None:
                 return "the device stopped delivering frames"
+            delivered()
             ts = time.time()
             fp = _fingerprint(img)
             mono = time.monotonic()

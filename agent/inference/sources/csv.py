@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from agent.config.base import ProfilePath, Strict
+from agent.config.base import InvalidValues, ProfilePath, Strict
 
 KEY = "csv"
 
@@ -24,19 +24,22 @@ class Config(Strict):
     rate: float | None = Field(
         None, gt=0, description="replay at this many rows per second; as fast as possible when unset"
     )
+    invalid: InvalidValues = "reject"
 
 
 import csv as _csv
+import math
 import threading
 from collections.abc import Iterator
 
 from agent.inference.processing.lazy import np
 from agent.inference.sources.base import BaseSource, Pacer, SourceFailedError, Window
-from agent.inference.sources.lines import Offsets, now, parse_time, passes
+from agent.inference.sources.lines import MAX_LINE, Offsets, invalid_value, now, parse_time, passes
 
 
 class Source(BaseSource[Config]):
-    """Each row is one sample: the value columns in order, as float. A row that does not parse is a
+    """Each row is one sample: the value columns in order, as float. A row that does not parse, has
+    another number of cells than the header, or holds NaN or infinity (unless `invalid: pass`) is a
     `frame.rejected` event naming the line and column, and reading goes on."""
 
     sensor = True
@@ -54,10 +57,16 @@ class Source(BaseSource[Config]):
             index: list[int] = []
             ts_index: int | None = None
             for number, line in lines:
+                if line is None:
+                    self.emit("frame.rejected", reason=f"{cfg.path.name} line {number}: longer than {MAX_LINE} bytes")
+                    continue
                 if not line.strip():
                     continue
-                # str.split when nothing is quoted: a third of the cost of a csv.reader per line.
-                cells = line.split(",") if '"' not in line else next(_csv.reader([line]))
+                try:
+                    cells = _cells(line)
+                except ValueError as exc:
+                    self.emit("frame.rejected", reason=f"{cfg.path.name} line {number}: {exc}")
+                    continue
                 if header is None:
                     header = [c.strip() for c in cells]
                     index, ts_index = self._columns(header, cfg)
@@ -67,7 +76,9 @@ class Source(BaseSource[Config]):
                     if not index:
                         raise SourceFailedError(f"{cfg.path.name}: no numeric columns in line {number}")
                 try:
-                    values = self._values(cells, index, header)
+                    if len(cells) != len(header):
+                        raise ValueError(f"{len(cells)} cells, the header has {len(header)}")
+                    values = self._values(cells, index, header, cfg.invalid)
                     ts = parse_time(cells[ts_index]) if ts_index is not None else now()
                 except ValueError as exc:
                     self.emit("frame.rejected", reason=f"{cfg.path.name} line {number}: {exc}")
@@ -93,16 +104,27 @@ class Source(BaseSource[Config]):
         return [header.index(c) for c in cfg.columns], ts_index
 
     @staticmethod
-    def _values(cells: list[str], index: list[int], header: list[str]) -> np.ndarray:
+    def _values(cells: list[str], index: list[int], header: list[str], invalid: str) -> np.ndarray:
         out = np.empty(len(index), dtype=np.float64)
         for k, i in enumerate(index):
-            if i >= len(cells):
-                raise ValueError(f"{len(cells)} cells, column {header[i]!r} missing")
             try:
-                out[k] = float(cells[i])
+                value = float(cells[i])
             except ValueError:
-                raise ValueError(f"{cells[i]!r} in column {header[i]!r} is not a number") from None
+                raise ValueError(f"{cells[i][:40]!r} in column {header[i]!r} is not a number") from None
+            if not math.isfinite(value) and (why := invalid_value(cells[i].strip(), invalid)) is not None:
+                raise ValueError(f"column {header[i]!r}: {why}")
+            out[k] = value
         return out
+
+
+def _cells(line: str) -> list[str]:
+    """The cells of one line; ValueError for quoting the csv module cannot read (a stray CR, NUL)."""
+    if '"' not in line:  # str.split when nothing is quoted: a third of the cost of a csv.reader per line
+        return line.split(",")
+    try:
+        return next(_csv.reader([line]))
+    except _csv.Error as exc:
+        raise ValueError(f"not a CSV row ({exc})") from None
 
 
 def _is_number(text: str) -> bool:

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from agent.config.base import ProfilePath, Strict
+from agent.config.base import InvalidValues, ProfilePath, Strict
 
 KEY = "jsonl"
 
@@ -18,19 +18,25 @@ class Config(Strict):
     timestamp: str | None = Field(None, description="the field holding each line's capture time")
     follow: bool = Field(False, description="keep reading lines appended to the file, like tail -f")
     rate: float | None = Field(None, gt=0, description="replay at this many lines per second")
+    invalid: InvalidValues = "reject"
 
 
-import json
+import re
 import threading
 from collections.abc import Iterator
 
 from agent.inference.processing.lazy import np
 from agent.inference.sources.base import BaseSource, Pacer, Window
-from agent.inference.sources.lines import Offsets, now, parse_time, passes
+from agent.inference.sources.lines import MAX_LINE, Offsets, invalid_value, now, parse_time, passes
+from agent.util.jsonlimits import loads
+
+# The parser's "line 1 column 9 (char 8)": a row is one line, and the event names the file's line.
+_POSITION = re.compile(r": line \d+ column \d+ \(char \d+\)")
 
 
-def values_from_object(obj: object, fields: tuple[str, ...]) -> np.ndarray:
-    """The named numeric fields of a JSON object, in order; ValueError with the reason otherwise."""
+def values_from_object(obj: object, fields: tuple[str, ...], invalid: str = "reject") -> np.ndarray:
+    """The named numeric fields of a JSON object, in order; ValueError with the reason otherwise (also
+    for NaN, infinity and numbers beyond float range, unless `invalid` is "pass")."""
     if not isinstance(obj, dict):
         raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
     out = np.empty(len(fields), dtype=np.float64)
@@ -39,7 +45,9 @@ def values_from_object(obj: object, fields: tuple[str, ...]) -> np.ndarray:
             raise ValueError(f"field {name!r} is missing")
         value = obj[name]
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"field {name!r} is {value!r}, not a number")
+            raise ValueError(f"field {name!r} is {str(value)[:40]!r}, not a number")
+        if (why := invalid_value(value, invalid)) is not None:
+            raise ValueError(f"field {name!r}: {why}")
         out[k] = value
     return out
 
@@ -57,19 +65,19 @@ class Source(BaseSource[Config]):
         offset = Offsets(cfg.timestamp is not None)
         for lines in passes(cfg.path, cfg.follow, stop):
             for number, line in lines:
-                if not line.strip():
+                if line is not None and not line.strip():
                     continue
                 try:
-                    obj = json.loads(line)
-                    values = values_from_object(obj, cfg.fields)
+                    if line is None:
+                        raise ValueError(f"longer than {MAX_LINE} bytes")
+                    obj = loads(line, max_bytes=MAX_LINE)  # bounded: a nested line is refused, not a crash
+                    values = values_from_object(obj, cfg.fields, cfg.invalid)
                     ts = parse_time(obj[cfg.timestamp]) if cfg.timestamp is not None else now()
                 except (ValueError, KeyError) as exc:
                     reason = (
-                        f"not JSON ({exc.msg})"
-                        if isinstance(exc, json.JSONDecodeError)
-                        else (
-                            f"timestamp field {cfg.timestamp!r} is missing" if isinstance(exc, KeyError) else str(exc)
-                        )
+                        f"timestamp field {cfg.timestamp!r} is missing"
+                        if isinstance(exc, KeyError)
+                        else _POSITION.sub("", str(exc))
                     )
                     self.emit("frame.rejected", reason=f"{cfg.path.name} line {number}: {reason}")
                     continue

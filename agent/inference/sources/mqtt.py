@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from agent.config.base import Strict
+from agent.config.base import InvalidValues, Strict
 
 KEY = "mqtt"
 
@@ -17,9 +17,9 @@ class Config(Strict):
     fields: tuple[str, ...] = Field(
         min_length=1, description="numeric fields of each JSON payload, in model input order"
     )
+    invalid: InvalidValues = "reject"
 
 
-import json
 import queue
 import ssl
 import threading
@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 from agent.inference.processing.lazy import np
 from agent.inference.sources.base import BaseSource, Message, SourceFailedError, Window
 from agent.inference.sources.jsonl import values_from_object
+from agent.util.jsonlimits import loads
 
 if TYPE_CHECKING:
     import paho.mqtt.client as paho
@@ -40,6 +41,7 @@ if TYPE_CHECKING:
 INBOX = 10000  # messages held between the network thread and the pipeline
 Inbox = queue.Queue[tuple[float, bytes | bytearray]]  # (arrival time, payload)
 INBOX_POLL_S = 0.25
+MAX_PAYLOAD = 64 * 1024  # bytes; a sensor reading is tens of bytes
 
 
 class Source(BaseSource[Config]):
@@ -103,10 +105,10 @@ class Source(BaseSource[Config]):
 
     def _parse(self, ts: float, payload: bytes | bytearray) -> Window | None:
         try:
-            obj = json.loads(payload)
+            obj = loads(bytes(payload), max_bytes=MAX_PAYLOAD)
             if isinstance(obj, (int, float)) and not isinstance(obj, bool) and len(self.config.fields) == 1:
                 obj = {self.config.fields[0]: obj}
-            values = values_from_object(obj, self.config.fields)
+            values = values_from_object(obj, self.config.fields, self.config.invalid)
         except (ValueError, UnicodeDecodeError) as exc:
             self.emit("frame.rejected", reason=f"payload on {self.config.topic}: {exc}")
             return None

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from agent.config.base import Strict
+from agent.config.base import InvalidValues, Strict
 
 KEY = "serial"
 
@@ -17,9 +17,9 @@ class Config(Strict):
     baud: int = Field(115200, gt=0, description="line speed")
     format: Literal["csv", "jsonl"] = Field("csv", description="how each line is written")
     fields: tuple[str, ...] | None = Field(None, min_length=1, description="field names (jsonl) or column names (csv)")
+    invalid: InvalidValues = "reject"
 
 
-import json
 import os
 import select
 import threading
@@ -29,7 +29,9 @@ from collections.abc import Generator, Iterator
 from agent.inference.processing.lazy import np
 from agent.inference.sources.base import BaseSource, SourceFailedError, Window
 from agent.inference.sources.jsonl import values_from_object
+from agent.inference.sources.lines import invalid_value
 from agent.util.backoff import Backoff
+from agent.util.jsonlimits import loads
 
 POLL_S = 0.25
 MAX_LINE = 4096  # a line longer than this is noise on the wire, not a sample
@@ -129,15 +131,16 @@ class Source(BaseSource[Config]):
     def _parse(self, text: str) -> np.ndarray:
         cfg = self.config
         if cfg.format == "jsonl":
-            try:
-                obj = json.loads(text)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"not JSON ({exc.msg})") from None
-            return values_from_object(obj, cfg.fields or ())  # frames() refuses jsonl without fields
+            obj = loads(text, max_bytes=MAX_LINE)
+            return values_from_object(obj, cfg.fields or (), cfg.invalid)  # frames() refuses jsonl without fields
         cells = [c.strip() for c in text.split(",")]
         if cfg.fields is not None and len(cells) != len(cfg.fields):
             raise ValueError(f"{len(cells)} values, expected {len(cfg.fields)} ({', '.join(cfg.fields)})")
         try:
-            return np.array([float(c) for c in cells], dtype=np.float64)
+            values = np.array([float(c) for c in cells], dtype=np.float64)
         except ValueError:
             raise ValueError("not comma-separated numbers") from None
+        for k, cell in enumerate(cells):
+            if not np.isfinite(values[k]) and (why := invalid_value(cell, cfg.invalid)) is not None:
+                raise ValueError(f"value {k + 1}: {why}")
+        return values

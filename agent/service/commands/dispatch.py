@@ -15,7 +15,11 @@ Reply, on the request's MQTT 5 response topic if it named one (its correlation d
 
 Error codes: `bad_json`, `bad_argument`, `unknown_command`, `not_available` (known, but this daemon has
 no handler for it), `failed` (the handler raised). Handlers run one at a time on the dispatcher's own
-thread, never on the network thread.
+thread, never on the network thread; a handler registered as `background` (one that waits on the
+network, like `update`) runs on a thread of its own, one request at a time, so that `ping`, `config` and
+`rollback` are answered while it waits. A payload is bounded (agent.util.jsonlimits: MAX_PAYLOAD_BYTES,
+nesting) before it is parsed, and a name argument is checked against agent.util.names before a handler
+sees it.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import base64
 import json
 import logging
 import queue
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,6 +37,7 @@ from typing import Any
 from agent.transport.connection import Connection, reply_properties
 from agent.transport.events import Event, EventSink
 from agent.transport.subscriptions import Incoming
+from agent.util import jsonlimits, names, redact
 from agent.util.timefmt import utc_iso
 from agent.util.worker import Worker
 
@@ -41,12 +47,14 @@ log = logging.getLogger(__name__)
 QUEUE_LIMIT = 100
 # How often the idle dispatcher thread looks at its stop flag.
 STOP_POLL_S = 0.2
+MAX_PAYLOAD_BYTES = 64 * 1024  # no command's arguments come near; a larger payload is bad_json unread
 
 
 class CommandError(Exception):
     """A handler's refusal with a code the requester can act on."""
 
     def __init__(self, message: str, code: str = "failed") -> None:
+        message = redact.text(message)  # an error never carries a secret (agent.util.redact)
         super().__init__(message)
         self.code = code
         self.message = message
@@ -58,11 +66,12 @@ class Arg:
     required: bool = False
     choices: tuple[object, ...] = ()
     help: str = ""
+    pattern: str | None = None  # a name that may become a path: agent.util.names.NAME_PATTERN or VERSION_PATTERN
 
     def describe(self) -> str:
-        names = {str: "a string", int: "an integer", bool: "true or false", dict: "an object", float: "a number"}
+        words = {str: "a string", int: "an integer", bool: "true or false", dict: "an object", float: "a number"}
         kinds = self.type if isinstance(self.type, tuple) else (self.type,)
-        text = " or ".join(names.get(k, k.__name__) for k in kinds)
+        text = " or ".join(words.get(k, k.__name__) for k in kinds)
         if self.choices:
             text = "one of " + ", ".join(json.dumps(c) for c in self.choices)
         return text
@@ -75,30 +84,39 @@ class CommandSpec:
     args: dict[str, Arg] = field(default_factory=dict)
 
 
+NAME = names.NAME_PATTERN
 # The commands of DESIGN.md and their arguments; handlers come from the daemon.
 SPECS: dict[str, CommandSpec] = {
     spec.name: spec
     for spec in (
         CommandSpec("ping", "answer at once: is the agent alive, since when"),
         CommandSpec(
-            "update", "check the registry for new model versions now", {"model": Arg(str, help="only this model")}
+            "update",
+            "check the registry for new model versions now",
+            {"model": Arg(str, help="only this model", pattern=NAME)},
         ),
         CommandSpec(
             "rollback",
             "go back to the previous version of a model",
-            {"model": Arg(str, required=True), "version": Arg(str, help="this version instead of the previous one")},
+            {
+                "model": Arg(str, required=True, pattern=NAME),
+                "version": Arg(str, help="this version instead of the previous one", pattern=names.VERSION_PATTERN),
+            },
         ),
         CommandSpec("reload", "re-read the profile; keep the running one if the new one is invalid"),
         CommandSpec(
             "pipeline",
             "start or stop one pipeline",
-            {"name": Arg(str, required=True), "action": Arg(str, required=True, choices=("start", "stop", "restart"))},
+            {
+                "name": Arg(str, required=True, pattern=NAME),
+                "action": Arg(str, required=True, choices=("start", "stop", "restart")),
+            },
         ),
         CommandSpec("config", "the effective profile, secrets redacted"),
         CommandSpec(
             "snapshot",
             "one JPEG from a camera pipeline",
-            {"pipeline": Arg(str, required=True), "max_width": Arg(int, help="scale down to this width")},
+            {"pipeline": Arg(str, required=True, pattern=NAME), "max_width": Arg(int, help="scale down to this width")},
         ),
     )
 }
@@ -124,6 +142,11 @@ def check_args(spec: CommandSpec, args: dict[str, Any]) -> None:
             raise CommandError(f"{name}: expected {arg.describe()}, got {json.dumps(value)}", "bad_argument")
         if arg.choices and value not in arg.choices:
             raise CommandError(f"{name}: expected {arg.describe()}, got {json.dumps(value)}", "bad_argument")
+        if arg.pattern is not None:
+            try:
+                names.check(value, name, arg.pattern)
+            except names.UnsafeNameError as exc:
+                raise CommandError(str(exc), "bad_argument") from None
 
 
 class CommandDispatcher:
@@ -140,11 +163,19 @@ class CommandDispatcher:
         self._reply: Reply | None = None
         self._reply_topic: Callable[[str], str] | None = None
         self._worker = Worker("commands", self._run)
+        self._background: set[str] = set()
+        self._running: dict[str, float] = {}  # background command -> when its request in progress began
+        self._running_lock = threading.Lock()
         self.handled = 0
 
-    def register(self, name: str, handler: Handler, spec: CommandSpec | None = None) -> None:
+    def register(
+        self, name: str, handler: Handler, spec: CommandSpec | None = None, *, background: bool = False
+    ) -> None:
         """Handle `name` with `handler(args) -> JSON-able result` (bytes become base64). Raise
-        CommandError(message, code) to refuse."""
+        CommandError(message, code) to refuse. `background`: the handler may wait (on the network): it
+        runs on a thread of its own, one request at a time, never holding up the other commands."""
+        if background:
+            self._background.add(name)
         if spec is not None:
             self._specs[name] = spec
         elif name not in self._specs:
@@ -155,22 +186,17 @@ class CommandDispatcher:
     def commands(self) -> list[str]:
         return sorted(self._handlers)
 
-    def handle(self, name: str, payload: bytes) -> dict[str, Any]:
-        """Run one command; always returns a reply body, whatever the payload."""
+    def handle(self, name: str, payload: bytes, refuse: CommandError | None = None) -> dict[str, Any]:
+        """Run one command; always returns a reply body, whatever the payload. `refuse`: a request that
+        passed its checks is answered with this error instead of running."""
         reply: dict[str, Any] = {"device": self.device, "command": name}
         try:
             args = self._parse(payload)
-            if isinstance(args.get("id"), (str, int)):
+            if isinstance(args.get("id"), (str, int)) and not isinstance(args["id"], bool):
                 reply["id"] = args["id"]
-            spec = self._specs.get(name)
-            if spec is None:
-                raise CommandError(
-                    f"unknown command {name!r} (commands: {', '.join(self.commands)})", "unknown_command"
-                )
-            handler = self._handlers.get(name)
-            if handler is None:
-                raise CommandError(f"{name} is not available on this agent", "not_available")
-            check_args(spec, args)
+            handler = self._checked(name, args)
+            if refuse is not None:
+                raise refuse
             result = handler({k: v for k, v in args.items() if k != "id"})
             if isinstance(result, (bytes, bytearray)):
                 result = {"data_base64": base64.b64encode(bytes(result)).decode(), "bytes": len(result)}
@@ -180,7 +206,7 @@ class CommandDispatcher:
             self._event(name, exc.code, exc.message)
         except Exception as exc:  # a handler's bug is an error reply, never a crash
             log.exception("command %s failed", name)
-            message = f"{type(exc).__name__}: {exc}"
+            message = redact.text(f"{type(exc).__name__}: {exc}")
             reply.update(ok=False, ts=utc_iso(self._clock()), error={"code": "failed", "message": message})
             self._event(name, "failed", message)
         self.handled += 1
@@ -189,7 +215,8 @@ class CommandDispatcher:
     # ---- wiring to MQTT ----------------------------------------------------------------------
 
     def attach(self, connection: Connection) -> CommandDispatcher:
-        """Subscribe to `<prefix>/<device>/cmd/+` (again on every connect) and answer on the dispatcher thread."""
+        """Subscribe to `<prefix>/<device>/cmd/+` (again on every connect); what arrives waits in the bounded
+        queue until `start`, then is answered on the dispatcher thread."""
         topics = connection.topics
 
         def reply(topic: str, payload: bytes, correlation: bytes | None) -> None:
@@ -209,7 +236,7 @@ class CommandDispatcher:
                 log.warning("command %s refused: %d commands already waiting", name, QUEUE_LIMIT)
 
         connection.subscribe(topics.commands, on_message, qos=1)
-        return self.start()
+        return self
 
     def start(self) -> CommandDispatcher:
         self._worker.start()
@@ -224,24 +251,70 @@ class CommandDispatcher:
                 name, payload, response_topic, correlation = self._queue.get(timeout=STOP_POLL_S)
             except queue.Empty:
                 continue
-            body = self.handle(name, payload)
-            topic = response_topic or (self._reply_topic(name) if self._reply_topic else None)
-            if self._reply is not None and topic:
-                try:
-                    self._reply(topic, json.dumps(body, separators=(",", ":"), default=str).encode(), correlation)
-                except Exception:
-                    log.exception("command %s: reply failed", name)
+            if name in self._background and self._acceptable(name, payload):
+                self._start_background(name, payload, response_topic, correlation)
+            else:  # a background command's bad request too: refused at once, never queued behind a wait
+                self._answer(name, self.handle(name, payload), response_topic, correlation)
+
+    def _acceptable(self, name: str, payload: bytes) -> bool:
+        try:
+            self._checked(name, self._parse(payload))
+        except CommandError:
+            return False
+        return True
+
+    def _start_background(
+        self, name: str, payload: bytes, response_topic: str | None, correlation: bytes | None
+    ) -> None:
+        with self._running_lock:
+            began = self._running.get(name)
+            if began is None:
+                self._running[name] = time.monotonic()
+        if began is not None:
+            busy = CommandError(
+                f"{name} is already running (for {time.monotonic() - began:.0f} s); its reply comes when it ends"
+            )
+            self._answer(name, self.handle(name, payload, refuse=busy), response_topic, correlation)
+            return
+
+        def run() -> None:
+            try:
+                self._answer(name, self.handle(name, payload), response_topic, correlation)
+            finally:
+                with self._running_lock:
+                    self._running.pop(name, None)
+
+        threading.Thread(target=run, name=f"command-{name}", daemon=True).start()
+
+    def _answer(self, name: str, body: dict[str, Any], response_topic: str | None, correlation: bytes | None) -> None:
+        topic = response_topic or (self._reply_topic(name) if self._reply_topic else None)
+        if self._reply is not None and topic:
+            try:
+                self._reply(topic, json.dumps(body, separators=(",", ":"), default=str).encode(), correlation)
+            except Exception:
+                log.exception("command %s: reply failed", name)
 
     # ---- internals ---------------------------------------------------------------------------
+
+    def _checked(self, name: str, args: dict[str, Any]) -> Handler:
+        """The handler of a known command whose arguments fit its spec (CommandError otherwise)."""
+        spec = self._specs.get(name)
+        if spec is None:
+            raise CommandError(f"unknown command {name!r} (commands: {', '.join(self.commands)})", "unknown_command")
+        handler = self._handlers.get(name)
+        if handler is None:
+            raise CommandError(f"{name} is not available on this agent", "not_available")
+        check_args(spec, args)
+        return handler
 
     @staticmethod
     def _parse(payload: bytes) -> dict[str, Any]:
         if not payload.strip():
             return {}
         try:
-            args = json.loads(payload)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise CommandError(f"payload is not JSON: {exc}", "bad_json") from None
+            args = jsonlimits.loads(payload, max_bytes=MAX_PAYLOAD_BYTES)
+        except ValueError as exc:
+            raise CommandError(f"payload refused: {exc}", "bad_json") from None
         if not isinstance(args, dict):
             raise CommandError(f"payload must be a JSON object of arguments, got {type(args).__name__}", "bad_json")
         return args

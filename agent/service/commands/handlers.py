@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 import cv2
 
 from agent.service.commands.dispatch import CommandDispatcher, CommandError
+from agent.util import redact
 
 if TYPE_CHECKING:  # the daemon registers these handlers: a runtime import would be a cycle
     from agent.models.updater import Updater
@@ -34,15 +35,17 @@ def register_commands(dispatcher: CommandDispatcher, daemon: Daemon) -> None:
     def rollback(args: dict[str, Any]) -> object:
         try:
             return updater().rollback(args["model"], args.get("version"))
-        except ValueError as exc:
-            raise CommandError(str(exc), "bad_argument") from None
+        except ValueError as exc:  # a damaged store names its file: relative to the state folder, never absolute
+            state_dir = str(daemon.profile.device.state_dir).rstrip("/") + "/"
+            raise CommandError(str(exc).replace(state_dir, ""), "bad_argument") from None
 
     def reload(args: dict[str, Any]) -> object:
-        if not daemon.reload():
+        done = daemon.reload(defer_restart=True)  # a restart stops this thread: `run`'s thread does it
+        if done is None:
             raise CommandError(
                 "the profile on disk is invalid; the running profile stays (see the profile.invalid event)"
             )
-        return {"pipelines": sorted(parts().pipelines)}
+        return {"reloaded": done.scope, "changed": done.changed, "pipelines": done.pipelines}
 
     def pipeline(args: dict[str, Any]) -> object:
         name, action = args["name"], args["action"]
@@ -60,9 +63,12 @@ def register_commands(dispatcher: CommandDispatcher, daemon: Daemon) -> None:
         return {"pipeline": name, "state": running.stats()["state"] if running else "stopped"}
 
     def config(args: dict[str, Any]) -> object:
-        return daemon.profile.model_dump(mode="json")  # SecretStr values dump as '**********'
+        return redact.doc(daemon.profile.model_dump(mode="json"))  # URL credentials, passwords, tokens
 
     def snapshot(args: dict[str, Any]) -> object:
+        width = args.get("max_width")
+        if width is not None and width < 1:
+            raise CommandError(f"max_width: expected a positive integer, got {width}", "bad_argument")
         running = parts().pipelines.get(args["pipeline"])
         if running is None:
             raise CommandError(f"no running pipeline named {args['pipeline']!r}", "bad_argument")
@@ -70,7 +76,6 @@ def register_commands(dispatcher: CommandDispatcher, daemon: Daemon) -> None:
         if latest is None:
             raise CommandError(f"pipeline {args['pipeline']!r} has no camera frame yet", "failed")
         image, boxes = latest
-        width = args.get("max_width")
         if width and image.shape[1] > width:
             image = cv2.resize(
                 image, (width, round(image.shape[0] * width / image.shape[1])), interpolation=cv2.INTER_AREA
@@ -86,8 +91,9 @@ def register_commands(dispatcher: CommandDispatcher, daemon: Daemon) -> None:
             "boxes": boxes,
         }
 
+    # `update` waits on the registry: on a thread of its own, so that ping and rollback answer meanwhile.
+    dispatcher.register("update", update, background=True)
     for name, handler in (
-        ("update", update),
         ("rollback", rollback),
         ("reload", reload),
         ("pipeline", pipeline),

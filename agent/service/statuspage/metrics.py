@@ -23,6 +23,7 @@ from prometheus_client.core import (
 from prometheus_client.metrics_core import Metric
 
 from agent.inference.stats import LATENCY_BUCKETS_MS, LatencyHistogram, PipelineState, PipelineStats
+from agent.service.endpoint.stats import EndpointFigures
 from agent.service.statuspage.snapshot import CONNECTION_STATES, StatusSnapshot
 from agent.transport.outbox import OutboxStats
 
@@ -110,7 +111,29 @@ def _agent(snapshot: StatusSnapshot) -> list[Metric]:
     if snapshot.outbox is not None:
         families += _outbox(snapshot.outbox)
     families += _pipelines(snapshot.pipelines, snapshot.latency)
+    if snapshot.endpoint is not None:
+        families += _endpoint(snapshot.endpoint)
     return families
+
+
+def _endpoint(figures: EndpointFigures) -> list[Metric]:
+    """The inference endpoint: requests by model and status (an unknown model's name is the empty label),
+    and how long the answered ones took, from arrival to answer."""
+    requests = CounterMetricFamily(
+        "edge_agent_endpoint_requests",
+        "inference requests to the KServe endpoint, by model and HTTP status",
+        labels=["model", "code"],
+    )
+    for (model, code), count in sorted(figures.requests.items()):
+        requests.add_metric([model, code], count)
+    seconds = HistogramMetricFamily(
+        "edge_agent_endpoint_request_seconds",
+        "duration of the inference requests the endpoint answered, from arrival to answer",
+        labels=["model"],
+    )
+    for model, histogram in sorted(figures.latency.items()):
+        seconds.add_metric([model], _buckets(histogram), histogram.sum_ms / 1000.0)
+    return [requests, seconds]
 
 
 def _outbox(stats: OutboxStats) -> list[Metric]:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, get_args
 
 from agent.inference.stats import LatencyHistogram, PipelineStats
+from agent.service.endpoint.stats import EndpointFigures
 from agent.transport.connection import State as ConnectionState
 from agent.transport.outbox import OutboxStats
 
@@ -61,11 +62,15 @@ class StatusSnapshot:
     pipelines: tuple[PipelineStats, ...]
     # Per pipeline and stage, every duration since it started (for /metrics; the page reads percentiles).
     latency: Mapping[str, Mapping[str, LatencyHistogram]] = field(default_factory=dict)
+    # The inference endpoint's requests (for /metrics); None when the endpoint is off.
+    endpoint: EndpointFigures | None = None
 
     def to_json(self) -> dict[str, Any]:
         """As plain JSON values; NaN and infinities become null (JSON has no spelling for them and
         browsers reject the document)."""
-        doc: dict[str, Any] = _finite({k: v for k, v in dataclasses.asdict(self).items() if k != "latency"})
+        doc: dict[str, Any] = _finite(
+            {k: v for k, v in dataclasses.asdict(self).items() if k not in ("latency", "endpoint")}
+        )
         return doc
 
 

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-import json
 from typing import Annotated, TypeVar
 
 from pydantic import BaseModel, ConfigDict, StringConstraints, TypeAdapter, ValidationError
+
+from agent.util import jsonlimits
 
 # Every payload stamps its time as `agent.util.timefmt.utc_iso` writes it: UTC, milliseconds, `Z`.
 Timestamp = Annotated[str, StringConstraints(pattern=r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z$")]
 Text = Annotated[str, StringConstraints(min_length=1)]  # a name or a reason: never empty
 
+MAX_PAYLOAD_BYTES = 1 << 20  # no message of the contract comes near; a larger one is refused unread
 W = TypeVar("W")
 M = TypeVar("M", bound=BaseModel)
 
@@ -52,12 +54,13 @@ def check_model(model: type[M], data: object, what: str) -> M:
         raise _contract_error(exc, what) from None
 
 
-def decode(raw: bytes | str, what: str) -> dict[str, object]:
-    """A payload as the JSON object every message is (ContractError otherwise)."""
+def decode(raw: bytes | str, what: str, max_bytes: int = MAX_PAYLOAD_BYTES) -> dict[str, object]:
+    """A payload as the JSON object every message is (ContractError otherwise), bounded in size and
+    nesting by agent.util.jsonlimits, the one bounded decoder of untrusted JSON."""
     try:
-        doc = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ContractError(what, f"not JSON ({exc})") from None
+        doc = jsonlimits.loads(raw, max_bytes=max_bytes)
+    except ValueError as exc:
+        raise ContractError(what, str(exc)) from None
     if not isinstance(doc, dict):
         raise ContractError(what, f"expected a JSON object, got {type(doc).__name__}")
     return doc

@@ -58,13 +58,14 @@ class UpdateError(EventBody):
 
 
 class OutboxDropped(EventBody):
-    """The outbox bound (bytes or age) dropped the oldest messages."""
+    """The outbox bound (bytes or age) dropped the oldest messages, or a full disk had no room for some."""
 
     TYPE: ClassVar[str] = "outbox.dropped"
     count: int
     total: int
     max_bytes: int
     reason: Text
+    disk: int = 0  # of `count`, those lost because the disk was full
 
 
 class CommandErrorEvent(EventBody):
@@ -115,6 +116,7 @@ class ModelDownloading(ModelEvent):
     variant: Text
     bytes: int
     resume_from: int
+    preference: Text | None = None  # why this variant, for the provider that will run it (agent.models.variants)
 
 
 class ModelVerifying(ModelEvent):
@@ -133,6 +135,7 @@ class ModelActivated(ModelEvent):
     variant: Text
     provider: Text
     previous: str | None  # the version active before
+    preference: Text | None = None  # why this variant (as in model.downloading)
 
 
 class ModelActive(ModelEvent):
@@ -331,6 +334,7 @@ class SourceRecovered(SourceEvent):
     """A lost source delivers again."""
 
     TYPE: ClassVar[str] = "source.recovered"
+    failed_attempts: int | None = None  # a camera's reconnects that failed while it was lost (folded)
 
 
 class SourceConnected(SourceEvent):

@@ -71,6 +71,9 @@ class OutboxHealth(Wire):
     dropped_age: int
     rejected: int
     acked: int
+    dropped_disk: int = 0  # messages lost because the disk had no room (their seq is used up)
+    disk_full: bool = False  # the disk has no room now: results are published only while the broker is up
+    memory_only: bool = False  # the disk had no room at start: the outbox is in memory (lost on a reboot)
 
 
 class StageTimes(Wire):

@@ -61,6 +61,11 @@ class RollbackResult(Wire):
 
 
 class ReloadResult(Wire):
+    """`reloaded`: nothing (the file is unchanged), the pipelines in `changed`, or the whole agent (the
+    sections in `changed` differ; it restarts right after this reply). `pipelines`: those running after."""
+
+    reloaded: Literal["nothing", "pipelines", "agent"]
+    changed: list[str]
     pipelines: list[str]
 
 

@@ -10,10 +10,12 @@ The parts, in the order a message meets them: `record` (the bytes of one message
 files: preallocated, memory-mapped, rolled and flushed off the lock), `acks` (what the broker has
 acknowledged), `bound` (what is dropped at `max_bytes` and `max_age`), `state` (the ack pointer and
 counters beside the segments), `recovery` (reading it all back after a crash), `reader` (the
-publisher's position), and `box` (the `Outbox` itself: put, peek, ack, prune, sync, stats, close).
+publisher's position), `box` (the `Outbox` itself: put, peek, ack, prune, sync, stats, close), and
+`fallback` (`open_outbox`: in `<state_dir>`, or in memory when the disk has no room at all).
 """
 
-from agent.transport.outbox.box import DIRNAME, Outbox, OutboxStats, open_outbox
+from agent.transport.outbox.box import DIRNAME, Outbox, OutboxStats
+from agent.transport.outbox.fallback import open_outbox
 from agent.transport.outbox.record import Message
 
 __all__ = ["DIRNAME", "Message", "Outbox", "OutboxStats", "open_outbox"]

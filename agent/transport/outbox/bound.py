@@ -94,10 +94,16 @@ class Bound:
 
     def drop(self, seg: Segment) -> int:
         """Delete a segment that is not the active one; returns the unacknowledged messages it held."""
+        lost = self.skip(seg)
+        self.files.delete(seg)
+        return lost
+
+    def skip(self, seg: Segment) -> int:
+        """Count every message of `seg` as done without deleting its file (the active segment, when a full
+        disk has no room to roll it away); returns the unacknowledged messages it held."""
         lost = self.acks.unacked_in(seg)
         if not seg.empty:
             self.acks.skip_through(seg.last_id)
-        self.files.delete(seg)
         if lost:
             self.state.write_text(ACKED, str(self.acks.ptr))
         return lost

@@ -9,28 +9,30 @@ by `sync_if_due`, which the publisher's maintenance thread calls: a power cut lo
 Flushes use fsync/fdatasync, which release the interpreter lock (`mmap.flush`, msync, holds it: every
 thread would stop), and run off the lock (see `segments`): the MQTT network thread (`peek`, `ack`) never
 waits on the disk.
+
+A full disk (the file system, not the bound) is not an error to the producer: the oldest segments make
+room as they would at the bound, and when nothing is left to drop the message is lost, but counted
+(`dropped_disk`) with its `seq` used up, so that a subscriber sees the gap and `outbox.dropped` explains
+it once there is room again (docs/mqtt.md, "A full disk").
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from agent.transport.outbox.acks import Acks
-from agent.transport.outbox.bound import SEGMENT_MIN, Bound, segment_bytes
+from agent.transport.outbox.bound import FULL_LOG_INTERVAL, SEGMENT_MIN, Bound, segment_bytes
 from agent.transport.outbox.reader import Reader
 from agent.transport.outbox.record import Message, encode, encode_checkpoint
 from agent.transport.outbox.recovery import recover
 from agent.transport.outbox.segments import NoSpareError, SegmentFiles
 from agent.transport.outbox.state import ACKED, Counters, StateFiles, lock_directory
-
-if TYPE_CHECKING:
-    from agent.config.profile import OutboxConfig
 
 log = logging.getLogger(__name__)
 
@@ -48,9 +50,22 @@ class OutboxStats:
     dropped_age: int
     rejected: int
     acked: int
+    dropped_disk: int = 0
+    disk_full: bool = False  # the last put found no room on the disk: messages are being lost
+    memory_only: bool = False  # the disk had no room at start: kept in memory, lost on a reboot
 
     def as_dict(self) -> dict[str, int | float | None]:
         return dict(self.__dict__)
+
+
+class DiskFullError(OSError):
+    """No room on the disk for even the smallest segment at start; `seq` is every stream's last seq, so
+    that an outbox elsewhere can go on numbering (agent.transport.outbox.fallback)."""
+
+    def __init__(self, exc: OSError, seq: dict[str, int]) -> None:
+        super().__init__(exc.errno, exc.strerror)
+        self.seq = seq
+        self.reason = str(exc)
 
 
 class Outbox:
@@ -64,7 +79,11 @@ class Outbox:
         max_age: float = 7 * 86400.0,
         fsync_interval: float = 1.0,
         clock: Callable[[], float] = time.time,
+        seq_floor: Mapping[str, int] | None = None,
+        memory_only: bool = False,
     ) -> None:
+        """`seq_floor`: numbers already used elsewhere (an outbox in memory): seq goes on above them.
+        `memory_only`: this directory is in memory (reported in stats)."""
         self.dir = Path(path)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.max_bytes = int(max_bytes)
@@ -79,13 +98,20 @@ class Outbox:
         self._dirty = False
         self._last_sync = time.monotonic()
         self._acked = 0
+        self.disk_full = False
+        self._last_full_log = float("-inf")
         self._state = StateFiles(self.dir)
         self._counters = Counters(self._state)
         self._acks = Acks(int(self._state.read_text(ACKED) or 0))
         self._lock_fd = lock_directory(self.dir)
         found = recover(self.dir)
         self._seq = found.seq
+        for stream, seq in (seq_floor or {}).items():
+            self._seq[stream] = max(self._seq.get(stream, 0), seq)
+        self.memory_only = memory_only
         self._counters.merge(found.counters)
+        self._counters.start_reporting()
+        self._counters.save()  # its blocks taken now, for a full disk to overwrite in place (`state`)
         segments = found.segments
         self._reader = Reader(segments)
         self._files = files = SegmentFiles(self.dir, self.segment_bytes, segments, self._reader.forget)
@@ -106,12 +132,13 @@ class Outbox:
         self._next_id = max([self._acks.ptr] + [s.last_id for s in segments]) + 1
         for seg in [s for s in segments if s.empty and s.first_id > self._next_id]:
             files.delete(seg)  # started by a roll whose first records a power cut took: nothing in it
-        last = segments[-1] if segments else None
-        if last is not None and last.empty and last.first_id == self._next_id:
-            files.resume(last, self._checkpoint())
-        else:
-            files.prepare_spare(self.segment_bytes, within=None)
-            self._roll()
+        try:
+            self._start_segment()
+        except OSError as exc:
+            os.close(self._lock_fd)
+            if exc.errno == errno.ENOSPC:
+                raise DiskFullError(exc, dict(self._seq)) from None
+            raise
         self._bound.release_acked()
         self.prune()
         files.settle()
@@ -168,7 +195,14 @@ class Outbox:
                     pending = files.pending()
                     refill = files.want_spare(self.max_bytes)
                     break
-            files.prepare_spare(need, within=None)
+            try:
+                files.prepare_spare(need, within=None)
+            except OSError as exc:
+                if exc.errno != errno.ENOSPC:
+                    raise
+                if not self._make_room():
+                    return 0, self._lose(stream, count, exc)
+        self.disk_full = False
         if self.fsync_interval <= 0:
             self._flush_through(msg_id)
         for listener in self._listeners:
@@ -177,14 +211,40 @@ class Outbox:
             files.settle()
         if refill:
             try:
-                files.prepare_spare(self.segment_bytes, within=self.max_bytes)
+                files.prepare_spare(files.segment_bytes, within=self.max_bytes)
             except OSError as exc:
-                log.warning("outbox: cannot preallocate the next segment ahead (%s); the roll will try again", exc)
+                if exc.errno != errno.ENOSPC:
+                    log.warning("outbox: cannot preallocate the next segment ahead (%s); the roll will try again", exc)
         return msg_id, first
 
     def last_seq(self, stream: str) -> int:
         with self._lock:
             return self._seq.get(stream, 0)
+
+    def last_seqs(self) -> dict[str, int]:
+        """Every stream's last seq."""
+        with self._lock:
+            return dict(self._seq)
+
+    def count_lost(self, count: int) -> None:
+        """Messages kept elsewhere that are gone (an outbox in memory left by a run on a full disk)."""
+        with self._lock:
+            self._counters.add("dropped", count)
+            self._counters.add("dropped_disk", count)
+
+    def unreported_drops(self) -> tuple[int, int, int]:
+        """Drops no `outbox.dropped` event has reported yet, this run's or an earlier one's (what was
+        reported is kept with the counters): (count, of them for lack of disk room, total dropped)."""
+        with self._lock:
+            c = self._counters
+            dropped = c.get("dropped")
+            return dropped - c.get("reported"), c.get("dropped_disk") - c.get("reported_disk"), dropped
+
+    def mark_reported(self, count: int, disk: int) -> None:
+        """An event reporting `count` drops (`disk` of them for lack of room) is stored."""
+        with self._lock:
+            self._counters.add("reported", count)
+            self._counters.add("reported_disk", disk)
 
     def add_listener(self, callback: Callable[[], None]) -> None:
         """Called (outside the lock) after every put: the publisher wakes up on it."""
@@ -212,13 +272,22 @@ class Outbox:
             return removed
 
     def prune(self) -> int:
-        """Drop segments whose newest message is older than max_age; returns how many messages."""
+        """Drop segments whose newest message is older than max_age; returns how many messages.
+
+        On a full disk with no room to roll the active segment away, its expired messages are skipped in
+        place (counted as `dropped_age`, never sent) and its file goes with the next roll."""
         files = self._files
         with self._lock:
             self._check_open()
             expired = self._bound.expired(files.segments[-1], self._clock() - self.max_age)
+        no_room: OSError | None = None
         if expired:
-            files.prepare_spare(self.segment_bytes, within=None)  # to roll the active segment away
+            try:
+                files.prepare_spare(files.segment_bytes, within=None)  # to roll the active segment away
+            except OSError as exc:
+                if exc.errno != errno.ENOSPC:
+                    raise
+                no_room = exc
         with self._lock:
             self._check_open()
             cutoff = self._clock() - self.max_age
@@ -228,12 +297,16 @@ class Outbox:
                 try:
                     self._roll()
                 except NoSpareError:
-                    pass  # a producer took the spare first: the next prune rolls it
+                    if no_room is not None:  # its messages go all the same; its file once there is room
+                        dropped += self._bound.skip(active)
+                    # else a producer took the spare first: the next prune rolls it
                 else:
                     dropped += self._bound.drop(active)
             if dropped:
                 self._bound.count_expired(dropped)
             pending = files.pending()
+        if no_room is not None:
+            self._warn_full(f"expired messages dropped in place, their segment kept until a roll ({no_room.strerror})")
         if pending:
             files.settle()
         return dropped
@@ -285,6 +358,9 @@ class Outbox:
                 dropped_age=c.get("dropped_age"),
                 rejected=c.get("rejected"),
                 acked=self._acked,
+                dropped_disk=c.get("dropped_disk"),
+                disk_full=self.disk_full,
+                memory_only=self.memory_only,
             )
 
     def disk_bytes(self) -> int:
@@ -318,6 +394,66 @@ class Outbox:
     def _checkpoint(self) -> bytes:
         """The record that opens a segment: every seq and counter, so that numbers survive deletions."""
         return encode_checkpoint(self._clock(), self._seq, self._counters.values)
+
+    def _start_segment(self) -> None:
+        """The active segment at start: the last one resumed, or a new one; on a full disk after making
+        room (`_make_room`), so that the agent starts whatever the disk holds."""
+        files = self._files
+        while True:
+            last = files.segments[-1] if files.segments else None
+            try:
+                if last is not None and last.empty and last.first_id == self._next_id:
+                    files.resume(last, self._checkpoint())
+                else:
+                    files.prepare_spare(files.segment_bytes, within=None)
+                    self._roll()
+                return
+            except OSError as exc:
+                if exc.errno != errno.ENOSPC or not self._make_room(keep_active=False):
+                    raise
+
+    def _make_room(self, *, keep_active: bool = True) -> bool:
+        """On a full disk: preallocate smaller segments first (down to SEGMENT_MIN, for the rest of this
+        run), then drop the oldest segment (counted as `dropped_disk`). False when neither is left."""
+        files = self._files
+        if files.segment_bytes > SEGMENT_MIN:
+            files.segment_bytes = max(SEGMENT_MIN, files.segment_bytes // 8)
+            self._warn_full(f"preallocating segments of {files.segment_bytes} bytes")
+            return True
+        with self._lock:
+            if len(files.segments) <= (1 if keep_active else 0):
+                return False
+            dropped = self._bound.drop(files.segments[0])
+            if dropped:
+                self._counters.add("dropped", dropped)
+                self._counters.add("dropped_disk", dropped)
+        self._warn_full(f"dropped the oldest {dropped} message(s) to make room")
+        files.settle()
+        return True
+
+    def _lose(self, stream: str | None, count: int, exc: OSError) -> int:
+        """A message the disk has no room for: its seq is used up (the gap shows), it is counted, and
+        `disk_full` says so until a later put finds room. Returns the first seq it would have had."""
+        with self._lock:
+            first = self._seq.get(stream, 0) + 1 if stream is not None else 0
+            if stream is not None:
+                self._seq[stream] = first + count - 1
+            self._counters.add("dropped", 1)
+            self._counters.add("dropped_disk", 1)
+            self.disk_full = True
+        self._warn_full(f"messages are lost and counted ({exc.strerror})")
+        return first
+
+    def _warn_full(self, what: str) -> None:
+        now = time.monotonic()
+        if now - self._last_full_log >= FULL_LOG_INTERVAL:
+            self._last_full_log = now
+            log.warning(
+                "outbox %s: the disk is full; %s (%d dropped for lack of room so far)",
+                self.dir,
+                what,
+                self._counters.get("dropped_disk"),
+            )
 
     def _roll(self, need: int = 0) -> None:
         """Start the next segment (under the lock); NoSpareError without a spare ready."""
@@ -361,11 +497,3 @@ class Outbox:
     def _check_open(self) -> None:
         if self._files.closed:
             raise RuntimeError(f"outbox {self.dir} is closed")
-
-
-def open_outbox(state_dir: str | Path, config: OutboxConfig | None = None) -> Outbox:
-    """The outbox of a profile: `<state_dir>/outbox/`, bounded by `mqtt.outbox`."""
-    path = Path(state_dir) / DIRNAME
-    if config is None:
-        return Outbox(path)
-    return Outbox(path, max_bytes=config.max_bytes, max_age=config.max_age)

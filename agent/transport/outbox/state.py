@@ -2,11 +2,14 @@
 (`counters.json`) and the lock that keeps the directory to one process.
 
 Each file is replaced whole by a rename: no flush of its own (the segments' flush covers the
-directory).
+directory). counters.json is padded to a fixed size, so that on a disk without a free block for the
+new copy it is overwritten in place, in the blocks it already has: the drops a run counts on a full
+disk outlive its end, to be reported after the restart.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -14,6 +17,7 @@ from pathlib import Path
 
 COUNTERS = "counters.json"
 ACKED = "acked"
+COUNTERS_SLOT = 512  # counters.json's size (padded with spaces): one sector, overwritten in place when full
 
 
 def lock_directory(directory: Path) -> int:
@@ -49,18 +53,49 @@ class StateFiles:
         return {str(k): int(v) for k, v in data.items()} if isinstance(data, dict) else {}
 
     def write_text(self, name: str, text: str) -> None:
+        """Replace a small state file. On a full disk a file of the same size is overwritten in place;
+        otherwise the old one stays (a stale ack pointer or count is safe: recovery reads both back from
+        the segments' checkpoints too) and the next write tries again."""
         tmp = self.dir / f".{name}.tmp"
-        tmp.write_text(text)
+        try:
+            tmp.write_text(text)
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC:
+                raise
+            tmp.unlink(missing_ok=True)
+            self._overwrite(name, text.encode())
+            return
         self.written += len(text)
         os.replace(tmp, self.dir / name)
 
     def write_json(self, name: str, data: dict[str, int]) -> None:
-        self.write_text(name, json.dumps(data))
+        text = json.dumps(data)
+        self.write_text(name, text.ljust(-(-len(text) // COUNTERS_SLOT) * COUNTERS_SLOT))
+
+    def _overwrite(self, name: str, data: bytes) -> None:
+        """Write `data` over a file of exactly its size, in the blocks it has (one write of at most a
+        sector or two: a crash leaves the old or the new content)."""
+        try:
+            fd = os.open(self.dir / name, os.O_WRONLY)
+        except OSError:
+            return
+        try:
+            if os.fstat(fd).st_size == len(data):
+                os.pwrite(fd, data, 0)
+                self.written += len(data)
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC:
+                raise
+        finally:
+            os.close(fd)
 
 
 class Counters:
     """What the outbox dropped or the broker rejected: `dropped`, `dropped_full`, `dropped_age`,
-    `rejected`. Kept in counters.json, and in every segment's checkpoint."""
+    `dropped_disk` (messages the disk had no room for), `rejected`; and how many drops an `outbox.dropped`
+    event has reported (`reported`, `reported_disk`), so that drops a run could not report (the disk was
+    full until it ended) are reported after the restart. Kept in counters.json, and in every segment's
+    checkpoint."""
 
     def __init__(self, files: StateFiles) -> None:
         self.files = files
@@ -77,6 +112,13 @@ class Counters:
         """Counts read back from checkpoints: the higher of each wins."""
         for name, value in found.items():
             self.values[name] = max(self.values.get(name, 0), value)
+
+    def start_reporting(self) -> None:
+        """Counters from before `reported` was kept count as reported: an upgrade does not announce every
+        drop a device ever had."""
+        if "reported" not in self.values:
+            self.values["reported"] = self.get("dropped")
+            self.values["reported_disk"] = self.get("dropped_disk")
 
     def save(self) -> None:
         self.files.write_json(COUNTERS, self.values)

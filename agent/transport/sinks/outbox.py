@@ -90,7 +90,6 @@ class OutboxSink:
         self._pending_qos: dict[str, int] = {}
         self._lock = threading.Lock()
         self._worker = Worker("outbox-sink", self._run)
-        self._dropped_reported = outbox.dropped
         self._last_drop_report = 0.0
 
     @classmethod
@@ -132,10 +131,15 @@ class OutboxSink:
             self._flush_pipeline(pipeline)
 
     def event(self, event: Event) -> None:
+        self._put_event(event)
+
+    def _put_event(self, event: Event) -> int:
+        """The event into the outbox; its message id, 0 when the disk had no room for it."""
+
         def build(seq: int) -> bytes:
             return _dumps(event_payload(self.topics.device, seq, utc_iso(event.ts), event.body))
 
-        self.outbox.put_sequenced(EVENTS_STREAM, self.topics.events, build, qos=1)
+        return self.outbox.put_sequenced(EVENTS_STREAM, self.topics.events, build, qos=1)[0]
 
     # ---- lifecycle ---------------------------------------------------------------------------
 
@@ -155,24 +159,24 @@ class OutboxSink:
             self._flush_pipeline(name)
 
     def report_drops(self, force: bool = False) -> None:
-        """Queue an `outbox.dropped` event when the bound dropped messages since the last report."""
-        dropped = self.outbox.dropped
+        """Queue an `outbox.dropped` event when the bound or a full disk dropped messages since the last
+        report, in this run or an earlier one (the outbox keeps what was reported); for a full disk only
+        once there is room again, and the drops count as reported only once the event is stored."""
         now = time.monotonic()
-        if dropped > self._dropped_reported and (force or now - self._last_drop_report >= DROP_REPORT_INTERVAL):
-            stats = self.outbox.stats()
-            count = dropped - self._dropped_reported
-            self._dropped_reported, self._last_drop_report = dropped, now
-            self.event(
-                Event(
-                    "outbox.dropped",
-                    {
-                        "count": count,
-                        "total": dropped,
-                        "max_bytes": stats.max_bytes,
-                        "reason": "the outbox reached its bound; the oldest messages were dropped",
-                    },
-                )
+        if self.outbox.disk_full or not (force or now - self._last_drop_report >= DROP_REPORT_INTERVAL):
+            return
+        count, disk, dropped = self.outbox.unreported_drops()
+        if count <= 0:
+            return
+        self._last_drop_report = now
+        reason = "the outbox reached its bound; the oldest messages were dropped"
+        if disk:
+            reason = f"the disk was full: {disk} message(s) could not be kept (their seq numbers are missing)" + (
+                f"; {count - disk} more dropped at the outbox bound" if count > disk else ""
             )
+        body = {"count": count, "total": dropped, "max_bytes": self.outbox.max_bytes, "reason": reason, "disk": disk}
+        if self._put_event(Event("outbox.dropped", body)):
+            self.outbox.mark_reported(count, disk)
 
     # ---- internals ---------------------------------------------------------------------------
 

@@ -1,0 +1,126 @@
+"""The workers that run every camera pipeline's stages: one pool per process, sized from the thread budget.
+
+Four threads per pipeline (capture, pre, infer, post) made four cameras on a 2-core device run 16 Python
+threads that only competed for the same two cores. A camera pipeline keeps its capture thread (a source
+blocks on its device) and hands its three processing stages to this pool: one worker per core of the
+budget (`core_budget()`, at least two) runs whichever stage has work, and one worker is always left
+for pre- and post-processing while the others run inferences. On a 2-core device that is one inference
+at a time on the session's 2-thread pool: measured with four PP-OCR cameras, two concurrent runs took
+70 MiB more (an arena per run in flight) for no more frames.
+
+Each stage runs on one worker at a time and takes its items in order, so a pipeline's frames keep
+their order and its stages still overlap each other (pre of frame n+1 while frame n runs).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from agent.device.providers import core_budget
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class Stage:
+    """One stage of one pipeline: `step` takes one item and is called only when `ready()` says so.
+
+    `ready` must not block and reads only state that changes under a `kick()` (or in a step of this pool).
+    """
+
+    name: str
+    ready: Callable[[], bool]
+    step: Callable[[], None]
+    heavy: bool = False  # an inference: counted against the pool's inference slots
+    running: bool = field(default=False, init=False)
+
+
+class StagePool:
+    """Worker threads shared by the stages of every pipeline attached; they exit when none is left."""
+
+    def __init__(self, size: Callable[[], int] = core_budget) -> None:
+        self._size = size
+        self._cond = threading.Condition()
+        self._stages: list[Stage] = []
+        self._workers = 0
+        self._heavy = 0
+        self._turn = 0  # where the next search for a ready stage starts: every pipeline gets its turn
+        self._heavy_turn = 0  # the same for inferences
+
+    @property
+    def workers(self) -> int:
+        with self._cond:
+            return self._workers
+
+    @property
+    def inference_slots(self) -> int:
+        """How many inferences may run at once: all workers but the one left for pre/post."""
+        with self._cond:
+            return max(1, self._workers - 1)
+
+    def attach(self, stages: Sequence[Stage]) -> None:
+        with self._cond:
+            self._stages.extend(stages)
+            want = max(2, self._size())
+            while self._workers < want:
+                self._workers += 1
+                threading.Thread(target=self._work, name=f"stages-{self._workers}", daemon=True).start()
+            self._cond.notify_all()
+
+    def detach(self, stages: Sequence[Stage]) -> None:
+        with self._cond:
+            self._stages = [s for s in self._stages if s not in stages]
+            self._cond.notify_all()
+
+    def kick(self) -> None:
+        """Something a stage waits for has changed (a frame came in, a swap is pending, a stop)."""
+        with self._cond:
+            self._cond.notify()
+
+    def _pick(self) -> Stage | None:
+        """Pre- and post-processing first (short, and what they free lets an inference start or a result
+        out), then the next inference in turn: inferences take turns by their own pointer, because a
+        camera whose pre step refills its queue at once would otherwise win every free slot."""
+        stages, n = self._stages, len(self._stages)
+        for i in range(n):
+            stage = stages[(self._turn + i) % n]
+            if not stage.heavy and not stage.running and stage.ready():
+                self._turn = (self._turn + i + 1) % n
+                return stage
+        if self._heavy >= max(1, self._workers - 1):  # inference_slots, under the lock held
+            return None
+        for i in range(n):
+            stage = stages[(self._heavy_turn + i) % n]
+            if stage.heavy and not stage.running and stage.ready():
+                self._heavy_turn = (self._heavy_turn + i + 1) % n
+                return stage
+        return None
+
+    def _work(self) -> None:
+        with self._cond:
+            while True:
+                stage = self._pick()
+                if stage is None:
+                    if not self._stages:
+                        self._workers -= 1
+                        return
+                    self._cond.wait()
+                    continue
+                stage.running = True
+                self._heavy += stage.heavy
+                self._cond.release()
+                try:
+                    stage.step()
+                except Exception:  # the pipeline guards its own steps: this is a bug in one, not a reason to stop
+                    log.exception("pipeline stage failed stage=%s", stage.name)
+                finally:
+                    self._cond.acquire()
+                    stage.running = False
+                    self._heavy -= stage.heavy
+                    self._cond.notify_all()  # its queues moved: stages up- and downstream may be ready now
+
+
+STAGES = StagePool()  # the process's pool: every camera pipeline's stages run on it

@@ -1,0 +1,210 @@
+"""Camera pipelines share the process's stage workers: a camera costs its capture thread, nothing more."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from agent.config.base import PluginConfig
+from agent.config.profile import PipelineConfig
+from agent.inference.pipeline import Pipeline
+from agent.inference.runtime import load_model
+from agent.inference.sources.base import BaseSource, Frame
+from agent.inference.stagepool import STAGES
+from tests.helpers.models import save
+from tests.test_pipeline import RUNTIME, Recorder, pool_model
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def busy_pool_model(size: int = 256, rounds: int = 4) -> onnx.ModelProto:
+    """`pool_model`'s y (channel means), after `rounds` size x size MatMuls that depend on the input (so
+    that nothing is folded away): a few ms a frame, enough to make inference the cameras' bottleneck."""
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array((rng.standard_normal((size, size)) / size).astype(np.float32), "w")
+    nodes = [
+        helper.make_node("GlobalAveragePool", ["x"], ["p"]),
+        helper.make_node("Flatten", ["p"], ["y0"]),
+        helper.make_node("ReduceMean", ["y0"], ["m"], keepdims=0),
+        helper.make_node("Expand", ["m", "shape"], ["a0"]),
+    ]
+    for i in range(rounds):
+        nodes.append(helper.make_node("MatMul", [f"a{i}", "w"], [f"a{i + 1}"]))
+    nodes += [
+        helper.make_node("ReduceSum", [f"a{rounds}"], ["s"], keepdims=0),
+        helper.make_node("Mul", ["s", "zero"], ["z"]),
+        helper.make_node("Add", ["y0", "z"], ["y"]),
+    ]
+    inits = [
+        w,
+        numpy_helper.from_array(np.array([size, size], np.int64), "shape"),
+        numpy_helper.from_array(np.array(0.0, np.float32), "zero"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "busy",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 24, 32])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])],
+        initializer=inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+
+
+class Camera(BaseSource[PluginConfig]):
+    """A live source: `scale` fills its frames, so each result says which camera it came from."""
+
+    live = True
+
+    def __init__(self, config: PluginConfig, scale: float, frames: int = 400) -> None:
+        super().__init__(config)
+        self.image = np.full((24, 32, 3), scale, np.uint8)
+        self.count = frames
+
+    def frames(self, stop: threading.Event) -> Iterator[Frame]:
+        while not stop.is_set() and self.seq < self.count:
+            yield Frame(self.image, time.time(), self.next_seq())
+            time.sleep(0.002)
+
+
+def camera_pipeline(tmp_path: Path, i: int, sink: Recorder, frames: int = 400) -> Pipeline:
+    cfg = PipelineConfig.model_validate({"name": f"cam{i}", "model": "m.onnx", "source": {"type": "synthetic"}})
+    model = load_model(tmp_path / "m.onnx", RUNTIME, tmp_path, version="1")
+    camera = Camera(cfg.source, i, frames)
+    return Pipeline(cfg, model, sink, device="d", state_dir=tmp_path, emit=sink.event, source=camera)
+
+
+def test_camera_pipelines_run_on_the_shared_workers_in_order_and_swap_between_frames(tmp_path: Path) -> None:
+    save(pool_model(), tmp_path / "m.onnx")
+    v2 = save(pool_model(scale=2.0), tmp_path / "v2.onnx")
+    idle_workers = STAGES.workers  # 0 unless another test left a camera pipeline running
+    sinks = [Recorder() for _ in range(3)]
+    pipes = [camera_pipeline(tmp_path, i + 1, sink) for i, sink in enumerate(sinks)]
+    for p in pipes:
+        p.start()
+    names = {t.name for t in threading.enumerate()}
+    assert {f"cam{i}-{stage}" for i in (1, 2, 3) for stage in ("pre", "infer", "post")}.isdisjoint(names)
+    assert {"cam1-capture", "cam2-capture", "cam3-capture"} <= names
+    time.sleep(0.3)
+    pipes[0].swap(v2, version="2")
+    for p in pipes:
+        assert p.wait(30)
+        p.stop()
+    for i, sink in enumerate(sinks, start=1):
+        seqs = [r["source_seq"] for r in sink.results]
+        assert len(seqs) > 10 and seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+        versions = [r["model_version"] for r in sink.results]
+        scale = 2.0 if i == 1 else 1.0
+        # every result is this camera's frame through the version named: nothing crossed pipelines
+        for r in sink.results:
+            factor = 2.0 if r["model_version"] == "2" else 1.0
+            assert r["output"]["y"] == [[i * factor] * 3], (i, r)
+        assert versions == sorted(versions) and versions[-1] == ("2" if scale == 2.0 else "1")
+    assert {p.stats()["state"] for p in pipes} == {"finished"}
+    deadline = time.monotonic() + 5
+    while STAGES.workers > idle_workers and time.monotonic() < deadline:  # these pipelines gone: their workers too
+        time.sleep(0.01)
+    assert STAGES.workers == idle_workers
+
+
+@pytest.mark.logs_exception("a bug in a stage is logged with its traceback, as in a threaded pipeline")
+def test_a_camera_pipeline_that_fails_a_stage_leaves_the_others_served(tmp_path: Path) -> None:
+    save(pool_model(), tmp_path / "m.onnx")
+    good, bad = Recorder(), Recorder(fail_first=10**6)
+    pipes = [camera_pipeline(tmp_path, 1, good), camera_pipeline(tmp_path, 2, bad)]
+
+    def broken(_: object) -> None:
+        raise RuntimeError("a bug in a stage")
+
+    pipes[1]._publish = broken  # type: ignore[method-assign,assignment]
+    for p in pipes:
+        p.start()
+    assert pipes[0].wait(30) and pipes[1].wait(30)
+    for p in pipes:
+        p.stop()
+    assert pipes[1].stats()["state"] == "failed" and "pipeline.failed" in bad.types()
+    assert pipes[0].stats()["state"] == "finished" and len(good.results) > 10
+
+
+def test_cameras_take_turns_at_inference_and_each_stops_promptly(tmp_path: Path) -> None:
+    save(busy_pool_model(), tmp_path / "m.onnx")
+    sinks = [Recorder() for _ in range(4)]
+    pipes = [camera_pipeline(tmp_path, i + 1, sink, frames=10**6) for i, sink in enumerate(sinks)]
+    for p in pipes:
+        p.start()
+    time.sleep(1.5)
+    for p in pipes:  # one at a time, the others still streaming: each one's last frames still get their turn
+        started = time.monotonic()
+        p.stop(timeout=10)
+        assert time.monotonic() - started < 5 and p.stats()["state"] == "stopped"
+    counts = [len(s.results) for s in sinks]
+    assert min(counts) > max(counts) / 2, counts  # inferences take turns: no camera starves the others
+
+
+def test_stopping_a_camera_pipeline_that_never_started_returns_at_once(tmp_path: Path) -> None:
+    save(pool_model(), tmp_path / "m.onnx")
+    pipe = camera_pipeline(tmp_path, 1, Recorder())
+    started = time.monotonic()
+    pipe.stop(timeout=10)
+    assert time.monotonic() - started < 1.0 and pipe.stats()["state"] == "created"
+    pipe.model.close()
+
+
+CHILD = """
+import json, os, sys, threading, time
+os.sched_setaffinity(0, {0})  # a container given one CPU
+from agent.util.pools import limit_library_pools
+limit_library_pools()  # what `edge-agent run` does before numpy and OpenCV load
+sys.path.insert(0, os.getcwd())
+from pathlib import Path
+from tests.test_thread_budget import camera_pipeline, Recorder, save, pool_model
+from agent.inference.stagepool import STAGES
+tmp = Path(sys.argv[1])
+n = int(sys.argv[2])
+save(pool_model(), tmp / "m.onnx")
+pipes = [camera_pipeline(tmp, i, Recorder(), frames=10**6) for i in range(n)]  # streaming until stopped
+for p in pipes:
+    p.start()
+time.sleep(0.5)
+seen = {"os": 0}
+for _ in range(20):
+    seen["os"] = max(seen["os"], len(os.listdir("/proc/self/task")))
+    time.sleep(0.02)
+seen["python"] = threading.active_count()
+seen["workers"] = STAGES.workers
+seen["intra_op"] = pipes[0].model.session.get_session_options().intra_op_num_threads
+seen["results"] = min(p.stats()["results"] for p in pipes)
+for p in pipes:
+    p.stop()
+print(json.dumps(seen))
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="needs CPU affinity (Linux)")
+@pytest.mark.parametrize("cameras", [1, 6])
+def test_camera_threads_under_one_cpu_are_the_captures_plus_a_constant(tmp_path: Path, cameras: int) -> None:
+    out = subprocess.run(
+        [sys.executable, "-c", CHILD, str(tmp_path), str(cameras)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
+    assert out.returncode == 0, out.stderr
+    seen = json.loads(out.stdout)
+    assert seen["results"] > 0 and seen["intra_op"] == 1
+    # one for inference, one for pre/post: the least that still overlaps them
+    assert seen["workers"] == 2, (seen, out.stderr[-3000:])
+    # main + a capture thread per camera + the two workers; onnxruntime keeps one thread of its own
+    assert seen["python"] == 1 + cameras + 2, seen
+    assert seen["os"] <= seen["python"] + 1, seen
