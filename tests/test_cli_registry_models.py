@@ -12,6 +12,7 @@ import pytest
 import requests
 
 from agent.device.onnxproto import AI_ONNX, identity_model
+from agent.util.names import NAME_WORDS, VERSION_WORDS
 from tests.helpers.faulty_models import nan_model, sequence_model, zipmap_classifier
 from tests.helpers.registry import start_cli_server
 
@@ -280,6 +281,26 @@ def test_serve_speaks_head_range_and_etag(keys: Path, served: tuple[Path, str], 
 def test_usage_errors_are_one_line(tmp_path: Path, args: tuple[str, ...], code: int, message: str) -> None:
     out = cli(*(a.replace("{tmp}", str(tmp_path)) for a in args))
     assert out.returncode == code and message in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
+@pytest.mark.parametrize(
+    ("model", "extra", "message"),
+    [
+        ("m\n", (), f'model: expected {NAME_WORDS}, got "m\\n"'),  # re.match with `$` let this through
+        ("../m", (), f'model: expected {NAME_WORDS}, got "../m"'),
+        ("m", ("--version", "1.0.0\n"), f'version: expected {VERSION_WORDS}, got "1.0.0\\n"'),
+        ("m", ("--channel", "stable\n"), f'channel: expected {NAME_WORDS}, got "stable\\n"'),
+        ("m", ("--variant", "fp32\n"), f'variant id: expected {NAME_WORDS}, got "fp32\\n"'),
+    ],
+)
+def test_publish_checks_names_with_the_one_pattern(
+    keys: Path, tmp_path: Path, model: str, extra: tuple[str, ...], message: str
+) -> None:
+    root = tmp_path / "r"
+    out = publish(root, model, tiny(tmp_path / "m.onnx"), keys, *extra)
+    assert out.returncode == 2 and message in out.stderr, out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert not list(root.rglob("manifest.json")) and not list(root.rglob("stable*")), "nothing published"
 
 
 def test_inspect_a_real_model_without_onnx(sample_model: Callable[[str], Path]) -> None:

@@ -20,10 +20,12 @@ import requests
 from agent.cloud.publish import write_signed
 from agent.cloud.server import REQUESTS_KEPT
 from agent.device.compat import caps_for
+from agent.device.hardware import probe
 from agent.models.fetch import retry_after
 from agent.models.manifest import dumps
 from agent.models.signing import CHANNEL, generate_keypair, load_private_key
 from agent.models.store import Store
+from agent.models.variants import fast_fp16
 from agent.models.vectors import encode
 from agent.transport.events import Event
 from tests.helpers.registry import FaultyHandler, Registry
@@ -64,7 +66,13 @@ def test_pull_activates_and_a_second_poll_is_a_conditional_get(registry: Registr
         "variant": "fp32",
         "provider": "CPUExecutionProvider",
         "previous": None,
-        "preference": "fp32 first on CPU",  # agent.models.variants: why this variant for this provider
+        # agent.models.variants: why this variant for this provider (a CPU with native fp16, as an
+        # emulated Neoverse N1, would run an fp16 variant first)
+        "preference": (
+            "fp16 before fp32: CPU runs fp16 faster"
+            if fast_fp16("CPUExecutionProvider", probe().cpu.flags)
+            else "fp32 first on CPU"
+        ),
     }
     active = Store(tmp_path / "state").active("m")
     assert active is not None and active.path.read_bytes() == registry.tiny("m1").read_bytes()

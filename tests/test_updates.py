@@ -253,6 +253,8 @@ def test_rollbacks_walk_back_through_history_and_the_command_honours_its_version
     assert third["ok"] is False and "m has no earlier version to roll back to" in third["error"]["message"]
     named = dev.command("rollback", {"model": "m", "version": "3.0.0"})
     assert named["result"] == {"model": "m", "version": "3.0.0", "from": "1.0.0"}, named
+    # The reply goes straight out; the events come through the outbox, a moment later.
+    dev.wait(lambda: len(dev.events("model.rolled_back")) >= 3, 20, "the third rollback event")
     assert [(e["version"], e["to"], e["cause"]) for e in dev.events("model.rolled_back")] == [
         ("3.0.0", "2.0.0", "command"),
         ("2.0.0", "1.0.0", "command"),

@@ -11,7 +11,6 @@ lower-opset export for old runtimes); variants are kept best first, which is the
 from __future__ import annotations
 
 import os
-import re
 import tempfile
 import uuid
 from dataclasses import dataclass
@@ -40,7 +39,7 @@ from agent.models.manifest import (
 from agent.models.signing import CHANNEL, MANIFEST, load_private_key
 from agent.models.vectors import VectorError, decode, encode
 from agent.util.hashing import sha256_bytes
-from agent.util.names import NAME_PATTERN, VERSION_PATTERN
+from agent.util.names import NAME_PATTERN, VERSION_PATTERN, UnsafeNameError, check
 
 Precision = Literal["fp32", "fp16", "int8"]
 
@@ -77,6 +76,14 @@ NP_TYPES = {
 
 class PublishError(Exception):
     """Publishing cannot go on; the message says what to fix."""
+
+
+def _check_name(value: str, what: str, pattern: str = NAME_PATTERN) -> None:
+    """The one name pattern (agent.util.names, matched whole: "m\\n" is no name), as a PublishError."""
+    try:
+        check(value, what, pattern)
+    except UnsafeNameError as exc:
+        raise PublishError(str(exc)) from None
 
 
 @dataclass(frozen=True)
@@ -248,8 +255,7 @@ def _variant(
     header = summary.header
     if variant_id is None:
         variant_id = precision if precision not in taken else f"{precision}-op{header.opsets.get(compat.AI_ONNX, 0)}"
-    if not re.match(NAME_PATTERN, variant_id):
-        raise PublishError(f"variant id {variant_id!r} is not a name (letters, digits, _ . -)")
+    _check_name(variant_id, "variant id")
     blob = put_blob(root, file)
     variant = Variant(
         id=variant_id,
@@ -303,14 +309,10 @@ def publish(
     stored as signed blobs beside the variant (agent.cloud.customops); the one for this machine must load
     the model and computes its test vectors."""
     root, file = Path(root), Path(file)
-    if not re.match(NAME_PATTERN, model):
-        raise PublishError(f"model {model!r} is not a name (letters, digits, _ . -; up to 64)")
-    if not re.match(VERSION_PATTERN, version):
-        raise PublishError(
-            f"version {version!r} is not a version name (letters, digits, _ . - +; not starting with a dot)"
-        )
-    if channel is not None and not re.match(NAME_PATTERN, channel):
-        raise PublishError(f"channel {channel!r} is not a name")
+    _check_name(model, "model")
+    _check_name(version, "version", VERSION_PATTERN)
+    if channel is not None:
+        _check_name(channel, "channel")
     if not file.is_file():
         raise PublishError(f"{file}: no such file")
     if accuracy_loss is not None and not 0 <= accuracy_loss <= 1:

@@ -16,7 +16,11 @@ A server can also answer too slowly to be any use: `timeout` bounds each read, s
 seconds would never end a fetch. Every body therefore has an overall deadline derived from what is
 expected, `timeout + expected bytes / min_rate` (the signed size left of a blob; a document's
 Content-Length, else MAX_DOC_BYTES): a fetch behind it ends as a `StalledError` (a FetchError, so
-`model.error` with the reason, and the next poll resumes the partial file).
+`model.error` with the reason, and the next poll resumes the partial file). The status line and headers
+come before any Content-Length, so they have a deadline of their own, `timeout + MAX_HEAD_BYTES /
+min_rate` from the request's start (for a blob no later than its body's), and so does the connect
+(TLS handshake included): a watchdog timer, armed by `_WatchedConnection` only while it connects and
+awaits the headers, shuts the socket down when the deadline passes, which ends the blocked read at once.
 """
 
 from __future__ import annotations
@@ -26,13 +30,20 @@ import email.utils
 import fcntl
 import logging
 import os
+import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import requests
+import requests.adapters
+import urllib3.connection
+import urllib3.connectionpool
 import urllib3.exceptions
+import urllib3.poolmanager
+import urllib3.response
 
 from agent.models.manifest import MAX_DOC_BYTES, Blob, file_digest
 from agent.util import backoff
@@ -48,6 +59,9 @@ DEADLINE = 300.0
 # Bytes per second below which a fetch is stalled rather than slow: 64 kbit/s, the slowest mobile links
 # still in use. A blob of the signed size S may take `timeout + S / MIN_RATE` seconds in all.
 MIN_RATE = 8 * 1024
+# The status line and headers of any registry, CDN or object store answer (about 1 KB) with room to spare:
+# at the minimum rate they may take `timeout + MAX_HEAD_BYTES / min_rate` seconds (2 s more than timeout).
+MAX_HEAD_BYTES = 16 * 1024
 RETRY_LATER = (429, 503)  # "come back later": answers a CDN or a busy server gives, with a Retry-After
 Progress = Callable[[int, int], None]
 T = TypeVar("T")
@@ -134,6 +148,8 @@ class Fetcher:
         self.clock = clock
         self.http = requests.Session()
         self.http.headers["User-Agent"] = "edge-agent"
+        for prefix in ("http://", "https://"):
+            self.http.mount(prefix, _WatchedAdapter())
 
     def _retrying(self, what: str, call: Callable[[], T]) -> T:
         ends = self.clock() + self.deadline
@@ -167,7 +183,7 @@ class Fetcher:
             except (FileNotFoundError, ValueError, UnicodeDecodeError):
                 cached = None
             started = self.clock()
-            with self.http.get(url, headers=headers, timeout=self.timeout, stream=True) as r:
+            with self._get(url, headers, path, started, None) as r:
                 if r.status_code == 304 and cached is not None:
                     return cached
                 if r.status_code == 404:
@@ -227,7 +243,7 @@ class Fetcher:
             return
         headers = {"Range": f"bytes={have}-"} if have else {}
         started, expected = self.clock(), blob.size - have
-        with self.http.get(url, headers=headers, timeout=self.timeout, stream=True) as r:
+        with self._get(url, headers, what, started, expected) as r:
             if r.status_code == 404:
                 raise RefusalError(f"{what} is not on the registry (404)")
             if r.status_code == 416:
@@ -281,6 +297,21 @@ class Fetcher:
         if have < blob.size:
             raise FetchError(f"connection ended at {have} of {blob.size} bytes")
 
+    def _get(
+        self, url: str, headers: dict[str, str], what: str, started: float, expected: int | None
+    ) -> requests.Response:
+        """A streamed GET whose status line and headers must be in by `timeout + MAX_HEAD_BYTES / min_rate`
+        from `started` (for a body of `expected` bytes, no later than the body's own deadline), else
+        StalledError: the per-read timeout alone lets a trickle hold the request forever."""
+        limit = self.timeout + MAX_HEAD_BYTES / self.min_rate
+        if expected is not None:
+            limit = min(limit, self.timeout + expected / self.min_rate)
+        _watch.current = _HeadWatch(what, started + limit, limit, self.min_rate, self.clock)
+        try:
+            return self.http.get(url, headers=headers, timeout=self.timeout, stream=True)
+        finally:
+            _watch.current = None
+
     def _body(self, r: requests.Response, what: str, started: float, expected: int) -> Iterator[bytes]:
         """The body as it arrives (read1: whatever one read brings, so that a trickle is seen trickling);
         StalledError once it falls behind `timeout + expected / min_rate` from `started`. The errors of
@@ -303,6 +334,127 @@ class Fetcher:
                     f"{what}: stalled: {got} of {expected} bytes in {self.clock() - started:.0f} s, slower than "
                     f"the minimum rate of {self.min_rate:.0f} bytes/s (deadline {ends - started:.0f} s)"
                 )
+
+
+class _HeadWatch:
+    """The deadline for one request's connect, status line and headers, read by `_WatchedConnection` in the
+    requesting thread (requests offers no per-request hook below the adapter)."""
+
+    def __init__(self, what: str, ends: float, limit: float, rate: float, clock: Callable[[], float]) -> None:
+        self.what, self.ends, self.limit, self.rate, self.clock = what, ends, limit, rate, clock
+
+    def stalled(self) -> StalledError:
+        return StalledError(
+            f"{self.what}: stalled: status line and headers not complete after {self.limit:.0f} s, slower than "
+            f"the minimum rate of {self.rate:.0f} bytes/s"
+        )
+
+
+class _Local(threading.local):
+    current: _HeadWatch | None = None
+
+
+_watch = _Local()
+
+
+class _Shutter:
+    """A watchdog for one phase of a connection (connect, then the wait for the headers): shuts the
+    connection's socket down at the deadline unless the phase ended first. The lock makes "phase over" and
+    "shut down" exclusive, so a socket is never shut once handed on. The socket is looked up when it
+    fires: urllib3 sets `sock` before the TLS handshake, which is then cut short too (before the TCP
+    connect has a socket, the connect timeout bounds it and the phase ends as stalled when it returns)."""
+
+    def __init__(self, conn: urllib3.connection.HTTPConnection) -> None:
+        self.conn = conn
+        self.lock = threading.Lock()
+        self.fired = False
+        self.done = False
+
+    def fire(self) -> None:
+        with self.lock:
+            if self.done:
+                return
+            self.fired = True
+            sock = self.conn.sock
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    # The plain socket's shutdown, also for an SSLSocket (whose own would drop its TLS state
+                    # under the reading thread): a blocked recv then returns at once.
+                    socket.socket.shutdown(sock, socket.SHUT_RDWR)
+
+    def finish(self) -> bool:
+        """Whether the watchdog fired; after this it never will."""
+        with self.lock:
+            self.done = True
+            return self.fired
+
+
+class _WatchedConnection(urllib3.connection.HTTPConnection):
+    """urllib3's connection, its connect and header phases bounded by the requesting thread's `_HeadWatch`."""
+
+    def connect(self) -> None:
+        self._guarded(super().connect, lambda _: self.close())
+
+    def getresponse(self) -> urllib3.response.HTTPResponse:  # type: ignore[override] # as urllib3's own
+        # Headers cut short read as complete ones (http.client ends them at EOF): such a response is closed.
+        return self._guarded(super().getresponse, lambda response: response.close())
+
+    def _guarded(self, phase: Callable[[], T], discard: Callable[[T], None]) -> T:
+        """`phase` under the thread's deadline: StalledError once the watchdog fired, even when the phase then
+        returned (what it returned, cut short by the shutdown, is discarded, never used)."""
+        watch = _watch.current
+        if watch is None:
+            return phase()
+        shutter = _Shutter(self)
+        timer = threading.Timer(max(0.0, watch.ends - watch.clock()), shutter.fire)
+        timer.daemon = True
+        timer.start()
+        try:
+            result = phase()
+        except Exception:
+            if shutter.finish():
+                raise watch.stalled() from None
+            raise
+        finally:
+            timer.cancel()
+        if shutter.finish():
+            discard(result)
+            raise watch.stalled()
+        return result
+
+
+class _WatchedHTTPSConnection(_WatchedConnection, urllib3.connection.HTTPSConnection):
+    """The TLS connection with the same watchdog; the watched class first, so that its connect (which
+    wraps urllib3's TLS connect, handshake included) is the one called."""
+
+
+class _WatchedPool(urllib3.connectionpool.HTTPConnectionPool):
+    ConnectionCls = _WatchedConnection
+
+
+class _WatchedHTTPSPool(urllib3.connectionpool.HTTPSConnectionPool):
+    ConnectionCls = _WatchedHTTPSConnection
+
+
+_WATCHED_POOLS: dict[str, type[urllib3.connectionpool.HTTPConnectionPool]] = {
+    "http": _WatchedPool,
+    "https": _WatchedHTTPSPool,
+}
+
+
+class _WatchedAdapter(requests.adapters.HTTPAdapter):
+    """requests' adapter with pools of watched connections (direct and through an HTTP(S) proxy; a SOCKS
+    proxy keeps its own pools and only the per-read timeout)."""
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = _WATCHED_POOLS
+
+    def proxy_manager_for(self, proxy: str, **kwargs: Any) -> urllib3.poolmanager.PoolManager:
+        manager: urllib3.poolmanager.PoolManager = super().proxy_manager_for(proxy, **kwargs)
+        if type(manager) is urllib3.poolmanager.ProxyManager:
+            manager.pool_classes_by_scheme = _WATCHED_POOLS
+        return manager
 
 
 @contextlib.contextmanager

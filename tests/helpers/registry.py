@@ -42,12 +42,14 @@ class FaultyServer(RegistryHTTPServer):
     """The real server, with faults a test queues by file name: `faults[name]` is ("status", code),
     answered once, or ("cut", n), n bytes of the body and then a dropped connection; `endless[name]`
     serves that file over and over with no length; `trickle[name]` sends its body one byte every that
-    many seconds (a server too slow to be of use, yet never silent long enough for a read timeout)."""
+    many seconds (a server too slow to be of use, yet never silent long enough for a read timeout);
+    `trickle_head[name]` does the same to its status line and headers, before any Content-Length."""
 
     def __init__(self, root: Path, throttle_bps: float | None = None) -> None:
         self.faults: dict[str, tuple[str, int]] = {}
         self.endless: dict[str, bool] = {}
         self.trickle: dict[str, float] = {}
+        self.trickle_head: dict[str, float] = {}
         super().__init__(root, throttle_bps=throttle_bps, handler=FaultyHandler)
 
 
@@ -86,6 +88,21 @@ class FaultyHandler(RegistryHandler):
             del self.server.faults[path.name]
             self.server.record(self)
             self._status_only(fault[1])
+            return
+        every = self.server.trickle_head.get(path.name) if path is not None else None
+        if every is not None and path is not None and path.is_file():
+            self.server.record(self)
+            data = path.read_bytes() if body else b""
+            head = f"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: {path.stat().st_size}\r\n\r\n"
+            self.close_connection = True
+            try:
+                for i in range(len(head)):
+                    self.wfile.write(head[i : i + 1].encode())
+                    self.wfile.flush()
+                    time.sleep(every)
+                self.wfile.write(data)
+            except (BrokenPipeError, ConnectionResetError):
+                pass
             return
         if body and path is not None and self.server.endless.get(path.name):
             self.server.record(self)

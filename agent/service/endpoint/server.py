@@ -14,10 +14,9 @@ import json
 import logging
 import socket
 import ssl
-import threading
 import time
 from collections.abc import Callable, Mapping
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
@@ -28,6 +27,7 @@ from agent.service.endpoint.stats import EndpointStats
 from agent.service.endpoint.tensors import RequestError
 from agent.service.statuspage.server import parse_address
 from agent.util import redact
+from agent.util.httpserver import BoundedHTTPServer
 from agent.util.worker import Worker
 
 if TYPE_CHECKING:
@@ -150,17 +150,23 @@ class InferenceEndpoint:
             raise RequestError(401, "missing or wrong bearer token (send Authorization: Bearer <token>)")
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
+_BUSY = b'{"error": "too many connections to the endpoint; retry later"}'
+
+
+class _Server(BoundedHTTPServer):
     request_queue_size = 64
+    name = "endpoint"
+    busy = (
+        b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nConnection: close\r\n"
+        + f"Content-Length: {len(_BUSY)}\r\n\r\n".encode()
+        + _BUSY
+    )
 
     def __init__(
         self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler], *, endpoint: InferenceEndpoint
     ) -> None:
         self.endpoint = endpoint
-        self._slots = threading.BoundedSemaphore(endpoint.config.max_clients)
-        super().__init__(address, handler)
+        super().__init__(address, handler, endpoint.config.max_clients)
 
     def get_request(self) -> tuple[Any, Any]:
         sock, addr = super().get_request()
@@ -169,30 +175,6 @@ class _Server(ThreadingHTTPServer):
             # The handshake happens on the handler's thread (first read), never on the accept loop.
             sock = context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
         return sock, addr
-
-    def process_request(self, request: Any, client_address: Any) -> None:
-        if not self._slots.acquire(blocking=False):
-            try:
-                body = b'{"error": "too many connections to the endpoint; retry later"}'
-                request.sendall(
-                    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nConnection: close\r\n"
-                    + f"Content-Length: {len(body)}\r\n\r\n".encode()
-                    + body
-                )
-            except (OSError, ValueError):
-                pass
-            self.shutdown_request(request)
-            return
-        super().process_request(request, client_address)
-
-    def process_request_thread(self, request: Any, client_address: Any) -> None:
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            self._slots.release()
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        log.debug("endpoint: connection from %s failed", client_address, exc_info=True)
 
 
 class _Handler(BaseHTTPRequestHandler):

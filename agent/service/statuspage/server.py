@@ -10,9 +10,8 @@ import functools
 import json
 import logging
 import socket
-import threading
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from importlib import resources
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -20,6 +19,7 @@ from urllib.parse import unquote, urlsplit
 from agent.service.statuspage.frames import FrameCache, FrameGetter
 from agent.service.statuspage.metrics import CONTENT_TYPE, render_metrics
 from agent.service.statuspage.snapshot import StatusSnapshot
+from agent.util.httpserver import BoundedHTTPServer
 from agent.util.worker import Worker
 
 log = logging.getLogger(__name__)
@@ -147,35 +147,14 @@ class StatusServer:
         return self._frames.render(pipeline, image, boxes)
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
+class _Server(BoundedHTTPServer):
+    name = "status page"
 
     def __init__(
         self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler], *, status: StatusServer
     ) -> None:
         self.status = status
-        self._slots = threading.BoundedSemaphore(MAX_CLIENTS)
-        super().__init__(address, handler)
-
-    def process_request(self, request: Any, client_address: Any) -> None:
-        if not self._slots.acquire(blocking=False):
-            try:
-                request.sendall(b"HTTP/1.0 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
-            except OSError:
-                pass
-            self.shutdown_request(request)
-            return
-        super().process_request(request, client_address)
-
-    def process_request_thread(self, request: Any, client_address: Any) -> None:
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            self._slots.release()
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        log.debug("status page: request from %s failed", client_address, exc_info=True)
+        super().__init__(address, handler, MAX_CLIENTS)
 
 
 class _Handler(BaseHTTPRequestHandler):
