@@ -189,6 +189,7 @@ def test_commands_are_answered_while_a_pull_is_stuck(tmp_path: Path, own_broker:
         assert wait_for(lambda: command_or_none(sub, device), 30), "commands never answered"
         registry.publish("m", "1.1.0", linear(tmp_path, "v11", 1.5), channel="stable")
         first = command(sub, device, "update", {}, timeout=30)
+        assert first.get("ok") is True, (first, agent.stderr()[-3000:])
         assert first["result"]["models"][0]["status"] == "active", first
 
         # 2.0.0's blob trickles: the update is stuck in its download.

@@ -61,19 +61,30 @@ def deploy(
     # An order to one device, not followed, needs nothing retained (a device's own user may try, and be refused).
     need_state = canary is not None or kind == "group" or wait > 0
     with connected(settings, prefix, ("status", "health"), settle, live=("events",), sync=need_state) as inventory:
+        canaries: list[str] = []
         if canary is not None:
-            code = _canary_run(inventory, order, make, name, canary, wait, probation, private_key, out)
-            if code is not None:
-                return code
+            passed = _canary_run(inventory, order, make, name, canary, wait, probation, private_key, out)
+            if isinstance(passed, int):
+                return passed
+            canaries = passed
             order = make(to)  # issued after the canaries' orders, so it supersedes them
-        return _write_and_follow(inventory, order, private_key, wait, out)
+        return _write_and_follow(inventory, order, private_key, wait, out, withdraw=canaries)
 
 
 def _write_and_follow(
-    inventory: Inventory, order: DeployOrder, private_key: Ed25519PrivateKey, wait: float, out: TextIO
+    inventory: Inventory,
+    order: DeployOrder,
+    private_key: Ed25519PrivateKey,
+    wait: float,
+    out: TextIO,
+    withdraw: list[str] | None = None,
 ) -> int:
+    """Write `order`, then withdraw the orders on `withdraw` (a passed canary's: written after the group
+    order, so the canary never goes back to its channel's version in between), then follow it."""
     topic = inventory.order_topic(order)
     inventory.client.publish_retained(topic, sign_order(order, private_key))
+    for canary in withdraw or ():  # superseded by the group order (same version): one order per device
+        inventory.client.publish_retained(canary, b"")
     _say(
         out,
         f"order {order.id}: {order.model} {order.version} -> {order.target} written to {topic} "
@@ -121,8 +132,9 @@ def _canary_run(
     probation: float,
     private_key: Ed25519PrivateKey,
     out: TextIO,
-) -> int | None:
-    """Deploy to n devices of the group first; None to go on with the group order, else the exit code."""
+) -> int | list[str]:
+    """Deploy to n devices of the group first: the canaries' order topics, to withdraw once the group order
+    is written, or the exit code."""
     client = inventory.client
     members = inventory.group_members(group)
     online = [d for d in members if inventory.devices[d].state == "online"]
@@ -175,6 +187,4 @@ def _canary_run(
             _say(out, "the canary orders were withdrawn and the group order was not written")
         return 1
     _say(out, "canary: passed; writing the group order")
-    for topic in written:  # superseded by the group order (same version): keep the tree to one order per device
-        client.publish_retained(topic, b"")
-    return None
+    return written  # withdrawn once the group order is written
