@@ -150,6 +150,9 @@ def test_a_canary_that_goes_active_and_stays_healthy_lets_the_group_order_throug
         group_order=True,
         serving=dict.fromkeys(DEVICES, NEW),
     )
+    # The canary's own order is withdrawn only once the group order is written, and the device carries
+    # orders out in arrival order: it never went back to its channel's version in between.
+    assert "version='1.0.0' previous='2.0.0'" not in fleet.logs(), fleet.logs()
 
 
 def test_a_canary_that_refuses_the_version_for_its_opsets_stops_the_rollout(fleet: Fleet) -> None:

@@ -270,7 +270,8 @@ def test_ping_is_answered_while_a_manifest_trickles_its_headers(tmp_path: Path, 
         # Each of the agent's four tries (three retries) ends at the header deadline; backoff 0.5 + 1 + 2 s at most.
         bound = 4 * (TIMEOUT_S + MAX_HEAD_BYTES / MIN_RATE) + 3.5 + 3.0
         assert time.monotonic() - started < bound, bound
-        errors = [e for e in events(sub, device) if e["type"] == "model.error"]
+        # The reply goes straight out; the event comes through the outbox, a moment later.
+        errors = wait_for(lambda: [e for e in events(sub, device) if e["type"] == "model.error"], 10)
         assert errors and "stalled: status line and headers not complete" in errors[-1]["reason"], errors
         ping = command(sub, device, "ping", {})
         assert ping["ok"] and ping["_took"] < 1.0, ping

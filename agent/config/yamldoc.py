@@ -42,6 +42,9 @@ class YamlDoc:
     data: Any
     root: yaml.Node | None
     duplicates: list[tuple[KeyPath, int]] = field(default_factory=list)
+    # id(mapping node) -> its keys' (key node, value node), the first of duplicates: a profile with
+    # thousands of problems locates each in one lookup, not a scan of its mapping (quadratic before).
+    _keys: dict[int, dict[str, tuple[yaml.Node, yaml.Node]]] = field(default_factory=dict, repr=False)
 
     def line_of(self, path: KeyPath) -> int:
         """The line of the deepest node along `path` that exists (1-based)."""
@@ -50,22 +53,25 @@ class YamlDoc:
             return 1
         line = node.start_mark.line + 1
         for part in path:
-            child = _child(node, part)
+            child = self._child(node, part)
             if child is None:
                 break
             key_node, node = child
             line = (key_node or node).start_mark.line + 1
         return line
 
-
-def _child(node: yaml.Node, part: str | int) -> tuple[yaml.Node | None, yaml.Node] | None:
-    if isinstance(node, yaml.MappingNode):
-        for key_node, value_node in node.value:
-            if isinstance(key_node, yaml.ScalarNode) and key_node.value == str(part):
-                return key_node, value_node
-    elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and 0 <= part < len(node.value):
-        return None, node.value[part]
-    return None
+    def _child(self, node: yaml.Node, part: str | int) -> tuple[yaml.Node | None, yaml.Node] | None:
+        if isinstance(node, yaml.MappingNode):
+            keys = self._keys.get(id(node))
+            if keys is None:
+                keys = self._keys[id(node)] = {}
+                for key_node, value_node in node.value:
+                    if isinstance(key_node, yaml.ScalarNode):
+                        keys.setdefault(str(key_node.value), (key_node, value_node))
+            return keys.get(str(part))
+        if isinstance(node, yaml.SequenceNode) and isinstance(part, int) and 0 <= part < len(node.value):
+            return None, node.value[part]
+        return None
 
 
 def _find_duplicates(node: yaml.Node | None, path: KeyPath, out: list[tuple[KeyPath, int]]) -> None:

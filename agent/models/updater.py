@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Literal, TypedDict
 
 from agent.models.crashguard import CrashGuard
 from agent.models.fetch import FetchError, RefusalError
+from agent.models.orderinbox import OrderInbox
 from agent.models.orders import OrderBook
 from agent.models.probation import Probation
 from agent.models.store import StoreError
@@ -85,6 +86,7 @@ class Updater:
         self._swap_lock = threading.RLock()
         self._wake = threading.Event()
         self._worker = Worker("updater", self._run, join_timeout=JOIN_TIMEOUT, wake=self._wake.set)
+        self._inbox = OrderInbox(self._apply_order)  # orders in arrival order, on one thread
         self.reporter = reporter_for(self)  # signed reports on deployment orders (with a broker only)
 
     def observe(self, event: Event) -> None:
@@ -96,12 +98,14 @@ class Updater:
 
     def start(self) -> Updater:
         self.settle_loads()
+        self._inbox.start()
         self._subscribe_orders()
         self._worker.start()
         return self
 
     def stop(self) -> None:
         self._worker.stop()
+        self._inbox.stop()
 
     def _run(self) -> None:
         interval = self.settings.poll_interval
@@ -343,12 +347,10 @@ class Updater:
             connection.subscribe(topic, self._on_order)
 
     def _on_order(self, message: Incoming) -> None:
-        # On the network thread: hand the work to a thread of its own, never block paho's loop.
+        # On the network thread: hand the work to the inbox's thread, never block paho's loop.
         if self.parts.connection is not None:
             self._heard[message.topic] = self.parts.connection.connects
-        threading.Thread(
-            target=self._apply_order, args=(message.topic, message.payload), name="deploy", daemon=True
-        ).start()
+        self._inbox.put(message.topic, message.payload)
 
     def _apply_order(self, topic: str, payload: bytes) -> None:
         from agent.models.deploy import OrderError, applies_to, parse_order
