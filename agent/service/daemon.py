@@ -1,8 +1,8 @@
 """The daemon: builds the parts in order, runs until told to stop, stops them in reverse.
 
 Order: profile (given) -> sink (outbox + MQTT with the commands subscribed, or stdout) -> store and registry -> models -> pipelines
-(each starts as soon as its model is loaded) -> probe -> health -> commands -> updates -> endpoint ->
-status page -> systemd READY: nothing that the first result need not wait for runs before the pipelines. Stop: pipelines finish the frame in hand,
+(each starts as soon as its model is loaded) -> probe -> health -> updates -> endpoint -> status page ->
+commands -> systemd READY: nothing that the first result need not wait for runs before the pipelines. Stop: pipelines finish the frame in hand,
 the outbox is flushed to the broker for a bounded time, `offline` is published, then everything closes.
 """
 
@@ -129,17 +129,17 @@ class Daemon:
         self.start_pipelines(profile.pipelines)
         START.mark("pipelines started")
         # What no result waits for comes after the pipelines (cold start): the probe for health, health,
-        # commands, updates and the status page.
+        # updates, the status page, then the commands (queued since the connection opened).
         from agent.device.hardware import probe
 
         found = probe(state_dir=state_dir)
         log.info("probe arch=%s cpu=%r accelerators=%d", found.cpu.arch, found.cpu.model, len(found.accelerators))
         self._start_health(parts, found)
-        self._start_commands(parts)
         self._start_homeassistant(parts)
         self._start_updates(parts)
         self._start_endpoint(parts)
         self._start_status_page(parts)
+        self._start_commands(parts)  # last: what arrived meanwhile waited, and finds every part it may ask for
         self.watchdog.register("pipelines", self._pipelines_alive)
         connection = parts.connection
         if connection is not None:
