@@ -77,6 +77,10 @@ class ProbationConfig(Strict):
     max_latency_ratio: float = Field(
         2.0, gt=1, description="roll back when inference p95 exceeds the previous version's by this factor"
     )
+    # A tiny model's 0.3 ms p95 that doubles on a busy CPU is scheduling jitter, not a slower model.
+    min_latency_increase: float = Field(
+        1.0, ge=0, le=1e6, description="...and by at least this many milliseconds (absolute floor, ms)"
+    )
     max_error_rate: float = Field(0.05, ge=0, le=1, description="roll back when this share of inferences fails")
     min_inferences: int = Field(20, ge=1, description="inferences needed before latency is judged")
 

@@ -78,7 +78,13 @@ class Probation:
                 ), True
         enough = runs_total >= limits.min_inferences
         now_p95 = p95(stats)
-        if enough and self.baseline_p95 and now_p95 and now_p95 > self.baseline_p95 * limits.max_latency_ratio:
+        if (
+            enough
+            and self.baseline_p95
+            and now_p95
+            and now_p95 > self.baseline_p95 * limits.max_latency_ratio
+            and now_p95 - self.baseline_p95 >= limits.min_latency_increase
+        ):
             return (
                 f"inference p95 {now_p95:.1f} ms is {now_p95 / self.baseline_p95:.1f}x the previous version's "
                 f"{self.baseline_p95:.1f} ms (allowed {limits.max_latency_ratio}x)"

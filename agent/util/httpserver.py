@@ -3,12 +3,17 @@ and closed, so a flood of clients costs refusals, never a thread each (the statu
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from agent.util.worker import Worker
+
 log = logging.getLogger(__name__)
+
+STOP_POLL_S = 0.2  # how soon `close` returns; the idle wake-ups this costs are negligible
 
 BUSY = b"HTTP/1.0 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
 
@@ -18,10 +23,25 @@ class BoundedHTTPServer(ThreadingHTTPServer):
     allow_reuse_address = True
     busy = BUSY  # the whole answer to a connection past the bound
     name = "http server"  # for the log line of a failed connection
+    thread = "http"  # the name of the thread that accepts connections
 
     def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler], max_clients: int) -> None:
         self._slots = threading.BoundedSemaphore(max_clients)
+        self._worker: Worker | None = None
         super().__init__(address, handler)
+
+    def serve_in_background(self) -> None:
+        """Accept connections on a thread of its own until `close`."""
+        self._worker = Worker(
+            self.thread, functools.partial(self.serve_forever, poll_interval=STOP_POLL_S), wake=self.shutdown
+        )
+        self._worker.start()
+
+    def close(self) -> None:
+        """Stop accepting, then close the listening socket."""
+        if self._worker is not None:
+            self._worker.stop()
+        self.server_close()
 
     def process_request(self, request: Any, client_address: Any) -> None:
         if not self._slots.acquire(blocking=False):

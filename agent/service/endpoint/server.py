@@ -8,7 +8,6 @@ and a debug log line; nothing a client sends reaches the daemon.
 
 from __future__ import annotations
 
-import functools
 import hmac
 import json
 import logging
@@ -28,7 +27,6 @@ from agent.service.endpoint.tensors import RequestError
 from agent.service.statuspage.server import parse_address
 from agent.util import redact
 from agent.util.httpserver import BoundedHTTPServer
-from agent.util.worker import Worker
 
 if TYPE_CHECKING:
     from agent.inference.runtime import Model
@@ -36,7 +34,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 IDLE_TIMEOUT_S = 30.0  # a keep-alive connection with no request for this long gives its thread back
-STOP_POLL_S = 0.2
 JSON = "application/json"
 
 
@@ -97,7 +94,6 @@ class InferenceEndpoint:
         self._token = load_token(config, environ)
         self.tls = tls_context(config)
         self._server: _Server | None = None
-        self._worker: Worker | None = None
 
     @property
     def url(self) -> str:
@@ -118,21 +114,15 @@ class InferenceEndpoint:
             raise EndpointError(f"endpoint: cannot listen on {self.config.address}: {exc.strerror or exc}") from None
         self._server = server
         self.port = server.server_address[1]
-        self._worker = Worker(
-            "endpoint", functools.partial(server.serve_forever, poll_interval=STOP_POLL_S), wake=server.shutdown
-        )
-        self._worker.start()
+        server.serve_in_background()
         guard = "mTLS" if self.tls and self.tls.verify_mode == ssl.CERT_REQUIRED else "token" if self._token else "none"
         log.info("inference endpoint on %s auth=%s", self.url, guard)
         return self
 
     def stop(self) -> None:
-        server, worker = self._server, self._worker
-        self._server = self._worker = None
-        if server is None or worker is None:
-            return
-        worker.stop()
-        server.server_close()
+        server, self._server = self._server, None
+        if server is not None:
+            server.close()
 
     def __enter__(self) -> InferenceEndpoint:
         return self.start()
@@ -156,6 +146,7 @@ _BUSY = b'{"error": "too many connections to the endpoint; retry later"}'
 class _Server(BoundedHTTPServer):
     request_queue_size = 64
     name = "endpoint"
+    thread = "endpoint"
     busy = (
         b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nConnection: close\r\n"
         + f"Content-Length: {len(_BUSY)}\r\n\r\n".encode()

@@ -20,7 +20,6 @@ from agent.service.statuspage.frames import FrameCache, FrameGetter
 from agent.service.statuspage.metrics import CONTENT_TYPE, render_metrics
 from agent.service.statuspage.snapshot import StatusSnapshot
 from agent.util.httpserver import BoundedHTTPServer
-from agent.util.worker import Worker
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +30,6 @@ Answer = tuple[int, str, bytes]
 
 MAX_CLIENTS = 16  # concurrent requests; a status page on a small device must not become its load
 CLIENT_TIMEOUT_S = 10.0  # a client that stops reading or writing gives its thread back after this
-STOP_POLL_S = 0.2  # how soon stop() returns; the idle wake-ups this costs are negligible
 TEXT = "text/plain; charset=utf-8"
 PAGE_FILE = "page.html"
 
@@ -67,7 +65,6 @@ class StatusServer:
         self.alive = alive
         self._frames = FrameCache()
         self._server: _Server | None = None
-        self._worker: Worker | None = None
 
     @property
     def url(self) -> str:
@@ -90,20 +87,14 @@ class StatusServer:
             raise StatusPageError(f"status page: cannot listen on {self.address}: {exc.strerror or exc}") from None
         self._server = server
         self.port = server.server_address[1]
-        self._worker = Worker(
-            "statuspage", functools.partial(server.serve_forever, poll_interval=STOP_POLL_S), wake=server.shutdown
-        )
-        self._worker.start()
+        server.serve_in_background()
         log.info("status page on %s", self.url)
         return self
 
     def stop(self) -> None:
-        server, worker = self._server, self._worker
-        self._server = self._worker = None
-        if server is None or worker is None:
-            return
-        worker.stop()
-        server.server_close()
+        server, self._server = self._server, None
+        if server is not None:
+            server.close()
 
     def __enter__(self) -> StatusServer:
         return self.start()
@@ -149,6 +140,7 @@ class StatusServer:
 
 class _Server(BoundedHTTPServer):
     name = "status page"
+    thread = "statuspage"
 
     def __init__(
         self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler], *, status: StatusServer
