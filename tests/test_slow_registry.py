@@ -169,24 +169,8 @@ def command(sub: Subscriber, device: str, name: str, args: dict[str, Any], timeo
 
 
 def test_commands_are_answered_while_a_pull_is_stuck(tmp_path: Path, own_broker: Mosquitto) -> None:
-    registry = make_registry(tmp_path / "reg")
-    registry.publish("m", "1.0.0", linear(tmp_path, "v1", 1.0), channel="stable")
-    device = "slow-1"
-    agent = AgentProcess(
-        tmp_path,
-        device,
-        "g",
-        own_broker.url,
-        registry.url,
-        registry.public_key,
-        csv=sensor_csv(tmp_path / "s.csv"),
-        registry={"timeout": f"{TIMEOUT_S:.0f}s"},
-    )
-    sub = Subscriber(own_broker.port, f"edge/{device}/#")
-    agent.start()
-    try:
-        assert wait_for(lambda: sub.on(f"edge/{device}/p/results"), 60), agent.stderr()[-3000:]
-        assert wait_for(lambda: command_or_none(sub, device), 30), "commands never answered"
+    with serving_agent(tmp_path, own_broker, "slow-1") as (registry, agent, sub):
+        device = "slow-1"
         registry.publish("m", "1.1.0", linear(tmp_path, "v11", 1.5), channel="stable")
         first = command(sub, device, "update", {}, timeout=30)
         assert first.get("ok") is True, (first, agent.stderr()[-3000:])
@@ -221,31 +205,11 @@ def test_commands_are_answered_while_a_pull_is_stuck(tmp_path: Path, own_broker:
         rows = len(sub.on(f"edge/{device}/p/results"))
         assert wait_for(lambda: len(sub.on(f"edge/{device}/p/results")) > rows + 3, 10), "results stopped"
         assert "Traceback" not in agent.stderr(), agent.stderr()[-4000:]
-    finally:
-        agent.stop()
-        sub.close()
-        registry.server.stop()
 
 
 def test_ping_is_answered_while_a_manifest_trickles_its_headers(tmp_path: Path, own_broker: Mosquitto) -> None:
-    registry = make_registry(tmp_path / "reg")
-    registry.publish("m", "1.0.0", linear(tmp_path, "v1", 1.0), channel="stable")
-    device = "slow-head-1"
-    agent = AgentProcess(
-        tmp_path,
-        device,
-        "g",
-        own_broker.url,
-        registry.url,
-        registry.public_key,
-        csv=sensor_csv(tmp_path / "s.csv"),
-        registry={"timeout": f"{TIMEOUT_S:.0f}s"},
-    )
-    sub = Subscriber(own_broker.port, f"edge/{device}/#")
-    agent.start()
-    try:
-        assert wait_for(lambda: sub.on(f"edge/{device}/p/results"), 60), agent.stderr()[-3000:]
-        assert wait_for(lambda: command_or_none(sub, device), 30), "commands never answered"
+    with serving_agent(tmp_path, own_broker, "slow-head-1") as (registry, agent, sub):
+        device = "slow-head-1"
 
         # 2.0.0's manifest trickles its status line and headers: the update waits on them.
         registry.publish("m", "2.0.0", linear(tmp_path, "v2", 2.0), channel="stable")
@@ -276,6 +240,32 @@ def test_ping_is_answered_while_a_manifest_trickles_its_headers(tmp_path: Path, 
         ping = command(sub, device, "ping", {})
         assert ping["ok"] and ping["_took"] < 1.0, ping
         assert "Traceback" not in agent.stderr(), agent.stderr()[-4000:]
+
+
+@contextlib.contextmanager
+def serving_agent(
+    tmp_path: Path, broker: Mosquitto, device: str
+) -> Iterator[tuple[Registry, AgentProcess, Subscriber]]:
+    """A real agent on 1.0.0 of `m` from a registry it polls with TIMEOUT_S, producing results and
+    answering commands; stopped with its subscriber and registry afterwards."""
+    registry = make_registry(tmp_path / "reg")
+    registry.publish("m", "1.0.0", linear(tmp_path, "v1", 1.0), channel="stable")
+    agent = AgentProcess(
+        tmp_path,
+        device,
+        "g",
+        broker.url,
+        registry.url,
+        registry.public_key,
+        csv=sensor_csv(tmp_path / "s.csv"),
+        registry={"timeout": f"{TIMEOUT_S:.0f}s"},
+    )
+    sub = Subscriber(broker.port, f"edge/{device}/#")
+    agent.start()
+    try:
+        assert wait_for(lambda: sub.on(f"edge/{device}/p/results"), 60), agent.stderr()[-3000:]
+        assert wait_for(lambda: command_or_none(sub, device), 30), "commands never answered"
+        yield registry, agent, sub
     finally:
         agent.stop()
         sub.close()
