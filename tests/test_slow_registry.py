@@ -200,6 +200,7 @@ def test_commands_are_answered_while_a_pull_is_stuck(tmp_path: Path, own_broker:
         (summary,) = done["result"]["models"]
         assert summary["status"] == "failed" and "stalled" in summary["reason"], done
         assert time.monotonic() - started < 40
+
         # Events travel through the outbox, replies straight to the broker: the event may land second.
         def errors() -> list[dict[str, Any]]:
             return [e for e in events(sub, device) if e["type"] == "model.error" and e["version"] == "2.0.0"]
