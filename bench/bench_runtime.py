@@ -82,10 +82,10 @@ def camera_frames(count: int) -> list[Any]:
 def worker_pipelines(count: int, seconds: float, fps: float) -> dict[str, Any]:
     """`count` live camera pipelines on one model file, each camera at `fps` (more than the device keeps
     up with, so the newest frame wins and the rest are dropped, as with real cameras), for `seconds`."""
-    try:  # what `edge-agent run` does first, before numpy and OpenCV load, in a tree that has it
-        from agent.util.pools import limit_library_pools
+    try:  # what `edge-agent` does first, before numpy, OpenCV and onnxruntime load, in a tree that has it
+        from agent.util.libraries import quiet_libraries
 
-        limit_library_pools()
+        quiet_libraries()
     except ImportError:
         pass
     import numpy as np

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import subprocess
 import sys
@@ -348,3 +349,24 @@ def test_probe_and_bench_with_openvino_report_the_verified_provider(
         ("OpenVINOExecutionProvider", "OpenVINOExecutionProvider", 3),
         ("CPUExecutionProvider", "CPUExecutionProvider", 3),
     ]
+
+
+def test_no_verb_sends_onnxruntime_telemetry_unless_the_operator_asks(tmp_path: Path) -> None:
+    """onnxruntime's Linux wheels start a telemetry thread at import (it writes `$TMPDIR/.ses` and posts
+    to Microsoft's collector); `edge-agent` turns it off before any verb loads onnxruntime, and an
+    operator's own `ORT_DISABLE_TELEMETRY` wins."""
+
+    def ses_after_probe(name: str, **env: str) -> bool:
+        tmp = tmp_path / name
+        tmp.mkdir()
+        clean = {k: v for k, v in os.environ.items() if k != "ORT_DISABLE_TELEMETRY"}
+        command = [str(EDGE_AGENT)] if EDGE_AGENT.exists() else [sys.executable, "-m", "agent"]
+        done = subprocess.run(
+            [*command, "probe", "--json"], env={**clean, "TMPDIR": str(tmp), **env}, capture_output=True, timeout=120
+        )
+        assert done.returncode == 0, done.stderr
+        return (tmp / ".ses").exists()
+
+    if not ses_after_probe("asked", ORT_DISABLE_TELEMETRY="0"):
+        pytest.skip(f"onnxruntime {ort.__version__} starts no telemetry here")
+    assert not ses_after_probe("default"), "onnxruntime's telemetry ran in an edge-agent process"

@@ -163,8 +163,8 @@ def test_stopping_a_camera_pipeline_that_never_started_returns_at_once(tmp_path:
 CHILD = """
 import json, os, sys, threading, time
 os.sched_setaffinity(0, {0})  # a container given one CPU
-from agent.util.pools import limit_library_pools
-limit_library_pools()  # what `edge-agent run` does before numpy and OpenCV load
+from agent.util.libraries import quiet_libraries
+quiet_libraries()  # what `edge-agent` does before numpy, OpenCV and onnxruntime load
 sys.path.insert(0, os.getcwd())
 from pathlib import Path
 from tests.test_thread_budget import camera_pipeline, Recorder, save, pool_model

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from agent import __version__
 from agent.cli.errors import CliError
 from agent.service.logs import setup_logging
+from agent.util.libraries import quiet_libraries
 
 VERBS = ("run", "check", "probe", "models", "bench", "registry", "fleet", "demo")
 
@@ -59,6 +60,7 @@ def named_verb(argv: Sequence[str]) -> str | None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    quiet_libraries()  # before any verb imports numpy, OpenCV or onnxruntime
     argv = sys.argv[1:] if argv is None else list(argv)
     verb = named_verb(argv)
     parser = build_parser((verb,) if verb is not None else VERBS)

@@ -11,7 +11,6 @@ from agent.cli.errors import FAILURE, USAGE, CliError
 from agent.config.errors import ProfileError
 from agent.config.profile import load_profile
 from agent.util.malloc import return_large_blocks
-from agent.util.pools import limit_library_pools
 from agent.util.timeline import START
 
 
@@ -27,7 +26,6 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 def run(args: argparse.Namespace) -> int:
     START.mark("command line parsed")
-    limit_library_pools()  # numpy's and OpenCV's own pools: the device has one thread budget (the sessions')
     return_large_blocks()  # freed tensors go back to the kernel instead of staying in per-thread arenas
     # The CLI imports every verb at start: the daemon's parts (onnxruntime, OpenCV, paho) load only here.
     from agent.service.daemon import Daemon, DaemonError
