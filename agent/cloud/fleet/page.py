@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from datetime import datetime, timezone
 from html import escape
 
-from agent.cloud.fleet.status import FleetState, human_age, short_provider
+from agent.cloud.fleet.status import FleetState, group_rows, human_age, short_provider, version_rows
 
 STYLE = """
 body{font:14px/1.4 system-ui,sans-serif;margin:1.5em;color:#222}
@@ -35,39 +35,23 @@ def render_page(state: FleetState, now: datetime | None = None) -> str:
     stamp = (now or datetime.now(timezone.utc)).strftime("%Y-%m-%d %H:%M:%SZ")
     groups = _table(
         ("group", "model", "latest", "devices", "on latest", "in progress", "held", "failed", "offline", "behind"),
-        [
-            (
-                g["group"],
-                g["model"],
-                g["latest"],
-                str(g["devices"]),
-                str(g["on_latest"]),
-                str(g["in_progress"]),
-                str(g["held"]),
-                str(g["failed"]),
-                str(g["offline"]),
-                str(g["behind"]),
-            )
-            for g in state["groups"]
-        ],
+        group_rows(state),
         frozenset(range(3, 10)),
     )
     versions = _table(
-        ("model", "version", "devices", "error-free hours", "p95 ms (median)", "p95 ms (p95)", "fallbacks", "drops"),
-        [
-            (
-                v["model"],
-                v["version"],
-                str(v["devices"]),
-                f"{v['error_free_h']:.1f}",
-                "-" if v["p95_ms_median"] is None else f"{v['p95_ms_median']:.1f}",
-                "-" if v["p95_ms_p95"] is None else f"{v['p95_ms_p95']:.1f}",
-                str(v["fallbacks"]),
-                str(v["drops"]),
-            )
-            for v in state["versions"]
-        ],
-        frozenset(range(2, 8)),
+        (
+            "model",
+            "version",
+            "devices",
+            "error-free hours",
+            "p95 ms (median)",
+            "p95 ms (p95)",
+            "fallbacks",
+            "drops",
+            "errors",
+        ),
+        version_rows(state),
+        frozenset(range(2, 9)),
     )
     devices = _table(
         ("device", "state", "group", "models", "provider", "health", "outbox"),

@@ -154,47 +154,53 @@ def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f}"
 
 
+def group_rows(state: FleetState) -> list[tuple[str, ...]]:
+    """Per group and model: group, model, latest, devices, on latest, in progress, held, failed, offline,
+    behind (the table and the page share the cells, each with its own headers)."""
+    return [
+        (
+            g["group"],
+            g["model"],
+            g["latest"],
+            *(str(g[k]) for k in ("devices", "on_latest", "in_progress", "held", "failed", "offline", "behind")),
+        )
+        for g in state["groups"]
+    ]
+
+
+def version_rows(state: FleetState) -> list[tuple[str, ...]]:
+    """Per model version: model, version, devices, error-free hours, p95 ms (median and p95 across the
+    devices), fallbacks, drops, errors."""
+    return [
+        (
+            v["model"],
+            v["version"],
+            str(v["devices"]),
+            f"{v['error_free_h']:.1f}",
+            _ms(v["p95_ms_median"]),
+            _ms(v["p95_ms_p95"]),
+            str(v["fallbacks"]),
+            str(v["drops"]),
+            str(v["errors"]),
+        )
+        for v in state["versions"]
+    ]
+
+
 def render_summary(state: FleetState) -> list[str]:
     """The tables per group and model, and per model version."""
     lines: list[str] = []
     if state["groups"]:
-        rows = [
+        rows: list[tuple[str, ...]] = [
             ("GROUP", "MODEL", "LATEST", "DEVICES", "ON-LATEST", "IN-PROGRESS", "HELD", "FAILED", "OFFLINE", "BEHIND")
         ]
-        rows += [
-            (
-                g["group"],
-                g["model"],
-                g["latest"],
-                str(g["devices"]),
-                str(g["on_latest"]),
-                str(g["in_progress"]),
-                str(g["held"]),
-                str(g["failed"]),
-                str(g["offline"]),
-                str(g["behind"]),
-            )
-            for g in state["groups"]
-        ]
+        rows += group_rows(state)
         lines += ["", *table(rows)]
     if state["versions"]:
         vrows: list[tuple[str, ...]] = [
             ("MODEL", "VERSION", "DEVICES", "ERROR-FREE-H", "P95-MS", "P95-MS(P95)", "FALLBACKS", "DROPS", "ERRORS")
         ]
-        vrows += [
-            (
-                v["model"],
-                v["version"],
-                str(v["devices"]),
-                f"{v['error_free_h']:.1f}",
-                _ms(v["p95_ms_median"]),
-                _ms(v["p95_ms_p95"]),
-                str(v["fallbacks"]),
-                str(v["drops"]),
-                str(v["errors"]),
-            )
-            for v in state["versions"]
-        ]
+        vrows += version_rows(state)
         lines += ["", *table(vrows)]
     return lines
 
