@@ -96,8 +96,14 @@ def test_results_arrive_in_order_after_online_status(broker: Mosquitto, tmp_path
         assert agent.pump.flush(10)
     finally:
         agent.stop()
+    try:
+        # A clean stop says so itself: `stop()` returns once the broker has it; it reaches `sub` a moment later.
+        offline = sub.wait_for(
+            lambda: (s := sub.on(f"edge/{dev}/status")) and json.loads(s[-1].payload)["state"] == "offline", 20
+        )
+        assert offline, [m.payload for m in sub.on(f"edge/{dev}/status")]
+    finally:
         sub.close()
-    assert json.loads(sub.on(f"edge/{dev}/status")[-1].payload)["state"] == "offline"  # a clean stop says so itself
 
 
 @pytest.mark.arm64

@@ -172,6 +172,8 @@ def test_a_device_cannot_take_over_another_devices_session_by_its_client_id(
     try:
         assert not attacker.refused
         assert attacker.publish("edge/dev-b/status", status("dev-b", "online"))[1] is False
+        # The victim's own status first (the broker forwards it on its own time), then time for a Will to show.
+        assert fleet.wait_for(lambda: fleet.on("edge/dev-a/status"), 20), fleet.messages
         time.sleep(1.5)
         assert victim.drops == [], "the victim's session was taken over"
         assert victim.client.is_connected() and attacker.client.is_connected()
@@ -193,6 +195,8 @@ def test_a_device_cannot_write_its_own_deploy_topic(broker_factory: Callable[...
         for topic in ("edge/dev-a/deploy", "edge/fleet/g/deploy", "edge/dev-b/deploy"):
             assert dev.publish(topic, b"", retain=True)[1], f"{topic}: the broker accepted a device's write"
             assert dev.publish(topic, b'{"order": "forged"}', retain=True)[1]
+        # The fleet's own order first (the broker forwards it on its own time), then time for a forgery to show.
+        assert fleet.wait_for(lambda: fleet.on("edge/dev-a/deploy"), 20), fleet.messages
         time.sleep(0.3)
         assert [m.payload for m in fleet.on("edge/dev-a/deploy")] == [b'{"order": "from the fleet"}']
         later = Subscriber(broker.port, "edge/dev-a/deploy", username="dev-a", password="pw-dev-a")

@@ -47,12 +47,12 @@ def test_reload_replies_with_what_it_reloaded_and_restarts_off_the_command_threa
         assert wait_for(lambda: answered(sub, "ping"), 30), agent.stderr()[-3000:]
         profile = json.loads(agent.profile.read_text())
 
-        same = answered(sub, "reload")
+        same = command(sub, DEVICE, "reload", timeout=30)
         assert same is not None and same["result"] == {"reloaded": "nothing", "changed": [], "pipelines": ["p"]}
 
         profile["pipelines"][0]["source"]["rate"] = 40
         agent.profile.write_text(json.dumps(profile))
-        piped = answered(sub, "reload")
+        piped = command(sub, DEVICE, "reload", timeout=30)
         assert piped is not None and piped["result"] == {"reloaded": "pipelines", "changed": ["p"], "pipelines": ["p"]}
 
         # Outside `pipelines`: the reply within a second, then the whole agent restarts.
