@@ -21,7 +21,7 @@ from agent.config.profile import PipelineConfig
 from agent.inference.pipeline import Pipeline
 from agent.inference.runtime import load_model
 from agent.inference.sources.base import BaseSource, Frame
-from agent.inference.stagepool import STAGES
+from agent.inference.stagepool import STAGES, Stage, StagePool
 from tests.helpers.models import save
 from tests.test_pipeline import RUNTIME, Recorder, pool_model
 
@@ -168,7 +168,7 @@ quiet_libraries()  # what `edge-agent` does before numpy, OpenCV and onnxruntime
 sys.path.insert(0, os.getcwd())
 from pathlib import Path
 from tests.test_thread_budget import camera_pipeline, Recorder, save, pool_model
-from agent.inference.stagepool import STAGES
+from agent.inference.stagepool import STAGES, Stage, StagePool
 tmp = Path(sys.argv[1])
 n = int(sys.argv[2])
 save(pool_model(), tmp / "m.onnx")
@@ -208,3 +208,45 @@ def test_camera_threads_under_one_cpu_are_the_captures_plus_a_constant(tmp_path:
     # main + a capture thread per camera + the two workers; onnxruntime keeps one thread of its own
     assert seen["python"] == 1 + cameras + 2, seen
     assert seen["os"] <= seen["python"] + 1, seen
+
+
+@pytest.mark.parametrize("workers", [2, 3])
+def test_inferences_stay_on_the_same_workers_and_one_is_left_for_pre_and_post(workers: int) -> None:
+    """onnxruntime keeps state per calling thread: inferences always run on the lowest-numbered workers,
+    one per inference slot, and the last worker runs only pre- and post-processing."""
+    pool = StagePool(size=lambda: workers)
+    lock = threading.Lock()
+    seen: dict[str, set[str]] = {"heavy": set(), "light": set()}
+    running = {"heavy": 0, "most": 0}
+    left = {f"{p}-{kind}": 40 for p in range(4) for kind in ("pre", "infer", "post")}
+    done = threading.Event()
+
+    def stage(name: str, heavy: bool) -> Stage:
+        def step() -> None:
+            with lock:
+                seen["heavy" if heavy else "light"].add(threading.current_thread().name)
+                running["heavy"] += heavy
+                running["most"] = max(running["most"], running["heavy"])
+            time.sleep(0.002)
+            with lock:
+                running["heavy"] -= heavy
+                left[name] -= 1
+                if not any(left.values()):
+                    done.set()
+
+        return Stage(name, lambda: left[name] > 0, step, heavy=heavy)
+
+    stages = [stage(f"{p}-{kind}", kind == "infer") for p in range(4) for kind in ("pre", "infer", "post")]
+    pool.attach(stages)
+    try:
+        assert done.wait(30), left
+    finally:
+        pool.detach(stages)
+    inferring = {f"stages-{n}" for n in range(1, workers)}
+    assert seen["heavy"] == inferring, seen
+    assert f"stages-{workers}" in seen["light"], seen  # the last worker ran pre and post
+    assert running["most"] == workers - 1, running  # every inference slot was used, and no more
+    deadline = time.monotonic() + 5
+    while pool.workers and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert pool.workers == 0
