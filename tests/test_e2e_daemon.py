@@ -398,13 +398,8 @@ def test_commands_and_reload_on_a_running_agent(
             )
 
         wait_until(lambda: status_page(page), 60, "the status page", [agent])
-        last_status: list[dict[str, Any] | None] = [None]
-
-        def checked_status() -> bool:
-            last_status[0] = status_page(page)
-            return status_ok(last_status[0])
-
-        assert wait_for(checked_status, 30, 0.2), f"the status page never showed cam running online: {last_status[0]}"
+        shown = wait_for(lambda: status_ok(status := status_page(page)) and status, 30, 0.2)
+        assert shown, f"the status page never showed cam running online: {status_page(page)}"
 
         def metrics_text() -> str:
             return requests.get(page + "metrics", timeout=5).text

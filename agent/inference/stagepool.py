@@ -51,29 +51,27 @@ class StagePool:
         self._size = size
         self._cond = threading.Condition()
         self._stages: list[Stage] = []
-        self._workers = 0
-        self._ids: set[int] = set()  # the workers' numbers: the lowest ones run the inferences
+        self._ids: set[int] = set()  # the live workers' numbers: the lowest ones run the inferences
         self._turn = 0  # where the next search for a ready stage starts: every pipeline gets its turn
         self._heavy_turn = 0  # the same for inferences
 
     @property
     def workers(self) -> int:
         with self._cond:
-            return self._workers
+            return len(self._ids)
 
     @property
     def inference_slots(self) -> int:
         """How many inferences may run at once: all workers but the one left for pre/post."""
         with self._cond:
-            return max(1, self._workers - 1)
+            return self._slots()
 
     def attach(self, stages: Sequence[Stage]) -> None:
         with self._cond:
             self._stages.extend(stages)
             want = max(2, self._size())
-            while self._workers < want:
-                self._workers += 1
-                number = min(set(range(1, self._workers + 1)) - self._ids)
+            while len(self._ids) < want:
+                number = min(set(range(1, want + 1)) - self._ids)
                 self._ids.add(number)
                 threading.Thread(target=self._work, args=(number,), name=f"stages-{number}", daemon=True).start()
             self._cond.notify_all()
@@ -89,10 +87,13 @@ class StagePool:
         with self._cond:
             self._cond.notify_all()
 
+    def _slots(self) -> int:
+        return max(1, len(self._ids) - 1)
+
     def _pick(self, number: int) -> Stage | None:
         """For a worker that runs inferences, the next inference in turn first, then pre- or post-processing;
         for the last worker, pre- and post-processing only."""
-        if sum(1 for i in self._ids if i < number) < max(1, self._workers - 1):  # one of the inference_slots
+        if sum(1 for i in self._ids if i < number) < self._slots():  # one of the lowest-numbered workers
             return self._next(heavy=True) or self._next(heavy=False)
         return self._next(heavy=False)
 
@@ -117,7 +118,6 @@ class StagePool:
                 stage = self._pick(number)
                 if stage is None:
                     if not self._stages:
-                        self._workers -= 1
                         self._ids.discard(number)
                         return
                     self._cond.wait()
