@@ -782,3 +782,28 @@ def test_a_key_the_registry_does_not_name_for_orders_is_refused_before_any_order
     # The registry unreachable: a warning, and the order is written (the devices still check it).
     code, out, err = run_fleet(capsys, broker, prefix, stranger, *deploy, "--registry", url)
     assert code == 0 and err.startswith("warning: cannot read the registry's keys document"), err
+
+
+def test_a_broker_lost_mid_command_ends_it_at_once_in_one_line(tmp_path: Path, keypair: Any) -> None:
+    """paho's own loop reconnected silently into a new session without the subscriptions: the command
+    then waited out its whole --wait hearing nothing. The fleet client does not reconnect: a lost
+    connection ends the command with exit 1 and one line naming the broker."""
+    own = Mosquitto(tmp_path / "mosquitto").start()
+    device = FakeDevice(own.port, "edge", "cam-1", "north", keypair[1], behaviour="silent")
+    try:
+        argv = [sys.executable, "-m", "agent", "fleet", "deploy", "--broker", own.url, "--key", str(keypair[0])]
+        argv += ["--model", "text-detector", "--version", "1.5.0", "--to", "device:cam-1", "--wait", "60"]
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+        assert proc.stdout is not None
+        first = proc.stdout.readline()  # the order is written: the command now follows the device
+        assert "written to edge/cam-1/deploy" in first, first + proc.stderr.read() if proc.stderr else first
+        own.kill()
+        started = time.monotonic()
+        out, err = proc.communicate(timeout=30)
+        assert proc.returncode == 1, out + err
+        assert time.monotonic() - started < 10  # not the 60 s wait
+        assert f"lost the connection to the broker at {own.url}" in err
+        assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    finally:
+        device.closed = True
+        own.stop()

@@ -254,3 +254,17 @@ def test_a_rollout_is_not_started_once_the_registry_no_longer_names_the_key_for_
     assert "is not an orders key of" in (aborted.reason or "") and "root version 2" in (aborted.reason or ""), aborted
     assert rig.targets(rollout_id) == [] and rig.fleet.received == {}
     assert "rollout " + rollout_id + " not started" in rig.controller.text()
+
+
+def test_a_lost_broker_connection_ends_the_controller_in_one_line_for_its_service_to_restart(rig: Rig) -> None:
+    """paho's own loop reconnected into a new session without the subscriptions: the controller went on
+    renewing its lease and hearing no report. Now a lost connection ends it (exit 1, one line) and the
+    service manager starts it again, reading the fleet afresh (systemd/edge-agent-controller.service)."""
+    rig.controller.start()
+    proc = rig.controller.proc
+    assert proc is not None
+    rig.broker.kill()
+    assert proc.wait(15) == 1, rig.controller.text()[-2000:]
+    log = rig.controller.text()
+    assert f"lost the connection to the broker at {rig.broker.url}" in log.splitlines()[-1], log[-2000:]
+    assert "Traceback" not in log

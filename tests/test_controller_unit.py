@@ -88,6 +88,7 @@ def test_compose_runs_the_controller_on_what_it_mounts() -> None:
     assert mounts[str(args.inventory)] == "./inventory.yaml"
     assert load_enrollment(images / "inventory.yaml") == {}  # valid as shipped: no device enrolled yet
     assert mounts[str(args.key)] == "../keys/registry.key"
+    assert service["restart"] == "on-failure"  # a lost broker connection ends it, as under systemd
     state = next(path for path, source in mounts.items() if not source.startswith("."))
     assert str(args.db).startswith(state + "/")  # the state file lives in the named volume
     assert args.broker == "mqtt://mosquitto:1883" and {"mosquitto", "registry"} <= set(service["depends_on"])
