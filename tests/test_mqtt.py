@@ -371,6 +371,59 @@ def test_paho_patch_is_active_on_the_pinned_paho() -> None:
         assert pahopatch.PAHO_VERSION == expected
 
 
+def test_the_patched_client_hands_on_every_publish_as_stock_paho_does(broker: Mosquitto) -> None:
+    """`_handle_publish`'s fast path (MQTT 5, QoS 0, no properties: one shared empty property set) and the
+    stock path behind it give on_message what stock paho gives: topic, payload, QoS, retain, properties."""
+    from paho.mqtt.enums import CallbackAPIVersion
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    from agent.transport.netloop import NetworkLoop
+
+    base = f"edge/{device_id('fastpath')}"
+    with_props = Properties(PacketTypes.PUBLISH)
+    with_props.ContentType = "application/json"
+    with_props.UserProperty = [("k", "v")]
+    publisher = paho.Client(CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)
+    publisher.connect("127.0.0.1", broker.port)
+    publisher.loop_start()
+    publisher.publish(f"{base}/kept", b"retained", qos=0, retain=True).wait_for_publish(5)
+    sent = [(f"{base}/plain", b"a", 0, None), (f"{base}/props", b"b", 0, with_props), (f"{base}/q1", b"c", 1, None),
+            (f"{base}/empty", b"", 0, None), (f"{base}/\u00fc", b"d" * 70000, 0, None)]  # fmt: skip
+    seen: dict[type, list[tuple[object, ...]]] = {}
+    fast: list[str] = []
+    for cls in (pahopatch.CLIENT_CLASS, paho.Client):
+        got = seen[cls] = []
+        loop = NetworkLoop()
+        loop.open()
+        client = cls(CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)
+        loop.attach(client)
+
+        def on_message(_c: paho.Client, _u: object, m: paho.MQTTMessage, got: list[tuple[object, ...]] = got) -> None:
+            got.append((m.topic, m.payload, m.qos, m.retain, m.properties.json() if m.properties else None))
+            if m.properties is pahopatch._PUBLISH_NO_PROPERTIES:
+                fast.append(m.topic)
+
+        client.on_message = on_message
+        client.connect("127.0.0.1", broker.port)
+        client.subscribe(f"{base}/#", qos=1)
+        deadline = time.monotonic() + 10
+        while len(got) < 1 and time.monotonic() < deadline:  # the retained one: subscribed
+            loop.turn(client, 0.05)
+        for topic, payload, qos, props in sent:
+            publisher.publish(topic, payload, qos=qos, properties=props).wait_for_publish(5)
+        while len(got) < 1 + len(sent) and time.monotonic() < deadline:
+            loop.turn(client, 0.05)
+        client.disconnect()
+        loop.close()
+    publisher.publish(f"{base}/kept", b"", retain=True).wait_for_publish(5)
+    publisher.disconnect()
+    publisher.loop_stop()
+    assert len(seen[paho.Client]) == 1 + len(sent)
+    assert seen[pahopatch.CLIENT_CLASS] == seen[paho.Client]
+    assert sorted(fast) == sorted([f"{base}/kept", f"{base}/plain", f"{base}/empty", f"{base}/\u00fc"])
+
+
 def _sock_recv_with_flags(self: paho.Client, bufsize: int, flags: int = 0) -> bytes:
     return b""
 
@@ -392,6 +445,7 @@ STOCK_INIT = paho.Client.__init__
             "_sock_recv(self, bufsize, flags=0) instead of _sock_recv(self, bufsize)",
         ),
         ("_do_on_publish", None, "_do_on_publish is gone"),
+        ("_handle_publish", None, "_handle_publish is gone"),
         ("__init__", _init_without_mutex, "attribute _out_message_mutex is gone"),
     ],
 )

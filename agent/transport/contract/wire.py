@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from agent.transport.contract.base import Text, Timestamp, Wire, check_model, decode
+from agent.transport.contract.base import Text, Timestamp, Wire, check_json, check_model, decode
 from agent.transport.contract.events import EventBody, event_body
 from agent.transport.contract.health import HealthReport
 from agent.transport.contract.replies import CommandReply, check_reply
@@ -63,11 +63,11 @@ def parse_event(raw: bytes | str) -> WireEvent:
 
 
 def parse_health(raw: bytes | str) -> HealthReport:
-    return check_model(HealthReport, decode(raw, "health"), "health")
+    return check_json(HealthReport, raw, "health")
 
 
 def parse_status(raw: bytes | str) -> StatusMessage:
-    return check_model(StatusMessage, decode(raw, "status"), "status")
+    return check_json(StatusMessage, raw, "status")
 
 
 def parse_reply(raw: bytes | str) -> CommandReply:
