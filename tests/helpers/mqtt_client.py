@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -77,6 +76,8 @@ class Subscriber:
         self._lock = threading.Lock()
         self._topics = topics
         self._connected = threading.Event()
+        self._subscribed = threading.Event()
+        self._pending: set[int] = set()  # SUBACKs not in yet
         self.client = paho.Client(
             CallbackAPIVersion.VERSION2, client_id=f"test-{uuid.uuid4().hex[:8]}", protocol=protocol
         )
@@ -84,16 +85,27 @@ class Subscriber:
             self.client.username_pw_set(username, password)
         self.client.on_connect = self._on_connect
         self.client.on_message = self._on_message
+        self.client.on_subscribe = self._on_subscribe
         self.client.reconnect_delay_set(0.05, 0.5)
         self.client.connect("127.0.0.1", port)
         self.client.loop_start()
         assert self._connected.wait(10), "subscriber could not connect"
-        time.sleep(0.1)  # let the SUBACKs arrive
+        # What another client publishes from now on reaches this one (a guessed 0.1 s used to stand here).
+        assert self._subscribed.wait(10), "the broker did not acknowledge the subscriptions"
 
     def _on_connect(self, client: paho.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
-        for topic in self._topics:
-            client.subscribe(topic, 1)
+        with self._lock:
+            mids = (client.subscribe(topic, 1)[1] for topic in self._topics)
+            self._pending = {mid for mid in mids if mid is not None}
+            if not self._pending:
+                self._subscribed.set()
         self._connected.set()
+
+    def _on_subscribe(self, client: paho.Client, userdata: Any, mid: int, reasons: Any, props: Any) -> None:
+        with self._lock:
+            self._pending.discard(mid)
+            if not self._pending:
+                self._subscribed.set()
 
     def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
         VIOLATIONS.check(msg.topic, bytes(msg.payload))
@@ -109,6 +121,15 @@ class Subscriber:
 
     def wait_for(self, check: Callable[[], Any], timeout: float = 10.0) -> Any:
         return wait_for(check, timeout)
+
+    def sync(self, timeout: float = 10.0) -> None:
+        """Every retained message of this subscriber's topics is in, none guessed by a sleep: a marker it
+        publishes to itself after subscribing arrives after them (the broker keeps one connection's
+        messages in order, as `agent.cloud.fleet.inventory` relies on too)."""
+        marker = f"test-marker/{uuid.uuid4().hex}"
+        self.client.subscribe(marker, 1)
+        self.publish(marker, b"marker")
+        assert self.wait_for(lambda: self.on(marker), timeout), f"the marker on {marker} did not come back"
 
     def publish(
         self, topic: str, payload: bytes | str, response_topic: str | None = None, correlation: bytes | None = None

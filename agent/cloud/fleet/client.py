@@ -110,8 +110,6 @@ class BrokerClient:
     ) -> None:
         self.settings = settings
         self.host, self.port, self.secure = settings.address()
-        # SimpleQueue: put and get in C; a retained burst of 30,000 messages crosses it one by one
-        self._queue: queue.SimpleQueue[tuple[str, bytes] | None] = queue.SimpleQueue()  # None: connection lost
         self._subacks: dict[int, list[ReasonCode]] = {}
         self._acked = threading.Condition()
         self._pubacks: dict[int, ReasonCode] = {}
@@ -125,6 +123,9 @@ class BrokerClient:
     def _make_client(self, protocol: MQTTProtocolVersion) -> paho.Client:
         settings = self.settings
         self.protocol = protocol
+        # SimpleQueue: put and get in C; a retained burst of 30,000 messages crosses it one by one. One per
+        # client: a broker that closed an MQTT 5 attempt left that attempt's end (None) in the last one.
+        self._queue: queue.SimpleQueue[tuple[str, bytes] | None] = queue.SimpleQueue()  # None: connection lost
         self._connected = threading.Event()
         self._connect_reason: ReasonCode | None = None
         client = pahopatch.CLIENT_CLASS(
