@@ -275,6 +275,15 @@ def running(agent_dir: Path, broker: Mosquitto, names: tuple[str, str]) -> Itera
         proc.wait(10)
 
 
+def announced(folder: Path, device: str, broker: Mosquitto, prefix: str, *, spare: bool = True) -> set[str]:
+    """The config topics the agent announces for this profile: waited for all together, since they travel
+    as separate messages and the entities read below need not be the last ones to arrive."""
+    profile = Profile.model_validate(
+        agent_profile(folder, device, broker, prefix, spare=spare), context={"base_dir": folder}
+    )
+    return {config_topic(prefix, device, e) for e in entities(Topics("edge", device), profile.pipelines)}
+
+
 def configs_of(sub: Subscriber, prefix: str) -> dict[str, bytes]:
     """The newest payload seen on each discovery topic (b"" for a removed config)."""
     latest: dict[str, bytes] = {}
@@ -291,13 +300,17 @@ def test_a_real_agents_entities_change_state_with_its_results_and_go_with_their_
     node = node_id(device)
     door_topic = f"{prefix}/binary_sensor/{node}/door_event/config"
     sound_topic = f"{prefix}/sensor/{node}/sound_class/config"
+    old_topic = f"{prefix}/sensor/{node}/old_count/config"
     sub = Subscriber(broker.port, f"{prefix}/#", f"edge/{device}/#")
     try:
         # Every config is valid, and the one an earlier run left is emptied.
-        configs = wait_for(
-            lambda: (c := configs_of(sub, prefix)).get(door_topic) and c.get(sound_topic) and c, timeout=30
+        expected = announced(agent_dir, device, broker, prefix)
+        assert {door_topic, sound_topic} <= expected
+        configs = wait_for(lambda: (c := configs_of(sub, prefix)) and all(c.get(t) for t in expected) and c, timeout=30)
+        assert configs, f"configs missing: {sorted(t for t in expected if not configs_of(sub, prefix).get(t))}"
+        assert wait_for(lambda: configs_of(sub, prefix).get(old_topic) == b"", timeout=20), (
+            f"the earlier run's config is not emptied: {configs_of(sub, prefix).get(old_topic)!r}"
         )
-        wait_for(lambda: configs_of(sub, prefix).get(f"{prefix}/sensor/{node}/old_count/config") == b"", timeout=10)
         for topic, payload in configs_of(sub, prefix).items():
             if payload:
                 assert validator(topic.split("/")[-4]).is_valid(json.loads(payload)), topic
@@ -310,11 +323,13 @@ def test_a_real_agents_entities_change_state_with_its_results_and_go_with_their_
         def door_states() -> list[str]:
             return [s for m in sub.on(results) if (s := binary_state(door, bytes(m.payload))) is not None]
 
-        assert wait_for(lambda: door_states() == ["on", "off"] and door_states(), timeout=30)
+        assert wait_for(lambda: door_states() == ["on", "off"] and door_states(), timeout=30), door_states()
 
         # The classification sensor shows the top label of the newest result.
         sound = json.loads(configs[sound_topic])
-        wait_for(lambda: len(sub.on(sound["state_topic"])) >= len(ROWS), timeout=30)
+        assert wait_for(lambda: len(sub.on(sound["state_topic"])) >= len(ROWS), timeout=30), (
+            f"{len(sub.on(sound['state_topic']))} of {len(ROWS)} classification results"
+        )
         labels = [render(sound["value_template"], bytes(m.payload)) for m in sub.on(sound["state_topic"])]
         assert labels[:10] == ["quiet"] * 10 and "loud" in labels and labels[-1] == "quiet"
 
@@ -327,14 +342,19 @@ def test_a_real_agents_entities_change_state_with_its_results_and_go_with_their_
             ),
             timeout=15,
         )
-        version = json.loads(configs_of(sub, prefix)[f"{prefix}/sensor/{node}/door_model_version/config"])
-        provider = json.loads(configs_of(sub, prefix)[f"{prefix}/sensor/{node}/door_provider/config"])
+        assert health, f"no health report with the door pipeline: {sub.payloads(f'edge/{device}/health')[-1:]}"
+        version = json.loads(configs[f"{prefix}/sensor/{node}/door_model_version/config"])
+        provider = json.loads(configs[f"{prefix}/sensor/{node}/door_provider/config"])
         assert render(version["value_template"], bytes(health.payload)).startswith("sha256:")
         assert render(provider["value_template"], bytes(health.payload)) == "CPUExecutionProvider"
-        outbox = json.loads(configs_of(sub, prefix)[f"{prefix}/sensor/{node}/outbox/config"])
+        outbox = json.loads(configs[f"{prefix}/sensor/{node}/outbox/config"])
         assert render(outbox["value_template"], bytes(health.payload)).isdigit()
-        status = sub.on(f"edge/{device}/status")[-1]
-        assert render(door["availability"][0]["value_template"], bytes(status.payload)) == "online"
+
+        def availability() -> str | None:
+            status = sub.on(f"edge/{device}/status")
+            return render(door["availability"][0]["value_template"], bytes(status[-1].payload)) if status else None
+
+        assert wait_for(lambda: availability() == "online", timeout=15), sub.payloads(f"edge/{device}/status")
 
         # A reload without the classification pipeline removes its entities (empty retained configs).
         spare = [t for t in configs_of(sub, prefix) if f"/{node}/sound_" in t]
@@ -343,13 +363,17 @@ def test_a_real_agents_entities_change_state_with_its_results_and_go_with_their_
             json.dumps(agent_profile(agent_dir, device, broker, prefix, spare=False))
         )
         running.send_signal(signal.SIGHUP)
-        wait_for(lambda: all(configs_of(sub, prefix).get(t) == b"" for t in spare), timeout=20)
+        assert wait_for(lambda: all(configs_of(sub, prefix).get(t) == b"" for t in spare), timeout=30), {
+            t: configs_of(sub, prefix).get(t) for t in spare
+        }
         assert configs_of(sub, prefix)[door_topic]  # the others stay
 
         # What Home Assistant reads when it starts now: the retained configs, without the removed ones.
         later = Subscriber(broker.port, f"{prefix}/#")
         try:
-            retained = wait_for(lambda: (c := configs_of(later, prefix)).get(door_topic) and c, timeout=10)
+            later.sync()  # every retained config is in
+            retained = configs_of(later, prefix)
+            assert retained.get(door_topic), sorted(retained)
             assert not [t for t in retained if "/sound_" in t or "old_count" in t]
         finally:
             later.close()
@@ -358,8 +382,12 @@ def test_a_real_agents_entities_change_state_with_its_results_and_go_with_their_
         running.send_signal(signal.SIGTERM)
         assert running.wait(30) == 0
         final = sub.wait_for(
-            lambda: (s := sub.on(f"edge/{device}/status")) and json.loads(s[-1].payload)["state"] == "offline" and s[-1]
+            lambda: (
+                (s := sub.on(f"edge/{device}/status")) and json.loads(s[-1].payload)["state"] == "offline" and s[-1]
+            ),
+            timeout=30,
         )
+        assert final, sub.payloads(f"edge/{device}/status")
         assert render(door["availability"][0]["value_template"], bytes(final.payload)) == "offline"
     finally:
         sub.close()
