@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Callable
@@ -90,3 +91,38 @@ def test_unreadable_key_fails_at_creation(tmp_path: Path) -> None:
     cfg = MqttConfig(url="mqtts://127.0.0.1:1", tls=TlsConfig(ca=ca.pem, cert=client.cert, key=other.key))
     with pytest.raises(Exception, match="mqtt.tls: cannot load the TLS files"):
         Connection(cfg, DeviceConfig(id="dev"))
+
+
+def test_fleet_status_reads_a_retained_burst_over_mutual_tls(
+    tls_broker: tuple[Mosquitto, int, TestCA], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The fleet client reads ahead of paho's parser (agent/transport/pahopatch.py) on its own network loop:
+    over TLS, bytes already decrypted are invisible to select(), and a burst must still come in whole."""
+    from agent.cli import main
+    from agent.transport.contract.status import StatusMessage
+
+    _mosq, port, ca = tls_broker
+    device = ca.issue("device", "tls-dev")
+    acked: list[int] = []
+    conn = connect(port, ca.pem, device.cert, device.key)
+    conn.add_ack_listener(lambda mid, ok: acked.append(mid))
+    try:
+        assert conn.wait_online(10), conn.error
+        mids = set()
+        for i in range(400):
+            status = StatusMessage(device=f"tls-{i:03d}", group="g", state="offline", reason="stopped")
+            mid = conn.publish(f"edge/tls-{i:03d}/status", status.model_dump_json(exclude_none=True), retain=True)
+            assert mid is not None
+            mids.add(mid)
+        deadline = time.monotonic() + 10
+        while not mids <= set(acked) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert mids <= set(acked), f"{len(mids - set(acked))} retained statuses not acknowledged"
+    finally:
+        conn.stop()
+    fleet = ca.issue("fleet", "fleet")
+    url = f"mqtts://127.0.0.1:{port}"
+    tls = ["--tls-ca", str(ca.pem), "--tls-cert", str(fleet.cert), "--tls-key", str(fleet.key)]
+    assert main(["fleet", "status", "--broker", url, *tls, "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert {d["device"] for d in shown["devices"]} >= {f"tls-{i:03d}" for i in range(400)}
