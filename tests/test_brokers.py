@@ -199,6 +199,10 @@ def stack(
     agent.start()
     built = Stack(broker, registry, proxy, agent, sub, tmp)
     try:
+        # The daemon subscribes to commands last, then says agent.started: a case that sends a command
+        # before then (the first one a worker runs) would send it to nobody.
+        events = f"{BASE}/events"
+        built.wait(lambda: any(e.get("type") == "agent.started" for e in sub.payloads(events)), 60, "agent.started")
         yield built
     finally:
         agent.stop()

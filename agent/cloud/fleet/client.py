@@ -40,7 +40,6 @@ PUBACK_TIMEOUT = 10.0
 KEEPALIVE = 30
 RECEIVE_BUFFER = 4 * 1024 * 1024  # bytes; the kernel caps it at net.core.rmem_max
 UNSUPPORTED_PROTOCOL = 0x84  # CONNACK: the broker does not speak this MQTT version
-_QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)  # Linux only
 
 
 class FleetError(Exception):
@@ -81,17 +80,6 @@ def _options(qos: int, retained: bool) -> SubscribeOptions:
     than the rest of a subscription (a controller or `fleet status` subscribes to 20,000 topics at 10,000
     devices)."""
     return SubscribeOptions(qos, retainHandling=0 if retained else SubscribeOptions.RETAIN_DO_NOT_SEND)
-
-
-def _ack_at_once(sock: object) -> None:
-    """Acknowledge what the next read takes at once (Linux; the kernel's quick-ack mode does not last).
-
-    Each round trip of `Inventory.load` (a SUBACK, its own marker) came 40 ms late: Mosquitto leaves Nagle
-    on, so its small answer waited for this side's delayed ACK of the small packet before it. Per batch of
-    400 devices, two round trips: 2 s of `fleet status` at 10,000 devices spent waiting."""
-    if _QUICKACK is not None and sock is not None:
-        with contextlib.suppress(OSError, AttributeError):
-            sock.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)  # type: ignore[attr-defined]
 
 
 class _Mqtt5RefusedError(Exception):
@@ -220,7 +208,6 @@ class BrokerClient:
         """The network thread: paho's reads, writes and keepalive until `close()` or the connection ends."""
         rc = paho.MQTT_ERR_SUCCESS
         while not self._stopping.is_set() and rc == paho.MQTT_ERR_SUCCESS:
-            _ack_at_once(self.client.socket())
             rc = self._netloop.turn(self.client, 1.0)
         if not self._stopping.is_set():
             self._lost = paho.error_string(rc)
@@ -343,9 +330,6 @@ class BrokerClient:
         # per-client queue (Mosquitto drops beyond `max_queued_messages` packets waiting there, QoS 0 too).
         with contextlib.suppress(OSError, AttributeError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
-        # paho leaves Nagle on; what this client writes at once is joined by pahopatch already.
-        with contextlib.suppress(OSError, AttributeError):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def _on_connect(
         self,
