@@ -807,3 +807,37 @@ def test_a_broker_lost_mid_command_ends_it_at_once_in_one_line(tmp_path: Path, k
     finally:
         device.closed = True
         own.stop()
+
+
+def test_an_ack_waited_for_ends_at_once_when_the_connection_is_lost(tmp_path: Path) -> None:
+    """A publish waits for its PUBACK up to its timeout; a connection lost meanwhile ends the wait at once
+    with the reason, not with "did not acknowledge" after the whole timeout."""
+    import os
+    import signal
+
+    from agent.cloud.fleet.client import BrokerClient, BrokerSettings, FleetError
+
+    own = Mosquitto(tmp_path / "mosquitto").start()
+    client = BrokerClient(BrokerSettings(own.url)).connect()
+    failed: list[str] = []
+
+    def publish() -> None:
+        try:
+            client.publish_retained("edge/cam-1/deploy", b"{}", timeout=60)
+        except FleetError as exc:
+            failed.append(str(exc))
+
+    try:
+        assert own.proc is not None
+        os.kill(own.proc.pid, signal.SIGSTOP)  # the broker takes the publish and never answers it
+        waiting = threading.Thread(target=publish)
+        waiting.start()
+        time.sleep(0.3)
+        own.kill()
+        started = time.monotonic()
+        waiting.join(30)
+        assert not waiting.is_alive() and time.monotonic() - started < 10
+        assert failed and failed[0].startswith(f"lost the connection to the broker at {own.url}"), failed
+    finally:
+        client.close()
+        own.stop()

@@ -20,6 +20,7 @@ import ssl
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -210,7 +211,9 @@ class BrokerClient:
         while not self._stopping.is_set() and rc == paho.MQTT_ERR_SUCCESS:
             rc = self._netloop.turn(self.client, 1.0)
         if not self._stopping.is_set():
-            self._lost = paho.error_string(rc)
+            with self._acked:
+                self._lost = paho.error_string(rc)
+                self._acked.notify_all()  # an ack waited for will not come
             self._connected.set()
             self._queue.put(None)
 
@@ -229,13 +232,12 @@ class BrokerClient:
         rc, mid = self.client.subscribe(request)
         if rc != paho.MQTT_ERR_SUCCESS or mid is None:
             raise FleetError(f"cannot subscribe to {', '.join(f for f, _, _ in subs)}: {paho.error_string(rc)}")
-        deadline = time.monotonic() + timeout
         with self._acked:
-            while mid not in self._subacks:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise FleetError(f"the broker did not acknowledge the subscriptions within {timeout:g}s")
-                self._acked.wait(left)
+            self._await(
+                lambda: mid in self._subacks,
+                timeout,
+                lambda: f"the broker did not acknowledge the subscriptions within {timeout:g}s",
+            )
             codes = self._subacks.pop(mid)
         for (topic_filter, _, _), code in zip(subs, codes, strict=False):
             if code.is_failure:
@@ -258,14 +260,13 @@ class BrokerClient:
         info = self.client.publish(topic, payload, qos=1, retain=retain)
         if info.rc != paho.MQTT_ERR_SUCCESS:
             raise FleetError(f"cannot publish to {topic}: {paho.error_string(info.rc)}")
-        deadline = time.monotonic() + timeout
+        what = "the order" if retain else "the message"
         with self._acked:
-            while info.mid not in self._pubacks:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    what = "the order" if retain else "the message"
-                    raise FleetError(f"the broker did not acknowledge {what} on {topic} within {timeout:g}s")
-                self._acked.wait(left)
+            self._await(
+                lambda: info.mid in self._pubacks,
+                timeout,
+                lambda: f"the broker did not acknowledge {what} on {topic} within {timeout:g}s",
+            )
             reason = self._pubacks.pop(info.mid)
         if reason.is_failure:
             raise FleetError(f"the broker refused the publish on {topic}: {reason} (check the ACL of this user)")
@@ -279,14 +280,15 @@ class BrokerClient:
             if info.rc != paho.MQTT_ERR_SUCCESS:
                 raise FleetError(f"cannot publish to {topic}: {paho.error_string(info.rc)}")
             mids[info.mid] = topic
-        deadline = time.monotonic() + timeout + len(items) / 1000
         with self._acked:
-            while not all(m in self._pubacks for m in mids):
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    missing = sum(m not in self._pubacks for m in mids)
-                    raise FleetError(f"the broker did not acknowledge {missing} of {len(mids)} publishes in time")
-                self._acked.wait(left)
+            self._await(
+                lambda: all(m in self._pubacks for m in mids),
+                timeout + len(items) / 1000,
+                lambda: (
+                    f"the broker did not acknowledge {sum(m not in self._pubacks for m in mids)} of {len(mids)} "
+                    "publishes in time"
+                ),
+            )
             reasons = {m: self._pubacks.pop(m) for m in mids}
         for mid, reason in reasons.items():
             if reason.is_failure:
@@ -319,8 +321,23 @@ class BrokerClient:
             return None
         if received is None:
             self._queue.put(None)  # every later call says so too
-            raise FleetError(f"lost the connection to the broker at {self.settings.url}: {self._lost}")
+            raise self._lost_error()
         return received
+
+    def _lost_error(self) -> FleetError:
+        return FleetError(f"lost the connection to the broker at {self.settings.url}: {self._lost}")
+
+    def _await(self, done: Callable[[], bool], timeout: float, late: Callable[[], str]) -> None:
+        """Wait, holding `_acked`, until `done()`: FleetError saying `late()` after `timeout` seconds, and at
+        once when the connection is lost (not after the whole timeout)."""
+        deadline = time.monotonic() + timeout
+        while not done():
+            if self._lost is not None:
+                raise self._lost_error()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise FleetError(late())
+            self._acked.wait(left)
 
     # ---- paho callbacks (network thread) ---------------------------------------------------------
     # userdata is paho's own `Any`: this client never sets it.
