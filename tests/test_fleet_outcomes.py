@@ -63,11 +63,13 @@ class Fleet:
         """What each device's retained health says it serves."""
         sub = Subscriber(self.broker.port, "edge/+/health")
         try:
-            wait_for(lambda: {m.topic for m in sub.messages} >= {f"edge/{d}/health" for d in DEVICES}, 10)
+            sub.sync()  # every retained health is in (a device that has none yet serves None)
             seen: dict[str, str | None] = dict.fromkeys(DEVICES)
-            for msg in sub.messages:
-                served = parse_health(msg.payload).model_versions().get("m")
-                seen[msg.topic.split("/")[1]] = served.version if served is not None else None
+            for device in DEVICES:
+                messages = sub.on(f"edge/{device}/health")
+                if messages:  # the latest: a live health may follow the retained one
+                    served = parse_health(messages[-1].payload).model_versions().get("m")
+                    seen[device] = served.version if served is not None else None
             return seen
         finally:
             sub.close()
@@ -77,7 +79,7 @@ class Fleet:
         topic = f"edge/fleet/{GROUP}/deploy"
         sub = Subscriber(self.broker.port, topic)
         try:
-            time.sleep(0.5)  # a retained message arrives right after the SUBACK
+            sub.sync()  # the retained order, if any, is in; the command waited for its PUBACK before it exited
             payloads = [bytes(m.payload) for m in sub.on(topic) if m.payload]
             return payloads[-1] if payloads else None
         finally:
@@ -136,6 +138,7 @@ def assert_canary_stopped(fleet: Fleet, run: subprocess.CompletedProcess[str], s
 
 
 def test_a_canary_that_goes_active_and_stays_healthy_lets_the_group_order_through(fleet: Fleet) -> None:
+    sub = Subscriber(fleet.broker.port, "edge/dev-a/#")
     fleet.publish(NEW, linear(fleet.tmp, "v2", 2.0))
     run = fleet.deploy(NEW, "--canary", "1", "--probation", "3s")
     assert_outcome(
@@ -152,7 +155,15 @@ def test_a_canary_that_goes_active_and_stays_healthy_lets_the_group_order_throug
     )
     # The canary's own order is withdrawn only once the group order is written, and the device carries
     # orders out in arrival order: it never went back to its channel's version in between.
+    events = "edge/dev-a/events"
+    withdrawn = wait_for(lambda: [e for e in sub.payloads(events) if e["type"] == "deploy.withdrawn"], 30)
+    assert withdrawn and withdrawn[0]["version"] == NEW, f"{sub.payloads(events)}\n{fleet.logs()}"
+    # The device follows what is left after the event, under the lock an update takes: its reply comes after.
+    sub.publish("edge/dev-a/cmd/update", json.dumps({"model": "m"}))
+    replied = wait_for(lambda: sub.on("edge/dev-a/cmd/update/reply"), 30)
+    assert replied, f"dev-a did not answer cmd/update\n{fleet.logs()}"
     assert "version='1.0.0' previous='2.0.0'" not in fleet.logs(), fleet.logs()
+    sub.close()
 
 
 def test_a_canary_that_refuses_the_version_for_its_opsets_stops_the_rollout(fleet: Fleet) -> None:
@@ -282,6 +293,7 @@ def test_a_withdrawn_canary_order_is_forgotten_and_the_canary_follows_its_channe
         sub.publish("edge/dev-a/cmd/update", json.dumps({"model": "m"}))
         if wait_for(lambda: sub.on(topic), 3):
             break
+    assert sub.on(topic), f"the restarted agent never answered cmd/update\n{fleet.logs()}"
     # The first command answered did the update; one sent again while it ran (a slow machine) finds it done.
     reply = json.loads(sub.on(topic)[0].payload)
     assert reply["result"]["models"][0]["status"] == "active", [json.loads(m.payload) for m in sub.on(topic)]
