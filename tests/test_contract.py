@@ -114,6 +114,45 @@ def test_health_and_replies_from_the_agents_own_code_match_the_contract(tmp_path
 # ---- the fleet side -------------------------------------------------------------------------------
 
 
+STATUS = {"device": "dev-1", "group": "g", "state": "offline", "reason": "stopped"}
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        json.dumps(STATUS),
+        json.dumps({**STATUS, "state": "asleep"}),  # a value the contract does not have
+        json.dumps({**STATUS, "extra": 1}),  # an unknown key
+        json.dumps({k: v for k, v in STATUS.items() if k != "group"}),  # a missing key
+        json.dumps({**STATUS, "device": 7}),  # no coercion
+        '{"device": "a", "state": "online", "device": "b"}',  # a repeated key: the last one, both ways
+        "[1, 2]",  # not an object
+        '{"device":',  # not JSON
+        "\ufeff" + json.dumps(STATUS),  # a byte-order mark is not JSON on the wire
+        "[" * 40 + "]" * 40,  # deeper than jsonlimits allows
+        json.dumps({**STATUS, "reason": "x" * (2 << 20)}),  # larger than a payload may be
+    ],
+)
+def test_one_pass_json_validation_gives_the_answers_of_parse_then_validate(raw: str) -> None:
+    """parse_status and parse_health validate with pydantic's JSON parser in one pass (`check_json`): the
+    model, or the ContractError message, is the one `decode` then `check_model` gives, within the same bounds."""
+    from agent.transport.contract import parse_status
+    from agent.transport.contract.base import check_model, decode
+    from agent.transport.contract.status import StatusMessage
+
+    def two_pass() -> object:
+        return check_model(StatusMessage, decode(raw, "status"), "status")
+
+    try:
+        expected: object = two_pass()
+    except ContractError as exc:
+        with pytest.raises(ContractError) as got:
+            parse_status(raw)
+        assert str(got.value) == str(exc)
+    else:
+        assert parse_status(raw) == expected
+
+
 def test_the_fleet_side_follows_a_rollback_by_the_version_rolled_back_from() -> None:
     """Issue 13, defect 1, in one unit: the device's probation names the bad version in `version`."""
     order = new_order("m", "2.0.0", "device:dev-1")
