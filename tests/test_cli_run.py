@@ -52,6 +52,9 @@ def test_results_go_to_stdout_as_json_lines_and_seq_survives_a_restart(tmp_path:
         and lines[0]["model"] == "sum"
     )
     assert "frame.rejected" in first.stderr and "'oops' in column 'a' is not a number" in first.stderr
+    events = [line.split("event type=", 1)[1] for line in first.stderr.splitlines() if "event type=" in line]
+    assert [e.split()[0] for e in events].count("agent.started") == 1, first.stderr  # each event in the journal once
+    assert len(events) == len(set(events)), first.stderr
     again = agent("run", "--profile", str(prof))
     assert [json.loads(line)["seq"] for line in again.stdout.splitlines()] == [4, 5, 6]
     assert model.exists()

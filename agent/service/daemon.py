@@ -250,7 +250,7 @@ class Daemon:
         """The sink every producer writes to: the outbox and its broker connection, or stdout."""
         mqtt = self.profile.mqtt
         if mqtt is None:
-            stdout = StdoutSink(state_dir, emit=log_event)
+            stdout = StdoutSink(state_dir)
             return Parts(sink=stdout, stdout=stdout, closers=[("stdout", stdout.close)])
         from agent.transport.connection import Connection
         from agent.transport.outbox import open_outbox

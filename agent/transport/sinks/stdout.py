@@ -17,7 +17,7 @@ import threading
 from pathlib import Path
 from typing import Any, TextIO
 
-from agent.transport.events import Event, EventSink, log_event
+from agent.transport.events import Event
 
 FSYNC_EVERY = 1000
 _WIDTH = 20  # digits in the seq file: fixed width, so one pwrite replaces the old value in place
@@ -53,10 +53,9 @@ class SeqCounter:
 class StdoutSink:
     """The `Sink` used when the profile has no mqtt section."""
 
-    def __init__(self, state_dir: Path, stream: TextIO | None = None, emit: EventSink = log_event) -> None:
+    def __init__(self, state_dir: Path, stream: TextIO | None = None) -> None:
         self.seq_dir = Path(state_dir) / "seq"
         self.stream = stream if stream is not None else sys.stdout
-        self._emit = emit
         self._counters: dict[str, SeqCounter] = {}
         self._lock = threading.Lock()
         self.broken = threading.Event()
@@ -88,7 +87,7 @@ class StdoutSink:
                 raise
 
     def event(self, event: Event) -> None:
-        self._emit(event)
+        """Nothing to do: stdout carries results only, and the daemon logs every event it emits."""
 
     def close(self) -> None:
         with self._lock:
