@@ -85,7 +85,7 @@ class LatencySink(StdoutSink):
     """The stdout sink (seq file, JSON encoding) writing to memory, noting when each result arrives."""
 
     def __init__(self, state_dir: Path, source: Replay | None = None) -> None:
-        super().__init__(state_dir, stream=io.StringIO(), emit=lambda e: None)
+        super().__init__(state_dir, stream=io.StringIO())
         self.source = source
         self.added: list[float] = []
         self.overhead: list[float] = []  # the same, less preprocessing and post-processing too

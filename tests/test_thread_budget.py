@@ -17,7 +17,9 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from agent.config.base import PluginConfig
-from agent.config.profile import PipelineConfig
+from agent.config.profile import PipelineConfig, load_profile
+from agent.device.providers import core_budget
+from agent.inference.loader import open_pipelines
 from agent.inference.pipeline import Pipeline
 from agent.inference.runtime import load_model
 from agent.inference.sources.base import BaseSource, Frame
@@ -210,15 +212,18 @@ def test_camera_threads_under_one_cpu_are_the_captures_plus_a_constant(tmp_path:
     assert seen["os"] <= seen["python"] + 1, seen
 
 
-@pytest.mark.parametrize("workers", [2, 3])
-def test_inferences_stay_on_the_same_workers_and_one_is_left_for_pre_and_post(workers: int) -> None:
-    """onnxruntime keeps state per calling thread: inferences always run on the lowest-numbered workers,
-    one per inference slot, and the last worker runs only pre- and post-processing."""
-    pool = StagePool(size=lambda: workers)
+@pytest.mark.parametrize(("cores", "cameras", "workers"), [(1, 4, 2), (2, 1, 2), (2, 4, 3), (3, 4, 4), (8, 2, 3)])
+def test_inferences_stay_on_the_same_workers_and_one_is_left_for_pre_and_post(
+    cores: int, cameras: int, workers: int
+) -> None:
+    """A worker per inference that may run at once (a core each, no more than the cameras) and one for pre- and
+    post-processing. onnxruntime keeps state per calling thread: inferences always run on the lowest-numbered
+    workers, one per inference slot, and the last worker runs only pre- and post-processing."""
+    pool = StagePool(size=lambda: cores)
     lock = threading.Lock()
     seen: dict[str, set[str]] = {"heavy": set(), "light": set()}
     running = {"heavy": 0, "most": 0}
-    left = {f"{p}-{kind}": 40 for p in range(4) for kind in ("pre", "infer", "post")}
+    left = {f"{p}-{kind}": 40 for p in range(cameras) for kind in ("pre", "infer", "post")}
     done = threading.Event()
 
     def stage(name: str, heavy: bool) -> Stage:
@@ -236,8 +241,9 @@ def test_inferences_stay_on_the_same_workers_and_one_is_left_for_pre_and_post(wo
 
         return Stage(name, lambda: left[name] > 0, step, heavy=heavy)
 
-    stages = [stage(f"{p}-{kind}", kind == "infer") for p in range(4) for kind in ("pre", "infer", "post")]
+    stages = [stage(f"{p}-{kind}", kind == "infer") for p in range(cameras) for kind in ("pre", "infer", "post")]
     pool.attach(stages)
+    assert pool.workers == workers
     try:
         assert done.wait(30), left
     finally:
@@ -250,3 +256,36 @@ def test_inferences_stay_on_the_same_workers_and_one_is_left_for_pre_and_post(wo
     while pool.workers and time.monotonic() < deadline:
         time.sleep(0.01)
     assert pool.workers == 0
+
+
+def test_a_profiles_cameras_share_one_session_and_the_thread_budget(tmp_path: Path) -> None:
+    """Through `open_pipelines`, as the daemon opens them: a profile's cameras on one model share one session
+    whose runs each have their share of the budget, so the runs the stage pool makes at once use it once;
+    a sensor pipeline on the same model shares that session too; one camera keeps the whole budget."""
+    save(busy_pool_model(), tmp_path / "m.onnx")
+    (tmp_path / "s.csv").write_text("a,b,c\n1,2,3\n")
+
+    def pipelines(cameras: int) -> list[Pipeline]:
+        entries = [
+            {"name": f"cam{i}", "model": "m.onnx", "source": {"type": "camera", "device": "rtsp://127.0.0.1:9/x"}}
+            for i in range(cameras)
+        ]
+        sensor = {"name": "sensor", "model": "m.onnx", "source": {"type": "csv", "path": "s.csv"}}
+        doc = {"device": {"id": "d", "state_dir": str(tmp_path / "state")}, "pipelines": [*entries, sensor]}
+        (tmp_path / "p.yaml").write_text(json.dumps(doc))
+        opened = list(open_pipelines(load_profile(tmp_path / "p.yaml"), Recorder()))
+        assert [p.name for p in opened] == [e["name"] for e in entries] + ["sensor"]
+        return opened
+
+    budget = core_budget()
+    for cameras in (1, 4):
+        opened = pipelines(cameras)
+        try:
+            sessions = {id(p.model.session) for p in opened}
+            threads = opened[0].model.session.get_session_options().intra_op_num_threads
+            assert len(sessions) == 1, "one session for the model"
+            assert threads == (budget if cameras == 1 else max(1, budget // min(cameras, budget))), (cameras, budget)
+            assert threads * min(cameras, budget) <= budget
+        finally:
+            for p in opened:
+                p.model.close()

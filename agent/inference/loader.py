@@ -11,10 +11,11 @@ must count as one, and a death after the pipelines are up must not.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 
 from agent.config.profile import MqttConfig, PipelineConfig, Profile, RuntimeConfig
+from agent.device.providers import shared_runtime
 from agent.inference.pipeline import Pipeline
 from agent.inference.processing.lazy import preload_opencv
 from agent.inference.runtime import ModelError
@@ -82,9 +83,11 @@ def open_pipelines(
     resolve: Resolver | None = None,
     mqtt: Subscriptions | None = None,
     on_trial: OnTrial | None = None,
+    only: Collection[str] | None = None,
 ) -> Iterator[Pipeline]:
-    """Every enabled pipeline of a profile whose model loads, each as soon as it has loaded (so that the
-    first one can start serving while the next one loads); the others are reported and skipped.
+    """Every enabled pipeline of a profile whose model loads (those named in `only`, when given), each as
+    soon as it has loaded (so that the first one can start serving while the next one loads); the others
+    are reported and skipped. Threads are shared out over all the profile's camera pipelines.
 
     `resolve` maps a registry model name to (file or bytes, version): the store's job. Without it only
     file models run. `mqtt` is the daemon's broker connection, which mqtt sources then share; without it
@@ -93,8 +96,11 @@ def open_pipelines(
     """
     state_dir = Path(profile.device.state_dir)
     default_qos = profile.mqtt.qos if profile.mqtt is not None else 1
-    for config in profile.pipelines:
-        if not config.enabled:
+    enabled = [config for config in profile.pipelines if config.enabled]
+    # Camera pipelines run their inferences at once on the stage pool: each gets its share of the threads.
+    runtime = shared_runtime(profile.runtime, sum(1 for config in enabled if source_class(config.source).live))
+    for config in enabled:
+        if only is not None and config.name not in only:
             continue
         try:
             path: Path | bytes
@@ -108,7 +114,7 @@ def open_pipelines(
                 config,
                 sink,
                 device=profile.device.id,
-                runtime=profile.runtime,
+                runtime=runtime,
                 state_dir=state_dir,
                 emit=emit,
                 model_path=path,

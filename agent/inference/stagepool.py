@@ -3,10 +3,12 @@
 Four threads per pipeline (capture, pre, infer, post) made four cameras on a 2-core device run 16 Python
 threads that only competed for the same two cores. A camera pipeline keeps its capture thread (a source
 blocks on its device) and hands its three processing stages to this pool: one worker per core of the
-budget (`core_budget()`, at least two) runs whichever stage has work, and one worker is always left
-for pre- and post-processing while the others run inferences. On a 2-core device that is one inference
-at a time on the session's 2-thread pool: measured with four PP-OCR cameras, two concurrent runs took
-70 MiB more (an arena per run in flight) for no more frames.
+budget (`core_budget()`, and no more than there are cameras) runs inferences, and one more worker is
+always there for pre- and post-processing. With several cameras each run has its share of the budget's
+threads (`providers.shared_runtime`): on a 2-core device four PP-OCR cameras run two 1-thread
+inferences at once, which made ~20% more results than one 2-thread run at a time (two 2-thread runs at
+once were no better than one: their threads wait on each other), for ~70 MiB more (an arena per run in
+flight); one camera keeps one 2-thread run.
 
 Each stage runs on one worker at a time and takes its items in order, so a pipeline's frames keep
 their order and its stages still overlap each other (pre of frame n+1 while frame n runs).
@@ -69,7 +71,7 @@ class StagePool:
     def attach(self, stages: Sequence[Stage]) -> None:
         with self._cond:
             self._stages.extend(stages)
-            want = max(2, self._size())
+            want = 1 + max(1, min(self._size(), sum(1 for s in self._stages if s.heavy)))
             while len(self._ids) < want:
                 number = min(set(range(1, want + 1)) - self._ids)
                 self._ids.add(number)

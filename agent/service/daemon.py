@@ -303,7 +303,6 @@ class Daemon:
         parts = self.parts
         if parts is None:
             return
-        subset = self.profile.model_copy(update={"pipelines": configs})
         resolve = parts.store.resolve if parts.store is not None else None
         trial = None
         if parts.registry is not None:
@@ -311,7 +310,13 @@ class Daemon:
 
             trial = versions_on_trial(self.profile)
         pipelines = open_pipelines(
-            subset, parts.sink, emit=self.emit, resolve=resolve, mqtt=parts.connection, on_trial=trial
+            self.profile,
+            parts.sink,
+            emit=self.emit,
+            resolve=resolve,
+            mqtt=parts.connection,
+            on_trial=trial,
+            only={config.name for config in configs},
         )
         for pipeline in pipelines:
             parts.pipelines[pipeline.name] = pipeline.start()
