@@ -128,12 +128,11 @@ def worker_pipelines(count: int, seconds: float, fps: float) -> dict[str, Any]:
         return_large_blocks()
     except ImportError:
         pass
-    runtime = RuntimeConfig()
     try:  # each camera's share of the threads, as `edge-agent run` gives it, in a tree that has it
-        from agent.device.providers import shared_runtime
+        from agent.inference.sessions import POOL
 
-        runtime = shared_runtime(runtime, count)
-    except ImportError:
+        POOL.plan(count)
+    except (ImportError, AttributeError):
         pass
     process = psutil.Process()
     path = sample_model("ppocr-det", quiet=True)
@@ -144,7 +143,7 @@ def worker_pipelines(count: int, seconds: float, fps: float) -> dict[str, Any]:
     pipes = []
     for i in range(count):
         cfg = PipelineConfig.model_validate(ocr_pipeline(f"cam{i}", path, {"type": "synthetic"}))
-        model = load_model(path, runtime, tmp, example=np.zeros((1, 3, 480, 640), np.float32))
+        model = load_model(path, RuntimeConfig(), tmp, example=np.zeros((1, 3, 480, 640), np.float32))
         sink = MemorySink(tmp / f"sink{i}")
         camera = Camera(cfg.source, images)
         pipes.append(Pipeline(cfg, model, sink, device="bench", state_dir=tmp, source=camera, emit=lambda e: None))

@@ -12,7 +12,7 @@ import pytest
 
 from agent.config.profile import RuntimeConfig
 from agent.device.hardware import CpuBudget, RuntimeInfo, cpu_budget, probe
-from agent.device.providers import core_budget, shared_runtime, thread_count
+from agent.device.providers import core_budget, run_threads, thread_count
 from agent.device.sysroot import SysRoot
 
 pytestmark = pytest.mark.arm64
@@ -90,21 +90,13 @@ def test_thread_counts_and_autotune_options_follow_the_budget_not_the_cores(tmp_
 
 
 @pytest.mark.parametrize(
-    ("cpus", "runs", "threads"),
-    [("0-1", 1, "auto"), ("0-1", 4, 1), ("0-3", 2, 2), ("0-3", 3, 1), ("0-3", 8, 1), ("0", 4, "auto")],
+    ("threads", "at_once", "each"), [(2, 1, 2), (2, 4, 1), (4, 2, 2), (4, 3, 1), (4, 8, 1), (1, 4, 1), (12, 5, 2)]
 )
-def test_inferences_at_once_share_the_budget_out(tmp_path: Path, cpus: str, runs: int, threads: object) -> None:
-    """`runs` camera pipelines infer at once: each run gets its share of the budget, so that together they use
-    it once ("auto" where one run keeps the whole budget); a number in the profile is never changed."""
-    shutil.copytree(FIXTURES / "x86-rtx3060", tmp_path / "x86", symlinks=True)
-    (tmp_path / "x86/proc/self").mkdir(parents=True)
-    (tmp_path / "x86/proc/self/status").write_text(f"Cpus_allowed_list:\t{cpus}\n")
-    found = probe(tmp_path / "x86", runtime=CPU_WHEEL)
-    shared = shared_runtime(RuntimeConfig(), runs, found)
-    assert shared.threads == threads
-    assert shared.model_dump(exclude={"threads"}) == RuntimeConfig().model_dump(exclude={"threads"})
-    assert thread_count(shared, found) * min(runs, core_budget(found)) <= core_budget(found)
-    assert shared_runtime(RuntimeConfig(threads=6), runs, found).threads == 6
+def test_runs_at_once_share_the_threads_out(threads: int, at_once: int, each: int) -> None:
+    """Inferences that run at once on the CPU provider each get a share, so that together they use the budget
+    once; one run alone keeps all of it."""
+    assert run_threads(threads, at_once) == each
+    assert each * min(at_once, threads) <= threads
 
 
 CHILD = """

@@ -22,6 +22,7 @@ from agent.device.providers import core_budget
 from agent.inference.loader import open_pipelines
 from agent.inference.pipeline import Pipeline
 from agent.inference.runtime import load_model
+from agent.inference.sessions import POOL
 from agent.inference.sources.base import BaseSource, Frame
 from agent.inference.stagepool import STAGES, Stage, StagePool
 from tests.helpers.models import save
@@ -260,8 +261,8 @@ def test_inferences_stay_on_the_same_workers_and_one_is_left_for_pre_and_post(
 
 def test_a_profiles_cameras_share_one_session_and_the_thread_budget(tmp_path: Path) -> None:
     """Through `open_pipelines`, as the daemon opens them: a profile's cameras on one model share one session
-    whose runs each have their share of the budget, so the runs the stage pool makes at once use it once;
-    a sensor pipeline on the same model shares that session too; one camera keeps the whole budget."""
+    whose CPU runs each have their share of the budget, so the runs the stage pool makes at once use it
+    once; a sensor pipeline on the same model shares that session too; one camera keeps the whole budget."""
     save(busy_pool_model(), tmp_path / "m.onnx")
     (tmp_path / "s.csv").write_text("a,b,c\n1,2,3\n")
 
@@ -289,3 +290,4 @@ def test_a_profiles_cameras_share_one_session_and_the_thread_budget(tmp_path: Pa
         finally:
             for p in opened:
                 p.model.close()
+            POOL.plan(1)  # the process's pool: the tests after this one load as one pipeline would

@@ -92,16 +92,13 @@ def thread_count(runtime: RuntimeConfig, probe: Probe | None = None) -> int:
     return int(runtime.threads) if runtime.threads != "auto" else core_budget(probe)
 
 
-def shared_runtime(runtime: RuntimeConfig, runs: int, probe: Probe | None = None) -> RuntimeConfig:
-    """The runtime for sessions that serve `runs` inferences at once (camera pipelines, `stagepool`): with
-    threads `auto` each run gets its share of the budget, so that the runs together use it once. Two
-    2-thread runs on 2 cores wait on each other's threads at every parallel step; four PP-OCR cameras made
-    ~20% more results with two 1-thread runs at once than with one 2-thread run at a time."""
-    if runtime.threads != "auto" or runs <= 1:
-        return runtime
-    budget = core_budget(probe)
-    share = max(1, budget // min(runs, budget))
-    return runtime if share == budget else runtime.model_copy(update={"threads": share})
+def run_threads(threads: int, at_once: int) -> int:
+    """Each run's share of `threads` when `at_once` inferences run at once on the CPU provider (camera
+    pipelines on the stage pool), so that together they use the budget once. Two 2-thread runs on 2 cores
+    wait on each other's threads at every parallel step: four PP-OCR cameras made ~20% more results with
+    two 1-thread runs at once than with one 2-thread run at a time. Not for OpenVINO: its 1-thread runs
+    on one session made a third fewer results than 2-thread ones (bench/bench_runtime.py)."""
+    return max(1, threads // max(1, min(at_once, threads)))
 
 
 def core_budget(probe: Probe | None = None) -> int:

@@ -21,7 +21,7 @@ from agent.device.autotune import model_digest, tune
 from agent.device.build import build_cached, one_line, provider_options, verify, why_not
 from agent.device.customops import session_libraries
 from agent.device.graphcache import graph_cache
-from agent.device.providers import CPU, Ranking, VariantTraits, rank, thread_count
+from agent.device.providers import CPU, Ranking, VariantTraits, rank, run_threads, thread_count
 from agent.transport.events import Event, EventSink, log_event
 
 log = logging.getLogger(__name__)
@@ -63,6 +63,7 @@ def open_session(
     inputs: dict[str, np.ndarray] | None = None,
     optimization: Optimization | None = None,
     digest: str | None = None,
+    at_once: int = 1,
 ) -> OpenedSession:
     """A session on the best provider that proves to work here, falling back down the ranking.
 
@@ -71,7 +72,8 @@ def open_session(
     With `runtime.autotune` the chain starts with the measured fastest (see agent.device.autotune).
     `optimization` (a pipeline's own level) overrides `runtime.optimization`; with `runtime.cache` the
     optimised model is kept under the state dir (agent.device.graphcache). `digest` saves hashing the
-    model again when the caller has it. Custom-op libraries (the profile's `runtime.custom_ops`, and those
+    model again when the caller has it. `at_once`: how many runs the session will take at once (the camera
+    pipelines sharing it); with threads `auto` each CPU provider run gets its share. Custom-op libraries (the profile's `runtime.custom_ops`, and those
     a registry model was installed with) are proven before any is registered: CustomOpsError otherwise.
     """
     libraries = session_libraries(model, runtime.custom_ops)
@@ -119,17 +121,19 @@ def open_session(
     level = optimization or runtime.optimization
     for i, candidate in enumerate(chain):
         after = chain[i + 1].label if i + 1 < len(chain) else None
+        shared = candidate.provider == CPU and runtime.threads == "auto"
+        run = run_threads(threads, at_once) if shared else threads
         cache = None
         if runtime.cache:
             digest = digest or model_digest(model)
-            options = provider_options(candidate, state_dir, threads)
+            options = provider_options(candidate, state_dir, run)
             # An optimised graph is only valid with the same libraries (their kernels, their fusions).
             options.update({f"custom_ops.{i}": model_digest(p) for i, p in enumerate(libraries)})
             cache = graph_cache(
                 state_dir, model, digest, candidate.provider, options, level, hw.fingerprint(), ort.__version__
             )
         try:
-            session, cached = build_cached(model, candidate, state_dir, threads, level, cache, libraries)
+            session, cached = build_cached(model, candidate, state_dir, run, level, cache, libraries)
         except Exception as exc:  # noqa: BLE001 (any provider failure is a reason to fall back, not to stop)
             fall(candidate.label, f"session creation failed: {one_line(exc)}", after)
             continue
@@ -149,8 +153,8 @@ def open_session(
             candidate.provider,
             check.providers,
             notes,
-            options=provider_options(candidate, state_dir, threads),
-            threads=threads,
+            options=provider_options(candidate, state_dir, run),
+            threads=run,
             assignment=check.assignment,
             fallbacks=fallbacks,
             ranking=ranking,

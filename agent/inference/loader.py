@@ -15,10 +15,10 @@ from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 
 from agent.config.profile import MqttConfig, PipelineConfig, Profile, RuntimeConfig
-from agent.device.providers import shared_runtime
 from agent.inference.pipeline import Pipeline
 from agent.inference.processing.lazy import preload_opencv
 from agent.inference.runtime import ModelError
+from agent.inference.sessions import POOL
 from agent.inference.sources import source_class
 from agent.inference.sources.base import Subscriptions
 from agent.inference.warmup import example_input, load_pipeline_model
@@ -97,8 +97,8 @@ def open_pipelines(
     state_dir = Path(profile.device.state_dir)
     default_qos = profile.mqtt.qos if profile.mqtt is not None else 1
     enabled = [config for config in profile.pipelines if config.enabled]
-    # Camera pipelines run their inferences at once on the stage pool: each gets its share of the threads.
-    runtime = shared_runtime(profile.runtime, sum(1 for config in enabled if source_class(config.source).live))
+    # Camera pipelines run their inferences at once on the stage pool: CPU runs get a share of the threads each.
+    POOL.plan(sum(1 for config in enabled if source_class(config.source).live))
     for config in enabled:
         if only is not None and config.name not in only:
             continue
@@ -114,7 +114,7 @@ def open_pipelines(
                 config,
                 sink,
                 device=profile.device.id,
-                runtime=runtime,
+                runtime=profile.runtime,
                 state_dir=state_dir,
                 emit=emit,
                 model_path=path,

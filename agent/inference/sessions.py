@@ -3,7 +3,7 @@
 Four cameras on one detector hold one copy of its weights, one arena and one thread pool sized to the
 device's budget, instead of four of each. A shared session serves its pipelines in *lanes*: on CPU
 providers up to one run per core of the budget at once (each with its share of the threads when several
-cameras share the model: `providers.shared_runtime`), one at a time on accelerators, which batch instead.
+cameras share the model: `providers.run_threads`, `SessionPool.plan`), one at a time on accelerators, which batch instead.
 
 Dynamic batching: when several pipelines have frames waiting on a model that takes a batch (a free
 first dimension, no recurrent state, no constants), the first one to run takes the others' frames along
@@ -324,6 +324,13 @@ class SessionPool:
         self._lock = threading.RLock()
         self._sessions: dict[SessionKey, SharedSession] = {}
         self._loading: dict[SessionKey, threading.Lock] = {}
+        self._at_once = 1
+
+    def plan(self, at_once: int) -> None:
+        """How many inferences the pipelines will run at once (the daemon's camera pipelines): CPU sessions
+        opened from now on give each run its share of the thread budget. A session keeps the threads it was
+        opened with: a reload that adds cameras resizes the models it loads, not those already shared."""
+        self._at_once = max(1, at_once)
 
     def acquire(
         self,
@@ -350,7 +357,9 @@ class SessionPool:
                     return shared
             before = _rss()
             try:
-                opened = open_session(source, runtime, Path(state_dir), emit, optimization=level, digest=digest)
+                opened = open_session(
+                    source, runtime, Path(state_dir), emit, optimization=level, digest=digest, at_once=self._at_once
+                )
             finally:
                 with self._lock:
                     self._loading.pop(key, None)

@@ -4,11 +4,10 @@ Four threads per pipeline (capture, pre, infer, post) made four cameras on a 2-c
 threads that only competed for the same two cores. A camera pipeline keeps its capture thread (a source
 blocks on its device) and hands its three processing stages to this pool: one worker per core of the
 budget (`core_budget()`, and no more than there are cameras) runs inferences, and one more worker is
-always there for pre- and post-processing. With several cameras each run has its share of the budget's
-threads (`providers.shared_runtime`): on a 2-core device four PP-OCR cameras run two 1-thread
+always there for pre- and post-processing. With several cameras each CPU run has its share of the
+budget's threads (`providers.run_threads`): on a 2-core device four PP-OCR cameras run two 1-thread
 inferences at once, which made ~20% more results than one 2-thread run at a time (two 2-thread runs at
-once were no better than one: their threads wait on each other), for ~70 MiB more (an arena per run in
-flight); one camera keeps one 2-thread run.
+once did little better: their threads wait on each other); one camera keeps one 2-thread run.
 
 Each stage runs on one worker at a time and takes its items in order, so a pipeline's frames keep
 their order and its stages still overlap each other (pre of frame n+1 while frame n runs).
