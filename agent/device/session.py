@@ -73,8 +73,9 @@ def open_session(
     `optimization` (a pipeline's own level) overrides `runtime.optimization`; with `runtime.cache` the
     optimised model is kept under the state dir (agent.device.graphcache). `digest` saves hashing the
     model again when the caller has it. `at_once`: how many runs the session will take at once (the camera
-    pipelines sharing it); with threads `auto` each CPU provider run gets its share. Custom-op libraries (the profile's `runtime.custom_ops`, and those
-    a registry model was installed with) are proven before any is registered: CustomOpsError otherwise.
+    pipelines sharing it); with threads `auto` each CPU provider run gets its share. Custom-op libraries
+    (the profile's `runtime.custom_ops`, and those a registry model was installed with) are proven before
+    any is registered: CustomOpsError otherwise.
     """
     libraries = session_libraries(model, runtime.custom_ops)
     state_dir = Path(state_dir)

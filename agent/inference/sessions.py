@@ -3,7 +3,8 @@
 Four cameras on one detector hold one copy of its weights, one arena and one thread pool sized to the
 device's budget, instead of four of each. A shared session serves its pipelines in *lanes*: on CPU
 providers up to one run per core of the budget at once (each with its share of the threads when several
-cameras share the model: `providers.run_threads`, `SessionPool.plan`), one at a time on accelerators, which batch instead.
+cameras share the model: `providers.run_threads`, `SessionPool.plan`), one at a time on accelerators,
+which batch instead.
 
 Dynamic batching: when several pipelines have frames waiting on a model that takes a batch (a free
 first dimension, no recurrent state, no constants), the first one to run takes the others' frames along
