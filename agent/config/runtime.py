@@ -155,7 +155,9 @@ class RuntimeConfig(Strict):
         description="auto (ranked from the hardware) or an ordered list of providers, each optionally with options",
     )
     threads: Literal["auto"] | int = Field(
-        "auto", description="intra-op threads: auto (physical cores) or a number > 0"
+        "auto",
+        description="intra-op threads: auto (physical cores, shared out among the camera pipelines' CPU runs) or a "
+        "number > 0",
     )
     autotune: bool = Field(
         False, description="time each usable provider and thread count on the model and keep the fastest"
