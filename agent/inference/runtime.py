@@ -22,11 +22,11 @@ import numpy as np
 from agent.config.profile import Constant
 from agent.config.runtime import LocalLibrary, Optimization, RuntimeConfig
 from agent.device import compat, customops
+from agent.device.autotune import model_digest
 from agent.inference.processing.pre import NUMPY_TYPES
 from agent.inference.sessions import POOL, NodeArg, Session, SessionPool, SharedSession
 from agent.inference.stats import MemoryShare
 from agent.transport.events import EventSink, log_event
-from agent.util.hashing import sha256_bytes, sha256_file
 from agent.util.timeline import START
 
 if TYPE_CHECKING:
@@ -71,12 +71,6 @@ def _spec(arg: NodeArg) -> TensorSpec:
     dims = arg.shape
     shape = tuple(d if isinstance(d, int) and d > 0 else None for d in dims) if isinstance(dims, list) else None
     return TensorSpec(arg.name, shape, arg.type)
-
-
-def content_version(source: Path | bytes) -> str:
-    """A model's version when nothing names one: the start of its sha256, so results tell two apart."""
-    digest = sha256_bytes(source) if isinstance(source, bytes) else sha256_file(source)
-    return "sha256:" + digest[:12]
 
 
 def constant_tensor(spec: TensorSpec, value: Constant) -> np.ndarray:
@@ -276,10 +270,11 @@ def load_model(
             raise ModelError(f"model file {source} does not exist")
     path = source if isinstance(source, Path) else None
     name = name or (path.stem if path is not None else "model")
-    version = version or content_version(source)
+    digest = model_digest(source)  # once: the session pool keys on it too
+    version = version or "sha256:" + digest[:12]  # nothing names it: results still tell two apart
     _check_loadable(source, name, version, runtime.custom_ops)
     try:
-        shared = POOL.acquire(source, runtime, state_dir, optimization=optimization, emit=emit)
+        shared = POOL.acquire(source, runtime, state_dir, optimization=optimization, emit=emit, digest=digest)
     except Exception as exc:  # ORT's Fail/InvalidGraph derive from Exception
         raise ModelError(
             f"cannot load model {name} {version}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else exc}"

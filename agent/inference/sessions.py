@@ -341,10 +341,11 @@ class SessionPool:
         *,
         optimization: Optimization | None = None,
         emit: EventSink = log_event,
+        digest: str | None = None,
     ) -> SharedSession:
         """The session for this model and settings, opened now or shared with the pipelines holding it;
-        pair each acquire with one `release`."""
-        digest = model_digest(source)
+        pair each acquire with one `release`. `digest`: the model's sha256, when the caller has it."""
+        digest = digest or model_digest(source)
         level = optimization or runtime.optimization
         libraries = library_digests(source, runtime.custom_ops)
         key = SessionKey(digest, runtime.model_dump_json(), level, str(Path(state_dir).absolute()), libraries)
