@@ -142,8 +142,8 @@ class FakeDevice:
             return
         payload, topic = bytes(msg.payload), msg.topic
         worker = threading.Thread(target=self._handle, args=(topic, payload), daemon=True)
-        self.workers.append(worker)
         worker.start()
+        self.workers.append(worker)  # started first: close() joins what it finds here
 
     def _handle(self, topic: str, payload: bytes) -> None:
         try:
