@@ -18,7 +18,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from agent.config.base import PluginConfig
 from agent.config.profile import PipelineConfig, load_profile
-from agent.device.providers import core_budget
+from agent.device import providers
 from agent.inference.loader import open_pipelines
 from agent.inference.pipeline import Pipeline
 from agent.inference.runtime import load_model
@@ -259,14 +259,19 @@ def test_inferences_stay_on_the_same_workers_and_one_is_left_for_pre_and_post(
     assert pool.workers == 0
 
 
-def test_a_profiles_cameras_share_one_session_and_the_thread_budget(tmp_path: Path) -> None:
+def test_a_profiles_cameras_share_one_session_and_the_thread_budget(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Through `open_pipelines`, as the daemon opens them: a profile's cameras on one model share one session
     whose CPU runs each have their share of the budget, so the runs the stage pool makes at once use it
-    once; a sensor pipeline on the same model shares that session too; one camera keeps the whole budget."""
+    once; a sensor pipeline on the same model shares that session too; one camera keeps the whole budget.
+    A pipeline started alone later (a reload, the `pipeline` command) gets the share of the whole profile.
+    A budget of 4 whatever this machine has, so that the shares differ (a 1-core budget has one share)."""
+    monkeypatch.setattr(providers, "core_budget", lambda probe=None: 4)
     save(busy_pool_model(), tmp_path / "m.onnx")
     (tmp_path / "s.csv").write_text("a,b,c\n1,2,3\n")
 
-    def pipelines(cameras: int) -> list[Pipeline]:
+    def pipelines(cameras: int, only: set[str] | None = None) -> list[Pipeline]:
         entries = [
             {"name": f"cam{i}", "model": "m.onnx", "source": {"type": "camera", "device": "rtsp://127.0.0.1:9/x"}}
             for i in range(cameras)
@@ -274,19 +279,18 @@ def test_a_profiles_cameras_share_one_session_and_the_thread_budget(tmp_path: Pa
         sensor = {"name": "sensor", "model": "m.onnx", "source": {"type": "csv", "path": "s.csv"}}
         doc = {"device": {"id": "d", "state_dir": str(tmp_path / "state")}, "pipelines": [*entries, sensor]}
         (tmp_path / "p.yaml").write_text(json.dumps(doc))
-        opened = list(open_pipelines(load_profile(tmp_path / "p.yaml"), Recorder()))
-        assert [p.name for p in opened] == [e["name"] for e in entries] + ["sensor"]
+        opened = list(open_pipelines(load_profile(tmp_path / "p.yaml"), Recorder(), only=only))
+        names = [str(e["name"]) for e in entries] + ["sensor"]
+        assert [p.name for p in opened] == [n for n in names if only is None or n in only]
         return opened
 
-    budget = core_budget()
-    for cameras in (1, 4):
-        opened = pipelines(cameras)
+    for cameras, only, threads_each in ((1, None, 4), (2, None, 2), (4, None, 1), (4, {"cam3"}, 1)):
+        opened = pipelines(cameras, only)
         try:
             sessions = {id(p.model.session) for p in opened}
             threads = opened[0].model.session.get_session_options().intra_op_num_threads
             assert len(sessions) == 1, "one session for the model"
-            assert threads == (budget if cameras == 1 else max(1, budget // min(cameras, budget))), (cameras, budget)
-            assert threads * min(cameras, budget) <= budget
+            assert threads == threads_each, cameras
         finally:
             for p in opened:
                 p.model.close()

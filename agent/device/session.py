@@ -122,8 +122,7 @@ def open_session(
     level = optimization or runtime.optimization
     for i, candidate in enumerate(chain):
         after = chain[i + 1].label if i + 1 < len(chain) else None
-        shared = candidate.provider == CPU and runtime.threads == "auto"
-        run = run_threads(threads, at_once) if shared else threads
+        run = run_threads(threads, at_once) if candidate.provider == CPU and runtime.threads == "auto" else threads
         cache = None
         if runtime.cache:
             digest = digest or model_digest(model)
