@@ -91,3 +91,16 @@ def test_a_sensor_only_device_never_imports_opencv(tmp_path: Path) -> None:
     assert [json.loads(line)["output"]["y"] for line in out.stdout.splitlines()] == [[[6.0]], [[15.0]]]
     loaded = set(out.stderr.split("MODULES", 1)[1].split())
     assert "cv2" not in loaded and "agent.inference.processing.pre" in loaded
+
+
+def test_a_start_imports_only_the_plugins_its_profile_names(tmp_path: Path) -> None:
+    out = run("-c", IN_PROCESS, str(camera(tmp_path)))
+    assert out.returncode == 0, out.stderr
+    loaded = set(out.stderr.split("MODULES", 1)[1].split())
+    plugins = {
+        m.rsplit(".", 1)[1]
+        for m in loaded
+        if m.startswith(("agent.inference.sources.", "agent.inference.processing.post."))
+    }
+    # synthetic is named; raw is the default post-processor; base is what every plug-in builds on
+    assert plugins == {"synthetic", "raw", "base"}, plugins

@@ -1,7 +1,7 @@
 """Profile errors as users need them: `FILE:LINE: key.path: message`, all of them at once.
 
-Pydantic's errors are mapped back to YAML lines, to the key path a person wrote (without the
-discriminator tags pydantic inserts), and to one wording: "expected <what>, got <value>". Values that
+Pydantic's errors are mapped back to YAML lines, to the key path a person wrote (under a plug-in key,
+through the plug-in its `type` names), and to one wording: "expected <what>, got <value>". Values that
 are secrets, or came from the environment, are never printed.
 """
 
@@ -19,6 +19,7 @@ import annotated_types
 from pydantic import BaseModel, SecretStr, ValidationError
 from pydantic.fields import FieldInfo
 
+from agent.config.base import PluginChoice
 from agent.config.yamldoc import KeyPath, YamlDoc
 
 
@@ -78,13 +79,6 @@ def _union_members(tp: Any) -> tuple[Any, ...]:
     return ()
 
 
-def _tag_of(member: Any) -> str | None:
-    if isinstance(member, type) and issubclass(member, BaseModel) and "type" in member.model_fields:
-        args = typing.get_args(member.model_fields["type"].annotation)
-        return args[0] if args else None
-    return None
-
-
 @dataclass
 class _Resolved:
     path: KeyPath
@@ -92,8 +86,22 @@ class _Resolved:
     model: type[BaseModel] | None
 
 
-def _resolve(root: type[BaseModel], loc: tuple[Any, ...]) -> _Resolved:
-    """Walk the model types along pydantic's loc: the user's key path, the field, and its model."""
+def _plugin_choice(field: FieldInfo | None) -> PluginChoice | None:
+    return next((m for m in field.metadata if isinstance(m, PluginChoice)), None) if field is not None else None
+
+
+def _value_at(data: Any, path: KeyPath) -> Any:
+    for part in path:
+        try:
+            data = data[part]
+        except (KeyError, IndexError, TypeError):
+            return None
+    return data
+
+
+def _resolve(root: type[BaseModel], loc: tuple[Any, ...], data: Any) -> _Resolved:
+    """Walk the model types along pydantic's loc: the user's key path, the field, and its model. Under a
+    plug-in key the model is the plug-in its `type` in `data` (the validated input) names."""
     tp: Any = root
     path: list[str | int] = []
     field: FieldInfo | None = None
@@ -102,10 +110,6 @@ def _resolve(root: type[BaseModel], loc: tuple[Any, ...]) -> _Resolved:
         tp = _unwrap(tp)
         members = _union_members(tp)
         if members:
-            tagged = {_tag_of(m): m for m in members if _tag_of(m)}
-            if part in tagged:  # a discriminator tag pydantic put in the loc, not a user key
-                tp = tagged[part]
-                continue
             models = [m for m in members if isinstance(m, type) and issubclass(m, BaseModel)]
             seqs = [m for m in members if typing.get_origin(m) in (tuple, list)]
             if isinstance(part, int) and seqs:
@@ -119,6 +123,10 @@ def _resolve(root: type[BaseModel], loc: tuple[Any, ...]) -> _Resolved:
             parent = tp
             field = tp.model_fields.get(str(part))
             tp = field.annotation if field else None
+            choice = _plugin_choice(field)
+            if choice is not None:
+                value = _value_at(data, tuple(path))
+                tp = choice.config_class(value.get("type")) if isinstance(value, dict) else None
         elif typing.get_origin(tp) in (tuple, list):
             tp = typing.get_args(tp)[0]
         elif typing.get_origin(tp) is dict:
@@ -171,6 +179,8 @@ def _bounds(field: FieldInfo) -> str:
 def expectation(field: FieldInfo | None) -> str:
     if field is None:
         return "a valid value"
+    if _plugin_choice(field) is not None:
+        return "a mapping"
     if field.metadata and any(
         getattr(m, "func", None) and "duration" in getattr(m.func, "__name__", "") for m in field.metadata
     ):
@@ -203,11 +213,13 @@ def _show(value: Any, secret: bool) -> str:
 
 
 def issues_from_validation(
-    exc: ValidationError, root: type[BaseModel], doc: YamlDoc, file: str, secret_paths: set[KeyPath]
+    exc: ValidationError, root: type[BaseModel], doc: YamlDoc, file: str, secret_paths: set[KeyPath], data: Any
 ) -> list[Issue]:
+    """Every error located (lines from `doc`) and worded; `data` is what was validated (the document once its
+    environment variables are expanded)."""
     issues: list[Issue] = []
     for error in exc.errors(include_url=False):
-        resolved = _resolve(root, tuple(error["loc"]))
+        resolved = _resolve(root, tuple(error["loc"]), data)
         path = resolved.path
         kind = error["type"]
         ctx = error.get("ctx") or {}
@@ -230,8 +242,9 @@ def issues_from_validation(
             message = f"required key missing: {what}"
         elif kind in ("union_tag_invalid", "union_tag_not_found"):
             tags = [t.strip(" '") for t in str(ctx.get("expected_tags", "")).split(",") if t.strip()]
-            if not tags and resolved.field is not None:
-                tags = [t for t in map(_tag_of, _union_members(_unwrap(resolved.field.annotation))) if t]
+            choice = _plugin_choice(resolved.field)
+            if not tags and choice is not None:
+                tags = list(choice.plugins)
             got = ctx.get("tag")
             if kind == "union_tag_not_found":
                 path = path + ("type",)

@@ -10,14 +10,13 @@ import json
 import os
 from collections.abc import Callable
 from pathlib import Path
-from types import ModuleType
-from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
-from agent.config.base import ProfilePath, Strict
+from agent.config.base import PluginChoice, ProfilePath, Strict
 from agent.config.checks import (
     NOT_RESERVED_SCHEMA,
     Problem,
@@ -212,18 +211,14 @@ class BatchConfig(Strict):
     max_delay: Duration = Field(0.1, gt=0, description="longest a result waits for its batch to fill")
 
 
-def _plugin_union(plugins: dict[str, ModuleType], what: str) -> object:
-    configs = tuple(module.Config for module in plugins.values())
-    union = Union[configs] if len(configs) > 1 else configs[0]  # noqa: UP007 (a union of types found at run time)
-    return Annotated[union, Field(discriminator="type", description=what)]
-
-
 if TYPE_CHECKING:  # the plug-ins are found at run time: the type checker knows the protocol they share
     SourceConfig: TypeAlias = PluginConfig
     PostprocessConfig: TypeAlias = PluginConfig
 else:
-    SourceConfig = _plugin_union(SOURCES, "where frames or samples come from")
-    PostprocessConfig = _plugin_union(POSTPROCESSORS, "what becomes of the model's outputs")
+    SourceConfig = Annotated[Any, PluginChoice(SOURCES), Field(description="where frames or samples come from")]
+    PostprocessConfig = Annotated[
+        Any, PluginChoice(POSTPROCESSORS), Field(description="what becomes of the model's outputs")
+    ]
 Scalar = int | float | str | bool
 Constant = Scalar | tuple[Scalar, ...]  # a constant model input beside the stream
 
@@ -375,7 +370,7 @@ def validate_document(
     try:
         profile = Profile.model_validate(expanded.data, context={"base_dir": base_dir})
     except ValidationError as exc:
-        issues.extend(issues_from_validation(exc, Profile, doc, name, expanded.secret_paths))
+        issues.extend(issues_from_validation(exc, Profile, doc, name, expanded.secret_paths, expanded.data))
         profile = None
     if profile is not None:
         issues += [Issue(name, doc.line_of(p), format_path(p), m) for p, m in missing_files(profile, files)]

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from agent.config.base import PluginConfig
 from agent.inference.sources.base import BaseSource, SourceContext
-from agent.util.plugins import discover
+from agent.util.plugins import Plugins
 
 MODULES = ("camera", "video", "images", "synthetic", "csv", "jsonl", "serial", "iio", "mqtt", "audio")
 
-SOURCES = discover(__name__, MODULES)
+SOURCES = Plugins(__name__, MODULES)
 
 
 def source_class(config: PluginConfig) -> type[BaseSource[PluginConfig]]:

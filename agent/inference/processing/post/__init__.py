@@ -6,11 +6,11 @@ from collections.abc import Mapping, Sequence
 
 from agent.config.base import PluginConfig
 from agent.inference.processing.post.base import BasePostprocessor
-from agent.util.plugins import discover
+from agent.util.plugins import Plugins
 
 MODULES = ("raw", "classification", "detection", "text_detection", "threshold", "anomaly")
 
-POSTPROCESSORS = discover(__name__, MODULES)
+POSTPROCESSORS = Plugins(__name__, MODULES)
 
 
 def make_postprocessor(
