@@ -131,6 +131,8 @@ STATUS = {"device": "dev-1", "group": "g", "state": "offline", "reason": "stoppe
         "\ufeff" + json.dumps(STATUS),  # a byte-order mark is not JSON on the wire
         "[" * 40 + "]" * 40,  # deeper than jsonlimits allows
         json.dumps({**STATUS, "reason": "x" * (2 << 20)}),  # larger than a payload may be
+        # an unterminated string of escaped quotes before brackets: 1 MB of it took the depth scan ~80 min
+        '{"device": "' + '\\"' * 500_000 + "[" * 40,
     ],
 )
 def test_one_pass_json_validation_gives_the_answers_of_parse_then_validate(raw: str) -> None:

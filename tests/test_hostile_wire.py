@@ -174,6 +174,9 @@ def command_inputs() -> list[tuple[str, bytes, str, str]]:
             out.append(("rollback", b'{"model": ' + body + b"}", "bad_json", why))
     for size in (64 * 1024 + 1, 200_000, 1_000_000):
         out.append(("ping", b'{"id": "' + b"x" * size + b'"}', "bad_json", "more than the 65536 allowed"))
+    # An unterminated string of escaped quotes before brackets: the depth scan once took quadratic time
+    # on it (this 64 KB payload: ~19 s of the agent's command thread).
+    out.append(("ping", b'{"id": "' + b'\\"' * 32_740 + b"[" * 40, "bad_json", "not JSON (Unterminated string"))
     for raw in (b"\xff\xfe{}", b'{"model": "\xc3\x28"}', b"\xc0\xaf", '{"model": "m"}'.encode("utf-16"),
                 '{"model": "m"}'.encode("utf-32"), b"\xed\xa0\x80"):  # fmt: skip
         out.append(("rollback", raw, "bad_json", "not UTF-8"))
@@ -253,6 +256,10 @@ def order_inputs(rig: Rig) -> list[tuple[bytes, str]]:
     out.append((b"x" * (64 * 1024 + 1), "the limit is 65536"))
     out.append((b'{"order": "' + b"a" * 70_000 + b'", "sig": {}}', "the limit is 65536"))
     for raw in (b"\xff\xfe{}", b'{"order": "\xc3\x28", "sig": {}}', json.dumps({"order": "x"}).encode("utf-16")):
+        out.append((raw, "not UTF-8"))
+    # JSON that escapes a lone surrogate decodes to text with no UTF-8 form: the signature check once raised
+    # UnicodeEncodeError on it (a traceback in the order inbox, no deploy.refused)
+    for raw in (b'{"order": "\\ud800", "sig": {}}', b'{"order": "{\\"id\\": \\"\\udfff\\"}", "sig": {}}'):
         out.append((raw, "not UTF-8"))
     for raw in (b"{", b"nul", b"{'order': 1}", b"\x00\x01"):
         out.append((raw, "is not JSON"))

@@ -15,8 +15,10 @@ import re
 from typing import Any
 
 MAX_DEPTH = 32  # no document of the agent's nests deeper than a handful of levels
-# A string token (with escapes) or one bracket: what the depth count needs, in C speed.
-_TOKENS = re.compile(rb'"(?:[^"\\]|\\.)*"|[\[\]{}]', re.DOTALL)
+# A string token (with escapes) or one bracket: what the depth count needs, in C speed. A string left open
+# runs to the end of the input (`"?`): with the quote required, every escaped quote of an unterminated
+# string restarted a match that backtracked to the end, quadratic time (a 128 KB health took 75 s).
+_TOKENS = re.compile(rb'"(?:[^"\\]|\\.)*"?|[\[\]{}]', re.DOTALL)
 _OPEN = frozenset(b"[{")
 
 
