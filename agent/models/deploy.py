@@ -189,7 +189,11 @@ def parse_order(
     claimed = _claimed_id(text)
     what = f"{WHAT} {claimed}" if claimed else WHAT
     try:
-        verify(public_keys, text.encode(), json.dumps(envelope["sig"]).encode(), what, ORDER)
+        signed = text.encode()
+    except UnicodeEncodeError:  # valid JSON can escape a lone surrogate, which has no UTF-8 form
+        raise OrderError(f"{what} is not UTF-8 text (a lone surrogate)", claimed) from None
+    try:
+        verify(public_keys, signed, json.dumps(envelope["sig"]).encode(), what, ORDER)
     except SignatureError as exc:
         raise OrderError(str(exc), claimed) from None
     try:
