@@ -189,3 +189,21 @@ def test_a_marker_the_broker_refuses_ends_status_in_one_line(broker_factory: Any
     assert run.returncode == 1 and run.stdout == "", run.stdout
     (line,) = run.stderr.strip().splitlines()
     assert "refused the publish on edge/fleet/marker/" in line and "check the ACL" in line, line
+
+
+def test_a_device_naming_a_strange_version_is_listed_and_breaks_nobody_elses_line(broker: Mosquitto) -> None:
+    """Versions in health are the device's word: '1.²' (str.isdigit() holds, int() refuses) and a 5,000-digit
+    number (int() refuses more than 4,300 digits) once ended `fleet status` with a ValueError."""
+    prefix = f"sv{time.monotonic_ns() % 10**8}"
+    good = device("a-good", "1.0.0")
+    odd = [device("b-super", "1.\u00b2"), device("c-long", "9" * 5000)]
+    writer = Writer(broker.port)
+    for dev in (good, *odd):
+        writer.put(f"{prefix}/{dev.id}/status", status(dev))
+        writer.put(f"{prefix}/{dev.id}/health", dev.health())
+    writer.close()
+    run = fleet_status(broker, prefix, "--json")
+    assert run.returncode == 0, run.stderr
+    state = json.loads(run.stdout)
+    assert {v["version"] for v in state["versions"]} == {"1.0.0", "1.\u00b2", "9" * 5000}
+    assert [d["device"] for d in state["devices"]] == ["a-good", "b-super", "c-long"]

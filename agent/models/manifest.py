@@ -222,6 +222,10 @@ def version_key(version: str) -> VersionKey:
 
     main, _, pre = version.partition("-")
     main = main.split("+", 1)[0]
-    parts = tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in re.split(r"[._]", main))
+    # A number is ASCII digits of a sane length: str.isdigit() also holds for '²', which int() refuses, and
+    # int() refuses more than 4300 digits (versions in device health are the device's word, not checked).
+    parts = tuple(
+        (0, int(p), "") if p.isascii() and p.isdigit() and len(p) <= 30 else (1, 0, p) for p in re.split(r"[._]", main)
+    )
     # A release sorts after its pre-releases.
     return parts, (1,) if not pre else (0, pre)
