@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -221,6 +222,11 @@ def _rollout_parsers(actions: argparse._SubParsersAction[argparse.ArgumentParser
 DEFAULT_DB = "/var/lib/edge-agent-controller/controller.db"
 
 
+def _waves(value: str) -> tuple[str, ...]:
+    """--waves split at its commas, except the one inside `exp:START,FACTOR`."""
+    return tuple(w.strip() for w in re.findall(r"exp:[^,]*(?:,[^,]*)?|[^,]+", value) if w.strip())
+
+
 def _duration(value: str, option: str) -> float:
     try:
         return parse_duration(value)
@@ -351,7 +357,7 @@ def rollout_start(args: argparse.Namespace) -> int:
         model=args.model,
         version=args.version,
         group=group,
-        waves=tuple(w.strip() for w in args.waves.split(",") if w.strip()),
+        waves=_waves(args.waves),
         soak_s=_duration(args.soak, "--soak"),
         device_timeout_s=_duration(args.device_timeout, "--device-timeout"),
         abort_percent=args.abort_percent,
@@ -377,11 +383,11 @@ def rollout_start(args: argparse.Namespace) -> int:
             f"{spec.model} {spec.version} is held fleet-wide ({held}); "
             f"release it with `edge-agent fleet rollout release` or pass --override-hold"
         )
-    if held is not None:
-        db.release(spec.model, spec.version)
     busy = [r for r in db.rollouts(("pending", "running", "paused", "aborting", "completing")) if r.spec.group == group]
     if busy:
         raise CliError(f"group {group} already has rollout {busy[0].id} ({busy[0].state}); abort it or wait")
+    if held is not None:  # only once the rollout will start: a refused start keeps the hold
+        db.release(spec.model, spec.version)
     rollout_id = "ro-" + new_order_id()
     db.add_rollout(rollout_id, spec)
     print(f"rollout {rollout_id}: {spec.model} {spec.version} -> group:{group} in waves {','.join(spec.waves)}")

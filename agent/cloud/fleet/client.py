@@ -34,6 +34,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from agent.transport import pahopatch
 from agent.transport.netloop import NetworkLoop
+from agent.util import redact
 
 CONNECT_TIMEOUT = 10.0
 SUBACK_TIMEOUT = 5.0
@@ -63,12 +64,17 @@ class BrokerSettings:
     def address(self) -> tuple[str, int, bool]:
         """(host, port, TLS) from the URL; FleetError (code 2) for a URL the options cannot mean."""
         parts = urlsplit(self.url)
+        shown = redact.text(self.url)  # a password in the URL is never echoed
         if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
-            raise FleetError(f"--broker: expected mqtt://host[:port] or mqtts://host[:port], got {self.url!r}", 2)
+            raise FleetError(f"--broker: expected mqtt://host[:port] or mqtts://host[:port], got {shown!r}", 2)
+        if "@" in parts.netloc:  # paho logs in with --username and --password-file only: never silently ignore
+            raise FleetError(
+                f"--broker: put the user in --username and the password in --password-file, not in {shown!r}", 2
+            )
         try:
             port = parts.port
         except ValueError:
-            raise FleetError(f"--broker: the port in {self.url!r} is not a number from 1 to 65535", 2) from None
+            raise FleetError(f"--broker: the port in {shown!r} is not a number from 1 to 65535", 2) from None
         secure = parts.scheme == "mqtts"
         if not secure and (self.tls_ca or self.tls_cert or self.tls_key):
             raise FleetError("--tls-* given but --broker is mqtt://; use mqtts:// to connect with TLS", 2)
