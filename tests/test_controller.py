@@ -16,9 +16,9 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent.cloud.roots import Change
-from agent.models.signing import key_id, load_public_keys
+from agent.models.signing import DEVICE_REPORT, key_id, load_public_keys, sign
 from agent.service.identity import sign_report
-from agent.transport.contract.report import DeviceReport, parse_report_text, split_signed
+from agent.transport.contract.report import DeviceReport, parse_report_text, signed_payload, split_signed
 from agent.util.timefmt import utc_iso
 from tests.helpers.broker import Mosquitto
 from tests.helpers.daemon_proc import REPO, AgentProcess, heavy_linear, sensor_csv
@@ -285,3 +285,33 @@ def test_a_lost_broker_connection_ends_the_controller_in_one_line_for_its_servic
     log = rig.controller.text()
     assert f"lost the connection to the broker at {rig.broker.url}" in log.splitlines()[-1], log[-2000:]
     assert "Traceback" not in log
+
+
+def test_a_hostile_signed_report_does_not_stop_the_controller(rig: Rig) -> None:
+    """An enrolled device signs errors = -inferences: the gates divided by zero and the controller died, and
+    again at every restart (the report is retained). Now the contract refuses it and the others count."""
+    rig.fleet.held.update(d.id for d in rig.fleet.devices)
+    rig.controller.start()
+    rollout_id = rig.start_rollout("2.0.0", "--waves", "100%")
+    assert wait_for(lambda: len(rig.fleet._waiting) == 8, 30)
+    victim, others = rig.fleet.devices[0], [d.id for d in rig.fleet.devices[1:]]
+    order = next(t.order_id for t in rig.targets(rollout_id) if t.device == victim.id)
+    hostile = {"schema": 1, "device": victim.id, "order": order, "ts": utc_iso(time.time()), "model": "m",
+               "version": "2.0.0", "state": "active", "running": "2.0.0", "previous": "1.0.0",
+               "vitals": {"inferences": 20, "errors": -20, "nan": 0, "drops": 0, "active_s": 1.0}}  # fmt: skip
+    text = json.dumps(hostile).encode()
+    sub = Subscriber(rig.broker.port, "edge/+/nothing")
+    sub.client.publish(
+        f"edge/{victim.id}/report", signed_payload(text, sign(victim.key, text, DEVICE_REPORT)), qos=1, retain=True
+    ).wait_for_publish(5)
+    sub.close()
+    rig.fleet.release(*others)
+    passed = dict.fromkeys(others, "passed")
+    assert wait_for(
+        lambda: {t.device: t.state for t in rig.targets(rollout_id)} == {victim.id: "ordered", **passed}, 30
+    ), rig.controller.text()[-3000:]
+    rig.controller.kill9()
+    rig.controller.start()  # reads the retained hostile report back
+    rig.fleet.release(victim.id)
+    rig.wait_state(rollout_id, "completed")
+    assert "Traceback" not in rig.controller.text()

@@ -4,23 +4,30 @@ driver's steps on a real state file (write-ahead included), and which signed rep
 from __future__ import annotations
 
 import json
+import logging
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from agent.cloud.fleet.client import BrokerSettings
+from agent.cloud.fleet.controller import Controller
 from agent.cloud.fleet.enrollment import EnrollmentError, load_enrollment
 from agent.cloud.fleet.gates import abort_reason, judge
 from agent.cloud.fleet.inventory import SignedReport
-from agent.cloud.fleet.plan import RolloutSpec, in_window, order_devices, wave_ends
+from agent.cloud.fleet.plan import RolloutSpec, check_spec, in_window, order_devices, wave_ends
 from agent.cloud.fleet.reports import ReportChecker
 from agent.cloud.fleet.rollout import Driver
 from agent.cloud.fleet.state import StateDB
 from agent.models.deploy import parse_order
 from agent.models.signing import key_id
 from agent.service.identity import enrollment_entry, sign_report
-from agent.transport.contract.report import DeviceReport, Vitals, parse_report_text, split_signed
+from agent.transport.contract.base import ContractError
+from agent.transport.contract.report import DeviceReport, Vitals, parse_report_text, report_text, split_signed
 
+NAN, INF = float("nan"), float("inf")
 SPEC = RolloutSpec(model="m", version="2.0.0", group="g", waves=("25%", "50%", "75%", "100%"))
 
 
@@ -39,7 +46,7 @@ def test_waves_are_cumulative_and_the_first_covers_every_kind() -> None:
     assert wave_ends(("10", "100", "all"), 50) == [10, 50]
     assert wave_ends(("exp:10,2",), 100) == [10, 30, 70, 100]
     assert wave_ends(("1%",), 200, kinds=6) == [6, 200]  # at least one device of every kind, and the rest at the end
-    for bad in (("0%",), ("x",), ("exp:1,1",)):
+    for bad in (("0%",), ("x",), ("exp:1,1",), ("exp:1,inf",), ("exp:1,nan",)):
         with pytest.raises(ValueError, match="wave"):
             wave_ends(bad, 10)
 
@@ -219,3 +226,90 @@ def test_the_report_payload_is_its_text_and_a_device_report_signature() -> None:
     doc = json.loads(sign_report(key, report("o")))
     assert set(doc) == {"report", "sig"} and json.loads(doc["report"])["schema"] == 1
     assert doc["sig"]["type"] == "application/vnd.edge-agent.device-report+json"
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("inferences", -1), ("errors", -20), ("nan", -1), ("drops", -20), ("active_s", -1.0), ("p95_ms", -1.0),
+     ("baseline_p95_ms", float("inf")), ("p95_ms", float("nan"))],
+)  # fmt: skip
+def test_the_contract_refuses_vitals_the_gates_cannot_divide_by(field: str, value: float) -> None:
+    """An enrolled device's key signs what it is given: errors = -inferences made the gates divide by zero."""
+    good = Vitals(inferences=20, errors=0, nan=0, drops=0, p95_ms=10.0, baseline_p95_ms=9.0, active_s=5)
+    fields = json.loads(report_text(report("o", vitals=good)))
+    fields["vitals"][field] = value
+    with pytest.raises(ContractError, match=f"field 'vitals.{field}'"):
+        parse_report_text(json.dumps(fields))
+
+
+def test_a_rate_with_nothing_to_divide_by_is_waited_for() -> None:
+    """`min_inferences` 0 is refused at the start, but a rollout stored before that still runs on it."""
+    lax = RolloutSpec(model="m", version="2.0.0", group="g", min_inferences=0)
+    for counts in ({"inferences": 0, "errors": 0, "drops": 0}, {"inferences": 0, "errors": 5, "drops": 0}):
+        vitals = Vitals(**counts, nan=0, p95_ms=10.0, baseline_p95_ms=9.0, active_s=1)  # type: ignore[arg-type]
+        assert judge(report("o", vitals=vitals), lax) == ("wait", "active, 0 inferences: no rate to judge yet")
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"abort_count": 0}, "--abort-count: expected a count, 1 or more"),
+        ({"abort_count": -1}, "--abort-count: expected a count, 1 or more"),
+        ({"abort_min": -3}, "--abort-min: expected a count, 0 or more"),
+        ({"min_inferences": 0}, "--min-inferences: expected a count, 1 or more"),
+        *(({"max_error_rate": v}, "--max-error-rate: expected a rate from 0 to 1") for v in (NAN, INF, -0.1, 1.5)),
+        *(({"max_drop_rate": v}, "--max-drop-rate: expected a rate from 0 to 1") for v in (NAN, INF, -0.1, 1.5)),
+        *(({"max_p95_ratio": v}, "--max-p95-ratio: expected a ratio above 1") for v in (NAN, INF)),
+    ],
+)
+def test_a_spec_that_would_switch_a_gate_off_or_abort_at_once_is_refused(
+    fields: dict[str, float], message: str
+) -> None:
+    with pytest.raises(ValueError) as refused:
+        check_spec(RolloutSpec(model="m", version="2.0.0", group="g", **fields))  # type: ignore[arg-type]
+    assert str(refused.value) == message
+
+
+def test_the_limits_a_spec_may_take() -> None:
+    check_spec(SPEC)  # the CLI's defaults
+    edges = {"abort_count": 1, "abort_min": 0, "min_inferences": 1, "max_error_rate": 0.0, "max_drop_rate": 1.0}
+    check_spec(RolloutSpec(model="m", version="2.0.0", group="g", **edges))  # type: ignore[arg-type]
+
+
+def test_a_nan_limit_on_the_command_line_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    argv = [sys.executable, "-m", "agent", "fleet", "rollout", "start", "--model", "m", "--version", "2.0.0",
+            "--to", "group:g", "--max-error-rate", "nan", "--db", str(tmp_path / "c.db")]  # fmt: skip
+    run = subprocess.run(argv, capture_output=True, text=True, cwd=Path(__file__).parents[1], timeout=60)
+    assert run.returncode == 2 and run.stderr.splitlines() == [
+        "edge-agent start: --max-error-rate: expected a rate from 0 to 1"
+    ], run.stderr
+    assert not (tmp_path / "c.db").exists()
+
+
+def test_a_report_that_breaks_the_controller_is_one_event_and_the_others_still_count(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Whatever bug a signed report reaches (here: a stored spec whose p95 margin is null, which only a slow
+    device's report touches) is that device's event; the controller judges the other reports."""
+    keys = {f"d{i}": Ed25519PrivateKey.generate() for i in range(2)}
+    inventory = tmp_path / "inventory.yaml"
+    inventory.write_text("devices:\n" + "".join(enrollment_entry(d, "g", k) for d, k in keys.items()))
+    controller = Controller(
+        BrokerSettings("mqtt://127.0.0.1"), tmp_path / "c.db", Ed25519PrivateKey.generate(), inventory
+    )
+    controller._load_enrollment()
+    spec = RolloutSpec(model="m", version="2.0.0", group="g", waves=("100%",), min_p95_increase_ms=None)  # type: ignore[arg-type]
+    controller.db.add_rollout("ro-1", spec)
+    driver = controller.drivers["ro-1"] = Driver(controller.db, controller.db.rollouts()[0], controller.key)
+    driver.plan(dict.fromkeys(keys, ("x86_64/CPU", "1.0.0")))
+    driver.tick(Published())
+    slow = Vitals(inferences=100, errors=0, nan=0, drops=0, p95_ms=30.0, baseline_p95_ms=10.0, active_s=5)
+    bad = signed(keys["d0"], report(driver.targets["d0"].order_id or "", device="d0", vitals=slow))
+    for _ in range(2):  # a retained report is read back at every resync: one event
+        controller._report("d0", bad, live=False)
+    controller._report("d1", signed(keys["d1"], report(driver.targets["d1"].order_id or "", device="d1")), live=True)
+    assert (driver.targets["d0"].state, driver.targets["d1"].state) == ("ordered", "passed")
+    (event,) = controller.db.events()
+    assert event[1:3] == ("d0", "report.unhandled") and "report of d0 not counted: TypeError" in event[3], event
+    lines = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(lines) == 1 and "device=d0" in lines[0].getMessage() and lines[0].exc_info is None

@@ -189,19 +189,26 @@ class Controller:
     # ---- reports --------------------------------------------------------------------------------------
 
     def _report(self, device: str, signed: SignedReport, live: bool) -> None:
+        """One device's report counted where it answers an order. One that breaks the controller is that
+        device's fleet event, not the fleet's outage: it is retained, and read back after every restart."""
         waiting = [(driver, ids) for driver in self.drivers.values() if (ids := driver.expects(device))]
         if not waiting:
             return  # no rollout was sent to this device: nothing counts the report (its signature is not checked)
-        rejected = self.checker.check(device, signed)
+        report = signed.report
+        try:
+            rejected = self.checker.check(device, signed)
+            answered = None if rejected else next((d for d, ids in waiting if report.order in ids), None)
+            if answered is not None:
+                answered.on_report(report)
+        except Exception as exc:  # any bug a report reaches: one line for this device, the others go on
+            log.debug("report of %s not counted", device, exc_info=True)
+            self._reject(
+                device, signed, "report.unhandled", f"report of {device} not counted: {type(exc).__name__}: {exc}"
+            )
+            return
         if rejected is not None:
             self._reject(device, signed, rejected.type, rejected.reason)
-            return
-        report = signed.report
-        for driver, expected in waiting:
-            if report.order in expected:
-                driver.on_report(report)
-                return
-        if live:
+        elif answered is None and live:
             self._reject(
                 device,
                 signed,

@@ -36,12 +36,13 @@ def judge(report: DeviceReport, spec: RolloutSpec) -> tuple[Verdict, str]:
     if vitals is None or vitals.inferences < spec.min_inferences:
         ran = 0 if vitals is None else vitals.inferences
         return "wait", f"active, {ran} of {spec.min_inferences} inferences for its vitals"
-    tried = vitals.inferences + vitals.errors
+    tried, frames = vitals.inferences + vitals.errors, vitals.inferences + vitals.drops
+    if min(vitals.inferences, tried, frames) <= 0:  # ruled out by the contract and check_spec, not by old rollouts
+        return "wait", f"active, {vitals.inferences} inferences: no rate to judge yet"
     if vitals.errors / tried > spec.max_error_rate:
         return "fail", f"error rate {vitals.errors / tried:.1%} is above {spec.max_error_rate:.1%}"
     if vitals.nan / vitals.inferences > spec.max_error_rate:
         return "fail", f"NaN outputs in {vitals.nan / vitals.inferences:.1%} of inferences"
-    frames = vitals.inferences + vitals.drops
     if vitals.drops / frames > spec.max_drop_rate:
         return "fail", f"drop rate {vitals.drops / frames:.1%} is above {spec.max_drop_rate:.1%}"
     if vitals.p95_ms and vitals.baseline_p95_ms:

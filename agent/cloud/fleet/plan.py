@@ -63,8 +63,19 @@ def check_spec(spec: RolloutSpec) -> None:
         parse_window(window)
     if not 0 <= spec.abort_percent <= 100:
         raise ValueError("--abort-percent: expected 0 to 100")
-    if spec.max_p95_ratio <= 1:
+    if spec.abort_min < 0:
+        raise ValueError("--abort-min: expected a count, 0 or more")
+    if spec.abort_count is not None and spec.abort_count < 1:
+        raise ValueError("--abort-count: expected a count, 1 or more")
+    if spec.min_inferences < 1:
+        raise ValueError("--min-inferences: expected a count, 1 or more")
+    # Each limit is checked so that NaN fails too: a NaN limit compares false and would switch its gate off.
+    if not (math.isfinite(spec.max_p95_ratio) and spec.max_p95_ratio > 1):
         raise ValueError("--max-p95-ratio: expected a ratio above 1")
+    if not 0 <= spec.max_error_rate <= 1:
+        raise ValueError("--max-error-rate: expected a rate from 0 to 1")
+    if not 0 <= spec.max_drop_rate <= 1:
+        raise ValueError("--max-drop-rate: expected a rate from 0 to 1")
     if not 0 <= spec.min_p95_increase_ms < 1e6:
         raise ValueError("--min-p95-increase: expected milliseconds, 0 or more")
     if spec.device_timeout_s <= 0 or spec.soak_s < 0:
@@ -81,8 +92,8 @@ def wave_ends(waves: tuple[str, ...], n: int, kinds: int = 1) -> list[int]:
                 start, factor = int(start_s), float(factor_s)
             except ValueError:
                 raise ValueError(f"wave {item!r}: expected exp:START,FACTOR (e.g. exp:10,2)") from None
-            if start < 1 or factor <= 1:
-                raise ValueError(f"wave {item!r}: START must be >= 1 and FACTOR > 1")
+            if start < 1 or not 1 < factor < math.inf:  # NaN fails too; inf overflowed the sizes below
+                raise ValueError(f"wave {item!r}: START must be >= 1 and FACTOR a number > 1")
             size, total = float(start), 0
             while total < n:
                 total = min(n, total + math.ceil(size))

@@ -31,15 +31,20 @@ FAILED_STATES: frozenset[str] = frozenset({"refused", "rolled-back", "rollback-f
 
 
 class Vitals(Wire):
-    """How the version behaves on this device since it went active, against the version before it here."""
+    """How the version behaves on this device since it went active, against the version before it here.
 
-    inferences: int  # since the swap
-    errors: int  # failed inferences since the swap
-    nan: int  # inferences with a NaN or an infinity in an output, since the swap
-    drops: int  # frames dropped since the swap
-    p95_ms: float | None = None  # this version's inference p95 (None before enough runs)
-    baseline_p95_ms: float | None = None  # the previous version's own p95 on this device, taken just before the swap
-    active_s: float  # seconds since the swap
+    Counts and times are never negative, nor NaN or infinite: the fleet's gates divide by them, and a
+    device counts them from monotonic counters (`agent.service.reporter`)."""
+
+    inferences: int = Field(ge=0)  # since the swap
+    errors: int = Field(ge=0)  # failed inferences since the swap
+    nan: int = Field(ge=0)  # inferences with a NaN or an infinity in an output, since the swap
+    drops: int = Field(ge=0)  # frames dropped since the swap
+    # This version's inference p95 (None before enough runs).
+    p95_ms: float | None = Field(None, ge=0, allow_inf_nan=False)
+    # The previous version's own p95 on this device, taken just before the swap.
+    baseline_p95_ms: float | None = Field(None, ge=0, allow_inf_nan=False)
+    active_s: float = Field(ge=0, allow_inf_nan=False)  # seconds since the swap
 
 
 class DeviceReport(Wire):
