@@ -7,7 +7,9 @@ Anything else is ignored and reported as a fleet event, with its kind:
   over its text (altered), or it names another device than the topic it came on;
 - `report.replayed`: (decided by the controller, which knows the orders) a report that answers an
   older order than the one the device was sent, arriving live (a retained report from before is just
-  the device's last word on that order, not a replay).
+  the device's last word on that order, not a replay), or one on the order it was sent stamped no later
+  than the last one counted (agent.cloud.fleet.rollout);
+- `report.unhandled`: (the controller) a report whose counting failed: that device's event, not an outage.
 """
 
 from __future__ import annotations

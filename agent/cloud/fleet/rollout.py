@@ -5,7 +5,10 @@ orders of an abort and the group order of a completion are committed to the stat
 published; a controller killed in between finds them there and publishes the same bytes again (orders
 are idempotent by their id: a device acts on an id once). Outcomes come from the devices' signed reports,
 which are retained: a restarted controller reads them back and reaches the same outcomes, so no wave is
-lost or started twice.
+lost or started twice. A report on a target's order counts only when its `ts` is later than that of the
+last one counted (kept with the outcome): the same report again (a retained one read back) changes
+nothing, and an older one, a signed report published again after the device moved on, is a replay,
+recorded as the fleet event `report.replayed`.
 
 - running: the current wave's devices are waited for (a report that passes the gates, one that fails,
   or the per-device timeout); once every one has an outcome and the soak is over, the next wave starts
@@ -32,6 +35,7 @@ from agent.cloud.fleet.state import Rollout, StateDB, Target
 from agent.models.deploy import new_order, sign_order
 from agent.transport.contract.report import DeviceReport
 from agent.transport.topics import Topics
+from agent.util.timefmt import parse_utc_iso
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +49,7 @@ class Driver:
         self.spec = rollout.spec
         self.targets = {t.device: t for t in db.targets(rollout.id)}
         self.dirty: set[str] = set()
+        self.replayed: set[tuple[str, str]] = set()  # (device, ts) recorded as replayed: once each, not per resync
 
     # ---- planning ---------------------------------------------------------------------------------
 
@@ -84,13 +89,31 @@ class Driver:
             return
         if report.order != t.order_id or t.state == "planned":
             return
+        # As times: the contract fixes the stamp's format, not that it is a real date (one that is not never counts).
+        when, last = parse_utc_iso(report.ts), parse_utc_iso(t.report_ts) if t.report_ts is not None else None
+        if when is None or (last is not None and when <= last):
+            if when is None or when != last:  # the same one again (a retained report read back) is no replay
+                self._replayed(report, t.report_ts)
+            return
+        t.report_ts = report.ts
+        self.dirty.add(t.device)  # saved with the verdict it gives, in one transaction
         verdict, why = judge(report, self.spec)
         state = {"pass": "passed", "fail": "failed", "wait": "ordered"}[verdict]
         if state == "ordered" and t.state == "timed-out":
             return  # its time ran out; only an outcome changes that
-        if (state, why) != (t.state, t.reason):
-            t.state, t.reason = state, why
-            self.dirty.add(t.device)
+        t.state, t.reason = state, why
+
+    def _replayed(self, report: DeviceReport, last: str | None) -> None:
+        """One event per replayed report: the controller reads a retained one back at every resync."""
+        if (report.device, report.ts) in self.replayed:
+            return
+        self.replayed.add((report.device, report.ts))
+        reason = (
+            f"report of {report.device} on order {report.order} is stamped {report.ts}, "
+            f"not after the last one counted ({last or 'none'})"
+        )
+        log.warning("fleet event type=report.replayed device=%s rollout=%s %s", report.device, self.r.id, reason)
+        self.db.event(self.r.id, report.device, "report.replayed", reason)
 
     # ---- steps ------------------------------------------------------------------------------------
 

@@ -2,7 +2,8 @@
 
 What survives a kill -9 is what was committed: the rollouts and their specs, every target device with
 its wave, its order (the exact signed bytes, so that publishing it again is the same order, idempotent
-by its id) and its outcome, the holds, the fleet events, and the leases. The controller writes a wave's
+by its id) and its outcome with the `ts` of the report that gave it (one row: a kill -9 cannot keep one
+without the other), the holds, the fleet events, and the leases. The controller writes a wave's
 orders here *before* it publishes them (write-ahead), so a restart finds the wave it was starting and
 publishes the same orders again, never a new wave twice. WAL mode: `fleet rollout status` reads while
 the controller writes; every write is one short `BEGIN IMMEDIATE` transaction.
@@ -29,7 +30,7 @@ CREATE TABLE IF NOT EXISTS rollouts (
 CREATE TABLE IF NOT EXISTS targets (
     rollout TEXT NOT NULL, device TEXT NOT NULL, pos INTEGER NOT NULL, wave INTEGER NOT NULL,
     kind TEXT NOT NULL, previous TEXT, state TEXT NOT NULL, reason TEXT, order_id TEXT, payload BLOB,
-    rb_order TEXT, rb_payload BLOB, rb_state TEXT, updated REAL,
+    rb_order TEXT, rb_payload BLOB, rb_state TEXT, updated REAL, report_ts TEXT,
     PRIMARY KEY (rollout, device)
 );
 CREATE TABLE IF NOT EXISTS holds (
@@ -48,7 +49,7 @@ CREATE TABLE IF NOT EXISTS leases (name TEXT PRIMARY KEY, owner TEXT NOT NULL, e
 ACTIVE_STATES = ("pending", "running", "paused", "aborting", "completing")
 TARGET_COLUMNS = (
     *("device", "pos", "wave", "kind", "previous", "state", "reason", "order_id", "payload"),
-    *("rb_order", "rb_payload", "rb_state"),
+    *("rb_order", "rb_payload", "rb_state", "report_ts"),
 )
 
 
@@ -83,6 +84,7 @@ class Target:
     rb_order: str | None = None
     rb_payload: bytes | None = None
     rb_state: str | None = None  # ordered | done | withdrawn
+    report_ts: str | None = None  # the `ts` of the last report counted on its order: an older one is a replay
 
 
 class StateDB:
@@ -93,6 +95,9 @@ class StateDB:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")  # a process killed loses nothing committed (WAL)
         self.db.executescript(SCHEMA)
+        with self.tx() as db:  # a state file from before `report_ts` gets the column (its value: none yet)
+            if "report_ts" not in {row[1] for row in db.execute("PRAGMA table_info(targets)")}:
+                db.execute("ALTER TABLE targets ADD COLUMN report_ts TEXT")
 
     def close(self) -> None:
         self.db.close()
@@ -158,11 +163,11 @@ class StateDB:
         return [Target(*r) for r in rows]
 
     def save_targets(self, db: sqlite3.Connection, rollout_id: str, targets: Iterable[Target]) -> None:
-        """Within a transaction: write back what changes (state, reason, orders, rollback)."""
+        """Within a transaction: write back what changes (state, reason, the report's ts, orders, rollback)."""
         now = time.time()
         db.executemany(
             "UPDATE targets SET state = ?, reason = ?, order_id = ?, payload = ?, rb_order = ?, rb_payload = ?, "
-            "rb_state = ?, updated = ? WHERE rollout = ? AND device = ?",
+            "rb_state = ?, report_ts = ?, updated = ? WHERE rollout = ? AND device = ?",
             [
                 (
                     t.state,
@@ -172,6 +177,7 @@ class StateDB:
                     t.rb_order,
                     t.rb_payload,
                     t.rb_state,
+                    t.report_ts,
                     now,
                     rollout_id,
                     t.device,
