@@ -1,26 +1,20 @@
 """The registry's HTTP side: retried GETs, small documents through a conditional-GET cache, blobs into
 resumable partial files.
 
-Every read is bounded before it is trusted: a document stops at MAX_DOC_BYTES, a blob at its signed
-size (endless data), and a finished blob must match its signed digest. What goes wrong is one of two
-things, and the caller acts on which: `FetchError`, the registry could not be reached or answered
-unusably, worth retrying later; `RefusalError`, this version must not be used here, whatever a retry
-would say.
+Every read is bounded before it is trusted: a document stops at MAX_DOC_BYTES, a blob at its signed size
+(endless data), and a finished blob must match its signed digest. What goes wrong is one of two things,
+and the caller acts on which: `FetchError`, the registry could not be reached or answered unusably, worth
+retrying later; `RefusalError`, this version must not be used here, whatever a retry would say.
 
-A server that asks to come back later (429 Too Many Requests from a CDN's rate limit, 503 Service
-Unavailable) is retried after the wait its `Retry-After` names (seconds or an HTTP date), within the
-request's DEADLINE: a wait past it ends the request as a `FetchError` (the next poll tries again), never as
-a refusal of the model.
+A server that asks to come back later (429 from a CDN's rate limit, 503) is retried after the wait its
+`Retry-After` names (seconds or an HTTP date), within the request's DEADLINE: a wait past it ends the
+request as a `FetchError` (the next poll tries again), never as a refusal of the model.
 
-A server can also answer too slowly to be any use: `timeout` bounds each read, so one byte every few
-seconds would never end a fetch. Every body therefore has an overall deadline derived from what is
-expected, `timeout + expected bytes / min_rate` (the signed size left of a blob; a document's
-Content-Length, else MAX_DOC_BYTES): a fetch behind it ends as a `StalledError` (a FetchError, so
-`model.error` with the reason, and the next poll resumes the partial file). The status line and headers
-come before any Content-Length, so they have a deadline of their own, `timeout + MAX_HEAD_BYTES /
-min_rate` from the request's start (for a blob no later than its body's), and so does the connect
-(TLS handshake included): a watchdog timer, armed by `_WatchedConnection` only while it connects and
-awaits the headers, shuts the socket down when the deadline passes, which ends the blocked read at once.
+A server can also answer too slowly to be any use, and `timeout` bounds each read only: a body has an
+overall deadline from the bytes expected at `min_rate` (`_body`), and so have the connect (TLS included),
+status line and headers (`_get`; a watchdog armed by `_WatchedConnection` shuts the socket down at it). A
+fetch behind one ends as a `StalledError` (a FetchError: the next poll resumes). Redirects are followed by
+`_get`, never by requests, which reads every 3xx body whole, outside all these bounds.
 """
 
 from __future__ import annotations
@@ -30,9 +24,11 @@ import email.utils
 import fcntl
 import logging
 import os
+import re
 import socket
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -46,7 +42,7 @@ import urllib3.poolmanager
 import urllib3.response
 
 from agent.models.manifest import MAX_DOC_BYTES, Blob, file_digest
-from agent.util import backoff
+from agent.util import backoff, files, redact
 from agent.util.hashing import sha256_bytes
 
 log = logging.getLogger(__name__)
@@ -63,6 +59,9 @@ MIN_RATE = 8 * 1024
 # at the minimum rate they may take `timeout + MAX_HEAD_BYTES / min_rate` seconds (2 s more than timeout).
 MAX_HEAD_BYTES = 16 * 1024
 RETRY_LATER = (429, 503)  # "come back later": answers a CDN or a busy server gives, with a Retry-After
+MAX_REDIRECTS = 5  # hops one request follows: a CDN or an object store's signed URL needs one or two
+# An ETag as RFC 9110 writes it, at most 256 bytes: requests may refuse to send back any other (If-None-Match).
+ETAG = re.compile(r'(W/)?"[\x21\x23-\x7e\x80-\xff]{0,252}"')
 Progress = Callable[[int, int], None]
 T = TypeVar("T")
 
@@ -146,19 +145,20 @@ class Fetcher:
         self.deadline = deadline
         self.min_rate = min_rate
         self.clock = clock
-        self.http = requests.Session()
-        self.http.headers["User-Agent"] = "edge-agent"
+        self.http = _Session()
+        # identity: the signed bytes as they are (a CDN's gzip would make Content-Length the encoded size).
+        self.http.headers.update({"User-Agent": "edge-agent", "Accept-Encoding": "identity"})
         for prefix in ("http://", "https://"):
             self.http.mount(prefix, _WatchedAdapter())
 
     def _retrying(self, what: str, call: Callable[[], T]) -> T:
-        ends = self.clock() + self.deadline
+        ends, what = self.clock() + self.deadline, redact.text(what)
         for attempt in range(self.retries + 1):
             try:
                 return call()
-            except (requests.ConnectionError, requests.Timeout, FetchError) as exc:
+            except (requests.RequestException, FetchError) as exc:
                 if attempt == self.retries:
-                    raise FetchError(f"{what}: {exc}") from None
+                    raise FetchError(redact.text(f"{what}: {exc}")) from None
                 asked = exc.after if isinstance(exc, RetryLaterError) else None
                 delay = asked if asked is not None else backoff.delay(attempt, self.backoff, RETRY_CAP)
                 if self.clock() + delay > ends:
@@ -176,14 +176,15 @@ class Fetcher:
 
         def get() -> bytes:
             headers, cached = {}, None
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 # One file, "ETAG\nBODY", replaced by rename: a crash never pairs an ETag with another body.
-                etag_line, cached = cache.read_bytes().split(b"\n", 1)
-                headers["If-None-Match"] = etag_line.decode()
-            except (FileNotFoundError, ValueError, UnicodeDecodeError):
-                cached = None
-            started = self.clock()
-            with self._get(url, headers, path, started, None) as r:
+                sent, _, cached = cache.read_bytes().partition(b"\n")
+                headers["If-None-Match"] = sent.decode("latin-1")
+            if cached is not None and not ETAG.fullmatch(headers["If-None-Match"]):  # requests may refuse to send it
+                headers, cached = {}, None
+                cache.unlink(missing_ok=True)
+            r, started = self._get(url, headers, path, None)
+            with r:
                 if r.status_code == 304 and cached is not None:
                     return cached
                 if r.status_code == 404:
@@ -206,11 +207,9 @@ class Fetcher:
                     raise FetchError(f"{path}: truncated after {len(body)} bytes ({exc.__class__.__name__})") from None
                 etag = r.headers.get("ETag")
             data = bytes(body)
-            if etag and "\n" not in etag:
+            if etag is not None and ETAG.fullmatch(etag):
                 self.cache_dir.mkdir(parents=True, exist_ok=True)
-                tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
-                tmp.write_bytes(etag.encode() + b"\n" + data)
-                os.replace(tmp, cache)
+                files.write_atomic(cache, etag.encode("latin-1") + b"\n" + data)
             return data
 
         return self._retrying(f"GET {url}", get)
@@ -242,8 +241,9 @@ class Fetcher:
         if have == blob.size:
             return
         headers = {"Range": f"bytes={have}-"} if have else {}
-        started, expected = self.clock(), blob.size - have
-        with self._get(url, headers, what, started, expected) as r:
+        expected = blob.size - have
+        r, started = self._get(url, headers, what, expected)
+        with r:
             if r.status_code == 404:
                 raise RefusalError(f"{what} is not on the registry (404)")
             if r.status_code == 416:
@@ -264,13 +264,13 @@ class Fetcher:
                 have, total, mode = 0, _int(r.headers.get("Content-Length")), "wb"
             else:
                 raise RefusalError(f"{what}: the registry answered HTTP {r.status_code}")
-            if total is not None and total > blob.size:
-                part.unlink(missing_ok=True)
-                raise RefusalError(f"{what} is {total} bytes on the registry; the signed size is {blob.size}")
-            if total is not None and total < blob.size:
+            # Encoded (asked for or not), the length is not the signed bytes': those are checked as they come.
+            if total is not None and total != blob.size and r.headers.get("Content-Encoding", "identity") == "identity":
                 part.unlink(missing_ok=True)
                 raise RefusalError(
-                    f"{what} is truncated on the registry: {total} bytes, the signed size is {blob.size}"
+                    f"{what} is {total} bytes on the registry; the signed size is {blob.size}"
+                    if total > blob.size
+                    else f"{what} is truncated on the registry: {total} bytes, the signed size is {blob.size}"
                 )
             with open(part, mode) as f:
                 try:
@@ -297,20 +297,26 @@ class Fetcher:
         if have < blob.size:
             raise FetchError(f"connection ended at {have} of {blob.size} bytes")
 
-    def _get(
-        self, url: str, headers: dict[str, str], what: str, started: float, expected: int | None
-    ) -> requests.Response:
-        """A streamed GET whose status line and headers must be in by `timeout + MAX_HEAD_BYTES / min_rate`
-        from `started` (for a body of `expected` bytes, no later than the body's own deadline), else
-        StalledError: the per-read timeout alone lets a trickle hold the request forever."""
-        limit = self.timeout + MAX_HEAD_BYTES / self.min_rate
-        if expected is not None:
-            limit = min(limit, self.timeout + expected / self.min_rate)
-        _watch.current = _HeadWatch(what, started + limit, limit, self.min_rate, self.clock)
-        try:
-            return self.http.get(url, headers=headers, timeout=self.timeout, stream=True)
-        finally:
-            _watch.current = None
+    def _get(self, url: str, headers: dict[str, str], what: str, size: int | None) -> tuple[requests.Response, float]:
+        """A streamed GET, and when its last hop began (the body's deadline runs from there). Up to MAX_REDIRECTS
+        redirects, each closed unread; each hop's headers are due by the header deadline (or the body's, for
+        `size` bytes) from the hop's start, and all of them by twice that from the first, else StalledError."""
+        limit = self.timeout + (MAX_HEAD_BYTES if size is None else min(size, MAX_HEAD_BYTES)) / self.min_rate
+        started, location = self.clock(), url
+        for _ in range(MAX_REDIRECTS + 1):
+            hop = self.clock()
+            _watch.current = _HeadWatch(what, min(hop, started + limit) + limit, limit, self.min_rate, self.clock)
+            try:
+                r = self.http.get(url, headers=headers, timeout=self.timeout, stream=True, allow_redirects=False)
+                if not r.is_redirect:
+                    return r, hop
+                r.close()  # unread: a 3xx body is of no use, and may be endless
+                url = urllib.parse.urljoin(url, location := r.headers["Location"])
+            except ValueError as exc:  # an unusable URL (or scheme: requests has http and https only)
+                raise FetchError(redact.text(f"{what}: cannot request {location!r} ({exc})")) from None
+            finally:
+                _watch.current = None
+        raise FetchError(f"{what}: more than {MAX_REDIRECTS} redirects")
 
     def _body(self, r: requests.Response, what: str, started: float, expected: int) -> Iterator[bytes]:
         """The body as it arrives (read1: whatever one read brings, so that a trickle is seen trickling);
@@ -334,6 +340,13 @@ class Fetcher:
                     f"{what}: stalled: {got} of {expected} bytes in {self.clock() - started:.0f} s, slower than "
                     f"the minimum rate of {self.min_rate:.0f} bytes/s (deadline {ends - started:.0f} s)"
                 )
+
+
+class _Session(requests.Session):
+    """Never follows a redirect, nor reads a 3xx body (requests does, even with allow_redirects=False)."""
+
+    def get_redirect_target(self, resp: requests.Response) -> str | None:
+        return None
 
 
 class _HeadWatch:

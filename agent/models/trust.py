@@ -24,6 +24,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import threading
 from collections.abc import Callable, Mapping
 from datetime import datetime, timezone
 from pathlib import Path
@@ -220,6 +221,9 @@ class Trust:
         self.now = now
         self.root: Root | None = None
         self._raw: tuple[bytes, bytes] | None = None
+        # One refresh at a time: the updater and the order inbox share a Trust, and two walks from the same
+        # version would each find the other's step taken ("version N+1 was expected"), a false TrustError.
+        self._refreshing = threading.Lock()
         self._load()
 
     @property
@@ -236,6 +240,10 @@ class Trust:
     def refresh(self, get: Getter) -> None:
         """Follow the registry's root chain from the trusted version (or anchor it at the pinned keys).
         Raises TrustError for a root that must not be trusted; what `get` raises (network) passes through."""
+        with self._refreshing:
+            self._refresh(get)
+
+    def _refresh(self, get: Getter) -> None:
         latest = get(LATEST)
         if latest is None:
             if self.root is not None:
