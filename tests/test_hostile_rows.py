@@ -207,6 +207,9 @@ def hostile_csv() -> Iterator[tuple[str, bytes]]:
     yield "empty-cells", b",,"
     for ts in ("nan", "1e400", "-1e20", "1e20", "not-a-date", "9999-99-99T00:00:00Z", "9" * 1000, ""):
         yield f"ts-{ts[:12]}", f"1,1,{ts}".encode()
+    # past year 9999 or before year 1 once the offset is applied, or a negative epoch before year 1
+    for ts in ("9999-12-31T23:59:59-14:00", "0001-01-01T00:00:00+14:00", "-1e11"):
+        yield f"ts-range-{ts}", f"1,1,{ts}".encode()
     for size in (65_537, 300_000):
         yield f"long-{size}", b"1,1," + b"9" * size
     yield "quote-unclosed", b'"1,1,0'

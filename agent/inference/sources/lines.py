@@ -17,7 +17,8 @@ from pathlib import Path
 
 FOLLOW_POLL_S = 0.1
 MAX_LINE = 64 * 1024  # bytes; a sensor row is tens of bytes, a line beyond this is refused unread
-MAX_EPOCH = 253402300799.0  # 9999-12-31T23:59:59Z, the last time a result's `ts` can be written
+MIN_EPOCH = -62135596800.0  # 0001-01-01T00:00:00Z and
+MAX_EPOCH = 253402300799.0  # 9999-12-31T23:59:59Z: the times a result's `ts` can be written
 
 
 def passes(path: Path, follow: bool, stop: threading.Event) -> Iterator[Iterator[tuple[int, str | None]]]:
@@ -86,7 +87,7 @@ def parse_time(value: object) -> float:
         raise ValueError(f"time {text!r} is neither epoch seconds nor ISO 8601") from None
     if dt.tzinfo is None:
         dt = dt.replace(tzinfo=timezone.utc)
-    return dt.timestamp()
+    return _epoch(dt.timestamp())  # an offset can carry a date of year 9999 (or 1) out of range
 
 
 def _epoch(value: float) -> float:
@@ -95,7 +96,7 @@ def _epoch(value: float) -> float:
         seconds = float(value)
     except OverflowError:
         seconds = math.inf
-    if not -MAX_EPOCH <= seconds <= MAX_EPOCH:  # False for NaN as well
+    if not MIN_EPOCH <= seconds <= MAX_EPOCH:  # False for NaN as well
         raise ValueError(f"time {value!r} is not a date between year 1 and 9999")
     return seconds
 
