@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import signal
 import subprocess
@@ -81,9 +82,28 @@ def test_a_recursive_alias_is_a_located_error_not_a_recursion_error(
     assert f"{profile}:2: YAML syntax: recursive alias" in ran.stderr
 
 
-def test_sighup_with_a_yaml_bomb_is_refused_and_the_agent_keeps_serving(tmp_path: Path) -> None:
+def replace_profile(profile: Path, kind: str) -> str:
+    """Put something hostile where the profile was; the line its refusal logs."""
+    profile.unlink()
+    if kind == "bomb":
+        profile.write_text(BILLION_LAUGHS + "\n")
+        return f"{profile}:5: YAML syntax: aliases expand this node"
+    if kind == "fifo":  # opening it to read blocked the daemon's loop forever (SIGTERM too)
+        os.mkfifo(profile)
+        return f"{profile}:0: cannot read: a FIFO, not a regular file"
+    if kind == "dev-zero":  # read whole: memory until the OOM killer
+        profile.symlink_to("/dev/zero")
+        return f"{profile}:0: cannot read: a device, not a regular file"
+    with profile.open("wb") as f:  # 3 GiB, sparse: read whole (6 GiB of RSS, 14 s) before the bound was checked
+        f.truncate(3 << 30)
+    return f"{profile}:1: YAML syntax: larger than 1048576 bytes"
+
+
+@pytest.mark.parametrize("kind", ["bomb", "fifo", "dev-zero", "huge"])
+def test_sighup_with_a_hostile_profile_is_refused_and_the_agent_keeps_serving(tmp_path: Path, kind: str) -> None:
     """`run`'s reload (SIGHUP, and the `reload` command through the same Daemon.reload) reads the profile
-    with the same loader: the bomb is a `profile.invalid` event within a second, results go on."""
+    with the same loader: whatever replaced it is a `profile.invalid` event within a second or two, results
+    go on, and SIGTERM still stops the agent."""
     model = save(linear_model(np.ones((3, 1))), tmp_path / "m.onnx")
     profile = tmp_path / "profile.yaml"
     good = json.dumps(
@@ -107,15 +127,17 @@ def test_sighup_with_a_yaml_bomb_is_refused_and_the_agent_keeps_serving(tmp_path
         )
     try:
         assert wait_for(lambda: out.stat().st_size > 1000, 60), log.read_text()
-        profile.write_text(BILLION_LAUGHS + "\n")
+        line = replace_profile(profile, kind)
         agent.send_signal(signal.SIGHUP)
         sent = time.monotonic()
         refused = wait_for(lambda: "event type=profile.invalid" in log.read_text(), 10)
         assert refused and time.monotonic() - sent < 3, log.read_text()[-2000:]
-        assert f"{profile}:5: YAML syntax: aliases expand this node" in log.read_text()
+        assert line in log.read_text()
         size = out.stat().st_size
         assert wait_for(lambda: out.stat().st_size > size + 1000, 10)  # still serving
         assert agent.poll() is None and "Traceback" not in log.read_text()
+        agent.terminate()
+        assert agent.wait(20) == 0, log.read_text()[-2000:]
     finally:
         agent.kill()
         agent.wait(10)
