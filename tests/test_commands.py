@@ -92,22 +92,32 @@ def test_replies_over_the_broker_honour_response_topic_and_correlation(broker: M
         sub.publish(f"edge/{dev}/cmd/ping", b'{"id": 7}', response_topic="replies/me", correlation=b"corr-1")
         reply = sub.wait_for(lambda: sub.on("replies/me"))[0]
         assert json.loads(reply.payload)["id"] == 7 and reply.properties.CorrelationData == b"corr-1"
+        # A response topic no PUBLISH may name (the broker passes wildcards on): refused unrun, answered on the
+        # command's own reply topic (paho raised on it: a logged traceback and no reply).
+        sub.publish(f"edge/{dev}/cmd/ping", b'{"id": 8}', response_topic="replies/+/x", correlation=b"corr-2")
+        wild = sub.wait_for(lambda: sub.payloads(f"edge/{dev}/cmd/ping/reply"))[0]
+        assert wild["id"] == 8 and wild["error"] == {
+            "code": "bad_argument",
+            "message": "response topic 'replies/+/x' is not a topic to publish to",
+        }
         sub.publish(f"edge/{dev}/cmd/ping", b"not json")
         sub.publish(f"edge/{dev}/cmd/nope", b"{}")
         sub.publish(f"edge/{dev}/cmd/ping", b"{}")  # still alive after the bad ones
         replies = sub.wait_for(
-            lambda: len(sub.payloads(f"edge/{dev}/cmd/ping/reply")) >= 2 and sub.payloads(f"edge/{dev}/cmd/nope/reply")
+            lambda: len(sub.payloads(f"edge/{dev}/cmd/ping/reply")) >= 3 and sub.payloads(f"edge/{dev}/cmd/nope/reply")
         )
         assert replies
         pings = sub.payloads(f"edge/{dev}/cmd/ping/reply")
-        assert [p["ok"] for p in pings] == [False, True] and pings[0]["error"]["code"] == "bad_json"
+        assert [p["ok"] for p in pings] == [False, False, True] and pings[1]["error"]["code"] == "bad_json"
         assert sub.payloads(f"edge/{dev}/cmd/nope/reply")[0]["error"]["code"] == "unknown_command"
 
         def codes() -> set[str]:
             return {e["code"] for e in sub.payloads(f"edge/{dev}/events") if e["type"] == "command.error"}
 
         # Both events travel through the outbox: the first one may arrive well before the second.
-        assert sub.wait_for(lambda: codes() == {"bad_json", "unknown_command"}, 20), sub.payloads(f"edge/{dev}/events")
+        assert sub.wait_for(lambda: codes() == {"bad_argument", "bad_json", "unknown_command"}, 20), sub.payloads(
+            f"edge/{dev}/events"
+        )
     finally:
         agent.stop()
         sub.close()

@@ -251,7 +251,14 @@ class CommandDispatcher:
                 name, payload, response_topic, correlation = self._queue.get(timeout=STOP_POLL_S)
             except queue.Empty:
                 continue
-            if name in self._background and self._acceptable(name, payload):
+            if response_topic and not _publishable(response_topic):  # none, or empty: the command's reply topic
+                # MQTT 5 lets the requester name any string; a broker passes on wildcards, which paho refuses
+                # to publish to (a traceback, no reply). Refused unrun, answered on the command's own topic.
+                where = CommandError(
+                    f"response topic {response_topic[:80]!r} is not a topic to publish to", "bad_argument"
+                )
+                self._answer(name, self.handle(name, payload, refuse=where), None, correlation)
+            elif name in self._background and self._acceptable(name, payload):
                 self._start_background(name, payload, response_topic, correlation)
             else:  # a background command's bad request too: refused at once, never queued behind a wait
                 self._answer(name, self.handle(name, payload), response_topic, correlation)
@@ -335,3 +342,8 @@ def _not_sent(connection: Connection, topic: str, payload: bytes) -> str:
     if not connection.online:
         return "offline"
     return connection.limits.too_large(topic, len(payload), 1) or "the MQTT client refused it (see the line before)"
+
+
+def _publishable(topic: str) -> bool:
+    """A topic a PUBLISH may name: no wildcard or NUL, within MQTT's 65,535 bytes."""
+    return not {"+", "#", "\0"} & set(topic) and len(topic.encode("utf-8", "surrogatepass")) <= 65535
