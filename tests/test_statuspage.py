@@ -36,6 +36,7 @@ from agent.service.statuspage import (
     parse_address,
     render_metrics,
 )
+from agent.service.statuspage import server as server_module
 from agent.service.statuspage.server import page
 from agent.transport.outbox import OutboxStats
 from tests.helpers.broker import free_port
@@ -451,6 +452,43 @@ def test_idle_clients_beyond_the_limit_are_turned_away(server: StatusServer) -> 
     while get(server, "/healthz").status_code != 200:
         assert time.monotonic() < deadline, "closed clients did not give their slots back"
         time.sleep(0.05)
+
+
+def test_clients_that_trickle_their_request_give_their_slots_back(
+    agent: FakeAgent, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A per-read timeout alone lets a byte a second hold a slot for ever; the request has a deadline from accept."""
+    deadline = 2.5
+    monkeypatch.setattr(server_module._Handler, "timeout", deadline)
+    stop = threading.Event()
+
+    def trickle(sock: socket.socket) -> None:
+        while not stop.wait(1.0):
+            try:
+                sock.sendall(b"X")  # one more header byte, well within the per-read timeout
+            except OSError:
+                return
+
+    with StatusServer("127.0.0.1:0", agent.snapshot, agent.frame, agent.alive) as srv:
+        slow = [socket.create_connection((srv.host, srv.port), timeout=5) for _ in range(MAX_CLIENTS)]
+        threads = [threading.Thread(target=trickle, args=(sock,), daemon=True) for sock in slow]
+        try:
+            for sock in slow:
+                sock.sendall(b"GET /healthz HTTP/1.0\r\n")
+            started = time.monotonic()
+            for thread in threads:
+                thread.start()
+            time.sleep(0.3)
+            assert get(srv, "/healthz").status_code == 503  # every slot is taken
+            while get(srv, "/healthz").status_code != 200:
+                assert time.monotonic() - started < deadline + 2.5, "trickling clients kept their slots"
+                time.sleep(0.1)
+        finally:
+            stop.set()
+            for sock in slow:
+                sock.close()
+            for thread in threads:
+                thread.join()
 
 
 def test_a_taken_address_is_a_clear_error(server: StatusServer, agent: FakeAgent) -> None:

@@ -7,19 +7,24 @@ reaches the daemon. No authentication: bind to loopback unless a proxy in front 
 from __future__ import annotations
 
 import functools
+import io
 import json
 import logging
 import socket
+import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler
 from importlib import resources
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 from urllib.parse import unquote, urlsplit
 
 from agent.service.statuspage.frames import FrameCache, FrameGetter
 from agent.service.statuspage.metrics import CONTENT_TYPE, render_metrics
 from agent.service.statuspage.snapshot import StatusSnapshot
 from agent.util.httpserver import BoundedHTTPServer
+
+if TYPE_CHECKING:
+    from _typeshed import WriteableBuffer
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +34,7 @@ Alive = Callable[[], str | None]
 Answer = tuple[int, str, bytes]
 
 MAX_CLIENTS = 16  # concurrent requests; a status page on a small device must not become its load
-CLIENT_TIMEOUT_S = 10.0  # a client that stops reading or writing gives its thread back after this
+CLIENT_TIMEOUT_S = 10.0  # for a request to arrive from accept, and for each write of the answer
 TEXT = "text/plain; charset=utf-8"
 PAGE_FILE = "page.html"
 
@@ -149,10 +154,40 @@ class _Server(BoundedHTTPServer):
         super().__init__(address, handler, MAX_CLIENTS)
 
 
+class _DeadlineReader(io.RawIOBase):
+    """A connection's reads, each waiting at most until one deadline: a per-read timeout alone lets a client
+    that sends a byte now and then keep its slot for ever, and MAX_CLIENTS such clients turn /healthz to 503."""
+
+    def __init__(self, sock: socket.socket, deadline: float) -> None:
+        super().__init__()
+        self.sock = sock
+        self.deadline = deadline
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: WriteableBuffer) -> int:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("the request did not arrive in time")
+        self.sock.settimeout(left)
+        return self.sock.recv_into(buffer)
+
+
 class _Handler(BaseHTTPRequestHandler):
     server: _Server
-    timeout = CLIENT_TIMEOUT_S
+    timeout: ClassVar[float] = CLIENT_TIMEOUT_S  # per write, and for the whole request from accept
     server_version = "edge-agent"
+
+    def setup(self) -> None:
+        super().setup()
+        self.rfile.close()  # http.server's reader, replaced by one bounded in total time
+        self.rfile = io.BufferedReader(_DeadlineReader(self.connection, time.monotonic() + self.timeout))
+
+    def parse_request(self) -> bool:
+        parsed = super().parse_request()
+        self.connection.settimeout(self.timeout)  # the answer gets the full timeout, not what the request left
+        return parsed
 
     def do_GET(self) -> None:  # http.server's naming
         self._serve(body=True)
