@@ -4,9 +4,11 @@ the next request."""
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
+import socket
 import ssl
 import subprocess
 import sys
@@ -508,3 +510,38 @@ def test_a_token_from_a_file_is_required_and_never_echoed(tmp_path: Path, caplog
         assert "refused status=401" in caplog.text and "file-token-123" not in caplog.text
     finally:
         daemon.stop()
+
+
+def test_clients_that_trickle_their_request_give_their_threads_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A request (the wait for it included) must arrive whole within IDLE_TIMEOUT_S: the timeout was per read,
+    so max_clients clients sending a header byte every second kept every thread and the endpoint answered 503
+    for as long as they liked."""
+    from agent.config.endpoint import EndpointConfig
+    from agent.service.endpoint import server
+
+    monkeypatch.setattr(server, "IDLE_TIMEOUT_S", 2.5)
+    config = EndpointConfig(enabled=True, address=f"127.0.0.1:{free_port()}", max_clients=2)
+    endpoint = server.InferenceEndpoint(config, dict, lambda: None, {}).start()
+    stop = threading.Event()
+
+    def trickle() -> None:
+        with socket.create_connection(("127.0.0.1", endpoint.port), timeout=10) as sock:
+            sock.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n")
+            with contextlib.suppress(OSError):  # closed by the server: what the test waits for
+                while not stop.wait(1.0):
+                    sock.sendall(b"X")
+
+    def live() -> int:
+        return requests.get(f"{endpoint.url}/v2/health/live", timeout=5).status_code
+
+    slow = [threading.Thread(target=trickle, daemon=True) for _ in range(2)]
+    try:
+        for thread in slow:
+            thread.start()
+        assert wait_for(lambda: live() == 503, 5), "the trickling clients never held both threads"
+        started = time.monotonic()
+        assert wait_for(lambda: live() == 200, 8), "trickling clients kept their threads"
+        assert time.monotonic() - started < 2.5 + 2.0
+    finally:
+        stop.set()
+        endpoint.stop()

@@ -4,12 +4,18 @@ and closed, so a flood of clients costs refusals, never a thread each (the statu
 from __future__ import annotations
 
 import functools
+import io
 import logging
+import socket
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent.util.worker import Worker
+
+if TYPE_CHECKING:
+    from _typeshed import WriteableBuffer
 
 log = logging.getLogger(__name__)
 
@@ -61,3 +67,24 @@ class BoundedHTTPServer(ThreadingHTTPServer):
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         log.debug("%s: connection from %s failed", self.name, client_address, exc_info=True)
+
+
+class DeadlineReader(io.RawIOBase):
+    """A connection's reads, each waiting at most until `deadline` (monotonic; a handler moves it per
+    request): a per-read timeout alone lets a client that sends a byte now and then keep its thread for
+    ever, and as many such clients as the bound turn every other request away."""
+
+    def __init__(self, sock: socket.socket, deadline: float) -> None:
+        super().__init__()
+        self.sock = sock
+        self.deadline = deadline
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: WriteableBuffer) -> int:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("the request did not arrive in time")
+        self.sock.settimeout(left)
+        return self.sock.recv_into(buffer)

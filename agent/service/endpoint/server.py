@@ -9,6 +9,7 @@ and a debug log line; nothing a client sends reaches the daemon.
 from __future__ import annotations
 
 import hmac
+import io
 import json
 import logging
 import socket
@@ -26,14 +27,14 @@ from agent.service.endpoint.stats import EndpointStats
 from agent.service.endpoint.tensors import RequestError
 from agent.service.statuspage.server import parse_address
 from agent.util import redact
-from agent.util.httpserver import BoundedHTTPServer
+from agent.util.httpserver import BoundedHTTPServer, DeadlineReader
 
 if TYPE_CHECKING:
     from agent.inference.runtime import Model
 
 log = logging.getLogger(__name__)
 
-IDLE_TIMEOUT_S = 30.0  # a keep-alive connection with no request for this long gives its thread back
+IDLE_TIMEOUT_S = 30.0  # a keep-alive connection whose next request has not arrived whole by then is closed
 JSON = "application/json"
 
 
@@ -178,6 +179,23 @@ class _Handler(BaseHTTPRequestHandler):
     error_content_type = JSON
     error_message_format = '{"error": "malformed HTTP request (%(code)d)"}'
 
+    def setup(self) -> None:
+        super().setup()
+        self.rfile.close()  # http.server's reader, replaced by one with a deadline per request
+        self._reader = DeadlineReader(self.connection, time.monotonic() + IDLE_TIMEOUT_S)
+        self.rfile = io.BufferedReader(self._reader)
+
+    def handle_one_request(self) -> None:
+        # The wait for the next request and its line and headers: IDLE_TIMEOUT_S in all (a timeout per read
+        # let max_clients clients sending a byte now and then keep every thread, and the endpoint answer 503).
+        self._reader.deadline = time.monotonic() + IDLE_TIMEOUT_S
+        super().handle_one_request()
+
+    def parse_request(self) -> bool:
+        parsed = super().parse_request()
+        self.connection.settimeout(IDLE_TIMEOUT_S)  # writes wait per write, not on what the request left
+        return parsed
+
     def do_GET(self) -> None:  # http.server's naming
         self._serve("GET")
 
@@ -229,21 +247,19 @@ class _Handler(BaseHTTPRequestHandler):
             )
         chunks: list[bytes] = []
         remaining = length
-        while remaining:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise RequestError(408, "the request body did not arrive within the endpoint's deadline")
-            self.connection.settimeout(left)
-            try:
-                chunk = self.rfile.read1(min(remaining, 1 << 20))
-            except TimeoutError:
-                raise RequestError(408, "the request body did not arrive within the endpoint's deadline") from None
-            finally:
-                self.connection.settimeout(IDLE_TIMEOUT_S)
-            if not chunk:
-                raise RequestError(400, f"the body ended after {length - remaining} of {length} bytes")
-            chunks.append(chunk)
-            remaining -= len(chunk)
+        self._reader.deadline = deadline
+        try:
+            while remaining:
+                try:
+                    chunk = self.rfile.read1(min(remaining, 1 << 20))
+                except TimeoutError:
+                    raise RequestError(408, "the request body did not arrive within the endpoint's deadline") from None
+                if not chunk:
+                    raise RequestError(400, f"the body ended after {length - remaining} of {length} bytes")
+                chunks.append(chunk)
+                remaining -= len(chunk)
+        finally:
+            self.connection.settimeout(IDLE_TIMEOUT_S)
         return b"".join(chunks)
 
     def _send(self, code: int, data: bytes, headers: dict[str, str], binary: bool) -> None:

@@ -15,16 +15,13 @@ import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler
 from importlib import resources
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 from urllib.parse import unquote, urlsplit
 
 from agent.service.statuspage.frames import FrameCache, FrameGetter
 from agent.service.statuspage.metrics import CONTENT_TYPE, render_metrics
 from agent.service.statuspage.snapshot import StatusSnapshot
-from agent.util.httpserver import BoundedHTTPServer
-
-if TYPE_CHECKING:
-    from _typeshed import WriteableBuffer
+from agent.util.httpserver import BoundedHTTPServer, DeadlineReader
 
 log = logging.getLogger(__name__)
 
@@ -154,26 +151,6 @@ class _Server(BoundedHTTPServer):
         super().__init__(address, handler, MAX_CLIENTS)
 
 
-class _DeadlineReader(io.RawIOBase):
-    """A connection's reads, each waiting at most until one deadline: a per-read timeout alone lets a client
-    that sends a byte now and then keep its slot for ever, and MAX_CLIENTS such clients turn /healthz to 503."""
-
-    def __init__(self, sock: socket.socket, deadline: float) -> None:
-        super().__init__()
-        self.sock = sock
-        self.deadline = deadline
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: WriteableBuffer) -> int:
-        left = self.deadline - time.monotonic()
-        if left <= 0:
-            raise TimeoutError("the request did not arrive in time")
-        self.sock.settimeout(left)
-        return self.sock.recv_into(buffer)
-
-
 class _Handler(BaseHTTPRequestHandler):
     server: _Server
     timeout: ClassVar[float] = CLIENT_TIMEOUT_S  # per write, and for the whole request from accept
@@ -182,7 +159,7 @@ class _Handler(BaseHTTPRequestHandler):
     def setup(self) -> None:
         super().setup()
         self.rfile.close()  # http.server's reader, replaced by one bounded in total time
-        self.rfile = io.BufferedReader(_DeadlineReader(self.connection, time.monotonic() + self.timeout))
+        self.rfile = io.BufferedReader(DeadlineReader(self.connection, time.monotonic() + self.timeout))
 
     def parse_request(self) -> bool:
         parsed = super().parse_request()
