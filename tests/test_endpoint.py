@@ -519,7 +519,7 @@ def test_clients_that_trickle_their_request_give_their_threads_back(monkeypatch:
     from agent.config.endpoint import EndpointConfig
     from agent.service.endpoint import server
 
-    monkeypatch.setattr(server, "IDLE_TIMEOUT_S", 2.5)
+    monkeypatch.setattr(server._Handler, "request_timeout", 2.5)
     config = EndpointConfig(enabled=True, address=f"127.0.0.1:{free_port()}", max_clients=2)
     endpoint = server.InferenceEndpoint(config, dict, lambda: None, {}).start()
     stop = threading.Event()

@@ -459,7 +459,7 @@ def test_clients_that_trickle_their_request_give_their_slots_back(
 ) -> None:
     """A per-read timeout alone lets a byte a second hold a slot for ever; the request has a deadline from accept."""
     deadline = 2.5
-    monkeypatch.setattr(server_module._Handler, "timeout", deadline)
+    monkeypatch.setattr(server_module._Handler, "request_timeout", deadline)
     stop = threading.Event()
 
     def trickle(sock: socket.socket) -> None:

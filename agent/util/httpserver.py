@@ -88,3 +88,26 @@ class DeadlineReader(io.RawIOBase):
             raise TimeoutError("the request did not arrive in time")
         self.sock.settimeout(left)
         return self.sock.recv_into(buffer)
+
+
+class DeadlineHandler(BaseHTTPRequestHandler):
+    """A handler whose every request, the wait for it included, must arrive whole (line and headers)
+    within `request_timeout`; its answer's writes wait `timeout` each. A handler may move `reader.deadline`
+    to bound what it reads next (a body)."""
+
+    request_timeout = 10.0
+
+    def setup(self) -> None:
+        super().setup()
+        self.rfile.close()  # http.server's reader, replaced by one with a deadline
+        self.reader = DeadlineReader(self.connection, time.monotonic() + self.request_timeout)
+        self.rfile = io.BufferedReader(self.reader)
+
+    def handle_one_request(self) -> None:
+        self.reader.deadline = time.monotonic() + self.request_timeout
+        super().handle_one_request()
+
+    def parse_request(self) -> bool:
+        parsed = super().parse_request()
+        self.connection.settimeout(self.timeout)  # the answer waits per write, not on what the request left
+        return parsed

@@ -49,7 +49,9 @@ class Driver:
         self.spec = rollout.spec
         self.targets = {t.device: t for t in db.targets(rollout.id)}
         self.dirty: set[str] = set()
-        self.replayed: set[tuple[str, str]] = set()  # (device, ts) recorded as replayed: once each, not per resync
+        # Per device, the stamp last recorded as replayed: once per report, not at every resync, and one entry
+        # per device however many old reports a device's key has signed.
+        self.replayed: dict[str, str] = {}
 
     # ---- planning ---------------------------------------------------------------------------------
 
@@ -105,9 +107,9 @@ class Driver:
 
     def _replayed(self, report: DeviceReport, last: str | None) -> None:
         """One event per replayed report: the controller reads a retained one back at every resync."""
-        if (report.device, report.ts) in self.replayed:
+        if self.replayed.get(report.device) == report.ts:
             return
-        self.replayed.add((report.device, report.ts))
+        self.replayed[report.device] = report.ts
         reason = (
             f"report of {report.device} on order {report.order} is stamped {report.ts}, "
             f"not after the last one counted ({last or 'none'})"

@@ -9,7 +9,6 @@ and a debug log line; nothing a client sends reaches the daemon.
 from __future__ import annotations
 
 import hmac
-import io
 import json
 import logging
 import socket
@@ -27,7 +26,7 @@ from agent.service.endpoint.stats import EndpointStats
 from agent.service.endpoint.tensors import RequestError
 from agent.service.statuspage.server import parse_address
 from agent.util import redact
-from agent.util.httpserver import BoundedHTTPServer, DeadlineReader
+from agent.util.httpserver import BoundedHTTPServer, DeadlineHandler
 
 if TYPE_CHECKING:
     from agent.inference.runtime import Model
@@ -169,32 +168,18 @@ class _Server(BoundedHTTPServer):
         return sock, addr
 
 
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(DeadlineHandler):
     server: _Server
     protocol_version = "HTTP/1.1"  # keep-alive: a client's next request skips the TCP handshake
     disable_nagle_algorithm = True  # a small answer goes out now, not after the client's delayed ACK
     timeout = IDLE_TIMEOUT_S
+    # The wait for the next request and its line and headers, in all: a timeout per read let max_clients
+    # clients sending a byte now and then keep every thread, and the endpoint answer 503.
+    request_timeout = IDLE_TIMEOUT_S
     server_version = "edge-agent"
     # http.server's own refusals (a malformed request line, headers too long) in the endpoint's JSON form.
     error_content_type = JSON
     error_message_format = '{"error": "malformed HTTP request (%(code)d)"}'
-
-    def setup(self) -> None:
-        super().setup()
-        self.rfile.close()  # http.server's reader, replaced by one with a deadline per request
-        self._reader = DeadlineReader(self.connection, time.monotonic() + IDLE_TIMEOUT_S)
-        self.rfile = io.BufferedReader(self._reader)
-
-    def handle_one_request(self) -> None:
-        # The wait for the next request and its line and headers: IDLE_TIMEOUT_S in all (a timeout per read
-        # let max_clients clients sending a byte now and then keep every thread, and the endpoint answer 503).
-        self._reader.deadline = time.monotonic() + IDLE_TIMEOUT_S
-        super().handle_one_request()
-
-    def parse_request(self) -> bool:
-        parsed = super().parse_request()
-        self.connection.settimeout(IDLE_TIMEOUT_S)  # writes wait per write, not on what the request left
-        return parsed
 
     def do_GET(self) -> None:  # http.server's naming
         self._serve("GET")
@@ -247,7 +232,7 @@ class _Handler(BaseHTTPRequestHandler):
             )
         chunks: list[bytes] = []
         remaining = length
-        self._reader.deadline = deadline
+        self.reader.deadline = deadline
         try:
             while remaining:
                 try:

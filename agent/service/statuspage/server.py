@@ -7,21 +7,19 @@ reaches the daemon. No authentication: bind to loopback unless a proxy in front 
 from __future__ import annotations
 
 import functools
-import io
 import json
 import logging
 import socket
-import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler
 from importlib import resources
-from typing import Any, ClassVar
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from agent.service.statuspage.frames import FrameCache, FrameGetter
 from agent.service.statuspage.metrics import CONTENT_TYPE, render_metrics
 from agent.service.statuspage.snapshot import StatusSnapshot
-from agent.util.httpserver import BoundedHTTPServer, DeadlineReader
+from agent.util.httpserver import BoundedHTTPServer, DeadlineHandler
 
 log = logging.getLogger(__name__)
 
@@ -151,20 +149,11 @@ class _Server(BoundedHTTPServer):
         super().__init__(address, handler, MAX_CLIENTS)
 
 
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(DeadlineHandler):
     server: _Server
-    timeout: ClassVar[float] = CLIENT_TIMEOUT_S  # per write, and for the whole request from accept
+    timeout = CLIENT_TIMEOUT_S  # per write of the answer
+    request_timeout = CLIENT_TIMEOUT_S  # for the whole request, from accept (one request per connection)
     server_version = "edge-agent"
-
-    def setup(self) -> None:
-        super().setup()
-        self.rfile.close()  # http.server's reader, replaced by one bounded in total time
-        self.rfile = io.BufferedReader(DeadlineReader(self.connection, time.monotonic() + self.timeout))
-
-    def parse_request(self) -> bool:
-        parsed = super().parse_request()
-        self.connection.settimeout(self.timeout)  # the answer gets the full timeout, not what the request left
-        return parsed
 
     def do_GET(self) -> None:  # http.server's naming
         self._serve(body=True)
