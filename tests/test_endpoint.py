@@ -519,29 +519,30 @@ def test_clients_that_trickle_their_request_give_their_threads_back(monkeypatch:
     from agent.config.endpoint import EndpointConfig
     from agent.service.endpoint import server
 
-    monkeypatch.setattr(server._Handler, "request_timeout", 2.5)
+    deadline = 4.0
+    monkeypatch.setattr(server._Handler, "request_timeout", deadline)
     config = EndpointConfig(enabled=True, address=f"127.0.0.1:{free_port()}", max_clients=2)
     endpoint = server.InferenceEndpoint(config, dict, lambda: None, {}).start()
     stop = threading.Event()
+    # Connected here, before any check: each holds a thread from now on, whatever the threads below do.
+    slow = [socket.create_connection(("127.0.0.1", endpoint.port), timeout=10) for _ in range(2)]
 
-    def trickle() -> None:
-        with socket.create_connection(("127.0.0.1", endpoint.port), timeout=10) as sock:
+    def trickle(sock: socket.socket) -> None:
+        with sock, contextlib.suppress(OSError):  # closed by the server: what the test waits for
             sock.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n")
-            with contextlib.suppress(OSError):  # closed by the server: what the test waits for
-                while not stop.wait(1.0):
-                    sock.sendall(b"X")
+            while not stop.wait(1.0):
+                sock.sendall(b"X")  # one more header byte, well within any per-read timeout
 
     def live() -> int:
         return requests.get(f"{endpoint.url}/v2/health/live", timeout=5).status_code
 
-    slow = [threading.Thread(target=trickle, daemon=True) for _ in range(2)]
     try:
-        for thread in slow:
-            thread.start()
-        assert wait_for(lambda: live() == 503, 5), "the trickling clients never held both threads"
+        for sock in slow:
+            threading.Thread(target=trickle, args=(sock,), daemon=True).start()
+        assert live() == 503, "the trickling clients do not hold both threads"
         started = time.monotonic()
-        assert wait_for(lambda: live() == 200, 8), "trickling clients kept their threads"
-        assert time.monotonic() - started < 2.5 + 2.0
+        assert wait_for(lambda: live() == 200, 2 * deadline), "trickling clients kept their threads"
+        assert time.monotonic() - started < deadline + 2.0
     finally:
         stop.set()
         endpoint.stop()
