@@ -67,6 +67,11 @@ def test_run_at_debug_level_prints_the_start_timeline_up_to_the_first_result(tmp
     assert [s for s in steps if s in (warmed, "first result (cam)")] == [warmed, "first result (cam)"], steps
     assert any(s.startswith("pipelines started") for s in steps), steps
     assert re.search(r"start: first result [0-9.]+ s after the process started", first.stderr)
+    # the camera's model as it feeds it: fixed to its frames, frames in (agent.device.graphprep)
+    assert (
+        "model input rewritten name=pool input=x.frame changes='input x fixed to [1, 3, 24, 32]; x.frame takes "
+        "frames (uint8, N x H x W x 3, BGR): preprocessing in the graph'" in first.stderr
+    )
     second = run("-m", "agent", "--log-level", "debug", "run", "--profile", str(prof))
     assert any(s.endswith("(optimised model cache: hit)") for s in timeline(second.stderr)), second.stderr
     quiet = run("-m", "agent", "run", "--profile", str(prof))

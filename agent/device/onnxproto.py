@@ -27,7 +27,10 @@ class WireError(ValueError):
 # ---- reading -----------------------------------------------------------------------------------
 
 
-def decode_varint(buf: bytes, pos: int) -> tuple[int, int]:
+Buffer = bytes | memoryview  # a memoryview walks a large model without copying its fields
+
+
+def decode_varint(buf: Buffer, pos: int) -> tuple[int, int]:
     """The varint at `pos` and the position after it."""
     result = shift = 0
     while True:
@@ -43,28 +46,38 @@ def decode_varint(buf: bytes, pos: int) -> tuple[int, int]:
             raise WireError("varint too long")
 
 
-def fields(buf: bytes) -> Iterator[tuple[int, Value]]:
-    """(field number, value) for each field of one message held in memory."""
+def spans(buf: Buffer) -> Iterator[tuple[int, int, int, int, int]]:
+    """(field number, wire type, where the field begins, where its value begins, where it ends) for each
+    field of one message held in memory: a rewrite copies the fields it keeps byte for byte."""
     pos, end = 0, len(buf)
     while pos < end:
+        begin = pos
         key, pos = decode_varint(buf, pos)
         number, wire = key >> 3, key & 7
-        value: Value
         if wire == 0:
-            value, pos = decode_varint(buf, pos)
+            start = pos
+            _, pos = decode_varint(buf, pos)
         elif wire in (1, 5):
-            width = 8 if wire == 1 else 4
-            if pos + width > end:
-                raise WireError(f"field {number} runs past the end of its message")
-            value, pos = struct.unpack_from("<Q" if wire == 1 else "<I", buf, pos)[0], pos + width
+            start, pos = pos, pos + (8 if wire == 1 else 4)
         elif wire == 2:
-            length, pos = decode_varint(buf, pos)
-            if pos + length > end:
-                raise WireError(f"field {number} runs past the end of its message")
-            value, pos = buf[pos : pos + length], pos + length
+            length, start = decode_varint(buf, pos)
+            pos = start + length
         else:
             raise WireError(f"wire type {wire} in field {number}")
-        yield number, value
+        if pos > end:
+            raise WireError(f"field {number} runs past the end of its message")
+        yield number, wire, begin, start, pos
+
+
+def fields(buf: bytes) -> Iterator[tuple[int, Value]]:
+    """(field number, value) for each field of one message held in memory."""
+    for number, wire, _, start, stop in spans(buf):
+        if wire == 0:
+            yield number, decode_varint(buf, start)[0]
+        elif wire == 2:
+            yield number, buf[start:stop]
+        else:
+            yield number, struct.unpack_from("<Q" if wire == 1 else "<I", buf, start)[0]
 
 
 def read_varint(f: BinaryIO) -> int | None:
@@ -141,10 +154,22 @@ def _tensor_info(name: str, elem: int, dims: Sequence[int]) -> bytes:
     return field(1, name) + field(2, field(1, tensor))  # ValueInfoProto{name, TypeProto{tensor_type}}
 
 
-def _node(op: str, inputs: Sequence[str], outputs: Sequence[str], name: str = "") -> bytes:
-    """NodeProto{input, output, name, op_type}."""
+def node(op: str, inputs: Sequence[str], outputs: Sequence[str], name: str = "", attributes: bytes = b"") -> bytes:
+    """NodeProto{input, output, name, op_type, attribute[]}; `attributes` as `attribute` writes them."""
     out = b"".join(field(1, i) for i in inputs) + b"".join(field(2, o) for o in outputs)
-    return out + (field(3, name) if name else b"") + field(4, op)
+    return out + (field(3, name) if name else b"") + field(4, op) + attributes
+
+
+def attribute(name: str, value: int | Sequence[int]) -> bytes:
+    """A node's `attribute` field holding an INT (type 2) or INTS (type 7) AttributeProto."""
+    if isinstance(value, int):
+        return field(5, field(1, name) + field(20, 2) + field(3, value))
+    return field(5, field(1, name) + field(20, 7) + b"".join(field(8, v) for v in value))
+
+
+def tensor(name: str, elem: int, dims: Sequence[int], raw: bytes) -> bytes:
+    """TensorProto{dims, data_type, name, raw_data}: an initializer, its data little-endian."""
+    return b"".join(field(1, d) for d in dims) + field(2, elem) + field(8, name) + field(9, raw)
 
 
 def _model(
@@ -168,11 +193,11 @@ def identity_model(
     `doc` becomes the graph's doc string: tests use it to make larger, distinct files.
     """
     x, y = _tensor_info("x", elem, dims), _tensor_info("y", elem, dims)
-    return _model(ir_version, opsets, [_node("Identity", ["x"], ["y"])], "probe", x, y, doc)
+    return _model(ir_version, opsets, [node("Identity", ["x"], ["y"])], "probe", x, y, doc)
 
 
 def add_relu_model(size: int = 64) -> bytes:
     """y = relu(x + x) on float32 [1, size], IR 8, opset 13: proves a provider (every provider takes Add and Relu)."""
-    nodes = [_node("Add", ["x", "x"], ["s"], "add"), _node("Relu", ["s"], ["y"], "relu")]
+    nodes = [node("Add", ["x", "x"], ["s"], "add"), node("Relu", ["s"], ["y"], "relu")]
     x, y = _tensor_info("x", FLOAT, (1, size)), _tensor_info("y", FLOAT, (1, size))
     return _model(8, {AI_ONNX: 13}, nodes, "edge_agent_probe", x, y, b"")

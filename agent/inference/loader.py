@@ -15,13 +15,14 @@ from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 
 from agent.config.profile import MqttConfig, PipelineConfig, Profile, RuntimeConfig
+from agent.device.graphprep import StreamPlan
 from agent.inference.pipeline import Pipeline
 from agent.inference.processing.lazy import preload_opencv
 from agent.inference.runtime import ModelError
 from agent.inference.sessions import POOL
 from agent.inference.sources import source_class
 from agent.inference.sources.base import Subscriptions
-from agent.inference.warmup import example_input, load_pipeline_model
+from agent.inference.warmup import example_input, load_pipeline_model, stream_plans
 from agent.transport.events import Event, EventSink, Sink, log_event
 
 # (model, version) -> whether that version is on trial: the crash guard watches its load and warm-up.
@@ -45,9 +46,11 @@ def open_pipeline(
     mqtt: MqttConfig | None = None,
     connection: Subscriptions | None = None,
     warm: bool = False,
+    plan: StreamPlan | None = None,
 ) -> Pipeline:
     """Load the pipeline's model (a file from the profile, or what the store resolved) and build it;
-    `warm`: run it once on a blank frame before it serves (a version on trial)."""
+    `warm`: run it once on a blank frame before it serves (a version on trial); `plan`: how the pipeline
+    feeds the model (`stream_plans`), for this load and its swaps."""
     if not source_class(config.source).sensor:
         preload_opencv()
     model = load_pipeline_model(
@@ -59,6 +62,7 @@ def open_pipeline(
         version=model_version,
         warmup_runs=0,
         emit=emit,
+        plan=plan,
     )
     if warm:
         model.warmup(example_input(config, model), runs=1)
@@ -73,6 +77,7 @@ def open_pipeline(
         qos=qos,
         mqtt=mqtt,
         connection=connection,
+        plan=plan,
     )
 
 
@@ -99,6 +104,7 @@ def open_pipelines(
     enabled = [config for config in profile.pipelines if config.enabled]
     # Camera pipelines run their inferences at once on the stage pool: CPU runs get a share of the threads each.
     POOL.plan(sum(1 for config in enabled if source_class(config.source).live))
+    plans = stream_plans(enabled, profile.runtime, endpoint=profile.endpoint.enabled)
     for config in enabled:
         if only is not None and config.name not in only:
             continue
@@ -123,6 +129,7 @@ def open_pipelines(
                 mqtt=profile.mqtt,
                 connection=mqtt,
                 warm=version is not None and on_trial is not None and on_trial(config.model, version),
+                plan=plans[config.name],
             )
         except (ModelError, OSError, ValueError) as exc:
             emit(Event("pipeline.failed", {"pipeline": config.name, "model": config.model, "reason": str(exc)}))

@@ -33,18 +33,20 @@ import numpy as np
 
 from agent.config.base import PluginConfig
 from agent.config.profile import MqttConfig, PipelineConfig, RuntimeConfig
+from agent.device.graphprep import StreamPlan
 from agent.inference.handoff import END, End, Inbox, take_waiting
 from agent.inference.pooled import PooledStages
 from agent.inference.processing.post import make_postprocessor
 from agent.inference.processing.post.base import PostContext, boxes_of
-from agent.inference.processing.pre import FrameRejectedError, Preprocessor
+from agent.inference.processing.pre import FrameRejectedError
 from agent.inference.runtime import Model, ModelError, ModelState
 from agent.inference.sources import make_source
 from agent.inference.sources.base import BaseSource, Frame, SourceContext, SourceFailedError, Subscriptions, Window
 from agent.inference.stagepool import STAGES, Stage
 from agent.inference.stats import PipelineState, PipelineStats, RateMeter, Timings, has_nan, zero_counts
+from agent.inference.swap import HotSwap
 from agent.inference.throttle import EventThrottle
-from agent.inference.warmup import example_input, load_pipeline_model
+from agent.inference.warmup import preprocessor
 from agent.inference.work import Postprocessor, Work, result_payload
 from agent.transport.events import Event, EventSink, Sink, log_event
 from agent.util.backoff import Backoff
@@ -59,7 +61,7 @@ SOURCE_BACKOFF_CAP = 30.0
 IDLE_POLL_S = 0.05  # how often an idle inference thread looks for a pending swap
 
 
-class Pipeline(PooledStages):
+class Pipeline(HotSwap, PooledStages):
     """Build with a loaded `Model` (see `loader.open_pipeline` to load from the profile), then `start()`."""
 
     def __init__(
@@ -76,8 +78,10 @@ class Pipeline(PooledStages):
         qos: int = 1,
         mqtt: MqttConfig | None = None,
         connection: Subscriptions | None = None,
+        plan: StreamPlan | None = None,
     ) -> None:
         self.config = config
+        self.plan = plan  # how a swap's model is fed, as the first one was (agent.inference.warmup.stream_plans)
         self.name = config.name
         self.device = device
         self.sink = sink
@@ -107,11 +111,12 @@ class Pipeline(PooledStages):
         self._pre_ended = self._infer_ended = False
         self.model = model
         self._model_state: ModelState = model.new_state()
-        self.pre = Preprocessor(config.preprocess, model.stream_spec.shape, model.stream_spec.type)
+        self.pre = preprocessor(config, model)
         self.post = self._make_post(model)
         self._pending: tuple[Model, threading.Event] | None = None
         self._swap_lock = threading.Lock()
         self._last_input: np.ndarray | None = None
+        self._last_frame: np.ndarray | None = None  # the frame behind it
         self._stop = threading.Event()
         self._finished = threading.Event()
         self._threads: list[threading.Thread] = []  # capture, and pre, infer, post unless pooled
@@ -176,39 +181,6 @@ class Pipeline(PooledStages):
     @property
     def finished(self) -> bool:
         return self._finished.is_set()
-
-    def swap(
-        self, model: Model | Path | bytes, *, version: str | None = None, name: str | None = None, timeout: float = 60.0
-    ) -> Model:
-        """Load and warm `model` beside the serving one, then switch between two frames.
-
-        Raises ModelError (and the pipeline keeps serving the old model) when the new one does not load,
-        lacks an input or output the pipeline uses, or fails on the last real input this pipeline saw.
-        """
-        example = self._last_input if self._last_input is not None else example_input(self.config, self.model)
-        if not isinstance(model, Model):
-            model = load_pipeline_model(
-                self.config,
-                model,
-                self.runtime,
-                self.state_dir,
-                name=name or self.model.name,
-                version=version,
-                example=example,
-                emit=self._emit_raw,
-            )
-        elif example is not None:
-            model.warmup(example, runs=1)
-        self._make_post(model, discard=True)  # the new outputs must suit the post-processor before the switch
-        done = threading.Event()
-        with self._swap_lock:
-            self._pending = (model, done)
-        self._wake()
-        if not self._infer_alive():  # nobody to switch between frames
-            self._apply_swap()
-        elif not done.wait(timeout):
-            raise ModelError(f"pipeline {self.name}: the swap to {model.version} did not happen within {timeout:.0f} s")
-        return model
 
     def busy_for(self) -> float | None:
         """Seconds the inference in progress has run, None when idle: a watchdog's stuck check."""
@@ -300,14 +272,17 @@ class Pipeline(PooledStages):
         try:
             tensor, geometry = self.pre(frame.data)
         except Exception as exc:  # noqa: BLE001 (any failure to prepare one frame rejects that frame only)
-            self._counts["rejected"] += 1
-            reason = str(exc) if isinstance(exc, FrameRejectedError) else _reason(exc)
-            self._folded("frame.rejected", reason=reason, source_seq=frame.seq)
+            self._reject(frame, exc)
             return
         if tensor is None:  # a sensor window still filling
             return
         pre_ms = (time.perf_counter() - started) * 1000
-        self._to_infer.put(Work(frame, tensor, geometry, pre_ms, started))
+        self._to_infer.put(Work(frame, tensor, geometry, pre_ms, started, frames=self.pre.frames))
+
+    def _reject(self, frame: Frame, exc: Exception) -> None:
+        self._counts["rejected"] += 1
+        reason = str(exc) if isinstance(exc, FrameRejectedError) else _reason(exc)
+        self._folded("frame.rejected", reason=reason, source_seq=frame.seq)
 
     def _infer_alive(self) -> bool:
         if self.pooled:
@@ -325,6 +300,8 @@ class Pipeline(PooledStages):
             if item is END:
                 break
             model = self.model
+            if item.frames != model.takes_frames and not self._prepare_again(item):
+                continue
             # Only sensor samples are gathered into batches: for images a batch would add its
             # latency to every frame for little gain on a CPU.
             if model.batchable and not self.live and isinstance(item.frame, Window):
@@ -368,7 +345,7 @@ class Pipeline(PooledStages):
             self._busy_since = None
         infer_ms = (time.perf_counter() - started) * 1000
         self._counts["inferences"] += len(batch)
-        self._last_input = batch[-1].tensor
+        self._last_input, self._last_frame = batch[-1].tensor, batch[-1].frame.data
         for work, out in zip(batch, outputs, strict=True):
             work.outputs, work.infer_ms, work.model, work.post = out, infer_ms, model, post
             self.timings.add("infer", infer_ms)
@@ -420,27 +397,6 @@ class Pipeline(PooledStages):
             )
 
     # -- helpers ---------------------------------------------------------------------------------
-
-    def _apply_swap(self) -> None:
-        with self._swap_lock:
-            pending, self._pending = self._pending, None
-        if pending is None:
-            return
-        model, done = pending
-        old = self.model
-        same_outputs = model.output_names == old.output_names
-        self.post = self.post if same_outputs else self._make_post(model)
-        self.pre.expected = model.stream_spec.shape
-        self._model_state = model.new_state()
-        self.model = model
-        if old is not model:
-            old.close()
-        self.timings.restart("infer")  # a probation compares the versions' own latencies, never a mix
-        self._counts["swaps"] += 1
-        done.set()
-        self.emit(
-            "model.swapped", model=model.name, version=model.version, previous=old.version, provider=model.provider
-        )
 
     def _make_post(self, model: Model, *, discard: bool = False) -> Postprocessor:
         try:

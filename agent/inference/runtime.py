@@ -21,8 +21,10 @@ import numpy as np
 
 from agent.config.profile import Constant
 from agent.config.runtime import LocalLibrary, Optimization, RuntimeConfig
-from agent.device import compat, customops
+from agent.device import compat, customops, graphprep
 from agent.device.autotune import model_digest
+from agent.device.graphprep import Rewritten, StreamPlan
+from agent.device.onnxproto import WireError
 from agent.inference.processing.pre import NUMPY_TYPES
 from agent.inference.sessions import POOL, NodeArg, Session, SessionPool, SharedSession
 from agent.inference.stats import MemoryShare
@@ -107,8 +109,10 @@ class Model:
         state: Mapping[str, str] | None = None,
         stream_input: str | None = None,
         pool: SessionPool = POOL,
+        takes_frames: bool = False,
     ) -> None:
         self.shared = shared
+        self.takes_frames = takes_frames  # the stream input takes BGR frames (agent.device.graphprep)
         self.session: Session = shared.session
         self.provider = shared.provider
         self.name = name
@@ -261,9 +265,11 @@ def load_model(
     warmup_runs: int = 2,
     emit: EventSink = log_event,
     optimization: Optimization | None = None,
+    plan: StreamPlan | None = None,
 ) -> Model:
     """Lease the model's shared session (opened through agent.device.session on first use), check the
-    signature against the pipeline, warm up."""
+    signature against the pipeline, warm up. `plan`: how the pipeline feeds the stream input, written
+    into the model where it can be (agent.device.graphprep); the version stays the file's."""
     if not isinstance(source, bytes):
         source = Path(source)
         if not source.is_file():
@@ -273,13 +279,15 @@ def load_model(
     digest = model_digest(source)  # once: the session pool keys on it too
     version = version or "sha256:" + digest[:12]  # nothing names it: results still tell two apart
     _check_loadable(source, name, version, runtime.custom_ops)
-    try:
-        shared = POOL.acquire(source, runtime, state_dir, optimization=optimization, emit=emit, digest=digest)
-    except Exception as exc:  # ORT's Fail/InvalidGraph derive from Exception
-        raise ModelError(
-            f"cannot load model {name} {version}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else exc}"
-        ) from exc
-    model = Model(shared, name, version, constants, state, stream_input)
+    rewritten = _rewrite(source, plan, name) if plan is not None else None
+    shared, rewritten = _lease(
+        source, digest, rewritten, runtime, Path(state_dir), optimization, emit, f"{name} {version}"
+    )
+    if rewritten is not None:
+        stream_input = rewritten.input
+        log.info("model input rewritten name=%s input=%s changes=%r", name, rewritten.input, rewritten.changes)
+    frames = rewritten is not None and rewritten.frames
+    model = Model(shared, name, version, constants, state, stream_input, takes_frames=frames)
     how = "shared session" if shared.users > 1 else f"optimised model cache: {shared.opened.cache}"
     START.mark(f"model {name} {version} on {model.provider} ({how})")
     if warmup_runs:
@@ -290,6 +298,53 @@ def load_model(
             raise
         log.info("model warmed name=%s version=%s provider=%s warm_ms=%.1f", name, version, model.provider, ms)
     return model
+
+
+def _lease(
+    source: Path | bytes,
+    digest: str,
+    rewritten: Rewritten | None,
+    runtime: RuntimeConfig,
+    state_dir: Path,
+    optimization: Optimization | None,
+    emit: EventSink,
+    label: str,
+) -> tuple[SharedSession, Rewritten | None]:
+    """The pool's session for the rewritten model (from its file under the state folder), or for the model
+    as it is when there is none or it does not load; the rewrite that was used."""
+    if rewritten is not None:
+        fed: Path | bytes = rewritten.model
+        fed_digest = None
+        try:
+            fed, fed_digest = graphprep.on_disk(state_dir, rewritten.model)
+        except OSError as exc:
+            log.debug("model %s: the rewritten model is not kept on disk, so it loads from memory: %s", label, exc)
+        try:
+            return POOL.acquire(
+                fed, runtime, state_dir, optimization=optimization, emit=emit, digest=fed_digest
+            ), rewritten
+        except Exception as exc:  # noqa: BLE001 (the file as it is may still load: it is tried next)
+            log.warning("model %s: its rewritten input does not load, so it runs as it is: %s", label, _last_line(exc))
+    try:
+        return POOL.acquire(source, runtime, state_dir, optimization=optimization, emit=emit, digest=digest), None
+    except Exception as exc:  # ORT's Fail/InvalidGraph derive from Exception
+        raise ModelError(f"cannot load model {label}: {_last_line(exc)}") from exc
+
+
+def _last_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[-1] if text else exc.__class__.__name__
+
+
+def _rewrite(source: Path | bytes, plan: StreamPlan, name: str) -> Rewritten | None:
+    """The model with its stream input as the pipeline feeds it, or None where it stays as it is."""
+    try:
+        if isinstance(source, Path) and source.stat().st_size > graphprep.MAX_BYTES:
+            raise graphprep.NotRewritableError(f"the model is over {graphprep.MAX_BYTES >> 20} MiB")
+        return graphprep.rewrite(source if isinstance(source, bytes) else source.read_bytes(), plan)
+    except (graphprep.NotRewritableError, WireError, OSError) as exc:
+        log.debug("model %s input kept as it is: %s", name, exc)
+        return None
 
 
 def _check_loadable(source: Path | bytes, name: str, version: str, libraries: Sequence[LocalLibrary] = ()) -> None:

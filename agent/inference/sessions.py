@@ -333,6 +333,11 @@ class SessionPool:
         opened with: a reload that adds cameras resizes the models it loads, not those already shared."""
         self._at_once = max(1, at_once)
 
+    @property
+    def at_once(self) -> int:
+        """The camera pipelines planned: with one, no batch of several frames can reach a session."""
+        return self._at_once
+
     def acquire(
         self,
         source: Path | bytes,

@@ -29,6 +29,7 @@ class Work:
     geometry: Geometry | None
     pre_ms: float
     started: float  # perf_counter when preprocessing began
+    frames: bool = False  # `tensor` is the frame itself, for a model that preprocesses in its graph
     infer_ms: float = 0.0
     outputs: dict[str, OutputValue] = field(default_factory=dict)
     model: Model | None = None

@@ -9,6 +9,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from agent.config.base import Strict
+from agent.device.graphprep import FramePrep
 from agent.inference.processing.lazy import cv2, np
 
 
@@ -29,6 +30,12 @@ class PreprocessConfig(Strict):
     dtype: Literal["float32", "float16", "uint8", "int8", "int64"] = Field("float32", description="tensor element type")
     window: int | None = Field(None, gt=0, description="sensor samples stacked into one model input")
     hop: int | None = Field(None, gt=0, description="samples between sensor windows; the window size when unset")
+    in_model: bool = Field(
+        True,
+        description="camera frames go into the model as they come, and colour order, layout, scale and "
+        "mean/std run as its first nodes, on the runtime's threads (where the model allows it); false keeps "
+        "them in Python",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> PreprocessConfig:
@@ -44,6 +51,24 @@ class PreprocessConfig(Strict):
         if self.hop is not None and self.window is None:
             raise ValueError("hop needs window")
         return self
+
+
+def frame_prep(config: PreprocessConfig) -> FramePrep | None:
+    """What the model's graph must do to a BGR frame to give the tensor this config describes (the
+    numpy path's own x * (scale / std) - mean / std, in float32), or None where it cannot."""
+    if not config.in_model or config.color == "gray" or config.window is not None:
+        return None
+    if "dtype" in config.model_fields_set and config.dtype != "float32":
+        return None
+    mean = np.broadcast_to(np.asarray(config.mean if config.mean is not None else (0.0,), np.float32), (3,))
+    std = np.broadcast_to(np.asarray(config.std if config.std is not None else (1.0,), np.float32), (3,))
+    scale, shift = np.float32(config.scale) / std, -mean / std
+    return FramePrep(config.color == "rgb", _three(scale), _three(shift))
+
+
+def _three(values: np.ndarray) -> tuple[float, float, float]:
+    a, b, c = (float(v) for v in values)
+    return a, b, c
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -118,8 +143,10 @@ class Preprocessor:
         config: PreprocessConfig,
         input_shape: Sequence[int | str | None] | None = None,
         input_type: str | None = None,
+        frames: bool = False,
     ) -> None:
         self.config = config
+        self.frames = frames  # the model takes BGR frames and does the rest itself (agent.device.graphprep)
         self.expected = _fixed(input_shape)
         explicit = "dtype" in config.model_fields_set
         self.dtype = (
@@ -167,16 +194,27 @@ class Preprocessor:
             elif (tw, th) != (w, h):
                 img = cv2.resize(img, (tw, th), interpolation=cv2.INTER_LINEAR)
                 sx, sy = tw / w, th / h
+        tensor = self._frame(img) if self.frames else self._tensor(img)
+        self._check(tensor)
+        return tensor, Geometry(src_w, src_h, crop_x, crop_y, sx, sy, float(pad_x), float(pad_y))
+
+    def _frame(self, img: np.ndarray) -> np.ndarray:
+        """The frame itself, BGR, as a batch of one: the model's first nodes do the rest."""
+        if img.ndim == 2 or img.shape[2] == 1:
+            img = cv2.cvtColor(img, cv2.COLOR_GRAY2BGR)
+        return np.ascontiguousarray(img)[None]
+
+    def _tensor(self, img: np.ndarray) -> np.ndarray:
+        """Colour order, scale, mean/std, layout and dtype, in Python."""
         if self.fast is None:
             self.fast = hasattr(cv2, "dnn") and hasattr(cv2.dnn, "blobFromImageWithParams")
         tensor = self._blob(img) if self.fast and img.ndim == 3 and img.shape[2] == 3 else None
         if tensor is None:
             img = self._color(img)
             x = self._normalise(img, img.shape[2])
-            x = x.transpose(2, 0, 1)[None] if cfg.layout != "nhwc" else x[None]
+            x = x.transpose(2, 0, 1)[None] if self.config.layout != "nhwc" else x[None]
             tensor = np.ascontiguousarray(x, dtype=self.dtype)
-        self._check(tensor)
-        return tensor, Geometry(src_w, src_h, crop_x, crop_y, sx, sy, float(pad_x), float(pad_y))
+        return tensor
 
     def _blob(self, img: np.ndarray) -> np.ndarray | None:
         """Colour order, scale, mean/std and layout in one OpenCV pass (about 5x the numpy path at
@@ -299,6 +337,7 @@ class Preprocessor:
         if len(want) != tensor.ndim or any(w is not None and w != g for w, g in zip(want, tensor.shape, strict=True)):
             shown = "[" + ", ".join("?" if w is None else str(w) for w in want) + "]"
             hint = " (set preprocess.resize to the model's size)" if tensor.ndim == 4 else ""
+            what = "frame (N x H x W x BGR)" if self.frames else "tensor"
             raise FrameRejectedError(
-                f"the input tensor would be {list(tensor.shape)} but the model wants {shown}{hint}"
+                f"the input {what} would be {list(tensor.shape)} but the model wants {shown}{hint}"
             )

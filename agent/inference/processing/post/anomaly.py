@@ -32,6 +32,10 @@ if TYPE_CHECKING:
 class Postprocessor(BasePostprocessor[Config]):
     """A score per window: the model's own output, or an autoencoder's reconstruction error."""
 
+    @classmethod
+    def needs_input(cls, config: Config) -> bool:
+        return config.method == "reconstruction"
+
     def __call__(self, outputs: Outputs, ctx: PostContext) -> Output | None:
         cfg = self.config
         value = np.asarray(outputs[self.output], dtype=np.float64)

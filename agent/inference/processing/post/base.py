@@ -55,6 +55,12 @@ class BasePostprocessor(Generic[ConfigT]):
     def default_output(self) -> str:
         return self.output_names[0]
 
+    @classmethod
+    def needs_input(cls, config: ConfigT) -> bool:
+        """Whether this reads the model's input tensor (`PostContext.input`) as preprocessing made it: the
+        preprocessing then stays out of the model's graph (agent.device.graphprep)."""
+        return False
+
     def __call__(self, outputs: Outputs, ctx: PostContext) -> Output | None:  # pragma: no cover - interface
         raise NotImplementedError
 
