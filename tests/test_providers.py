@@ -289,7 +289,8 @@ def test_auto_on_this_machine_is_a_verified_session_with_device_options(
     assert opened.threads == hw.cpu.physical_cores
     options = opened.session.get_session_options()
     assert options.intra_op_num_threads == opened.threads
-    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "1"
+    assert options.get_session_config_entry("session.force_spinning_stop") == "1"
     if hasattr(opened.session, "get_provider_graph_assignment_info"):
         assert opened.assignment == {opened.provider: 1}
     x = np.array([[-1, 2, -3, 4]], dtype=np.float32)

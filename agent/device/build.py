@@ -73,8 +73,11 @@ def session_options(threads: int, level: str = "all", libraries: Sequence[Path] 
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.graph_optimization_level = LEVELS[level]
-    # Idle threads sleep instead of spinning: devices share their few cores with capture and MQTT.
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    # Threads spin between one operator and the next (PP-OCRv4 det on 2 cores: 28.4-28.9 ms a run against
+    # 29.9-34.1 asleep) and stop when the run returns: spinning on after it cost 20-30 ms of CPU a run at
+    # 10 runs/s, taken from capture and MQTT on a device's few cores.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1")
+    options.add_session_config_entry("session.force_spinning_stop", "1")
     options.add_session_config_entry("session.inter_op.allow_spinning", "0")
     # Which nodes run where (1.24+); older runtimes ignore the key and we fall back to get_providers().
     options.add_session_config_entry("session.record_ep_graph_assignment_info", "1")
