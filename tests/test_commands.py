@@ -101,6 +101,9 @@ def test_replies_over_the_broker_honour_response_topic_and_correlation(broker: M
             "message": "response topic 'replies/+/x' is not a topic to publish to",
         }
         sub.publish(f"edge/{dev}/cmd/ping", b"not json")
+        # Over the Maximum Packet Size the agent announces in its MQTT 5 CONNECT: the broker drops it, so
+        # the agent never reads two megabytes to refuse them (no reply, no event).
+        sub.publish(f"edge/{dev}/cmd/ping", b'{"id": 9, "pad": "' + b"x" * (2 << 20) + b'"}')
         sub.publish(f"edge/{dev}/cmd/nope", b"{}")
         sub.publish(f"edge/{dev}/cmd/ping", b"{}")  # still alive after the bad ones
         replies = sub.wait_for(

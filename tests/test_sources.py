@@ -308,3 +308,41 @@ def test_mqtt_source_on_the_daemons_shared_connection_never_blocks_its_network_t
     got = [next(frames).data.tolist(), next(frames).data.tolist()]
     stop.set()
     assert got == [[21.5], [22.0]] and [e.type for e in events] == ["frame.rejected"]
+
+
+@pytest.mark.arm64
+def test_mqtt_payloads_over_the_limit_are_refused_without_being_held() -> None:
+    """The inbox holds 10,000 messages: payloads as large as a broker allows must not be what it holds."""
+    import tracemalloc
+
+    from agent.inference.sources.mqtt import MAX_PAYLOAD
+
+    handlers: dict[str, Any] = {}
+
+    class Connection:
+        def subscribe(self, topic: str, handler: Any, qos: int = 1) -> None:
+            handlers[topic] = handler
+
+    class Msg:
+        def __init__(self, payload: bytes) -> None:
+            self.payload = payload
+
+    events: list[Event] = []
+    config = SOURCES["mqtt"].Config(type="mqtt", topic="plant/temp", fields=["t"])
+    stop = threading.Event()
+    frames = make_source(config, SourceContext("p", events.append, connection=Connection())).frames(stop)
+    threading.Timer(0.2, lambda: handlers["plant/temp"](Msg(b"21.5"))).start()
+    assert next(frames).data.tolist() == [21.5]  # the source is suspended now: nothing drains its inbox
+    tracemalloc.start()
+    try:
+        for i in range(40):  # 40 MiB of payloads, none kept by this test
+            handlers["plant/temp"](Msg(bytes([48 + i % 10]) * (1 << 20)))
+        held, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    handlers["plant/temp"](Msg(b'{"t": 22}'))
+    assert next(frames).data.tolist() == [22.0]
+    stop.set()
+    assert held < 2 << 20, f"{held} bytes held for 40 refused payloads"
+    reasons = [e.fields["reason"] for e in events if e.type == "frame.rejected"]
+    assert reasons == [f"payload on plant/temp: {1 << 20} bytes, more than the {MAX_PAYLOAD} allowed"] * 40

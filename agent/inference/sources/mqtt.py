@@ -39,7 +39,9 @@ if TYPE_CHECKING:
     from paho.mqtt.reasoncodes import ReasonCode
 
 INBOX = 10000  # messages held between the network thread and the pipeline
-Inbox = queue.Queue[tuple[float, bytes | bytearray]]  # (arrival time, payload)
+# (arrival time, payload); a payload over MAX_PAYLOAD is held as its size only: a full inbox of payloads as
+# large as the broker allows (Mosquitto: 256 MB) would hold gigabytes.
+Inbox = queue.Queue[tuple[float, bytes | bytearray | int]]
 INBOX_POLL_S = 0.25
 MAX_PAYLOAD = 64 * 1024  # bytes; a sensor reading is tens of bytes
 
@@ -75,7 +77,7 @@ class Source(BaseSource[Config]):
             if stop.is_set():
                 return  # subscriptions outlive a stopped pipeline until the daemon reconnects
             try:
-                inbox.put_nowait((time.time(), msg.payload))
+                inbox.put_nowait((time.time(), _held(msg.payload)))
             except queue.Full:
                 dropped[0] += 1
 
@@ -103,7 +105,13 @@ class Source(BaseSource[Config]):
             if window is not None:
                 yield window
 
-    def _parse(self, ts: float, payload: bytes | bytearray) -> Window | None:
+    def _parse(self, ts: float, payload: bytes | bytearray | int) -> Window | None:
+        if isinstance(payload, int):
+            self.emit(
+                "frame.rejected",
+                reason=f"payload on {self.config.topic}: {payload} bytes, more than the {MAX_PAYLOAD} allowed",
+            )
+            return None
         try:
             obj = loads(bytes(payload), max_bytes=MAX_PAYLOAD)
             if isinstance(obj, (int, float)) and not isinstance(obj, bool) and len(self.config.fields) == 1:
@@ -153,7 +161,7 @@ class Source(BaseSource[Config]):
             # Blocking here stalls reading from the socket: the broker holds the rest (backpressure).
             while not stop.is_set():
                 try:
-                    inbox.put((time.time(), msg.payload), timeout=0.5)
+                    inbox.put((time.time(), _held(msg.payload)), timeout=0.5)
                     return
                 except queue.Full:
                     continue
@@ -167,3 +175,8 @@ class Source(BaseSource[Config]):
         finally:
             client.disconnect()
             client.loop_stop()
+
+
+def _held(payload: bytes | bytearray) -> bytes | bytearray | int:
+    """What the inbox keeps of a payload: the payload, or its size alone when it is over the limit."""
+    return payload if len(payload) <= MAX_PAYLOAD else len(payload)
