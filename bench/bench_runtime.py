@@ -142,12 +142,31 @@ def worker_pipelines(count: int, seconds: float, fps: float) -> dict[str, Any]:
     tmp = Path(scratch.name)
     started = time.perf_counter()
     pipes = []
-    for i in range(count):
-        cfg = PipelineConfig.model_validate(ocr_pipeline(f"cam{i}", path, {"type": "synthetic"}))
-        model = load_model(path, RuntimeConfig(), tmp, example=np.zeros((1, 3, 480, 640), np.float32))
+    configs = [
+        PipelineConfig.model_validate(ocr_pipeline(f"cam{i}", path, {"type": "synthetic"})) for i in range(count)
+    ]
+    runtime = RuntimeConfig()
+    try:  # each model as the pipelines feed it, as `edge-agent run` loads them, in a tree that has it
+        from agent.inference.warmup import load_pipeline_model, stream_plans
+
+        plans = stream_plans(configs, runtime)
+    except ImportError:
+        plans = None
+    for i, cfg in enumerate(configs):
         sink = MemorySink(tmp / f"sink{i}")
         camera = Camera(cfg.source, images)
-        pipes.append(Pipeline(cfg, model, sink, device="bench", state_dir=tmp, source=camera, emit=lambda e: None))
+        if plans is None:
+            model = load_model(path, runtime, tmp, example=np.zeros((1, 3, 480, 640), np.float32))
+            pipe = Pipeline(cfg, model, sink, device="bench", state_dir=tmp, source=camera, emit=lambda e: None)
+        else:
+            plan = plans[cfg.name]
+            model = load_pipeline_model(
+                cfg, path, runtime, tmp, name="ocr", version=None, emit=lambda e: None, plan=plan
+            )
+            pipe = Pipeline(
+                cfg, model, sink, device="bench", state_dir=tmp, source=camera, emit=lambda e: None, plan=plan
+            )
+        pipes.append(pipe)
     load_s = time.perf_counter() - started
     peak = {"rss": process.memory_info().rss, "threads": process.num_threads(), "python": threading.active_count()}
     serving = {"threads": 0, "python": 0}  # while every pipeline serves, read when no thread comes or goes

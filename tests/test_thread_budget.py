@@ -259,6 +259,20 @@ def test_inferences_stay_on_the_same_workers_and_one_is_left_for_pre_and_post(
     assert pool.workers == 0
 
 
+@pytest.mark.parametrize(("lanes", "workers"), [(1, 2), (2, 3), (None, 4)])
+def test_the_pool_has_no_more_inference_workers_than_the_sessions_take_runs_at_once(
+    lanes: int | None, workers: int
+) -> None:
+    """A session of one lane (OpenVINO, a GPU) takes one run at a time: a second inference worker would wait."""
+    pool = StagePool(size=lambda: 4, lanes=lambda: lanes)
+    stages = [Stage(f"cam{i}-infer", lambda: False, lambda: None, heavy=True) for i in range(3)]
+    pool.attach(stages)
+    try:
+        assert pool.workers == workers
+    finally:
+        pool.detach(stages)
+
+
 def test_a_profiles_cameras_share_one_session_and_the_thread_budget(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -295,3 +309,76 @@ def test_a_profiles_cameras_share_one_session_and_the_thread_budget(
             for p in opened:
                 p.model.close()
             POOL.plan(1)  # the process's pool: the tests after this one load as one pipeline would
+
+
+OPENVINO_CAMERAS = """
+import json, os, sys, threading, time
+sys.path.insert(0, os.getcwd())
+from pathlib import Path
+from agent.cloud.samples import sample_model
+from agent.config.profile import load_profile
+from agent.inference.loader import open_pipelines
+from agent.inference.sessions import POOL
+from agent.inference.stagepool import STAGES
+tmp = Path(sys.argv[1])
+
+class Recorder:  # the OpenVINO venv has the device's packages only (no onnx for tests.test_pipeline)
+    def __init__(self):
+        self.events = []
+    def result(self, pipeline, payload, qos):
+        pass
+    def event(self, event):
+        self.events.append(event)
+
+model = str(sample_model("ppocr-det", quiet=True))
+pre = {"resize": [640, 480], "scale": 1 / 255, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+import cv2, numpy as np
+video = cv2.VideoWriter(str(tmp / "cam.mp4"), cv2.VideoWriter_fourcc(*"mp4v"), 30, (640, 480))
+for i in range(60):
+    video.write(np.random.default_rng(i).integers(0, 256, (480, 640, 3), dtype=np.uint8))
+video.release()
+source = {"type": "camera", "device": str(tmp / "cam.mp4")}  # a live source: its stages run on the pool
+doc = {"device": {"id": "d", "state_dir": str(tmp / "state")}, "runtime": {"providers": ["openvino", "cpu"]},
+       "pipelines": [{"name": f"cam{i}", "model": model, "source": source, "preprocess": pre,
+                      "postprocess": {"type": "text-detection"}} for i in range(4)]}
+(tmp / "p.yaml").write_text(json.dumps(doc))
+sink = Recorder()
+pipes = list(open_pipelines(load_profile(tmp / "p.yaml"), sink, emit=sink.event))
+for p in pipes:
+    p.start()
+time.sleep(3)
+(shared,) = POOL.sessions()
+seen = {
+    "provider": pipes[0].model.provider, "sessions": len({id(p.model.session) for p in pipes}), "lanes": shared.lanes,
+    "workers": STAGES.workers, "intra_op": shared.session.get_session_options().intra_op_num_threads,
+    "frames": all(p.model.takes_frames for p in pipes), "input": list(pipes[0].model.stream_spec.shape),
+    "results": min(p.stats()["results"] for p in pipes),
+    "errors": [e.type for e in sink.events if e.type in ("inference.error", "frame.rejected")],
+}
+for p in pipes:
+    p.stop()
+print(json.dumps(seen))
+"""
+
+
+@pytest.mark.slow
+def test_four_cameras_on_openvino_share_one_session_run_one_at_a_time_and_take_frames(tmp_path: Path) -> None:
+    """OpenVINO spreads one run over a pool of its own: its session has one lane, the stage pool one inference
+    worker (a second would only wait), and onnxruntime's own pool one thread. Four cameras may batch, so
+    the batch stays free; the frames' size is fixed and the frames go in as they come."""
+    from tests.test_providers import openvino_venv
+
+    out = subprocess.run(
+        [openvino_venv(), "-c", OPENVINO_CAMERAS, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    seen = json.loads(out.stdout.strip().splitlines()[-1])
+    assert seen["provider"] == "OpenVINOExecutionProvider" and seen["sessions"] == 1
+    assert (seen["lanes"], seen["workers"], seen["intra_op"]) == (1, 2, 1), seen
+    assert seen["frames"] and seen["input"] == [None, 480, 640, 3], seen
+    assert seen["results"] > 0 and seen["errors"] == [], seen

@@ -58,6 +58,8 @@ def provider_options(candidate: Candidate, state_dir: Path, threads: int) -> dic
     return {**defaults, **candidate.options}
 
 
+OWN_THREADS = frozenset({OPENVINO, CUDA, TENSORRT})  # providers that run a model on threads or a device of their own
+
 LEVELS = {
     "disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
     "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
@@ -164,7 +166,9 @@ def _session(
         chain.append((CUDA, {"device_id": opts.get("device_id", "0")}))
     if candidate.provider != CPU:
         chain.append((CPU, {}))
-    options = session_options(threads, level, libraries)
+    # onnxruntime's own pool runs only the nodes a provider with threads or a device of its own leaves to
+    # the CPU provider: a pool of `threads` there is threads that wait (OpenVINO, its own pool beside it).
+    options = session_options(threads if candidate.provider not in OWN_THREADS else 1, level, libraries)
     if save_to is not None:
         options.optimized_model_filepath = str(save_to)
         # Saving at level `all` warns that the file suits only this hardware: the cache key holds its fingerprint.

@@ -3,8 +3,8 @@
 Four cameras on one detector hold one copy of its weights, one arena and one thread pool sized to the
 device's budget, instead of four of each. A shared session serves its pipelines in *lanes*: on CPU
 providers up to one run per core of the budget at once (each with its share of the threads when several
-cameras share the model: `providers.run_threads`, `SessionPool.plan`), one at a time on accelerators,
-which batch instead.
+cameras share the model: `providers.run_threads`, `SessionPool.plan`), one at a time on accelerators
+and OpenVINO, which batch or spread one run over their own threads instead.
 
 Dynamic batching: when several pipelines have frames waiting on a model that takes a batch (a free
 first dimension, no recurrent state, no constants), the first one to run takes the others' frames along
@@ -35,6 +35,7 @@ import psutil
 from agent.config.runtime import BatchingConfig, Optimization, RuntimeConfig
 from agent.device import hardware
 from agent.device.autotune import batch_cache_path, cpu_bound, judge_batching, model_digest
+from agent.device.build import OWN_THREADS
 from agent.device.customops import library_digests
 from agent.device.providers import Candidate, core_budget
 from agent.device.session import OpenedSession, open_session
@@ -370,7 +371,12 @@ class SessionPool:
             finally:
                 with self._lock:
                     self._loading.pop(key, None)
-            lanes = core_budget() if cpu_bound(Candidate(opened.provider, opened.options, True, "")) else 1
+            # OpenVINO runs each inference on a pool of its own (all the budget's cores): two at once on one
+            # session only wait on each other's threads, and hold two sets of activations.
+            parallel = (
+                cpu_bound(Candidate(opened.provider, opened.options, True, "")) and opened.provider not in OWN_THREADS
+            )
+            lanes = core_budget() if parallel else 1
             shared = SharedSession(key, opened, runtime.batching, lanes, before)
             with self._lock:
                 self._sessions[key] = shared
@@ -382,6 +388,11 @@ class SessionPool:
             shared.users -= 1
             if shared.users <= 0 and self._sessions.get(shared.key) is shared:
                 del self._sessions[shared.key]
+
+    def lanes(self) -> int | None:
+        """The runs the open sessions take at once, together; None when none is open."""
+        with self._lock:
+            return sum(s.lanes for s in self._sessions.values()) or None
 
     def sessions(self) -> Sequence[SharedSession]:
         with self._lock:

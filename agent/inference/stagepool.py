@@ -3,8 +3,9 @@
 Four threads per pipeline (capture, pre, infer, post) made four cameras on a 2-core device run 16 Python
 threads that only competed for the same two cores. A camera pipeline keeps its capture thread (a source
 blocks on its device) and hands its three processing stages to this pool: one worker per core of the
-budget (`core_budget()`, and no more than there are cameras) runs inferences, and one more worker is
-always there for pre- and post-processing. With several cameras each CPU run has its share of the
+budget (`core_budget()`, and no more than there are cameras, nor than the sessions take runs at once: one for
+an OpenVINO or GPU session) runs inferences, and one more worker is always there for pre- and
+post-processing. With several cameras each CPU run has its share of the
 budget's threads (`providers.run_threads`): on a 2-core device four PP-OCR cameras run two 1-thread
 inferences at once, which made ~20% more results than one 2-thread run at a time (two 2-thread runs at
 once did little better: their threads wait on each other); one camera keeps one 2-thread run.
@@ -27,6 +28,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from agent.device.providers import core_budget
+from agent.inference.sessions import POOL
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +50,9 @@ class Stage:
 class StagePool:
     """Worker threads shared by the stages of every pipeline attached; they exit when none is left."""
 
-    def __init__(self, size: Callable[[], int] = core_budget) -> None:
+    def __init__(self, size: Callable[[], int] = core_budget, lanes: Callable[[], int | None] = lambda: None) -> None:
         self._size = size
+        self._lanes = lanes  # how many inferences the sessions in use take at once; None: as many as come
         self._cond = threading.Condition()
         self._stages: list[Stage] = []
         self._ids: set[int] = set()  # the live workers' numbers: the lowest ones run the inferences
@@ -70,7 +73,9 @@ class StagePool:
     def attach(self, stages: Sequence[Stage]) -> None:
         with self._cond:
             self._stages.extend(stages)
-            want = 1 + max(1, min(self._size(), sum(1 for s in self._stages if s.heavy)))
+            lanes = self._lanes()
+            heavy = sum(1 for s in self._stages if s.heavy)
+            want = 1 + max(1, min(self._size(), heavy, heavy if lanes is None else lanes))
             while len(self._ids) < want:
                 number = min(set(range(1, want + 1)) - self._ids)
                 self._ids.add(number)
@@ -135,4 +140,6 @@ class StagePool:
                     self._cond.notify_all()  # its queues moved: stages up- and downstream may be ready now
 
 
-STAGES = StagePool()  # the process's pool: every camera pipeline's stages run on it
+# The process's pool: every camera pipeline's stages run on it, with no more inference workers than the
+# process's sessions take runs at once (an OpenVINO or GPU session takes one: a second worker only waits).
+STAGES = StagePool(lanes=POOL.lanes)
