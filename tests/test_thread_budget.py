@@ -346,7 +346,9 @@ sink = Recorder()
 pipes = list(open_pipelines(load_profile(tmp / "p.yaml"), sink, emit=sink.event))
 for p in pipes:
     p.start()
-time.sleep(3)
+deadline = time.monotonic() + 120  # a loaded machine decodes, compiles and runs slowly: wait for results
+while min(p.stats()["results"] for p in pipes) < 3 and time.monotonic() < deadline:
+    time.sleep(0.1)
 (shared,) = POOL.sessions()
 seen = {
     "provider": pipes[0].model.provider, "sessions": len({id(p.model.session) for p in pipes}), "lanes": shared.lanes,

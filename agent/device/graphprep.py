@@ -40,7 +40,7 @@ KEPT = 8  # files kept there, the most recently used
 
 
 class NotRewritableError(Exception):
-    """The model's stream input cannot take frames exactly; the reason says why."""
+    """The model's stream input cannot be rewritten exactly; the reason says why."""
 
 
 @dataclass(frozen=True)

@@ -32,8 +32,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from agent.config.presets import PRESETS
 from agent.transport import pahopatch, refusals
-from agent.transport.contract.base import MAX_PAYLOAD_BYTES
-from agent.transport.limits import Limits, Negotiation
+from agent.transport.limits import Limits, Negotiation, connect_properties
 from agent.transport.netloop import NetworkLoop
 from agent.transport.subscriptions import Handler, Subscriptions
 from agent.transport.topics import Topics
@@ -55,11 +54,6 @@ RECONNECT_MAX = 60.0
 LOOP_TIMEOUT = 0.1
 # TCP connect and TLS handshake timeout, and the longest wait for CONNACK after CONNECT.
 CONNECT_TIMEOUT = 10.0
-# The largest packet this device reads, announced in an MQTT 5 CONNECT (Maximum Packet Size): the broker
-# then drops a larger message for us instead of sending it, and paho never holds it in memory. Everything
-# the device subscribes to (commands, orders, sensor payloads) is refused above 1 MiB anyway; the rest is
-# room for the topic and the packet's header and properties.
-MAX_INBOUND_PACKET = MAX_PAYLOAD_BYTES + (64 << 10)
 # How long stop() waits for the broker to acknowledge the `offline` status.
 OFFLINE_TIMEOUT = 2.0
 
@@ -363,12 +357,9 @@ class Connection:
         # the network thread's calls).
         client.on_log = self._on_log
         try:
-            if self._neg.mqtt5:
-                announced = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-                announced.MaximumPacketSize = MAX_INBOUND_PACKET
-                client.connect(config.host, config.port, int(config.keepalive), clean_start=True, properties=announced)
-            else:
-                client.connect(config.host, config.port, int(config.keepalive))
+            v5 = self._neg.mqtt5  # MQTT 5: a clean start, and the largest packet the device reads
+            start, properties = (True, connect_properties()) if v5 else (paho.MQTT_CLEAN_START_FIRST_ONLY, None)
+            client.connect(config.host, config.port, int(config.keepalive), clean_start=start, properties=properties)
         except ssl.SSLCertVerificationError as exc:
             self._set_state(REFUSED, refusals.untrusted_broker(exc))
             return "failed"

@@ -20,11 +20,13 @@ from dataclasses import dataclass
 from typing import Literal
 
 import paho.mqtt.client as paho
+from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from agent.config.presets import BrokerPreset
 from agent.config.units import format_size
 from agent.transport import pahopatch
+from agent.transport.contract.base import MAX_PAYLOAD_BYTES
 from agent.transport.refusals import QOS_NOT_SUPPORTED, RETAIN_NOT_SUPPORTED, UNSUPPORTED_PROTOCOL
 from agent.util.ratelimit import RateLimit
 
@@ -137,6 +139,20 @@ def packet_size(topic: str, payload: int, qos: int, mqtt5: bool) -> int:
     while remaining >= 128**length_bytes:
         length_bytes += 1
     return 1 + length_bytes + remaining
+
+
+# The largest packet this device reads, announced in its MQTT 5 CONNECT (Maximum Packet Size): the broker
+# then drops a larger message for us instead of sending it, and paho never holds it in memory. Everything
+# the device subscribes to (commands, orders, sensor payloads) is refused above 1 MiB anyway; the rest is
+# room for the topic and the packet's header and properties.
+MAX_INBOUND_PACKET = MAX_PAYLOAD_BYTES + (64 << 10)
+
+
+def connect_properties() -> Properties:
+    """What an MQTT 5 CONNECT announces of this device: the largest packet it reads."""
+    announced = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]  # paho leaves it unannotated
+    announced.MaximumPacketSize = MAX_INBOUND_PACKET
+    return announced
 
 
 class Negotiation:
