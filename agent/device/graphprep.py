@@ -24,6 +24,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
+
 from agent.device.onnxproto import AI_ONNX, FLOAT, Buffer, decode_varint, encode_varint, field, node, spans, tensor
 from agent.device.onnxproto import attribute as attr
 from agent.util.files import write_atomic
@@ -31,7 +33,7 @@ from agent.util.hashing import sha256_bytes, sha256_file
 
 PREFIX = "edge_agent.frame/"  # the names of the nodes and values added; a model using it is not rewritten
 FRAME_SUFFIX = ".frame"  # the frame input is the stream input's name with this after it
-MAX_BYTES = 256 << 20  # the rewrite holds the model twice in memory: a larger one keeps Python preprocessing
+MAX_BYTES = 256 << 20  # a larger model keeps its input (see _check_size)
 UINT8, INT64 = 2, 7  # TensorProto.DataType
 MIN_OPSET = 7  # Mul and Add broadcast from opset 7
 MIN_IR = 4  # from IR 4 an initializer need not be a graph input too
@@ -80,10 +82,10 @@ class _Input:
     value: Buffer  # the ValueInfoProto
 
 
-def rewrite(model: bytes, plan: StreamPlan) -> Rewritten:
-    """The model with its stream input as `plan` says it will be fed."""
-    if len(model) > MAX_BYTES:
-        raise NotRewritableError(f"the model is over {MAX_BYTES >> 20} MiB")
+def rewrite(source: Path | bytes, plan: StreamPlan) -> Rewritten:
+    """The model (a file or its bytes) with its stream input as `plan` says it will be fed."""
+    _check_size(source.stat().st_size if isinstance(source, Path) else len(source))
+    model = source.read_bytes() if isinstance(source, Path) else source
     buf = memoryview(model)
     ir = opset = 0
     graph: tuple[int, int, int] | None = None
@@ -128,6 +130,20 @@ def rewrite(model: bytes, plan: StreamPlan) -> Rewritten:
     size = sum(len(p) for p in parts)
     out = b"".join([buf[:gbegin], encode_varint(7 << 3 | 2), encode_varint(size), *parts, buf[gstop:]])
     return Rewritten(out, name, plan.frames is not None, "; ".join(changes))
+
+
+def _check_size(size: int) -> None:
+    """The rewrite holds the model twice, and the session about to load it takes as much again: a model
+    over MAX_BYTES, or over a quarter of the memory available now, keeps its input (a 512 MiB device
+    must not run out of memory for a faster input)."""
+    if size > MAX_BYTES:
+        raise NotRewritableError(f"the model is over {MAX_BYTES >> 20} MiB")
+    available = psutil.virtual_memory().available
+    if 4 * size > available:
+        raise NotRewritableError(
+            f"the model is {size >> 20} MiB and {available >> 20} MiB of memory is available: the rewrite "
+            "needs four times the model's size"
+        )
 
 
 def on_disk(state_dir: Path, model: bytes) -> tuple[Path, str]:

@@ -339,9 +339,7 @@ def _last_line(exc: BaseException) -> str:
 def _rewrite(source: Path | bytes, plan: StreamPlan, name: str) -> Rewritten | None:
     """The model with its stream input as the pipeline feeds it, or None where it stays as it is."""
     try:
-        if isinstance(source, Path) and source.stat().st_size > graphprep.MAX_BYTES:
-            raise graphprep.NotRewritableError(f"the model is over {graphprep.MAX_BYTES >> 20} MiB")
-        return graphprep.rewrite(source if isinstance(source, bytes) else source.read_bytes(), plan)
+        return graphprep.rewrite(source, plan)
     except (graphprep.NotRewritableError, WireError, OSError) as exc:
         log.debug("model %s input kept as it is: %s", name, exc)
         return None
