@@ -378,7 +378,7 @@ def test_a_state_folder_that_takes_no_file_still_runs_the_rewritten_model(tmp_pa
     cv2.imwrite(str(folder / "0.png"), media.background(32, 24))
     model = save(image_model(conv=False), tmp_path / "m.onnx")
     profile = _profile(tmp_path, model, folder)
-    (tmp_path / "state").mkdir()
+    (tmp_path / "state" / FOLDER).parent.mkdir(parents=True)
     (tmp_path / "state" / FOLDER).write_text("not a folder")
     sink = Recorder()
     (pipe,) = open_pipelines(profile, sink, emit=sink.event)

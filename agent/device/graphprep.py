@@ -37,7 +37,7 @@ MAX_BYTES = 256 << 20  # a larger model keeps its input (see _check_size)
 UINT8, INT64 = 2, 7  # TensorProto.DataType
 MIN_OPSET = 7  # Mul and Add broadcast from opset 7
 MIN_IR = 4  # from IR 4 an initializer need not be a graph input too
-FOLDER = "fed-models"  # under the state folder: rewritten models, named by their digest
+FOLDER = "cache/fed-models"  # under the state folder: rewritten models, named by their digest
 KEPT = 8  # files kept there, the most recently used
 
 
