@@ -52,21 +52,19 @@ class HotSwap:
         Raises ModelError (and the pipeline keeps serving the old model) when the new one does not load,
         lacks an input or output the pipeline uses, or fails on the last real input this pipeline saw.
         """
-        runs = 1
+        runs = 1  # a Model given here was loaded (and warmed) by the caller: one run on this pipeline's input
         if not isinstance(model, Model):
-            model, runs = (
-                load_pipeline_model(
-                    self.config,
-                    model,
-                    self.runtime,
-                    self.state_dir,
-                    name=name or self.model.name,
-                    version=version,
-                    warmup_runs=0,
-                    emit=self._emit_raw,
-                    plan=self.plan,
-                ),
-                2,
+            runs = 2
+            model = load_pipeline_model(
+                self.config,
+                model,
+                self.runtime,
+                self.state_dir,
+                name=name or self.model.name,
+                version=version,
+                warmup_runs=0,
+                emit=self._emit_raw,
+                plan=self.plan,
             )
         example = self._example_for(model)
         if example is not None or runs > 1:
