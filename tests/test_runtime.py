@@ -155,6 +155,56 @@ def test_the_stdout_sink_writes_numpy_values_left_by_a_plugin_and_keeps_seq_per_
     assert json.loads(again.stream.getvalue())["seq"] == 3
 
 
+PROBES = """
+import sys
+from agent.config.profile import RuntimeConfig
+from agent.device import compat
+from agent.inference.runtime import load_model
+load_model(sys.argv[1], RuntimeConfig(), sys.argv[2])
+print(compat.installed_caps.cache_info().misses)
+"""
+
+
+@pytest.mark.arm64
+def test_a_model_the_release_table_lets_through_loads_without_probing_the_runtime(tmp_path: Path) -> None:
+    """Proving the runtime's limits loads probe models (20 ms of every start): only a refusal needs it."""
+    import subprocess
+    import sys
+
+    path = save(linear_model(np.ones((3, 1))), tmp_path / "m.onnx")
+    repo = Path(__file__).resolve().parent.parent
+    out = subprocess.run(
+        [sys.executable, "-c", PROBES, str(path), str(tmp_path / "state")],
+        capture_output=True,
+        text=True,
+        cwd=repo,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["0"]
+
+
+@pytest.mark.arm64
+def test_a_model_the_table_wrongly_lets_through_is_refused_with_the_proven_reason(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A release table row higher than the runtime: onnxruntime fails, and the refusal says why, in our words."""
+    from agent.device import compat
+    from agent.inference import runtime
+    from tests.helpers.models import unary_model
+
+    proven = compat.installed_caps()
+    monkeypatch.setattr(runtime, "_table_caps", lambda: proven.with_limits(ai_onnx=99))
+    limit = proven.opsets[compat.AI_ONNX]
+    path = save(unary_model(opset=limit + 1, ir_version=proven.ir_version), tmp_path / "new.onnx")
+    with pytest.raises(ModelError) as info:
+        load_model(path, RuntimeConfig(), tmp_path, version="1")
+    assert (
+        str(info.value)
+        == f"cannot load model new 1: variant new needs ai.onnx opset {limit + 1}; this runtime loads up to {limit}"
+    )
+
+
 @pytest.mark.arm64
 def test_a_file_model_too_new_for_this_runtime_is_refused_with_the_reason(tmp_path: Path) -> None:
     from agent.device import compat

@@ -278,11 +278,14 @@ def load_model(
     name = name or (path.stem if path is not None else "model")
     digest = model_digest(source)  # once: the session pool keys on it too
     version = version or "sha256:" + digest[:12]  # nothing names it: results still tell two apart
-    _check_loadable(source, name, version, runtime.custom_ops)
+    # The release table's limits are enough to let a model through; only a refusal is proven first (loading
+    # probe models costs a start 20 ms), and a model the runtime then fails is explained the same way.
+    if _refusal(source, name, runtime.custom_ops, proven=False) and (
+        reason := _refusal(source, name, runtime.custom_ops, proven=True)
+    ):
+        raise ModelError(f"cannot load model {name} {version}: {reason}")
     rewritten = _rewrite(source, plan, name) if plan is not None else None
-    shared, rewritten = _lease(
-        source, digest, rewritten, runtime, Path(state_dir), optimization, emit, f"{name} {version}"
-    )
+    shared, rewritten = _lease(source, digest, rewritten, runtime, Path(state_dir), optimization, emit, name, version)
     if rewritten is not None:
         stream_input = rewritten.input
         log.info("model input rewritten name=%s input=%s changes=%r", name, rewritten.input, rewritten.changes)
@@ -308,10 +311,12 @@ def _lease(
     state_dir: Path,
     optimization: Optimization | None,
     emit: EventSink,
-    label: str,
+    name: str,
+    version: str,
 ) -> tuple[SharedSession, Rewritten | None]:
     """The pool's session for the rewritten model (from its file under the state folder), or for the model
     as it is when there is none or it does not load; the rewrite that was used."""
+    label = f"{name} {version}"
     if rewritten is not None:
         fed: Path | bytes = rewritten.model
         fed_digest = None
@@ -328,7 +333,8 @@ def _lease(
     try:
         return POOL.acquire(source, runtime, state_dir, optimization=optimization, emit=emit, digest=digest), None
     except Exception as exc:  # ORT's Fail/InvalidGraph derive from Exception
-        raise ModelError(f"cannot load model {label}: {_last_line(exc)}") from exc
+        reason = _refusal(source, name, runtime.custom_ops, proven=True) or _last_line(exc)
+        raise ModelError(f"cannot load model {label}: {reason}") from exc
 
 
 def _last_line(exc: BaseException) -> str:
@@ -345,19 +351,25 @@ def _rewrite(source: Path | bytes, plan: StreamPlan, name: str) -> Rewritten | N
         return None
 
 
-def _check_loadable(source: Path | bytes, name: str, version: str, libraries: Sequence[LocalLibrary] = ()) -> None:
-    """Refuse with the opset/IR reason before ONNX Runtime fails with its own cut-off message; custom
-    domains count as registered where the model's or the profile's custom-op libraries provide them."""
+def _refusal(source: Path | bytes, name: str, libraries: Sequence[LocalLibrary], *, proven: bool) -> str | None:
+    """The opset/IR reason this runtime cannot load the model (onnxruntime's own message is cut off), by
+    the release table or `proven` by loading probe models; custom domains count as registered where the
+    model's or the profile's custom-op libraries provide them."""
     try:
         header = compat.read_header(source)
     except Exception:  # noqa: BLE001 (not an ONNX protobuf, e.g. an .ort file: let the runtime judge)
-        return
-    caps = customops.loadable_caps(_runtime_caps(), source, libraries)
-    reason = compat.refusal(caps, name, header.ir_version, header.opsets)
-    if reason:
-        raise ModelError(f"cannot load model {name} {version}: {reason}")
+        return None
+    caps = customops.loadable_caps(_runtime_caps() if proven else _table_caps(), source, libraries)
+    return compat.refusal(caps, name, header.ir_version, header.opsets)
 
 
 @functools.lru_cache(maxsize=1)
 def _runtime_caps() -> compat.RuntimeCaps:
     return compat.installed_caps()
+
+
+@functools.lru_cache(maxsize=1)
+def _table_caps() -> compat.RuntimeCaps:
+    import onnxruntime as ort
+
+    return compat.caps_for(ort.__version__)
