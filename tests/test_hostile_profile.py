@@ -341,3 +341,39 @@ def test_a_profile_with_thousands_of_problems_prints_the_first_and_a_count(
     assert code == 2 and took < 1 and len(lines) == 100
     assert lines[0].startswith(f"{profile}:2: unknown0: unknown key")
     assert lines[-1] == f"{profile}:101: ... and 2901 more problems"
+
+
+@pytest.mark.parametrize(
+    ("source", "preprocess", "key", "words"),
+    [
+        ("{type: synthetic}", "{resize: [100000, 100000]}", "pipelines[0].preprocess", "resize must be two sizes"),
+        ("{type: synthetic}", "{resize: [640, 0]}", "pipelines[0].preprocess", "resize must be two sizes"),
+        ("{type: csv, path: s.csv}", "{window: 1000000000}", "pipelines[0].preprocess.window", "1048576"),
+        ("{type: csv, path: s.csv}", "{window: 8, hop: 1000000000}", "pipelines[0].preprocess.hop", "1048576"),
+        ("{type: audio, path: a.wav, window: 1000000000}", "{}", "pipelines[0].source.window", "1048576"),
+        ("{type: audio, path: a.wav, context: 1000000000}", "{}", "pipelines[0].source.context", "1048576"),
+        ("{type: camera, device: '0', width: 100000}", "{}", "pipelines[0].source.width", "8192"),
+        ("{type: synthetic, height: 100000}", "{}", "pipelines[0].source.height", "8192"),
+    ],
+)
+def test_sizes_a_profile_would_have_the_device_allocate_are_bounded(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], source: str, preprocess: str, key: str, words: str
+) -> None:
+    """A window of a billion samples fills memory one sample at a time; a frame side of 100,000 pixels is
+    30 GB at its first resize. Both are refused where the profile says them; the same profile with sane
+    sizes passes, so the refusal is the bound's."""
+
+    def profile(src: str, pre: str) -> Path:
+        path = tmp_path / "p.yaml"
+        path.write_text(
+            f"device: {{id: d}}\npipelines:\n  - {{name: p, model: m.onnx, source: {src}, preprocess: {pre}}}\n"
+        )
+        return path
+
+    code, err, _ = check_in_process(profile(source, preprocess), capsys, no_files=True)
+    assert code == 2, err
+    (line,) = err.splitlines()
+    assert LINE.match(line) and f": {key}: " in line and words in line, line
+    sane = source.replace("1000000000", "512").replace("100000", "640")
+    sane_pre = preprocess.replace("100000, 100000", "640, 480").replace("640, 0", "640, 480")
+    assert check_in_process(profile(sane, sane_pre.replace("1000000000", "16")), capsys, no_files=True)[0] == 0

@@ -23,6 +23,11 @@ from pydantic import (
 from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import CoreSchema, PydanticKnownError, core_schema
 
+# Bounds on what a profile may ask a device to allocate: a frame side (8K video is 7680 pixels; a larger
+# frame is gigabytes), and the samples or rows in one window (65 s of 16 kHz audio).
+MAX_SIDE = 8192
+MAX_SAMPLES = 1 << 20
+
 
 class Strict(BaseModel):
     """Unknown keys are errors and objects cannot change after validation."""

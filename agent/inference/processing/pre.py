@@ -8,7 +8,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from agent.config.base import Strict
+from agent.config.base import MAX_SAMPLES, MAX_SIDE, Strict
 from agent.device.graphprep import FramePrep
 from agent.inference.processing.lazy import cv2, np
 
@@ -28,8 +28,10 @@ class PreprocessConfig(Strict):
     )
     layout: Literal["nchw", "nhwc", "nc", "ncw"] = Field("nchw", description="tensor layout of the model input")
     dtype: Literal["float32", "float16", "uint8", "int8", "int64"] = Field("float32", description="tensor element type")
-    window: int | None = Field(None, gt=0, description="sensor samples stacked into one model input")
-    hop: int | None = Field(None, gt=0, description="samples between sensor windows; the window size when unset")
+    window: int | None = Field(None, gt=0, le=MAX_SAMPLES, description="sensor samples stacked into one model input")
+    hop: int | None = Field(
+        None, gt=0, le=MAX_SAMPLES, description="samples between sensor windows; the window size when unset"
+    )
     in_model: bool = Field(
         True,
         description="camera frames go into the model as they come, and colour order, layout, scale and "
@@ -46,8 +48,8 @@ class PreprocessConfig(Strict):
                 raise ValueError(f"{name} has {len(values)} values but color {self.color} has {channels} channel(s)")
         if self.std is not None and any(v == 0 for v in self.std):
             raise ValueError("std values must not be 0")
-        if self.resize is not None and min(self.resize) <= 0:
-            raise ValueError(f"resize must be two sizes > 0, got {list(self.resize)}")
+        if self.resize is not None and not all(0 < side <= MAX_SIDE for side in self.resize):
+            raise ValueError(f"resize must be two sizes from 1 to {MAX_SIDE}, got {list(self.resize)}")
         if self.hop is not None and self.window is None:
             raise ValueError("hop needs window")
         return self

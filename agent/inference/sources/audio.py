@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from agent.config.base import ProfilePath, Strict
+from agent.config.base import MAX_SAMPLES, ProfilePath, Strict
 
 KEY = "audio"
 
@@ -16,9 +16,11 @@ class Config(Strict):
     path: ProfilePath = Field(description="a WAV file, or a raw PCM file or FIFO")
     format: Literal["wav", "s16le", "f32le"] = Field("wav", description="wav, or raw little-endian 16-bit or float PCM")
     sample_rate: int = Field(16000, gt=0, description="samples per second (checked against a WAV header)")
-    window: int = Field(512, gt=0, description="samples per window given to the model")
-    hop: int | None = Field(None, gt=0, description="samples between window starts; the window size when unset")
-    context: int = Field(0, ge=0, description="samples of the previous window prepended to each window")
+    window: int = Field(512, gt=0, le=MAX_SAMPLES, description="samples per window given to the model")
+    hop: int | None = Field(
+        None, gt=0, le=MAX_SAMPLES, description="samples between window starts; the window size when unset"
+    )
+    context: int = Field(0, ge=0, le=MAX_SAMPLES, description="samples of the previous window prepended to each window")
     realtime: bool = Field(False, description="pace windows at the sample rate instead of as fast as possible")
 
 

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from agent.config.base import Strict
+from agent.config.base import MAX_SIDE, Strict
 from agent.config.units import Duration
 
 KEY = "camera"
@@ -18,8 +18,8 @@ class Config(Strict):
         description="a V4L2 device path (/dev/video0), a device index (0), or a stream URL (rtsp://, http://)"
     )
     fps: float | None = Field(None, gt=0, description="frames per second to request; the camera's own rate when unset")
-    width: int | None = Field(None, gt=0, description="capture width in pixels")
-    height: int | None = Field(None, gt=0, description="capture height in pixels")
+    width: int | None = Field(None, gt=0, le=MAX_SIDE, description="capture width in pixels")
+    height: int | None = Field(None, gt=0, le=MAX_SIDE, description="capture height in pixels")
     reconnect_max: Duration = Field(30.0, gt=0, description="longest wait between reconnect attempts")
     frozen_after: Duration = Field(10.0, gt=0, description="identical frames for this long raise a source.frozen event")
 

@@ -6,15 +6,15 @@ from typing import Literal
 
 from pydantic import Field
 
-from agent.config.base import Strict
+from agent.config.base import MAX_SIDE, Strict
 
 KEY = "synthetic"
 
 
 class Config(Strict):
     type: Literal["synthetic"]
-    width: int = Field(640, gt=0, le=8192, description="frame width in pixels")
-    height: int = Field(480, gt=0, le=8192, description="frame height in pixels")
+    width: int = Field(640, gt=0, le=MAX_SIDE, description="frame width in pixels")
+    height: int = Field(480, gt=0, le=MAX_SIDE, description="frame height in pixels")
     fps: float = Field(10.0, gt=0, description="frames per second")
     text: tuple[str, ...] = Field(("EDGE AGENT", "HELLO 42"), description="lines of text drawn on the frames")
     frames: int | None = Field(None, gt=0, description="stop after this many frames; endless when unset")
