@@ -35,6 +35,38 @@ def test_raw_publishes_tensors_as_lists_and_maps_as_objects() -> None:
         make("raw", ["a"], outputs=["nope"])
 
 
+def test_a_labels_file_that_is_not_a_small_text_file_is_refused_at_once_naming_it(tmp_path: Path) -> None:
+    """A FIFO blocked the pipeline's start for ever, /dev/zero never ended, a huge file was read whole."""
+    import os
+    import threading
+
+    fifo = tmp_path / "labels.fifo"
+    os.mkfifo(fifo)
+    huge = tmp_path / "huge.txt"
+    huge.write_bytes(b"label\n" * 200_000)
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("caf\xe9\n".encode("latin-1"))
+    cases = {
+        fifo: "a FIFO, not a regular file",
+        Path("/dev/zero"): "a device, not a regular file",
+        tmp_path: "a directory, not a regular file",
+        huge: "larger than 1048576 bytes",
+        latin1: "can't decode byte 0xe9",
+    }
+    for path, words in cases.items():
+        refused: list[str] = []
+        reader = threading.Thread(target=lambda p=path, out=refused: out.append(_refusal(p)), daemon=True)
+        reader.start()
+        reader.join(5)
+        assert refused and refused[0].startswith(f"labels file {path}: ") and words in refused[0], (path, refused)
+
+
+def _refusal(path: Path) -> str:
+    with pytest.raises(ValueError) as info:
+        make("classification", labels=path)
+    return str(info.value)
+
+
 def test_classification_softmax_top_k_labels(tmp_path: Path) -> None:
     labels = tmp_path / "labels.txt"
     labels.write_text("cat\ndog\nbird\n")

@@ -415,7 +415,7 @@ BAD_CASES = [
     ),
     pytest.param(
         "device: {id: d}\npipelines:\n  - name: p\n    model: m.onnx\n    source: {type: audio, path: a.wav, window: -1}\n",
-        ["profile.yaml:5: pipelines[0].source.window: expected an integer > 0, got -1"],
+        ["profile.yaml:5: pipelines[0].source.window: expected an integer > 0 and <= 1048576, got -1"],
         id="negative-window",
     ),
     pytest.param(

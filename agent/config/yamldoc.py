@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import os
 import re
-import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from agent.util.files import read_small
 
 Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 KeyPath = tuple[str | int, ...]
@@ -165,21 +166,8 @@ def _one_line(text: str) -> str:
 
 
 def read_yaml(path: Path) -> YamlDoc:
-    """A YAML file of at most MAX_BYTES. Only a regular file is read, and no more than the bound: a FIFO in
-    its place blocked the reader (a reload, the daemon's main loop) forever, /dev/zero never ended, and a
-    huge file was read whole before the bound was checked. OSError names what it is instead."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # a FIFO opens at once, and is refused
-    try:
-        kind = stat.S_IFMT(os.fstat(fd).st_mode)
-        if kind != stat.S_IFREG:
-            what = {stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a device", stat.S_IFDIR: "a directory"}.get(kind, "special")
-            raise OSError(f"{what}, not a regular file")
-        chunks: list[bytes] = []
-        while (have := sum(map(len, chunks))) <= MAX_BYTES and (chunk := os.read(fd, MAX_BYTES + 1 - have)):
-            chunks.append(chunk)
-        data = b"".join(chunks)
-    finally:
-        os.close(fd)
+    """A YAML file of at most MAX_BYTES, read as `read_small` reads (a regular file, no more than the bound)."""
+    data = read_small(path, MAX_BYTES)
     if len(data) > MAX_BYTES:
         raise YamlSyntaxError(1, f"larger than {MAX_BYTES} bytes; a profile is a short hand-written file")
     return parse_yaml(data.decode("utf-8"))

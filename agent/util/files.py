@@ -1,8 +1,10 @@
-"""Crash-safe file writes: what the store, the orders, the crash guard and the outbox all rely on."""
+"""Crash-safe file writes (what the store, the orders, the crash guard and the outbox rely on), and bounded
+reads of the small files a profile names."""
 
 from __future__ import annotations
 
 import os
+import stat
 import uuid
 from pathlib import Path
 
@@ -29,3 +31,21 @@ def write_atomic(path: Path, data: bytes) -> None:
         tmp.unlink(missing_ok=True)
         raise
     fsync_path(path.parent)
+
+
+def read_small(path: Path, limit: int) -> bytes:
+    """At most `limit` + 1 bytes of a regular file (the caller refuses more than `limit`). Only a regular file
+    is read, and no more than the bound: a FIFO in its place blocked the reader forever, /dev/zero never
+    ended, and a huge file was read whole before its size was checked. OSError names what it is instead."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # a FIFO opens at once, and is refused
+    try:
+        kind = stat.S_IFMT(os.fstat(fd).st_mode)
+        if kind != stat.S_IFREG:
+            what = {stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a device", stat.S_IFDIR: "a directory"}.get(kind, "special")
+            raise OSError(f"{what}, not a regular file")
+        chunks: list[bytes] = []
+        while (have := sum(map(len, chunks))) <= limit and (chunk := os.read(fd, limit + 1 - have)):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)

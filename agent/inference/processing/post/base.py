@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from agent.config.base import PluginConfig
+from agent.util.files import read_small
 
 if TYPE_CHECKING:
     from typing import TypeAlias
@@ -74,7 +75,18 @@ def boxes_of(output: Output) -> list[dict[str, Any]]:
     return []
 
 
+MAX_LABELS_BYTES = 1 << 20  # a label per line: ImageNet's thousand are 20 KB
+
+
 def read_labels(path: Path | None) -> list[str] | None:
+    """The labels file's lines; ValueError naming the file when it is not a small UTF-8 text file."""
     if path is None:
         return None
-    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    try:
+        data = read_small(path, MAX_LABELS_BYTES)
+        if len(data) > MAX_LABELS_BYTES:
+            raise ValueError(f"larger than {MAX_LABELS_BYTES} bytes; a labels file holds one label per line")
+        text = data.decode("utf-8")
+    except (OSError, ValueError) as exc:  # UnicodeDecodeError is a ValueError
+        raise ValueError(f"labels file {path}: {getattr(exc, 'strerror', None) or exc}") from None
+    return [line.strip() for line in text.splitlines() if line.strip()]
