@@ -377,3 +377,44 @@ def test_sizes_a_profile_would_have_the_device_allocate_are_bounded(
     sane = source.replace("1000000000", "512").replace("100000", "640")
     sane_pre = preprocess.replace("100000, 100000", "640, 480").replace("640, 0", "640, 480")
     assert check_in_process(profile(sane, sane_pre.replace("1000000000", "16")), capsys, no_files=True)[0] == 0
+
+
+def test_secret_files_that_are_not_a_small_text_file_are_refused_at_once_naming_what_they_are(tmp_path: Path) -> None:
+    """mqtt.password_file and endpoint.token_file: a FIFO blocked the connection (or the endpoint's start) for
+    ever, /dev/zero never ended, and bytes that are not UTF-8 ended the connection thread with a traceback."""
+    import threading
+
+    from agent.config.endpoint import EndpointConfig
+    from agent.config.profile import MqttConfig
+    from agent.service.endpoint.server import EndpointError, load_token
+
+    fifo = tmp_path / "secret.fifo"
+    os.mkfifo(fifo)
+    latin1 = tmp_path / "latin1"
+    latin1.write_bytes("caf\xe9\n".encode("latin-1"))
+    huge = tmp_path / "huge"
+    huge.write_bytes(b"x" * (1 << 20))
+    cases = {
+        fifo: "a FIFO, not a regular file",
+        Path("/dev/zero"): "a device, not a regular file",
+        latin1: "not UTF-8 text (byte 3)",
+        huge: "larger than 65536 bytes",
+    }
+    for path, words in cases.items():
+        said: list[str] = []
+
+        def read(p: Path = path, out: list[str] = said) -> None:
+            with pytest.raises(OSError) as mqtt:
+                MqttConfig(url="mqtt://h", username="u", password_file=p).secret()
+            with pytest.raises(EndpointError) as endpoint:
+                load_token(EndpointConfig(enabled=True, token_file=p), {})
+            out.extend([str(mqtt.value), str(endpoint.value)])
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        reader.join(5)
+        assert len(said) == 2 and words in said[0], (path, said)
+        assert said[1].startswith(f"endpoint.token_file: cannot read {path}: ") and words in said[1], said
+    good = tmp_path / "good"
+    good.write_text("s3cret\n")
+    assert MqttConfig(url="mqtt://h", username="u", password_file=good).secret() == "s3cret"

@@ -40,6 +40,7 @@ from agent.inference.processing.post import POSTPROCESSORS
 from agent.inference.processing.pre import PreprocessConfig
 from agent.inference.sources import SOURCES
 from agent.util import names, redact
+from agent.util.files import read_secret
 from agent.util.names import NAME_PATTERN, NAME_WORDS
 
 if TYPE_CHECKING:
@@ -190,7 +191,7 @@ class MqttConfig(Strict):
         if self.password is not None:
             secret = self.password.get_secret_value()
         elif self.password_file is not None:
-            secret = self.password_file.read_text().strip()
+            secret = read_secret(self.password_file)
         else:
             return None
         redact.remember(secret)  # masked wherever it might be echoed from now on

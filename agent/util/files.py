@@ -49,3 +49,18 @@ def read_small(path: Path, limit: int) -> bytes:
         return b"".join(chunks)
     finally:
         os.close(fd)
+
+
+MAX_SECRET_BYTES = 64 << 10  # a password or a token is one line
+
+
+def read_secret(path: Path) -> str:
+    """A password or token file's text, stripped: a small regular UTF-8 file (`read_small`), or OSError
+    saying what it is instead (the callers report a file they cannot read, not a traceback)."""
+    data = read_small(path, MAX_SECRET_BYTES)
+    if len(data) > MAX_SECRET_BYTES:
+        raise OSError(f"larger than {MAX_SECRET_BYTES} bytes; a secret file holds one line")
+    try:
+        return data.decode("utf-8").strip()
+    except UnicodeDecodeError as exc:
+        raise OSError(f"not UTF-8 text (byte {exc.start})") from None

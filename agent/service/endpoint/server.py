@@ -26,6 +26,7 @@ from agent.service.endpoint.stats import EndpointStats
 from agent.service.endpoint.tensors import RequestError
 from agent.service.statuspage.server import parse_address
 from agent.util import redact
+from agent.util.files import read_secret
 from agent.util.httpserver import BoundedHTTPServer, DeadlineHandler
 
 if TYPE_CHECKING:
@@ -50,9 +51,11 @@ def load_token(config: EndpointConfig, environ: Mapping[str, str]) -> bytes | No
             raise EndpointError(f"endpoint.token_env: environment variable {config.token_env} is not set or empty")
     elif config.token_file is not None:
         try:
-            token = config.token_file.read_text().strip()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise EndpointError(f"endpoint.token_file: cannot read {config.token_file}: {exc}") from None
+            token = read_secret(config.token_file)
+        except OSError as exc:
+            raise EndpointError(
+                f"endpoint.token_file: cannot read {config.token_file}: {exc.strerror or exc}"
+            ) from None
         if not token:
             raise EndpointError(f"endpoint.token_file: {config.token_file} is empty")
     else:
