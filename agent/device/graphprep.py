@@ -26,7 +26,8 @@ from pathlib import Path
 
 import psutil
 
-from agent.device.onnxproto import AI_ONNX, FLOAT, Buffer, decode_varint, encode_varint, field, node, spans, tensor
+from agent.device.compat import AI_ONNX, ModelFormatError, read_header
+from agent.device.onnxproto import FLOAT, Buffer, decode_varint, encode_varint, field, node, spans, tensor
 from agent.device.onnxproto import attribute as attr
 from agent.util.files import write_atomic
 from agent.util.hashing import sha256_bytes, sha256_file
@@ -86,18 +87,13 @@ def rewrite(source: Path | bytes, plan: StreamPlan) -> Rewritten:
     """The model (a file or its bytes) with its stream input as `plan` says it will be fed."""
     _check_size(source.stat().st_size if isinstance(source, Path) else len(source))
     model = source.read_bytes() if isinstance(source, Path) else source
+    try:
+        header = read_header(model)
+    except ModelFormatError as exc:
+        raise NotRewritableError(str(exc)) from None
+    ir, opset = header.ir_version, header.opsets.get(AI_ONNX, 0)
     buf = memoryview(model)
-    ir = opset = 0
-    graph: tuple[int, int, int] | None = None
-    for number, wire, begin, start, stop in spans(buf):
-        if number == 1 and wire == 0:
-            ir = decode_varint(buf, start)[0]
-        elif number == 7 and wire == 2:
-            graph = (begin, start, stop)
-        elif number == 8 and wire == 2:
-            domain, version = _opset(buf[start:stop])
-            if domain in ("", AI_ONNX):
-                opset = version
+    graph = next(((b, s, e) for n, w, b, s, e in spans(buf) if n == 7 and w == 2), None)
     if graph is None:
         raise NotRewritableError("the file has no graph")
     if ir < MIN_IR or opset < MIN_OPSET:
@@ -165,16 +161,6 @@ def on_disk(state_dir: Path, model: bytes) -> tuple[Path, str]:
 
 def _text(value: Buffer) -> str:
     return bytes(value).decode("utf-8", "replace")
-
-
-def _opset(value: Buffer) -> tuple[str, int]:
-    domain, version = "", 0
-    for number, wire, _, start, stop in spans(value):
-        if number == 1 and wire == 2:
-            domain = _text(value[start:stop])
-        elif number == 2 and wire == 0:
-            version = decode_varint(value, start)[0]
-    return domain, version
 
 
 def _stream_input(body: Buffer, plan: StreamPlan) -> tuple[_Input, set[str]]:
