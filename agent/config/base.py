@@ -23,9 +23,10 @@ from pydantic import (
 from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import CoreSchema, PydanticKnownError, core_schema
 
-# Bounds on what a profile may ask a device to allocate: a frame side (8K video is 7680 pixels; a larger
-# frame is gigabytes), and the samples or rows in one window (65 s of 16 kHz audio).
-MAX_SIDE = 8192
+from agent.util.libraries import MAX_SIDE as MAX_SIDE  # re-exported: profiles bound frame sides with it
+
+# Bounds on what a profile may ask a device to allocate: a frame side (`MAX_SIDE`, also OpenCV's bound on a
+# decoded image), and the samples or rows in one window (65 s of 16 kHz audio).
 MAX_SAMPLES = 1 << 20
 
 

@@ -8,6 +8,9 @@
 - onnxruntime's Linux wheels (1.32 here) start a telemetry thread at import that writes `$TMPDIR/.ses` and
   posts usage events to mobile.events.data.microsoft.com, from threads it starts while a session serves.
   A device fleet sends nothing nobody asked for: off (`ORT_DISABLE_TELEMETRY=1`).
+- OpenCV decodes an image of up to 2^30 pixels: a 140 KB PNG of 12000x12000 pixels from a watched folder
+  took 900 MB to decode. An image may have `MAX_SIDE` x `MAX_SIDE` pixels, the largest frame a profile
+  may ask for; a larger one is refused by OpenCV before it allocates (`OPENCV_IO_MAX_IMAGE_PIXELS`).
 
 Must run before numpy, OpenCV and onnxruntime are imported; an operator's own setting wins (for example
 `ORT_DISABLE_TELEMETRY=0` to send onnxruntime's telemetry).
@@ -17,7 +20,15 @@ from __future__ import annotations
 
 import os
 
-LIBRARY_SETTINGS = {"OPENBLAS_NUM_THREADS": "1", "OPENCV_FOR_THREADS_NUM": "1", "ORT_DISABLE_TELEMETRY": "1"}
+# The largest image side the agent handles: 8K video is 7680 pixels; a larger frame is gigabytes.
+MAX_SIDE = 8192
+
+LIBRARY_SETTINGS = {
+    "OPENBLAS_NUM_THREADS": "1",
+    "OPENCV_FOR_THREADS_NUM": "1",
+    "ORT_DISABLE_TELEMETRY": "1",
+    "OPENCV_IO_MAX_IMAGE_PIXELS": str(MAX_SIDE * MAX_SIDE),
+}
 
 
 def quiet_libraries() -> None:
