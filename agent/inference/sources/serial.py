@@ -54,7 +54,8 @@ def _configure(fd: int, baud: int) -> None:
 
 class Source(BaseSource[Config]):
     """Lines from a tty: comma-separated numbers (csv) or JSON objects (jsonl). A line that does not
-    parse is `frame.rejected`; a port that disappears (USB unplugged) is `source.lost`, reopened with
+    parse is `frame.rejected`, and so is one longer than MAX_LINE, once, as soon as it is (the rest of it
+    is dropped up to its newline); a port that disappears (USB unplugged) is `source.lost`, reopened with
     backoff, then `source.recovered`."""
 
     sensor = True
@@ -96,6 +97,7 @@ class Source(BaseSource[Config]):
     def _lines(self, fd: int, stop: threading.Event) -> Generator[Window, None, str]:
         """Samples until the port fails (the reason is returned) or `stop` is set."""
         pending = b""
+        overlong = False  # inside a line already refused as too long: dropped up to its newline
         first = True  # the first line may be the tail of one sent before we opened the port
         while not stop.is_set():
             ready, _, _ = select.select([fd], [], [], POLL_S)
@@ -111,9 +113,17 @@ class Source(BaseSource[Config]):
                 return f"{self.config.device} closed"
             pending += data
             *lines, pending = pending.split(b"\n")
-            if len(pending) > MAX_LINE:
-                pending = b""
+            if overlong:
+                if not lines:
+                    pending = b""
+                    continue
+                overlong = False
+                lines.pop(0)  # the refused line's end, not a line: its tail once passed as a sample
             for raw in lines:
+                if len(raw) > MAX_LINE:  # arrived whole within one read
+                    self._too_long(raw)
+                    first = False
+                    continue
                 text = raw.decode("utf-8", "replace").strip()
                 if not text:
                     continue
@@ -126,7 +136,14 @@ class Source(BaseSource[Config]):
                     continue
                 first = False
                 yield Window(values, time.time(), self.next_seq())
+            if len(pending) > MAX_LINE:  # refused now, not at its newline: a line may never end
+                self._too_long(pending)
+                pending, overlong, first = b"", True, False
         return ""
+
+    def _too_long(self, raw: bytes) -> None:
+        text = raw[:80].decode("utf-8", "replace")
+        self.emit("frame.rejected", reason=f"{self.config.device}: a line longer than {MAX_LINE} bytes: {text!r}")
 
     def _parse(self, text: str) -> np.ndarray:
         cfg = self.config
