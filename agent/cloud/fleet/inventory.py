@@ -6,6 +6,11 @@ hands the message on (a deploy watch reads the events too). Payloads come from d
 hostile: status, health, reports and events are parsed with the agent's own contract
 (`agent.transport.contract`), and a message that does not match it is handed on as an `error`, never
 read field by field (a report's signature is the controller's business: `agent.cloud.fleet.reports`).
+The fleet side asks a little more than the contract, what every agent's profile guarantees: the device
+id of the topic and the group are names (`agent.util.names`), and the counts and times that the fleet
+adds up are finite, not negative and below 2^63. A refused message is counted (`refused`, the first few
+kept as one line each) and is not stored. Text from a device goes to a terminal or a log through
+`printable` only: an id in a topic once carried escape sequences straight to the operator's terminal.
 
 When the retained burst is in: the broker delivers a connection's messages in order, so a marker this
 client publishes to itself after its subscriptions were acknowledged arrives after every retained
@@ -15,7 +20,7 @@ read 7,000 of them, silently.
 
 from __future__ import annotations
 
-import json
+import math
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -27,18 +32,24 @@ from typing import Literal
 from paho.mqtt.enums import MQTTProtocolVersion
 
 from agent.cloud.fleet.client import BrokerClient, BrokerSettings, FleetError
-from agent.models.deploy import DeployOrder
+from agent.models.deploy import MAX_ORDER_BYTES, DeployOrder
 from agent.transport.contract import ContractError, WireEvent, parse_event, parse_health, parse_status
-from agent.transport.contract.health import HealthReport, ModelHealth, OutboxHealth
+from agent.transport.contract.health import HealthReport, ModelHealth, OutboxHealth, PipelineHealth
 from agent.transport.contract.report import DeviceReport, parse_report_text, split_signed
 from agent.transport.contract.status import StatusMessage
 from agent.transport.topics import Topics, check_level
+from agent.util import jsonlimits, names
+from agent.util.printable import printable
 from agent.util.timefmt import parse_utc_iso
 
 SETTLE = 0.0  # how long to go on reading once the retained burst is in (the marker says when it is)
 BATCH = 400  # devices whose own retained topics are read at once: 2 x 400 messages stay under 1000
 PER_DEVICE: tuple[MessageKind, ...] = ("health", "report")  # read per device, in batches
 SYNC_TIMEOUT = 60.0  # the longest a retained burst may take to arrive (10,000 devices: about 4 s here)
+KEPT_REFUSALS = 10  # refused messages kept as lines for the operator; the rest are only counted
+# Counts and times that the fleet sums over 10,000 devices stay finite in a float below this (a device's
+# 1e308 uptime twice over was `Infinity`, which no JSON reader takes).
+MAX_FIGURE = 2**63
 
 MessageKind = Literal["status", "health", "events", "deploy", "report"]
 _DEVICE_KINDS: dict[str, MessageKind] = {
@@ -122,6 +133,8 @@ class Inventory:
         self.devices: dict[str, Device] = {}
         self.other: Callable[[str, bytes], None] | None = None  # topics not read here (the controller's lease)
         self.orders: dict[str, object] = {}  # deploy topic -> decoded payload (any JSON: checked when shown)
+        self.refused = 0  # device messages refused here (contract, names, figures)
+        self.refusals: list[str] = []  # the first KEPT_REFUSALS of them, one printable line each
 
     # ---- topics ----------------------------------------------------------------------------------
 
@@ -240,6 +253,10 @@ class Inventory:
         if not raw:
             return None  # a retained message cleared: nothing to read
         try:
+            names.check(device_id, "device id in the topic")
+        except names.UnsafeNameError as exc:
+            return self._refuse(Message(kind, None, topic, error=str(exc)))
+        try:
             if kind == "events":
                 return Message(kind, device_id, topic, event=parse_event(raw))
             if kind == "report":
@@ -248,24 +265,81 @@ class Inventory:
                 self.device(device_id).report = signed
                 return Message(kind, device_id, topic, report=signed)
             if kind == "status":
-                self.device(device_id).status = parse_status(raw)
+                status = parse_status(raw)
+                _check_name(status.group, "status", "group")
+                self.device(device_id).status = status
             else:
-                self.device(device_id).health = parse_health(raw)
+                health = parse_health(raw)
+                _check_health(health)
+                self.device(device_id).health = health
         except ContractError as exc:
-            return Message(kind, device_id, topic, error=str(exc))
+            return self._refuse(Message(kind, device_id, topic, error=str(exc)))
         return Message(kind, device_id, topic)
 
+    def _refuse(self, msg: Message) -> Message:
+        self.refused += 1
+        if len(self.refusals) < KEPT_REFUSALS:
+            self.refusals.append(f"{printable(msg.topic)}: {printable(msg.error)}")
+        return msg
+
     def _order(self, topic: str, raw: bytes) -> None:
-        payload: object = None
-        if raw:
-            try:
-                payload = json.loads(raw)
-            except (ValueError, UnicodeDecodeError):
-                payload = None
-        if payload is None:
+        """An order as the devices would read it, bounded as they bound it: a retained payload of brackets
+        once ended `fleet status` with a RecursionError. One that is not JSON is kept (as its error), so
+        that it is listed, not taken for a withdrawn order."""
+        if not raw:
             self.orders.pop(topic, None)
+            return
+        try:
+            self.orders[topic] = jsonlimits.loads(raw, max_bytes=MAX_ORDER_BYTES)
+        except jsonlimits.JSONLimitError as exc:
+            self.orders[topic] = Unreadable(str(exc))
+
+
+@dataclass(frozen=True)
+class Unreadable:
+    """A retained payload on a deploy topic that is not JSON, or too large or deep to be read."""
+
+    error: str
+
+
+def _check_name(value: object, what: str, field: str) -> None:
+    """ContractError unless `value` is a name: every agent's profile makes its id and group names."""
+    try:
+        names.check(value, f"field {field!r}")
+    except names.UnsafeNameError as exc:
+        raise ContractError(what, str(exc)) from None
+
+
+def _check_health(health: HealthReport) -> None:
+    """The group is a name, and every count and time the fleet reads from the agent, the pipelines and the
+    outbox is a finite number from 0 to MAX_FIGURE: a NaN p95 sorted the fleet's percentiles wrongly and
+    printed `NaN` in `--json`, a 400-digit error count ended `fleet status` with an OverflowError."""
+    if isinstance(health.group, str):
+        _check_name(health.group, "health", "group")
+    _check_figures(health.agent.uptime_s, "agent.uptime_s")
+    if isinstance(health.pipelines, dict):
+        for name, pipeline in health.pipelines.items():
+            _check_pipeline(pipeline, f"pipelines.{printable(name, 64)}")
+    if isinstance(health.outbox, OutboxHealth):
+        for field, value in health.outbox:
+            _check_figures(value, f"outbox.{field}")
+
+
+def _check_pipeline(pipeline: PipelineHealth, where: str) -> None:
+    for field, value in pipeline:
+        if field == "latency_ms":
+            for stage, times in pipeline.latency_ms.items():
+                for part, figure in times:
+                    _check_figures(figure, f"{where}.latency_ms.{printable(stage, 64)}.{part}")
         else:
-            self.orders[topic] = payload
+            _check_figures(value, f"{where}.{field}")
+
+
+def _check_figures(value: object, field: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return  # text, flags and absent figures are the contract's business
+    if not (0 <= value < MAX_FIGURE and (isinstance(value, int) or math.isfinite(value))):  # a float NaN fails both
+        raise ContractError("health", f"expected a finite number from 0 to 2^63 (got {printable(value, 40)})", field)
 
 
 @contextmanager

@@ -1,4 +1,7 @@
-"""`fleet rollout status|list`: a rollout as the controller's state file has it, as JSON and as text."""
+"""`fleet rollout status|list`: a rollout as the controller's state file has it, as JSON and as text.
+
+Reasons and events hold what devices wrote (a refusal's reason, a report's claims): the text view shows
+them `printable`, so a reason of escape sequences does not reach the operator's terminal as such."""
 
 from __future__ import annotations
 
@@ -9,6 +12,7 @@ from typing import TypedDict
 from agent.cloud.fleet.plan import RolloutSpec
 from agent.cloud.fleet.state import Rollout, StateDB
 from agent.cloud.fleet.status import table
+from agent.util.printable import printable
 
 SHOWN = 10  # failed devices and events listed in the text view
 
@@ -77,18 +81,18 @@ def render(v: RolloutView) -> str:
     asked = f" ({v['request']} requested)" if v["request"] else ""
     lines = [f"rollout {v['id']}: {v['model']} {v['version']} -> group:{v['group']}: {v['state']}{where}{asked}"]
     if v["reason"]:
-        lines.append(f"  {v['reason']}")
+        lines.append(f"  {printable(v['reason'])}")
     for w in v["waves"]:
         states = ", ".join(f"{n} {s}" for s, n in w["states"].items())
         lines.append(f"  wave {w['wave'] + 1}: {w['devices']} device(s): {states}")
     if v["rollback"]:
         lines.append("  rollback: " + ", ".join(f"{n} {s}" for s, n in v["rollback"].items()))
     for f in v["failures"][:SHOWN]:
-        lines.append(f"  {f['device']}: {f['state']}: {f['reason']}")
+        lines.append(f"  {printable(f['device'])}: {f['state']}: {printable(f['reason'])}")
     if len(v["failures"]) > SHOWN:
         lines.append(f"  ... and {len(v['failures']) - SHOWN} more (--json lists them all)")
     for e in v["events"][-SHOWN:]:
-        lines.append(f"  event {e['type']}: {e['reason']}")
+        lines.append(f"  event {printable(e['type'])}: {printable(e['reason'])}")
     return "\n".join(lines)
 
 

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from datetime import datetime, timezone
 from html import escape
 
-from agent.cloud.fleet.status import FleetState, group_rows, human_age, short_provider, version_rows
+from agent.cloud.fleet.status import FleetState, group_rows, human_age, models_cell, short_provider, version_rows
 
 STYLE = """
 body{font:14px/1.4 system-ui,sans-serif;margin:1.5em;color:#222}
@@ -60,7 +60,7 @@ def render_page(state: FleetState, now: datetime | None = None) -> str:
                 d["device"],
                 d["state"] or "?",
                 d["group"] or "?",
-                ", ".join(f"{k} {v.get('version', '?')}" for k, v in sorted(d["models"].items())) or "-",
+                models_cell(d["models"]),
                 ", ".join(short_provider(p) for p in d["providers"]) or "-",
                 human_age(d["health_age_s"]),
                 "-" if d["outbox_depth"] is None else str(d["outbox_depth"]),

@@ -10,6 +10,10 @@ Anything else is ignored and reported as a fleet event, with its kind:
   the device's last word on that order, not a replay), or one on the order it was sent stamped no later
   than the last one counted (agent.cloud.fleet.rollout);
 - `report.unhandled`: (the controller) a report whose counting failed: that device's event, not an outage.
+
+A reason goes to the log and the state file, and from there to `fleet rollout status`: what the report
+chose in it (the device it names, the key id its signature claims) is quoted `printable`. A key id of
+newlines and escape sequences once wrote lines of its own into the controller's log.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from typing import Literal
 from agent.cloud.fleet.enrollment import Enrolled
 from agent.cloud.fleet.inventory import SignedReport
 from agent.models.signing import DEVICE_REPORT, SignatureError, verify
+from agent.util.printable import printable
 
 Problem = Literal["report.forged", "report.unenrolled", "report.replayed"]
 
@@ -46,7 +51,7 @@ class ReportChecker:
         """None when the report counts; else why not."""
         claimed = signed.report.device
         if claimed != device:
-            return Rejected("report.forged", device, f"a report on {device}'s topic names device {claimed!r}")
+            return Rejected("report.forged", device, f"a report on {device}'s topic names device '{_said(claimed)}'")
         entry = self.enrolled.get(device)
         if entry is None:
             return Rejected("report.unenrolled", device, f"device {device!r} is not enrolled in the inventory")
@@ -56,13 +61,20 @@ class ReportChecker:
             if other is not None:
                 return Rejected("report.forged", device, f"report of {device} is signed by {other}'s key ({kid})")
             return Rejected(
-                "report.unenrolled", device, f"report of {device} is signed by key {kid}, which no device enrolled"
+                "report.unenrolled",
+                device,
+                f"report of {device} is signed by key {_said(kid)}, which no device enrolled",
             )
         try:
             verify({entry.key_id: entry.key}, signed.text, signed.sig, f"report of {device}", DEVICE_REPORT)
         except SignatureError as exc:
-            return Rejected("report.forged", device, str(exc))
+            return Rejected("report.forged", device, printable(str(exc)))
         return None
+
+
+def _said(value: str | None) -> str:
+    """A string the report chose, short (a key id is 16 hex digits, a device id a name) and `printable`."""
+    return "none" if value is None else printable(value, 80)
 
 
 def _key_id(signature: bytes) -> str | None:

@@ -2,19 +2,22 @@
 
 The read ends when the retained burst is in (`Inventory.sync`), not after a guessed time. `fleet_state()`
 is also what `--json` prints, so its keys are a contract: the TypedDicts below (and those of
-`agent.cloud.fleet.summary` for the tables per group and per version).
+`agent.cloud.fleet.summary` for the tables per group and per version). The text tables show what devices
+wrote through `printable` (escapes neutralised, long strings cut); `--json` escapes by itself.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from datetime import datetime, timezone
 from typing import TypedDict
 
 from agent.cloud.fleet.client import BrokerSettings
-from agent.cloud.fleet.inventory import SETTLE, Device, connected
+from agent.cloud.fleet.inventory import SETTLE, Device, Unreadable, connected
 from agent.cloud.fleet.summary import GroupModel, VersionVitals, group_table, version_table
+from agent.models.deploy import MAX_ORDER_BYTES
+from agent.util import jsonlimits
+from agent.util.printable import printable
 
 
 class DeviceState(TypedDict):
@@ -48,12 +51,21 @@ class OrderState(_OrderTopic, total=False):
     canary: object
 
 
+class Refused(TypedDict):
+    """Device messages left out because they break the contract or the fleet's checks: how many, and the
+    first few as `topic: why`."""
+
+    count: int
+    first: list[str]
+
+
 class FleetState(TypedDict):
     prefix: str
     devices: list[DeviceState]
     orders: list[OrderState]
     groups: list[GroupModel]
     versions: list[VersionVitals]
+    refused: Refused
 
 
 def fleet_state(
@@ -68,7 +80,8 @@ def fleet_state(
     orders = [_order_state(t, p) for t, p in sorted(inventory.orders.items())]
     if group is not None:
         targets = {f"group:{group}", *(f"device:{d.id}" for d in chosen)}
-        orders = [o for o in orders if o.get("target") in targets]
+        # `in` a set hashes the target: an order's target that is a list raised TypeError here
+        orders = [o for o in orders if isinstance(o.get("target"), str) and o.get("target") in targets]
     group_orders = {
         (str(o["target"]).removeprefix("group:"), str(o.get("model"))): str(o.get("version"))
         for o in orders
@@ -80,6 +93,7 @@ def fleet_state(
         "orders": orders,
         "groups": group_table(chosen, group_orders),
         "versions": version_table(chosen),
+        "refused": {"count": inventory.refused, "first": list(inventory.refusals)},
     }
 
 
@@ -103,11 +117,13 @@ def _device_state(dev: Device, now: datetime) -> DeviceState:
 
 
 def _order_state(topic: str, payload: object) -> OrderState:
+    if isinstance(payload, Unreadable):
+        return {"topic": topic, "error": f"not a deployment order ({payload.error})"}
     doc: object = None
     if isinstance(payload, dict) and isinstance(payload.get("order"), str):
         try:
-            doc = json.loads(payload["order"])
-        except ValueError:
+            doc = jsonlimits.loads(payload["order"], max_bytes=MAX_ORDER_BYTES)
+        except jsonlimits.JSONLimitError:
             doc = None
     if not isinstance(doc, dict):
         return {"topic": topic, "error": "not a deployment order"}
@@ -127,27 +143,39 @@ def _order_state(topic: str, payload: object) -> OrderState:
 
 def short_provider(provider: object) -> str:
     """`CUDAExecutionProvider` -> `CUDA`: the table columns stay narrow."""
-    name = str(provider or "?")
+    name = printable(provider or "?")
     return name.removesuffix("ExecutionProvider") or name
+
+
+# A health stamped further ahead than this is the device's clock, not a fresh report: shown as such, or a
+# device whose clock said 2099 looked `0s ago` however long it had been silent.
+CLOCK_SLACK_S = 60
 
 
 def human_age(seconds: float | None) -> str:
     if seconds is None:
         return "-"
-    s = max(0, int(seconds))
+    if seconds < -CLOCK_SLACK_S:
+        return f"{_span(-seconds)} in the future"
+    return f"{_span(max(0.0, seconds))} ago"
+
+
+def _span(seconds: float) -> str:
+    s = int(seconds)
     if s < 120:
-        return f"{s}s ago"
+        return f"{s}s"
     if s < 7200:
-        return f"{s // 60}min ago"
+        return f"{s // 60}min"
     if s < 172800:
-        return f"{s // 3600}h ago"
-    return f"{s // 86400}d ago"
+        return f"{s // 3600}h"
+    return f"{s // 86400}d"
 
 
 def table(rows: Sequence[Sequence[str]]) -> list[str]:
-    """Columns padded to their widest cell."""
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    """Columns padded to their widest cell; a cell is shown `printable` (callers cut device strings)."""
+    shown = [[printable(c, None) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in shown) for i in range(len(shown[0]))]
+    return ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in shown]
 
 
 def _ms(value: float | None) -> str:
@@ -159,9 +187,9 @@ def group_rows(state: FleetState) -> list[tuple[str, ...]]:
     behind (the table and the page share the cells, each with its own headers)."""
     return [
         (
-            g["group"],
-            g["model"],
-            g["latest"],
+            printable(g["group"]),
+            printable(g["model"]),
+            printable(g["latest"]),
             *(str(g[k]) for k in ("devices", "on_latest", "in_progress", "held", "failed", "offline", "behind")),
         )
         for g in state["groups"]
@@ -173,8 +201,8 @@ def version_rows(state: FleetState) -> list[tuple[str, ...]]:
     devices), fallbacks, drops, errors."""
     return [
         (
-            v["model"],
-            v["version"],
+            printable(v["model"]),
+            printable(v["version"]),
             str(v["devices"]),
             f"{v['error_free_h']:.1f}",
             _ms(v["p95_ms_median"]),
@@ -205,16 +233,20 @@ def render_summary(state: FleetState) -> list[str]:
     return lines
 
 
+def models_cell(models: dict[str, dict[str, str]]) -> str:
+    """`name version, ...` of one device, each as `printable` (the text table and the page)."""
+    return ", ".join(f"{printable(k)} {printable(v.get('version', '?'))}" for k, v in sorted(models.items())) or "-"
+
+
 def render_status(state: FleetState) -> str:
     rows = [("DEVICE", "STATE", "GROUP", "MODELS", "PROVIDER", "HEALTH", "OUTBOX")]
     for d in state["devices"]:
-        models = ", ".join(f"{k} {v.get('version', '?')}" for k, v in sorted(d["models"].items())) or "-"
         rows.append(
             (
                 d["device"],
                 d["state"] or "?",
                 d["group"] or "?",
-                models,
+                models_cell(d["models"]),
                 ", ".join(short_provider(p) for p in d["providers"]) or "-",
                 human_age(d["health_age_s"]),
                 "-" if d["outbox_depth"] is None else str(d["outbox_depth"]),
@@ -229,11 +261,16 @@ def render_status(state: FleetState) -> str:
         lines.append("retained deployment orders (signatures are checked by the devices):")
         for o in state["orders"]:
             if "error" in o:
-                lines.append(f"  {o['topic']}: {o['error']}")
+                lines.append(f"  {printable(o['topic'])}: {printable(o['error'])}")
             else:
                 canary = " (canary)" if o.get("canary") else ""
+                said = {k: printable(o.get(k)) for k in ("model", "version", "target", "issued", "expires", "id")}
                 lines.append(
-                    f"  {o['topic']}: {o.get('model')} {o.get('version')} -> {o.get('target')}{canary}, "
-                    f"issued {o.get('issued')}, expires {o.get('expires')}, id {o.get('id')}"
+                    f"  {printable(o['topic'])}: {said['model']} {said['version']} -> {said['target']}{canary}, "
+                    f"issued {said['issued']}, expires {said['expires']}, id {said['id']}"
                 )
+    refused = state["refused"]
+    if refused["count"]:
+        lines += ["", f"{refused['count']} message(s) from devices refused (the first {len(refused['first'])}):"]
+        lines += [f"  {line}" for line in refused["first"]]
     return "\n".join(lines)

@@ -11,6 +11,10 @@ Per version, across the fleet: the devices running it, the hours it served them 
 error or NaN output (`error_free_h`: from each device's report of the version's time active, or the
 agent's uptime when it started on that version), the median and the 95th percentile of the devices'
 own inference p95, the devices whose report says the provider fell back, and the frames dropped.
+
+The figures are the devices' word, bounded where they are read (`agent.cloud.fleet.inventory` refuses a
+health whose counts or times are not finite, are negative or reach 2^63); a report's time active, finite
+by the contract, counts only below that bound too, or two devices' 1e308 summed to `Infinity`.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from collections import defaultdict
 from collections.abc import Iterable
 from typing import TypedDict
 
-from agent.cloud.fleet.inventory import Device
+from agent.cloud.fleet.inventory import MAX_FIGURE, Device
 from agent.models.manifest import version_key
 from agent.transport.contract.health import PipelineHealth
 from agent.transport.contract.report import FAILED_STATES
@@ -155,7 +159,7 @@ def _active_s(dev: Device, model: str, version: str, pipelines: list[PipelineHea
     """How long this version has served here: the report's figure, or the uptime when it never swapped."""
     report = dev.report.report if dev.report is not None else None
     if report is not None and report.model == model and report.running == version and report.vitals is not None:
-        return report.vitals.active_s
+        return report.vitals.active_s if report.vitals.active_s < MAX_FIGURE else 0.0
     if dev.health is not None and pipelines and all(p.swaps == 0 for p in pipelines):
         return dev.health.agent.uptime_s
     return 0.0

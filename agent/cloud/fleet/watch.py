@@ -8,7 +8,10 @@ back from. A device whose retained health already reports the version is active 
 one whose health goes back to another version after reporting this one was rolled back. A device that is
 or goes offline has not ended anything: the crash guard's rollback, for one, is reported by the device
 when it comes back. It is waited for, and named offline only when the wait runs out. Pure logic fed with
-the inventory's messages: no I/O but the progress lines.
+the inventory's messages: no I/O but the progress lines. Only the order's targets count: a device order's
+device, a group order's members (by their status or health); another device's event, a channel pull of
+the same version or a hostile one naming the order, once joined the targets and could fail the deploy.
+What a device wrote is shown `printable`.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final, Literal, Protocol, TextIO
 
-from agent.cloud.fleet.inventory import Inventory, Message
+from agent.cloud.fleet.inventory import MAX_FIGURE, Inventory, Message
 from agent.models.deploy import DeployOrder
 from agent.transport.contract.events import (
     DeployRefused,
@@ -32,6 +35,7 @@ from agent.transport.contract.events import (
     ModelRolledBack,
     ModelVerifying,
 )
+from agent.util.printable import printable
 
 DeployState = Literal[
     "pending", "downloading", "verifying", "active", "refused", "rolled-back", "rollback-failed", "error"
@@ -86,19 +90,20 @@ def event_matches(event: EventBody, order: DeployOrder, topic: str) -> bool:
 
 
 def _mb(n: int) -> str:
-    return f"{n / 1e6:.1f} MB"
+    # The device's count: a 400-digit one made the float division raise OverflowError mid-deploy.
+    return f"{n / 1e6:.1f} MB" if 0 <= n < MAX_FIGURE else f"{printable(n, 40)} bytes"
 
 
 def describe(state: DeployState, event: EventBody) -> str:
     if isinstance(event, ModelDownloading):
         more = f", resuming at {_mb(event.resume_from)}" if event.resume_from > 0 else ""
-        return f"downloading (variant {event.variant}, {_mb(event.bytes)}{more})"
+        return f"downloading (variant {printable(event.variant)}, {_mb(event.bytes)}{more})"
     if isinstance(event, ModelActivated):
-        return f"active (variant {event.variant} on {event.provider})"
+        return f"active (variant {printable(event.variant)} on {printable(event.provider)})"
     if isinstance(event, (ModelRefused, ModelRolledBack, ModelRollbackFailed, DeployRefused)):
-        return f"{state}: {event.reason}"
+        return f"{state}: {printable(event.reason)}"
     if isinstance(event, ModelErrorEvent):
-        return f"error: {event.reason} (the device retries)"
+        return f"error: {printable(event.reason)} (the device retries)"
     return state
 
 
@@ -134,14 +139,17 @@ class DeployWatch:
         self.unreadable: set[tuple[str, str]] = set()
         self.started = time.monotonic()
 
-    def targets(self) -> list[str]:
+    def members(self) -> set[str]:
+        """The devices the order is for now (a group's grows as devices join it)."""
         if self.fixed is not None:
-            ids = set(self.fixed)
-        elif self.order.target_kind == "device":
-            ids = {self.order.target_name}
-        else:
-            ids = set(self.inventory.group_members(self.order.target_name))
-        return sorted(ids | set(self.progress))
+            return set(self.fixed)
+        if self.order.target_kind == "device":
+            return {self.order.target_name}
+        return set(self.inventory.group_members(self.order.target_name))
+
+    def targets(self) -> list[str]:
+        """The members, and any device followed so far (one that left the group keeps its outcome)."""
+        return sorted(self.members() | set(self.progress))
 
     def _p(self, device: str) -> Progress:
         return self.progress.setdefault(device, Progress())
@@ -190,12 +198,12 @@ class DeployWatch:
         if device not in self.targets() or (device, kind) in self.unreadable:
             return []
         self.unreadable.add((device, kind))
-        return [f"{device}: sent {kind} this agent cannot read ({error})"]
+        return [f"{device}: sent {kind} this agent cannot read ({printable(error)})"]
 
     def _event(self, device: str, event: EventBody) -> list[str]:
         if not event_matches(event, self.order, self.topic):
             return []
-        if self.fixed is not None and device not in self.fixed:
+        if device not in self.progress and device not in self.members():
             return []
         state = EVENT_STATE[type(event)]
         p = self._p(device)
@@ -220,7 +228,7 @@ class DeployWatch:
             if not (p.healthy and p.state == ACTIVE):
                 return []
             # It reported this version, and now another: it went back, whatever its events said.
-            now = f"{self.order.model} {version}" if version else f"no {self.order.model}"
+            now = f"{self.order.model} {printable(version)}" if version else f"no {self.order.model}"
             p.state, p.healthy, p.via = ROLLED_BACK, False, "health"
             p.reason = f"{ROLLED_BACK}: its health reports {now} instead"
             return [f"{device}: {p.reason}"]
@@ -229,7 +237,7 @@ class DeployWatch:
         if p.state not in TERMINAL:
             p.state, p.via = ACTIVE, "health"
             serving = dev.models().get(self.order.model)
-            on = f" on {serving.provider}" if serving is not None else ""
+            on = f" on {printable(serving.provider)}" if serving is not None else ""
             return [f"{device}: active (health reports {self.order.version}{on})"]
         if first and self.need_health and p.state == ACTIVE:
             return [f"{device}: healthy (health reports {self.order.version})"]

@@ -15,6 +15,8 @@ from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 
+from agent.util.printable import quoted
+
 FOLLOW_POLL_S = 0.1
 MAX_LINE = 64 * 1024  # bytes; a sensor row is tens of bytes, a line beyond this is refused unread
 MIN_EPOCH = -62135596800.0  # 0001-01-01T00:00:00Z and
@@ -108,15 +110,10 @@ def invalid_value(value: object, policy: str) -> str | None:
     try:
         number = float(value)  # type: ignore[arg-type]
     except OverflowError:
-        return f"{_short(value)} is beyond the range of a float"
+        return f"{quoted(value, 40)} is beyond the range of a float"
     if policy == "pass" or math.isfinite(number):
         return None
-    return f"{_short(value)} is not a finite number (invalid: pass lets it through)"
-
-
-def _short(value: object) -> str:
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
+    return f"{quoted(value, 40)} is not a finite number (invalid: pass lets it through)"
 
 
 def now() -> float:

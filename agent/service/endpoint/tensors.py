@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from agent.util.printable import quoted
+
 MAX_RANK = 16
 MAX_DEPTH = 40  # JSON nesting a request may have: a rank-16 tensor's data plus the request's own levels
 MAX_TENSORS = 256
@@ -62,10 +64,9 @@ class RequestError(Exception):
         self.status = status
 
 
-def shown(value: object, limit: int = 64) -> str:
-    """A client's value in a message: repr, cut short (a hostile name must not fill a log line)."""
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+def shown(value: object) -> str:
+    """A client's value in a message, quoted and cut short (a hostile name must not fill a log line)."""
+    return quoted(value, 64)
 
 
 def kserve_type(onnx_type: str) -> str:
