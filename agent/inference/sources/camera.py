@@ -48,6 +48,13 @@ def _target(device: str | int) -> str | int:
     return int(text) if text.isdigit() else text
 
 
+def _too_large(width: float, height: float) -> str:
+    """Why a frame of this size is refused ("WxH pixels, more than ..."), or "" when it may pass."""
+    if width <= MAX_SIDE and height <= MAX_SIDE:
+        return ""
+    return f"{width:.0f}x{height:.0f} pixels, more than the {MAX_SIDE}x{MAX_SIDE} a frame may have"
+
+
 def _fingerprint(img: np.ndarray) -> int:
     """A cheap digest of a subsampled frame: equal digests over time mean a frozen feed."""
     return zlib.crc32(img[::8, ::8].tobytes())
@@ -85,7 +92,8 @@ class Source(BaseSource[Config]):
     """A V4L2 device or a network stream. The newest frame wins (`live`). A device that cannot be
     opened or stops delivering is `source.lost`, retried with random capped backoff, and
     `source.recovered` when frames flow again; the same picture for `frozen_after` seconds is
-    `source.frozen` (a stuck encoder or a covered lens is not "healthy at 5 fps")."""
+    `source.frozen` (a stuck encoder or a covered lens is not "healthy at 5 fps"). A stream whose frames are
+    larger than `MAX_SIDE` x `MAX_SIDE` is refused the same way, as lost, naming the size."""
 
     @staticmethod
     def example(config: Config) -> np.ndarray | None:
@@ -125,6 +133,14 @@ class Source(BaseSource[Config]):
         ):
             if value is not None:
                 cap.set(prop, float(value))
+        # OpenCV's FFmpeg backend converts every frame to the size the stream opened with, its first frame's: a
+        # 1 MB JPEG declaring 16000x16000 first made every frame after it a 768 MB BGR array (2.3 GB peak).
+        # Refused before the first conversion: the probe that found the size took no frame buffer (0.1 GB peak).
+        # FFmpeg's `max_pixels` would refuse it in the decoder, but OpenCV 5.1 passes no codec option on.
+        too_large = _too_large(cap.get(cv2.CAP_PROP_FRAME_WIDTH), cap.get(cv2.CAP_PROP_FRAME_HEIGHT))
+        if too_large:
+            cap.release()
+            return None, f"{target} sends frames of {too_large}"
         return cap, ""
 
     def _read(
@@ -140,6 +156,11 @@ class Source(BaseSource[Config]):
             ok, img = cap.read()
             if not ok or img is None:
                 return "the device stopped delivering frames"
+            # FFmpeg's backend keeps the size checked at open (a larger frame later comes out cut to it); a
+            # backend that follows a size change would hand on the larger frame: reconnect, and open refuses it.
+            too_large = _too_large(img.shape[1], img.shape[0])
+            if too_large:
+                return f"the device sent a frame of {too_large}"
             delivered()
             ts = time.time()
             fp = _fingerprint(img)
