@@ -211,3 +211,15 @@ def test_a_frame_larger_than_the_stream_opened_with_is_not_handed_on(monkeypatch
         ("source.lost", f"the device sent a frame of {tall}"),
         ("source.recovered", None),
     ]
+
+
+def test_a_video_file_whose_first_frame_declares_16000x16000_is_refused_before_any_frame(tmp_path: Path) -> None:
+    """The video source opens files through the same backend: such a file made every frame after the first,
+    the small ones too, a 16000x16000 BGR array (2.3 GB peak in a bare reader)."""
+    path = tmp_path / "drop.mjpeg"
+    path.write_bytes(flat_jpeg(HUGE, HUGE) + small_jpeg(10) + small_jpeg(20))
+    config = SOURCES["video"].Config(type="video", path=path)
+    source = make_source(config, SourceContext("v", lambda _: None))
+    too_big = f"{HUGE}x{HUGE} pixels, more than the {MAX_SIDE}x{MAX_SIDE} a frame may have"
+    with pytest.raises(OSError, match=f"^drop.mjpeg has frames of {too_big}$"):
+        next(iter(source.frames(threading.Event())))

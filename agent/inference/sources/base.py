@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, TypeVar
 
-from agent.config.base import PluginConfig
+from agent.config.base import MAX_SIDE, PluginConfig
 from agent.transport.events import Event, EventSink, log_event
 
 if TYPE_CHECKING:
@@ -106,6 +106,14 @@ class BaseSource(Generic[ConfigT]):
 
     def close(self) -> None:
         """Release devices and files; called once, from the capture thread, when it ends."""
+
+
+def too_large(width: float, height: float) -> str:
+    """Why a frame of this size is refused ("WxH pixels, more than ..."), or "" when it may pass. OpenCV's
+    FFmpeg backend converts every frame to the size a stream or file opens with: the size is checked then."""
+    if width <= MAX_SIDE and height <= MAX_SIDE:
+        return ""
+    return f"{width:.0f}x{height:.0f} pixels, more than the {MAX_SIDE}x{MAX_SIDE} a frame may have"
 
 
 class Pacer:

@@ -31,7 +31,7 @@ import zlib
 from collections.abc import Callable, Generator, Iterator
 
 from agent.inference.processing.lazy import cv2, np
-from agent.inference.sources.base import BaseSource, Frame
+from agent.inference.sources.base import BaseSource, Frame, too_large
 from agent.util.backoff import Backoff
 
 OPEN_TIMEOUT_MS = 10000  # network streams: give up an attempt after this long, then back off
@@ -46,13 +46,6 @@ def _target(device: str | int) -> str | int:
         return device
     text = str(device)
     return int(text) if text.isdigit() else text
-
-
-def _too_large(width: float, height: float) -> str:
-    """Why a frame of this size is refused ("WxH pixels, more than ..."), or "" when it may pass."""
-    if width <= MAX_SIDE and height <= MAX_SIDE:
-        return ""
-    return f"{width:.0f}x{height:.0f} pixels, more than the {MAX_SIDE}x{MAX_SIDE} a frame may have"
 
 
 def _fingerprint(img: np.ndarray) -> int:
@@ -137,10 +130,10 @@ class Source(BaseSource[Config]):
         # 1 MB JPEG declaring 16000x16000 first made every frame after it a 768 MB BGR array (2.3 GB peak).
         # Refused before the first conversion: the probe that found the size took no frame buffer (0.1 GB peak).
         # FFmpeg's `max_pixels` would refuse it in the decoder, but OpenCV 5.1 passes no codec option on.
-        too_large = _too_large(cap.get(cv2.CAP_PROP_FRAME_WIDTH), cap.get(cv2.CAP_PROP_FRAME_HEIGHT))
-        if too_large:
+        too_big = too_large(cap.get(cv2.CAP_PROP_FRAME_WIDTH), cap.get(cv2.CAP_PROP_FRAME_HEIGHT))
+        if too_big:
             cap.release()
-            return None, f"{target} sends frames of {too_large}"
+            return None, f"{target} sends frames of {too_big}"
         return cap, ""
 
     def _read(
@@ -158,9 +151,9 @@ class Source(BaseSource[Config]):
                 return "the device stopped delivering frames"
             # FFmpeg's backend keeps the size checked at open (a larger frame later comes out cut to it); a
             # backend that follows a size change would hand on the larger frame: reconnect, and open refuses it.
-            too_large = _too_large(img.shape[1], img.shape[0])
-            if too_large:
-                return f"the device sent a frame of {too_large}"
+            too_big = too_large(img.shape[1], img.shape[0])
+            if too_big:
+                return f"the device sent a frame of {too_big}"
             delivered()
             ts = time.time()
             fp = _fingerprint(img)

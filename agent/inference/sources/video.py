@@ -24,7 +24,7 @@ import time
 from collections.abc import Iterator
 
 from agent.inference.processing.lazy import cv2
-from agent.inference.sources.base import BaseSource, Frame, Pacer
+from agent.inference.sources.base import BaseSource, Frame, Pacer, too_large
 
 DEFAULT_FPS = 30.0
 
@@ -46,6 +46,9 @@ class Source(BaseSource[Config]):
             try:
                 if not cap.isOpened():
                     raise OSError(f"{cfg.path.name} is not a video OpenCV can read (corrupt or unknown format)")
+                # A first frame declaring 16000x16000 made every frame a 768 MB array (2.3 GB peak).
+                if too_big := too_large(cap.get(cv2.CAP_PROP_FRAME_WIDTH), cap.get(cv2.CAP_PROP_FRAME_HEIGHT)):
+                    raise OSError(f"{cfg.path.name} has frames of {too_big}")
                 fps = cap.get(cv2.CAP_PROP_FPS) or 0.0
                 fps = fps if 0 < fps < 1000 else DEFAULT_FPS
                 expected = int(cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
