@@ -205,12 +205,20 @@ class StateDB:
         with self.tx() as db:
             return db.execute("DELETE FROM holds WHERE model = ? AND version = ?", (model, version)).rowcount > 0
 
-    def event(self, rollout_id: str | None, device: str | None, type_: str, reason: str) -> None:
+    def event(
+        self, rollout_id: str | None, device: str | None, type_: str, reason: str, replaces: int | None = None
+    ) -> int:
+        """Record a fleet event; returns its id. `replaces`: an event of before that this one supersedes, in the
+        same transaction (a count that goes on growing stays one row, listed as the latest)."""
         with self.tx() as db:
-            db.execute(
+            if replaces is not None:
+                db.execute("DELETE FROM events WHERE id = ?", (replaces,))
+            row = db.execute(
                 "INSERT INTO events (ts, rollout, device, type, reason) VALUES (?, ?, ?, ?, ?)",
                 (time.time(), rollout_id, device, type_, reason),
-            )
+            ).lastrowid
+        assert row is not None  # an INSERT sets it
+        return row
 
     def events(self, rollout_id: str | None = None, limit: int = 50) -> list[tuple[float, str | None, str, str]]:
         """The latest fleet events (of one rollout, or every one), oldest first: (ts, device, type, reason)."""
