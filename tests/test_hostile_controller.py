@@ -21,6 +21,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -94,6 +95,24 @@ def test_a_stream_of_distinct_rejected_reports_leaves_memory_state_and_log_bound
     assert events[-1][2] == "report.rejected" and "more rejected report(s) of d0" in events[-1][3], events[-1]
     fleet.deliver(fleet.report("d1", "active", LATE))
     assert fleet.states()["d1"] == "passed"
+
+
+def test_reports_signed_with_ever_older_stamps_are_counted_in_the_same_budget(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A device's own (stolen) key signs reports on its order with ever older stamps: each was a replay the
+    driver recorded as an event and a log line of its own (200 reports: 200 events)."""
+    fleet = Fleet(tmp_path)
+    fleet.deliver(fleet.report("d0", "active", LATE))
+    base = datetime.fromisoformat(LATE.replace("Z", "+00:00"))
+    for i in range(1, 201):
+        fleet.deliver(fleet.report("d0", "active", utc_iso((base - timedelta(seconds=i)).timestamp())))
+    fleet.controller._write_counts(force=True)  # what the controller writes each minute and as it stops
+    events = [e for e in fleet.controller.db.events("ro-1", limit=10_000) if e[1] == "d0"]
+    assert len(events) <= KEPT + 1, f"{len(events)} events for d0"
+    assert len(warnings_about(caplog, "d0")) <= KEPT + 2  # the count's line, written twice
+    assert events[-1][2] == "report.rejected" and "195 more rejected report(s) of d0" in events[-1][3]
+    assert fleet.states()["d0"] == "passed"
 
 
 def test_an_order_id_a_device_chose_reaches_the_log_and_state_printable_and_short(

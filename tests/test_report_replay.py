@@ -14,7 +14,6 @@ from agent.cloud.fleet.client import BrokerSettings
 from agent.cloud.fleet.controller import Controller
 from agent.cloud.fleet.inventory import SignedReport
 from agent.cloud.fleet.plan import RolloutSpec
-from agent.cloud.fleet.rollout import Driver
 from agent.cloud.fleet.state import ACTIVE_STATES, SCHEMA, StateDB, Target
 from agent.service.identity import enrollment_entry
 from agent.transport.contract.report import Vitals
@@ -36,9 +35,7 @@ class Fleet:
         )
         self.controller = self.start()
         self.controller.db.add_rollout("ro-1", SPEC)
-        self.driver = self.controller.drivers["ro-1"] = Driver(
-            self.controller.db, self.controller.db.rollouts()[0], self.key
-        )
+        self.driver = self.controller.drivers["ro-1"] = self.controller.driver(self.controller.db.rollouts()[0])
         self.driver.plan(dict.fromkeys(self.keys, ("x86_64/CPU", "1.0.0")))
         self.driver.tick(self.sent)
 
@@ -47,7 +44,7 @@ class Fleet:
         c = Controller(BrokerSettings("mqtt://127.0.0.1"), self.tmp / "c.db", self.key, self.tmp / "inventory.yaml")
         c._load_enrollment()
         for rollout in c.db.rollouts(ACTIVE_STATES):
-            c.drivers[rollout.id] = Driver(c.db, rollout, self.key)
+            c.drivers[rollout.id] = c.driver(rollout)
         return c
 
     def restart(self) -> None:

@@ -29,6 +29,7 @@ is still waiting for.
 
 from __future__ import annotations
 
+import functools
 import logging
 import sqlite3
 import threading
@@ -45,8 +46,8 @@ from agent.cloud.fleet.inventory import BATCH, Inventory, SignedReport
 from agent.cloud.fleet.lease import Leases, owner_id
 from agent.cloud.fleet.orderkey import check_order_key
 from agent.cloud.fleet.reports import ReportChecker
-from agent.cloud.fleet.rollout import Driver
-from agent.cloud.fleet.state import ACTIVE_STATES, StateDB
+from agent.cloud.fleet.rollout import ORDER_CHARS, Driver
+from agent.cloud.fleet.state import ACTIVE_STATES, Rollout, StateDB
 from agent.util.hashing import sha256_bytes
 from agent.util.printable import printable
 from agent.util.ratelimit import RateLimit
@@ -64,7 +65,6 @@ COUNT_EVERY = 60.0  # seconds between two rewrites of a device's count of the re
 RECENT = 8  # a device's latest rejected reports remembered, as digests, so that one read back is not counted again
 COUNTED = "report.rejected"  # the event that counts a device's rejected reports beyond the first ones
 REASON_CHARS = 1000  # of an event's reason: rollout.unenrolled names up to 10 device ids of 64 characters
-ORDER_CHARS = 80  # of an order id a report names (the controller's own are about 40)
 REFUSALS_EVERY = 60.0  # seconds between two log lines counting the devices' messages the contract refused
 
 
@@ -175,12 +175,16 @@ class Controller:
 
     # ---- rollouts -------------------------------------------------------------------------------------
 
+    def driver(self, rollout: Rollout) -> Driver:
+        """The rollout's driver, its rejected reports in this controller's budget."""
+        return Driver(self.db, rollout, self.key, self.prefix, functools.partial(self._budgeted, rollout.id))
+
     def _refresh(self, inventory: Inventory) -> None:
         """New rollouts are planned, finished ones dropped, operators' requests picked up."""
         for rollout in self.db.rollouts(ACTIVE_STATES):
             driver = self.drivers.get(rollout.id)
             if driver is None:
-                driver = self.drivers[rollout.id] = Driver(self.db, rollout, self.key, self.prefix)
+                driver = self.drivers[rollout.id] = self.driver(rollout)
             else:
                 driver.r.request = rollout.request
             if driver.r.state == "pending":
@@ -276,6 +280,12 @@ class Controller:
         if digest in seen.recent:
             return  # the same report again: a retained one read back at every resync and every start
         seen.recent.append(digest)
+        self._budgeted(rollout, device, type_, reason)
+
+    def _budgeted(self, rollout: str | None, device: str, type_: str, reason: str) -> None:
+        """A device's rejected report in the rollout's budget: recorded, or counted past KEPT_REJECTIONS (a
+        driver's replayed reports come here too: a stolen key signs ever older stamps as fast as it likes)."""
+        seen = self._rejections.setdefault((rollout, device), Rejections())
         if seen.recorded < KEPT_REJECTIONS:
             seen.recorded += 1
             self._event(rollout, device, type_, reason)

@@ -35,17 +35,31 @@ from agent.cloud.fleet.state import Rollout, StateDB, Target
 from agent.models.deploy import new_order, sign_order
 from agent.transport.contract.report import DeviceReport
 from agent.transport.topics import Topics
+from agent.util.printable import printable
 from agent.util.timefmt import parse_utc_iso
 
 log = logging.getLogger(__name__)
 
 Publish = Callable[[list[tuple[str, bytes]]], None]  # retained, QoS 1, every PUBACK waited for
 FAILED = ("failed", "timed-out")
+ORDER_CHARS = 80  # of an order id a report names (the controller's own are about 40)
+
+
+# Records a device's rejected report (device, event type, reason): the controller's budget per device.
+Record = Callable[[str, str, str], None]
 
 
 class Driver:
-    def __init__(self, db: StateDB, rollout: Rollout, key: Ed25519PrivateKey, prefix: str = "edge") -> None:
+    def __init__(
+        self,
+        db: StateDB,
+        rollout: Rollout,
+        key: Ed25519PrivateKey,
+        prefix: str = "edge",
+        record: Record | None = None,
+    ) -> None:
         self.db, self.r, self.key, self.prefix = db, rollout, key, prefix
+        self.record = record or self._event
         self.spec = rollout.spec
         self.targets = {t.device: t for t in db.targets(rollout.id)}
         self.dirty: set[str] = set()
@@ -111,11 +125,15 @@ class Driver:
             return
         self.replayed[report.device] = report.ts
         reason = (
-            f"report of {report.device} on order {report.order} is stamped {report.ts}, "
+            f"report of {report.device} on order {printable(report.order, ORDER_CHARS)} is stamped {report.ts}, "
             f"not after the last one counted ({last or 'none'})"
         )
-        log.warning("fleet event type=report.replayed device=%s rollout=%s %s", report.device, self.r.id, reason)
-        self.db.event(self.r.id, report.device, "report.replayed", reason)
+        self.record(report.device, "report.replayed", reason)
+
+    def _event(self, device: str, type_: str, reason: str) -> None:
+        """A fleet event, when no controller budgets them (a driver on its own, as tests run it)."""
+        log.warning("fleet event type=%s device=%s rollout=%s %s", type_, device, self.r.id, reason)
+        self.db.event(self.r.id, device, type_, reason)
 
     # ---- steps ------------------------------------------------------------------------------------
 
