@@ -258,7 +258,8 @@ def test_an_older_order_or_a_withdrawn_one_published_again_is_a_replay(tmp_path:
         f"deployment order {old.id} was issued before order {new.id} already seen on {topic}; "
         "an older order published again is not followed (replay refused)"
     )
-    assert book.replay("edge/fleet/north-gate/deploy", old) is None  # another topic keeps its own
+    group_old = order(target="group:north-gate", version="1.0", now=NOW)
+    assert book.replay("edge/fleet/north-gate/deploy", group_old) is None  # another topic keeps its own marks
     gone, seen = book.withdraw(topic)  # seen there, never carried out
     assert (
         gone is None and seen is not None and (seen["id"], seen["version"], seen["withdrawn"]) == (new.id, "2.0", True)

@@ -13,8 +13,11 @@ empty retained payload means the order was withdrawn.
 
 A device trusts an order exactly as far as it trusts a manifest: signature first (by a key its
 registry's root trusts for orders now: agent.models.trust), then a strict parse
-(unknown keys, wrong types, names that fail the registry's name patterns are refused), then expiry.
-Every refusal is one line, fit for a `deploy.refused` event.
+(unknown keys, wrong types, names that fail the registry's name patterns, times Python cannot hold in UTC are
+refused), then expiry, then the issue time: one more than MAX_CLOCK_SKEW ahead of the device's clock is
+refused, for its issue time would become its topic's replay mark (agent.models.orders) and hold back every
+order issued before it, however long the clocks take to get there. Every refusal is one line, fit for a
+`deploy.refused` event.
 """
 
 from __future__ import annotations
@@ -36,6 +39,11 @@ from agent.util.names import NAME_PATTERN, VERSION_PATTERN
 SCHEMA = 1
 MAX_ORDER_BYTES = 64 * 1024
 DEFAULT_EXPIRES = timedelta(days=7)
+# How far ahead of the device's clock an order may be issued: an order from a signer whose clock ran years
+# ahead once locked its topic until then (replay marks), and locks it for a day at most now. A day, not
+# minutes: a board without a real-time clock starts at the time it last stopped (fake-hwclock) and may
+# connect before NTP corrects it, and an order it refuses is read again only at its next connect.
+MAX_CLOCK_SKEW = timedelta(days=1)
 WHAT = "deployment order"
 
 _NAME = re.compile(NAME_PATTERN)
@@ -204,9 +212,16 @@ def parse_order(
         order = _check(doc)
     except ValueError as exc:
         raise OrderError(f"{what}: {exc}", claimed) from None
-    if order.expired(now):
+    current = now or datetime.now(timezone.utc)
+    if order.expired(current):
         raise OrderError(
             f"{what} expired at {_iso(order.expires)}; issue a new one with `edge-agent fleet deploy`", order.id
+        )
+    if order.issued - current > MAX_CLOCK_SKEW:
+        raise OrderError(
+            f"{what} is issued at {_iso(order.issued)}, more than {MAX_CLOCK_SKEW.total_seconds() / 3600:.0f} h ahead of this "
+            f"device's clock ({_iso(current)}); check the clocks (NTP) of this device and of the host that signed it",
+            order.id,
         )
     return order
 
@@ -270,7 +285,10 @@ def _time(doc: dict[str, Any], key: str) -> datetime:
         raise ValueError(f"{key}: {value!r} is not an ISO 8601 time") from None
     if ts.tzinfo is None:
         raise ValueError(f"{key}: {value!r} has no UTC offset (write it like 2026-11-25T10:00:00Z)")
-    return ts
+    try:
+        return ts.astimezone(timezone.utc)
+    except OverflowError:  # 9999-12-31T23:59:59-01:00: an OverflowError later, in the order book, once
+        raise ValueError(f"{key}: {value!r} is out of range in UTC") from None
 
 
 def _check(doc: object) -> DeployOrder:

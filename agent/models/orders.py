@@ -11,7 +11,9 @@ withdraws the topic's order, and an order past its expiry is dropped.
 Replays: `state_dir/orders-seen.json` keeps, per topic, the newest verified order seen on it (its issue
 time and id) and whether it was withdrawn. On a retained topic a newer order always replaces an older
 one, so an order issued before that one, or the withdrawn order itself published again, is a replay and
-is refused.
+is refused. The marks being per topic, an order is followed only from its own topic (a group's order from
+its group's, a device's from the device's): copied onto the other topic, which holds no mark of it, a
+withdrawn order was followed again.
 """
 
 from __future__ import annotations
@@ -129,6 +131,15 @@ class OrderBook:
 
     def replay(self, topic: str, order: DeployOrder) -> str | None:
         """Why `order`, verified and for this device, is a replay on `topic` (None when it is not)."""
+        # The device hears `<prefix>/<device>/deploy` and `<prefix>/fleet/<group>/deploy`. (Only a device named
+        # as its group, under a prefix whose last level is `fleet`, hears two topics that end alike; there a
+        # group order is taken from either, as before.)
+        home = f"/fleet/{order.target_name}/deploy" if order.target_kind == "group" else f"/{order.target_name}/deploy"
+        if not topic.endswith(home):
+            return (
+                f"deployment order {order.id} is for {order.target} but came on {topic}, not on its own topic; "
+                "an order copied onto another topic is not followed (replay refused)"
+            )
         seen = self._seen.get(topic)
         if seen is None:
             return None
