@@ -383,3 +383,20 @@ def test_an_order_whose_times_are_out_of_range_is_refused_without_a_traceback(de
         value = issued if field == "issued" else expires
         assert reason == f"deployment order {doc['id']}: {field}: {value!r} is out of range in UTC", reason
     rig.assert_serving()
+
+
+def test_garbage_on_a_deploy_topic_costs_the_registry_nothing(device: Rig) -> None:
+    """Every payload on a deploy topic, an unsigned string too, made the device fetch the registry's keys
+    before it looked at the payload (88 GETs of keys/root.json for 2,000 of them): on a group's topic, every
+    device of the group at once. A payload that is not a signed envelope is now refused without a request."""
+    rig = device
+    mark = rig.mark()
+    before = len(rig.registry.server.requests)
+    for i in range(20):
+        retain(rig, f"edge/{DEVICE}/deploy", f"not an order {i}".encode())
+    assert wait_for(lambda: len(rig.events("deploy.refused", mark)) >= 1, 30)
+    retain(rig, f"edge/{DEVICE}/deploy", b"[1, 2]")
+    assert wait_for(lambda: any("is not {" in e["reason"] for e in rig.events("deploy.refused", mark)), 30)
+    fetched = [r["path"] for r in rig.registry.server.requests[before:]]
+    assert fetched == [], f"{len(fetched)} registry requests for garbage: {fetched[:5]}"
+    rig.assert_serving()

@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import re
 import secrets
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -171,13 +171,18 @@ def sign_order(order: DeployOrder, private_key: Ed25519PrivateKey) -> bytes:
     return json.dumps(envelope, separators=(",", ":")).encode()
 
 
+Keys = Mapping[str, Ed25519PublicKey]
+
+
 def parse_order(
-    payload: bytes, public_keys: Mapping[str, Ed25519PublicKey], *, now: datetime | None = None
+    payload: bytes, public_keys: Keys | Callable[[], Keys], *, now: datetime | None = None
 ) -> DeployOrder | None:
     """The verified order in a retained deploy payload; None for an empty payload (order withdrawn).
 
     Raises OrderError (one line) for anything a device must not act on: not JSON, not the envelope,
-    a bad signature or an unknown key, a strict-parse failure, or an expired order."""
+    a bad signature or an unknown key, a strict-parse failure, or an expired order. `public_keys` may be a
+    function that fetches them: called only for a payload that is an envelope, so that garbage published on
+    a group's deploy topic does not make every device of the group ask the registry for its keys."""
     if not payload:
         return None
     if len(payload) > MAX_ORDER_BYTES:
@@ -201,7 +206,8 @@ def parse_order(
     except UnicodeEncodeError:  # valid JSON can escape a lone surrogate, which has no UTF-8 form
         raise OrderError(f"{what} is not UTF-8 text (a lone surrogate)", claimed) from None
     try:
-        verify(public_keys, signed, json.dumps(envelope["sig"]).encode(), what, ORDER)
+        keys = public_keys() if callable(public_keys) else public_keys
+        verify(keys, signed, json.dumps(envelope["sig"]).encode(), what, ORDER)
     except SignatureError as exc:
         raise OrderError(str(exc), claimed) from None
     try:

@@ -361,7 +361,7 @@ class Updater:
             self._withdraw(topic)
             return
         try:
-            order = parse_order(payload, self.registry.order_keys())
+            order = parse_order(payload, self.registry.order_keys)  # fetched only for an envelope
         except (OrderError, RefusalError) as exc:
             order_id = exc.order_id if isinstance(exc, OrderError) else None
             self.daemon.emit(Event("deploy.refused", {"topic": topic, "order": order_id, "reason": str(exc)}))
