@@ -35,6 +35,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from agent.models.signing import ORDER, SignatureError, sign, verify
 from agent.util import jsonlimits
 from agent.util.names import NAME_PATTERN, VERSION_PATTERN
+from agent.util.timefmt import from_iso
 
 SCHEMA = 1
 MAX_ORDER_BYTES = 64 * 1024
@@ -286,7 +287,7 @@ def _name(doc: dict[str, Any], key: str, pattern: re.Pattern[str] = _NAME, words
 def _time(doc: dict[str, Any], key: str) -> datetime:
     value = _string(doc, key)
     try:
-        ts = datetime.fromisoformat(value)
+        ts = from_iso(value)  # `Z` too, on Python 3.10
     except ValueError:
         raise ValueError(f"{key}: {value!r} is not an ISO 8601 time") from None
     if ts.tzinfo is None:

@@ -20,11 +20,16 @@ def utc_iso(ts: float) -> str:
     return f"{text}.{ms:03d}Z"
 
 
+def from_iso(text: str) -> datetime:
+    """An ISO 8601 time as written (naive when it names no offset); ValueError when it is not one. Python
+    3.10's `fromisoformat` does not read the `Z` that `utc_iso` writes, hence the replace."""
+    return datetime.fromisoformat(text[:-1] + "+00:00" if text.endswith("Z") else text)
+
+
 def parse_utc_iso(text: str) -> datetime | None:
-    """The time a payload's stamp names (`Z`, an offset, or none for UTC); None when it is not ISO 8601.
-    Python 3.10's `fromisoformat` does not read the `Z` that `utc_iso` writes, hence the replace."""
+    """The time a payload's stamp names (`Z`, an offset, or none for UTC); None when it is not ISO 8601."""
     try:
-        value = datetime.fromisoformat(text[:-1] + "+00:00" if text.endswith("Z") else text)
+        value = from_iso(text)
     except ValueError:
         return None
     return value if value.tzinfo else value.replace(tzinfo=timezone.utc)

@@ -12,10 +12,11 @@ import math
 import threading
 import time
 from collections.abc import Iterator
-from datetime import datetime, timezone
+from datetime import timezone
 from pathlib import Path
 
 from agent.util.printable import quoted
+from agent.util.timefmt import from_iso
 
 FOLLOW_POLL_S = 0.1
 MAX_LINE = 64 * 1024  # bytes; a sensor row is tens of bytes, a line beyond this is refused unread
@@ -81,10 +82,8 @@ def parse_time(value: object) -> float:
     except ValueError as exc:
         if "time" in str(exc):
             raise
-    if text.endswith("Z"):
-        text = text[:-1] + "+00:00"
     try:
-        dt = datetime.fromisoformat(text)
+        dt = from_iso(text)
     except ValueError:
         raise ValueError(f"time {text!r} is neither epoch seconds nor ISO 8601") from None
     if dt.tzinfo is None:
