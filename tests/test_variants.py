@@ -3,12 +3,14 @@ provider has int8 kernels and the manifest's accuracy figure allows it, with the
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from agent.device import hardware
 from agent.models.manifest import Blob, Manifest, Variant, parse_manifest
 from agent.models.variants import rank_variants
 from agent.transport.events import Event
@@ -99,16 +101,27 @@ def _publish_three(registry: Registry, int8_loss: float) -> None:
 
 
 @pytest.mark.parametrize(
-    ("provider", "loss", "chosen", "reason"),
+    ("provider", "loss", "flags", "chosen", "reason"),
     [
-        ("CUDAExecutionProvider", 0.004, "fp16", "fp16 before fp32: CUDA runs fp16 faster"),
-        ("CPUExecutionProvider", 0.004, "int8", "int8 first: CPU has int8 kernels and the variant loses 0.40%"),
-        ("CPUExecutionProvider", 0.04, "fp32", "fp32 first on CPU"),
+        ("CUDAExecutionProvider", 0.004, (), "fp16", "fp16 before fp32: CUDA runs fp16 faster"),
+        ("CPUExecutionProvider", 0.004, (), "int8", "int8 first: CPU has int8 kernels and the variant loses 0.40%"),
+        ("CPUExecutionProvider", 0.04, ("avx2",), "fp32", "fp32 first on CPU"),
+        ("CPUExecutionProvider", 0.04, ("avx512_fp16",), "fp16", "fp16 before fp32: CPU runs fp16 faster"),
     ],
 )
 def test_a_pull_takes_the_preferred_variant_and_says_why(
-    registry: Registry, tmp_path: Path, provider: str, loss: float, chosen: str, reason: str
+    registry: Registry,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    provider: str,
+    loss: float,
+    flags: tuple[str, ...],
+    chosen: str,
+    reason: str,
 ) -> None:
+    """The CPU's flags are the device's, not this host's (one with AVX512-FP16 rightly preferred fp16)."""
+    real = hardware.probe()
+    monkeypatch.setattr(hardware, "probe", lambda *_, **__: replace(real, cpu=replace(real.cpu, flags=flags)))
     _publish_three(registry, loss)
     events: list[Event] = []
     client = registry.client(tmp_path / "state", events, providers=("CPUExecutionProvider", provider))
