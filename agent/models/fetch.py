@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import email.utils
-import fcntl
 import logging
 import os
 import re
@@ -60,6 +59,9 @@ MIN_RATE = 8 * 1024
 MAX_HEAD_BYTES = 16 * 1024
 RETRY_LATER = (429, 503)  # "come back later": answers a CDN or a busy server gives, with a Retry-After
 MAX_REDIRECTS = 5  # hops one request follows: a CDN or an object store's signed URL needs one or two
+# The conditional-GET cache, least recently used evicted: the polled documents of hundreds of models and a
+# few of the largest manifests (a stolen key moving a channel at every poll once added 1 MiB each time).
+MAX_CACHE_BYTES = 16 << 20
 # An ETag as RFC 9110 writes it, at most 256 bytes: requests may refuse to send back any other (If-None-Match).
 ETAG = re.compile(r'(W/)?"[\x21\x23-\x7e\x80-\xff]{0,252}"')
 Progress = Callable[[int, int], None]
@@ -186,6 +188,8 @@ class Fetcher:
             r, started = self._get(url, headers, path, None)
             with r:
                 if r.status_code == 304 and cached is not None:
+                    with contextlib.suppress(OSError):
+                        os.utime(cache)  # used now: evicted last
                     return cached
                 if r.status_code == 404:
                     raise MissingError(f"{path} is not on the registry (404)")
@@ -210,17 +214,26 @@ class Fetcher:
             if etag is not None and ETAG.fullmatch(etag):
                 self.cache_dir.mkdir(parents=True, exist_ok=True)
                 files.write_atomic(cache, etag.encode("latin-1") + b"\n" + data)
+                self._evict()
             return data
 
         return self._retrying(f"GET {url}", get)
 
-    def download(self, blob: Blob, part: Path, what: str, progress: Progress | None = None) -> Path:
-        """The blob in `part`, complete and digest-checked; resumes what an earlier try left there."""
-        url = self.url + f"blobs/sha256/{blob.hex}"
-        with _partials_locked(part.parent):
-            return self._download(blob, part, url, what, progress)
+    def _evict(self) -> None:
+        """Least recently used first, cached documents go until the rest fit MAX_CACHE_BYTES (a write's
+        temporary file, named with a dot, stays); a race with another thread's eviction leaves it to the next."""
+        with contextlib.suppress(FileNotFoundError):
+            found = [(p.stat().st_mtime_ns, p.stat().st_size, p) for p in self.cache_dir.iterdir() if p.name[0] != "."]
+            total = sum(size for _, size, _ in found)
+            for _, size, path in sorted(found):
+                if total <= MAX_CACHE_BYTES:
+                    return
+                path.unlink()
+                total -= size
 
-    def _download(self, blob: Blob, part: Path, url: str, what: str, progress: Progress | None) -> Path:
+    def download(self, blob: Blob, part: Path, what: str, progress: Progress | None = None) -> Path:
+        """The blob in `part`, complete and digest-checked, resuming what an earlier try left (under Store.partials)."""
+        url = self.url + f"blobs/sha256/{blob.hex}"
         resumed = part.exists()
         while True:
             self._retrying(f"GET {url}", lambda: self._fetch_into(part, blob, url, what, progress))
@@ -468,19 +481,6 @@ class _WatchedAdapter(requests.adapters.HTTPAdapter):
         if type(manager) is urllib3.poolmanager.ProxyManager:
             manager.pool_classes_by_scheme = _WATCHED_POOLS
         return manager
-
-
-@contextlib.contextmanager
-def _partials_locked(folder: Path) -> Iterator[None]:
-    """One download at a time into a store's partial files: the store's own lock is not held across the
-    network (a stalled pull must not hold up a rollback), yet a `models pull` and the daemon must never
-    append to the same partial file. Released on kill -9 too (flock)."""
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
 
 
 def _int(text: str | None) -> int | None:

@@ -27,6 +27,7 @@ The HTTP side (retries, the conditional-GET cache, resumable downloads) is agent
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import re
@@ -67,16 +68,20 @@ from agent.models.signing import (
     load_public_keys,
     verify,
 )
-from agent.models.store import Installed, Store, StoreError
+from agent.models.store import STALE_PARTIAL, Installed, Store, StoreError
 from agent.models.trust import Trust, TrustError
 from agent.transport.events import Event, EventSink, log_event
 from agent.util.names import NAME_PATTERN, VERSION_PATTERN
+from agent.util.printable import printable
 
 if TYPE_CHECKING:
     from agent.config.profile import Profile, RuntimeConfig
     from agent.config.runtime import LocalLibrary
 
 DISK_MARGIN = 16 * 1024 * 1024  # left free beyond the download, for the outbox and logs
+# Of a refusal or an error, as its event, its hold and `models pull` carry it: every variant's reason fits,
+# a string from a signed manifest (a provider name of 400,000 characters once did) does not.
+MAX_REASON_CHARS = 2000
 
 
 @dataclass(frozen=True)
@@ -132,9 +137,7 @@ class RegistryClient:
         self.now = now
         cache_dir = store.root.parent / "registry-cache"
         self.fetcher = Fetcher(url, cache_dir, timeout=timeout, retries=retries, backoff=backoff, sleep=sleep)
-        self._raw: dict[tuple[str, str], tuple[bytes, bytes]] = {}
         self.max_accuracy_loss = variants.DEFAULT_MAX_ACCURACY_LOSS
-        self._preference: dict[tuple[str, str], str] = {}  # (model, version) -> why its variant, for the events
 
     @classmethod
     def from_profile(cls, profile: Profile, emit: EventSink = log_event, **kwargs: Any) -> RegistryClient:
@@ -248,6 +251,11 @@ class RegistryClient:
         return pointer
 
     def manifest(self, model: str, version: str) -> Manifest:
+        return self._manifest(model, version)[0]
+
+    def _manifest(self, model: str, version: str) -> tuple[Manifest, tuple[bytes, bytes]]:
+        """The manifest and its signed bytes, which the pull installs (never kept here: a channel moved at
+        every poll once kept 1 MiB per poll in memory)."""
         _check_name(model, NAME_PATTERN, "model")
         _check_name(version, VERSION_PATTERN, "version")
         path = f"models/{model}/{version}/manifest.json"
@@ -256,12 +264,11 @@ class RegistryClient:
             manifest = parse_manifest(data, path)
         except ManifestError as exc:
             raise RefusalError(str(exc)) from None
-        self._raw[(model, version)] = (data, sig)
         if (manifest.model, manifest.version) != (model, version):
             raise RefusalError(f"{path} is signed for {manifest.model} {manifest.version}, not {model} {version}")
         if manifest.expires < self.now():
             raise RefusalError(f"manifest of {model} {version} expired at {manifest.expires.isoformat()}")
-        return manifest
+        return manifest, (data, sig)
 
     # --- one update step --------------------------------------------------------------------
 
@@ -301,16 +308,18 @@ class RegistryClient:
                 settled = self._settled(model, target, allow_older, override, from_channel=version is None)
                 return settled if settled is not None else self._install(model, target, fetched)
         except RefusalError as exc:
+            reason = printable(str(exc), MAX_REASON_CHARS)
             if exc.hold and target is not None:
                 with self.store.lock():
-                    self.store.hold(model, target, str(exc))
-            self.emit(Event("model.refused", {"model": model, "version": target, "reason": str(exc)}))
-            return PullResult(model, "refused", target, reason=str(exc))
+                    self.store.hold(model, target, reason)
+            self.emit(Event("model.refused", {"model": model, "version": target, "reason": reason}))
+            return PullResult(model, "refused", target, reason=reason)
         except (FetchError, StoreError, OSError) as exc:
-            reason = (
+            reason = printable(
                 str(exc)
                 if not isinstance(exc, OSError)
-                else f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": ")
+                else f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": "),
+                MAX_REASON_CHARS,
             )
             self.emit(Event("model.error", {"model": model, "version": target, "reason": reason}))
             return PullResult(model, "failed", target, reason=reason)
@@ -344,18 +353,24 @@ class RegistryClient:
     def _fetch(self, model: str, version: str) -> Fetched:
         """The signed manifest, the variant for this device and its blobs downloaded (none when the store
         holds the version intact already). Runs without the store's lock: only partial files change."""
-        manifest = self.manifest(model, version)
+        manifest, signed = self._manifest(model, version)
         preference = self.preferred(manifest)
         variant = preference.variant
-        self._preference[(model, version)] = preference.reason
         if version in self.store.versions(model):
             entry = self.store.installed(model, version)
             if entry.digest == variant.blob.digest and file_digest(entry.path) == entry.digest:
-                return Fetched(manifest, variant, None, {})
+                return Fetched(manifest, signed, variant, preference.reason, None, {})
         library = customops.choose(variant, self.caps, self._profile_libraries()).library
         blobs = blobs_of(manifest, variant, library)
-        need = sum(b.size for b in blobs) - sum(self._partial_size(b) for b in blobs)
-        free = self.store.free_bytes()
+        keep = {b.digest for b in blobs}
+        with self.store.partials():
+            # Other pulls' partial downloads: gone after a day untouched (their version was left behind), and
+            # at once when this download needs their room (else one abandoned kept every later version out).
+            self.store.discard_partials(keep, STALE_PARTIAL)
+            need = sum(b.size for b in blobs) - sum(self._partial_size(b) for b in blobs)
+            if need + DISK_MARGIN > self.store.free_bytes():
+                self.store.discard_partials(keep)
+            free = self.store.free_bytes()
         if need + DISK_MARGIN > free:
             raise FetchError(f"not enough disk for {model} {version}: needs {need + DISK_MARGIN} bytes, {free} free")
 
@@ -367,7 +382,7 @@ class RegistryClient:
                     **fields,
                     "bytes": variant.blob.size,
                     "resume_from": self._partial_size(variant.blob),
-                    "preference": self._preference.get((model, version)),
+                    "preference": preference.reason,
                 },
             )
         )
@@ -383,18 +398,18 @@ class RegistryClient:
             )
             for b in blobs[1:]
         }
-        return Fetched(manifest, variant, model_part, extra)
+        return Fetched(manifest, signed, variant, preference.reason, model_part, extra)
 
     def _install(self, model: str, version: str, fetched: Fetched) -> PullResult:
         """Verify, test, commit and activate what `_fetch` brought (under the store's lock)."""
-        manifest, variant, model_part, extra = fetched
+        manifest, (data, sig), variant, preference, model_part, extra = fetched
         active = self.store.active(model)
         previous = active.version if active else None
         fields = {
             "model": model,
             "version": version,
             "variant": variant.id,
-            "preference": self._preference.pop((model, version), None),
+            "preference": preference,
         }
         if model_part is None:
             entry = self.store.activate(model, version)
@@ -433,7 +448,6 @@ class RegistryClient:
             for blob in blobs:
                 self.store.discard_partial(blob.digest)
             raise
-        data, sig = self._raw[(model, version)]
         (stage / "manifest.json").write_bytes(data)
         (stage / "manifest.json.sig").write_bytes(sig)
         labels = None
@@ -463,7 +477,20 @@ class RegistryClient:
         )
 
     def _download(self, blob: Blob, what: str, progress: Progress | None = None) -> Path:
-        return self.fetcher.download(blob, self.store.partial_path(blob.digest), what, progress)
+        part = self.store.partial_path(blob.digest)
+        with self.store.partials():
+            try:
+                return self.fetcher.download(blob, part, what, progress)
+            except OSError as exc:
+                if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    raise
+                # The disk filled up under the download (the outbox, the logs): the room goes back to them
+                # now, and the next poll starts again from the disk check.
+                have = part.stat().st_size if part.exists() else 0
+                part.unlink(missing_ok=True)
+                raise FetchError(
+                    f"{what}: the disk filled up at {have} of {blob.size} bytes; the partial download is discarded"
+                ) from None
 
     def _partial_size(self, blob: Blob) -> int:
         part = self.store.root / ".partial" / blob.hex

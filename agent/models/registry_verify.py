@@ -23,24 +23,34 @@ if TYPE_CHECKING:
     from agent.config.profile import RuntimeConfig
     from agent.device.session import OpenedSession
 
+# Test vectors run for one variant: `registry publish` writes one. Each is two downloads, two files synced
+# to disk and a run: the 2,500 a 1 MiB manifest lists took one pull 225 s and left 5,000 files.
+MAX_TESTS = 64
 # agent.device.session.open_session, or a stand-in: (model, runtime, state_dir, emit) -> a proven session
 SessionOpener = Callable[[Path, "RuntimeConfig", Path, EventSink], "OpenedSession"]
 
 
 class Fetched(NamedTuple):
-    """What a pull brought, before it is installed: the model file (None: the store holds it intact
+    """What a pull brought, before it is installed: the manifest with its signed bytes (manifest.json and
+    its .sig), the variant and why it was preferred, the model file (None: the store holds it intact
     already) and the test data by digest."""
 
     manifest: Manifest
+    signed: tuple[bytes, bytes]
     variant: Variant
+    preference: str
     model_file: Path | None
     extra: dict[str, Path]
 
 
 def blobs_of(manifest: Manifest, variant: Variant, library: CustomOpLibrary | None = None) -> list[Blob]:
     """What installing `variant` downloads: its model file, its test vectors' data, the labels, and the
-    custom-op library chosen for this device."""
+    custom-op library chosen for this device; RefusalError, before any download, for more than MAX_TESTS."""
     tests = manifest.tests_for(variant.id)
+    if len(tests) > MAX_TESTS:
+        raise RefusalError(
+            f"variant {variant.id} has {len(tests)} test vectors; a device runs at most {MAX_TESTS} of one variant"
+        )
     blobs = [variant.blob] + [b for t in tests for b in (t.inputs, t.expected)]
     return blobs + ([manifest.labels] if manifest.labels else []) + ([library.blob] if library else [])
 

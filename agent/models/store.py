@@ -9,6 +9,10 @@ state_dir/models/<model>/.stage-*         a version being assembled (deleted on 
 state_dir/models/.partial/<sha256 hex>    downloads in progress, kept so that they resume
 ```
 
+A partial download serves only the pull that resumes it: one that no pull has touched for STALE_PARTIAL
+(its version was left behind while the device was away, or the channel moved on) is discarded by the
+next download, and so is any other one whose room a download needs (`discard_partials`).
+
 Crash safety comes from ordering: a version folder gets its normal name (by rename, after its files
 and the folder are fsynced) only once the download was verified and its test vectors passed; the
 pointer moves only to such a folder, by writing a temporary file, fsyncing it, renaming it over
@@ -49,6 +53,9 @@ INSTALLED = "installed.json"
 MANIFEST = "manifest.json"
 MAX_HELD = 32  # held versions remembered per model, newest kept: the pointer file stays small
 MAX_HISTORY = 32  # earlier versions remembered per model for rollbacks (only those on disk can serve)
+# Seconds after which a partial download no pull appended to is another pull's leftover, not a resume in
+# progress: every poll (5 minutes by default) of a model with a download pending resumes it.
+STALE_PARTIAL = 24 * 3600.0
 
 
 class StoreError(Exception):
@@ -237,9 +244,33 @@ class Store:
                 fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
     def partial_path(self, digest: str) -> Path:
+        return self._partials_dir() / digest.split(":", 1)[-1]
+
+    def _partials_dir(self) -> Path:
         folder = self.root / ".partial"
         folder.mkdir(parents=True, exist_ok=True)
-        return folder / digest.split(":", 1)[-1]
+        return folder
+
+    @contextlib.contextmanager
+    def partials(self) -> Iterator[None]:
+        """One download (or clean-up) at a time in the partial files: the store's own lock is not held across
+        the network (a stalled pull must not hold up a rollback), yet a `models pull` and the daemon must
+        never append to the same partial file. Released on kill -9 too (flock)."""
+        fd = os.open(self._partials_dir(), os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def discard_partials(self, keep: set[str], older_than: float = 0.0) -> None:
+        """Delete the partial downloads whose digest is not in `keep` and that nothing appended to for
+        `older_than` seconds. Call within `partials()`."""
+        now = time.time()
+        for part in self._partials_dir().iterdir():
+            with contextlib.suppress(FileNotFoundError):
+                if f"sha256:{part.name}" not in keep and now - part.stat().st_mtime >= older_than:
+                    part.unlink()
 
     def stage(self, model: str) -> Path:
         folder = self.root / model

@@ -12,6 +12,11 @@ unpickle anything:
 Anything else (a sequence of tensors, an object array of arbitrary values) cannot be stored: `encode`
 raises VectorError with one line, which publish reports. `mismatch` is the device's comparison: shapes
 and kinds must agree, numbers within the tolerances, and NaN only where NaN is expected.
+
+`decode` reads what a signed manifest names, and a stolen key signs anything: before numpy allocates
+a byte, the archive's directory, its member count, the bytes its members inflate to, and each .npy
+header's shape and dtype are checked against the bounds below (a 1 MB zip bomb inflated to 1 GiB; a
+header claiming 8 TiB raised MemoryError out of the pull, a void dtype ValueError out of `mismatch`).
 """
 
 from __future__ import annotations
@@ -19,15 +24,32 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, BinaryIO
 
 import numpy as np
 
+from agent.util import jsonlimits
+
 JSON_KEY = "__json__"  # a unicode array holding the JSON list of members stored as JSON text
 SCALARS = (str, int, float, bool)
+# The arrays of one test-vector file, inflated: a 4K float32 RGB frame is 100 MB, and inputs, expected
+# outputs and the model's own outputs are in memory together.
+MAX_VECTOR_BYTES = 256 << 20
+MAX_MEMBERS = 1024  # arrays in one file: a model's inputs or its outputs (a KV cache is a few hundred)
+# zipfile reads the central directory whole and parses every entry in it (about 600 bytes of memory each)
+# before one can be counted: 2 KiB an entry is a name of 512 characters with its zip64 fields.
+MAX_DIRECTORY_BYTES = MAX_MEMBERS * 2048
+# Compressions zipfile stops at the member's size as it inflates (numpy writes these two): bzip2 and LZMA
+# inflate each read whole first, and 1,749 bytes of bzip2 claiming 100 bytes took 4 GiB.
+INFLATE = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED)
+KINDS = "biufcUS"  # what `encode` stores: booleans, numbers, text; never objects, records, raw bytes or dates
+_END = b"PK\x05\x06"  # the end of central directory record (APPNOTE 4.3.16): 22 bytes, then a comment
+_END_SIZE = 22
+_ZIP64_LOCATOR = b"PK\x06\x07"  # 20 bytes right before it in a zip64 archive
 
 
 class VectorError(ValueError):
@@ -62,17 +84,94 @@ def encode(values: Mapping[str, object]) -> bytes:
 
 
 def decode(data: bytes | Path) -> dict[str, Any]:
-    """The values `encode` stored: arrays, and plain JSON values (maps with string keys) for maps."""
+    """The values `encode` stored: arrays, and plain JSON values (maps with string keys) for maps; VectorError
+    for anything else, and for files beyond the bounds above, before they are inflated."""
     try:
-        with np.load(io.BytesIO(data) if isinstance(data, bytes) else data, allow_pickle=False) as z:
-            values: dict[str, Any] = {k: z[k] for k in z.files}
-        as_json = json.loads(str(values.pop(JSON_KEY))) if JSON_KEY in values else []
+        with io.BytesIO(data) if isinstance(data, bytes) else open(data, "rb") as f:
+            values: dict[str, Any] = _arrays(f)
+        as_json = _json(JSON_KEY, values.pop(JSON_KEY)) if JSON_KEY in values else []
         for name in as_json:
-            values[name] = json.loads(str(values[name]))
+            values[name] = _json(name, values[name])
     except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile, EOFError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise VectorError(f"test data cannot be read: {first[:200]}") from None
     return values
+
+
+def _arrays(f: BinaryIO) -> dict[str, np.ndarray]:
+    """Each member of the .npz in `f`, read as numpy's own `load` would, once proven within the bounds."""
+    _check_directory(f)
+    with zipfile.ZipFile(f) as z:
+        members = z.infolist()
+        if len(members) > MAX_MEMBERS:
+            raise VectorError(f"{len(members)} members, more than the {MAX_MEMBERS} test data may have")
+        # zipfile stops each member at its file_size (and checks its CRC): these are the bytes it inflates to.
+        total = sum(m.file_size for m in members)
+        if total > MAX_VECTOR_BYTES:
+            raise VectorError(f"{total} bytes inflated, more than the {MAX_VECTOR_BYTES} bytes test data may hold")
+        arrays = {}
+        for member in members:
+            if member.flag_bits & 0x1:
+                raise VectorError(f"member {member.filename!r} is encrypted; test data is not")
+            if member.compress_type not in INFLATE:
+                raise VectorError(
+                    f"member {member.filename!r} is compressed with zip method {member.compress_type}; "
+                    "test data is stored or deflated (0 or 8)"
+                )
+            with z.open(member) as raw:
+                _check_header(member, raw)
+            with z.open(member) as raw:
+                arrays[member.filename.removesuffix(".npy")] = np.lib.format.read_array(raw, allow_pickle=False)
+        return arrays
+
+
+def _check_directory(f: BinaryIO) -> None:
+    """The central directory's size, from the end record zipfile will use (found as zipfile finds it: the
+    record ending the file, else the last one within a comment's reach), refused beyond MAX_DIRECTORY_BYTES."""
+    size = f.seek(0, os.SEEK_END)
+    window = max(0, size - (1 << 16) - _END_SIZE)
+    f.seek(window)
+    tail = f.read()
+    no_comment = tail[-_END_SIZE:].startswith(_END) and tail.endswith(b"\0\0")
+    at = len(tail) - _END_SIZE if no_comment else tail.rfind(_END)
+    if at < 0 or len(tail) < at + _END_SIZE:
+        raise VectorError("not an .npz file (no zip end record)")
+    if window + at >= 20:
+        f.seek(window + at - 20)
+        if f.read(4) == _ZIP64_LOCATOR:  # only an archive of 65,535 members or 4 GiB needs one
+            raise VectorError(
+                f"a zip64 archive; test data has at most {MAX_MEMBERS} members and {MAX_VECTOR_BYTES} bytes"
+            )
+    directory = int.from_bytes(tail[at + 12 : at + 16], "little")
+    if directory > MAX_DIRECTORY_BYTES:
+        raise VectorError(f"its zip directory is {directory} bytes, more than {MAX_MEMBERS} members take")
+    f.seek(0)
+
+
+def _check_header(member: zipfile.ZipInfo, raw: IO[bytes]) -> None:
+    """The member's .npy header names a kind `encode` stores, and exactly as many bytes as the member holds:
+    numpy allocates the shape the header claims before it reads a byte of data."""
+    name = member.filename
+    version = np.lib.format.read_magic(raw)  # ValueError when it is no .npy file
+    if version == (1, 0):
+        shape, _, dtype = np.lib.format.read_array_header_1_0(raw)
+    elif version == (2, 0):
+        shape, _, dtype = np.lib.format.read_array_header_2_0(raw)
+    else:  # 3.0 is for record field names beyond latin-1: records are refused anyway
+        raise VectorError(f"member {name!r} is .npy format {version[0]}.{version[1]}; test data is 1.0 or 2.0")
+    if dtype.kind not in KINDS:
+        raise VectorError(f"member {name!r} holds {dtype}, not numbers, booleans or text")
+    claimed, holds = math.prod(shape) * dtype.itemsize, member.file_size - raw.tell()
+    if claimed != holds:
+        raise VectorError(f"member {name!r}: its header says {claimed} bytes of data; the member holds {holds}")
+
+
+def _json(name: str, value: Any) -> Any:
+    """A member stored as JSON text, bounded in size and nesting (json.loads recurses per level)."""
+    try:
+        return jsonlimits.loads(str(value), max_bytes=MAX_VECTOR_BYTES)
+    except jsonlimits.JSONLimitError as exc:
+        raise VectorError(f"{name!r} is not JSON test vectors hold: {exc}") from None
 
 
 def mismatch(name: str, actual: object, expected: object, *, rtol: float, atol: float) -> str | None:
