@@ -32,6 +32,7 @@ from agent.inference.sources.base import Frame, SourceContext
 from agent.transport.events import Event
 from agent.util.libraries import MAX_SIDE
 from tests.helpers.models import save, unary_model
+from tests.helpers.profiles import one_pipeline
 
 REPO = Path(__file__).resolve().parent.parent
 HUGE = 16000  # over MAX_SIDE, under FFmpeg's own bound (about 2^28 pixels; it refuses 60000x60000 itself)
@@ -133,21 +134,8 @@ def test_a_camera_frame_declaring_16000x16000_is_refused_by_a_running_agent_in_b
     tmp_path: Path, camera: HostileMjpeg
 ) -> None:
     model = save(unary_model("Relu", shape=("N", 3, 24, 32)), tmp_path / "m.onnx")
-    profile = tmp_path / "profile.json"
-    profile.write_text(
-        json.dumps(
-            {
-                "device": {"id": "d", "state_dir": str(tmp_path / "state")},
-                "pipelines": [
-                    {
-                        "name": "p",
-                        "model": str(model),
-                        "source": {"type": "camera", "device": camera.url},
-                        "preprocess": {"resize": [32, 24], "scale": 0.004},
-                    }
-                ],
-            }
-        )
+    profile = one_pipeline(
+        tmp_path, model, {"type": "camera", "device": camera.url}, preprocess={"resize": [32, 24], "scale": 0.004}
     )
     cmd = [sys.executable, "-c", PEAK_RSS, sys.executable, "-m", "agent", "run", "--profile", str(profile)]
     with (tmp_path / "out").open("w+") as out, (tmp_path / "err").open("w+") as err:

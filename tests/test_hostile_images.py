@@ -24,6 +24,7 @@ from agent.transport.events import Event
 from agent.util.libraries import MAX_SIDE
 from tests.helpers import media
 from tests.helpers.models import save, unary_model
+from tests.helpers.profiles import one_pipeline
 
 REPO = Path(__file__).resolve().parent.parent
 # Runs a command and prints the peak RSS (KiB) of its process tree's largest member on stderr's last line.
@@ -57,21 +58,11 @@ def test_a_bomb_and_an_oversized_file_are_refused_by_a_running_agent_in_bounded_
         f.truncate(MAX_IMAGE_BYTES + 1)  # sparse: no disk used
     cv2.imwrite(str(folder / "d.png"), img)
     model = save(unary_model("Relu", shape=("N", 3, 24, 32)), tmp_path / "m.onnx")
-    profile = tmp_path / "profile.json"
-    profile.write_text(
-        json.dumps(
-            {
-                "device": {"id": "d", "state_dir": str(tmp_path / "state")},
-                "pipelines": [
-                    {
-                        "name": "p",
-                        "model": str(model),
-                        "source": {"type": "images", "path": str(folder), "pattern": "*.png"},
-                        "preprocess": {"resize": [32, 24], "scale": 0.004},
-                    }
-                ],
-            }
-        )
+    profile = one_pipeline(
+        tmp_path,
+        model,
+        {"type": "images", "path": str(folder), "pattern": "*.png"},
+        preprocess={"resize": [32, 24], "scale": 0.004},
     )
     cmd = [sys.executable, "-c", PEAK_RSS, sys.executable, "-m", "agent", "run", "--profile", str(profile)]
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=120)

@@ -30,12 +30,11 @@ from agent.models.signing import ORDER, load_private_key, sign
 from agent.service.commands.dispatch import Handler
 from tests.helpers.agent_proc import InProcessAgent
 from tests.helpers.broker import Mosquitto
-from tests.helpers.daemon_proc import AgentProcess, sensor_csv
 from tests.helpers.mqtt_client import Subscriber
 from tests.helpers.registry import make_registry
 from tests.helpers.waiting import wait_for
 from tests.test_e2e_daemon import linear
-from tests.test_hostile_wire import DEVICE, REPLIES, Rig
+from tests.test_hostile_wire import DEVICE, Rig, running
 
 pytestmark = pytest.mark.slow
 
@@ -264,25 +263,8 @@ def device(tmp_path: Path, own_broker: Mosquitto) -> Iterator[Rig]:
     registry = make_registry(tmp_path / "reg")
     registry.publish("m", "1.0.0", linear(tmp_path, "v1", 1.0), channel="stable")
     registry.publish("m", "2.0.0", linear(tmp_path, "v2", 2.0), channel=None)
-    agent = AgentProcess(
-        tmp_path, DEVICE, "g", own_broker.url, registry.url, registry.public_key, csv=sensor_csv(tmp_path / "s.csv")
-    )
-    sub = Subscriber(own_broker.port, f"edge/{DEVICE}/#", REPLIES)
-    agent.start()
-    rig = Rig(agent, registry, sub)
-    try:
-        assert wait_for(lambda: rig.results() > 0, 60), agent.stderr()[-3000:]
-        for _ in range(60):  # commands are subscribed after the pipelines start
-            try:
-                rig.commands([("ping", b"")], timeout=0.5)
-                break
-            except AssertionError:
-                continue
+    with running(tmp_path, own_broker, registry) as rig:
         yield rig
-    finally:
-        agent.stop()
-        sub.close()
-        registry.server.stop()
 
 
 def retain(rig: Rig, topic: str, payload: bytes) -> None:

@@ -23,6 +23,7 @@ from agent.inference.sources import SOURCES, make_source
 from agent.inference.sources.base import SourceContext
 from agent.transport.events import Event
 from tests.helpers.models import linear_model, save
+from tests.helpers.profiles import one_pipeline
 from tests.helpers.waiting import wait_for
 
 REPO = Path(__file__).resolve().parent.parent
@@ -103,21 +104,7 @@ def test_a_nested_jsonl_line_is_rejected_once_and_the_agent_does_not_reread_the_
         + "\n"
     )
     model = save(linear_model(np.ones((2, 1))), tmp_path / "m.onnx")
-    profile = tmp_path / "profile.json"
-    profile.write_text(
-        json.dumps(
-            {
-                "device": {"id": "d", "state_dir": str(tmp_path / "state")},
-                "pipelines": [
-                    {
-                        "name": "p",
-                        "model": str(model),
-                        "source": {"type": "jsonl", "path": str(rows), "fields": ["a", "b"]},
-                    }
-                ],
-            }
-        )
-    )
+    profile = one_pipeline(tmp_path, model, {"type": "jsonl", "path": str(rows), "fields": ["a", "b"]})
     ran = subprocess.run(
         [sys.executable, "-m", "agent", "run", "--profile", str(profile)],
         capture_output=True,
@@ -277,21 +264,7 @@ def test_a_running_agent_keeps_serving_through_hostile_rows_followed_live(tmp_pa
     rows = tmp_path / "live.jsonl"
     rows.write_text(GOOD_JSON % 0 + "\n")
     model = save(linear_model(np.ones((2, 1))), tmp_path / "m.onnx")
-    profile = tmp_path / "profile.json"
-    profile.write_text(
-        json.dumps(
-            {
-                "device": {"id": "d", "state_dir": str(tmp_path / "state")},
-                "pipelines": [
-                    {
-                        "name": "p",
-                        "model": str(model),
-                        "source": {"type": "jsonl", "path": str(rows), "fields": ["a", "b"], "follow": True},
-                    }
-                ],
-            }
-        )
-    )
+    profile = one_pipeline(tmp_path, model, {"type": "jsonl", "path": str(rows), "fields": ["a", "b"], "follow": True})
     out, log = tmp_path / "out.jsonl", tmp_path / "agent.log"
     with out.open("wb") as stdout, log.open("wb") as stderr:
         agent = subprocess.Popen(

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from functools import partial
@@ -134,11 +135,9 @@ class Rig:
         assert "Traceback" not in log, log[-4000:]
 
 
-@pytest.fixture(scope="module")
-def rig(tmp_path_factory: pytest.TempPathFactory, broker: Mosquitto) -> Iterator[Rig]:
-    tmp = tmp_path_factory.mktemp("hostile")
-    registry = make_registry(tmp / "reg")
-    registry.publish("m", "1.0.0", linear(tmp, "v1", 1.0), channel="stable")
+@contextmanager
+def running(tmp: Path, broker: Mosquitto, registry: Registry) -> Iterator[Rig]:
+    """A real agent of `registry`'s model m (channel stable) on `broker`, once it serves and answers ping."""
     agent = AgentProcess(tmp, DEVICE, "g", broker.url, registry.url, registry.public_key, csv=sensor_csv(tmp / "s.csv"))
     sub = Subscriber(broker.port, f"edge/{DEVICE}/#", REPLIES)
     agent.start()
@@ -158,6 +157,15 @@ def rig(tmp_path_factory: pytest.TempPathFactory, broker: Mosquitto) -> Iterator
         agent.stop()
         sub.close()
         registry.server.stop()
+
+
+@pytest.fixture(scope="module")
+def rig(tmp_path_factory: pytest.TempPathFactory, broker: Mosquitto) -> Iterator[Rig]:
+    tmp = tmp_path_factory.mktemp("hostile")
+    registry = make_registry(tmp / "reg")
+    registry.publish("m", "1.0.0", linear(tmp, "v1", 1.0), channel="stable")
+    with running(tmp, broker, registry) as rig:
+        yield rig
 
 
 # ---- commands ------------------------------------------------------------------------------------------
