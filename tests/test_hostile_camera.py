@@ -152,9 +152,13 @@ def test_a_camera_frame_declaring_16000x16000_is_refused_by_a_running_agent_in_b
     lost = f"sends frames of {HUGE}x{HUGE} pixels, more than the {MAX_SIDE}x{MAX_SIDE} a frame may have"
     assert lost in log, log[-3000:]
     assert "source.recovered" in log and "Traceback" not in log and "source.error" not in log, log[-3000:]
-    # The stream went on after the huge frame mid-stream: the 3 frames before it, it (cut), and the rest.
+    # The stream went on after the huge frame mid-stream. A live source drops frames while the pipeline is busy
+    # (9 of 24 came through on a loaded machine), so the frames are told apart by their grey level, which the
+    # Relu model's output carries (level x 0.004): only normal frames after the huge one are 25 to 105 (the huge
+    # one itself comes out cut to the stream's size, its grey about 130).
     results = [json.loads(line) for line in results_text.splitlines()]
-    assert len(results) >= 12, log[-3000:]  # of the 24 sent; a live source may drop some
+    levels = [round(float(np.mean(r["output"]["y"])) / 0.004) for r in results]
+    assert any(25 <= level <= 105 for level in levels), (levels, log[-3000:])
     # 2.3 GB before; the agent itself takes about 150 MB, FFmpeg's buffer for the mid-stream frame 256 MB.
     assert peak_kib < 600 * 1024, f"peak RSS {peak_kib >> 10} MiB"
 
