@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from agent.inference import throttle
 from agent.inference.sources import SOURCES, make_source
 from agent.inference.sources.base import SourceContext
 from agent.transport.events import Event
@@ -284,3 +285,23 @@ def test_a_running_agent_keeps_serving_through_hostile_rows_followed_live(tmp_pa
     finally:
         agent.kill()
         agent.wait(10)
+
+
+def test_the_event_throttle_forgets_kinds_whose_interval_has_passed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A rejected row's reason quotes its value, and each distinct reason was a kind the pipeline's throttle
+    kept for ever: 10,000 distinct bad rows, 10,000 entries. Now the kinds still within their interval."""
+    clock = [0.0]
+    monkeypatch.setattr(throttle.time, "monotonic", lambda: clock[0])
+    sent: list[Event] = []
+    folding = throttle.EventThrottle(sent.append)
+    for i in range(10_000):
+        clock[0] += 0.01  # 100 rows a second: about 1,000 distinct kinds within one interval
+        value = "".join(chr(ord("a") + int(d)) for d in str(i))  # no digits: the throttle reads those as counts
+        folding(
+            Event("frame.rejected", {"pipeline": "p", "reason": f"s.csv line: column 'a': {value!r} is not a number"})
+        )
+    assert len(sent) == 10_000  # each kind is new: every one goes out
+    assert len(folding._last) <= 2 * throttle.MAX_KINDS and len(folding._folded) <= 2 * throttle.MAX_KINDS
+    for _ in range(2):
+        folding(Event("frame.rejected", {"pipeline": "p", "reason": "s.csv line: column 'a': 'zz' is not a number"}))
+    assert len(sent) == 10_001  # the repeat within the interval is still folded
