@@ -223,13 +223,13 @@ class Fetcher:
         """Least recently used first, cached documents go until the rest fit MAX_CACHE_BYTES (a write's
         temporary file, named with a dot, stays); a race with another thread's eviction leaves it to the next."""
         with contextlib.suppress(FileNotFoundError):
-            found = [(p.stat().st_mtime_ns, p.stat().st_size, p) for p in self.cache_dir.iterdir() if p.name[0] != "."]
-            total = sum(size for _, size, _ in found)
-            for _, size, path in sorted(found):
+            found = [(p.stat(), p) for p in self.cache_dir.iterdir() if p.name[0] != "."]
+            total = sum(st.st_size for st, _ in found)
+            for st, path in sorted(found, key=lambda f: f[0].st_mtime_ns):
                 if total <= MAX_CACHE_BYTES:
                     return
                 path.unlink()
-                total -= size
+                total -= st.st_size
 
     def download(self, blob: Blob, part: Path, what: str, progress: Progress | None = None) -> Path:
         """The blob in `part`, complete and digest-checked, resuming what an earlier try left (under Store.partials)."""
