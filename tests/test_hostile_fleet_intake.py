@@ -33,8 +33,12 @@ from agent.transport.contract.report import DeviceReport, Vitals, report_text
 from agent.transport.topics import Topics
 from agent.util.timefmt import utc_iso
 from tests.helpers.broker import Mosquitto
+from tests.helpers.registry import make_registry
+from tests.helpers.waiting import wait_for
 from tests.test_cli_fleet import FakeDevice
+from tests.test_e2e_daemon import linear
 from tests.test_fleet_status import Writer, device, health, report, status
+from tests.test_hostile_wire import DEVICE, running
 
 ESC = "\x1b"
 SCREEN = f"{ESC}[2J{ESC}[31m"  # clear the screen, then red
@@ -366,3 +370,26 @@ def test_rollout_status_shows_a_device_reason_printable(tmp_path: Path, capsys: 
     assert "  cam-1: failed: refused: \\x1b[2J\\x1b[31mopset 27\\n2026-01-01" in out, out
     assert "  event report.forged: \\x1b[2J\\x1b[31mforged\\n2026-01-01" in out, out
     assert not any(line.startswith("2026-01-01") for line in out.splitlines()), out
+
+
+# ---- the fleet's checks against a real agent ----------------------------------------------------------
+
+
+def test_what_a_real_agent_sends_passes_the_fleets_own_checks(
+    tmp_path: Path, own_broker: Mosquitto, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The fleet asks more of a device's messages than the contract (ids and groups are names, health figures
+    finite, not negative, below 2^63): a real agent's status and health must pass them, or `fleet status` would
+    count the whole fleet as refused."""
+    registry = make_registry(tmp_path / "reg")
+    registry.publish("m", "1.0.0", linear(tmp_path, "v1", 1.0), channel="stable")
+    with running(tmp_path, own_broker, registry) as rig:
+        health_topic = f"{rig.base}/health"
+        assert wait_for(lambda: len(rig.sub.payloads(health_topic)) >= 2, 30), rig.agent.stderr()[-3000:]
+        code, out, err = status_cli(capsys, own_broker, "edge", "--json")
+    assert code == 0, err
+    state = json.loads(out)
+    assert state["refused"] == {"count": 0, "first": []}, state["refused"]
+    (dev,) = state["devices"]
+    assert (dev["device"], dev["state"], dev["group"]) == (DEVICE, "online", "g"), dev
+    assert dev["models"]["m"]["version"] == "1.0.0" and dev["health_age_s"] is not None, dev
