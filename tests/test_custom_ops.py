@@ -22,6 +22,7 @@ from agent.models.manifest import ManifestError, parse_manifest
 from agent.models.store import Store
 from agent.transport.events import Event
 from agent.util.hashing import sha256_file
+from tests.helpers.profiles import validated
 from tests.helpers.registry import Registry
 
 onnx = pytest.importorskip("onnx")
@@ -462,7 +463,7 @@ def test_a_profile_library_that_declares_its_domains_refuses_a_variant_before_do
     registry.publish("inverse", "2.0.0", model, custom_ops=((other, foreign),), no_tests=True)
 
     def pull(domains: dict[str, int] | None) -> tuple[Any, list[Event]]:
-        runtime = RuntimeConfig(custom_ops=[{"path": str(library), "domains": domains}])
+        runtime = validated(RuntimeConfig, custom_ops=[{"path": str(library), "domains": domains}])
         events: list[Event] = []
         client = registry.client(tmp_path / f"state-{len(registry.blob_requests())}", events, runtime=runtime)
         return client.check_and_pull("inverse"), events

@@ -17,6 +17,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from agent.config.base import adapter
 from agent.config.profile import PipelineConfig, RuntimeConfig, load_profile
 from agent.device.graphprep import FOLDER, KEPT, PREFIX, FramePrep, NotRewritableError, StreamPlan, on_disk, rewrite
 from agent.device.onnxproto import WireError
@@ -27,6 +28,7 @@ from agent.inference.sessions import POOL
 from agent.inference.warmup import stream_plan, stream_plans
 from tests.helpers import media
 from tests.helpers.models import linear_model, save
+from tests.helpers.profiles import validated
 from tests.test_pipeline import Recorder
 
 pytestmark = pytest.mark.arm64
@@ -63,9 +65,11 @@ def image_model(
 
 
 def preprocess(**fields: Any) -> Any:
-    return PipelineConfig.model_validate(
-        {"name": "p", "model": "m.onnx", "source": {"type": "synthetic"}, "preprocess": fields}
-    ).preprocess
+    return (
+        adapter(PipelineConfig)
+        .validate_python({"name": "p", "model": "m.onnx", "source": {"type": "synthetic"}, "preprocess": fields})
+        .preprocess
+    )
 
 
 def frames(n: int = 3, w: int = 32, h: int = 24) -> list[np.ndarray]:
@@ -217,7 +221,9 @@ def test_truncated_or_damaged_models_are_refused_never_misread() -> None:
 
 def test_plans_follow_the_pipeline_and_models_shared_by_pipelines_that_differ_get_none(tmp_path: Path) -> None:
     def cfg(name: str, model: str, **fields: Any) -> PipelineConfig:
-        return PipelineConfig.model_validate({"name": name, "model": model, "source": {"type": "synthetic"}, **fields})
+        return adapter(PipelineConfig).validate_python(
+            {"name": name, "model": model, "source": {"type": "synthetic"}, **fields}
+        )
 
     cam = cfg("a", "m.onnx", preprocess={"resize": [32, 24], "scale": 0.5})
     plan = stream_plan(cam, RUNTIME)
@@ -233,9 +239,11 @@ def test_plans_follow_the_pipeline_and_models_shared_by_pipelines_that_differ_ge
     assert (p := stream_plan(gray, RUNTIME)) is not None and p.frames is None
     anomaly = cfg("c", "m.onnx", postprocess={"type": "anomaly", "method": "reconstruction", "threshold": 1})
     assert (p := stream_plan(anomaly, RUNTIME)) is not None and p.frames is None, "it reads the preprocessed input"
-    sensor = PipelineConfig.model_validate({"name": "s", "model": "m.onnx", "source": {"type": "csv", "path": "s.csv"}})
+    sensor = adapter(PipelineConfig).validate_python(
+        {"name": "s", "model": "m.onnx", "source": {"type": "csv", "path": "s.csv"}}
+    )
     assert stream_plan(sensor, RUNTIME) is None
-    batching_off = RuntimeConfig(batching={"mode": "off"})
+    batching_off = validated(RuntimeConfig, batching={"mode": "off"})
     POOL.plan(2)
     try:
         assert (p := stream_plan(cam, RUNTIME)) is not None and not p.batch_one, "two cameras may batch"
@@ -317,7 +325,7 @@ def test_a_swap_between_frames_in_and_tensors_in_keeps_every_frame(tmp_path: Pat
     v1 = save(image_model(conv=False), tmp_path / "v1.onnx")
     v2 = save(image_model(opset=6, conv=False), tmp_path / "v2.onnx")
     wrong = save(linear_model(np.ones((3, 1))), tmp_path / "wrong.onnx")
-    cfg = PipelineConfig.model_validate(
+    cfg = adapter(PipelineConfig).validate_python(
         {
             "name": "cam",
             "model": str(v1),

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from agent.config.base import adapter
 from agent.config.profile import Profile
 from agent.service.homeassistant import POST_ENTITIES, config_payload, config_topic, entities, node_id
 from agent.transport.topics import Topics
@@ -78,7 +79,7 @@ def every_kind_of_pipeline(tmp_path: Path) -> Profile:
         "homeassistant": {"enabled": True},
         "pipelines": [*pipelines, {**pipelines[0], "name": "off", "enabled": False}],
     }
-    return Profile.model_validate(doc, context={"base_dir": tmp_path})
+    return adapter(Profile).validate_python(doc, context={"base_dir": tmp_path})
 
 
 def discovery(profile: Profile) -> dict[str, dict[str, Any]]:
@@ -278,7 +279,7 @@ def running(agent_dir: Path, broker: Mosquitto, names: tuple[str, str]) -> Itera
 def announced(folder: Path, device: str, broker: Mosquitto, prefix: str, *, spare: bool = True) -> set[str]:
     """The config topics the agent announces for this profile: waited for all together, since they travel
     as separate messages and the entities read below need not be the last ones to arrive."""
-    profile = Profile.model_validate(
+    profile = adapter(Profile).validate_python(
         agent_profile(folder, device, broker, prefix, spare=spare), context={"base_dir": folder}
     )
     return {config_topic(prefix, device, e) for e in entities(Topics("edge", device), profile.pipelines)}

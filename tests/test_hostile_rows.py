@@ -24,7 +24,7 @@ from agent.inference.sources import SOURCES, make_source
 from agent.inference.sources.base import SourceContext
 from agent.transport.events import Event
 from tests.helpers.models import linear_model, save
-from tests.helpers.profiles import one_pipeline
+from tests.helpers.profiles import one_pipeline, validated
 from tests.helpers.waiting import wait_for
 
 REPO = Path(__file__).resolve().parent.parent
@@ -34,7 +34,7 @@ GOOD_JSON = '{"a": %d, "b": 2}'
 def read(kind: str, path: Path, **fields: Any) -> tuple[list[list[float]], list[Event], float]:
     """Every sample and event of a file source, and the seconds it took."""
     events: list[Event] = []
-    config = SOURCES[kind].Config(type=kind, path=str(path), **fields)
+    config = validated(SOURCES[kind].Config, type=kind, path=str(path), **fields)
     source = make_source(config, SourceContext("p", events.append))
     started = time.perf_counter()
     items = [list(w.data) for w in source.frames(threading.Event())]

@@ -23,6 +23,7 @@ from agent.inference.sources import SOURCES, make_source
 from agent.inference.sources.base import SourceContext, SourceFailedError
 from agent.transport.events import Event
 from tests.helpers import media
+from tests.helpers.profiles import validated
 from tests.test_sources import collect, source
 
 
@@ -204,7 +205,9 @@ def test_iio_raw_values_that_are_not_finite_numbers_are_rejected_and_sampling_go
             raw.write_bytes(value if isinstance(value, bytes) else value.encode())
 
     events: list[Event] = []
-    config = SOURCES["iio"].Config(type="iio", device="iio:device0", channels=["in_accel_x"], rate=200, root=str(root))
+    config = validated(
+        SOURCES["iio"].Config, type="iio", device="iio:device0", channels=["in_accel_x"], rate=200, root=str(root)
+    )
     items = collect(make_source(config, SourceContext("p", sink)), count=1, timeout=5)
     assert [i.data.tolist() for i in items] == [[5.0]]
     assert [e.type for e in events] == ["frame.rejected"] * 4

@@ -15,6 +15,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
+from agent.config.base import adapter
 from agent.config.profile import PipelineConfig, RuntimeConfig
 from agent.inference.loader import open_pipeline
 from agent.inference.pipeline import Pipeline
@@ -74,7 +75,7 @@ def pool_model(scale: float = 1.0) -> onnx.ModelProto:
 
 
 def config(**fields: Any) -> PipelineConfig:
-    return PipelineConfig.model_validate({"name": "p", **fields})
+    return adapter(PipelineConfig).validate_python({"name": "p", **fields})
 
 
 def build(tmp_path: Path, cfg: PipelineConfig, sink: Recorder, **kwargs: Any) -> Pipeline:

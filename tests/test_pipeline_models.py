@@ -13,6 +13,7 @@ import cv2
 import numpy as np
 import pytest
 
+from agent.config.base import adapter
 from agent.config.profile import PipelineConfig, RuntimeConfig
 from agent.inference.loader import open_pipeline
 from tests.helpers import media
@@ -32,7 +33,7 @@ OCR_PRE = {
 
 
 def run_to_end(tmp_path: Path, sink: Recorder, **fields: Any) -> Any:
-    cfg = PipelineConfig.model_validate({"name": "p", **fields})
+    cfg = adapter(PipelineConfig).validate_python({"name": "p", **fields})
     pipe = open_pipeline(cfg, sink, device="dev", runtime=RUNTIME, state_dir=tmp_path, emit=sink.event).start()
     assert pipe.wait(120), "the pipeline did not finish"
     pipe.stop()

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
-import pydantic
 import pytest
 
+from agent.config.base import plain
 from agent.config.profile import Profile, ProfileError, load_profile
 from agent.config.units import format_duration, format_size, parse_duration, parse_size
 from agent.models.signing import generate_keypair
@@ -59,7 +60,7 @@ def test_good_profile_is_typed_with_defaults(tmp_path: Path) -> None:
 
 def test_profile_objects_are_immutable(tmp_path: Path) -> None:
     profile = load_profile(write(tmp_path, GOOD), environ={})
-    with pytest.raises(pydantic.ValidationError, match="frozen"):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         profile.device.id = "other"  # type: ignore[misc]
 
 
@@ -150,7 +151,7 @@ def test_env_expansion_with_default(tmp_path: Path) -> None:
     assert profile.device.id == "env-dev"
     assert profile.device.state_dir == Path("/var/tmp/ea")
     assert profile.mqtt is not None and profile.mqtt.secret() == "hunter2"
-    assert "hunter2" not in repr(profile) and "hunter2" not in str(profile.model_dump())
+    assert "hunter2" not in repr(profile) and "hunter2" not in str(plain(profile))
 
 
 def test_password_file_is_read_when_needed(tmp_path: Path) -> None:

@@ -22,6 +22,7 @@ from agent.device.providers import CPU, CUDA, OPENVINO, TENSORRT, Candidate, can
 from agent.device.session import AcceleratorUnavailableError, open_session
 from agent.transport.events import Event
 from tests.helpers.models import linear_model, unary_model
+from tests.helpers.profiles import validated
 
 REPO = Path(__file__).resolve().parent.parent
 FIXTURES = REPO / "tests" / "fixtures" / "hardware"
@@ -197,7 +198,7 @@ def test_auto_ranking_per_device_with_reasons(case: str) -> None:
 
 @pytest.mark.arm64
 def test_explicit_list_keeps_the_profiles_order_and_adds_cpu_last() -> None:
-    runtime = RuntimeConfig(providers=[{"cuda": {"device_id": 1}}, "tensorrt"])
+    runtime = validated(RuntimeConfig, providers=[{"cuda": {"device_id": 1}}, "tensorrt"])
     ranking = rank(runtime, probe(FIXTURES / "x86-rtx3060", runtime=GPU_WHEEL))
     assert [(c.label, c.kept, c.reason, c.requested) for c in ranking.candidates] == [
         ("CUDAExecutionProvider", True, "asked for (#1 in the list)", True),
@@ -209,7 +210,7 @@ def test_explicit_list_keeps_the_profiles_order_and_adds_cpu_last() -> None:
 
 @pytest.mark.arm64
 def test_explicit_cuda_on_a_pi_with_the_cpu_wheel_is_dropped_with_the_reason() -> None:
-    ranking = rank(RuntimeConfig(providers=["cuda", "cpu"]), probe(FIXTURES / "rpi4", runtime=CPU_WHEEL))
+    ranking = rank(validated(RuntimeConfig, providers=["cuda", "cpu"]), probe(FIXTURES / "rpi4", runtime=CPU_WHEEL))
     assert [(c.label, c.kept, c.reason) for c in ranking.candidates] == [
         ("CPUExecutionProvider", True, "asked for (#2 in the list)"),
         (
@@ -302,7 +303,9 @@ def test_cuda_asked_for_on_the_cpu_wheel_falls_back_to_cpu_with_an_event(tmp_pat
     if CUDA in ort.get_available_providers():
         pytest.skip("this onnxruntime has CUDA built in; the case is about the CPU wheel")
     model = linear_model(np.eye(3, dtype=np.float32)).SerializeToString()
-    opened = open_session(model, RuntimeConfig(providers=[{"cuda": {"device_id": 0}}]), tmp_path, events.append)
+    opened = open_session(
+        model, validated(RuntimeConfig, providers=[{"cuda": {"device_id": 0}}]), tmp_path, events.append
+    )
     assert opened.provider == CPU and opened.providers == (CPU,) and tuple(opened.session.get_providers()) == (CPU,)
     assert [e.type for e in events] == ["provider.fallback"]
     assert events[0].fields["provider"] == CUDA and events[0].fields["next"] == CPU
@@ -318,7 +321,7 @@ def test_cuda_asked_for_on_the_cpu_wheel_falls_back_to_cpu_with_an_event(tmp_pat
 def test_require_accelerator_turns_the_fallback_into_a_loud_failure(tmp_path: Path, events: list[Event]) -> None:
     if CUDA in ort.get_available_providers():
         pytest.skip("this onnxruntime has CUDA built in")
-    runtime = RuntimeConfig(providers=["cuda"], require_accelerator=True)
+    runtime = validated(RuntimeConfig, providers=["cuda"], require_accelerator=True)
     with pytest.raises(AcceleratorUnavailableError) as err:
         open_session(add_relu_model(), runtime, tmp_path, events.append)
     message = str(err.value)
@@ -341,7 +344,9 @@ def test_a_gpu_build_without_its_libraries_is_caught_by_reading_the_session_back
     lying = probe(FIXTURES / "x86-rtx3060", runtime=GPU_WHEEL)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # onnxruntime warns that the provider is not available
-        opened = open_session(add_relu_model(), RuntimeConfig(providers=[asked]), tmp_path, events.append, probe=lying)
+        opened = open_session(
+            add_relu_model(), validated(RuntimeConfig, providers=[asked]), tmp_path, events.append, probe=lying
+        )
     assert (
         opened.provider == CPU and CPU in opened.session.get_providers() and asked not in opened.session.get_providers()
     )

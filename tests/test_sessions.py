@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from agent.config.base import adapter
 from agent.config.profile import PipelineConfig, RuntimeConfig
 from agent.config.runtime import BatchingConfig
 from agent.device.session import OpenedSession
@@ -35,7 +36,7 @@ def pipeline(
     version: str | None = None,
     **more: Any,
 ) -> Pipeline:
-    config = PipelineConfig.model_validate({"name": name, "model": str(model), "source": source, **more})
+    config = adapter(PipelineConfig).validate_python({"name": name, "model": str(model), "source": source, **more})
     return open_pipeline(
         config, sink, device="dev", runtime=RUNTIME, state_dir=tmp_path, emit=sink.event, model_version=version
     )

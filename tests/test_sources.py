@@ -16,6 +16,7 @@ from agent.inference.sources import SOURCES, make_source
 from agent.inference.sources.base import SourceContext, SourceFailedError
 from agent.transport.events import Event
 from tests.helpers import media
+from tests.helpers.profiles import validated
 
 
 def source(kind: str, events: list[Event] | None = None, **fields: Any):
@@ -255,7 +256,7 @@ def test_mqtt_source_reads_fields_from_json_payloads_and_rejects_bad_ones(broker
 
     events: list[Event] = []
     topic = f"test/sensors/{time.monotonic_ns()}"
-    config = SOURCES["mqtt"].Config(type="mqtt", topic=topic, fields=["temp", "hum"])
+    config = validated(SOURCES["mqtt"].Config, type="mqtt", topic=topic, fields=["temp", "hum"])
     src = make_source(config, SourceContext("p", events.append, mqtt=MqttConfig(url=broker.url), device="dev"))
     out: list[Any] = []
     t = threading.Thread(target=lambda: out.extend(collect(src, count=2, timeout=10)))
@@ -300,7 +301,7 @@ def test_mqtt_source_on_the_daemons_shared_connection_never_blocks_its_network_t
 
     conn = Connection()
     events: list[Event] = []
-    config = SOURCES["mqtt"].Config(type="mqtt", topic="plant/temp", fields=["t"])
+    config = validated(SOURCES["mqtt"].Config, type="mqtt", topic="plant/temp", fields=["t"])
     src = make_source(config, SourceContext("p", events.append, connection=conn))
     stop = threading.Event()
     frames = src.frames(stop)
@@ -328,7 +329,7 @@ def test_mqtt_payloads_over_the_limit_are_refused_without_being_held() -> None:
             self.payload = payload
 
     events: list[Event] = []
-    config = SOURCES["mqtt"].Config(type="mqtt", topic="plant/temp", fields=["t"])
+    config = validated(SOURCES["mqtt"].Config, type="mqtt", topic="plant/temp", fields=["t"])
     stop = threading.Event()
     frames = make_source(config, SourceContext("p", events.append, connection=Connection())).frames(stop)
     threading.Timer(0.2, lambda: handlers["plant/temp"](Msg(b"21.5"))).start()

@@ -16,7 +16,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from agent.config.base import PluginConfig
+from agent.config.base import PluginConfig, adapter
 from agent.config.profile import PipelineConfig, load_profile
 from agent.device import providers
 from agent.inference.loader import open_pipelines
@@ -81,7 +81,9 @@ class Camera(BaseSource[PluginConfig]):
 
 
 def camera_pipeline(tmp_path: Path, i: int, sink: Recorder, frames: int = 400) -> Pipeline:
-    cfg = PipelineConfig.model_validate({"name": f"cam{i}", "model": "m.onnx", "source": {"type": "synthetic"}})
+    cfg = adapter(PipelineConfig).validate_python(
+        {"name": f"cam{i}", "model": "m.onnx", "source": {"type": "synthetic"}}
+    )
     model = load_model(tmp_path / "m.onnx", RUNTIME, tmp_path, version="1")
     camera = Camera(cfg.source, i, frames)
     return Pipeline(cfg, model, sink, device="d", state_dir=tmp_path, emit=sink.event, source=camera)

@@ -8,6 +8,7 @@ only the standard library, so it runs before the agent's dependencies are there.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import re
 import sys
@@ -137,7 +138,7 @@ def verify_chain(runtime: RuntimeConfig, state_dir: Path, probe: hardware.Probe)
 
     events: list[Event] = []
     # Autotune is for real models; the probe model would only time noise.
-    plain = runtime.model_copy(update={"autotune": False})
+    plain = dataclasses.replace(runtime, autotune=False)
     try:
         opened = open_session(add_relu_model(), plain, state_dir, events.append, probe=probe)
     except ProviderError as exc:

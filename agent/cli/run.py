@@ -32,7 +32,9 @@ def run(args: argparse.Namespace) -> int:
 
     START.mark("daemon imported")
     try:
-        profile = load_profile(args.profile, files="service")  # a missing key or TLS file: one located line
+        profile = load_profile(
+            args.profile, files="service", snapshot=True
+        )  # a missing key or TLS file: one located line
     except ProfileError as exc:
         raise CliError(f"invalid profile\n{exc}", USAGE) from None
     START.mark("profile loaded")

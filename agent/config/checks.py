@@ -12,9 +12,6 @@ from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
-from pydantic.config import JsonDict
-from pydantic_core import InitErrorDetails, PydanticCustomError
-
 from agent.config.homeassistant import homeassistant_problems
 from agent.config.presets import LONGEST_COMMAND, PRESETS, BrokerPreset
 from agent.config.units import parse_duration
@@ -23,7 +20,7 @@ from agent.transport.topics import RESERVED, Topics
 Problem = tuple[tuple[str | int, ...], str]  # (key path relative to the object checked, message)
 
 # The same refusal in the JSON Schema, so that an editor flags what `edge-agent check` refuses.
-NOT_RESERVED_SCHEMA: JsonDict = {"not": {"enum": [*sorted(RESERVED)]}}
+NOT_RESERVED_SCHEMA: dict[str, Any] = {"not": {"enum": [*sorted(RESERVED)]}}
 
 
 def not_reserved(value: str, what: str) -> str:
@@ -159,18 +156,16 @@ def _topic_problems(
     return problems
 
 
-def problems_error(problems: Sequence[Problem], data: object) -> InitErrorDetails:
-    """The problems as one entry among pydantic's own errors."""
-    return InitErrorDetails(type=_problems(problems), loc=(), input=data)
+class ProblemsError(ValueError):
+    """Several located problems found by one check (paths relative to the object checked), raised as one
+    error: `edge-agent check` reports each at its own key."""
 
-
-def _problems(problems: Sequence[Problem]) -> PydanticCustomError:
-    return PydanticCustomError(
-        "cross_field", "{count} problem(s) across fields", {"count": len(problems), "problems": problems}
-    )
+    def __init__(self, problems: Sequence[Problem]) -> None:
+        self.problems = tuple(problems)
+        super().__init__("; ".join(message for _, message in self.problems))
 
 
 def raise_problems(problems: Sequence[Problem]) -> None:
     """One validation error carrying several located problems (paths relative to the object checked)."""
     if problems:
-        raise _problems(problems)
+        raise ProblemsError(problems)

@@ -6,16 +6,18 @@ bounds every request is held to (body size, tensor elements, a deadline, runs in
 
 from __future__ import annotations
 
-from pydantic import Field, field_validator, model_validator
+from dataclasses import dataclass
+from typing import Annotated
 
-from agent.config.base import ProfilePath, Strict
-from agent.config.runtime import HTTP_ADDRESS_PATTERN
+from agent.config.base import Check, Field, ProfilePath, Strict
+from agent.config.runtime import HTTP_ADDRESS_PATTERN, check_port
 from agent.config.units import Duration, Size
 
 ENV_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]{0,127}$"
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
 
 
+@dataclass(frozen=True, kw_only=True)
 class EndpointTlsConfig(Strict):
     cert: ProfilePath = Field(description="the endpoint's server certificate (PEM)")
     key: ProfilePath = Field(description="the server certificate's private key (PEM)")
@@ -24,9 +26,10 @@ class EndpointTlsConfig(Strict):
     )
 
 
+@dataclass(frozen=True, kw_only=True)
 class EndpointConfig(Strict):
     enabled: bool = Field(False, description="serve the pipelines' models over the KServe v2 HTTP protocol")
-    address: str = Field(
+    address: Annotated[str, Check(check_port)] = Field(
         "127.0.0.1:8000",
         pattern=HTTP_ADDRESS_PATTERN,
         description="host:port the endpoint listens on; an address beyond loopback needs a token or mTLS",
@@ -56,15 +59,7 @@ class EndpointConfig(Strict):
     )
     max_clients: int = Field(16, ge=1, le=1024, description="connections served at once; more are refused (503)")
 
-    @field_validator("address")
-    @classmethod
-    def _port(cls, value: str) -> str:
-        if not 1 <= int(value.rsplit(":", 1)[1]) <= 65535:
-            raise ValueError(f"the port in {value!r} is not a number from 1 to 65535")
-        return value
-
-    @model_validator(mode="after")
-    def _who_may_call(self) -> EndpointConfig:
+    def __post_init__(self) -> None:
         if self.token_env is not None and self.token_file is not None:
             raise ValueError("give the bearer token one way: token_env or token_file, not both")
         host = self.address.rsplit(":", 1)[0]
@@ -74,4 +69,3 @@ class EndpointConfig(Strict):
                 f"endpoint on {self.address} is reachable beyond this machine: set token_env or token_file, "
                 "or tls.client_ca (mutual TLS), or bind to 127.0.0.1"
             )
-        return self

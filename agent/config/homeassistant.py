@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from pydantic import Field
-
-from agent.config.base import Strict
+from agent.config.base import Field, Strict
 
 if TYPE_CHECKING:
     from agent.config.checks import Problem
@@ -15,6 +14,7 @@ if TYPE_CHECKING:
 DISCOVERY_PREFIX_PATTERN = r"^[^#+\s]+$"
 
 
+@dataclass(frozen=True, kw_only=True)
 class HomeAssistantConfig(Strict):
     enabled: bool = Field(
         False,

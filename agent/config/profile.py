@@ -8,15 +8,14 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator, model_validator
-from pydantic_core import InitErrorDetails, PydanticCustomError
-
-from agent.config.base import PluginChoice, ProfilePath, Strict
+from agent.config import snapshot as snapshots
+from agent.config.base import Check, Field, PluginChoice, ProfilePath, Secret, Strict, adapter
 from agent.config.checks import (
     NOT_RESERVED_SCHEMA,
     Problem,
@@ -24,18 +23,17 @@ from agent.config.checks import (
     cross_field_problems,
     looks_like_path,
     not_reserved,
-    problems_error,
     raise_problems,
 )
 from agent.config.endpoint import EndpointConfig
-from agent.config.errors import PATTERN_WORDS, Issue, ProfileError, format_path, issues_from_validation
+from agent.config.errors import PATTERN_WORDS, Issue, ProfileError, format_path
 from agent.config.files import FileCheck, missing_files
 from agent.config.homeassistant import HomeAssistantConfig
 from agent.config.presets import PresetName
 from agent.config.runtime import Optimization
 from agent.config.runtime import RuntimeConfig as RuntimeConfig  # re-exported: every part looks for it here
 from agent.config.units import Duration, Size
-from agent.config.yamldoc import YamlDoc, YamlSyntaxError, expand_env, read_yaml
+from agent.config.yamldoc import KeyPath, YamlDoc, YamlSyntaxError, expand_env, read_yaml
 from agent.inference.processing.post import POSTPROCESSORS
 from agent.inference.processing.pre import PreprocessConfig
 from agent.inference.sources import SOURCES
@@ -49,26 +47,55 @@ if TYPE_CHECKING:
     from agent.config.base import PluginConfig
 
 TOPIC_PREFIX_PATTERN = r"^[^#+\s]+$"
+DEFAULT_STATE_DIR = Path("/var/lib/edge-agent")
 MAX_PIPELINES = 256  # one device runs a handful; the bound keeps a hostile profile's errors few
 PATTERN_WORDS[NAME_PATTERN] = NAME_WORDS
 PATTERN_WORDS[TOPIC_PREFIX_PATTERN] = "a topic level without spaces, '+' or '#'"
 
 
+def _device_id(value: str) -> str:
+    return not_reserved(value, "device id")
+
+
+def _pipeline_name(value: str) -> str:
+    return not_reserved(value, "pipeline name")
+
+
+def _registry_url(value: str) -> str:
+    check_url(value, ("http", "https"), "an http:// or https:// URL")
+    return value if value.endswith("/") else value + "/"
+
+
+def _mqtt_url(value: str) -> str:
+    return check_url(value, ("mqtt", "mqtts"), "mqtt://host[:port] or mqtts://host[:port]")
+
+
+def _model_path(value: str, context: Mapping[str, Any]) -> str:
+    # A model file is relative to the profile's folder, like every other path in a profile.
+    base = context.get("base_dir")
+    if base is not None and looks_like_path(value) and not os.path.isabs(os.path.expanduser(value)):
+        return str(Path(base) / value)
+    return os.path.expanduser(value) if looks_like_path(value) else value
+
+
+def _none_is_empty(value: Any) -> Any:
+    if isinstance(value, (list, tuple)) and len(value) > MAX_PIPELINES:  # before each is validated
+        raise ValueError(f"{len(value)} pipelines; at most {MAX_PIPELINES}")
+    return () if value is None else value
+
+
+@dataclass(frozen=True, kw_only=True)
 class DeviceConfig(Strict):
-    id: str = Field(
+    id: Annotated[str, Check(_device_id)] = Field(
         pattern=NAME_PATTERN,
         description="this device's name in topics and the fleet (letters, digits, _ . -)",
         json_schema_extra=NOT_RESERVED_SCHEMA,
     )
     group: str = Field("default", pattern=NAME_PATTERN, description="the fleet group deployments target")
-    state_dir: ProfilePath = Field(Path("/var/lib/edge-agent"), description="models, outbox and caches live here")
-
-    @field_validator("id")
-    @classmethod
-    def _id(cls, value: str) -> str:
-        return not_reserved(value, "device id")
+    state_dir: ProfilePath = Field(DEFAULT_STATE_DIR, description="models, outbox and caches live here")
 
 
+@dataclass(frozen=True, kw_only=True)
 class ProbationConfig(Strict):
     duration: Duration = Field(
         120.0, ge=0, description="how long a new version is watched after activation; 0 turns probation off"
@@ -85,8 +112,11 @@ class ProbationConfig(Strict):
     min_inferences: int = Field(20, ge=1, description="inferences needed before latency is judged")
 
 
+@dataclass(frozen=True, kw_only=True)
 class RegistryConfig(Strict):
-    url: str = Field(description="base URL of the model registry (http:// or https://)")
+    url: Annotated[str, Check(_registry_url)] = Field(
+        description="base URL of the model registry (http:// or https://)"
+    )
     public_key: ProfilePath = Field(
         description="the registry's root public key(s) (PEM), pinned at install (docs/trust.md); for a registry "
         "without signing roles, the key that signs manifests"
@@ -107,25 +137,19 @@ class RegistryConfig(Strict):
         default_factory=ProbationConfig, description="health-gated rollback after an update"
     )
 
-    @field_validator("url")
-    @classmethod
-    def _url(cls, value: str) -> str:
-        check_url(value, ("http", "https"), "an http:// or https:// URL")
-        return value if value.endswith("/") else value + "/"
 
-
+@dataclass(frozen=True, kw_only=True)
 class TlsConfig(Strict):
     ca: ProfilePath | None = Field(None, description="CA certificate (PEM) that signed the broker's certificate")
     cert: ProfilePath | None = Field(None, description="this device's client certificate (PEM), for mutual TLS")
     key: ProfilePath | None = Field(None, description="the client certificate's private key (PEM)")
 
-    @model_validator(mode="after")
-    def _pair(self) -> TlsConfig:
+    def __post_init__(self) -> None:
         if (self.cert is None) != (self.key is None):
             raise ValueError("cert and key go together: set both for mutual TLS, or neither")
-        return self
 
 
+@dataclass(frozen=True, kw_only=True)
 class OutboxConfig(Strict):
     max_bytes: Size = Field(
         256 * 1024**2,
@@ -135,13 +159,14 @@ class OutboxConfig(Strict):
     max_age: Duration = Field(7 * 86400.0, gt=0, description="messages older than this are dropped and counted")
 
 
+@dataclass(frozen=True, kw_only=True)
 class MqttConfig(Strict):
-    url: str = Field(description="the broker: mqtt://host[:port] or mqtts://host[:port]")
+    url: Annotated[str, Check(_mqtt_url)] = Field(description="the broker: mqtt://host[:port] or mqtts://host[:port]")
     client_id: str | None = Field(
         None, min_length=1, max_length=128, description="MQTT client id; the device id when unset"
     )
     username: str | None = Field(None, min_length=1, description="user name for the broker")
-    password: SecretStr | None = Field(None, description="password; write ${ENV_VAR} rather than the secret itself")
+    password: Secret | None = Field(None, description="password; write ${ENV_VAR} rather than the secret itself")
     password_file: ProfilePath | None = Field(None, description="a file holding the password")
     tls: TlsConfig | None = Field(None, description="TLS files for mqtts://")
     topic_prefix: str = Field("edge", pattern=TOPIC_PREFIX_PATTERN, description="first level of every topic")
@@ -155,13 +180,7 @@ class MqttConfig(Strict):
         None, description="a managed broker whose unannounced limits the agent keeps to (see docs/brokers.md)"
     )
 
-    @field_validator("url")
-    @classmethod
-    def _url(cls, value: str) -> str:
-        return check_url(value, ("mqtt", "mqtts"), "mqtt://host[:port] or mqtts://host[:port]")
-
-    @model_validator(mode="after")
-    def _cross_checks(self) -> MqttConfig:
+    def __post_init__(self) -> None:
         problems: list[Problem] = []
         if self.secure and (self.tls is None or self.tls.ca is None):
             problems.append(
@@ -172,7 +191,6 @@ class MqttConfig(Strict):
         if self.password is not None and self.password_file is not None:
             problems.append((("password",), "password and password_file are both set; keep one"))
         raise_problems(problems)
-        return self
 
     @property
     def host(self) -> str:
@@ -198,6 +216,7 @@ class MqttConfig(Strict):
         return secret
 
 
+@dataclass(frozen=True, kw_only=True)
 class HealthConfig(Strict):
     interval: Duration = Field(30.0, gt=0, description="how often health is published (and on every change)")
     stuck_after: Duration = Field(
@@ -207,6 +226,7 @@ class HealthConfig(Strict):
     )
 
 
+@dataclass(frozen=True, kw_only=True)
 class BatchConfig(Strict):
     size: int = Field(1, ge=1, description="results sent together in one message")
     max_delay: Duration = Field(0.1, gt=0, description="longest a result waits for its batch to fill")
@@ -216,25 +236,27 @@ if TYPE_CHECKING:  # the plug-ins are found at run time: the type checker knows 
     SourceConfig: TypeAlias = PluginConfig
     PostprocessConfig: TypeAlias = PluginConfig
 else:
-    SourceConfig = Annotated[Any, PluginChoice(SOURCES), Field(description="where frames or samples come from")]
-    PostprocessConfig = Annotated[
-        Any, PluginChoice(POSTPROCESSORS), Field(description="what becomes of the model's outputs")
-    ]
+    SourceConfig = Annotated[Any, PluginChoice(SOURCES)]
+    PostprocessConfig = Annotated[Any, PluginChoice(POSTPROCESSORS)]
 Scalar = int | float | str | bool
 Constant = Scalar | tuple[Scalar, ...]  # a constant model input beside the stream
 
 
+@dataclass(frozen=True, kw_only=True)
 class PipelineConfig(Strict):
-    name: str = Field(
+    name: Annotated[str, Check(_pipeline_name)] = Field(
         pattern=NAME_PATTERN, description="the pipeline's name in topics", json_schema_extra=NOT_RESERVED_SCHEMA
     )
-    model: str = Field(min_length=1, description="a registry model name, or a path to an .onnx or .ort file")
+    model: Annotated[str, Check(_model_path, context=True)] = Field(
+        min_length=1, description="a registry model name, or a path to an .onnx or .ort file"
+    )
     channel: str = Field("stable", pattern=NAME_PATTERN, description="registry channel followed")
     version: str | None = Field(None, min_length=1, description="pin this version instead of following the channel")
-    source: SourceConfig
+    source: SourceConfig = Field(description="where frames or samples come from")
     preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig, description="steps before inference")
     postprocess: PostprocessConfig = Field(
-        default_factory=lambda: POSTPROCESSORS["raw"].Config(), description="steps after inference"
+        default_factory=lambda: POSTPROCESSORS["raw"].Config(type="raw"),
+        description="steps after inference",
     )
     rate: float | None = Field(None, gt=0, description="most inferences per second; every frame or window when unset")
     inputs: dict[str, Constant] = Field(default_factory=dict, description="constant inputs beside the stream")
@@ -252,22 +274,7 @@ class PipelineConfig(Strict):
     def model_is_file(self) -> bool:
         return looks_like_path(self.model)
 
-    @field_validator("name")
-    @classmethod
-    def _name(cls, value: str) -> str:
-        return not_reserved(value, "pipeline name")
-
-    @field_validator("model")
-    @classmethod
-    def _model_path(cls, value: str, info: ValidationInfo) -> str:
-        # A model file is relative to the profile's folder, like every other path in a profile.
-        base = (info.context or {}).get("base_dir")
-        if base is not None and looks_like_path(value) and not os.path.isabs(os.path.expanduser(value)):
-            return str(Path(base) / value)
-        return os.path.expanduser(value) if looks_like_path(value) else value
-
-    @model_validator(mode="after")
-    def _check(self) -> PipelineConfig:
+    def __post_init__(self) -> None:
         if self.model_is_file and self.version is not None:
             raise ValueError(f"pipeline {self.name!r}: version pins a registry model, but model is a file path")
         if not self.model_is_file:  # a registry model's name and version become folders of the store
@@ -277,9 +284,9 @@ class PipelineConfig(Strict):
         clash = set(self.inputs) & set(self.state)
         if clash:
             raise ValueError(f"pipeline {self.name!r}: input {sorted(clash)[0]!r} is both a constant and a state")
-        return self
 
 
+@dataclass(frozen=True, kw_only=True)
 class Profile(Strict):
     device: DeviceConfig = Field(description="who this device is")
     registry: RegistryConfig | None = Field(None, description="where models come from; file models only when unset")
@@ -292,47 +299,22 @@ class Profile(Strict):
     endpoint: EndpointConfig = Field(
         default_factory=EndpointConfig, description="the KServe v2 inference endpoint (off by default)"
     )
-    pipelines: tuple[PipelineConfig, ...] = Field((), max_length=MAX_PIPELINES, description="inference loops")
+    pipelines: Annotated[tuple[PipelineConfig, ...], Check(_none_is_empty, "before")] = Field(
+        (), max_length=MAX_PIPELINES, description="inference loops"
+    )
 
     @property
     def registry_pipelines(self) -> tuple[PipelineConfig, ...]:
         """Enabled pipelines whose model comes from the registry (the ones updates and deployments touch)."""
         return tuple(p for p in self.pipelines if p.enabled and not p.model_is_file)
 
-    @field_validator("pipelines", mode="before")
-    @classmethod
-    def _none_is_empty(cls, value: Any) -> Any:
-        if isinstance(value, (list, tuple)) and len(value) > MAX_PIPELINES:  # before each is validated
-            raise ValueError(f"{len(value)} pipelines; at most {MAX_PIPELINES}")
-        return () if value is None else value
 
-    @model_validator(mode="wrap")
-    @classmethod
-    def _cross_checks(cls, data: Any, handler: Callable[[Any], Profile]) -> Profile:
-        # Checks across sections run on the raw document, so that they are reported together with
-        # field errors elsewhere instead of only once every field is valid.
-        problems = cross_field_problems(data) if isinstance(data, dict) else []
-        try:
-            profile = handler(data)
-        except ValidationError as exc:
-            if not problems:
-                raise
-            details = [
-                InitErrorDetails(
-                    type=PydanticCustomError(e["type"], e["msg"], e.get("ctx")), loc=e["loc"], input=e["input"]
-                )
-                for e in exc.errors(include_url=False)
-            ]
-            raise ValidationError.from_exception_data(
-                cls.__name__, details + [problems_error(problems, data)]
-            ) from None
-        raise_problems(problems)
-        return profile
-
-
-def load_profile(path: str | Path, environ: dict[str, str] | None = None, files: FileCheck = "none") -> Profile:
+def load_profile(
+    path: str | Path, environ: dict[str, str] | None = None, files: FileCheck = "none", snapshot: bool = False
+) -> Profile:
     """Read, expand and validate a profile; raise ProfileError with every located problem (with `files`,
-    also each file it names that this machine lacks: agent.config.files)."""
+    also each file it names that this machine lacks: agent.config.files). With `snapshot`, a profile that
+    validated before, unchanged, comes from its snapshot in the state folder (agent.config.snapshot)."""
     path = Path(path)
     name = str(path)
     try:
@@ -343,11 +325,16 @@ def load_profile(path: str | Path, environ: dict[str, str] | None = None, files:
         raise ProfileError([Issue(name, 1, "", "not a text file (expected UTF-8 YAML)")]) from None
     except YamlSyntaxError as exc:
         raise ProfileError([Issue(name, exc.line, "", f"YAML syntax: {exc.message}")]) from None
-    return validate_document(doc, name, base_dir=path.resolve().parent, environ=environ, files=files)
+    return validate_document(doc, name, path.resolve().parent, environ, files, snapshot)
 
 
 def validate_document(
-    doc: YamlDoc, name: str, base_dir: Path, environ: dict[str, str] | None = None, files: FileCheck = "none"
+    doc: YamlDoc,
+    name: str,
+    base_dir: Path,
+    environ: dict[str, str] | None = None,
+    files: FileCheck = "none",
+    snapshot: bool = False,
 ) -> Profile:
     issues = [
         Issue(name, line, format_path(p), "duplicate key; each key may appear once") for p, line in doc.duplicates
@@ -368,11 +355,14 @@ def validate_document(
         issues.append(
             Issue(name, doc.line_of(key_path), format_path(key_path), f"environment variable {var} is not set")
         )
-    try:
-        profile = Profile.model_validate(expanded.data, context={"base_dir": base_dir})
-    except ValidationError as exc:
-        issues.extend(issues_from_validation(exc, Profile, doc, name, expanded.secret_paths, expanded.data))
-        profile = None
+    data = expanded.data
+    kept = snapshots.location(data, base_dir, DEFAULT_STATE_DIR) if snapshot and not issues else None
+    key = snapshots.document_key(data, base_dir) if kept is not None else ""
+    profile = snapshots.load(kept, key, Profile) if kept is not None else None
+    if profile is None:
+        profile = _validate(data, doc, name, base_dir, expanded.secret_paths, issues)
+        if kept is not None and profile is not None and not issues:
+            snapshots.save(kept, key, profile)
     if profile is not None:
         issues += [Issue(name, doc.line_of(p), format_path(p), m) for p, m in missing_files(profile, files)]
     if issues:
@@ -381,9 +371,22 @@ def validate_document(
     return profile
 
 
+def _validate(
+    data: dict[str, Any], doc: YamlDoc, name: str, base_dir: Path, secret_paths: set[KeyPath], issues: list[Issue]
+) -> Profile | None:
+    """`data` validated by pydantic, its problems added to `issues`."""
+    from agent.config.validate import validate  # pydantic: only where a profile is checked
+
+    # Checks across sections run on the raw document, so that they are reported together with field errors.
+    issues += [Issue(name, doc.line_of(p), format_path(p), m) for p, m in cross_field_problems(data)]
+    profile, problems = validate(Profile, data, {"base_dir": base_dir}, doc, name, secret_paths)
+    issues += problems
+    return profile
+
+
 def profile_schema() -> dict[str, Any]:
     """The JSON Schema editors use to complete and check profiles."""
-    text = json.dumps(Profile.model_json_schema())
+    text = json.dumps(adapter(Profile).json_schema())
     # Plug-in configs are all called Config; give their definitions readable names.
     for plugins, suffix in ((SOURCES, "Source"), (POSTPROCESSORS, "Postprocess")):
         for module in plugins.values():

@@ -4,12 +4,11 @@ cache, dynamic batching across pipelines, and the status page's address."""
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BeforeValidator, Field, WithJsonSchema, field_validator
-
-from agent.config.base import ProfilePath, Strict
+from agent.config.base import Check, Constrain, Field, JsonSchema, ProfilePath, Strict
 from agent.config.checks import Problem, raise_problems
 from agent.config.errors import PATTERN_WORDS, did_you_mean
 from agent.config.units import Duration
@@ -42,6 +41,7 @@ PROVIDER_ALIASES = {
 KNOWN_PROVIDERS = tuple(sorted(set(PROVIDER_ALIASES.values())))
 
 
+@dataclass(frozen=True, kw_only=True)
 class ProviderChoice(Strict):
     name: str = Field(description="an ONNX Runtime execution provider")
     options: dict[str, str | int | float | bool] = Field(default_factory=dict, description="provider options")
@@ -94,14 +94,31 @@ Optimization = Literal["disabled", "basic", "extended", "all"]  # ONNX Runtime's
 
 CUSTOM_DOMAIN_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$"
 PATTERN_WORDS[CUSTOM_DOMAIN_PATTERN] = "an operator domain such as ai.onnx.contrib (1 to 128 letters, digits, `_ . -`)"
-CustomDomain = Annotated[str, Field(pattern=CUSTOM_DOMAIN_PATTERN)]
+CustomDomain = Annotated[str, Constrain(pattern=CUSTOM_DOMAIN_PATTERN)]
 
 
+def _domains(value: Any) -> Any:
+    # Before pydantic's own checks, so that each message names the domain (theirs name a dict key).
+    if not isinstance(value, dict):
+        return value
+    if not 1 <= len(value) <= 64:
+        raise ValueError(f"expected 1 to 64 domains, got {len(value)}")
+    for domain, version in value.items():
+        if not isinstance(domain, str) or not re.fullmatch(CUSTOM_DOMAIN_PATTERN, domain):
+            raise ValueError(f"expected {PATTERN_WORDS[CUSTOM_DOMAIN_PATTERN]}, got {domain!r}")
+        if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= 1000:
+            raise ValueError(f"{domain}: expected the highest opset version it provides (1 to 1000), got {version!r}")
+    return value
+
+
+@dataclass(frozen=True, kw_only=True)
 class LocalLibrary(Strict):
     """A custom-op library already on the device (`runtime.custom_ops`), and what it says it provides."""
 
     path: ProfilePath = Field(description="the library file (.so), relative to the profile's folder")
-    domains: dict[CustomDomain, Annotated[int, Field(ge=1, le=1000)]] | None = Field(
+    domains: Annotated[
+        dict[CustomDomain, Annotated[int, Constrain(ge=1, le=1000)]] | None, Check(_domains, "before")
+    ] = Field(
         None,
         min_length=1,
         max_length=64,
@@ -109,23 +126,6 @@ class LocalLibrary(Strict):
         "that needs another domain or a newer opset is refused before any download or load; unset: it may "
         "provide any custom domain, and loading the model decides",
     )
-
-    @field_validator("domains", mode="before")
-    @classmethod
-    def _domains(cls, value: Any) -> Any:
-        # Before pydantic's own checks, so that each message names the domain (theirs name a dict key).
-        if not isinstance(value, dict):
-            return value
-        if not 1 <= len(value) <= 64:
-            raise ValueError(f"expected 1 to 64 domains, got {len(value)}")
-        for domain, version in value.items():
-            if not isinstance(domain, str) or not re.fullmatch(CUSTOM_DOMAIN_PATTERN, domain):
-                raise ValueError(f"expected {PATTERN_WORDS[CUSTOM_DOMAIN_PATTERN]}, got {domain!r}")
-            if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= 1000:
-                raise ValueError(
-                    f"{domain}: expected the highest opset version it provides (1 to 1000), got {version!r}"
-                )
-        return value
 
 
 def _local_library(value: Any) -> Any:
@@ -137,6 +137,45 @@ def _local_library(value: Any) -> Any:
     return value
 
 
+def _providers(value: Any) -> Any:
+    if isinstance(value, list):
+        if not value:
+            raise ValueError("expected auto or a list of at least one provider, got an empty list")
+        return tuple(_provider_choice(v) for v in value)
+    return value
+
+
+def _known_providers(
+    value: Literal["auto"] | tuple[ProviderChoice, ...],
+) -> Literal["auto"] | tuple[ProviderChoice, ...]:
+    if value == "auto":
+        return value
+    out: list[ProviderChoice] = []
+    problems: list[Problem] = []
+    for i, choice in enumerate(value):
+        name = PROVIDER_ALIASES.get(choice.name.lower(), choice.name)
+        if name not in KNOWN_PROVIDERS:
+            hint = did_you_mean(choice.name, list(PROVIDER_ALIASES) + list(KNOWN_PROVIDERS))
+            problems.append(((i,), f"unknown execution provider {choice.name!r}{hint}"))
+        out.append(ProviderChoice(name=name, options=choice.options))
+    raise_problems(problems)
+    return tuple(out)
+
+
+def _threads(value: Literal["auto"] | int) -> Literal["auto"] | int:
+    if value != "auto" and value < 1:
+        raise ValueError(f"expected auto or a number > 0, got {value!r}")
+    return value
+
+
+def check_port(value: str | None) -> str | None:
+    """`value` (host:port, or None) if its port is from 1 to 65535."""
+    if value is not None and not 1 <= int(value.rsplit(":", 1)[1]) <= 65535:
+        raise ValueError(f"the port in {value!r} is not a number from 1 to 65535")
+    return value
+
+
+@dataclass(frozen=True, kw_only=True)
 class BatchingConfig(Strict):
     mode: Literal["auto", "on", "off"] = Field(
         "auto",
@@ -149,12 +188,18 @@ class BatchingConfig(Strict):
     )
 
 
+@dataclass(frozen=True, kw_only=True)
 class RuntimeConfig(Strict):
-    providers: Annotated[Literal["auto"] | tuple[ProviderChoice, ...], WithJsonSchema(_PROVIDERS_SCHEMA)] = Field(
+    providers: Annotated[
+        Literal["auto"] | tuple[ProviderChoice, ...],
+        Check(_providers, "before"),
+        Check(_known_providers),
+        JsonSchema(_PROVIDERS_SCHEMA),
+    ] = Field(
         "auto",
         description="auto (ranked from the hardware) or an ordered list of providers, each optionally with options",
     )
-    threads: Literal["auto"] | int = Field(
+    threads: Annotated[Literal["auto"] | int, Check(_threads)] = Field(
         "auto",
         description="intra-op threads: auto (physical cores, shared out among the camera pipelines' CPU runs) or a "
         "number > 0",
@@ -177,8 +222,8 @@ class RuntimeConfig(Strict):
     custom_ops: tuple[
         Annotated[
             LocalLibrary,
-            BeforeValidator(_local_library),
-            WithJsonSchema({"anyOf": [{"type": "string", "minLength": 1}, LocalLibrary.model_json_schema()]}),
+            Check(_local_library, "before"),
+            JsonSchema({"type": "string", "minLength": 1}, or_type=True),
         ],
         ...,
     ] = Field(
@@ -189,49 +234,8 @@ class RuntimeConfig(Strict):
         "declare the custom domains and highest opsets it provides; each must be a shared library for this "
         "machine (checked at start). Registry models bring their own: docs/custom-ops.md",
     )
-    http: str | None = Field(
+    http: Annotated[str | None, Check(check_port)] = Field(
         None,
         pattern=HTTP_ADDRESS_PATTERN,
         description="host:port to serve /healthz, /metrics and a status page on, e.g. 127.0.0.1:8790; off when unset",
     )
-
-    @field_validator("providers", mode="before")
-    @classmethod
-    def _providers(cls, value: Any) -> Any:
-        if isinstance(value, list):
-            if not value:
-                raise ValueError("expected auto or a list of at least one provider, got an empty list")
-            return tuple(_provider_choice(v) for v in value)
-        return value
-
-    @field_validator("providers")
-    @classmethod
-    def _known(
-        cls, value: Literal["auto"] | tuple[ProviderChoice, ...]
-    ) -> Literal["auto"] | tuple[ProviderChoice, ...]:
-        if value == "auto":
-            return value
-        out: list[ProviderChoice] = []
-        problems: list[Problem] = []
-        for i, choice in enumerate(value):
-            name = PROVIDER_ALIASES.get(choice.name.lower(), choice.name)
-            if name not in KNOWN_PROVIDERS:
-                hint = did_you_mean(choice.name, list(PROVIDER_ALIASES) + list(KNOWN_PROVIDERS))
-                problems.append(((i,), f"unknown execution provider {choice.name!r}{hint}"))
-            out.append(ProviderChoice(name=name, options=choice.options))
-        raise_problems(problems)
-        return tuple(out)
-
-    @field_validator("threads")
-    @classmethod
-    def _threads(cls, value: Literal["auto"] | int) -> Literal["auto"] | int:
-        if value != "auto" and value < 1:
-            raise ValueError(f"expected auto or a number > 0, got {value!r}")
-        return value
-
-    @field_validator("http")
-    @classmethod
-    def _http(cls, value: str | None) -> str | None:
-        if value is not None and not 1 <= int(value.rsplit(":", 1)[1]) <= 65535:
-            raise ValueError(f"the port in {value!r} is not a number from 1 to 65535")
-        return value

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from typing import Annotated
 
-from pydantic import BeforeValidator, WithJsonSchema
+from agent.config.base import Check, JsonSchema
 
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "sec": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0, "d": 86400.0}
 _SIZE_UNITS = {
@@ -90,8 +90,8 @@ def format_size(size: int) -> str:
 
 Duration = Annotated[
     float,
-    BeforeValidator(parse_duration),
-    WithJsonSchema(
+    Check(parse_duration, mode="before"),
+    JsonSchema(
         {
             "anyOf": [{"type": "number", "minimum": 0}, {"type": "string", "pattern": DURATION_PATTERN}],
             "description": "seconds, or a number with a unit: ms, s, min, h, d (e.g. 30s, 5min)",
@@ -100,8 +100,8 @@ Duration = Annotated[
 ]
 Size = Annotated[
     int,
-    BeforeValidator(parse_size),
-    WithJsonSchema(
+    Check(parse_size, mode="before"),
+    JsonSchema(
         {
             "anyOf": [{"type": "integer", "minimum": 0}, {"type": "string", "pattern": SIZE_PATTERN}],
             "description": "bytes, or a number with a unit: KB, MB, GB, KiB, MiB, GiB (e.g. 256MiB)",

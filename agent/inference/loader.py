@@ -23,7 +23,7 @@ from agent.inference.sessions import POOL
 from agent.inference.sources import source_class
 from agent.inference.sources.base import Subscriptions
 from agent.inference.warmup import example_input, load_pipeline_model, stream_plans
-from agent.transport.events import Event, EventSink, Sink, log_event
+from agent.transport.events import Event, EventSink, Sink, log_event, preload_contract
 
 # (model, version) -> whether that version is on trial: the crash guard watches its load and warm-up.
 OnTrial = Callable[[str, str], bool]
@@ -53,6 +53,7 @@ def open_pipeline(
     feeds the model (`stream_plans`), for this load and its swaps."""
     if not source_class(config.source).sensor:
         preload_opencv()
+    preload_contract()
     model = load_pipeline_model(
         config,
         model_path if model_path is not None else Path(config.model),

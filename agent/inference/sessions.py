@@ -19,6 +19,7 @@ frames, and the old session is freed when the last pipeline lets go of it.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -32,6 +33,7 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 import psutil
 
+from agent.config.base import plain
 from agent.config.runtime import BatchingConfig, Optimization, RuntimeConfig
 from agent.device import hardware
 from agent.device.autotune import batch_cache_path, cpu_bound, judge_batching, model_digest
@@ -354,7 +356,9 @@ class SessionPool:
         digest = digest or model_digest(source)
         level = optimization or runtime.optimization
         libraries = library_digests(source, runtime.custom_ops)
-        key = SessionKey(digest, runtime.model_dump_json(), level, str(Path(state_dir).absolute()), libraries)
+        key = SessionKey(
+            digest, json.dumps(plain(runtime), sort_keys=True), level, str(Path(state_dir).absolute()), libraries
+        )
         with self._lock:
             loading = self._loading.setdefault(key, threading.Lock())
         with loading:  # a second pipeline on the same model waits for the first one's load, then shares it

@@ -8,6 +8,7 @@ the outbox is flushed to the broker for a bounded time, `offline` is published, 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import threading
@@ -209,7 +210,7 @@ class Daemon:
         if self.profile_path is None:
             return None
         try:
-            new = load_profile(self.profile_path, files="service")
+            new = load_profile(self.profile_path, files="service", snapshot=True)
         except ProfileError as exc:
             first = exc.issues[0]
             self.emit(Event("profile.invalid", {"reason": str(first), "errors": len(exc.issues)}))
@@ -218,8 +219,11 @@ class Daemon:
         if new == self.profile:
             notify.ready(self.status_line())
             return Reloaded("nothing", [], sorted(self.parts.pipelines) if self.parts else [])
-        old, fresh = self.profile.model_dump(exclude={"pipelines"}), new.model_dump(exclude={"pipelines"})
-        sections = sorted(k for k in fresh if fresh[k] != old.get(k))
+        sections = sorted(
+            f.name
+            for f in dataclasses.fields(new)
+            if f.name != "pipelines" and getattr(new, f.name) != getattr(self.profile, f.name)
+        )
         if sections or self.parts is None:
             running = sorted(p.name for p in new.pipelines if p.enabled)
             if defer_restart:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 
 def one_pipeline(tmp_path: Path, model: Path, source: dict[str, Any], **pipeline: Any) -> Path:
@@ -17,3 +19,12 @@ def one_pipeline(tmp_path: Path, model: Path, source: dict[str, Any], **pipeline
     }
     profile.write_text(json.dumps(doc))
     return profile
+
+
+def validated(cls: type[T], **fields: Any) -> T:
+    """A profile object built from `fields` as a profile gives them (lists, mappings, strings for paths),
+    validated as `edge-agent run` validates them: a dataclass's constructor takes them as they are."""
+    from agent.config.base import adapter
+
+    built: T = adapter(cls).validate_python(fields)
+    return built

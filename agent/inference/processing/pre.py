@@ -6,13 +6,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from pydantic import Field, model_validator
-
-from agent.config.base import MAX_SAMPLES, MAX_SIDE, Strict
+from agent.config.base import MAX_SAMPLES, MAX_SIDE, Field, Strict
 from agent.device.graphprep import FramePrep
 from agent.inference.processing.lazy import cv2, np
 
 
+@dataclass(frozen=True, kw_only=True)
 class PreprocessConfig(Strict):
     input: str | None = Field(None, description="the model input fed by the source; the first input when unset")
     resize: tuple[int, int] | None = Field(None, description="[width, height] to resize frames to")
@@ -27,7 +26,9 @@ class PreprocessConfig(Strict):
         None, min_length=1, description="per-channel standard deviation divided after the mean"
     )
     layout: Literal["nchw", "nhwc", "nc", "ncw"] = Field("nchw", description="tensor layout of the model input")
-    dtype: Literal["float32", "float16", "uint8", "int8", "int64"] = Field("float32", description="tensor element type")
+    dtype: Literal["float32", "float16", "uint8", "int8", "int64"] | None = Field(
+        None, description="tensor element type; the model input's own when unset (float32 for a type it does not name)"
+    )
     window: int | None = Field(None, gt=0, le=MAX_SAMPLES, description="sensor samples stacked into one model input")
     hop: int | None = Field(
         None, gt=0, le=MAX_SAMPLES, description="samples between sensor windows; the window size when unset"
@@ -39,8 +40,7 @@ class PreprocessConfig(Strict):
         "them in Python",
     )
 
-    @model_validator(mode="after")
-    def _check(self) -> PreprocessConfig:
+    def __post_init__(self) -> None:
         channels = 1 if self.color == "gray" else 3
         for name in ("mean", "std"):
             values = getattr(self, name)
@@ -52,7 +52,6 @@ class PreprocessConfig(Strict):
             raise ValueError(f"resize must be two sizes from 1 to {MAX_SIDE}, got {list(self.resize)}")
         if self.hop is not None and self.window is None:
             raise ValueError("hop needs window")
-        return self
 
 
 def frame_prep(config: PreprocessConfig) -> FramePrep | None:
@@ -60,7 +59,7 @@ def frame_prep(config: PreprocessConfig) -> FramePrep | None:
     numpy path's own x * (scale / std) - mean / std, in float32), or None where it cannot."""
     if not config.in_model or config.color == "gray" or config.window is not None:
         return None
-    if "dtype" in config.model_fields_set and config.dtype != "float32":
+    if config.dtype not in (None, "float32"):
         return None
     mean = np.broadcast_to(np.asarray(config.mean if config.mean is not None else (0.0,), np.float32), (3,))
     std = np.broadcast_to(np.asarray(config.std if config.std is not None else (1.0,), np.float32), (3,))
@@ -150,10 +149,7 @@ class Preprocessor:
         self.config = config
         self.frames = frames  # the model takes BGR frames and does the rest itself (agent.device.graphprep)
         self.expected = _fixed(input_shape)
-        explicit = "dtype" in config.model_fields_set
-        self.dtype = (
-            np.dtype(config.dtype) if explicit or input_type not in NUMPY_TYPES else np.dtype(NUMPY_TYPES[input_type])
-        )
+        self.dtype = np.dtype(config.dtype or NUMPY_TYPES.get(input_type or "", "float32"))
         self._rows: list[np.ndarray] = []
         self._since_emit = 0
         self._hop = config.hop or config.window or 1

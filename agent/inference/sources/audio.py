@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
-from pydantic import Field
-
-from agent.config.base import MAX_SAMPLES, ProfilePath, Strict
+from agent.config.base import MAX_SAMPLES, Field, ProfilePath, Strict
 
 KEY = "audio"
 
 
+@dataclass(frozen=True, kw_only=True)
 class Config(Strict):
     type: Literal["audio"]
     path: ProfilePath = Field(description="a WAV file, or a raw PCM file or FIFO")

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
-from pydantic import Field
-
-from agent.config.base import MAX_SIDE, Strict
+from agent.config.base import MAX_SIDE, Field, Strict
 from agent.config.units import Duration
 
 KEY = "camera"
 
 
+@dataclass(frozen=True, kw_only=True)
 class Config(Strict):
     type: Literal["camera"]
     device: str | int = Field(

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
-from pydantic import Field
-
-from agent.config.base import InvalidValues, ProfilePath, Strict
+from agent.config.base import INVALID_VALUES_DOC, Field, InvalidValues, ProfilePath, Strict
 
 KEY = "csv"
 
 
+@dataclass(frozen=True, kw_only=True)
 class Config(Strict):
     type: Literal["csv"]
     path: ProfilePath = Field(description="a CSV file with a header row")
@@ -24,7 +24,7 @@ class Config(Strict):
     rate: float | None = Field(
         None, gt=0, description="replay at this many rows per second; as fast as possible when unset"
     )
-    invalid: InvalidValues = "reject"
+    invalid: InvalidValues = Field("reject", description=INVALID_VALUES_DOC)
 
 
 import csv as _csv

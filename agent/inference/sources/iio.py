@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
-from pydantic import Field
-
-from agent.config.base import Strict
+from agent.config.base import Field, Strict
 
 KEY = "iio"
 
 
+@dataclass(frozen=True, kw_only=True)
 class Config(Strict):
     type: Literal["iio"]
     device: str = Field(min_length=1, description="an IIO device name (iio:device0) or its sysfs folder")

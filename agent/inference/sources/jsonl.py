@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
-from pydantic import Field
-
-from agent.config.base import InvalidValues, ProfilePath, Strict
+from agent.config.base import INVALID_VALUES_DOC, Field, InvalidValues, ProfilePath, Strict
 
 KEY = "jsonl"
 
 
+@dataclass(frozen=True, kw_only=True)
 class Config(Strict):
     type: Literal["jsonl"]
     path: ProfilePath = Field(description="a file with one JSON object per line")
@@ -18,7 +18,7 @@ class Config(Strict):
     timestamp: str | None = Field(None, description="the field holding each line's capture time")
     follow: bool = Field(False, description="keep reading lines appended to the file, like tail -f")
     rate: float | None = Field(None, gt=0, description="replay at this many lines per second")
-    invalid: InvalidValues = "reject"
+    invalid: InvalidValues = Field("reject", description=INVALID_VALUES_DOC)
 
 
 import re

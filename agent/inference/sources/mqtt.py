@@ -2,22 +2,22 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
-from pydantic import Field
-
-from agent.config.base import InvalidValues, Strict
+from agent.config.base import INVALID_VALUES_DOC, Field, InvalidValues, Strict
 
 KEY = "mqtt"
 
 
+@dataclass(frozen=True, kw_only=True)
 class Config(Strict):
     type: Literal["mqtt"]
     topic: str = Field(min_length=1, description="the topic filter to subscribe to")
     fields: tuple[str, ...] = Field(
         min_length=1, description="numeric fields of each JSON payload, in model input order"
     )
-    invalid: InvalidValues = "reject"
+    invalid: InvalidValues = Field("reject", description=INVALID_VALUES_DOC)
 
 
 import queue

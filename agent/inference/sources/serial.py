@@ -2,22 +2,22 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
-from pydantic import Field
-
-from agent.config.base import InvalidValues, Strict
+from agent.config.base import INVALID_VALUES_DOC, Field, InvalidValues, Strict
 
 KEY = "serial"
 
 
+@dataclass(frozen=True, kw_only=True)
 class Config(Strict):
     type: Literal["serial"]
     device: str = Field(min_length=1, description="the tty, e.g. /dev/ttyUSB0")
     baud: int = Field(115200, gt=0, description="line speed")
     format: Literal["csv", "jsonl"] = Field("csv", description="how each line is written")
     fields: tuple[str, ...] | None = Field(None, min_length=1, description="field names (jsonl) or column names (csv)")
-    invalid: InvalidValues = "reject"
+    invalid: InvalidValues = Field("reject", description=INVALID_VALUES_DOC)
 
 
 import os

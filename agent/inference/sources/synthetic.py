@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
-from pydantic import Field
-
-from agent.config.base import MAX_SIDE, Strict
+from agent.config.base import MAX_SIDE, Field, Strict
 
 KEY = "synthetic"
 
 
+@dataclass(frozen=True, kw_only=True)
 class Config(Strict):
     type: Literal["synthetic"]
     width: int = Field(640, gt=0, le=MAX_SIDE, description="frame width in pixels")

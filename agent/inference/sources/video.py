@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
-from pydantic import Field
-
-from agent.config.base import ProfilePath, Strict
+from agent.config.base import Field, ProfilePath, Strict
 
 KEY = "video"
 
 
+@dataclass(frozen=True, kw_only=True)
 class Config(Strict):
     type: Literal["video"]
     path: ProfilePath = Field(description="a video file OpenCV can read (MP4, AVI, MKV)")

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import cv2
 
+from agent.config.base import plain
 from agent.service.commands.dispatch import CommandDispatcher, CommandError
 from agent.util import redact
 
@@ -63,7 +64,7 @@ def register_commands(dispatcher: CommandDispatcher, daemon: Daemon) -> None:
         return {"pipeline": name, "state": running.stats()["state"] if running else "stopped"}
 
     def config(args: dict[str, Any]) -> object:
-        return redact.doc(daemon.profile.model_dump(mode="json"))  # URL credentials, passwords, tokens
+        return redact.doc(plain(daemon.profile))  # URL credentials, passwords, tokens
 
     def snapshot(args: dict[str, Any]) -> object:
         width = args.get("max_width")

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
-from pydantic import Field
-
-from agent.config.base import Strict
+from agent.config.base import Field, Strict
 
 KEY = "anomaly"
 
 
+@dataclass(frozen=True, kw_only=True)
 class Config(Strict):
     type: Literal["anomaly"]
     output: str | None = Field(None, description="the score or reconstruction output; the first output when unset")

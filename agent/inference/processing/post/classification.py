@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import Field
-
-from agent.config.base import ProfilePath, Strict
+from agent.config.base import Field, ProfilePath, Strict
 
 KEY = "classification"
 
 
+@dataclass(frozen=True, kw_only=True)
 class Config(Strict):
     type: Literal["classification"]
     output: str | None = Field(None, description="the scores output; the first output when unset")

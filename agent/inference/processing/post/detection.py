@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import Field
-
-from agent.config.base import ProfilePath, Strict
+from agent.config.base import Field, ProfilePath, Strict
 
 KEY = "detection"
 
 
+@dataclass(frozen=True, kw_only=True)
 class Config(Strict):
     type: Literal["detection"]
     format: Literal["yolov8", "yolov5"] = Field("yolov8", description="layout of the output tensor")

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
-from pydantic import Field
-
-from agent.config.base import Strict
+from agent.config.base import Field, Strict
 
 KEY = "raw"
 
 
+@dataclass(frozen=True, kw_only=True)
 class Config(Strict):
     type: Literal["raw"] = "raw"
     outputs: tuple[str, ...] | None = Field(None, min_length=1, description="outputs to publish; all when unset")

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import Field
-
-from agent.config.base import Strict
+from agent.config.base import Field, Strict
 
 KEY = "text-detection"
 
 
+@dataclass(frozen=True, kw_only=True)
 class Config(Strict):
     type: Literal["text-detection"]
     output: str | None = Field(None, description="the probability map output; the first output when unset")

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import Field, model_validator
-
-from agent.config.base import Strict
+from agent.config.base import Field, Strict
 from agent.config.units import Duration
 
 KEY = "threshold"
 
 
+@dataclass(frozen=True, kw_only=True)
 class Config(Strict):
     type: Literal["threshold"]
     output: str | None = Field(None, description="the score output; the first output when unset")
@@ -20,13 +20,11 @@ class Config(Strict):
     min_off: Duration = Field(0.1, ge=0, description="the score must stay low this long before the event closes")
     min_on: Duration = Field(0.0, ge=0, description="events shorter than this are not reported")
 
-    @model_validator(mode="after")
-    def _check(self) -> Config:
+    def __post_init__(self) -> None:
         if self.off_threshold is not None and self.off_threshold > self.threshold:
             raise ValueError(
                 f"off_threshold {self.off_threshold} is above threshold {self.threshold}; it must be at or below it"
             )
-        return self
 
 
 from collections.abc import Mapping, Sequence

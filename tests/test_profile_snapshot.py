@@ -1,0 +1,104 @@
+"""A start whose profile validated before, unchanged, takes it from its snapshot in the state folder without
+pydantic; any change to the document, its environment or the code validates it again, and a damaged or planted
+snapshot is never trusted."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from agent.config import snapshot, validate
+from agent.config.errors import ProfileError
+from agent.config.profile import Profile, load_profile
+from tests.helpers.models import save, unary_model
+from tests.helpers.profiles import one_pipeline
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def profile_file(tmp_path: Path, **pipeline: object) -> Path:
+    model = save(unary_model("Relu", shape=("N", 3, 24, 32)), tmp_path / "m.onnx")
+    source = {"type": "synthetic", "width": 32, "height": 24, "frames": 2, "fps": 1000}
+    return one_pipeline(tmp_path, model, source, **pipeline)
+
+
+def refuse_validation(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refused(*args: object, **kwargs: object) -> object:
+        raise AssertionError("the profile was validated again")
+
+    monkeypatch.setattr(validate, "validate", refused)
+
+
+@pytest.mark.arm64
+def test_an_unchanged_profile_comes_from_its_snapshot_and_any_change_validates_it_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = profile_file(tmp_path, preprocess={"resize": [32, 24], "scale": "${SCALE}"})
+    (tmp_path / "state").mkdir()
+    first = load_profile(path, environ={"SCALE": "0.5"}, snapshot=True)
+    assert (tmp_path / "state" / snapshot.FILE).is_file()
+    with monkeypatch.context() as m:
+        refuse_validation(m)
+        assert load_profile(path, environ={"SCALE": "0.5"}, snapshot=True) == first
+        with pytest.raises(AssertionError, match="validated again"):  # another value from the environment
+            load_profile(path, environ={"SCALE": "0.25"}, snapshot=True)
+        with pytest.raises(AssertionError, match="validated again"):  # no snapshot asked for: `edge-agent check`
+            load_profile(path, environ={"SCALE": "0.5"})
+    # An edit that breaks the profile is refused, located, although a snapshot of the old one is kept.
+    doc = json.loads(path.read_text())
+    doc["pipelines"][0]["preprocess"]["scale"] = "fast"
+    path.write_text(json.dumps(doc))
+    with pytest.raises(ProfileError, match=r"pipelines\[0\]\.preprocess\.scale: expected a number, got 'fast'"):
+        load_profile(path, environ={"SCALE": "0.5"}, snapshot=True)
+
+
+def test_a_snapshot_of_other_code_or_damaged_or_planted_is_not_used(tmp_path: Path) -> None:
+    path = profile_file(tmp_path)
+    (tmp_path / "state").mkdir()
+    good = load_profile(path, snapshot=True)
+    kept = tmp_path / "state" / snapshot.FILE
+    head, _, body = kept.read_bytes().partition(b"\n")
+    header = json.loads(head)
+    key = header["key"]
+    assert snapshot.load(kept, key, Profile) == good
+
+    header["code"][0][2] += 1  # one module changed since (a new release, an edited checkout)
+    kept.write_bytes(json.dumps(header).encode() + b"\n" + body)
+    assert snapshot.load(kept, key, Profile) is None
+
+    kept.write_bytes(head + b"\n" + body[: len(body) // 2])  # cut short
+    assert snapshot.load(kept, key, Profile) is None
+    kept.write_bytes(b"\x00" * 100)
+    assert snapshot.load(kept, key, Profile) is None
+
+    # A planted snapshot that would run code when unpickled: refused before anything runs.
+    marker = tmp_path / "ran"
+
+    class Exploit:
+        def __reduce__(self) -> tuple[object, ...]:
+            return (subprocess.call, (["touch", str(marker)],))
+
+    for planted in (Exploit(), {"profile": good, "then": Exploit()}):
+        kept.write_bytes(head + b"\n" + pickle.dumps(planted, protocol=5))
+        assert snapshot.load(kept, key, Profile) is None
+    assert not marker.exists()
+    # A snapshot of something else than a profile, made of the same classes, is not one.
+    kept.write_bytes(head + b"\n" + pickle.dumps(good.device, protocol=5))
+    assert snapshot.load(kept, key, Profile) is None
+
+
+def test_a_restart_takes_the_snapshot_and_does_not_load_the_validator(tmp_path: Path) -> None:
+    path = profile_file(tmp_path, preprocess={"resize": [32, 24], "scale": 0.004})
+    cmd = [sys.executable, "-X", "importtime", "-m", "agent", "run", "--profile", str(path)]
+    runs = [subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=120) for _ in range(2)]
+    for done in runs:
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert [json.loads(line)["source_seq"] for line in done.stdout.splitlines()] == [0, 1]
+    imported = [{line.rsplit("|", 1)[-1].strip() for line in r.stderr.splitlines() if "|" in line} for r in runs]
+    assert "agent.config.validate" in imported[0] and "agent.config.validate" not in imported[1]
+    assert (tmp_path / "state" / snapshot.FILE).is_file()
