@@ -109,3 +109,41 @@ def test_a_start_imports_only_the_plugins_its_profile_names(tmp_path: Path) -> N
     }
     # synthetic is named; raw is the default post-processor; base is what every plug-in builds on
     assert plugins == {"synthetic", "raw", "base"}, plugins
+
+
+def event_order(stderr: str) -> list[str]:
+    """The start's events and its first result, in the order the log has them."""
+    found = re.finditer(r"event type=([a-z_.]+)|start \+[0-9.]+ s \([+-][0-9.]+ s\) (first result) ", stderr)
+    return [m.group(1) or m.group(2) for m in found]
+
+
+def test_the_starts_events_come_after_the_first_result_and_each_pipeline_announces_itself_first(
+    tmp_path: Path,
+) -> None:
+    # Their contract (pydantic) took the first frame's CPU on two cores: they wait for the first results.
+    out = run("-m", "agent", "--log-level", "debug", "run", "--profile", str(camera(tmp_path)))
+    assert out.returncode == 0, out.stderr
+    assert event_order(out.stderr) == ["first result", "pipeline.started", "pipeline.finished", "agent.started"]
+
+
+def test_a_pipeline_without_results_still_announces_itself_before_its_other_events(tmp_path: Path) -> None:
+    # A camera that is not there: no first result to wait for; the start goes on after its bound, and the
+    # pipeline's own report of the lost camera never comes before its pipeline.started.
+    model = save(pool_model(), tmp_path / "pool.onnx")
+    source = {"type": "camera", "device": "http://127.0.0.1:9/none", "reconnect_max": 0.2}
+    prof = write_profile(tmp_path, {"name": "cam", "model": str(model), "source": source})
+    cmd = [sys.executable, "-m", "agent", "run", "--profile", str(prof)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    assert proc.stderr is not None
+    lines: list[str] = []
+    try:
+        for line in proc.stderr:
+            lines.append(line)
+            if "event type=agent.started" in line:
+                break
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    events = event_order("".join(lines))
+    assert events[0] == "pipeline.started" and events[-1] == "agent.started", events
+    assert "source.lost" in events, events

@@ -19,13 +19,26 @@ from onnx import TensorProto, helper, numpy_helper
 
 from agent.config.base import adapter
 from agent.config.profile import PipelineConfig, RuntimeConfig, load_profile
-from agent.device.graphprep import FOLDER, KEPT, PREFIX, FramePrep, NotRewritableError, StreamPlan, on_disk, rewrite
+from agent.device import graphprep
+from agent.device.graphprep import (
+    FOLDER,
+    KEPT,
+    PREFIX,
+    FramePrep,
+    NotRewritableError,
+    Rewritten,
+    StreamPlan,
+    kept,
+    on_disk,
+    rewrite,
+)
 from agent.device.onnxproto import WireError
 from agent.inference.loader import open_pipeline, open_pipelines
 from agent.inference.processing.pre import Preprocessor, frame_prep
 from agent.inference.runtime import ModelError
 from agent.inference.sessions import POOL
 from agent.inference.warmup import stream_plan, stream_plans
+from agent.util.hashing import sha256_bytes
 from tests.helpers import media
 from tests.helpers.models import linear_model, save
 from tests.helpers.profiles import validated
@@ -378,6 +391,38 @@ def test_the_rewritten_model_is_kept_on_disk_checked_before_use_and_pruned(tmp_p
         os.utime(p, (1000.0 + i, 1000.0 + i))  # mtimes apart whatever the filesystem's resolution
     kept = sorted(f.name for f in (state / FOLDER).glob("*.onnx"))
     assert len(kept) == KEPT and path.name not in kept, "the least recently used went"
+
+
+def test_a_rewrite_is_made_once_and_a_later_start_takes_its_file_checked_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    state = tmp_path / "state"
+    model = image_model(conv=False).SerializeToString()
+    digest = sha256_bytes(model)
+    plan = StreamPlan(size=(32, 24), batch_one=True)
+    made = kept(state, model, digest, plan)
+    assert isinstance(made.model, Path) and made.model.read_bytes() == rewrite(model, plan).model
+    assert made.digest == sha256_bytes(made.model.read_bytes())
+
+    calls: list[StreamPlan] = []
+    real = graphprep.rewrite
+
+    def counted(source: Path | bytes, how: StreamPlan) -> Rewritten:
+        calls.append(how)
+        return real(source, how)
+
+    monkeypatch.setattr(graphprep, "rewrite", counted)
+    assert kept(state, model, digest, plan) == made and calls == []  # taken as it is
+    other = StreamPlan(size=(32, 24), batch_one=False)
+    assert kept(state, model, digest, other).model != made.model and calls == [other]  # another plan: its own
+    made.model.write_bytes(made.model.read_bytes()[:-10] + b"\0" * 10)  # damaged on disk: made again
+    again = kept(state, model, digest, plan)
+    assert again == made and calls[-1] == plan
+    assert made.model.read_bytes() == rewrite(model, plan).model
+    for index in (state / FOLDER).glob("*.json"):  # what made it, damaged: made again
+        index.write_text("{")
+    kept(state, model, digest, plan)
+    assert calls[-1] == plan and len(calls) == 3
 
 
 def test_a_state_folder_that_takes_no_file_still_runs_the_rewritten_model(tmp_path: Path) -> None:

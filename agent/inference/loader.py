@@ -11,7 +11,8 @@ must count as one, and a death after the pipelines are up must not.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Iterator
+import time
+from collections.abc import Callable, Collection, Iterable, Iterator
 from pathlib import Path
 
 from agent.config.profile import MqttConfig, PipelineConfig, Profile, RuntimeConfig
@@ -23,7 +24,7 @@ from agent.inference.sessions import POOL
 from agent.inference.sources import source_class
 from agent.inference.sources.base import Subscriptions
 from agent.inference.warmup import example_input, load_pipeline_model, stream_plans
-from agent.transport.events import Event, EventSink, Sink, log_event, preload_contract
+from agent.transport.events import Event, EventSink, Sink, log_event
 
 # (model, version) -> whether that version is on trial: the crash guard watches its load and warm-up.
 OnTrial = Callable[[str, str], bool]
@@ -53,7 +54,6 @@ def open_pipeline(
     feeds the model (`stream_plans`), for this load and its swaps."""
     if not source_class(config.source).sensor:
         preload_opencv()
-    preload_contract()
     model = load_pipeline_model(
         config,
         model_path if model_path is not None else Path(config.model),
@@ -136,3 +136,17 @@ def open_pipelines(
             emit(Event("pipeline.failed", {"pipeline": config.name, "model": config.model, "reason": str(exc)}))
             continue
         yield pipeline
+
+
+def start_pipelines(pipelines: Iterable[Pipeline], settle: float = 0.0) -> list[Pipeline]:
+    """Start each pipeline as soon as its model has loaded (`open_pipelines` yields them so). With `settle`,
+    they announce themselves (`pipeline.started`) once their first results are out, or after `settle`
+    seconds: what the caller does next, and those events, then take nothing from the first frames."""
+    started = [pipeline.start(announce=not settle) for pipeline in pipelines]
+    if settle:
+        deadline = time.monotonic() + settle
+        for pipeline in started:
+            pipeline.wait_served(max(0.0, deadline - time.monotonic()))
+        for pipeline in started:
+            pipeline.announce()
+    return started

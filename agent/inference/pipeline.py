@@ -87,8 +87,10 @@ class Pipeline(HotSwap, PooledStages):
         self.sink = sink
         self.runtime = runtime or RuntimeConfig()
         self.state_dir = Path(state_dir) if state_dir is not None else Path(".")
-        self._emit_raw = emit
-        self._throttled = EventThrottle(emit)
+        self._emit_to = emit
+        self._throttled = EventThrottle(self._emit_raw)
+        self._announced = False
+        self._announcing = threading.RLock()
         self.qos = config.qos if config.qos is not None else qos
         self.source = source or make_source(
             config.source,
@@ -119,6 +121,7 @@ class Pipeline(HotSwap, PooledStages):
         self._last_frame: np.ndarray | None = None  # the frame behind it
         self._stop = threading.Event()
         self._finished = threading.Event()
+        self._served = threading.Event()  # the first result is out, or the pipeline ended without one
         self._threads: list[threading.Thread] = []  # capture, and pre, infer, post unless pooled
         self._infer_thread: threading.Thread | None = None
         size = SENSOR_QUEUE_SIZE if self.source.sensor else QUEUE_SIZE
@@ -136,7 +139,9 @@ class Pipeline(HotSwap, PooledStages):
 
     # -- public API ------------------------------------------------------------------------------
 
-    def start(self) -> Pipeline:
+    def start(self, announce: bool = True) -> Pipeline:
+        """Start serving; `announce=False` leaves `pipeline.started` to `announce` (the daemon's start sends it
+        once the first result is out), though never after another event of this pipeline."""
         if self._threads:
             raise RuntimeError(f"pipeline {self.name} already started")
         self._state = "running"
@@ -150,14 +155,29 @@ class Pipeline(HotSwap, PooledStages):
             if name == "infer":
                 self._infer_thread = thread
             thread.start()
-        self.emit(
-            "pipeline.started",
-            model=self.model.name,
-            version=self.model.version,
-            provider=self.model.provider,
-            source=self.config.source.type,
-        )
+        if announce:
+            self.announce()
         return self
+
+    def announce(self) -> None:
+        """`pipeline.started`, once, and before any other event of this pipeline."""
+        with self._announcing:
+            if self._announced or not self._threads:
+                return
+            self._announced = True
+            self._emit_raw(
+                self._event(
+                    "pipeline.started",
+                    model=self.model.name,
+                    version=self.model.version,
+                    provider=self.model.provider,
+                    source=self.config.source.type,
+                )
+            )
+
+    def wait_served(self, timeout: float) -> bool:
+        """Until the first result is published, or the pipeline ended without one."""
+        return self._served.wait(timeout)
 
     def stop(self, timeout: float = 30.0) -> None:
         """End the source; finish and publish the frame in hand; join the threads."""
@@ -382,6 +402,7 @@ class Pipeline(HotSwap, PooledStages):
         self._counts["results"] += 1
         if self._counts["results"] == 1:
             START.first_result(self.name)
+            self._served.set()
         self._results_rate.mark(time.monotonic())
         if frame.data.ndim >= 2:
             self._latest = (frame.data, boxes_of(output))
@@ -389,6 +410,7 @@ class Pipeline(HotSwap, PooledStages):
 
     def _finish(self) -> None:
         self._finished.set()
+        self._served.set()
         if self._state == "running":
             self._state = "finished" if not self._stop.is_set() else "stopped"
             self.emit(
@@ -419,6 +441,7 @@ class Pipeline(HotSwap, PooledStages):
                 self._stop.set()
                 STAGES.detach(self._stages)
                 self._finished.set()
+                self._served.set()
 
         return run
 
@@ -427,6 +450,12 @@ class Pipeline(HotSwap, PooledStages):
 
     def emit(self, type_: str, **fields: Any) -> None:
         self._emit_raw(self._event(type_, **fields))
+
+    def _emit_raw(self, event: Event) -> None:
+        with self._announcing:  # pipeline.started first, whichever thread reports first
+            if not self._announced and event.type != "pipeline.started":
+                self.announce()
+        self._emit_to(event)
 
     def _source_emit(self, event: Event) -> None:
         if event.type.startswith("source.") and event.fields.get("reason"):

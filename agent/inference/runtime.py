@@ -284,7 +284,7 @@ def load_model(
         reason := _refusal(source, name, runtime.custom_ops, proven=True)
     ):
         raise ModelError(f"cannot load model {name} {version}: {reason}")
-    rewritten = _rewrite(source, plan, name) if plan is not None else None
+    rewritten = _rewrite(source, digest, plan, Path(state_dir), name) if plan is not None else None
     shared, rewritten = _lease(source, digest, rewritten, runtime, Path(state_dir), optimization, emit, name, version)
     if rewritten is not None:
         stream_input = rewritten.input
@@ -318,15 +318,11 @@ def _lease(
     as it is when there is none or it does not load; the rewrite that was used."""
     label = f"{name} {version}"
     if rewritten is not None:
-        fed: Path | bytes = rewritten.model
-        fed_digest = None
-        try:
-            fed, fed_digest = graphprep.on_disk(state_dir, rewritten.model)
-        except OSError as exc:
-            log.debug("model %s: the rewritten model is not kept on disk, so it loads from memory: %s", label, exc)
+        if isinstance(rewritten.model, bytes):
+            log.debug("model %s: the rewritten model is not kept on disk, so it loads from memory", label)
         try:
             return POOL.acquire(
-                fed, runtime, state_dir, optimization=optimization, emit=emit, digest=fed_digest
+                rewritten.model, runtime, state_dir, optimization=optimization, emit=emit, digest=rewritten.digest
             ), rewritten
         except Exception as exc:  # noqa: BLE001 (the file as it is may still load: it is tried next)
             log.warning("model %s: its rewritten input does not load, so it runs as it is: %s", label, _last_line(exc))
@@ -342,10 +338,10 @@ def _last_line(exc: BaseException) -> str:
     return text.splitlines()[-1] if text else exc.__class__.__name__
 
 
-def _rewrite(source: Path | bytes, plan: StreamPlan, name: str) -> Rewritten | None:
+def _rewrite(source: Path | bytes, digest: str, plan: StreamPlan, state_dir: Path, name: str) -> Rewritten | None:
     """The model with its stream input as the pipeline feeds it, or None where it stays as it is."""
     try:
-        return graphprep.rewrite(source, plan)
+        return graphprep.kept(state_dir, source, digest, plan)
     except (graphprep.NotRewritableError, WireError, OSError) as exc:
         log.debug("model %s input kept as it is: %s", name, exc)
         return None

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Literal
 from agent import __version__
 from agent.config.errors import ProfileError
 from agent.config.profile import PipelineConfig, Profile, load_profile
-from agent.inference.loader import open_pipelines
+from agent.inference.loader import open_pipelines, start_pipelines
 from agent.inference.pipeline import Pipeline
 from agent.service import notify
 from agent.service.serving import models_health
@@ -49,6 +49,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# The daemon's start waits this long at most for the pipelines' first results before the rest of the start
+# (a camera that is not there yet holds up health, commands and READY by this much, no more).
+FIRST_RESULTS_S = 1.0
 FLUSH_TIMEOUT = 10.0  # on SIGTERM, how long queued results may take to reach the broker
 
 
@@ -127,10 +130,11 @@ class Daemon:
         self._open_registry(parts)
         self._bring_models(parts)
         notify.status("starting: loading pipelines")
-        self.start_pipelines(profile.pipelines)
+        self.start_pipelines(profile.pipelines, settle=FIRST_RESULTS_S)
         START.mark("pipelines started")
-        # What no result waits for comes after the pipelines (cold start): the probe for health, health,
-        # updates, the status page, then the commands (queued since the connection opened).
+        # What no result waits for comes after the pipelines' first results (cold start): their events, the
+        # probe for health, health, updates, the status page, then the commands (queued since the connection
+        # opened). On two cores these took the first frame's CPU: the events' contract alone (pydantic) ~0.1 s.
         from agent.device.hardware import probe
 
         found = probe(state_dir=state_dir)
@@ -302,8 +306,9 @@ class Daemon:
                 parts.registry.check_and_pull(config.model, config.channel, config.version)
         skip_crashing_versions(store, self.profile, self.emit)
 
-    def start_pipelines(self, configs: tuple[PipelineConfig, ...]) -> None:
-        """Open and start these pipelines; one that cannot start is an event (pipeline.failed), not an error."""
+    def start_pipelines(self, configs: tuple[PipelineConfig, ...], settle: float = 0.0) -> None:
+        """Open and start these pipelines; one that cannot start is an event (pipeline.failed), not an error.
+        `settle`: wait up to this long for their first results before they announce themselves (or ended)."""
         parts = self.parts
         if parts is None:
             return
@@ -322,8 +327,8 @@ class Daemon:
             on_trial=trial,
             only={config.name for config in configs},
         )
-        for pipeline in pipelines:
-            parts.pipelines[pipeline.name] = pipeline.start()
+        for pipeline in start_pipelines(pipelines, settle):
+            parts.pipelines[pipeline.name] = pipeline
         if not any(name == "pipelines" for name, _ in parts.closers):
             parts.closers.append(("pipelines", self.stop_pipelines))
 

@@ -6,16 +6,13 @@ broker is configured, JSON lines on stdout otherwise.
 
 An event is checked against its type's model in `agent.transport.contract` when it is made: a
 producer cannot emit an event the contract does not have (ContractError names the type and the field).
-The contract (pydantic) is imported by the first event made, not by this module: a start's first
-result does not wait for it (issue 15).
+The contract (pydantic) is imported by the first event made, not by this module: the daemon's start
+makes its first events once the first results are out (issue 15).
 """
 
 from __future__ import annotations
 
-import importlib
 import logging
-import sys
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -57,15 +54,6 @@ class Sink(Protocol):
 
     def event(self, event: Event) -> None:
         """Queue one event for edge/<device>/events."""
-
-
-def preload_contract() -> None:
-    """Import the contract now on a short-lived thread: the first event a pipeline makes needs it, and
-    onnxruntime releases the interpreter while it builds the model's session, so the import (pydantic, ~0.1 s)
-    runs beside the load instead of beside the first frame (on the way to the first result)."""
-    if "agent.transport.contract" not in sys.modules:
-        name = "agent.transport.contract"
-        threading.Thread(target=importlib.import_module, args=(name,), name="import-contract", daemon=True).start()
 
 
 def log_event(event: Event) -> None:
