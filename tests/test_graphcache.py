@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from pathlib import Path
@@ -14,6 +13,7 @@ from agent.config.profile import RuntimeConfig
 from agent.device.graphcache import graph_cache
 from agent.device.providers import CPU, OPENVINO
 from agent.device.session import open_session
+from agent.util.hashing import checksum_file
 from tests.helpers.models import linear_model, save
 
 pytestmark = pytest.mark.arm64
@@ -35,7 +35,7 @@ def test_the_first_start_writes_the_optimised_model_and_the_next_loads_it(tmp_pa
     assert (first.cache, second.cache) == ("written", "hit")
     (entry,) = entries(state)
     record = json.loads(entry.with_suffix(".json").read_text())
-    assert record["key"] == entry.stem and len(record["sha256"]) == 64
+    assert record["key"] == entry.stem and record["checksum"] == checksum_file(entry)
     np.testing.assert_array_equal(first.session.run(None, X)[0], second.session.run(None, X)[0])
 
 
@@ -79,10 +79,10 @@ def test_a_damaged_entry_is_dropped_and_rebuilt_never_used(tmp_path: Path, damag
         record.unlink()
     elif damage == "record garbage":
         record.write_text("{not json")
-    else:  # the digest matches, but the bytes are no model: the load fails and the entry is rebuilt
+    else:  # the checksum matches, but the bytes are no model: the load fails and the entry is rebuilt
         entry.write_bytes(b"garbage")
         meta = json.loads(record.read_text())
-        meta["sha256"] = hashlib.sha256(b"garbage").hexdigest()
+        meta["checksum"] = checksum_file(entry)
         record.write_text(json.dumps(meta))
     again = open_session(path, RuntimeConfig(), state)
     assert again.cache == "written"

@@ -1,10 +1,11 @@
-"""A start whose profile validated before, unchanged, takes it from its snapshot in the state folder without
-pydantic; any change to the document, its environment or the code validates it again, and a damaged or planted
-snapshot is never trusted."""
+"""A start whose profile validated before, unchanged, takes it from its snapshot in the cache folder without
+parsing its YAML or importing pydantic; any change to the document, its environment or the code validates it
+again, and a damaged or planted snapshot is never trusted."""
 
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import subprocess
 import sys
@@ -15,10 +16,19 @@ import pytest
 from agent.config import snapshot, validate
 from agent.config.errors import ProfileError
 from agent.config.profile import Profile, load_profile
+from agent.util import redact
 from tests.helpers.models import save, unary_model
 from tests.helpers.profiles import one_pipeline
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The user's cache folder, this test's own (no systemd CacheDirectory here)."""
+    monkeypatch.delenv("CACHE_DIRECTORY", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    return tmp_path / "cache" / "edge-agent" / snapshot.FOLDER
 
 
 def profile_file(tmp_path: Path, **pipeline: object) -> Path:
@@ -36,36 +46,55 @@ def refuse_validation(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.mark.arm64
 def test_an_unchanged_profile_comes_from_its_snapshot_and_any_change_validates_it_again(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cache: Path
 ) -> None:
     path = profile_file(tmp_path, preprocess={"resize": [32, 24], "scale": "${SCALE}"})
-    (tmp_path / "state").mkdir()
-    first = load_profile(path, environ={"SCALE": "0.5"}, snapshot=True)
-    assert (tmp_path / "state" / snapshot.FILE).is_file()
+    env = {"SCALE": "0.5", "OTHER": "1"}
+    first = load_profile(path, environ=env, snapshot=True)
+    assert [f.name for f in cache.iterdir()] == [snapshot.location(path.resolve()).name]  # type: ignore[union-attr]
     with monkeypatch.context() as m:
         refuse_validation(m)
-        assert load_profile(path, environ={"SCALE": "0.5"}, snapshot=True) == first
+        assert load_profile(path, environ={**env, "OTHER": "2"}, snapshot=True) == first  # a variable not named
         with pytest.raises(AssertionError, match="validated again"):  # another value from the environment
-            load_profile(path, environ={"SCALE": "0.25"}, snapshot=True)
+            load_profile(path, environ={**env, "SCALE": "0.25"}, snapshot=True)
         with pytest.raises(AssertionError, match="validated again"):  # no snapshot asked for: `edge-agent check`
-            load_profile(path, environ={"SCALE": "0.5"})
+            load_profile(path, environ=env)
+        model = Path(first.pipelines[0].model)
+        model.rename(model.with_suffix(".gone"))  # a file it names is gone: checked, and located
+        with pytest.raises(AssertionError, match="validated again"):
+            load_profile(path, environ=env, snapshot=True, files="all")
+        model.with_suffix(".gone").rename(model)
     # An edit that breaks the profile is refused, located, although a snapshot of the old one is kept.
     doc = json.loads(path.read_text())
     doc["pipelines"][0]["preprocess"]["scale"] = "fast"
     path.write_text(json.dumps(doc))
     with pytest.raises(ProfileError, match=r"pipelines\[0\]\.preprocess\.scale: expected a number, got 'fast'"):
-        load_profile(path, environ={"SCALE": "0.5"}, snapshot=True)
+        load_profile(path, environ=env, snapshot=True)
+
+
+def test_a_secret_from_the_environment_is_masked_by_a_start_from_the_snapshot(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "p.yaml"
+    path.write_text("device: {id: d, state_dir: state}\nmqtt: {url: 'mqtt://h', username: u, password: '${MQTT_PW}'}\n")
+    load_profile(path, environ={"MQTT_PW": "s3cret-one"}, snapshot=True)
+    with monkeypatch.context() as m:
+        refuse_validation(m)
+        m.setattr(redact, "_remembered", set())  # a new process: nothing remembered yet
+        profile = load_profile(path, environ={"MQTT_PW": "s3cret-one"}, snapshot=True)
+        assert profile.mqtt is not None and profile.mqtt.secret() == "s3cret-one"
+        assert redact.text("connect failed: s3cret-one") == f"connect failed: {redact.MASK}"
 
 
 def test_a_snapshot_of_other_code_or_damaged_or_planted_is_not_used(tmp_path: Path) -> None:
     path = profile_file(tmp_path)
-    (tmp_path / "state").mkdir()
     good = load_profile(path, snapshot=True)
-    kept = tmp_path / "state" / snapshot.FILE
+    kept = snapshot.location(path.resolve())
+    assert kept is not None
     head, _, body = kept.read_bytes().partition(b"\n")
     header = json.loads(head)
     key = header["key"]
-    assert snapshot.load(kept, key, Profile) == good
+    assert snapshot.load(kept, key, Profile) == (good, [])
 
     header["code"][0][2] += 1  # one module changed since (a new release, an edited checkout)
     kept.write_bytes(json.dumps(header).encode() + b"\n" + body)
@@ -92,13 +121,19 @@ def test_a_snapshot_of_other_code_or_damaged_or_planted_is_not_used(tmp_path: Pa
     assert snapshot.load(kept, key, Profile) is None
 
 
-def test_a_restart_takes_the_snapshot_and_does_not_load_the_validator(tmp_path: Path) -> None:
+def test_a_restart_takes_the_snapshot_and_neither_parses_yaml_nor_loads_the_validator(
+    tmp_path: Path, cache: Path
+) -> None:
     path = profile_file(tmp_path, preprocess={"resize": [32, 24], "scale": 0.004})
     cmd = [sys.executable, "-X", "importtime", "-m", "agent", "run", "--profile", str(path)]
-    runs = [subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=120) for _ in range(2)]
+    runs = [
+        subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=120, env=dict(os.environ))
+        for _ in range(2)
+    ]
     for done in runs:
         assert done.returncode == 0, done.stderr[-3000:]
         assert [json.loads(line)["source_seq"] for line in done.stdout.splitlines()] == [0, 1]
     imported = [{line.rsplit("|", 1)[-1].strip() for line in r.stderr.splitlines() if "|" in line} for r in runs]
-    assert "agent.config.validate" in imported[0] and "agent.config.validate" not in imported[1]
-    assert (tmp_path / "state" / snapshot.FILE).is_file()
+    assert {"agent.config.validate", "yaml"} <= imported[0]
+    assert not {"agent.config.validate", "yaml"} & imported[1]  # (pydantic comes after the first result)
+    assert len(list(cache.iterdir())) == 1

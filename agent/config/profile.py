@@ -33,7 +33,7 @@ from agent.config.presets import PresetName
 from agent.config.runtime import Optimization
 from agent.config.runtime import RuntimeConfig as RuntimeConfig  # re-exported: every part looks for it here
 from agent.config.units import Duration, Size
-from agent.config.yamldoc import KeyPath, YamlDoc, YamlSyntaxError, expand_env, read_yaml
+from agent.config.yamldoc import KeyPath, YamlDoc, YamlSyntaxError, expand_env, parse_bytes, read_bytes
 from agent.inference.processing.post import POSTPROCESSORS
 from agent.inference.processing.pre import PreprocessConfig
 from agent.inference.sources import SOURCES
@@ -47,7 +47,6 @@ if TYPE_CHECKING:
     from agent.config.base import PluginConfig
 
 TOPIC_PREFIX_PATTERN = r"^[^#+\s]+$"
-DEFAULT_STATE_DIR = Path("/var/lib/edge-agent")
 MAX_PIPELINES = 256  # one device runs a handful; the bound keeps a hostile profile's errors few
 PATTERN_WORDS[NAME_PATTERN] = NAME_WORDS
 PATTERN_WORDS[TOPIC_PREFIX_PATTERN] = "a topic level without spaces, '+' or '#'"
@@ -92,7 +91,7 @@ class DeviceConfig(Strict):
         json_schema_extra=NOT_RESERVED_SCHEMA,
     )
     group: str = Field("default", pattern=NAME_PATTERN, description="the fleet group deployments target")
-    state_dir: ProfilePath = Field(DEFAULT_STATE_DIR, description="models, outbox and caches live here")
+    state_dir: ProfilePath = Field(Path("/var/lib/edge-agent"), description="models, outbox and caches live here")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -314,28 +313,41 @@ def load_profile(
 ) -> Profile:
     """Read, expand and validate a profile; raise ProfileError with every located problem (with `files`,
     also each file it names that this machine lacks: agent.config.files). With `snapshot`, a profile that
-    validated before, unchanged, comes from its snapshot in the state folder (agent.config.snapshot)."""
+    validated before, unchanged, comes from its snapshot in the cache folder (agent.config.snapshot)."""
     path = Path(path)
     name = str(path)
     try:
-        doc = read_yaml(path)
+        raw = read_bytes(path)
     except OSError as exc:
         raise ProfileError([Issue(name, 0, "", f"cannot read: {exc.strerror or exc}")]) from None
+    base_dir = path.resolve().parent
+    env = os.environ if environ is None else environ
+    kept = snapshots.location(path.resolve()) if snapshot else None
+    key = snapshots.document_key(raw, env, base_dir) if kept is not None else ""
+    found = snapshots.load(kept, key, Profile) if kept is not None else None
+    if found is not None:
+        profile, expanded = found
+        for key_name, template in expanded:  # masked as a validation masks them
+            redact.remember_expanded(template, key_name, dict(env))
+        if not missing_files(profile, files):
+            return profile  # else a file it names is gone: the check below locates it
+    try:
+        doc = parse_bytes(raw)
     except UnicodeDecodeError:
         raise ProfileError([Issue(name, 1, "", "not a text file (expected UTF-8 YAML)")]) from None
     except YamlSyntaxError as exc:
         raise ProfileError([Issue(name, exc.line, "", f"YAML syntax: {exc.message}")]) from None
-    return validate_document(doc, name, path.resolve().parent, environ, files, snapshot)
+    profile, expanded = _checked(doc, name, base_dir, environ, files)
+    if kept is not None:
+        snapshots.save(kept, key, profile, expanded)
+    return profile
 
 
-def validate_document(
-    doc: YamlDoc,
-    name: str,
-    base_dir: Path,
-    environ: dict[str, str] | None = None,
-    files: FileCheck = "none",
-    snapshot: bool = False,
-) -> Profile:
+def _checked(
+    doc: YamlDoc, name: str, base_dir: Path, environ: dict[str, str] | None, files: FileCheck
+) -> tuple[Profile, list[tuple[str, str]]]:
+    """`doc` expanded and validated (ProfileError with every located problem), and where its `${VAR}`s stand
+    (the key above each, and the text)."""
     issues = [
         Issue(name, line, format_path(p), "duplicate key; each key may appear once") for p, line in doc.duplicates
     ]
@@ -346,29 +358,24 @@ def validate_document(
             + [Issue(name, 1, "", f"expected a mapping of profile sections (device, mqtt, pipelines, ...), got {got}")]
         )
     expanded = expand_env(doc.data, environ)
+    templates: list[tuple[str, str]] = []
     for key_path in expanded.secret_paths:  # a ${VAR} named like a secret is masked in replies, events, logs
         template: Any = doc.data
         for part in key_path:
             template = template[part]
-        redact.remember_expanded(template, str(key_path[-1]) if key_path else "", dict(environ or os.environ))
+        templates.append((str(key_path[-1]) if key_path else "", template))
+        redact.remember_expanded(template, templates[-1][0], dict(environ or os.environ))
     for key_path, var in expanded.missing:
         issues.append(
             Issue(name, doc.line_of(key_path), format_path(key_path), f"environment variable {var} is not set")
         )
-    data = expanded.data
-    kept = snapshots.location(data, base_dir, DEFAULT_STATE_DIR) if snapshot and not issues else None
-    key = snapshots.document_key(data, base_dir) if kept is not None else ""
-    profile = snapshots.load(kept, key, Profile) if kept is not None else None
-    if profile is None:
-        profile = _validate(data, doc, name, base_dir, expanded.secret_paths, issues)
-        if kept is not None and profile is not None and not issues:
-            snapshots.save(kept, key, profile)
+    profile = _validate(expanded.data, doc, name, base_dir, expanded.secret_paths, issues)
     if profile is not None:
         issues += [Issue(name, doc.line_of(p), format_path(p), m) for p, m in missing_files(profile, files)]
     if issues:
         raise ProfileError(sorted(issues, key=lambda i: i.line))
     assert profile is not None
-    return profile
+    return profile, templates
 
 
 def _validate(

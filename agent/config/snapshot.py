@@ -1,11 +1,12 @@
-"""A profile validated once, kept in the device's state folder, so that starts while it stays the same need
-no pydantic: its import and the profile's validators took more than the whole cold-start budget (issue 15).
+"""A profile validated once, kept in the agent's cache folder, so that starts while it stays the same neither
+parse its YAML nor import pydantic: those took more than the whole cold-start budget (issue 15).
 
 The snapshot is the validated objects, pickled, behind a header that says what they came from: a digest of
-the document once its environment variables are expanded, the profile's folder and the home folder (which
-relative and `~` paths resolve against), and the size and change time of every module whose classes or checks
-made them. Any difference and the profile is validated again and the snapshot rewritten; so is a snapshot
-that cannot be read. Unpickling builds profile classes and paths only (`_Unpickler.find_class`), of modules
+the profile's bytes and of the environment variables it names, the profile's folder and the home folder
+(which relative and `~` paths resolve against), and the size and change time of every module whose classes
+or checks made them; and where its `${VAR}`s stand, so that their secrets are masked as a validation masks
+them. Any difference and the profile is validated again and the snapshot rewritten; so is a snapshot that
+cannot be read. Unpickling builds profile classes and paths only (`_Unpickler.find_class`), of modules
 the header names under `agent.`: a damaged or planted file fails to load, it cannot run code.
 """
 
@@ -13,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import importlib
 import importlib.util
 import io
@@ -22,16 +22,21 @@ import logging
 import os
 import pathlib
 import pickle
+import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
 from agent.config.base import Secret, Strict
+from agent.util.hashing import sha256_bytes
 
 log = logging.getLogger(__name__)
 
-FILE = "validated-profile.pickle"
+FOLDER = "profiles"  # under the cache folder: one snapshot per profile file, named by its path
+KEPT = 16  # snapshots kept, the most recently used
 MAX_BYTES = 8 * 1024**2  # 256 pipelines of profile objects come to well under 1 MiB
 FORMAT = 1
+_ENV_NAME = re.compile(rb"\$\{([A-Za-z_][A-Za-z0-9_]*)")  # as agent.config.yamldoc expands them
 # Modules whose code decides what a profile validates to without holding its classes.
 CHECKS = (
     "agent.config.base",
@@ -43,26 +48,29 @@ CHECKS = (
 P = TypeVar("P")
 
 
-def document_key(data: Any, base_dir: Path) -> str:
-    """What the validated profile depends on besides the code: the expanded document and the folders its
-    relative and `~` paths resolve against."""
-    text = json.dumps([FORMAT, data, str(base_dir), os.path.expanduser("~")], sort_keys=True, default=repr)
-    return hashlib.sha256(text.encode()).hexdigest()
+def document_key(raw: bytes, environ: Mapping[str, str], base_dir: Path) -> str:
+    """What the validated profile depends on besides the code: its bytes, the values of the environment
+    variables they name, and the folders its relative and `~` paths resolve against."""
+    names = sorted({name.decode() for name in _ENV_NAME.findall(raw)})
+    parts = [FORMAT, sha256_bytes(raw), [[n, environ.get(n)] for n in names], str(base_dir), os.path.expanduser("~")]
+    return sha256_bytes(json.dumps(parts).encode())
 
 
-def location(data: dict[str, Any], base_dir: Path, default: Path) -> Path | None:
-    """Where the profile's device keeps its state (its `device.state_dir`, resolved as validation resolves it),
-    read from the document before validation; None where the document does not say it plainly."""
-    device = data.get("device")
-    state_dir = device.get("state_dir", default) if isinstance(device, dict) else default
-    if not isinstance(state_dir, (str, Path)) or not str(state_dir):
-        return None
-    path = Path(os.path.expanduser(str(state_dir)))
-    return (path if path.is_absolute() else base_dir / path) / FILE
+def location(profile: Path) -> Path | None:
+    """Where the snapshot of the profile file at `profile` (absolute) is kept: under systemd's CacheDirectory
+    for the service, else the user's cache folder (XDG); None where there is none."""
+    cache = os.environ.get("CACHE_DIRECTORY", "").split(":")[0]
+    if not cache:
+        xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        if not os.path.isabs(xdg):
+            return None  # no home folder to keep it in
+        cache = os.path.join(xdg, "edge-agent")
+    return Path(cache) / FOLDER / f"{sha256_bytes(str(profile).encode())[:32]}.pickle"
 
 
-def load(path: Path, key: str, kind: type[P]) -> P | None:
-    """The `kind` kept at `path` for `key`, or None (none kept, another key, changed code, unreadable)."""
+def load(path: Path, key: str, kind: type[P]) -> tuple[P, list[tuple[str, str]]] | None:
+    """The `kind` kept at `path` for `key` and where its `${VAR}`s stand (the key above each, and the text),
+    or None (none kept, another key, changed code, unreadable)."""
     try:
         with open(path, "rb") as f:
             raw = f.read(MAX_BYTES + 1)
@@ -74,24 +82,32 @@ def load(path: Path, key: str, kind: type[P]) -> P | None:
         if len(raw) > MAX_BYTES or header.get("key") != key or header.get("code") != _fingerprint(header["modules"]):
             return None
         kept = _Unpickler(io.BytesIO(body), frozenset(header["modules"])).load()
+        expanded = [(str(key_name), str(template)) for key_name, template in header["expanded"]]
     except Exception as exc:  # noqa: BLE001 (a damaged file of any kind is validated again)
         log.debug("profile snapshot %s not used: %s", path, exc)
         return None
-    return kept if type(kept) is kind else None
+    if type(kept) is not kind:
+        return None
+    with contextlib.suppress(OSError):
+        os.utime(path)  # recently used: the last to be pruned
+    return kept, expanded
 
 
-def save(path: Path, key: str, profile: object) -> None:
-    """Keep `profile` at `path` for later starts (atomically; a state folder that cannot be written only
-    means the next start validates again)."""
+def save(path: Path, key: str, profile: object, expanded: list[tuple[str, str]]) -> None:
+    """Keep `profile` at `path` for later starts (atomically; a cache folder that cannot be written only
+    means the next start validates again); the least recently used beyond KEPT go."""
     modules = sorted({type(o).__module__ for o in _objects(profile)} | set(CHECKS))
-    header = {"key": key, "modules": modules, "code": _fingerprint(modules)}
+    header = {"key": key, "modules": modules, "code": _fingerprint(modules), "expanded": expanded}
     data = json.dumps(header).encode() + b"\n" + pickle.dumps(profile, protocol=5)
     temp = path.with_name(f".{path.name}.{os.getpid()}")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)  # the daemon makes it too, a moment later
+        path.parent.mkdir(parents=True, exist_ok=True)
         with open(temp, "wb") as f:
             f.write(data)
         os.replace(temp, path)
+        kept = sorted(path.parent.glob("*.pickle"), key=lambda f: f.stat().st_mtime, reverse=True)
+        for old in kept[KEPT:]:
+            old.unlink(missing_ok=True)
     except OSError as exc:
         log.debug("profile snapshot %s not kept: %s", path, exc)
         with contextlib.suppress(OSError):

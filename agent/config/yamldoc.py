@@ -12,13 +12,13 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import yaml
+from typing import TYPE_CHECKING, Any
 
 from agent.util.files import read_small
 
-Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+if TYPE_CHECKING:  # imported where a document is parsed: a start from a validated snapshot parses none
+    import yaml
+
 KeyPath = tuple[str | int, ...]
 
 # A real profile has a few hundred nodes; 10,000 leaves room for generous use of anchors.
@@ -63,6 +63,8 @@ class YamlDoc:
         return line
 
     def _child(self, node: yaml.Node, part: str | int) -> tuple[yaml.Node | None, yaml.Node] | None:
+        import yaml
+
         if isinstance(node, yaml.MappingNode):
             keys = self._keys.get(id(node))
             if keys is None:
@@ -77,6 +79,8 @@ class YamlDoc:
 
 
 def _find_duplicates(node: yaml.Node | None, path: KeyPath, out: list[tuple[KeyPath, int]]) -> None:
+    import yaml
+
     if isinstance(node, yaml.MappingNode):
         seen: set[str] = set()
         for key_node, value_node in node.value:
@@ -94,6 +98,8 @@ def _check_expansion(root: yaml.Node) -> None:
     """Raise a located YamlSyntaxError when aliases make the document recursive or too large once expanded.
 
     Sizes are memoised per node, so this costs one visit per distinct node however the aliases multiply."""
+    import yaml
+
     sizes: dict[int, int] = {}
     open_nodes: set[int] = set()
     aliased = False  # a node met twice: only an alias shares one
@@ -136,9 +142,11 @@ def _check_expansion(root: yaml.Node) -> None:
 
 
 def parse_yaml(text: str) -> YamlDoc:
+    import yaml
+
     if len(text) > MAX_BYTES:
         raise YamlSyntaxError(1, f"larger than {MAX_BYTES} bytes; a profile is a short hand-written file")
-    loader = Loader(text)
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)(text)
     try:
         root = loader.get_single_node()
         if root is not None:
@@ -165,9 +173,14 @@ def _one_line(text: str) -> str:
     return text if len(text) <= 200 else text[:197] + "..."
 
 
-def read_yaml(path: Path) -> YamlDoc:
-    """A YAML file of at most MAX_BYTES, read as `read_small` reads (a regular file, no more than the bound)."""
-    data = read_small(path, MAX_BYTES)
+def read_bytes(path: Path) -> bytes:
+    """A profile's bytes, read as `read_small` reads (a regular file, no more than the bound: at most
+    MAX_BYTES + 1, which `parse_bytes` refuses)."""
+    return read_small(path, MAX_BYTES)
+
+
+def parse_bytes(data: bytes) -> YamlDoc:
+    """A profile's bytes as a document (UnicodeDecodeError where they are not UTF-8)."""
     if len(data) > MAX_BYTES:
         raise YamlSyntaxError(1, f"larger than {MAX_BYTES} bytes; a profile is a short hand-written file")
     return parse_yaml(data.decode("utf-8"))

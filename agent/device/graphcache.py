@@ -3,7 +3,7 @@
 The key holds everything that changes what ONNX Runtime's optimiser writes: the runtime's version and
 build, the provider and its options, the optimisation level, the hardware fingerprint (level `all` lays
 tensors out for this CPU's SIMD width) and the model's digest; a change in any of them is a new entry,
-never a stale one. The digest of what was written is kept beside it and checked before every use: a
+never a stale one. The checksum of what was written is kept beside it and checked before every use: a
 damaged or missing file is removed and rebuilt from the model. Providers that compile the graph
 themselves (TensorRT, OpenVINO) keep their own caches and are not cached here.
 """
@@ -20,11 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from agent.device.providers import CPU, CUDA
-from agent.util.hashing import sha256_bytes, sha256_file
+from agent.util.hashing import checksum_file, sha256_bytes
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: the record holds the file's checksum (agent.util.hashing.checksum_file)
 KEPT = 8  # entries kept, most recently used first: every model version updated in leaves one behind
 CACHEABLE = frozenset({CPU, CUDA})  # providers whose optimised graph is still a plain ONNX model
 ORT_FORMAT_ID = b"ORTM"  # an .ort (flatbuffer) model: already optimised, nothing to cache
@@ -40,15 +40,15 @@ class GraphCache:
     key: str
 
     def verified(self) -> Path | None:
-        """The optimised model when its digest matches the record; a damaged entry is removed."""
+        """The optimised model when its checksum matches the record; a damaged entry is removed."""
         if not self.model.exists() and not self.record.exists():
             return None
         try:
             record = json.loads(self.record.read_text())
-            if record.get("version") == CACHE_VERSION and record.get("sha256") == sha256_file(self.model):
+            if record.get("version") == CACHE_VERSION and record.get("checksum") == checksum_file(self.model):
                 os.utime(self.record)  # recently used: the last to be pruned
                 return self.model
-            reason = "its digest does not match the record"
+            reason = "its checksum does not match the record"
         except (OSError, ValueError, AttributeError) as exc:
             reason = f"{exc.__class__.__name__}: {exc}"
         log.warning("optimised model cache entry dropped, rebuilding key=%s reason=%s", self.key, reason)
@@ -72,11 +72,11 @@ class GraphCache:
         try:
             if staged.stat().st_size == 0:
                 raise OSError(errno.EIO, "onnxruntime wrote an empty optimised model")
-            digest = sha256_file(staged)
+            checksum = checksum_file(staged)
             os.replace(staged, self.model)
             fd, tmp = tempfile.mkstemp(dir=self.record.parent, prefix=".tmp-", suffix=".json")
             with os.fdopen(fd, "w") as f:
-                json.dump({"version": CACHE_VERSION, "sha256": digest, "key": self.key, "source": source}, f)
+                json.dump({"version": CACHE_VERSION, "checksum": checksum, "key": self.key, "source": source}, f)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, self.record)
