@@ -35,6 +35,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from agent.cloud.samples import sample_model
+from agent.config.base import adapter
 from agent.config.profile import PipelineConfig, RuntimeConfig
 from agent.device.providers import thread_count
 from agent.inference.pipeline import Pipeline
@@ -133,7 +134,7 @@ def run_pipeline(
 
 def camera_path(frames: int, runtime: RuntimeConfig, tmp: Path) -> dict[str, Any]:
     path = sample_model("ppocr-det")
-    cfg = PipelineConfig.model_validate(
+    cfg = adapter(PipelineConfig).validate_python(
         {
             "name": "cam",
             "model": str(path),
@@ -193,7 +194,7 @@ def sensor_path(samples: int, runtime: RuntimeConfig, tmp: Path) -> dict[str, An
         f.write(",".join(f"c{i}" for i in range(8)) + "\n")
         for row in rng.normal(size=(samples, 8)).round(4):
             f.write(",".join(map(str, row)) + "\n")
-    cfg = PipelineConfig.model_validate(
+    cfg = adapter(PipelineConfig).validate_python(
         {"name": "sensor", "model": str(model_path), "source": {"type": "csv", "path": str(csv)}}
     )
     model = load_model(model_path, runtime, tmp)
@@ -231,7 +232,7 @@ def added_latency(runtime: RuntimeConfig, tmp: Path, ocr_frames: int) -> list[di
 
     rows = []
     model_path = save(linear_model(np.ones((8, 1))), tmp / "lat.onnx")
-    cfg = PipelineConfig.model_validate(
+    cfg = adapter(PipelineConfig).validate_python(
         {"name": "lat", "model": str(model_path), "source": {"type": "csv", "path": "x.csv"}}
     )
     model = load_model(model_path, runtime, tmp)
@@ -250,7 +251,7 @@ def added_latency(runtime: RuntimeConfig, tmp: Path, ocr_frames: int) -> list[di
     )
 
     path = sample_model("ppocr-det")
-    cfg = PipelineConfig.model_validate(
+    cfg = adapter(PipelineConfig).validate_python(
         {
             "name": "latcam",
             "model": str(path),

@@ -80,6 +80,18 @@ def camera_frames(count: int) -> list[Any]:
     return [f.data for f in source.frames(th.Event())]
 
 
+def validated_pipeline(doc: dict[str, Any]) -> Any:
+    """A pipeline's config as the tree measured validates it: pydantic models before issue 15 made them
+    dataclasses that pydantic validates from outside."""
+    from agent.config.profile import PipelineConfig
+
+    try:
+        from agent.config.base import adapter
+    except ImportError:  # a tree from before: the config classes are pydantic models
+        return PipelineConfig.model_validate(doc)  # type: ignore[attr-defined]
+    return adapter(PipelineConfig).validate_python(doc)
+
+
 def worker_pipelines(count: int, seconds: float, fps: float) -> dict[str, Any]:
     """`count` live camera pipelines on one model file, each camera at `fps` (more than the device keeps
     up with, so the newest frame wins and the rest are dropped, as with real cameras), for `seconds`."""
@@ -93,7 +105,7 @@ def worker_pipelines(count: int, seconds: float, fps: float) -> dict[str, Any]:
     import psutil
 
     from agent.cloud.samples import sample_model
-    from agent.config.profile import PipelineConfig, RuntimeConfig
+    from agent.config.profile import RuntimeConfig
     from agent.inference.pipeline import Pipeline
     from agent.inference.runtime import load_model
     from agent.inference.sources.base import BaseSource, Frame, Pacer
@@ -142,9 +154,7 @@ def worker_pipelines(count: int, seconds: float, fps: float) -> dict[str, Any]:
     tmp = Path(scratch.name)
     started = time.perf_counter()
     pipes = []
-    configs = [
-        PipelineConfig.model_validate(ocr_pipeline(f"cam{i}", path, {"type": "synthetic"})) for i in range(count)
-    ]
+    configs = [validated_pipeline(ocr_pipeline(f"cam{i}", path, {"type": "synthetic"})) for i in range(count)]
     runtime = RuntimeConfig()
     try:  # each model as the pipelines feed it, as `edge-agent run` loads them, in a tree that has it
         from agent.inference.warmup import load_pipeline_model, stream_plans
@@ -323,13 +333,13 @@ def camera_path(rounds: int, frames: int, tmp: Path) -> dict[str, Any]:
     import onnxruntime as ort
 
     from agent.cloud.samples import sample_model
-    from agent.config.profile import PipelineConfig, RuntimeConfig
+    from agent.config.profile import RuntimeConfig
     from agent.inference.processing.pre import Preprocessor
     from agent.inference.warmup import load_pipeline_model, preprocessor, stream_plan
     from bench.bench_pipeline import LatencySink, Replay, run_pipeline
 
     path = sample_model("ppocr-det", quiet=True)
-    cfg = PipelineConfig.model_validate(ocr_pipeline("cam", path, {"type": "synthetic"}))
+    cfg = validated_pipeline(ocr_pipeline("cam", path, {"type": "synthetic"}))
     images = camera_frames(frames)
     runtime = RuntimeConfig()
     model = load_pipeline_model(
