@@ -9,6 +9,7 @@ import os
 import pickle
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -119,6 +120,20 @@ def test_a_snapshot_of_other_code_or_damaged_or_planted_is_not_used(tmp_path: Pa
     # A snapshot of something else than a profile, made of the same classes, is not one.
     kept.write_bytes(head + b"\n" + pickle.dumps(good.device, protocol=5))
     assert snapshot.load(kept, key, Profile) is None
+
+
+def test_a_fifo_in_the_snapshots_place_does_not_hold_up_the_start(tmp_path: Path) -> None:
+    path = profile_file(tmp_path)
+    kept = snapshot.location(path.resolve())
+    assert kept is not None
+    kept.parent.mkdir(parents=True)
+    os.mkfifo(kept)
+    loaded: list[Profile] = []
+    reader = threading.Thread(target=lambda: loaded.append(load_profile(path, snapshot=True)), daemon=True)
+    reader.start()
+    reader.join(20)
+    assert loaded, "a FIFO where the snapshot goes held up the start"
+    assert snapshot.load(kept, json.loads(kept.read_bytes().partition(b"\n")[0])["key"], Profile) == (loaded[0], [])
 
 
 def test_a_restart_takes_the_snapshot_and_neither_parses_yaml_nor_loads_the_validator(

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from agent.config.base import Secret, Strict
+from agent.util.files import read_small
 from agent.util.hashing import sha256_bytes
 
 log = logging.getLogger(__name__)
@@ -72,8 +73,7 @@ def load(path: Path, key: str, kind: type[P]) -> tuple[P, list[tuple[str, str]]]
     """The `kind` kept at `path` for `key` and where its `${VAR}`s stand (the key above each, and the text),
     or None (none kept, another key, changed code, unreadable)."""
     try:
-        with open(path, "rb") as f:
-            raw = f.read(MAX_BYTES + 1)
+        raw = read_small(path, MAX_BYTES)  # a regular file, bounded: a FIFO there never blocks the start
     except OSError:
         return None
     try:
