@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -64,7 +65,9 @@ def test_nothing_is_cached_without_optimisation_for_compiling_providers_or_when_
     assert graph_cache(state, b"xxxxORTMrest", "d" * 64, CPU, {}, "all", "fp", "1.32.0") is None  # an .ort model
 
 
-@pytest.mark.parametrize("damage", ["truncated", "flipped", "record missing", "record garbage", "not a model"])
+@pytest.mark.parametrize(
+    "damage", ["truncated", "flipped", "record missing", "record garbage", "record a fifo", "not a model"]
+)
 def test_a_damaged_entry_is_dropped_and_rebuilt_never_used(tmp_path: Path, damage: str) -> None:
     state, path = tmp_path / "state", model(tmp_path)
     good = open_session(path, RuntimeConfig(), state).session.run(None, X)[0]
@@ -79,6 +82,9 @@ def test_a_damaged_entry_is_dropped_and_rebuilt_never_used(tmp_path: Path, damag
         record.unlink()
     elif damage == "record garbage":
         record.write_text("{not json")
+    elif damage == "record a fifo":  # read as it stood, it held up the start for good
+        record.unlink()
+        os.mkfifo(record)
     else:  # the checksum matches, but the bytes are no model: the load fails and the entry is rebuilt
         entry.write_bytes(b"garbage")
         meta = json.loads(record.read_text())

@@ -26,10 +26,21 @@ REPO = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(autouse=True)
 def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """The user's cache folder, this test's own (no systemd CacheDirectory here)."""
-    monkeypatch.delenv("CACHE_DIRECTORY", raising=False)
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    return tmp_path / "cache" / "edge-agent" / snapshot.FOLDER
+    """The agent's cache folder, this test's own."""
+    monkeypatch.setenv("EDGE_AGENT_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache" / snapshot.FOLDER
+
+
+def test_the_snapshot_goes_to_the_agents_cache_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    profile = tmp_path / "p.yaml"
+    name = snapshot.location(profile)
+    assert name is not None and name.parent == tmp_path / "cache" / snapshot.FOLDER  # EDGE_AGENT_CACHE first
+    monkeypatch.delenv("EDGE_AGENT_CACHE")
+    monkeypatch.setenv("CACHE_DIRECTORY", "/var/cache/edge-agent")  # the service: systemd's CacheDirectory=
+    assert snapshot.location(profile) == Path("/var/cache/edge-agent") / snapshot.FOLDER / name.name
+    monkeypatch.delenv("CACHE_DIRECTORY")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert snapshot.location(profile) == tmp_path / "xdg" / "edge-agent" / snapshot.FOLDER / name.name
 
 
 def profile_file(tmp_path: Path, **pipeline: object) -> Path:

@@ -14,6 +14,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from agent.util.cachedir import cache_folder
 from agent.util.hashing import sha256_file
 
 
@@ -60,10 +61,10 @@ SAMPLES = {
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("EDGE_AGENT_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"), "edge-agent"
-    )
-    return Path(root) / "samples"
+    root = cache_folder()
+    if root is None:
+        raise RuntimeError("no cache folder for the sample models: set EDGE_AGENT_CACHE (there is no home folder)")
+    return root / "samples"
 
 
 def fetch_wheel(wheel: Wheel, quiet: bool = False) -> Path:

@@ -337,14 +337,14 @@ def load_profile(
         raise ProfileError([Issue(name, 1, "", "not a text file (expected UTF-8 YAML)")]) from None
     except YamlSyntaxError as exc:
         raise ProfileError([Issue(name, exc.line, "", f"YAML syntax: {exc.message}")]) from None
-    profile, expanded = _checked(doc, name, base_dir, environ, files)
+    profile, expanded = _checked(doc, name, base_dir, env, files)
     if kept is not None:
         snapshots.save(kept, key, profile, expanded)
     return profile
 
 
 def _checked(
-    doc: YamlDoc, name: str, base_dir: Path, environ: dict[str, str] | None, files: FileCheck
+    doc: YamlDoc, name: str, base_dir: Path, environ: Mapping[str, str], files: FileCheck
 ) -> tuple[Profile, list[tuple[str, str]]]:
     """`doc` expanded and validated (ProfileError with every located problem), and where its `${VAR}`s stand
     (the key above each, and the text)."""
@@ -357,14 +357,14 @@ def _checked(
             issues
             + [Issue(name, 1, "", f"expected a mapping of profile sections (device, mqtt, pipelines, ...), got {got}")]
         )
-    expanded = expand_env(doc.data, environ)
+    expanded = expand_env(doc.data, dict(environ))
     templates: list[tuple[str, str]] = []
     for key_path in expanded.secret_paths:  # a ${VAR} named like a secret is masked in replies, events, logs
         template: Any = doc.data
         for part in key_path:
             template = template[part]
         templates.append((str(key_path[-1]) if key_path else "", template))
-        redact.remember_expanded(template, templates[-1][0], dict(environ or os.environ))
+        redact.remember_expanded(template, templates[-1][0], dict(environ))
     for key_path, var in expanded.missing:
         issues.append(
             Issue(name, doc.line_of(key_path), format_path(key_path), f"environment variable {var} is not set")

@@ -22,12 +22,13 @@ import logging
 import os
 import pathlib
 import pickle
-import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
 from agent.config.base import Secret, Strict
+from agent.config.yamldoc import ENV_REFERENCE
+from agent.util.cachedir import cache_folder
 from agent.util.files import read_small
 from agent.util.hashing import sha256_bytes
 
@@ -37,7 +38,6 @@ FOLDER = "profiles"  # under the cache folder: one snapshot per profile file, na
 KEPT = 16  # snapshots kept, the most recently used
 MAX_BYTES = 8 * 1024**2  # 256 pipelines of profile objects come to well under 1 MiB
 FORMAT = 1
-_ENV_NAME = re.compile(rb"\$\{([A-Za-z_][A-Za-z0-9_]*)")  # as agent.config.yamldoc expands them
 # Modules whose code decides what a profile validates to without holding its classes.
 CHECKS = (
     "agent.config.base",
@@ -52,21 +52,16 @@ P = TypeVar("P")
 def document_key(raw: bytes, environ: Mapping[str, str], base_dir: Path) -> str:
     """What the validated profile depends on besides the code: its bytes, the values of the environment
     variables they name, and the folders its relative and `~` paths resolve against."""
-    names = sorted({name.decode() for name in _ENV_NAME.findall(raw)})
+    names = sorted({m.group(1) for m in ENV_REFERENCE.finditer(raw.decode("utf-8", "replace"))})
     parts = [FORMAT, sha256_bytes(raw), [[n, environ.get(n)] for n in names], str(base_dir), os.path.expanduser("~")]
     return sha256_bytes(json.dumps(parts).encode())
 
 
 def location(profile: Path) -> Path | None:
-    """Where the snapshot of the profile file at `profile` (absolute) is kept: under systemd's CacheDirectory
-    for the service, else the user's cache folder (XDG); None where there is none."""
-    cache = os.environ.get("CACHE_DIRECTORY", "").split(":")[0]
-    if not cache:
-        xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-        if not os.path.isabs(xdg):
-            return None  # no home folder to keep it in
-        cache = os.path.join(xdg, "edge-agent")
-    return Path(cache) / FOLDER / f"{sha256_bytes(str(profile).encode())[:32]}.pickle"
+    """Where the snapshot of the profile file at `profile` (absolute) is kept, in the agent's cache folder
+    (agent.util.cachedir: systemd's CacheDirectory for the service); None where there is none."""
+    cache = cache_folder()
+    return cache / FOLDER / f"{sha256_bytes(str(profile).encode())[:32]}.pickle" if cache is not None else None
 
 
 def load(path: Path, key: str, kind: type[P]) -> tuple[P, list[tuple[str, str]]] | None:

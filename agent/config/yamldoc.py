@@ -29,7 +29,7 @@ MAX_BYTES = 1 << 20
 MAX_INT_DIGITS = 100
 INT_TAG = "tag:yaml.org,2002:int"  # profiles are hand-written; a megabyte is far beyond any real one
 
-_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")  # ${VAR}, ${VAR:-default}
 
 
 class YamlSyntaxError(Exception):
@@ -215,7 +215,7 @@ def expand_env(data: Any, environ: dict[str, str] | None = None) -> Expanded:
                 return ""
 
             result.secret_paths.add(path)
-            return _ENV.sub(sub, value)
+            return ENV_REFERENCE.sub(sub, value)
         return value
 
     result.data = walk(data, ())

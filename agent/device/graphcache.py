@@ -20,11 +20,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from agent.device.providers import CPU, CUDA
+from agent.util.files import read_small
 from agent.util.hashing import checksum_file, sha256_bytes
 
 log = logging.getLogger(__name__)
 
 CACHE_VERSION = 2  # 2: the record holds the file's checksum (agent.util.hashing.checksum_file)
+MAX_RECORD_BYTES = 64 * 1024  # a record is a few hundred bytes
 KEPT = 8  # entries kept, most recently used first: every model version updated in leaves one behind
 CACHEABLE = frozenset({CPU, CUDA})  # providers whose optimised graph is still a plain ONNX model
 ORT_FORMAT_ID = b"ORTM"  # an .ort (flatbuffer) model: already optimised, nothing to cache
@@ -44,7 +46,7 @@ class GraphCache:
         if not self.model.exists() and not self.record.exists():
             return None
         try:
-            record = json.loads(self.record.read_text())
+            record = json.loads(read_small(self.record, MAX_RECORD_BYTES))  # a regular file, bounded
             if record.get("version") == CACHE_VERSION and record.get("checksum") == checksum_file(self.model):
                 os.utime(self.record)  # recently used: the last to be pruned
                 return self.model

@@ -164,7 +164,6 @@ class Pipeline(HotSwap, PooledStages):
         with self._announcing:
             if self._announced or not self._threads:
                 return
-            self._announced = True
             self._emit_raw(
                 self._event(
                     "pipeline.started",
@@ -174,6 +173,7 @@ class Pipeline(HotSwap, PooledStages):
                     source=self.config.source.type,
                 )
             )
+            self._announced = True  # after it is out: another thread's event waits on the lock until then
 
     def wait_served(self, timeout: float) -> bool:
         """Until the first result is published, or the pipeline ended without one."""
@@ -452,9 +452,8 @@ class Pipeline(HotSwap, PooledStages):
         self._emit_raw(self._event(type_, **fields))
 
     def _emit_raw(self, event: Event) -> None:
-        with self._announcing:  # pipeline.started first, whichever thread reports first
-            if not self._announced and event.type != "pipeline.started":
-                self.announce()
+        if not self._announced and event.type != "pipeline.started":
+            self.announce()  # pipeline.started first, whichever thread reports first (announce holds the lock)
         self._emit_to(event)
 
     def _source_emit(self, event: Event) -> None:
