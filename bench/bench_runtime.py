@@ -26,6 +26,7 @@ Prints a table and writes bench/results/runtime.json.
 from __future__ import annotations
 
 import argparse
+import inspect
 import io
 import json
 import os
@@ -170,8 +171,10 @@ def worker_pipelines(count: int, seconds: float, fps: float) -> dict[str, Any]:
             pipe = Pipeline(cfg, model, sink, device="bench", state_dir=tmp, source=camera, emit=lambda e: None)
         else:
             plan = plans[cfg.name]
+            # A start's first frames on the CPU provider while OpenVINO compiles, in a tree that has it.
+            start = {"interim": True} if "interim" in inspect.signature(load_pipeline_model).parameters else {}
             model = load_pipeline_model(
-                cfg, path, runtime, tmp, name="ocr", version=None, emit=lambda e: None, plan=plan
+                cfg, path, runtime, tmp, name="ocr", version=None, emit=lambda e: None, plan=plan, **start
             )
             pipe = Pipeline(
                 cfg, model, sink, device="bench", state_dir=tmp, source=camera, emit=lambda e: None, plan=plan
@@ -179,12 +182,15 @@ def worker_pipelines(count: int, seconds: float, fps: float) -> dict[str, Any]:
         pipes.append(pipe)
     load_s = time.perf_counter() - started
     peak = {"rss": process.memory_info().rss, "threads": process.num_threads(), "python": threading.active_count()}
-    serving = {"threads": 0, "python": 0}  # while every pipeline serves, read when no thread comes or goes
+    serving = {"threads": 0, "python": 0, "rss": 0}  # while every pipeline serves (threads: when none comes or goes)
     done, timed = threading.Event(), threading.Event()
 
     def sample() -> None:
         while not done.wait(0.02):
-            peak["rss"] = max(peak["rss"], process.memory_info().rss)
+            rss = process.memory_info().rss
+            peak["rss"] = max(peak["rss"], rss)
+            if timed.is_set():
+                serving["rss"] = max(serving["rss"], rss)
             python, threads = threading.active_count(), process.num_threads()
             if threads > peak["threads"]:
                 peak["threads"], peak["python"] = threads, python
@@ -212,6 +218,7 @@ def worker_pipelines(count: int, seconds: float, fps: float) -> dict[str, Any]:
         "results": results,
         "results_per_s": round(results / elapsed, 2),
         "rss_mb": round(peak["rss"] / 2**20, 1),
+        "serving_rss_mb": round(serving["rss"] / 2**20, 1),
         "threads": serving["threads"] - 1,
         "native_threads": serving["threads"] - serving["python"],
         "peak_threads": peak["threads"] - 1,
@@ -258,7 +265,7 @@ def run_worker(tree: Path, *args: str) -> dict[str, Any]:
 
 def median_rows(rows: list[dict[str, Any]]) -> dict[str, Any]:
     out = dict(rows[0])
-    for key in ("results_per_s", "rss_mb", "threads", "native_threads", "peak_threads", "load_s"):
+    for key in ("results_per_s", "rss_mb", "serving_rss_mb", "threads", "native_threads", "peak_threads", "load_s"):
         if key in out:
             out[key] = round(statistics.median(r[key] for r in rows), 3)
     out["rounds"] = rows
@@ -463,21 +470,25 @@ def print_report(report: dict[str, Any], rev: str) -> None:
     if four:
         print("\nCamera pipelines on one PP-OCRv4 det model, 640x480")
         print(
-            f"  {'':<10}{'pipelines':>10}{'results/s':>11}{'RSS MiB':>9}{'threads':>9}{'native':>8}{'peak':>6}"
-            f"{'load s':>8}"
+            f"  {'':<10}{'pipelines':>10}{'results/s':>11}{'RSS MiB':>9}{'serving':>9}{'threads':>9}{'native':>8}"
+            f"{'peak':>6}{'load s':>8}"
         )
         for key, row in four.items():
             print(
                 f"  {key.split()[0]:<10}{row['pipelines']:>10}{row['results_per_s']:>11.2f}{row['rss_mb']:>9.1f}"
-                f"{row['threads']:>9}{row['native_threads']:>8}{row['peak_threads']:>6}{row['load_s']:>8.2f}"
+                f"{row['serving_rss_mb']:>9.1f}{row['threads']:>9}{row['native_threads']:>8}"
+                f"{row['peak_threads']:>6}{row['load_s']:>8.2f}"
             )
+        print("  (RSS: the process's peak, the start included; serving: its peak in the timed window)")
         print("  (threads: the process's OS threads while serving; peak: at start, with threads half-made;")
         print("   native: those not Python threads, i.e. the")
         print("   runtime's, OpenCV's and BLAS's pools; before: 4 Python stage threads per pipeline; after: a")
         print("   capture thread per camera and the shared stage workers: one per inference at once, one more)")
         one, many, old = four["after 1"], four["after 4"], four["before 4"]
         rss = many["rss_mb"] / one["rss_mb"]
-        print(f"  RSS 4 / RSS 1 (after)             {rss:6.2f}   goal <= 1.3   {verdict(rss <= 1.3)}")
+        print(f"  RSS 4 / RSS 1 (after), peak       {rss:6.2f}   goal <= 1.3   {verdict(rss <= 1.3)}")
+        rss = many["serving_rss_mb"] / one["serving_rss_mb"]
+        print(f"  RSS 4 / RSS 1 (after), serving    {rss:6.2f}   goal <= 1.3   {verdict(rss <= 1.3)}")
         ratio = many["results_per_s"] / old["results_per_s"]
         print(f"  results/s 4 after / 4 before      {ratio:6.2f}   goal >= 1.0   {verdict(ratio >= 1.0)}")
         limit = cpus + THREAD_SLACK

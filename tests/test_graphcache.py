@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from agent.config.profile import RuntimeConfig
+from agent.device.autotune import model_digest
 from agent.device.graphcache import graph_cache
 from agent.device.providers import CPU, OPENVINO
 from agent.device.session import open_session
@@ -60,6 +61,9 @@ def test_nothing_is_cached_without_optimisation_for_compiling_providers_or_when_
     state = tmp_path / "state"
     assert open_session(model(tmp_path), RuntimeConfig(optimization="disabled"), state).cache == "off"
     assert open_session(model(tmp_path), RuntimeConfig(cache=False), state).cache == "off"
+    # ... also when the caller has the model's digest already, as the session pool does
+    path = model(tmp_path)
+    assert open_session(path, RuntimeConfig(cache=False), state, digest=model_digest(path)).cache == "off"
     assert entries(state) == []
     assert graph_cache(state, b"m", "d" * 64, OPENVINO, {}, "all", "fp", "1.32.0") is None
     assert graph_cache(state, b"xxxxORTMrest", "d" * 64, CPU, {}, "all", "fp", "1.32.0") is None  # an .ort model

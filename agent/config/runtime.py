@@ -208,6 +208,11 @@ class RuntimeConfig(Strict):
         False, description="time each usable provider and thread count on the model and keep the fastest"
     )
     require_accelerator: bool = Field(False, description="fail instead of falling back to the CPU provider")
+    start_on_cpu: bool = Field(
+        True,
+        description="at a start, where OpenVINO on the CPU is chosen, serve the first frames on the CPU provider "
+        "while OpenVINO compiles the model, then switch between two runs",
+    )
     optimization: Optimization = Field(
         "all", description="graph optimisation level (ONNX Runtime's): disabled, basic, extended or all"
     )

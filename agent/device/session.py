@@ -8,7 +8,9 @@ one really runs the model. Every step down the chain is a `provider.fallback` ev
 
 from __future__ import annotations
 
+import functools
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,7 +23,7 @@ from agent.device.autotune import model_digest, tune
 from agent.device.build import build_cached, one_line, provider_options, verify, why_not
 from agent.device.customops import session_libraries
 from agent.device.graphcache import graph_cache
-from agent.device.providers import CPU, Ranking, VariantTraits, rank, run_threads, thread_count
+from agent.device.providers import CPU, OPENVINO, Candidate, Ranking, VariantTraits, rank, run_threads, thread_count
 from agent.transport.events import Event, EventSink, log_event
 
 log = logging.getLogger(__name__)
@@ -50,6 +52,8 @@ class OpenedSession:
     ranking: Ranking | None = None
     autotuned: bool = False
     cache: str = "off"  # the optimised model: "hit" (loaded from the cache), "written", or "off"
+    # An interim CPU session's way to the provider chosen: opens it (falling back as the chain does), or None.
+    upgrade: Callable[[], OpenedSession | None] | None = None
 
 
 def open_session(
@@ -64,6 +68,7 @@ def open_session(
     optimization: Optimization | None = None,
     digest: str | None = None,
     at_once: int = 1,
+    interim: bool = False,
 ) -> OpenedSession:
     """A session on the best provider that proves to work here, falling back down the ranking.
 
@@ -76,6 +81,11 @@ def open_session(
     pipelines sharing it); with threads `auto` each CPU provider run gets its share. Custom-op libraries
     (the profile's `runtime.custom_ops`, and those a registry model was installed with) are proven before
     any is registered: CustomOpsError otherwise.
+
+    `interim` (a start, where the first result counts; `runtime.start_on_cpu`): when the chosen provider
+    compiles the model on the CPU at every open (`_opens_slowly_on_cpu`), the session returned is the CPU
+    provider's, and its `upgrade` opens the chosen one: the caller runs that off the serving thread and
+    switches over (agent.inference.sessions).
     """
     libraries = session_libraries(model, runtime.custom_ops)
     state_dir = Path(state_dir)
@@ -119,13 +129,84 @@ def open_session(
                 f"({'cached' if choice.cached else 'measured'}: p50 {choice.p50_ms:.1f} ms)"
             )
 
-    level = optimization or runtime.optimization
+    build = functools.partial(
+        _open_chain,
+        model,
+        runtime,
+        state_dir,
+        hw,
+        libraries,
+        optimization or runtime.optimization,
+        (digest or model_digest(model)) if runtime.cache else None,  # None: no optimised-model cache
+        run_threads(threads, at_once) if runtime.threads == "auto" else threads,
+        threads,
+        fall,
+        Chosen(notes, fallbacks, ranking, autotuned),
+    )
+    if interim and runtime.start_on_cpu and _opens_slowly_on_cpu(chain):
+        first = [c for c in chain if c.provider == CPU]
+        try:
+            opened = build(first, quiet=True)
+        except ProviderError as exc:  # the CPU provider cannot run it: the chain opens as it would have
+            log.debug("no interim CPU session: %s", exc)
+        else:
+            better = [c for c in chain if c.provider != CPU]
+            opened.notes.append(f"the CPU provider serves while {better[0].label} opens")
+            opened.upgrade = functools.partial(_upgrade, build, better, first[0].label)
+            return opened
+    return build(chain)
+
+
+def _opens_slowly_on_cpu(chain: list[Candidate]) -> bool:
+    """The chain starts with a provider that compiles the model on the CPU at every open (OpenVINO's CPU
+    plugin: 0.2 s for PP-OCR here, blob cache or not) and the CPU provider is in it: the CPU provider opens
+    in 0.04 s from its optimised-graph cache and runs the model at a comparable speed, so it can serve the
+    first frames. GPU providers open directly: a CPU run of a model sized for a GPU can take longer than
+    the GPU's whole open."""
+    head = chain[0] if chain else None
+    return (
+        head is not None
+        and head.provider == OPENVINO
+        and head.options.get("device_type", "CPU") == "CPU"
+        and any(c.provider == CPU for c in chain)
+    )
+
+
+@dataclass(frozen=True)
+class Chosen:
+    """How the chain was chosen, copied into every session opened from it."""
+
+    notes: list[str]
+    fallbacks: list[tuple[str, str]]
+    ranking: Ranking
+    autotuned: bool
+
+
+def _open_chain(
+    model: Path | bytes,
+    runtime: RuntimeConfig,
+    state_dir: Path,
+    hw: hardware.Probe,
+    libraries: tuple[Path, ...],
+    level: Optimization,
+    digest: str | None,
+    cpu_threads: int,
+    threads: int,
+    fall: Callable[[str, str, str | None], None],
+    chosen: Chosen,
+    chain: list[Candidate],
+    *,
+    tail: str | None = None,
+    quiet: bool = False,
+) -> OpenedSession:
+    """The first candidate of `chain` that builds and proves to run the model; each one that does not is a
+    fallback (to the next, or to `tail` after the last), unless `quiet`. ProviderError when none does."""
+    failed: list[tuple[str, str]] = []
     for i, candidate in enumerate(chain):
-        after = chain[i + 1].label if i + 1 < len(chain) else None
-        run = run_threads(threads, at_once) if candidate.provider == CPU and runtime.threads == "auto" else threads
+        after = chain[i + 1].label if i + 1 < len(chain) else tail
+        run = cpu_threads if candidate.provider == CPU else threads
         cache = None
-        if runtime.cache:
-            digest = digest or model_digest(model)
+        if digest is not None:
             options = provider_options(candidate, state_dir, run)
             # An optimised graph is only valid with the same libraries (their kernels, their fusions).
             options.update({f"custom_ops.{i}": model_digest(p) for i, p in enumerate(libraries)})
@@ -135,13 +216,16 @@ def open_session(
         try:
             session, cached = build_cached(model, candidate, state_dir, run, level, cache, libraries)
         except Exception as exc:  # noqa: BLE001 (any provider failure is a reason to fall back, not to stop)
-            fall(candidate.label, f"session creation failed: {one_line(exc)}", after)
-            continue
-        check = verify(session)
-        why = why_not(candidate, check)
+            why: str | None = f"session creation failed: {one_line(exc)}"
+        else:
+            check = verify(session)
+            why = why_not(candidate, check)
         if why is not None:
-            fall(candidate.label, why, after)
+            failed.append((candidate.label, why))
+            if not quiet:
+                fall(candidate.label, why, after)
             continue
+        notes = list(chosen.notes)
         share = check.share(candidate.provider)
         if share is not None and share < 1:
             notes.append(
@@ -156,17 +240,26 @@ def open_session(
             options=provider_options(candidate, state_dir, run),
             threads=run,
             assignment=check.assignment,
-            fallbacks=fallbacks,
-            ranking=ranking,
-            autotuned=autotuned,
+            fallbacks=list(chosen.fallbacks),
+            ranking=chosen.ranking,
+            autotuned=chosen.autotuned,
             cache=cached,
         )
 
-    tried = "; ".join(f"{label}: {reason}" for label, reason in fallbacks) or "none was ranked: " + "; ".join(
-        f"{c.label}: {c.reason}" for c in ranking.dropped
+    tried = "; ".join(f"{label}: {reason}" for label, reason in chosen.fallbacks + (failed if quiet else [])) or (
+        "none was ranked: " + "; ".join(f"{c.label}: {c.reason}" for c in chosen.ranking.dropped)
     )
     if runtime.require_accelerator:
         raise AcceleratorUnavailableError(
             f"runtime.require_accelerator is true, but no accelerator runs this model here ({tried})"
         )
     raise ProviderError(f"no execution provider could open the model ({tried})")
+
+
+def _upgrade(build: Callable[..., OpenedSession], better: list[Candidate], interim: str) -> OpenedSession | None:
+    """The session on the better providers an interim CPU session serves in place of, or None when none
+    opens (each failure is a fallback to the CPU provider, which then stays)."""
+    try:
+        return build(better, tail=interim)
+    except ProviderError:
+        return None

@@ -64,6 +64,7 @@ def open_pipeline(
         warmup_runs=0,
         emit=emit,
         plan=plan,
+        interim=not warm,  # a version on trial opens on its provider: the crash guard watches that open
     )
     if warm:
         model.warmup(example_input(config, model), runs=1)

@@ -113,8 +113,6 @@ class Model:
     ) -> None:
         self.shared = shared
         self.takes_frames = takes_frames  # the stream input takes BGR frames (agent.device.graphprep)
-        self.session: Session = shared.session
-        self.provider = shared.provider
         self.name = name
         self.version = version
         self.inputs = {a.name: _spec(a) for a in self.session.get_inputs()}
@@ -132,6 +130,15 @@ class Model:
         if self.batchable:
             shared.join_stream()
             self._streaming = weakref.finalize(self, shared.leave_stream)
+
+    @property
+    def session(self) -> Session:
+        """The shared session's ONNX Runtime session: an interim CPU one is switched for the provider chosen."""
+        return self.shared.session
+
+    @property
+    def provider(self) -> str:
+        return self.shared.provider
 
     def _check_signature(self, constants: dict[str, Constant], state: dict[str, str], stream_input: str | None) -> None:
         name = self.name
@@ -247,6 +254,7 @@ class Model:
         self._warm = True
         START.mark(f"model {self.name} warmed ({how})")
         self.shared.settle_memory()
+        self.shared.first_run(self.stream_input, {self.stream_input: x, **self.constants, **self.new_state().values})
         if self.batchable:
             self.shared.judge(self.stream_input, x)
 
@@ -266,10 +274,12 @@ def load_model(
     emit: EventSink = log_event,
     optimization: Optimization | None = None,
     plan: StreamPlan | None = None,
+    interim: bool = False,
 ) -> Model:
     """Lease the model's shared session (opened through agent.device.session on first use), check the
     signature against the pipeline, warm up. `plan`: how the pipeline feeds the stream input, written
-    into the model where it can be (agent.device.graphprep); the version stays the file's."""
+    into the model where it can be (agent.device.graphprep); the version stays the file's. `interim`: a
+    start, which may serve on the CPU provider while the provider chosen opens (`SessionPool.acquire`)."""
     if not isinstance(source, bytes):
         source = Path(source)
         if not source.is_file():
@@ -285,7 +295,9 @@ def load_model(
     ):
         raise ModelError(f"cannot load model {name} {version}: {reason}")
     rewritten = _rewrite(source, digest, plan, Path(state_dir), name) if plan is not None else None
-    shared, rewritten = _lease(source, digest, rewritten, runtime, Path(state_dir), optimization, emit, name, version)
+    shared, rewritten = _lease(
+        source, digest, rewritten, runtime, Path(state_dir), optimization, emit, name, version, interim
+    )
     if rewritten is not None:
         stream_input = rewritten.input
         log.info("model input rewritten name=%s input=%s changes=%r", name, rewritten.input, rewritten.changes)
@@ -313,6 +325,7 @@ def _lease(
     emit: EventSink,
     name: str,
     version: str,
+    interim: bool,
 ) -> tuple[SharedSession, Rewritten | None]:
     """The pool's session for the rewritten model (from its file under the state folder), or for the model
     as it is when there is none or it does not load; the rewrite that was used."""
@@ -322,12 +335,28 @@ def _lease(
             log.debug("model %s: the rewritten model is not kept on disk, so it loads from memory", label)
         try:
             return POOL.acquire(
-                rewritten.model, runtime, state_dir, optimization=optimization, emit=emit, digest=rewritten.digest
+                rewritten.model,
+                runtime,
+                state_dir,
+                optimization=optimization,
+                emit=emit,
+                digest=rewritten.digest,
+                interim=interim,
+                label=name,
             ), rewritten
         except Exception as exc:  # noqa: BLE001 (the file as it is may still load: it is tried next)
             log.warning("model %s: its rewritten input does not load, so it runs as it is: %s", label, _last_line(exc))
     try:
-        return POOL.acquire(source, runtime, state_dir, optimization=optimization, emit=emit, digest=digest), None
+        return POOL.acquire(
+            source,
+            runtime,
+            state_dir,
+            optimization=optimization,
+            emit=emit,
+            digest=digest,
+            interim=interim,
+            label=name,
+        ), None
     except Exception as exc:  # ORT's Fail/InvalidGraph derive from Exception
         reason = _refusal(source, name, runtime.custom_ops, proven=True) or _last_line(exc)
         raise ModelError(f"cannot load model {label}: {reason}") from exc

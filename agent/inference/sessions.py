@@ -24,7 +24,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +41,7 @@ from agent.device.build import OWN_THREADS
 from agent.device.customops import library_digests
 from agent.device.providers import Candidate, core_budget
 from agent.device.session import OpenedSession, open_session
+from agent.inference.interim import upgrade_when_served
 from agent.transport.events import EventSink, log_event
 
 if TYPE_CHECKING:
@@ -122,9 +123,13 @@ class SharedSession:
         self.provider = opened.provider
         self.batching = batching
         self.lanes = max(1, lanes)
-        self._rss_before = rss_before  # the process's RSS before the load; cleared once settled
+        self._rss_before = rss_before  # the process's RSS before the load
+        self._settled = False
         self.rss_bytes: int | None = None
         self.settle_memory(final=False)
+        # An interim CPU session (`OpenedSession.upgrade`): its first run's feeds warm its successor up.
+        self.first: tuple[str, dict[str, np.ndarray]] | None = None
+        self.wake = threading.Event()  # the first run is done, or nobody holds the session any more
         self.users = 0
         self.stream_users = 0  # users whose frames may join a batch
         self.batch_pays: bool | None = None if batching.mode == "auto" else batching.mode == "on"
@@ -293,12 +298,35 @@ class SharedSession:
 
     def settle_memory(self, final: bool = True) -> None:
         """The session's memory: what the process grew by from before its load (weights, pool) to the end
-        of its first warm-up (the arena), measured once; pipelines apportion it evenly."""
+        of its first warm-up (the arena), measured once (again after a switch of provider); pipelines
+        apportion it evenly."""
+        if self._settled:
+            return
         before, now = self._rss_before, _rss()
         if before is not None and now is not None:
             self.rss_bytes = max(0, now - before)
-        if final:
-            self._rss_before = None
+        self._settled = final
+
+    # -- an interim CPU session and its successor ---------------------------------------------------
+
+    def first_run(self, stream_input: str, feeds: Mapping[str, np.ndarray]) -> None:
+        """The first real run is done (`Model`): an interim session's successor may open now, and warm up
+        on these feeds."""
+        if self.first is None:
+            self.first = (stream_input, dict(feeds))
+        self.wake.set()
+
+    def switch(self, opened: OpenedSession, lanes: int) -> OpenedSession:
+        """Serve from `opened` from the next run on; runs under way finish on the session they started on.
+        Returns the session switched from."""
+        with self._cond:
+            previous = self.opened
+            self.opened, self.session, self.provider, self.lanes = opened, opened.session, opened.provider, lanes
+            if self.batching.mode == "auto":  # the verdict was the other provider's
+                self.batch_pays, self._verdict = None, ""
+            self._settled = False
+            self._cond.notify_all()  # callers waiting for a lane see the new count
+        return previous
 
     # -- figures -----------------------------------------------------------------------------------
 
@@ -329,6 +357,11 @@ class SessionPool:
         self._sessions: dict[SessionKey, SharedSession] = {}
         self._loading: dict[SessionKey, threading.Lock] = {}
         self._at_once = 1
+        self._watchers: list[Callable[[], None]] = []
+
+    def watch(self, callback: Callable[[], None]) -> None:
+        """`callback()` after a session switched provider: the lanes it takes changed (the stage pool)."""
+        self._watchers.append(callback)
 
     def plan(self, at_once: int) -> None:
         """How many inferences the pipelines will run at once (the daemon's camera pipelines): CPU sessions
@@ -350,9 +383,15 @@ class SessionPool:
         optimization: Optimization | None = None,
         emit: EventSink = log_event,
         digest: str | None = None,
+        interim: bool = False,
+        label: str = "model",
     ) -> SharedSession:
         """The session for this model and settings, opened now or shared with the pipelines holding it;
-        pair each acquire with one `release`. `digest`: the model's sha256, when the caller has it."""
+        pair each acquire with one `release`. `digest`: the model's sha256, when the caller has it.
+
+        `interim` (a start): where the provider chosen is slow to open, the session starts on the CPU
+        provider and switches to the chosen one between two runs once it has opened and run the first
+        frame's input (`provider.switched`, naming the model `label`); see `open_session`."""
         digest = digest or model_digest(source)
         level = optimization or runtime.optimization
         libraries = library_digests(source, runtime.custom_ops)
@@ -370,21 +409,24 @@ class SessionPool:
             before = _rss()
             try:
                 opened = open_session(
-                    source, runtime, Path(state_dir), emit, optimization=level, digest=digest, at_once=self._at_once
+                    source,
+                    runtime,
+                    Path(state_dir),
+                    emit,
+                    optimization=level,
+                    digest=digest,
+                    at_once=self._at_once,
+                    interim=interim,
                 )
             finally:
                 with self._lock:
                     self._loading.pop(key, None)
-            # OpenVINO runs each inference on a pool of its own (all the budget's cores): two at once on one
-            # session only wait on each other's threads, and hold two sets of activations.
-            parallel = (
-                cpu_bound(Candidate(opened.provider, opened.options, True, "")) and opened.provider not in OWN_THREADS
-            )
-            lanes = core_budget() if parallel else 1
-            shared = SharedSession(key, opened, runtime.batching, lanes, before)
+            shared = SharedSession(key, opened, runtime.batching, _lanes(opened), before)
             with self._lock:
                 self._sessions[key] = shared
                 shared.users += 1
+            if opened.upgrade is not None:
+                upgrade_when_served(self, shared, opened.upgrade, emit, label)
             return shared
 
     def release(self, shared: SharedSession) -> None:
@@ -392,6 +434,23 @@ class SessionPool:
             shared.users -= 1
             if shared.users <= 0 and self._sessions.get(shared.key) is shared:
                 del self._sessions[shared.key]
+                shared.wake.set()  # an upgrade still waiting for the first run gives up
+
+    def switch(self, shared: SharedSession, opened: OpenedSession) -> OpenedSession | None:
+        """`shared` serves from `opened` from its next run on (agent.inference.interim), unless no pipeline
+        holds it any more; the session it switched from, or None."""
+        with self._lock:
+            if self._sessions.get(shared.key) is not shared:
+                return None
+            previous = shared.switch(opened, _lanes(opened))
+        for watcher in self._watchers:
+            watcher()
+        return previous
+
+    def holds(self, shared: SharedSession) -> bool:
+        """Some pipeline still holds `shared`."""
+        with self._lock:
+            return self._sessions.get(shared.key) is shared
 
     def lanes(self) -> int | None:
         """The runs the open sessions take at once, together; None when none is open."""
@@ -401,6 +460,14 @@ class SessionPool:
     def sessions(self) -> Sequence[SharedSession]:
         with self._lock:
             return list(self._sessions.values())
+
+
+def _lanes(opened: OpenedSession) -> int:
+    """Runs a session takes at once: one per core of the budget on CPU providers; one where the provider
+    runs each inference on a pool or device of its own (OpenVINO spreads one run over all the budget's
+    cores: two at once only wait on each other's threads, and hold two sets of activations)."""
+    parallel = cpu_bound(Candidate(opened.provider, opened.options, True, "")) and opened.provider not in OWN_THREADS
+    return core_budget() if parallel else 1
 
 
 def _rss() -> int | None:

@@ -58,6 +58,7 @@ class StagePool:
         self._ids: set[int] = set()  # the live workers' numbers: the lowest ones run the inferences
         self._turn = 0  # where the next search for a ready stage starts: every pipeline gets its turn
         self._heavy_turn = 0  # the same for inferences
+        self._want = 0  # the workers wanted: those above it leave
 
     @property
     def workers(self) -> int:
@@ -73,14 +74,24 @@ class StagePool:
     def attach(self, stages: Sequence[Stage]) -> None:
         with self._cond:
             self._stages.extend(stages)
-            lanes = self._lanes()
-            heavy = sum(1 for s in self._stages if s.heavy)
-            want = 1 + max(1, min(self._size(), heavy, heavy if lanes is None else lanes))
+            self._want = want = self._wanted()
             while len(self._ids) < want:
                 number = min(set(range(1, want + 1)) - self._ids)
                 self._ids.add(number)
                 threading.Thread(target=self._work, args=(number,), name=f"stages-{number}", daemon=True).start()
             self._cond.notify_all()
+
+    def resize(self) -> None:
+        """The sessions now take fewer runs at once (an interim CPU session switched to OpenVINO): the
+        workers above the new count leave once they are idle."""
+        with self._cond:
+            self._want = self._wanted()
+            self._cond.notify_all()
+
+    def _wanted(self) -> int:
+        lanes = self._lanes()
+        heavy = sum(1 for s in self._stages if s.heavy)
+        return 1 + max(1, min(self._size(), heavy, heavy if lanes is None else lanes))
 
     def detach(self, stages: Sequence[Stage]) -> None:
         with self._cond:
@@ -121,6 +132,10 @@ class StagePool:
     def _work(self, number: int) -> None:
         with self._cond:
             while True:
+                if number > self._want:
+                    self._ids.discard(number)
+                    self._cond.notify_all()  # the workers left may now take what this one would have
+                    return
                 stage = self._pick(number)
                 if stage is None:
                     if not self._stages:
@@ -143,3 +158,4 @@ class StagePool:
 # The process's pool: every camera pipeline's stages run on it, with no more inference workers than the
 # process's sessions take runs at once (an OpenVINO or GPU session takes one: a second worker only waits).
 STAGES = StagePool(lanes=POOL.lanes)
+POOL.watch(STAGES.resize)

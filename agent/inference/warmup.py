@@ -32,9 +32,10 @@ def load_pipeline_model(
     example: np.ndarray | None = None,
     warmup_runs: int = 2,
     plan: StreamPlan | None = None,
+    interim: bool = False,
 ) -> Model:
     """`source` (a file or its bytes) as a model for this pipeline's stream, constants and state;
-    `plan`: how the pipeline feeds it, written into the model (`stream_plans`)."""
+    `plan`: how the pipeline feeds it, written into the model (`stream_plans`); `interim` as in `load_model`."""
     return load_model(
         source,
         runtime,
@@ -48,6 +49,7 @@ def load_pipeline_model(
         warmup_runs=warmup_runs,
         emit=emit,
         plan=plan,
+        interim=interim,
     )
 
 

@@ -201,6 +201,17 @@ class ProviderFallback(EventBody):
     next: str | None  # None: nothing left to try
 
 
+class ProviderSwitched(EventBody):
+    """The provider chosen opened beside the interim CPU session that served the first frames, and its
+    pipelines switched to it between two runs (`runtime.start_on_cpu`)."""
+
+    TYPE: ClassVar[str] = "provider.switched"
+    model: Text
+    provider: Text
+    previous: Text
+    seconds: float  # from the first run to the switch: the open and the new session's first run
+
+
 class AutotuneTrial(Wire):
     """One provider and thread count as autotune timed it."""
 

@@ -1,0 +1,107 @@
+"""An interim CPU session and its successor: a start served on the CPU provider while the provider chosen
+opens beside it (`runtime.start_on_cpu`; which providers, `agent.device.session._opens_slowly_on_cpu`).
+
+OpenVINO on the CPU compiles the model at every open (0.2 s for PP-OCR on two cores, with its blob cache),
+while the CPU provider opens in 0.04 s from its optimised-graph cache: the first result comes at the CPU
+provider's time. After the first run (the first result is out), the chosen provider opens on a thread,
+runs that first run's input once (its first run allocates: better before it serves than on a frame),
+and the shared session switches between two runs: every pipeline holding it, at once, losing no frame.
+A provider that fails to open, or to run that input, is a `provider.fallback` to the CPU provider, which
+then stays.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from agent.device.providers import CPU
+from agent.device.session import OpenedSession
+from agent.transport.events import Event, EventSink
+from agent.util.malloc import give_back_freed
+
+if TYPE_CHECKING:
+    from agent.inference.sessions import SessionPool, SharedSession
+
+log = logging.getLogger(__name__)
+
+# How long an interim session waits for its first run before the provider chosen opens anyway (a camera
+# that has not delivered yet): the open takes the same cores as the first frame.
+FIRST_RUN_WAIT_S = 2.0
+RUN_END_WAIT_S = 2.0  # for a run under way on the interim session to end, before its memory is given back
+
+
+def upgrade_when_served(
+    pool: SessionPool, shared: SharedSession, upgrade: Callable[[], OpenedSession | None], emit: EventSink, label: str
+) -> None:
+    """Open the provider chosen for `shared` once it has served its first run, and switch to it. On a
+    thread that is not a daemon one: a process that exits waits for an open under way (the runtime's
+    libraries unload at exit), and a release cuts the wait for the first run short."""
+    threading.Thread(target=_upgrade, args=(pool, shared, upgrade, emit, label), name="session-upgrade").start()
+
+
+def _upgrade(
+    pool: SessionPool, shared: SharedSession, upgrade: Callable[[], OpenedSession | None], emit: EventSink, label: str
+) -> None:
+    try:
+        shared.wake.wait(FIRST_RUN_WAIT_S)
+        if not pool.holds(shared):
+            return
+        started = time.perf_counter()
+        opened = _opened(shared, upgrade, emit, label)
+        replaced = pool.switch(shared, opened) if opened is not None else None
+        if opened is None or replaced is None:  # it stays on the CPU provider, or nobody holds it any more
+            return
+        seconds = round(time.perf_counter() - started, 3)
+        previous, gone = replaced.provider, weakref.ref(replaced.session)
+        del replaced  # the interim session goes with the run under way on it, if any
+        log.info(
+            "provider switched model=%s provider=%s previous=%s seconds=%.3f", label, opened.provider, previous, seconds
+        )
+        emit(
+            Event(
+                "provider.switched",
+                {"model": label, "provider": opened.provider, "previous": previous, "seconds": seconds},
+            )
+        )
+        _given_back(gone)
+        shared.settle_memory()
+        if shared.first is not None:  # with `auto` batching, whether a batch pays is the new provider's to say
+            name, feeds = shared.first
+            shared.judge(name, feeds[name])
+    except Exception as exc:  # a bug here must not end the process: the CPU session serves on
+        log.warning("model %s stays on the CPU provider: %s", label, exc, exc_info=log.isEnabledFor(logging.DEBUG))
+
+
+def _opened(
+    shared: SharedSession, upgrade: Callable[[], OpenedSession | None], emit: EventSink, label: str
+) -> OpenedSession | None:
+    """The successor, opened and run once on the first run's feeds; None (the fallbacks emitted) when it
+    does not open or fails that run."""
+    opened = upgrade()  # each provider that fails is a provider.fallback to the CPU provider
+    if opened is None:
+        log.info("model %s stays on the CPU provider: the provider chosen did not open", label)
+        return None
+    if shared.first is None:  # no frame came: its first frame pays the first run
+        return opened
+    try:
+        opened.session.run(None, shared.first[1])
+    except Exception as exc:  # noqa: BLE001 (ORT's errors derive from Exception: the CPU session stays)
+        reason = f"its first run failed: {str(exc).strip()[:300]}"
+        log.warning("provider %s not used: %s", opened.provider, reason)
+        emit(Event("provider.fallback", {"provider": opened.provider, "reason": reason, "next": CPU}))
+        return None
+    return opened
+
+
+def _given_back(gone: weakref.ref[object]) -> None:
+    """Once the interim session is freed (a run under way on it may hold it a little longer), its memory
+    goes back to the kernel: freed in small blocks all over the heap, 17 MiB of PP-OCR's stayed in RSS."""
+    deadline = time.monotonic() + RUN_END_WAIT_S
+    while gone() is not None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    give_back_freed()
