@@ -27,7 +27,8 @@ from agent.device.build import build_session, one_line, verify, why_not
 from agent.device.hardware import Probe
 from agent.device.providers import CPU, OPENVINO, Candidate, core_budget
 from agent.transport.events import Event, EventSink, log_event
-from agent.util.hashing import sha256_bytes, sha256_file
+from agent.util.digests import file_sha256
+from agent.util.hashing import sha256_bytes
 from agent.util.timefmt import utc_iso
 
 log = logging.getLogger(__name__)
@@ -223,8 +224,9 @@ def measure(
 
 
 def model_digest(model: Path | bytes) -> str:
-    """sha256 of the model bytes: the autotune cache keys on it, as manifests do."""
-    return sha256_bytes(model) if isinstance(model, bytes) else sha256_file(model)
+    """sha256 of the model bytes: the autotune cache keys on it, as manifests do (a file's is remembered
+    while the file stays as it was: agent.util.digests)."""
+    return sha256_bytes(model) if isinstance(model, bytes) else file_sha256(model)
 
 
 def cache_path(state_dir: Path, digest: str, probe: Probe) -> Path:
