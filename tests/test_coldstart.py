@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.helpers.broker import Mosquitto
 from tests.helpers.models import linear_model, save
 from tests.test_pipeline import pool_model
 
@@ -84,6 +85,55 @@ def test_a_start_without_broker_or_registry_never_loads_their_libraries(tmp_path
     loaded = set(out.stderr.split("MODULES", 1)[1].split())
     assert not {m for m in loaded if m.split(".")[0] in ("paho", "requests")}, loaded
     assert not {"agent.models.registry", "agent.transport.connection", "agent.service.statuspage"} & loaded
+
+
+AT_FIRST_RESULT = """
+import sys
+from agent.cli import main
+from agent.util.timeline import START
+first_result = START.first_result
+def spy(pipeline):
+    loaded = sorted(m for m in sys.modules if m.split(".")[0] == "pydantic" or m.startswith("agent.transport.contract"))
+    print("AT_FIRST_RESULT", loaded, file=sys.stderr, flush=True)
+    first_result(pipeline)
+START.first_result = spy
+sys.exit(main(["run", "--profile", sys.argv[1]]))
+"""
+
+
+def test_a_start_with_a_broker_sends_its_first_result_before_importing_the_contract(
+    tmp_path: Path, broker: Mosquitto
+) -> None:
+    """The broker connection and the outbox are open before the first result, and their modules once pulled
+    in the event contract (pydantic: 0.1-0.2 s of a 2-core start); the first event, after the first results,
+    imports it now."""
+    prof = camera(tmp_path)
+    prof.write_text(json.dumps({**json.loads(prof.read_text()), "mqtt": {"url": broker.url}}))
+
+    def start() -> list[str]:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", AT_FIRST_RESULT, str(prof)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=REPO,
+        )
+        assert proc.stderr is not None
+        lines: list[str] = []
+        try:
+            for line in proc.stderr:  # the daemon serves on with a broker: read until its start is over
+                lines.append(line)
+                if "event type=agent.started" in line:
+                    break
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+        assert any("event type=agent.started" in line for line in lines), "".join(lines)  # events went out after it
+        return [line.split(" ", 1)[1].strip() for line in lines if line.startswith("AT_FIRST_RESULT")]
+
+    first = start()  # a new profile: validated with pydantic, then kept as a snapshot
+    assert len(first) == 1 and "agent.transport.contract" not in first[0], first
+    assert start() == ["[]"]  # from the snapshot: neither pydantic nor the contract before the first result
 
 
 def test_a_sensor_only_device_never_imports_opencv(tmp_path: Path) -> None:

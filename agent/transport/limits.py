@@ -26,8 +26,8 @@ from paho.mqtt.properties import Properties
 from agent.config.presets import BrokerPreset
 from agent.config.units import format_size
 from agent.transport import pahopatch
-from agent.transport.contract.base import MAX_PAYLOAD_BYTES
 from agent.transport.refusals import QOS_NOT_SUPPORTED, RETAIN_NOT_SUPPORTED, UNSUPPORTED_PROTOCOL
+from agent.util.jsonlimits import MAX_PAYLOAD_BYTES
 from agent.util.ratelimit import RateLimit
 
 log = logging.getLogger(__name__)

@@ -15,6 +15,10 @@ import re
 from typing import Any
 
 MAX_DEPTH = 32  # no document of the agent's nests deeper than a handful of levels
+# The largest message of the wire contract read (agent.transport.contract): none comes near; a larger one
+# is refused unread. Here, not in the contract, so that the broker connection bounds its packets without
+# importing the contract's models (pydantic) on the way to a start's first result.
+MAX_PAYLOAD_BYTES = 1 << 20
 # A string token (with escapes) or one bracket: what the depth count needs, in C speed. A string left open
 # runs to the end of the input (`"?`): with the quote required, every escaped quote of an unterminated
 # string restarted a match that backtracked to the end, quadratic time (a 128 KB health took 75 s).

@@ -7,12 +7,12 @@ from typing import Annotated, TypeVar
 from pydantic import BaseModel, ConfigDict, StringConstraints, TypeAdapter, ValidationError
 
 from agent.util import jsonlimits
+from agent.util.jsonlimits import MAX_PAYLOAD_BYTES
 
 # Every payload stamps its time as `agent.util.timefmt.utc_iso` writes it: UTC, milliseconds, `Z`.
 Timestamp = Annotated[str, StringConstraints(pattern=r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z$")]
 Text = Annotated[str, StringConstraints(min_length=1)]  # a name or a reason: never empty
 
-MAX_PAYLOAD_BYTES = 1 << 20  # no message of the contract comes near; a larger one is refused unread
 W = TypeVar("W")
 M = TypeVar("M", bound=BaseModel)
 

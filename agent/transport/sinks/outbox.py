@@ -26,7 +26,6 @@ from typing import TYPE_CHECKING, Any
 
 from agent.config.presets import PRESETS
 from agent.config.units import format_size
-from agent.transport.contract.wire import event_payload
 from agent.transport.events import Event
 from agent.transport.limits import RATE_SAFETY
 from agent.transport.outbox import Outbox
@@ -135,6 +134,9 @@ class OutboxSink:
 
     def _put_event(self, event: Event) -> int:
         """The event into the outbox; its message id, 0 when the disk had no room for it."""
+
+        # The contract (pydantic) is imported with the first event, which a start sends after its first results.
+        from agent.transport.contract.wire import event_payload
 
         def build(seq: int) -> bytes:
             return _dumps(event_payload(self.topics.device, seq, utc_iso(event.ts), event.body))
