@@ -54,6 +54,7 @@ def test_pipelines_on_one_model_share_one_session_until_the_last_lets_go(tmp_pat
     a.close()  # giving back twice is once
     assert b.shared.users == 1 and b.shared in POOL.sessions()
     np.testing.assert_allclose(b.run(np.ones((1, 3), np.float32))["y"], [[3.0]])
+    assert b.shared.first is None  # no successor waits for it: no frame's input is held
     shared = b.shared
     b.close()
     other_level.close()

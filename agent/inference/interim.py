@@ -41,6 +41,7 @@ def upgrade_when_served(
     """Open the provider chosen for `shared` once it has served its first run, and switch to it. On a
     thread that is not a daemon one: a process that exits waits for an open under way (the runtime's
     libraries unload at exit), and a release cuts the wait for the first run short."""
+    shared.successor_pending = True
     threading.Thread(target=_upgrade, args=(pool, shared, upgrade, emit, label), name="session-upgrade").start()
 
 
@@ -75,6 +76,8 @@ def _upgrade(
             shared.judge(name, feeds[name])
     except Exception as exc:  # a bug here must not end the process: the CPU session serves on
         log.warning("model %s stays on the CPU provider: %s", label, exc, exc_info=log.isEnabledFor(logging.DEBUG))
+    finally:
+        shared.successor_pending, shared.first = False, None  # the first frame's input, held for this alone
 
 
 def _opened(

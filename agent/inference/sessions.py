@@ -129,6 +129,7 @@ class SharedSession:
         self.settle_memory(final=False)
         # An interim CPU session (`OpenedSession.upgrade`): its first run's feeds warm its successor up.
         self.first: tuple[str, dict[str, np.ndarray]] | None = None
+        self.successor_pending = False  # set by agent.inference.interim until the successor is in or given up
         self.wake = threading.Event()  # the first run is done, or nobody holds the session any more
         self.users = 0
         self.stream_users = 0  # users whose frames may join a batch
@@ -311,8 +312,8 @@ class SharedSession:
 
     def first_run(self, stream_input: str, feeds: Mapping[str, np.ndarray]) -> None:
         """The first real run is done (`Model`): an interim session's successor may open now, and warm up
-        on these feeds."""
-        if self.first is None:
+        on these feeds (kept for that only: a camera frame's input is megabytes)."""
+        if self.first is None and self.successor_pending:
             self.first = (stream_input, dict(feeds))
         self.wake.set()
 
