@@ -48,6 +48,22 @@ def run(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=REPO, timeout=120)
 
 
+def log_until_started(cmd: list[str]) -> list[str]:
+    """A daemon that serves on (a broker, a camera that is not there): its log up to `agent.started`."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    assert proc.stderr is not None
+    lines: list[str] = []
+    try:
+        for line in proc.stderr:
+            lines.append(line)
+            if "event type=agent.started" in line:
+                break
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    return lines
+
+
 def timeline(stderr: str) -> list[str]:
     return [m.group(1) for m in re.finditer(r"start \+[0-9.]+ s \([+-][0-9.]+ s\) (.*)", stderr)]
 
@@ -111,23 +127,7 @@ def test_a_start_with_a_broker_sends_its_first_result_before_importing_the_contr
     prof.write_text(json.dumps({**json.loads(prof.read_text()), "mqtt": {"url": broker.url}}))
 
     def start() -> list[str]:
-        proc = subprocess.Popen(
-            [sys.executable, "-c", AT_FIRST_RESULT, str(prof)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-            cwd=REPO,
-        )
-        assert proc.stderr is not None
-        lines: list[str] = []
-        try:
-            for line in proc.stderr:  # the daemon serves on with a broker: read until its start is over
-                lines.append(line)
-                if "event type=agent.started" in line:
-                    break
-        finally:
-            proc.terminate()
-            proc.wait(timeout=30)
+        lines = log_until_started([sys.executable, "-c", AT_FIRST_RESULT, str(prof)])
         assert any("event type=agent.started" in line for line in lines), "".join(lines)  # events went out after it
         return [line.split(" ", 1)[1].strip() for line in lines if line.startswith("AT_FIRST_RESULT")]
 
@@ -185,18 +185,7 @@ def test_a_pipeline_without_results_still_announces_itself_before_its_other_even
     model = save(pool_model(), tmp_path / "pool.onnx")
     source = {"type": "camera", "device": "http://127.0.0.1:9/none", "reconnect_max": 0.2}
     prof = write_profile(tmp_path, {"name": "cam", "model": str(model), "source": source})
-    cmd = [sys.executable, "-m", "agent", "run", "--profile", str(prof)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO)
-    assert proc.stderr is not None
-    lines: list[str] = []
-    try:
-        for line in proc.stderr:
-            lines.append(line)
-            if "event type=agent.started" in line:
-                break
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+    lines = log_until_started([sys.executable, "-m", "agent", "run", "--profile", str(prof)])
     events = event_order("".join(lines))
     assert events[0] == "pipeline.started" and events[-1] == "agent.started", events
     assert "source.lost" in events, events

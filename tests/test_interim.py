@@ -4,8 +4,6 @@ shrinking after it, the fallbacks; and, in the onnxruntime-openvino venv, `edge-
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -24,7 +22,7 @@ from agent.inference.stagepool import Stage, StagePool
 from agent.transport.events import Event
 from tests.helpers.models import linear_model, save
 from tests.helpers.profiles import validated
-from tests.test_providers import OPENVINO_WHEEL, REPO, openvino_venv, this_machine
+from tests.test_providers import OPENVINO_WHEEL, in_openvino_venv, this_machine
 
 OV_CPU = Candidate(OPENVINO, {"device_type": "CPU"}, True, "")
 ON_CPU = Candidate(CPU, {}, True, "")
@@ -234,12 +232,7 @@ def test_workers_above_what_the_sessions_take_leave_after_a_switch_and_the_stage
 # ---- OpenVINO, for real: `edge-agent run` in the onnxruntime-openvino venv ----------------------------
 
 
-@pytest.fixture(scope="module")
-def openvino_python() -> str:
-    return openvino_venv()
-
-
-def run_agent(python: str, tmp_path: Path, runtime: dict[str, Any]) -> tuple[list[dict[str, Any]], list[str]]:
+def run_agent(tmp_path: Path, runtime: dict[str, Any]) -> tuple[list[dict[str, Any]], list[str]]:
     """`edge-agent run` on 40 frames of the synthetic camera into the PP-OCR detector: its results, and its
     events as the journal has them (`type=... field=...`)."""
     from agent.cloud.samples import sample_model
@@ -263,14 +256,7 @@ def run_agent(python: str, tmp_path: Path, runtime: dict[str, Any]) -> tuple[lis
             }
         )
     )
-    out = subprocess.run(
-        [python, "-m", "agent", "run", "--profile", str(profile)],
-        capture_output=True,
-        text=True,
-        timeout=180,
-        cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-    )
+    out = in_openvino_venv("-m", "agent", "run", "--profile", str(profile), timeout=180)
     assert out.returncode == 0, out.stderr[-3000:]
     results = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
     events = [line.split("event type=", 1)[1] for line in out.stderr.splitlines() if "event type=" in line]
@@ -288,33 +274,33 @@ def providers_in_order(results: list[dict[str, Any]]) -> list[str]:
 
 @pytest.mark.slow
 def test_a_start_serves_on_the_cpu_provider_then_switches_to_openvino_losing_no_frame(
-    openvino_python: str, tmp_path: Path
+    tmp_path: Path,
 ) -> None:
-    results, events = run_agent(openvino_python, tmp_path, {})
+    results, events = run_agent(tmp_path, {})
     assert sorted(r["source_seq"] for r in results) == list(range(40))  # none lost, none twice
     assert providers_in_order(results) == [CPU, OPENVINO], [r["provider"] for r in results]
     (switched,) = [e for e in events if e.startswith("provider.switched ")]
     assert f"provider='{OPENVINO}'" in switched and f"previous='{CPU}'" in switched
     assert not [e for e in events if e.startswith(("provider.fallback", "inference.error"))], events
     # The next start does the same from the caches (the CPU provider's optimised graph, OpenVINO's blob).
-    again, _ = run_agent(openvino_python, tmp_path, {})
+    again, _ = run_agent(tmp_path, {})
     assert providers_in_order(again) == [CPU, OPENVINO] and len(again) == 40
 
 
 @pytest.mark.slow
-def test_start_on_cpu_off_serves_every_frame_on_openvino(openvino_python: str, tmp_path: Path) -> None:
-    results, events = run_agent(openvino_python, tmp_path, {"start_on_cpu": False})
+def test_start_on_cpu_off_serves_every_frame_on_openvino(tmp_path: Path) -> None:
+    results, events = run_agent(tmp_path, {"start_on_cpu": False})
     assert len(results) == 40 and providers_in_order(results) == [OPENVINO]
     assert not [e for e in events if e.startswith("provider.switched")]
 
 
 @pytest.mark.slow
 def test_an_openvino_that_comes_up_without_its_provider_is_a_fallback_and_the_cpu_serves_every_frame(
-    openvino_python: str, tmp_path: Path
+    tmp_path: Path,
 ) -> None:
     """An option OpenVINO does not know makes onnxruntime drop the provider quietly: the read-back finds
     the session on the CPU provider, so the switch never happens."""
-    results, events = run_agent(openvino_python, tmp_path, {"providers": [{"openvino": {"precision": "BOGUS"}}]})
+    results, events = run_agent(tmp_path, {"providers": [{"openvino": {"precision": "BOGUS"}}]})
     assert len(results) == 40 and providers_in_order(results) == [CPU]
     (fallback,) = [e for e in events if e.startswith("provider.fallback")]
     assert "OpenVINOExecutionProvider[CPU]" in fallback and f"next='{CPU}'" in fallback

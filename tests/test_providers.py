@@ -404,6 +404,18 @@ def openvino_venv() -> str:
     return out.stdout.strip()
 
 
+def in_openvino_venv(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """This repo's code run by the onnxruntime-openvino venv's python (`args` after the interpreter)."""
+    return subprocess.run(
+        [openvino_venv(), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+
+
 @pytest.fixture(scope="module")
 def openvino_python() -> str:
     return openvino_venv()
@@ -441,15 +453,7 @@ print(json.dumps({
 
 @pytest.mark.slow
 def test_openvino_ranks_first_on_x86_and_autotune_measures_both(openvino_python: str, tmp_path: Path) -> None:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    out = subprocess.run(
-        [openvino_python, "-c", OPENVINO_SCRIPT, str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-        cwd=REPO,
-    )
+    out = in_openvino_venv("-c", OPENVINO_SCRIPT, str(tmp_path))
     assert out.returncode == 0, out.stderr[-2000:]
     got = json.loads(out.stdout)
     assert OPENVINO in got["available"]

@@ -373,16 +373,9 @@ def test_four_cameras_on_openvino_share_one_session_run_one_at_a_time_and_take_f
     """OpenVINO spreads one run over a pool of its own: its session has one lane, the stage pool one inference
     worker (a second would only wait), and onnxruntime's own pool one thread. Four cameras may batch, so
     the batch stays free; the frames' size is fixed and the frames go in as they come."""
-    from tests.test_providers import openvino_venv
+    from tests.test_providers import in_openvino_venv
 
-    out = subprocess.run(
-        [openvino_venv(), "-c", OPENVINO_CAMERAS, str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-    )
+    out = in_openvino_venv("-c", OPENVINO_CAMERAS, str(tmp_path))
     assert out.returncode == 0, out.stderr[-3000:]
     seen = json.loads(out.stdout.strip().splitlines()[-1])
     assert seen["provider"] == "OpenVINOExecutionProvider" and seen["sessions"] == 1
