@@ -165,6 +165,30 @@ def test_the_successor_opens_after_the_first_run_warms_up_on_its_input_then_serv
 
 
 @pytest.mark.arm64
+def test_batching_is_judged_on_the_session_that_stays_never_on_the_interim_one(tmp_path: Path) -> None:
+    """Two pipelines stream into the interim session: its first runs do not measure a batch (the session is
+    about to go); the successor is measured once it serves."""
+    path = model_file(tmp_path, 1.0, "m.onnx")
+    models = [load_model(path, RuntimeConfig(threads=1), tmp_path, warmup_runs=0) for _ in range(2)]
+    shared = models[0].shared
+    assert all(m.batchable and m.shared is shared for m in models)
+    successor = cpu_session(path, tmp_path, threads=2)
+    events: list[Event] = []
+    interim.upgrade_when_served(POOL, shared, fake_upgrade(successor, []), events.append, "m")
+    for m in models:
+        assert served(m) == [3.0]
+    deadline = time.monotonic() + 30
+    while shared.successor_pending and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert shared.session is successor.session and shared.batch_pays is not None
+    assert "(measured)" in shared.figures().batching
+    (verdict,) = (tmp_path / "autotune").glob("batch-*.json")
+    assert "CPU" in verdict.name
+    for m in models:
+        m.close()
+
+
+@pytest.mark.arm64
 def test_a_session_let_go_before_its_first_run_never_opens_its_successor(tmp_path: Path) -> None:
     calls: list[int] = []
     model = load_model(model_file(tmp_path, 1.0, "m.onnx"), RuntimeConfig(threads=1), tmp_path, warmup_runs=0)

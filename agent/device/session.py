@@ -129,32 +129,37 @@ def open_session(
                 f"({'cached' if choice.cached else 'measured'}: p50 {choice.p50_ms:.1f} ms)"
             )
 
-    build = functools.partial(
-        _open_chain,
+    cache_digest = (digest or model_digest(model)) if runtime.cache else None  # None: no optimised-model cache
+    chains = _Chains(
         model,
         runtime,
         state_dir,
         hw,
         libraries,
+        # An optimised graph is only valid with the same libraries (their kernels, their fusions).
+        {f"custom_ops.{i}": model_digest(p) for i, p in enumerate(libraries)} if cache_digest else {},
         optimization or runtime.optimization,
-        (digest or model_digest(model)) if runtime.cache else None,  # None: no optimised-model cache
+        cache_digest,
         run_threads(threads, at_once) if runtime.threads == "auto" else threads,
         threads,
         fall,
-        Chosen(notes, fallbacks, ranking, autotuned),
+        notes,
+        fallbacks,
+        ranking,
+        autotuned,
     )
     if interim and runtime.start_on_cpu and _opens_slowly_on_cpu(chain):
         first = [c for c in chain if c.provider == CPU]
         try:
-            opened = build(first, quiet=True)
+            opened = chains.open(first, quiet=True)
         except ProviderError as exc:  # the CPU provider cannot run it: the chain opens as it would have
             log.debug("no interim CPU session: %s", exc)
         else:
             better = [c for c in chain if c.provider != CPU]
             opened.notes.append(f"the CPU provider serves while {better[0].label} opens")
-            opened.upgrade = functools.partial(_upgrade, build, better, first[0].label)
+            opened.upgrade = functools.partial(chains.upgrade, better, first[0].label)
             return opened
-    return build(chain)
+    return chains.open(chain)
 
 
 def _opens_slowly_on_cpu(chain: list[Candidate]) -> bool:
@@ -173,93 +178,99 @@ def _opens_slowly_on_cpu(chain: list[Candidate]) -> bool:
 
 
 @dataclass(frozen=True)
-class Chosen:
-    """How the chain was chosen, copied into every session opened from it."""
+class _Chains:
+    """What opening a model's chain of candidates needs, decided once by `open_session` (ranking, autotune,
+    threads), for the chain it opens now and, with an interim CPU session, for the one it opens later."""
 
+    model: Path | bytes
+    runtime: RuntimeConfig
+    state_dir: Path
+    hw: hardware.Probe
+    libraries: tuple[Path, ...]
+    library_keys: dict[str, str]  # custom_ops.<i> -> the library's sha256, in the optimised-graph cache key
+    level: Optimization
+    digest: str | None  # the model's, where the optimised graph is cached
+    cpu_threads: int
+    threads: int
+    fall: Callable[[str, str, str | None], None]
     notes: list[str]
-    fallbacks: list[tuple[str, str]]
+    fallbacks: list[tuple[str, str]]  # every step down so far (`fall` appends to it)
     ranking: Ranking
     autotuned: bool
 
-
-def _open_chain(
-    model: Path | bytes,
-    runtime: RuntimeConfig,
-    state_dir: Path,
-    hw: hardware.Probe,
-    libraries: tuple[Path, ...],
-    level: Optimization,
-    digest: str | None,
-    cpu_threads: int,
-    threads: int,
-    fall: Callable[[str, str, str | None], None],
-    chosen: Chosen,
-    chain: list[Candidate],
-    *,
-    tail: str | None = None,
-    quiet: bool = False,
-) -> OpenedSession:
-    """The first candidate of `chain` that builds and proves to run the model; each one that does not is a
-    fallback (to the next, or to `tail` after the last), unless `quiet`. ProviderError when none does."""
-    failed: list[tuple[str, str]] = []
-    for i, candidate in enumerate(chain):
-        after = chain[i + 1].label if i + 1 < len(chain) else tail
-        run = cpu_threads if candidate.provider == CPU else threads
-        cache = None
-        if digest is not None:
-            options = provider_options(candidate, state_dir, run)
-            # An optimised graph is only valid with the same libraries (their kernels, their fusions).
-            options.update({f"custom_ops.{i}": model_digest(p) for i, p in enumerate(libraries)})
-            cache = graph_cache(
-                state_dir, model, digest, candidate.provider, options, level, hw.fingerprint(), ort.__version__
-            )
-        try:
-            session, cached = build_cached(model, candidate, state_dir, run, level, cache, libraries)
-        except Exception as exc:  # noqa: BLE001 (any provider failure is a reason to fall back, not to stop)
-            why: str | None = f"session creation failed: {one_line(exc)}"
-        else:
-            check = verify(session)
-            why = why_not(candidate, check)
-        if why is not None:
+    def open(self, chain: list[Candidate], *, tail: str | None = None, quiet: bool = False) -> OpenedSession:
+        """The first candidate of `chain` that builds and proves to run the model; each one that does not is
+        a fallback (to the next, or to `tail` after the last), unless `quiet`. ProviderError when none does."""
+        failed: list[tuple[str, str]] = []
+        for i, candidate in enumerate(chain):
+            after = chain[i + 1].label if i + 1 < len(chain) else tail
+            opened, why = self._try(candidate)
+            if opened is not None:
+                return opened
             failed.append((candidate.label, why))
             if not quiet:
-                fall(candidate.label, why, after)
-            continue
-        notes = list(chosen.notes)
+                self.fall(candidate.label, why, after)
+        tried = "; ".join(f"{label}: {reason}" for label, reason in self.fallbacks + (failed if quiet else [])) or (
+            "none was ranked: " + "; ".join(f"{c.label}: {c.reason}" for c in self.ranking.dropped)
+        )
+        if self.runtime.require_accelerator:
+            raise AcceleratorUnavailableError(
+                f"runtime.require_accelerator is true, but no accelerator runs this model here ({tried})"
+            )
+        raise ProviderError(f"no execution provider could open the model ({tried})")
+
+    def upgrade(self, better: list[Candidate], interim: str) -> OpenedSession | None:
+        """The session on the better providers an interim CPU session serves in place of, or None when none
+        opens (each failure is a fallback to the CPU provider, which then stays)."""
+        try:
+            return self.open(better, tail=interim)
+        except ProviderError:
+            return None
+
+    def _try(self, candidate: Candidate) -> tuple[OpenedSession | None, str]:
+        """The candidate's session, built and read back; or None and why not."""
+        run = self.cpu_threads if candidate.provider == CPU else self.threads
+        cache = None
+        if self.digest is not None:
+            options = {**provider_options(candidate, self.state_dir, run), **self.library_keys}
+            cache = graph_cache(
+                self.state_dir,
+                self.model,
+                self.digest,
+                candidate.provider,
+                options,
+                self.level,
+                self.hw.fingerprint(),
+                ort.__version__,
+            )
+        try:
+            session, cached = build_cached(
+                self.model, candidate, self.state_dir, run, self.level, cache, self.libraries
+            )
+        except Exception as exc:  # noqa: BLE001 (any provider failure is a reason to fall back, not to stop)
+            return None, f"session creation failed: {one_line(exc)}"
+        check = verify(session)
+        why = why_not(candidate, check)
+        if why is not None:
+            return None, why
+        notes = list(self.notes)
         share = check.share(candidate.provider)
         if share is not None and share < 1:
             notes.append(
                 f"{candidate.provider} runs {share:.0%} of the nodes; the rest run on "
                 f"{', '.join(p for p in check.assignment or {} if p != candidate.provider)}"
             )
-        return OpenedSession(
+        opened = OpenedSession(
             session,
             candidate.provider,
             check.providers,
             notes,
-            options=provider_options(candidate, state_dir, run),
+            options=provider_options(candidate, self.state_dir, run),
             threads=run,
             assignment=check.assignment,
-            fallbacks=list(chosen.fallbacks),
-            ranking=chosen.ranking,
-            autotuned=chosen.autotuned,
+            fallbacks=list(self.fallbacks),
+            ranking=self.ranking,
+            autotuned=self.autotuned,
             cache=cached,
         )
-
-    tried = "; ".join(f"{label}: {reason}" for label, reason in chosen.fallbacks + (failed if quiet else [])) or (
-        "none was ranked: " + "; ".join(f"{c.label}: {c.reason}" for c in chosen.ranking.dropped)
-    )
-    if runtime.require_accelerator:
-        raise AcceleratorUnavailableError(
-            f"runtime.require_accelerator is true, but no accelerator runs this model here ({tried})"
-        )
-    raise ProviderError(f"no execution provider could open the model ({tried})")
-
-
-def _upgrade(build: Callable[..., OpenedSession], better: list[Candidate], interim: str) -> OpenedSession | None:
-    """The session on the better providers an interim CPU session serves in place of, or None when none
-    opens (each failure is a fallback to the CPU provider, which then stays)."""
-    try:
-        return build(better, tail=interim)
-    except ProviderError:
-        return None
+        return opened, ""

@@ -50,34 +50,44 @@ def _upgrade(
 ) -> None:
     try:
         shared.wake.wait(FIRST_RUN_WAIT_S)
-        if not pool.holds(shared):
-            return
-        started = time.perf_counter()
-        opened = _opened(shared, upgrade, emit, label)
-        replaced = pool.switch(shared, opened) if opened is not None else None
-        if opened is None or replaced is None:  # it stays on the CPU provider, or nobody holds it any more
-            return
-        seconds = round(time.perf_counter() - started, 3)
-        previous, gone = replaced.provider, weakref.ref(replaced.session)
-        del replaced  # the interim session goes with the run under way on it, if any
-        log.info(
-            "provider switched model=%s provider=%s previous=%s seconds=%.3f", label, opened.provider, previous, seconds
-        )
-        emit(
-            Event(
-                "provider.switched",
-                {"model": label, "provider": opened.provider, "previous": previous, "seconds": seconds},
-            )
-        )
-        _given_back(gone)
-        shared.settle_memory()
-        if shared.first is not None:  # with `auto` batching, whether a batch pays is the new provider's to say
-            name, feeds = shared.first
-            shared.judge(name, feeds[name])
+        if pool.holds(shared):
+            _switch(pool, shared, upgrade, emit, label)
     except Exception as exc:  # a bug here must not end the process: the CPU session serves on
         log.warning("model %s stays on the CPU provider: %s", label, exc, exc_info=log.isEnabledFor(logging.DEBUG))
     finally:
-        shared.successor_pending, shared.first = False, None  # the first frame's input, held for this alone
+        first, shared.successor_pending, shared.first = shared.first, False, None  # held for this alone
+    if first is not None and pool.holds(shared):
+        # With `auto` batching, whether a batch pays is the staying session's to say: the interim one
+        # skipped it (a batch measured on a session about to go would only hold up the first frames).
+        name, feeds = first
+        try:
+            shared.judge(name, feeds[name])
+        except Exception as exc:  # noqa: BLE001 (ORT's errors derive from Exception: batching stays off)
+            log.warning("model %s: batching not judged: %s", label, str(exc).strip()[:300])
+
+
+def _switch(
+    pool: SessionPool, shared: SharedSession, upgrade: Callable[[], OpenedSession | None], emit: EventSink, label: str
+) -> None:
+    """Open the successor and switch to it, or leave the CPU session serving (the fallbacks emitted)."""
+    started = time.perf_counter()
+    opened = _opened(shared, upgrade, emit, label)
+    replaced = pool.switch(shared, opened) if opened is not None else None
+    if opened is None or replaced is None:  # it stays on the CPU provider, or nobody holds it any more
+        return
+    seconds = round(time.perf_counter() - started, 3)
+    previous, gone = replaced.provider, weakref.ref(replaced.session)
+    del replaced  # the interim session goes with the run under way on it, if any
+    log.info(
+        "provider switched model=%s provider=%s previous=%s seconds=%.3f", label, opened.provider, previous, seconds
+    )
+    emit(
+        Event(
+            "provider.switched", {"model": label, "provider": opened.provider, "previous": previous, "seconds": seconds}
+        )
+    )
+    _given_back(gone)
+    shared.settle_memory()
 
 
 def _opened(

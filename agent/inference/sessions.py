@@ -289,6 +289,8 @@ class SharedSession:
         frames runs cheaper per frame than single runs; only once two pipelines stream into this session."""
         if self.batching.mode != "auto" or self.batch_pays is not None or self.stream_users < 2:
             return
+        if self.successor_pending:  # an interim session: the one that stays is judged (agent.inference.interim)
+            return
         size = min(self.stream_users, self.batching.max_size)
         path = batch_cache_path(Path(self.key.state_dir), self.key.digest, hardware.probe(), self.provider)
         with self._lane():
