@@ -90,7 +90,7 @@ def test_a_file_written_just_before_its_hash_is_not_remembered(tmp_path: Path, c
     [
         b"not json",
         b"[1, 2]",
-        b"{" + b'"a":' * 40000 + b"1}",  # larger than the bound
+        b"{" + b'"a":' * (digests.LIMIT // 4 + 1) + b"1}",  # larger than the bound
         b'{"PATH": [1, 2, 3, 4, 5, "not a digest"]}',
         b'{"PATH": [true, 2, 3, 4, 5, "' + b"0" * 64 + b'"]}',
         b'{"PATH": "' + b"0" * 64 + b'"}',

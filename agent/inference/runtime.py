@@ -254,7 +254,10 @@ class Model:
         self._warm = True
         START.mark(f"model {self.name} warmed ({how})")
         self.shared.settle_memory()
-        self.shared.first_run(self.stream_input, {self.stream_input: x, **self.constants, **self.new_state().values})
+        if self.shared.successor_pending:  # an interim session: its successor warms up on this input
+            self.shared.first_run(
+                self.stream_input, {self.stream_input: x, **self.constants, **self.new_state().values}
+            )
         if self.batchable:
             self.shared.judge(self.stream_input, x)
 

@@ -313,9 +313,9 @@ class SharedSession:
     # -- an interim CPU session and its successor ---------------------------------------------------
 
     def first_run(self, stream_input: str, feeds: Mapping[str, np.ndarray]) -> None:
-        """The first real run is done (`Model`): an interim session's successor may open now, and warm up
-        on these feeds (kept for that only: a camera frame's input is megabytes)."""
-        if self.first is None and self.successor_pending:
+        """The first real run on an interim session is done (`Model`): its successor may open now, and warm
+        up on these feeds (kept until then only: a camera frame's input is megabytes)."""
+        if self.first is None:
             self.first = (stream_input, dict(feeds))
         self.wake.set()
 

@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 MEMO_NAME = "digests.json"
 KEEP = 64  # entries: the models of a device's profile and its recent versions
-LIMIT = 64 * 1024  # bytes of memo read at most (64 entries take about 13 KB)
+LIMIT = KEEP * 5 * 1024  # bytes of memo read at most: 64 entries of the longest path Linux takes (4 KiB)
 RACY_NS = 3_000_000_000  # a file touched this recently before its hash is hashed again next time
 _DIGEST = re.compile(r"[0-9a-f]{64}")
 
