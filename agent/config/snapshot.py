@@ -27,10 +27,10 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from agent.config.base import Secret, Strict
-from agent.config.yamldoc import ENV_REFERENCE
 from agent.util.cachedir import cache_folder
 from agent.util.files import read_small
 from agent.util.hashing import sha256_bytes
+from agent.util.redact import ENV_REFERENCE
 
 log = logging.getLogger(__name__)
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from agent.util.files import read_small
+from agent.util.redact import ENV_REFERENCE
 
 if TYPE_CHECKING:  # imported where a document is parsed: a start from a validated snapshot parses none
     import yaml
@@ -28,8 +29,6 @@ MAX_BYTES = 1 << 20
 # Python refuses to read longer integers (ValueError from inside PyYAML, with no line); no profile needs one.
 MAX_INT_DIGITS = 100
 INT_TAG = "tag:yaml.org,2002:int"  # profiles are hand-written; a megabyte is far beyond any real one
-
-ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")  # ${VAR}, ${VAR:-default}
 
 
 class YamlSyntaxError(Exception):

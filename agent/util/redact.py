@@ -22,7 +22,9 @@ SECRET_NAME = re.compile(rf"(?:^|[_.-])(?:{_SECRET_WORDS})(?:$|[_.-])", re.IGNOR
 # scheme://userinfo@ : the userinfo never holds '/', '@' or white space.
 _USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)[^/@\s?#]+@")
 _QUERY = re.compile(rf"(?P<key>[?&;](?:{_SECRET_WORDS})=)[^&#\s]+", re.IGNORECASE)
-_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-[^}]*)?\}")
+# A profile's environment reference, ${VAR} or ${VAR:-default}: the one pattern for expanding a profile
+# (agent.config.yamldoc), keying its snapshot (agent.config.snapshot) and masking what it expanded (here).
+ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 _remembered: set[str] = set()
 _lock = threading.Lock()
@@ -43,7 +45,7 @@ def remember(value: str) -> None:
 def remember_expanded(template: str, key: str, environ: dict[str, str]) -> None:
     """The values a `${VAR}` in `template` (at mapping key `key`) expands to, remembered when the
     variable or the key is named like a secret."""
-    for match in _ENV.finditer(template):
+    for match in ENV_REFERENCE.finditer(template):
         name = match.group(1)
         if name in environ and (secret_name(name) or secret_name(key)):
             remember(environ[name])
