@@ -177,8 +177,8 @@ def test_batching_is_judged_on_the_session_that_stays_never_on_the_interim_one(t
     interim.upgrade_when_served(POOL, shared, fake_upgrade(successor, []), events.append, "m")
     for m in models:
         assert served(m) == [3.0]
-    deadline = time.monotonic() + 30
-    while shared.successor_pending and time.monotonic() < deadline:
+    deadline = time.monotonic() + 60  # emulated aarch64 is slow; the judge comes after the switch
+    while shared.batch_pays is None and time.monotonic() < deadline:
         time.sleep(0.01)
     assert shared.session is successor.session and shared.batch_pays is not None
     assert "(measured)" in shared.figures().batching

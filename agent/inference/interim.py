@@ -55,7 +55,8 @@ def _upgrade(
     except Exception as exc:  # a bug here must not end the process: the CPU session serves on
         log.warning("model %s stays on the CPU provider: %s", label, exc, exc_info=log.isEnabledFor(logging.DEBUG))
     finally:
-        first, shared.successor_pending, shared.first = shared.first, False, None  # held for this alone
+        first, shared.first = shared.first, None  # held for this alone
+        shared.successor_pending = False
     if first is not None and pool.holds(shared):
         # With `auto` batching, whether a batch pays is the staying session's to say: the interim one
         # skipped it (a batch measured on a session about to go would only hold up the first frames).
