@@ -86,7 +86,13 @@ def test_health_is_retained_on_the_broker_with_outbox_and_connection(broker: Mos
     try:
         assert agent.conn.wait_online(10)
         r.report()
-        sub = Subscriber(broker.port, agent.topics.health)  # subscribes after: gets the retained copy
+        # Once the broker has it (a first subscriber got it, live or retained), a later one gets it retained.
+        first = Subscriber(broker.port, agent.topics.health)
+        try:
+            assert first.wait_for(lambda: first.payloads(agent.topics.health))
+        finally:
+            first.close()
+        sub = Subscriber(broker.port, agent.topics.health)
         try:
             health = sub.wait_for(lambda: sub.payloads(agent.topics.health))[-1]
             assert health["connection"]["state"] == "online" and health["outbox"]["dropped"] == 0
