@@ -1,11 +1,13 @@
 """A start on the CPU provider while OpenVINO compiles: the rule, the switch between two runs, the stage pool
-shrinking after it, the fallbacks; and, in the onnxruntime-openvino venv, `edge-agent run` end to end."""
+shrinking after it, the fallbacks; a successor opened afresh after a batch it will not run; and, in the
+onnxruntime-openvino venv, `edge-agent run` end to end."""
 
 from __future__ import annotations
 
 import json
 import threading
 import time
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +15,7 @@ import numpy as np
 import pytest
 
 from agent.config.profile import RuntimeConfig
+from agent.device import autotune
 from agent.device.providers import CPU, OPENVINO, Candidate
 from agent.device.session import OpenedSession, _opens_slowly_on_cpu, open_session
 from agent.inference import interim
@@ -186,6 +189,50 @@ def test_batching_is_judged_on_the_session_that_stays_never_on_the_interim_one(t
     assert "CPU" in verdict.name
     for m in models:
         m.close()
+
+
+def fresh_sessions(path: Path, tmp_path: Path, opened: list[weakref.ref[Any]], alive: list[int]) -> Any:
+    """An upgrade that opens a new session at every call, noting how many of those it opened are alive."""
+
+    def upgrade() -> OpenedSession:
+        alive.append(sum(ref() is not None for ref in opened))
+        session = cpu_session(path, tmp_path, threads=1)
+        opened.append(weakref.ref(session.session))
+        return session
+
+    return upgrade
+
+
+@pytest.mark.arm64
+@pytest.mark.parametrize("pays", [False, True])
+def test_a_successor_left_holding_a_batch_it_will_not_run_is_opened_afresh_before_it_serves(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, pays: bool
+) -> None:
+    """Where a provider keeps a batch's buffers (OpenVINO; the CPU provider stands in here), whether a batch
+    pays is measured on the successor before it serves; one that measured a batch it will not run is freed
+    and the provider opens afresh, never two of its sessions at once. The verdict stays; a later start
+    reads it, and opens the provider once."""
+    monkeypatch.setattr(interim, "KEEPS_BATCH_MEMORY", frozenset({CPU}))
+    monkeypatch.setattr(autotune, "BATCH_GAIN", 1e9 if pays else 0.0)
+    path = model_file(tmp_path, 1.0, "m.onnx")
+    for start in ("first", "later"):
+        models = [load_model(path, RuntimeConfig(threads=1), tmp_path, warmup_runs=0) for _ in range(2)]
+        shared = models[0].shared
+        opened: list[weakref.ref[Any]] = []
+        alive: list[int] = []
+        interim.upgrade_when_served(POOL, shared, fresh_sessions(path, tmp_path, opened, alive), lambda e: None, "m")
+        for m in models:
+            assert served(m) == [3.0]
+        (thread,) = [t for t in threading.enumerate() if t.name == "session-upgrade"]
+        thread.join(60)  # emulated aarch64 is slow
+        renewed = start == "first" and not pays
+        assert alive == ([0, 0] if renewed else [0]), alive  # the measured one was gone before the next opened
+        assert shared.session is opened[-1]() and (opened[0]() is None) == renewed
+        figures = shared.figures().batching
+        assert shared.batch_pays is pays and ("(measured)" if start == "first" else "(cached)") in figures, figures
+        assert [served(m) for m in models] == [[3.0], [3.0]]
+        for m in models:
+            m.close()
 
 
 @pytest.mark.arm64

@@ -36,7 +36,7 @@ import psutil
 from agent.config.base import plain
 from agent.config.runtime import BatchingConfig, Optimization, RuntimeConfig
 from agent.device import hardware
-from agent.device.autotune import batch_cache_path, cpu_bound, judge_batching, model_digest
+from agent.device.autotune import BatchVerdict, batch_cache_path, cpu_bound, judge_batching, model_digest
 from agent.device.build import OWN_THREADS
 from agent.device.customops import library_digests
 from agent.device.providers import Candidate, core_budget
@@ -246,29 +246,30 @@ class SharedSession:
                 except Exception as single:  # noqa: BLE001 (as above: the frame's own error goes to its pipeline)
                     request.error = single
 
-    def _lane_free(self, ticket: object) -> bool:
-        """A lane is free and `ticket` is first in line: no caller overtakes one that waits longer (with
+    def _lane_free(self, ticket: object, lanes: int = 1) -> bool:
+        """`lanes` are free and `ticket` is first in line: no caller overtakes one that waits longer (with
         more pipelines than lanes, a pipeline that just ran would otherwise win every race)."""
-        return self._running < self.lanes and self._line[0] is ticket
+        return self._running + lanes <= self.lanes and self._line[0] is ticket
 
-    def _take_lane(self) -> None:
+    def _take_lane(self, lanes: int = 1) -> None:
         self._line.popleft()
-        self._running += 1
+        self._running += lanes
         self._cond.notify_all()  # the next in line may find a lane free too
 
     @contextmanager
-    def _lane(self) -> Iterator[None]:
+    def _lane(self, every: bool = False) -> Iterator[None]:
+        """A lane, first come first served; `every` one of them, for a measure that must run alone."""
         ticket = object()
         with self._cond:
             self._line.append(ticket)
-            while not self._lane_free(ticket):
+            while not self._lane_free(ticket, taken := self.lanes if every else 1):
                 self._cond.wait()
-            self._take_lane()
+            self._take_lane(taken)
         try:
             yield
         finally:
             with self._cond:
-                self._running -= 1
+                self._running -= taken
                 self.runs += 1
                 self._cond.notify_all()
 
@@ -284,20 +285,36 @@ class SharedSession:
 
     # -- batching ----------------------------------------------------------------------------------
 
-    def judge(self, name: str, example: np.ndarray) -> None:
+    def judge(self, name: str, example: np.ndarray, verdict: BatchVerdict | None = None) -> None:
         """With `auto`, measure once (per model and device, cached) whether a batch of the stream users'
-        frames runs cheaper per frame than single runs; only once two pipelines stream into this session."""
-        if self.batching.mode != "auto" or self.batch_pays is not None or self.stream_users < 2:
-            return
+        frames runs cheaper per frame than single runs; only once two pipelines stream into this session.
+        `verdict`: the one measured on this session before it served (agent.inference.interim)."""
         if self.successor_pending:  # an interim session: the one that stays is judged (agent.inference.interim)
             return
-        size = min(self.stream_users, self.batching.max_size)
-        path = batch_cache_path(Path(self.key.state_dir), self.key.digest, hardware.probe(), self.provider)
-        with self._lane():
-            verdict = judge_batching(self.session, name, example[:1], size, path)
+        if verdict is None:
+            if not self._judging:
+                return
+            verdict = self.batching_verdict(self.opened, name, example)
+        if verdict is None:
+            return
         self.batch_pays = verdict.pays
         self._verdict = verdict.describe()
         log.info("batching %s provider=%s %s", "on" if verdict.pays else "off", self.provider, self._verdict)
+
+    def batching_verdict(self, opened: OpenedSession, name: str, example: np.ndarray) -> BatchVerdict | None:
+        """Whether a batch of the stream users' frames pays on `opened` (this session's, or its successor's
+        before it serves), measured or cached; None where `auto` has nothing to judge. The measure holds
+        every lane of this session: runs beside it would time the cores' sharing, not the batch."""
+        if not self._judging:
+            return None
+        size = min(self.stream_users, self.batching.max_size)
+        path = batch_cache_path(Path(self.key.state_dir), self.key.digest, hardware.probe(), opened.provider)
+        with self._lane(every=True):
+            return judge_batching(opened.session, name, example[:1], size, path)
+
+    @property
+    def _judging(self) -> bool:
+        return self.batching.mode == "auto" and self.batch_pays is None and self.stream_users >= 2
 
     def settle_memory(self, final: bool = True) -> None:
         """The session's memory: what the process grew by from before its load (weights, pool) to the end
