@@ -204,9 +204,11 @@ def worker_pipelines(count: int, seconds: float, fps: float) -> dict[str, Any]:
     sampler.start()
     for p in pipes:
         p.start()
-    time.sleep(1.0)  # the first second is each pipeline's first frames: not timed
-    settled = time.monotonic() + 20  # nor the start's switch of provider and its batching measure, where made
-    while any(t.name == "session-upgrade" for t in threading.enumerate()) and time.monotonic() < settled:
+    time.sleep(1.0)  # the first second is each pipeline's first frames: not timed; nor what comes before
+    settled = time.monotonic() + 30  # every pipeline's first result, and the start's switch of provider
+    while time.monotonic() < settled and (
+        any(p.stats()["results"] == 0 for p in pipes) or any(t.name == "session-upgrade" for t in threading.enumerate())
+    ):
         time.sleep(0.05)
     timed.set()
     first = sum(p.stats()["results"] for p in pipes)
@@ -486,7 +488,7 @@ def print_report(report: dict[str, Any], rev: str) -> None:
                 f"{row['peak_threads']:>6}{row['load_s']:>8.2f}"
             )
         print("  (RSS: the process's peak, the start included; serving: its peak in the timed window, which")
-        print("   opens once the start's switch of provider, if any, is done)")
+        print("   opens once every pipeline has a result and the start's switch of provider, if any, is done)")
         print("  (threads: the process's OS threads while serving; peak: at start, with threads half-made;")
         print("   native: those not Python threads, i.e. the")
         print("   runtime's, OpenCV's and BLAS's pools; before: 4 Python stage threads per pipeline; after: a")
