@@ -12,9 +12,10 @@ then stays.
 Where several pipelines stream into the session and `runtime.batching.mode` is `auto`, whether a batch
 pays is judged on the session that stays. A provider that keeps a batch's buffers until its session is
 freed (agent.device.build.KEEPS_BATCH_MEMORY: OpenVINO) is measured before it serves (the CPU session's
-runs wait for the measure), and where a batch does not pay it is freed and opened afresh: four PP-OCR cameras served in 1.70x one
-camera's RSS with the measured batch's buffers kept, 1.08x opened afresh (bench/bench_runtime.py). Never
-two sessions of it at once: OpenVINO's thread pool grows for both and stays grown (5 -> 7 threads).
+runs wait for the measure), and where a batch does not pay it is freed and opened afresh: four PP-OCR
+cameras served in 1.70x one camera's RSS with the measured batch's buffers kept, 1.08x opened afresh
+(bench/bench_runtime.py). Never two sessions of it at once: OpenVINO's thread pool grows for both and
+stays grown (5 -> 7 threads).
 """
 
 from __future__ import annotations

@@ -291,10 +291,7 @@ class SharedSession:
         `verdict`: the one measured on this session before it served (agent.inference.interim)."""
         if self.successor_pending:  # an interim session: the one that stays is judged (agent.inference.interim)
             return
-        if verdict is None:
-            if not self._judging:
-                return
-            verdict = self.batching_verdict(self.opened, name, example)
+        verdict = verdict or self.batching_verdict(self.opened, name, example)
         if verdict is None:
             return
         self.batch_pays = verdict.pays
