@@ -328,7 +328,7 @@ def load_profile(
     if found is not None:
         profile, expanded = found
         for key_name, template in expanded:  # masked as a validation masks them
-            redact.remember_expanded(template, key_name, dict(env))
+            redact.remember_expanded(template, key_name, env)
         if not missing_files(profile, files):
             return profile  # else a file it names is gone: the check below locates it
     try:
@@ -357,14 +357,14 @@ def _checked(
             issues
             + [Issue(name, 1, "", f"expected a mapping of profile sections (device, mqtt, pipelines, ...), got {got}")]
         )
-    expanded = expand_env(doc.data, dict(environ))
+    expanded = expand_env(doc.data, environ)
     templates: list[tuple[str, str]] = []
     for key_path in expanded.secret_paths:  # a ${VAR} named like a secret is masked in replies, events, logs
         template: Any = doc.data
         for part in key_path:
             template = template[part]
         templates.append((str(key_path[-1]) if key_path else "", template))
-        redact.remember_expanded(template, templates[-1][0], dict(environ))
+        redact.remember_expanded(template, templates[-1][0], environ)
     for key_path, var in expanded.missing:
         issues.append(
             Issue(name, doc.line_of(key_path), format_path(key_path), f"environment variable {var} is not set")

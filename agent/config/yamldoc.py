@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -192,7 +193,7 @@ class Expanded:
     secret_paths: set[KeyPath] = field(default_factory=set)
 
 
-def expand_env(data: Any, environ: dict[str, str] | None = None) -> Expanded:
+def expand_env(data: Any, environ: Mapping[str, str] | None = None) -> Expanded:
     """Replace `${VAR}` and `${VAR:-default}` in strings; remember where, so errors never echo them."""
     env = os.environ if environ is None else environ
     result = Expanded(None)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import re
 import threading
+from collections.abc import Mapping
 from typing import Any
 
 MASK = "***"
@@ -42,7 +43,7 @@ def remember(value: str) -> None:
             _remembered.add(value)
 
 
-def remember_expanded(template: str, key: str, environ: dict[str, str]) -> None:
+def remember_expanded(template: str, key: str, environ: Mapping[str, str]) -> None:
     """The values a `${VAR}` in `template` (at mapping key `key`) expands to, remembered when the
     variable or the key is named like a secret."""
     for match in ENV_REFERENCE.finditer(template):
