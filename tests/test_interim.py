@@ -5,6 +5,8 @@ onnxruntime-openvino venv, `edge-agent run` end to end."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import threading
 import time
 import weakref
@@ -22,10 +24,14 @@ from agent.inference import interim
 from agent.inference.runtime import Model, load_model
 from agent.inference.sessions import POOL
 from agent.inference.stagepool import Stage, StagePool
+from agent.transport.contract.events import ProviderSwitched
+from agent.transport.contract.wire import parse_event
 from agent.transport.events import Event
+from tests.helpers.broker import Mosquitto
 from tests.helpers.models import linear_model, save
+from tests.helpers.mqtt_client import Subscriber
 from tests.helpers.profiles import validated
-from tests.test_providers import OPENVINO_WHEEL, in_openvino_venv, this_machine
+from tests.test_providers import OPENVINO_WHEEL, REPO, in_openvino_venv, openvino_venv, this_machine
 
 OV_CPU = Candidate(OPENVINO, {"device_type": "CPU"}, True, "")
 ON_CPU = Candidate(CPU, {}, True, "")
@@ -303,9 +309,8 @@ def test_workers_above_what_the_sessions_take_leave_after_a_switch_and_the_stage
 # ---- OpenVINO, for real: `edge-agent run` in the onnxruntime-openvino venv ----------------------------
 
 
-def run_agent(tmp_path: Path, runtime: dict[str, Any]) -> tuple[list[dict[str, Any]], list[str]]:
-    """`edge-agent run` on 40 frames of the synthetic camera into the PP-OCR detector: its results, and its
-    events as the journal has them (`type=... field=...`)."""
+def agent_profile(tmp_path: Path, runtime: dict[str, Any], extra: dict[str, Any] | None = None) -> Path:
+    """A profile: 40 frames of the synthetic camera into the PP-OCR detector, `extra` sections added."""
     from agent.cloud.samples import sample_model
     from bench.bench_pipeline import OCR_PRE
 
@@ -313,6 +318,7 @@ def run_agent(tmp_path: Path, runtime: dict[str, Any]) -> tuple[list[dict[str, A
     profile.write_text(
         json.dumps(
             {
+                **(extra or {}),
                 "device": {"id": "ov", "state_dir": str(tmp_path / "state")},
                 "runtime": runtime,
                 "pipelines": [
@@ -327,7 +333,13 @@ def run_agent(tmp_path: Path, runtime: dict[str, Any]) -> tuple[list[dict[str, A
             }
         )
     )
-    out = in_openvino_venv("-m", "agent", "run", "--profile", str(profile), timeout=180)
+    return profile
+
+
+def run_agent(tmp_path: Path, runtime: dict[str, Any]) -> tuple[list[dict[str, Any]], list[str]]:
+    """`edge-agent run` on `agent_profile`: its results, and its events as the journal has them
+    (`type=... field=...`)."""
+    out = in_openvino_venv("-m", "agent", "run", "--profile", str(agent_profile(tmp_path, runtime)), timeout=180)
     assert out.returncode == 0, out.stderr[-3000:]
     results = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
     events = [line.split("event type=", 1)[1] for line in out.stderr.splitlines() if "event type=" in line]
@@ -356,6 +368,34 @@ def test_a_start_serves_on_the_cpu_provider_then_switches_to_openvino_losing_no_
     # The next start does the same from the caches (the CPU provider's optimised graph, OpenVINO's blob).
     again, _ = run_agent(tmp_path, {})
     assert providers_in_order(again) == [CPU, OPENVINO] and len(again) == 40
+
+
+@pytest.mark.slow
+def test_the_switch_reaches_the_cloud_as_the_contract_says(tmp_path: Path, broker: Mosquitto) -> None:
+    """A real agent's `provider.switched` over MQTT, read as the fleet side reads events."""
+    profile = agent_profile(tmp_path, {}, {"mqtt": {"url": broker.url}})
+    sub = Subscriber(broker.port, "edge/ov/events")
+    # With a broker the daemon serves on after its camera's last frame: stopped once the switch is out.
+    agent = subprocess.Popen(
+        [openvino_venv(), "-m", "agent", "run", "--profile", str(profile)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    try:
+        switched_out = sub.wait_for(
+            lambda: any(b'"provider.switched"' in m.payload for m in sub.on("edge/ov/events")), 120
+        )
+        events = [parse_event(bytes(m.payload)) for m in sub.on("edge/ov/events")]
+    finally:
+        agent.terminate()
+        _, stderr = agent.communicate(timeout=60)
+        sub.close()
+    assert switched_out, stderr[-3000:]
+    (switched,) = [e.body for e in events if isinstance(e.body, ProviderSwitched)]
+    assert (switched.provider, switched.previous, switched.model) == (OPENVINO, CPU, "ppocr-det"), switched
+    assert 0 < switched.seconds < 60
 
 
 @pytest.mark.slow
