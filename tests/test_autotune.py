@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import threading
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import onnxruntime as ort
@@ -12,7 +16,7 @@ import pytest
 
 from agent.config.profile import RuntimeConfig
 from agent.device import autotune
-from agent.device.autotune import Trial, measure, model_digest, synth_inputs, thread_options, tune
+from agent.device.autotune import Trial, judge_batching, measure, model_digest, synth_inputs, thread_options, tune
 from agent.device.hardware import RuntimeInfo, probe
 from agent.device.providers import CPU, CUDA, Candidate
 from agent.device.session import open_session
@@ -21,6 +25,7 @@ from tests.helpers.models import linear_model, unary_model
 
 FIXTURES = Path(__file__).parent / "fixtures" / "hardware"
 CPU_CANDIDATE = Candidate(CPU, {}, True, "test")
+T = TypeVar("T")
 
 
 @pytest.fixture
@@ -107,14 +112,43 @@ def test_tune_caches_its_choice_keyed_by_model_hardware_and_runtime(
     assert len(list((tmp_path / "autotune").iterdir())) == 2
 
 
+def in_time(work: Callable[[], T]) -> T:
+    """`work()`'s result; fails where it is still waiting after 20 s (a FIFO read as a file waits for good)."""
+    done: list[T] = []
+    thread = threading.Thread(target=lambda: done.append(work()), daemon=True)
+    thread.start()
+    thread.join(20)
+    assert done, "still waiting: a FIFO in a cache file's place held it up"
+    return done[0]
+
+
+def damage(path: Path, how: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if how == "garbage":
+        path.write_text("{not json")
+    else:
+        os.mkfifo(path)
+
+
 @pytest.mark.arm64
-def test_a_corrupt_cache_file_is_measured_again(model: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("how", ["garbage", "fifo"])
+def test_a_corrupt_cache_file_is_measured_again(model: Path, tmp_path: Path, how: str) -> None:
     hw = probe("/")
     path = autotune.cache_path(tmp_path, model_digest(model), hw)
-    path.parent.mkdir(parents=True)
-    path.write_text("{not json")
-    choice = tune(model, [CPU_CANDIDATE], tmp_path, hw, threads_options=[1], runs=2, warmup=0)
+    damage(path, how)
+    choice = in_time(lambda: tune(model, [CPU_CANDIDATE], tmp_path, hw, threads_options=[1], runs=2, warmup=0))
     assert choice is not None and not choice.cached and json.loads(path.read_text())["label"] == CPU
+
+
+@pytest.mark.arm64
+@pytest.mark.parametrize("how", ["garbage", "fifo"])
+def test_a_corrupt_batching_verdict_is_measured_again(model: Path, tmp_path: Path, how: str) -> None:
+    path = tmp_path / "autotune" / "batch.json"
+    damage(path, how)
+    session = ort.InferenceSession(str(model), providers=[CPU])
+    name = session.get_inputs()[0].name
+    verdict = in_time(lambda: judge_batching(session, name, np.ones((1, 8), np.float32), 2, path))
+    assert not verdict.cached and json.loads(path.read_text())["size"] == 2
 
 
 @pytest.mark.arm64

@@ -28,6 +28,7 @@ from agent.device.hardware import Probe
 from agent.device.providers import CPU, OPENVINO, Candidate, core_budget
 from agent.transport.events import Event, EventSink, log_event
 from agent.util.digests import file_sha256
+from agent.util.files import read_small
 from agent.util.hashing import sha256_bytes
 from agent.util.timefmt import utc_iso
 
@@ -47,6 +48,7 @@ ONNX_DTYPES = {
 # A symbolic dimension other than the batch gets this size: a multiple of 32, which strided CNNs need.
 DEFAULT_DIM = 224
 CACHE_VERSION = 1
+MAX_RECORD_BYTES = 64 * 1024  # a cached choice or verdict, with its trials, is a few KiB
 
 Progress = Callable[[int, int, str], None]
 
@@ -282,7 +284,7 @@ def tune(
 
 def _read_cache(path: Path) -> Choice | None:
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(read_small(path, MAX_RECORD_BYTES))  # a regular file, bounded
         if data.get("version") != CACHE_VERSION:
             return None
         return Choice(
@@ -354,7 +356,7 @@ def judge_batching(
     cached at `path`. The batch runs give their arena growth back, so that a batch that does not
     pay leaves no memory behind."""
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(read_small(path, MAX_RECORD_BYTES))
         if data.get("version") == CACHE_VERSION and int(data["size"]) == size:
             return BatchVerdict(size, float(data["single_ms"]), float(data["batch_ms"]), bool(data["pays"]), True)
     except (OSError, ValueError, KeyError, TypeError):
