@@ -8,10 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 
 from agent.config.profile import RuntimeConfig
-from agent.device.hardware import CpuBudget, RuntimeInfo, cpu_budget, probe
+from agent.device.hardware import CpuBudget, RuntimeInfo, cpu_budget, physical_cores, probe
 from agent.device.providers import core_budget, run_threads, thread_count
 from agent.device.sysroot import SysRoot
 
@@ -87,6 +88,18 @@ def test_thread_counts_and_autotune_options_follow_the_budget_not_the_cores(tmp_
     assert core_budget(found) == thread_count(RuntimeConfig(), found) == 2
     assert thread_count(RuntimeConfig(threads=6), found) == 6  # the profile's number is the operator's call
     assert core_budget(probe(FIXTURES / "x86-rtx3060", runtime=CPU_WHEEL)) == 12
+
+
+@pytest.mark.parametrize("board", sorted(p.name for p in FIXTURES.iterdir() if p.is_dir()))
+def test_a_start_counts_the_cores_the_probe_counts(board: str) -> None:
+    """A start sizes its first session before it probes (`core_budget()`): the same cores as the probe's."""
+    assert physical_cores(SysRoot(FIXTURES / board)) == probe(FIXTURES / board, runtime=CPU_WHEEL).cpu.physical_cores
+
+
+def test_cores_come_from_cpuinfo_where_sysfs_has_no_topology_and_match_psutil_here(tmp_path: Path) -> None:
+    ht = "".join(f"processor\t: {n}\nphysical id\t: 0\ncore id\t: {n // 2}\n\n" for n in range(16))
+    assert physical_cores(tree(tmp_path, {"proc/cpuinfo": ht})) == 8  # 16 hyperthreads on 8 cores
+    assert physical_cores() == psutil.cpu_count(logical=False)  # the library it replaced, on this machine
 
 
 @pytest.mark.parametrize(

@@ -448,17 +448,14 @@ def test_a_model_too_large_for_the_memory_available_now_keeps_its_input(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The rewrite holds the model twice and the session takes as much again: a small device keeps its memory."""
-    import psutil
-
     from agent.device import graphprep
 
     path = save(image_model(), tmp_path / "m.onnx")
     size = path.stat().st_size
     plan = StreamPlan(size=(32, 24), batch_one=True)
     assert rewrite(path, plan).model == rewrite(path.read_bytes(), plan).model  # a file or its bytes alike
-    memory = psutil.virtual_memory()
-    monkeypatch.setattr(graphprep.psutil, "virtual_memory", lambda: memory._replace(available=3 * size))
+    monkeypatch.setattr(graphprep.hardware, "available_memory", lambda: 3 * size)
     with pytest.raises(NotRewritableError, match="MiB of memory is available: the rewrite needs four times"):
         rewrite(path, plan)
-    monkeypatch.setattr(graphprep.psutil, "virtual_memory", lambda: memory._replace(available=4 * size))
+    monkeypatch.setattr(graphprep.hardware, "available_memory", lambda: 4 * size)
     assert rewrite(path, plan).changes == "input x fixed to [1, 3, 24, 32]"

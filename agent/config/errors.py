@@ -5,7 +5,6 @@ What a located problem is and how it prints; `agent.config.validate` maps pydant
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -44,6 +43,8 @@ PATTERN_WORDS: dict[str, str] = {}
 
 
 def did_you_mean(word: str, candidates: Iterable[str]) -> str:
+    import difflib  # here: only a mistake needs it, and every start imports this module before its first result
+
     matches = difflib.get_close_matches(str(word), list(candidates), n=1, cutoff=0.6)
     return f" (did you mean {matches[0]!r}?)" if matches else ""
 

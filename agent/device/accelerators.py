@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import re
 import shutil
-import subprocess
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -167,6 +166,8 @@ def _nvidia_smi(fs: SysRoot) -> dict[str, int]:
         exe = shutil.which("nvidia-smi")
         if exe is None:
             return {}
+        import subprocess  # here: a start probes on its way to the first result, and only NVIDIA hosts run it
+
         try:
             text = subprocess.run(
                 [exe, "--query-gpu=name,memory.total", "--format=csv,noheader,nounits"],

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import statistics
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -70,7 +69,7 @@ class Trial:
 
     @property
     def p50_ms(self) -> float:
-        return statistics.median(self.latencies_ms) if self.latencies_ms else float("nan")
+        return float(np.median(self.latencies_ms)) if self.latencies_ms else float("nan")
 
     @property
     def p95_ms(self) -> float:
@@ -82,7 +81,7 @@ class Trial:
     @property
     def throughput(self) -> float:
         """Inferences per second, one at a time (what a camera loop gets)."""
-        mean = statistics.fmean(self.latencies_ms) if self.latencies_ms else 0.0
+        mean = float(np.mean(self.latencies_ms)) if self.latencies_ms else 0.0
         return 1000.0 / mean if mean else 0.0
 
     def summary(self) -> dict[str, Any]:
@@ -376,6 +375,6 @@ def judge_batching(
         session.run(None, {name: batch}, shrink)
         batches.append((time.perf_counter() - start) * 1000 / size)
     pays = all(b < BATCH_GAIN * one for one, b in zip(singles, batches, strict=True))
-    verdict = BatchVerdict(size, statistics.median(singles), statistics.median(batches), pays)
+    verdict = BatchVerdict(size, float(np.median(singles)), float(np.median(batches)), pays)
     _write_json(path, {"version": CACHE_VERSION, "measured_at": utc_iso(time.time()), **asdict(verdict)})
     return verdict

@@ -27,8 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
 
-import psutil
-
+from agent.device import hardware
 from agent.device.compat import AI_ONNX, ModelFormatError, read_header
 from agent.device.onnxproto import FLOAT, Buffer, decode_varint, encode_varint, field, node, spans, tensor
 from agent.device.onnxproto import attribute as attr
@@ -139,8 +138,8 @@ def _check_size(size: int) -> None:
     must not run out of memory for a faster input)."""
     if size > MAX_BYTES:
         raise NotRewritableError(f"the model is over {MAX_BYTES >> 20} MiB")
-    available = psutil.virtual_memory().available
-    if 4 * size > available:
+    available = hardware.available_memory()
+    if available is not None and 4 * size > available:
         raise NotRewritableError(
             f"the model is {size >> 20} MiB and {available >> 20} MiB of memory is available: the rewrite "
             "needs four times the model's size"

@@ -14,6 +14,7 @@ import os
 import platform
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -297,7 +298,7 @@ def _arch(fs: SysRoot, blocks: list[dict[str, str]]) -> str:
 def _cpu(fs: SysRoot) -> Cpu:
     blocks = _cpuinfo(fs)
     arch = _arch(fs, blocks)
-    procs = [b for b in blocks if "processor" in b] or blocks
+    procs = _processors(blocks)
     first = procs[0] if procs else {}
     if "flags" in first:
         vendor = {"GenuineIntel": "Intel", "AuthenticAMD": "AMD"}.get(
@@ -315,7 +316,7 @@ def _cpu(fs: SysRoot) -> Cpu:
         have = set(first.get("Features", "").split())
         flags = tuple(f for f in ARM_FLAGS if f in have or (f == "neon" and "asimd" in have))
     logical = _online_cpus(fs) or len(procs) or 1
-    physical = _physical_cores(fs, logical, procs)
+    physical = _physical_cores(fs, logical, lambda: procs)
     return Cpu(
         arch=arch,
         vendor=vendor,
@@ -342,8 +343,27 @@ def _online_cpus(fs: SysRoot) -> int:
     return len(_cpu_range(fs.line("/sys/devices/system/cpu/online")))
 
 
-def _physical_cores(fs: SysRoot, logical: int, procs: list[dict[str, str]]) -> int:
+def physical_cores(fs: SysRoot | None = None) -> int:
+    """The online CPUs' cores, hyperthreads counted once, as the probe counts them; what a start sizes its
+    threads by before it probes (psutil's count would put psutil's import, 13 ms, on the way to the first
+    result)."""
+    fs = fs if fs is not None else SysRoot("/")
+    return _physical_cores(fs, _online_cpus(fs) or os.cpu_count() or 1, lambda: _processors(_cpuinfo(fs)))
+
+
+def available_memory(fs: SysRoot | None = None) -> int | None:
+    """Bytes of memory available now (the kernel's MemAvailable), or None where /proc/meminfo is missing."""
+    memory = _memory(fs if fs is not None else SysRoot("/"))
+    return memory.available_bytes if memory is not None else None
+
+
+def _processors(blocks: list[dict[str, str]]) -> list[dict[str, str]]:
+    return [b for b in blocks if "processor" in b] or blocks
+
+
+def _physical_cores(fs: SysRoot, logical: int, procs: Callable[[], list[dict[str, str]]]) -> int:
     # Hyperthreads share a core; sizing threads to logical CPUs makes them fight over one core's units.
+    # /proc/cpuinfo (`procs`) is read only where sysfs has no topology.
     cores = set()
     for cpu in _cpu_range(fs.line("/sys/devices/system/cpu/online")):
         base = f"/sys/devices/system/cpu/cpu{cpu}/topology"
@@ -352,7 +372,7 @@ def _physical_cores(fs: SysRoot, logical: int, procs: list[dict[str, str]]) -> i
             cores.add((fs.line(f"{base}/physical_package_id") or "0", fs.line(f"{base}/cluster_id") or "", core))
     if cores:
         return len(cores)
-    pairs = {(b.get("physical id"), b.get("core id")) for b in procs if "core id" in b}
+    pairs = {(b.get("physical id"), b.get("core id")) for b in procs() if "core id" in b}
     return len(pairs) or logical
 
 

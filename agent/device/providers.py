@@ -12,12 +12,10 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-import psutil
-
 from agent.config.errors import did_you_mean
 from agent.config.runtime import KNOWN_PROVIDERS, PROVIDER_ALIASES, ProviderChoice, RuntimeConfig
 from agent.device.accelerators import Accelerator
-from agent.device.hardware import Probe, cpu_budget
+from agent.device.hardware import Probe, cpu_budget, physical_cores
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
@@ -105,7 +103,7 @@ def core_budget(probe: Probe | None = None) -> int:
     """The device's one thread budget: physical cores (hyperthreads share one core's vector units), and
     never more than the CPUs this process may use (affinity, cgroup quota: see `hardware.cpu_budget`)."""
     budget = probe.budget if probe is not None and probe.budget is not None else cpu_budget()
-    cores = probe.cpu.physical_cores if probe is not None else psutil.cpu_count(logical=False) or budget.usable
+    cores = probe.cpu.physical_cores if probe is not None else physical_cores()
     return max(1, min(cores, budget.usable))
 
 

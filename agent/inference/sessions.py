@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
-import psutil
 
 from agent.config.base import plain
 from agent.config.runtime import BatchingConfig, Optimization, RuntimeConfig
@@ -43,6 +42,7 @@ from agent.device.providers import Candidate, core_budget
 from agent.device.session import OpenedSession, open_session
 from agent.inference.interim import upgrade_when_served
 from agent.transport.events import EventSink, log_event
+from agent.util.rss import rss_bytes
 
 if TYPE_CHECKING:
     from agent.inference.processing.post.base import OutputValue
@@ -319,7 +319,7 @@ class SharedSession:
         apportion it evenly."""
         if self._settled:
             return
-        before, now = self._rss_before, _rss()
+        before, now = self._rss_before, rss_bytes()
         if before is not None and now is not None:
             self.rss_bytes = max(0, now - before)
         self._settled = final
@@ -423,7 +423,7 @@ class SessionPool:
                 if shared is not None:
                     shared.users += 1
                     return shared
-            before = _rss()
+            before = rss_bytes()
             try:
                 opened = open_session(
                     source,
@@ -485,13 +485,6 @@ def _lanes(opened: OpenedSession) -> int:
     cores: two at once only wait on each other's threads, and hold two sets of activations)."""
     parallel = cpu_bound(Candidate(opened.provider, opened.options, True, "")) and opened.provider not in OWN_THREADS
     return core_budget() if parallel else 1
-
-
-def _rss() -> int | None:
-    try:
-        return int(psutil.Process().memory_info().rss)
-    except (psutil.Error, OSError):
-        return None
 
 
 POOL = SessionPool()  # the process's pool: every pipeline of a daemon shares through it

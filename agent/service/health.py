@@ -29,6 +29,7 @@ from typing import Any
 
 import psutil
 
+from agent.util.rss import rss_bytes
 from agent.util.timefmt import utc_iso
 from agent.util.worker import Worker
 
@@ -146,10 +147,9 @@ class HealthReporter:
         report["agent"] = {"uptime_s": round(self._monotonic() - self._started_at, 1)}
         if self.agent_version:
             report["agent"]["version"] = self.agent_version
-        try:  # the whole process; each pipeline's share of its model's session is in `pipelines`
-            report["agent"]["rss_mb"] = round(psutil.Process().memory_info().rss / 2**20, 1)
-        except (psutil.Error, OSError):
-            pass
+        rss = rss_bytes()  # the whole process; each pipeline's share of its model's session is in `pipelines`
+        if rss is not None:
+            report["agent"]["rss_mb"] = round(rss / 2**20, 1)
         try:
             report["system"] = self._system()
         except Exception as exc:  # noqa: BLE001 (health must report, even about itself)

@@ -11,7 +11,6 @@ MiB. Frames below the threshold (640x480 BGR is 0.9 MiB) stay on the heap, where
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import logging
 from typing import Any
 
@@ -23,12 +22,10 @@ LARGE_BLOCK = 1 << 20
 
 def _libc_function(name: str) -> Any:
     """A function of glibc's malloc (a ctypes function), or None where the C library is not glibc (musl,
-    macOS)."""
-    library = ctypes.util.find_library("c")
-    if library is None:
-        return None
+    macOS). Looked up among the symbols the process has loaded (the interpreter links the C library):
+    `ctypes.util.find_library` would run `ldconfig -p` in a child process at every start and every trim."""
     try:
-        return getattr(ctypes.CDLL(library), name)
+        return getattr(ctypes.CDLL(None), name)
     except (OSError, AttributeError):
         return None
 
