@@ -20,7 +20,7 @@ from agent.config.profile import RuntimeConfig
 from agent.device import autotune
 from agent.device.providers import CPU, OPENVINO, Candidate
 from agent.device.session import OpenedSession, _opens_slowly_on_cpu, open_session
-from agent.inference import interim
+from agent.inference import interim, sessions
 from agent.inference.runtime import Model, load_model
 from agent.inference.sessions import POOL
 from agent.inference.stagepool import Stage, StagePool
@@ -155,7 +155,7 @@ def test_the_successor_opens_after_the_first_run_warms_up_on_its_input_then_serv
     model = load_model(model_file(tmp_path, 1.0, "m.onnx"), RuntimeConfig(threads=1), tmp_path, warmup_runs=0)
     successor = cpu_session(model_file(tmp_path, 2.0, "n.onnx"), tmp_path, threads=2)
     thread_count = threading.active_count()
-    interim.upgrade_when_served(POOL, model.shared, fake_upgrade(successor, calls), events.append, "m")
+    interim.upgrade_when_served(POOL, model.shared, fake_upgrade(successor, calls), None, events.append, "m")
     time.sleep(0.3)
     assert calls == [] and threading.active_count() == thread_count + 1  # waiting for the first run
     assert served(model) == [3.0]
@@ -183,7 +183,7 @@ def test_batching_is_judged_on_the_session_that_stays_never_on_the_interim_one(t
     assert all(m.batchable and m.shared is shared for m in models)
     successor = cpu_session(path, tmp_path, threads=2)
     events: list[Event] = []
-    interim.upgrade_when_served(POOL, shared, fake_upgrade(successor, []), events.append, "m")
+    interim.upgrade_when_served(POOL, shared, fake_upgrade(successor, []), None, events.append, "m")
     for m in models:
         assert served(m) == [3.0]
     deadline = time.monotonic() + 60  # emulated aarch64 is slow; the judge comes after the switch
@@ -211,29 +211,49 @@ def fresh_sessions(path: Path, tmp_path: Path, opened: list[weakref.ref[Any]], a
 
 @pytest.mark.arm64
 @pytest.mark.parametrize("pays", [False, True])
-def test_a_successor_left_holding_a_batch_it_will_not_run_is_opened_afresh_before_it_serves(
+def test_a_session_left_holding_a_batch_it_will_not_run_is_opened_afresh_by_way_of_the_cpu_provider(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, pays: bool
 ) -> None:
     """Where a provider keeps a batch's buffers (OpenVINO; the CPU provider stands in here), whether a batch
-    pays is measured on the successor before it serves; one that measured a batch it will not run is freed
-    and the provider opens afresh, never two of its sessions at once. The verdict stays; a later start
-    reads it, and opens the provider once."""
+    pays is measured once its session serves and the interim CPU session is gone (the two sessions and the
+    batch never held at once). One that measured a batch it will not run hands over to the CPU provider's
+    session opened again, is freed, and the provider opens afresh: never two of its sessions at once, never
+    none serving. The verdict stays; a later start reads it, and opens the provider once."""
     monkeypatch.setattr(interim, "KEEPS_BATCH_MEMORY", frozenset({CPU}))
     monkeypatch.setattr(autotune, "BATCH_GAIN", 1e9 if pays else 0.0)
+    interim_session: list[weakref.ref[Any]] = []
+    measured_beside_it: list[bool] = []
+    real_judge = sessions.judge_batching
+
+    def judge(session: Any, *args: Any) -> Any:
+        measured_beside_it.append(interim_session[-1]() is not None)
+        return real_judge(session, *args)
+
+    monkeypatch.setattr(sessions, "judge_batching", judge)
     path = model_file(tmp_path, 1.0, "m.onnx")
     for start in ("first", "later"):
         models = [load_model(path, RuntimeConfig(threads=1), tmp_path, warmup_runs=0) for _ in range(2)]
         shared = models[0].shared
+        interim_session.append(weakref.ref(shared.session))
         opened: list[weakref.ref[Any]] = []
         alive: list[int] = []
-        interim.upgrade_when_served(POOL, shared, fresh_sessions(path, tmp_path, opened, alive), lambda e: None, "m")
+        again: list[int] = []
+
+        def reopen() -> OpenedSession:
+            again.append(sum(ref() is not None for ref in opened))  # noqa: B023 (called before the loop goes on)
+            return cpu_session(path, tmp_path, threads=1)
+
+        upgrade = fresh_sessions(path, tmp_path, opened, alive)
+        interim.upgrade_when_served(POOL, shared, upgrade, reopen, lambda e: None, "m")
         for m in models:
             assert served(m) == [3.0]
         (thread,) = [t for t in threading.enumerate() if t.name == "session-upgrade"]
         thread.join(60)  # emulated aarch64 is slow
         renewed = start == "first" and not pays
         assert alive == ([0, 0] if renewed else [0]), alive  # the measured one was gone before the next opened
+        assert again == ([1] if renewed else []), again  # the CPU provider's opened beside the measured one
         assert shared.session is opened[-1]() and (opened[0]() is None) == renewed
+        assert measured_beside_it == [False] * (1 if start == "first" else 2), measured_beside_it
         figures = shared.figures().batching
         assert shared.batch_pays is pays and ("(measured)" if start == "first" else "(cached)") in figures, figures
         assert [served(m) for m in models] == [[3.0], [3.0]]
@@ -245,7 +265,7 @@ def test_a_successor_left_holding_a_batch_it_will_not_run_is_opened_afresh_befor
 def test_a_session_let_go_before_its_first_run_never_opens_its_successor(tmp_path: Path) -> None:
     calls: list[int] = []
     model = load_model(model_file(tmp_path, 1.0, "m.onnx"), RuntimeConfig(threads=1), tmp_path, warmup_runs=0)
-    interim.upgrade_when_served(POOL, model.shared, fake_upgrade(None, calls), lambda e: None, "m")
+    interim.upgrade_when_served(POOL, model.shared, fake_upgrade(None, calls), None, lambda e: None, "m")
     (thread,) = [t for t in threading.enumerate() if t.name == "session-upgrade"]
     model.close()
     thread.join(1.0)  # well before FIRST_RUN_WAIT_S: the release woke it
@@ -258,7 +278,7 @@ def test_a_successor_that_fails_the_first_input_is_a_fallback_and_the_cpu_sessio
     model = load_model(model_file(tmp_path, 1.0, "m.onnx"), RuntimeConfig(threads=1), tmp_path, warmup_runs=0)
     wrong = save(linear_model(np.ones((5, 1), np.float32)), tmp_path / "wrong.onnx")  # takes 5 values, not 3
     interim.upgrade_when_served(
-        POOL, model.shared, fake_upgrade(cpu_session(wrong, tmp_path, 1), []), events.append, "m"
+        POOL, model.shared, fake_upgrade(cpu_session(wrong, tmp_path, 1), []), None, events.append, "m"
     )
     first = model.session
     assert served(model) == [3.0]

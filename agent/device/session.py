@@ -54,6 +54,8 @@ class OpenedSession:
     cache: str = "off"  # the optimised model: "hit" (loaded from the cache), "written", or "off"
     # An interim CPU session's way to the provider chosen: opens it (falling back as the chain does), or None.
     upgrade: Callable[[], OpenedSession | None] | None = None
+    # ... and its way back: the CPU provider's session opened again (from its optimised-graph cache), or None.
+    again: Callable[[], OpenedSession | None] | None = None
 
 
 def open_session(
@@ -158,6 +160,7 @@ def open_session(
             better = [c for c in chain if c.provider != CPU]
             opened.notes.append(f"the CPU provider serves while {better[0].label} opens")
             opened.upgrade = functools.partial(chains.upgrade, better, first[0].label)
+            opened.again = functools.partial(chains.upgrade, first, None)
             return opened
     return chains.open(chain)
 
@@ -219,11 +222,12 @@ class _Chains:
             )
         raise ProviderError(f"no execution provider could open the model ({tried})")
 
-    def upgrade(self, better: list[Candidate], interim: str) -> OpenedSession | None:
-        """The session on the better providers an interim CPU session serves in place of, or None when none
-        opens (each failure is a fallback to the CPU provider, which then stays)."""
+    def upgrade(self, chain: list[Candidate], interim: str | None) -> OpenedSession | None:
+        """A session on `chain`, opened after the start: the better providers an interim CPU session serves in
+        place of (each failure a fallback to `interim`, the CPU provider, which then stays), or the interim
+        session's own provider again (`interim` None: quietly); None when none opens."""
         try:
-            return self.open(better, tail=interim)
+            return self.open(chain, tail=interim, quiet=interim is None)
         except ProviderError:
             return None
 

@@ -10,12 +10,14 @@ A provider that fails to open, or to run that input, is a `provider.fallback` to
 then stays.
 
 Where several pipelines stream into the session and `runtime.batching.mode` is `auto`, whether a batch
-pays is judged on the session that stays. A provider that keeps a batch's buffers until its session is
-freed (agent.device.build.KEEPS_BATCH_MEMORY: OpenVINO) is measured before it serves (the CPU session's
-runs wait for the measure), and where a batch does not pay it is freed and opened afresh: four PP-OCR
-cameras served in 1.70x one camera's RSS with the measured batch's buffers kept, 1.08x opened afresh
-(bench/bench_runtime.py). Never two sessions of it at once: OpenVINO's thread pool grows for both and
-stays grown (5 -> 7 threads).
+pays is judged on the session that stays, once it serves (its runs wait for the measure). A provider that
+keeps a batch's buffers until its session is freed (agent.device.build.KEEPS_BATCH_MEMORY: OpenVINO) is,
+where a batch does not pay, opened afresh: four PP-OCR cameras served in 1.70x one camera's RSS with the
+measured batch's buffers kept, 1.08x opened afresh (bench/bench_runtime.py). Never two sessions of it at
+once (OpenVINO's thread pool grows for both and stays grown: 5 -> 7 threads), and never a moment without
+one: the CPU provider's session serves between the two, opened again from its optimised-graph cache (0.05
+s; its weights alone until it runs). The batch is measured once the successor serves: measured before the
+switch, its buffers came on top of both sessions (a first start's peak of 546 MiB against 390).
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ from agent.transport.events import Event, EventSink
 from agent.util.malloc import give_back_freed
 
 if TYPE_CHECKING:
-    from agent.device.autotune import BatchVerdict
+    import numpy as np
+
     from agent.inference.sessions import SessionPool, SharedSession
 
 log = logging.getLogger(__name__)
@@ -46,34 +49,52 @@ RUN_END_WAIT_S = 2.0  # for a run under way on the interim session to end, befor
 
 
 def upgrade_when_served(
-    pool: SessionPool, shared: SharedSession, upgrade: Callable[[], OpenedSession | None], emit: EventSink, label: str
+    pool: SessionPool,
+    shared: SharedSession,
+    upgrade: Callable[[], OpenedSession | None],
+    again: Callable[[], OpenedSession | None] | None,
+    emit: EventSink,
+    label: str,
 ) -> None:
-    """Open the provider chosen for `shared` once it has served its first run, and switch to it. On a
-    thread that is not a daemon one: a process that exits waits for an open under way (the runtime's
-    libraries unload at exit), and a release cuts the wait for the first run short."""
+    """Open the provider chosen for `shared` once it has served its first run, and switch to it (`again`: the
+    interim CPU session opened anew, the way to renew it; see the module). On a thread that is not a daemon
+    one: a process that exits waits for an open under way (the runtime's libraries unload at exit), and a
+    release cuts the wait for the first run short."""
     shared.successor_pending = True
-    threading.Thread(target=_upgrade, args=(pool, shared, upgrade, emit, label), name="session-upgrade").start()
+    args = (pool, shared, upgrade, again, emit, label)
+    threading.Thread(target=_upgrade, args=args, name="session-upgrade").start()
 
 
 def _upgrade(
-    pool: SessionPool, shared: SharedSession, upgrade: Callable[[], OpenedSession | None], emit: EventSink, label: str
+    pool: SessionPool,
+    shared: SharedSession,
+    upgrade: Callable[[], OpenedSession | None],
+    again: Callable[[], OpenedSession | None] | None,
+    emit: EventSink,
+    label: str,
 ) -> None:
-    verdict = None
     try:
         shared.wake.wait(FIRST_RUN_WAIT_S)
         if pool.holds(shared):
-            verdict = _switch(pool, shared, upgrade, emit, label)
+            _switch(pool, shared, upgrade, emit, label)
     except Exception as exc:  # a bug here must not end the process: the CPU session serves on
         log.warning("model %s stays on the CPU provider: %s", label, exc, exc_info=log.isEnabledFor(logging.DEBUG))
     finally:
         first, shared.first = shared.first, None  # held for this alone
         shared.successor_pending = False
     if first is not None and pool.holds(shared):
-        # With `auto` batching, whether a batch pays is the staying session's to say (measured on the
-        # successor before it served, or now): the interim one skipped it (a batch measured on a session
-        # about to go would only hold up the first frames).
+        # With `auto` batching, whether a batch pays is the staying session's to say: the interim one skipped
+        # it (a batch measured on a session about to go would only hold up the first frames).
         name, feeds = first
         try:
+            verdict = shared.batching_verdict(name, feeds[name])
+            if (
+                verdict is not None
+                and not verdict.pays
+                and not verdict.cached
+                and shared.provider in KEEPS_BATCH_MEMORY
+            ):
+                _renew(pool, shared, upgrade, again, feeds, emit, label)
             shared.judge(name, feeds[name], verdict)
         except Exception as exc:  # noqa: BLE001 (ORT's errors derive from Exception: batching stays off)
             log.warning("model %s: batching not judged: %s", label, str(exc).strip()[:300])
@@ -81,17 +102,14 @@ def _upgrade(
 
 def _switch(
     pool: SessionPool, shared: SharedSession, upgrade: Callable[[], OpenedSession | None], emit: EventSink, label: str
-) -> BatchVerdict | None:
-    """Open the successor and switch to it, or leave the CPU session serving (the fallbacks emitted); the
-    batching verdict measured on the successor, if it was."""
+) -> None:
+    """Open the successor and switch to it, or leave the CPU session serving (the fallbacks emitted)."""
     started = time.perf_counter()
-    opened, verdict = _opened(shared, upgrade, emit, label)
-    replaced = pool.switch(shared, opened) if opened is not None else None
-    if opened is None or replaced is None:  # it stays on the CPU provider, or nobody holds it any more
-        return None
+    opened = _opened(upgrade, shared.first[1] if shared.first is not None else None, emit, label)
+    previous = _swap(pool, shared, opened) if opened is not None else None
+    if opened is None or previous is None:  # it stays on the CPU provider, or nobody holds it any more
+        return
     seconds = round(time.perf_counter() - started, 3)
-    previous, gone = replaced.provider, weakref.ref(replaced.session)
-    del replaced  # the interim session goes with the run under way on it, if any
     log.info(
         "provider switched model=%s provider=%s previous=%s seconds=%.3f", label, opened.provider, previous, seconds
     )
@@ -100,45 +118,63 @@ def _switch(
             "provider.switched", {"model": label, "provider": opened.provider, "previous": previous, "seconds": seconds}
         )
     )
-    _given_back(gone)
-    shared.settle_memory()
-    return verdict
+
+
+def _renew(
+    pool: SessionPool,
+    shared: SharedSession,
+    upgrade: Callable[[], OpenedSession | None],
+    again: Callable[[], OpenedSession | None] | None,
+    feeds: dict[str, np.ndarray],
+    emit: EventSink,
+    label: str,
+) -> None:
+    """`shared`'s session, which holds the buffers of a batch it measured, opened afresh by way of the CPU
+    provider's session (see the module); where either does not open, the session serving goes on."""
+    interim = again() if again is not None else None
+    provider = shared.provider
+    if interim is None or _swap(pool, shared, interim) is None:
+        log.info("model %s: %s keeps the buffers of the batch it measured", label, provider)
+        return
+    del interim  # serving now: `shared` holds it, and it goes when the fresh session replaces it
+    log.info("model %s: %s opens afresh, without the buffers of the batch it measured", label, provider)
+    opened = _opened(upgrade, feeds, emit, label)
+    if opened is not None:
+        _swap(pool, shared, opened)
 
 
 def _opened(
-    shared: SharedSession, upgrade: Callable[[], OpenedSession | None], emit: EventSink, label: str
-) -> tuple[OpenedSession | None, BatchVerdict | None]:
-    """The successor, opened and run once on the first run's feeds, and whether a batch pays on it where
-    that was measured before it serves; None (the fallbacks emitted) when it does not open or fails that run."""
+    upgrade: Callable[[], OpenedSession | None], feeds: dict[str, np.ndarray] | None, emit: EventSink, label: str
+) -> OpenedSession | None:
+    """The successor, opened and run once on the first run's `feeds`; None (the fallbacks emitted) when it
+    does not open or fails that run (no frame came: its first frame pays the first run)."""
     opened = upgrade()  # each provider that fails is a provider.fallback to the CPU provider
     if opened is None:
         log.info("model %s stays on the CPU provider: the provider chosen did not open", label)
-        return None, None
-    if shared.first is None:  # no frame came: its first frame pays the first run
-        return opened, None
-    verdict = None
-    if opened.provider in KEEPS_BATCH_MEMORY:
-        name = shared.first[0]
-        try:
-            verdict = shared.batching_verdict(opened, name, shared.first[1][name])
-        except Exception as exc:  # noqa: BLE001 (ORT's errors derive from Exception: judged once it serves)
-            log.warning("model %s: batching not judged before the switch: %s", label, str(exc).strip()[:300])
-        if verdict is not None and not verdict.pays and not verdict.cached:
-            provider, gone = opened.provider, weakref.ref(opened.session)
-            del opened  # with the measured batch's buffers; then a session of the provider opens afresh
-            _given_back(gone)
-            log.info("model %s: %s opens afresh, without the buffers of the batch it measured", label, provider)
-            opened = upgrade()
-            if opened is None:
-                return None, None
+        return None
+    if feeds is None:
+        return opened
     try:
-        opened.session.run(None, shared.first[1])
+        opened.session.run(None, feeds)
     except Exception as exc:  # noqa: BLE001 (ORT's errors derive from Exception: the CPU session stays)
         reason = f"its first run failed: {str(exc).strip()[:300]}"
         log.warning("provider %s not used: %s", opened.provider, reason)
         emit(Event("provider.fallback", {"provider": opened.provider, "reason": reason, "next": CPU}))
-        return None, None
-    return opened, verdict
+        return None
+    return opened
+
+
+def _swap(pool: SessionPool, shared: SharedSession, opened: OpenedSession) -> str | None:
+    """`shared` serves from `opened`, and the memory of the session it switched from goes back; that
+    session's provider, or None when nobody holds `shared` any more."""
+    replaced = pool.switch(shared, opened)
+    if replaced is None:
+        return None
+    previous, gone = replaced.provider, weakref.ref(replaced.session)
+    del replaced  # it goes with the run under way on it, if any
+    _given_back(gone)
+    shared.settle_memory()
+    return previous
 
 
 def _given_back(gone: weakref.ref[object]) -> None:

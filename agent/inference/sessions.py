@@ -288,26 +288,26 @@ class SharedSession:
     def judge(self, name: str, example: np.ndarray, verdict: BatchVerdict | None = None) -> None:
         """With `auto`, measure once (per model and device, cached) whether a batch of the stream users'
         frames runs cheaper per frame than single runs; only once two pipelines stream into this session.
-        `verdict`: the one measured on this session before it served (agent.inference.interim)."""
+        `verdict`: the one measured already (agent.inference.interim)."""
         if self.successor_pending:  # an interim session: the one that stays is judged (agent.inference.interim)
             return
-        verdict = verdict or self.batching_verdict(self.opened, name, example)
+        verdict = verdict or self.batching_verdict(name, example)
         if verdict is None:
             return
         self.batch_pays = verdict.pays
         self._verdict = verdict.describe()
         log.info("batching %s provider=%s %s", "on" if verdict.pays else "off", self.provider, self._verdict)
 
-    def batching_verdict(self, opened: OpenedSession, name: str, example: np.ndarray) -> BatchVerdict | None:
-        """Whether a batch of the stream users' frames pays on `opened` (this session's, or its successor's
-        before it serves), measured or cached; None where `auto` has nothing to judge. The measure holds
-        every lane of this session: runs beside it would time the cores' sharing, not the batch."""
+    def batching_verdict(self, name: str, example: np.ndarray) -> BatchVerdict | None:
+        """Whether a batch of the stream users' frames pays on this session, measured or cached; None where
+        `auto` has nothing to judge. The measure holds every lane: runs beside it would time the cores'
+        sharing, not the batch."""
         if not self._judging:
             return None
         size = min(self.stream_users, self.batching.max_size)
-        path = batch_cache_path(Path(self.key.state_dir), self.key.digest, hardware.probe(), opened.provider)
         with self._lane(every=True):
-            return judge_batching(opened.session, name, example[:1], size, path)
+            path = batch_cache_path(Path(self.key.state_dir), self.key.digest, hardware.probe(), self.provider)
+            return judge_batching(self.session, name, example[:1], size, path)
 
     @property
     def _judging(self) -> bool:
@@ -443,7 +443,7 @@ class SessionPool:
                 self._sessions[key] = shared
                 shared.users += 1
             if opened.upgrade is not None:
-                upgrade_when_served(self, shared, opened.upgrade, emit, label)
+                upgrade_when_served(self, shared, opened.upgrade, opened.again, emit, label)
             return shared
 
     def release(self, shared: SharedSession) -> None:
