@@ -60,6 +60,39 @@ def test_results_go_to_stdout_as_json_lines_and_seq_survives_a_restart(tmp_path:
     assert model.exists()
 
 
+def test_a_kill_9_mid_stream_never_hands_out_a_seq_twice(tmp_path: Path) -> None:
+    """seq is stored in place before its result is printed (through a memory mapping of the seq file): a
+    process killed mid-stream leaves the last seq printed, or the one after it, and a restart goes on from
+    there."""
+    save(linear_model(np.ones((2, 1))), tmp_path / "sum.onnx")
+    csv = tmp_path / "s.csv"
+    csv.write_text("a,b\n" + "1,1\n" * 200_000)  # far more than come out before the kill
+    prof = profile(tmp_path, [{"name": "sums", "model": "sum.onnx", "source": {"type": "csv", "path": "s.csv"}}])
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "agent", "run", "--profile", str(prof)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        for _ in range(2000):
+            proc.stdout.readline()
+        proc.send_signal(signal.SIGKILL)
+        printed = [json.loads(line)["seq"] for line in proc.stdout]  # what it printed before it died
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL and printed == list(range(2001, 2001 + len(printed)))
+    last = printed[-1] if printed else 2000
+    csv.write_text("a,b\n1,1\n")
+    again = agent("run", "--profile", str(prof))
+    assert again.returncode == 0, again.stderr
+    assert [json.loads(line)["seq"] for line in again.stdout.splitlines()] in ([last + 1], [last + 2])
+
+
 def test_sigterm_stops_cleanly_and_exits_0(tmp_path: Path) -> None:
     save(linear_model(np.ones((2, 1))), tmp_path / "sum.onnx")
     csv = tmp_path / "live.csv"
