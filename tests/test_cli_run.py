@@ -25,6 +25,17 @@ def agent(*args: str, **kwargs: object) -> subprocess.CompletedProcess[str]:
     )  # type: ignore[call-overload]
 
 
+def spawn(prof: Path, stderr: int = subprocess.PIPE) -> subprocess.Popen[str]:
+    """`edge-agent run --profile prof`, its results on a pipe."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "agent", "run", "--profile", str(prof)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=stderr,
+        text=True,
+    )
+
+
 def profile(tmp_path: Path, pipelines: list[dict]) -> Path:
     path = tmp_path / "profile.yaml"
     path.write_text(
@@ -68,13 +79,7 @@ def test_a_kill_9_mid_stream_never_hands_out_a_seq_twice(tmp_path: Path) -> None
     csv = tmp_path / "s.csv"
     csv.write_text("a,b\n" + "1,1\n" * 200_000)  # far more than come out before the kill
     prof = profile(tmp_path, [{"name": "sums", "model": "sum.onnx", "source": {"type": "csv", "path": "s.csv"}}])
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "agent", "run", "--profile", str(prof)],
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
+    proc = spawn(prof, stderr=subprocess.DEVNULL)
     try:
         assert proc.stdout is not None
         for _ in range(2000):
@@ -100,13 +105,7 @@ def test_sigterm_stops_cleanly_and_exits_0(tmp_path: Path) -> None:
     prof = profile(
         tmp_path, [{"name": "tail", "model": "sum.onnx", "source": {"type": "csv", "path": "live.csv", "follow": True}}]
     )
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "agent", "run", "--profile", str(prof)],
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = spawn(prof)
     try:
         assert proc.stdout is not None
         got = [proc.stdout.readline() for _ in range(5)]

@@ -27,6 +27,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from agent.device.build import KEEPS_BATCH_MEMORY
@@ -61,120 +62,108 @@ def upgrade_when_served(
     one: a process that exits waits for an open under way (the runtime's libraries unload at exit), and a
     release cuts the wait for the first run short."""
     shared.successor_pending = True
-    args = (pool, shared, upgrade, again, emit, label)
-    threading.Thread(target=_upgrade, args=args, name="session-upgrade").start()
+    work = _Upgrade(pool, shared, upgrade, again, emit, label)
+    threading.Thread(target=work.run, name="session-upgrade").start()
 
 
-def _upgrade(
-    pool: SessionPool,
-    shared: SharedSession,
-    upgrade: Callable[[], OpenedSession | None],
-    again: Callable[[], OpenedSession | None] | None,
-    emit: EventSink,
-    label: str,
-) -> None:
-    try:
-        shared.wake.wait(FIRST_RUN_WAIT_S)
-        if pool.holds(shared):
-            _switch(pool, shared, upgrade, emit, label)
-    except Exception as exc:  # a bug here must not end the process: the CPU session serves on
-        log.warning("model %s stays on the CPU provider: %s", label, exc, exc_info=log.isEnabledFor(logging.DEBUG))
-    finally:
-        first, shared.first = shared.first, None  # held for this alone
-        shared.successor_pending = False
-    if first is not None and pool.holds(shared):
-        # With `auto` batching, whether a batch pays is the staying session's to say: the interim one skipped
-        # it (a batch measured on a session about to go would only hold up the first frames).
-        name, feeds = first
+@dataclass(frozen=True)
+class _Upgrade:
+    """One interim session's way to the provider chosen (`upgrade`) and back to the CPU provider (`again`)."""
+
+    pool: SessionPool
+    shared: SharedSession
+    upgrade: Callable[[], OpenedSession | None]
+    again: Callable[[], OpenedSession | None] | None
+    emit: EventSink
+    label: str
+
+    def run(self) -> None:
+        shared = self.shared
         try:
-            verdict = shared.batching_verdict(name, feeds[name])
-            if (
-                verdict is not None
-                and not verdict.pays
-                and not verdict.cached
-                and shared.provider in KEEPS_BATCH_MEMORY
-            ):
-                _renew(pool, shared, upgrade, again, feeds, emit, label)
-            shared.judge(name, feeds[name], verdict)
-        except Exception as exc:  # noqa: BLE001 (ORT's errors derive from Exception: batching stays off)
-            log.warning("model %s: batching not judged: %s", label, str(exc).strip()[:300])
+            shared.wake.wait(FIRST_RUN_WAIT_S)
+            if self.pool.holds(shared):
+                self._switch()
+        except Exception as exc:  # a bug here must not end the process: the CPU session serves on
+            log.warning(
+                "model %s stays on the CPU provider: %s", self.label, exc, exc_info=log.isEnabledFor(logging.DEBUG)
+            )
+        finally:
+            first, shared.first = shared.first, None  # held for this alone
+            shared.successor_pending = False
+        if first is not None and self.pool.holds(shared):
+            # With `auto` batching, whether a batch pays is the staying session's to say: the interim one
+            # skipped it (a batch measured on a session about to go would only hold up the first frames).
+            name, feeds = first
+            try:
+                verdict = shared.batching_verdict(name, feeds[name])
+                if (
+                    verdict is not None
+                    and not (verdict.pays or verdict.cached)
+                    and shared.provider in KEEPS_BATCH_MEMORY
+                ):
+                    self._renew(feeds)
+                shared.judge(name, feeds[name], verdict)
+            except Exception as exc:  # noqa: BLE001 (ORT's errors derive from Exception: batching stays off)
+                log.warning("model %s: batching not judged: %s", self.label, str(exc).strip()[:300])
 
-
-def _switch(
-    pool: SessionPool, shared: SharedSession, upgrade: Callable[[], OpenedSession | None], emit: EventSink, label: str
-) -> None:
-    """Open the successor and switch to it, or leave the CPU session serving (the fallbacks emitted)."""
-    started = time.perf_counter()
-    opened = _opened(upgrade, shared.first[1] if shared.first is not None else None, emit, label)
-    previous = _swap(pool, shared, opened) if opened is not None else None
-    if opened is None or previous is None:  # it stays on the CPU provider, or nobody holds it any more
-        return
-    seconds = round(time.perf_counter() - started, 3)
-    log.info(
-        "provider switched model=%s provider=%s previous=%s seconds=%.3f", label, opened.provider, previous, seconds
-    )
-    emit(
-        Event(
-            "provider.switched", {"model": label, "provider": opened.provider, "previous": previous, "seconds": seconds}
+    def _switch(self) -> None:
+        """Open the successor and switch to it, or leave the CPU session serving (the fallbacks emitted)."""
+        started = time.perf_counter()
+        opened = self._opened(self.shared.first[1] if self.shared.first is not None else None)
+        previous = self._swap(opened) if opened is not None else None
+        if opened is None or previous is None:  # it stays on the CPU provider, or nobody holds it any more
+            return
+        seconds = round(time.perf_counter() - started, 3)
+        provider = opened.provider
+        log.info(
+            "provider switched model=%s provider=%s previous=%s seconds=%.3f", self.label, provider, previous, seconds
         )
-    )
+        fields = {"model": self.label, "provider": provider, "previous": previous, "seconds": seconds}
+        self.emit(Event("provider.switched", fields))
 
+    def _renew(self, feeds: dict[str, np.ndarray]) -> None:
+        """The session, which holds the buffers of a batch it measured, opened afresh by way of the CPU
+        provider's session (see the module); where either does not open, the session serving goes on."""
+        interim = self.again() if self.again is not None else None
+        provider = self.shared.provider
+        if interim is None or self._swap(interim) is None:
+            log.info("model %s: %s keeps the buffers of the batch it measured", self.label, provider)
+            return
+        del interim  # serving now: `shared` holds it, and it goes when the fresh session replaces it
+        log.info("model %s: %s opens afresh, without the buffers of the batch it measured", self.label, provider)
+        opened = self._opened(feeds)
+        if opened is not None:
+            self._swap(opened)
 
-def _renew(
-    pool: SessionPool,
-    shared: SharedSession,
-    upgrade: Callable[[], OpenedSession | None],
-    again: Callable[[], OpenedSession | None] | None,
-    feeds: dict[str, np.ndarray],
-    emit: EventSink,
-    label: str,
-) -> None:
-    """`shared`'s session, which holds the buffers of a batch it measured, opened afresh by way of the CPU
-    provider's session (see the module); where either does not open, the session serving goes on."""
-    interim = again() if again is not None else None
-    provider = shared.provider
-    if interim is None or _swap(pool, shared, interim) is None:
-        log.info("model %s: %s keeps the buffers of the batch it measured", label, provider)
-        return
-    del interim  # serving now: `shared` holds it, and it goes when the fresh session replaces it
-    log.info("model %s: %s opens afresh, without the buffers of the batch it measured", label, provider)
-    opened = _opened(upgrade, feeds, emit, label)
-    if opened is not None:
-        _swap(pool, shared, opened)
-
-
-def _opened(
-    upgrade: Callable[[], OpenedSession | None], feeds: dict[str, np.ndarray] | None, emit: EventSink, label: str
-) -> OpenedSession | None:
-    """The successor, opened and run once on the first run's `feeds`; None (the fallbacks emitted) when it
-    does not open or fails that run (no frame came: its first frame pays the first run)."""
-    opened = upgrade()  # each provider that fails is a provider.fallback to the CPU provider
-    if opened is None:
-        log.info("model %s stays on the CPU provider: the provider chosen did not open", label)
-        return None
-    if feeds is None:
+    def _opened(self, feeds: dict[str, np.ndarray] | None) -> OpenedSession | None:
+        """The successor, opened and run once on the first run's `feeds`; None (the fallbacks emitted) when
+        it does not open or fails that run (no frame came: its first frame pays the first run)."""
+        opened = self.upgrade()  # each provider that fails is a provider.fallback to the CPU provider
+        if opened is None:
+            log.info("model %s stays on the CPU provider: the provider chosen did not open", self.label)
+            return None
+        if feeds is None:
+            return opened
+        try:
+            opened.session.run(None, feeds)
+        except Exception as exc:  # noqa: BLE001 (ORT's errors derive from Exception: the CPU session stays)
+            reason = f"its first run failed: {str(exc).strip()[:300]}"
+            log.warning("provider %s not used: %s", opened.provider, reason)
+            self.emit(Event("provider.fallback", {"provider": opened.provider, "reason": reason, "next": CPU}))
+            return None
         return opened
-    try:
-        opened.session.run(None, feeds)
-    except Exception as exc:  # noqa: BLE001 (ORT's errors derive from Exception: the CPU session stays)
-        reason = f"its first run failed: {str(exc).strip()[:300]}"
-        log.warning("provider %s not used: %s", opened.provider, reason)
-        emit(Event("provider.fallback", {"provider": opened.provider, "reason": reason, "next": CPU}))
-        return None
-    return opened
 
-
-def _swap(pool: SessionPool, shared: SharedSession, opened: OpenedSession) -> str | None:
-    """`shared` serves from `opened`, and the memory of the session it switched from goes back; that
-    session's provider, or None when nobody holds `shared` any more."""
-    replaced = pool.switch(shared, opened)
-    if replaced is None:
-        return None
-    previous, gone = replaced.provider, weakref.ref(replaced.session)
-    del replaced  # it goes with the run under way on it, if any
-    _given_back(gone)
-    shared.settle_memory()
-    return previous
+    def _swap(self, opened: OpenedSession) -> str | None:
+        """The session serves from `opened`, and the memory of the one it switched from goes back; that
+        one's provider, or None when nobody holds the session any more."""
+        replaced = self.pool.switch(self.shared, opened)
+        if replaced is None:
+            return None
+        previous, gone = replaced.provider, weakref.ref(replaced.session)
+        del replaced  # it goes with the run under way on it, if any
+        _given_back(gone)
+        self.shared.settle_memory()
+        return previous
 
 
 def _given_back(gone: weakref.ref[object]) -> None:
