@@ -87,7 +87,8 @@ def open_session(
     `interim` (a start, where the first result counts; `runtime.start_on_cpu`): when the chosen provider
     compiles the model on the CPU at every open (`_opens_slowly_on_cpu`), the session returned is the CPU
     provider's, and its `upgrade` opens the chosen one: the caller runs that off the serving thread and
-    switches over (agent.inference.sessions).
+    switches over (agent.inference.sessions); its `again` opens the CPU provider's session anew, for the
+    renewal of a successor that measured a batch (agent.inference.interim).
     """
     libraries = session_libraries(model, runtime.custom_ops)
     state_dir = Path(state_dir)
