@@ -95,14 +95,11 @@ class _Upgrade:
             # skipped it (a batch measured on a session about to go would only hold up the first frames).
             name, feeds = first
             try:
-                verdict = shared.batching_verdict(name, feeds[name])
-                if (
-                    verdict is not None
-                    and not (verdict.pays or verdict.cached)
-                    and shared.provider in KEEPS_BATCH_MEMORY
-                ):
-                    self._renew(feeds)
-                shared.judge(name, feeds[name], verdict)
+                verdict = shared.batching_verdict(name, feeds[name])  # None: nothing to judge
+                if verdict is not None:
+                    if not (verdict.pays or verdict.cached) and shared.provider in KEEPS_BATCH_MEMORY:
+                        self._renew(feeds)
+                    shared.judge(name, feeds[name], verdict)
             except Exception as exc:  # noqa: BLE001 (ORT's errors derive from Exception: batching stays off)
                 log.warning("model %s: batching not judged: %s", self.label, str(exc).strip()[:300])
 
